@@ -1,0 +1,140 @@
+"""Length-prefixed frames of typed fields.  Sans-IO: bytes in, frames out.
+
+A frame on the wire:
+
+    u32 length (big-endian, counts the type byte and the payload)
+    u8  frame type
+    payload: the frame type's fields in order, each
+        'B' u8 | 'H' u16 | 'I' u32 | 'Q' u64     fixed-size big-endian integer
+        'b'  u32 length + raw bytes                 (paths: any byte)
+        's'  u32 length + UTF-8 text                (messages)
+
+Every frame has a hard maximum size, checked as soon as its 4-byte header has
+arrived, i.e. before any of its payload is buffered.  Anything malformed
+raises RemoteProtocolError with a sentence a person can act on.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+MAX_FRAME = 64 * 1024
+_HEADER = struct.Struct(">I")
+_FIXED = {"B": struct.Struct(">B"), "H": struct.Struct(">H"),
+          "I": struct.Struct(">I"), "Q": struct.Struct(">Q")}
+
+
+class ProtocolError(Exception):
+    """Base class.  `str(e)` is meant for the operator."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+def encode_frame(ftype: int, schema: str, values: Sequence[object],
+                 max_frame: int = MAX_FRAME) -> bytes:
+    if len(schema) != len(values):
+        raise LocalProtocolError(f"frame type {ftype}: {len(values)} values for schema {schema!r}")
+    parts = [bytes((ftype,))]
+    for kind, value in zip(schema, values):
+        if kind in _FIXED:
+            try:
+                parts.append(_FIXED[kind].pack(value))
+            except (struct.error, TypeError) as e:
+                raise LocalProtocolError(f"frame type {ftype}: bad integer {value!r}: {e}") from None
+        elif kind == "b":
+            if not isinstance(value, (bytes, bytearray)):
+                raise LocalProtocolError(f"frame type {ftype}: expected bytes, got {type(value).__name__}")
+            parts.append(_HEADER.pack(len(value)))
+            parts.append(bytes(value))
+        elif kind == "s":
+            data = str(value).encode("utf-8", "backslashreplace")
+            parts.append(_HEADER.pack(len(data)))
+            parts.append(data)
+        else:
+            raise LocalProtocolError(f"unknown field kind {kind!r}")
+    body = b"".join(parts)
+    if len(body) > max_frame:
+        raise LocalProtocolError(
+            f"frame type {ftype} would be {len(body)} bytes, over the {max_frame}-byte limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def decode_fields(ftype: int, schema: str, payload: bytes) -> list[object]:
+    """Split a payload by its schema.  Trailing or missing bytes are errors."""
+    out: list[object] = []
+    pos = 0
+    end = len(payload)
+    for kind in schema:
+        if kind in _FIXED:
+            st = _FIXED[kind]
+            if pos + st.size > end:
+                raise RemoteProtocolError(f"frame type {ftype} is truncated (integer field)")
+            out.append(st.unpack_from(payload, pos)[0])
+            pos += st.size
+        else:
+            if pos + 4 > end:
+                raise RemoteProtocolError(f"frame type {ftype} is truncated (length of a field)")
+            (n,) = _HEADER.unpack_from(payload, pos)
+            pos += 4
+            if pos + n > end:
+                raise RemoteProtocolError(
+                    f"frame type {ftype}: a field claims {n} bytes but only {end - pos} remain")
+            raw = bytes(payload[pos:pos + n])
+            pos += n
+            if kind == "s":
+                try:
+                    out.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise RemoteProtocolError(
+                        f"frame type {ftype}: a text field is not valid UTF-8") from None
+            else:
+                out.append(raw)
+    if pos != end:
+        raise RemoteProtocolError(f"frame type {ftype} has {end - pos} unexpected trailing bytes")
+    return out
+
+
+class FrameDecoder:
+    """Incremental frame splitter.  Feed any split of the stream; get the same
+    frames.  Refuses a frame whose header announces more than max_frame."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+        self._check_header()
+
+    def _check_header(self) -> None:
+        if len(self._buf) >= 4:
+            (n,) = _HEADER.unpack_from(self._buf, 0)
+            if n == 0:
+                raise RemoteProtocolError("received an empty frame (length 0)")
+            if n > self._max:
+                raise RemoteProtocolError(
+                    f"received a frame header announcing {n} bytes, over the {self._max}-byte "
+                    "limit; the peer is not speaking this protocol or is misbehaving")
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        if len(self._buf) < 4:
+            return None
+        (n,) = _HEADER.unpack_from(self._buf, 0)
+        if len(self._buf) < 4 + n:
+            return None
+        ftype = self._buf[4]
+        payload = bytes(self._buf[5:4 + n])
+        del self._buf[:4 + n]
+        self._check_header()
+        return ftype, payload
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)

@@ -1,0 +1,243 @@
+"""The sans-IO protocols: round trips, truncation, garbage, limits."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gcroots.protocol import framing, nixcompat
+from gcroots.protocol.rootstream import (
+    NEED_DATA, Hello, RemoteProtocolError, Root, RootKind, RootStreamReceiver,
+    RootStreamSender, ScanWarning, StaleLink, StreamEnd, Trailer, VersionMismatch)
+
+paths = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b)
+records = st.one_of(
+    st.builds(Root, st.sampled_from(list(RootKind)), paths, paths),
+    st.builds(StaleLink, paths, st.binary(max_size=200).filter(lambda b: b"\0" not in b)),
+    st.builds(ScanWarning, st.binary(max_size=200), st.integers(0, 2**32 - 1),
+              st.text(max_size=100)),
+)
+
+
+def make_stream(recs, ok=True, message=""):
+    """Run the helper side against a daemon hello; return the helper's bytes."""
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    assert isinstance(sender.next_event(), Hello)
+    out = [sender.hello()]
+    out += [sender.send(r) for r in recs]
+    out.append(sender.trailer(ok, message))
+    return b"".join(out)
+
+
+def drain(receiver):
+    events = []
+    while True:
+        ev = receiver.next_event()
+        if ev is NEED_DATA:
+            return events
+        events.append(ev)
+        if isinstance(ev, StreamEnd):
+            return events
+
+
+def decode(chunks):
+    """Feed chunks then EOF; return (events, end)."""
+    r = RootStreamReceiver()
+    r.hello()
+    events = []
+    for c in chunks:
+        if not c:
+            continue  # b"" would mean EOF
+        r.receive_data(c)
+        events += drain(r)
+    r.receive_data(b"")
+    events += drain(r)
+    assert isinstance(events[-1], StreamEnd)
+    return events[:-1], events[-1]
+
+
+def split(data, cuts):
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in points:
+        out.append(data[prev:p])
+        prev = p
+    out.append(data[prev:])
+    return [c for c in out if c]
+
+
+@given(st.lists(records, max_size=30), st.lists(st.integers(0, 10**6), max_size=20))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip_any_split(recs, cuts):
+    data = make_stream(recs)
+    events, end = decode(split(data, cuts))
+    assert end == StreamEnd(True, "")
+    assert isinstance(events[0], Hello)
+    assert events[1:-1] == recs
+    assert events[-1] == Trailer(True, len(recs), "")
+
+
+@given(st.lists(records, max_size=8))
+@settings(max_examples=60)
+def test_every_truncation_is_incomplete(recs):
+    data = make_stream(recs)
+    for n in range(len(data)):
+        events, end = decode([data[:n]])
+        assert not end.complete, f"truncated at {n} of {len(data)} decoded as complete"
+        assert end.reason
+
+
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 10**4), max_size=5))
+@settings(max_examples=500)
+def test_garbage_never_crashes_never_complete(garbage, cuts):
+    try:
+        _, end = decode(split(garbage, cuts))
+    except RemoteProtocolError as e:
+        assert str(e)
+    else:
+        assert not end.complete
+
+
+@given(st.lists(records, max_size=5), st.binary(min_size=1, max_size=200))
+@settings(max_examples=200)
+def test_valid_prefix_then_garbage_is_never_complete(recs, garbage):
+    data = make_stream(recs)
+    try:
+        _, end = decode([data + garbage])
+    except RemoteProtocolError:
+        return
+    assert not end.complete
+
+
+def test_hello_then_garbage_with_valid_frame_headers():
+    # A structurally valid frame with a bogus type after the hello.
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    sender.next_event()
+    data = sender.hello() + struct.pack(">IB", 1, 99)
+    with pytest.raises(RemoteProtocolError, match="frame type 99"):
+        decode([data])
+
+
+def test_error_trailer_is_incomplete():
+    _, end = decode([make_stream([Root(RootKind.STATIC, b"/l", b"/nix/store/x")],
+                                 ok=False, message="EIO reading /nix/var/nix/gcroots/x")])
+    assert not end.complete
+    assert "EIO reading" in end.reason
+
+
+def test_count_mismatch_is_incomplete():
+    # A trailer claiming more records than arrived: drop one ROOT frame.
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    sender.next_event()
+    hello = sender.hello()
+    sender.send(Root(RootKind.STATIC, b"/a", b"/nix/store/a"))  # never delivered
+    kept = sender.send(Root(RootKind.STATIC, b"/b", b"/nix/store/b"))
+    _, end = decode([hello + kept + sender.trailer(True)])
+    assert not end.complete
+    assert "counts 2 records but 1 arrived" in end.reason
+
+
+def test_oversized_frame_refused_from_header_alone():
+    r = RootStreamReceiver()
+    with pytest.raises(RemoteProtocolError, match="over the 65536-byte limit"):
+        r.receive_data(struct.pack(">I", 2**31))
+    # ...and the receiver stays failed.
+    with pytest.raises(RemoteProtocolError):
+        r.next_event()
+
+
+def test_oversized_frame_after_valid_frames():
+    data = make_stream([])[:-1]  # drop a byte so the trailer is pending
+    hello_len = 4 + struct.unpack(">I", data[:4])[0]
+    r = RootStreamReceiver()
+    r.receive_data(data[:hello_len])
+    assert isinstance(r.next_event(), Hello)
+    with pytest.raises(RemoteProtocolError, match="limit"):
+        r.receive_data(struct.pack(">I", framing.MAX_FRAME + 1) + b"\x02")
+
+
+def test_sender_refuses_oversized_record():
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    sender.next_event()
+    with pytest.raises(framing.LocalProtocolError, match="limit"):
+        sender.send(Root(RootKind.STATIC, b"/" + b"x" * 70000, b"/nix/store/x"))
+
+
+def test_version_mismatch_names_both_ranges():
+    helper = RootStreamSender(versions=(3, 4))
+    helper.receive_data(RootStreamReceiver(versions=(1, 2)).hello())
+    with pytest.raises(VersionMismatch, match=r"we speak root-stream versions 3\.\.4, the daemon speaks 1\.\.2"):
+        helper.next_event()
+    daemon = RootStreamReceiver(versions=(1, 2))
+    daemon.receive_data(RootStreamSender(versions=(3, 4)).hello())
+    with pytest.raises(VersionMismatch, match=r"versions 1\.\.2, the helper speaks 3\.\.4"):
+        daemon.next_event()
+
+
+def test_version_negotiation_picks_highest_common():
+    helper = RootStreamSender(versions=(1, 3))
+    helper.receive_data(RootStreamReceiver(versions=(2, 5)).hello())
+    helper.next_event()
+    assert helper.version == 3
+
+
+def test_wrong_magic_is_a_clear_error():
+    bogus = framing.encode_frame(1, "bHH", [b"HTTP/1.1", 1, 1])
+    with pytest.raises(RemoteProtocolError, match="not a gcroots root stream"):
+        decode([bogus])
+
+
+def test_nul_in_path_is_refused_both_ways():
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    sender.next_event()
+    with pytest.raises(framing.LocalProtocolError, match="NUL"):
+        sender.send(Root(RootKind.STATIC, b"/a\0b", b"/nix/store/x"))
+    frame = framing.encode_frame(2, "Bbb", [1, b"/a\0b", b"/nix/store/x"])
+    with pytest.raises(RemoteProtocolError, match="NUL"):
+        decode([make_stream([])[:0] + sender.hello() + frame])
+
+
+def test_invalid_utf8_message_is_protocol_error_not_unicode_error():
+    bad = framing._HEADER.pack(2) + b"\xff\xfe"
+    frame_body = bytes([5]) + struct.pack(">BQ", 0, 0) + bad
+    frame = struct.pack(">I", len(frame_body)) + frame_body
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    sender.next_event()
+    with pytest.raises(RemoteProtocolError, match="UTF-8"):
+        decode([sender.hello() + frame])
+
+
+def test_unknown_root_kind():
+    sender = RootStreamSender()
+    sender.receive_data(RootStreamReceiver().hello())
+    sender.next_event()
+    frame = framing.encode_frame(2, "Bbb", [77, b"/a", b"/nix/store/x"])
+    with pytest.raises(RemoteProtocolError, match="unknown kind 77"):
+        decode([sender.hello() + frame])
+
+
+def test_daemon_eof_before_hello_is_reported_to_helper():
+    helper = RootStreamSender()
+    with pytest.raises(RemoteProtocolError, match="before saying hello"):
+        helper.receive_data(b"")
+
+
+@given(st.lists(paths, max_size=50))
+def test_nix_roots_daemon_round_trip(ps):
+    data = nixcompat.encode_nix_roots(ps)
+    assert data == b"".join(p + b"\0" for p in ps)
+    assert nixcompat.decode_nix_roots(data) == ps
+
+
+def test_nix_roots_daemon_truncated():
+    with pytest.raises(RemoteProtocolError, match="truncated"):
+        nixcompat.decode_nix_roots(b"/nix/store/abc")
