@@ -1,1 +1,1 @@
-"""x"""
+"""gcroots-query: the admin command, and client-side profile management."""

@@ -1,1 +1,1 @@
-"""x"""
+"""gcrootsd: the unprivileged Trio daemon (roots + graph -> live/dead, GC)."""

@@ -16,10 +16,6 @@ MAX_NAME_LEN = 211
 # Nix's base-32 alphabet: digits and lower-case letters without e, o, u, t.
 BASE32_CHARS = b"0123456789abcdfghijklmnpqrsvwxyz"
 
-_HASH_OK = frozenset(BASE32_CHARS)
-_NAME_OK = frozenset(
-    b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+-._?="
-)
 
 
 def canon_path(path: bytes) -> bytes:
@@ -60,18 +56,14 @@ def base_name(path: bytes) -> bytes:
     return path[path.rfind(b"/") + 1:]
 
 
+# 32 base-32 chars; any byte at index 32 (Nix 2.8 does not check it); then a
+# name of 1..211 allowed chars.
+_BASENAME = re.compile(rb"[0-9a-df-np-sv-z]{32}.[A-Za-z0-9+\-._?=]{1,211}", re.S)
+
+
 def is_store_basename(name: bytes) -> bool:
-    """StorePath::StorePath(baseName): 32 base-32 chars, any byte at index 32
-    (Nix 2.8 does not check it), then a name of 1..211 allowed chars."""
-    if len(name) < HASH_LEN + 2 or len(name) > HASH_LEN + 1 + MAX_NAME_LEN:
-        return False
-    for c in name[:HASH_LEN]:
-        if c not in _HASH_OK:
-            return False
-    for c in name[HASH_LEN + 1:]:
-        if c not in _NAME_OK:
-            return False
-    return True
+    """StorePath::StorePath(baseName) accepts it."""
+    return _BASENAME.fullmatch(name) is not None
 
 
 def is_in_dir(path: bytes, directory: bytes) -> bool:
@@ -100,12 +92,19 @@ def parse_store_path(path: bytes, store_dir: bytes) -> bytes | None:
 def to_store_path(target: bytes, store_dir: bytes) -> bytes | None:
     """toStorePath: the top-level store path containing `target` (which may
     be a sub-path), or None when target is not inside the store or the first
-    component does not parse (Nix's BadStorePath, which callers ignore)."""
+    component does not parse (Nix's BadStorePath, which callers ignore).
+
+    Nix canonicalises `store_dir/first-component` before parsing it; for a
+    component that is a valid base name (>= 34 chars, no '/') that is the
+    identity, and every other component fails either way, so we skip it."""
     if not is_in_dir(target, store_dir):
         return None
-    slash = target.find(b"/", len(store_dir) + 1)
-    head = target if slash == -1 else target[:slash]
-    return parse_store_path(head, store_dir)
+    start = len(store_dir) + 1
+    slash = target.find(b"/", start)
+    name = target[start:] if slash == -1 else target[start:slash]
+    if _BASENAME.fullmatch(name) is None or b"\0" in name:
+        return None
+    return target[:start + len(name)]
 
 
 def hash_part(store_path: bytes) -> bytes:

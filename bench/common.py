@@ -1,0 +1,73 @@
+"""Shared bits for the benchmarks: generated stores on tmpfs, the oracle, and
+side-by-side timing.  Benchmarks print ratios; they never assert timings."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+MAKE_STORE = SHARED / "tools" / "make_store.py"
+NIX_ORACLE = SHARED / "tools" / "nix-oracle"
+BIN = Path(sys.executable).parent
+BENCH_DIR = Path(os.environ.get("GCROOTS_BENCH_DIR", "/dev/shm/gcroots-bench"))
+
+
+def make_store(name: str, paths: int, roots: int, *, seed: int = 1, indirect: int = 100,
+               stale: int = 0, profiles: int = 4, generations: int = 5) -> Path:
+    root = BENCH_DIR / name
+    if root.exists():
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, str(MAKE_STORE), "--root", str(root), "--paths", str(paths),
+                    "--roots", str(roots), "--seed", str(seed), "--indirect", str(indirect),
+                    "--stale", str(stale), "--profiles", str(profiles),
+                    "--generations", str(generations)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return root
+
+
+def clone_store(src: Path, name: str) -> Path:
+    dst = BENCH_DIR / name
+    if dst.exists():
+        subprocess.run(["rm", "-rf", str(dst)], check=True)
+    subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
+    return dst
+
+
+def nix_env() -> dict:
+    env = dict(os.environ)
+    env.pop("NIX_REMOTE", None)
+    return env
+
+
+def run_timed(cmd: list[str], **kw) -> tuple[float, int, bytes]:
+    """Wall time, peak RSS (KiB) of the child, stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    dt = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]}... failed ({out.returncode}): {out.stderr[-2000:]!r}")
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return dt, max(rss, before), out.stdout
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt_ratio(ours: float, theirs: float) -> str:
+    return f"{theirs / ours:.1f}x faster" if ours <= theirs else f"{ours / theirs:.2f}x slower"
+
+
+def cleanup(*roots: Path) -> None:
+    for r in roots:
+        shutil.rmtree(r, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""Read-only access to the Nix SQLite DB (schema 10).  Standard library only.
+
+Nix keeps the DB in WAL mode.  A read-only connection needs the `-shm` file;
+SQLite creates it (and `-wal`) when the directory is writable for us, and
+otherwise fails.  The store owner (gcrootsd) may let it do so.  Anyone else
+must not: a root-owned `-shm` next to a DB owned by a `nix` user would lock
+Nix out of its own database.  So `create_files=False` opens the DB
+`immutable` when no `-wal` exists (no writer is active, nothing to
+coordinate with) and `mode=ro` on the existing files otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import urllib.parse
+from typing import Iterable
+
+
+class NixDBError(Exception):
+    pass
+
+
+def connect_ro(db_path: bytes, *, create_files: bool = True,
+               timeout: float = 30.0) -> sqlite3.Connection:
+    if not os.path.exists(db_path):
+        raise NixDBError(f"no Nix database at {os.fsdecode(db_path)}")
+    uri = "file:" + urllib.parse.quote(os.fsdecode(db_path)) + "?mode=ro"
+    if not create_files and not os.path.exists(db_path + b"-wal"):
+        uri += "&immutable=1"
+    try:
+        conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False,
+                               isolation_level=None)
+        conn.text_factory = bytes
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as e:
+        raise NixDBError(f"cannot open the Nix database {os.fsdecode(db_path)} read-only: {e}") from None
+    return conn
+
+
+def valid_subset(conn: sqlite3.Connection, paths: Iterable[bytes]) -> set[bytes]:
+    """Which of `paths` are registered valid paths."""
+    todo = list(set(paths))
+    valid: set[bytes] = set()
+    for i in range(0, len(todo), 500):
+        batch = todo[i:i + 500]
+        marks = ",".join("?" * len(batch))
+        # Compare as text: Nix stores paths as TEXT; bytes would be BLOBs.
+        rows = conn.execute(f"SELECT path FROM ValidPaths WHERE path IN ({marks})",
+                            [os.fsdecode(p) for p in batch])
+        valid.update(r[0] for r in rows)
+    return valid

@@ -1,0 +1,141 @@
+"""gcroots-helper: scan | serve | sandbox-check."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import resource
+import sys
+
+from gcroots.layout import StoreLayout
+from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", help="physical root of a chroot store (like nix-store --store DIR)")
+    p.add_argument("--store-dir", help="logical store dir (default /nix/store)")
+    p.add_argument("--state-dir", help="logical state dir (default /nix/var/nix)")
+    p.add_argument("--no-runtime", action="store_true", help="skip /proc and kernel sysctls")
+    p.add_argument("--cmdline", action="store_true",
+                   help="also find store paths in /proc/PID/cmdline (Nix does not)")
+
+
+def _layout(args) -> StoreLayout:
+    return StoreLayout.make(args.store_dir, args.state_dir, args.root)
+
+
+def _raise_fd_limit() -> None:
+    # Each concurrent walk holds two fds per directory level.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def cmd_scan(args) -> int:
+    """One-shot scan printing `LINK -> STOREPATH` like nix-store --gc --print-roots."""
+    from gcroots.nixdb import NixDBError, connect_ro, valid_subset
+
+    from .scan import ScanError, Scanner
+
+    _raise_fd_limit()
+    layout = _layout(args)
+    err = sys.stderr
+    roots: set[tuple[bytes, bytes]] = set()
+    try:
+        for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline).scan():
+            if isinstance(rec, Root):
+                roots.add((rec.label, rec.store_path))
+            elif isinstance(rec, StaleLink):
+                err.write(f"stale link: {os.fsdecode(rec.link)} -> {os.fsdecode(rec.target)}\n")
+            elif isinstance(rec, ScanWarning):
+                err.write(f"warning: {os.fsdecode(rec.path)}: {rec.message}\n")
+    except ScanError as e:
+        err.write(f"gcroots-helper: scan failed: {e}\n")
+        return 1
+    if not args.all_candidates:
+        try:
+            conn = connect_ro(layout.db_path, create_files=False)
+            valid = valid_subset(conn, {sp for _, sp in roots})
+        except NixDBError as e:
+            err.write(f"gcroots-helper: {e} (use --all-candidates to skip the validity check)\n")
+            return 1
+        for label, sp in sorted(roots):
+            if sp not in valid:
+                err.write(f"skipping invalid root from '{os.fsdecode(label)}' to '{os.fsdecode(sp)}'\n")
+        roots = {r for r in roots if r[1] in valid}
+    out = sys.stdout.buffer
+    for label, sp in sorted(roots):
+        out.write(label + b" -> " + sp + b"\n")
+    out.flush()
+    return 0
+
+
+def _uids(args) -> frozenset[int]:
+    uids = set(args.allow_uid or [])
+    for name in args.allow_user or []:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            raise SystemExit(f"gcroots-helper: --allow-user {name}: no such user") from None
+    return frozenset(uids)
+
+
+def cmd_serve(args) -> int:
+    from gcroots import log  # structlog: only the long-running server logs
+
+    from . import serve
+
+    log.configure("gcroots-helper", args.log_level)
+    _raise_fd_limit()
+    layout = _layout(args)
+    uids = _uids(args)
+    owner = min(uids) if uids else None
+    mode = int(args.socket_mode, 8)
+    listeners = serve.systemd_listeners()
+    if args.socket:
+        listeners.append((serve.listen_unix(os.fsencode(args.socket), mode, owner), serve.ROOTS))
+    if args.nix_roots_daemon_socket:
+        listeners.append((serve.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode, owner),
+                          serve.NIX))
+    if not listeners:
+        raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
+    server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
+                                cmdline=args.cmdline)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gcroots-helper",
+                                description="Privileged, read-only Nix GC root scanner.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("scan", help="scan once and print roots like nix-store --gc --print-roots")
+    _layout_args(s)
+    s.add_argument("--all-candidates", action="store_true",
+                   help="do not read the Nix DB; print every candidate, valid or not")
+    s.set_defaults(func=cmd_scan)
+
+    v = sub.add_parser("serve", help="serve scans on Unix sockets (or systemd socket activation)")
+    _layout_args(v)
+    v.add_argument("--socket", help="listen here for gcrootsd (root-stream protocol)")
+    v.add_argument("--nix-roots-daemon-socket",
+                   help="also serve Nix >= 2.34's roots-daemon format here")
+    v.add_argument("--allow-user", action="append", help="user allowed to connect (repeatable)")
+    v.add_argument("--allow-uid", action="append", type=int, help="uid allowed to connect")
+    v.add_argument("--socket-mode", default="0600",
+                   help="mode of sockets we create (owner: the first allowed uid); default 0600")
+    v.add_argument("--log-level", default="info")
+    v.set_defaults(func=cmd_serve)
+
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

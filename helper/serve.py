@@ -1,0 +1,261 @@
+"""gcroots-helper serve: answer each accepted connection with one full scan.
+
+Synchronous on purpose (no trio in the privileged process): one thread per
+connection, a bounded number of them.  Every connection is checked with
+SO_PEERCRED first; a peer that is not root or an allowed uid is closed
+without a single byte sent.  Records leave as they are found, batched for at
+most FLUSH_INTERVAL; a peer that stops reading blocks our send until
+IO_TIMEOUT and is dropped, so it can never make us buffer without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+
+from gcroots import log
+from gcroots.layout import StoreLayout
+from gcroots.protocol.framing import ProtocolError
+from gcroots.protocol.nixcompat import encode_nix_roots
+from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamSender, ScanWarning,
+                                         StaleLink)
+
+from .scan import ScanError, Scanner
+
+IO_TIMEOUT = 30.0        # per send/recv on a peer
+HELLO_TIMEOUT = 10.0     # the daemon must say hello within this
+FLUSH_BYTES = 32 * 1024
+FLUSH_INTERVAL = 0.05
+MAX_CONNECTIONS = 16
+# Nix's roots-daemon format has no way to say "failed".  Its client runs
+# parseStorePath on every NUL-terminated line, so a line that is not a store
+# path makes Nix's GC abort instead of collecting with too few roots.
+NIX_POISON = b"gcroots-helper: root scan failed, refusing to answer (see the helper's log)\0"
+
+ROOTS, NIX = "roots", "nix-roots"
+_log = log.get("gcroots.helper")
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED)."""
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def listen_unix(path: bytes, mode: int, owner_uid: int | None) -> socket.socket:
+    """Bind a Unix socket at `path` with `mode` from the first instant."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(f"{os.fsdecode(path)} exists and is not a socket; refusing to replace it")
+        os.unlink(path)
+    os.makedirs(os.path.dirname(path) or b".", mode=0o755, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o777)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    if owner_uid is not None:
+        os.chown(path, owner_uid, -1)
+    os.chmod(path, mode)
+    sock.listen(64)
+    return sock
+
+
+def systemd_listeners() -> list[tuple[socket.socket, str]]:
+    """Sockets passed by systemd (LISTEN_FDS, LISTEN_FDNAMES).  A socket named
+    "nix-roots" speaks the Nix compat format; any other name ours."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    out = []
+    for i in range(count):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise OSError(f"socket-activated fd {fd} is not a Unix stream socket")
+        name = names[i] if i < len(names) else ""
+        out.append((sock, NIX if name == NIX else ROOTS))
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return out
+
+
+class _StreamWriter:
+    """Frames leave as they come, batched: a frame waits at most
+    FLUSH_INTERVAL (a flusher thread sees to that even while the scan is
+    blocked on slow I/O), and at FLUSH_BYTES the producer sends itself.  A
+    peer that stops reading therefore stalls the scan (sendall blocks until
+    IO_TIMEOUT); it cannot make us buffer more than FLUSH_BYTES."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._error: OSError | None = None
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
+        self._flusher.start()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            self._buf += data
+            if len(self._buf) >= FLUSH_BYTES:
+                self._send_locked()
+
+    def _send_locked(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._buf:
+            try:
+                self._conn.sendall(self._buf)
+            except OSError as e:
+                self._error = e
+                raise
+            self._buf.clear()
+
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            with self._lock:
+                try:
+                    self._send_locked()
+                except OSError:
+                    return
+
+    def close(self, flush: bool = True) -> None:
+        self._stop.set()
+        self._flusher.join()
+        if flush:
+            with self._lock:
+                self._send_locked()
+
+
+@dataclass
+class HelperServer:
+    layout: StoreLayout
+    allowed_uids: frozenset[int]
+    listeners: list[tuple[socket.socket, str]]
+    runtime: bool = True
+    cmdline: bool = False
+    max_connections: int = MAX_CONNECTIONS
+    _slots: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def allowed(self, uid: int) -> bool:
+        return uid == 0 or uid in self.allowed_uids
+
+    def serve_forever(self) -> None:
+        sel = selectors.DefaultSelector()
+        for sock, kind in self.listeners:
+            sel.register(sock, selectors.EVENT_READ, kind)
+        _log.info("helper_listening", sockets=[(s.getsockname(), k) for s, k in self.listeners],
+                  allowed_uids=sorted(self.allowed_uids))
+        while True:
+            for key, _ in sel.select():
+                try:
+                    conn, _ = key.fileobj.accept()
+                except OSError as e:
+                    _log.warning("accept_failed", error=str(e))
+                    continue
+                self._dispatch(conn, key.data)
+
+    def _dispatch(self, conn: socket.socket, kind: str) -> None:
+        pid, uid, gid = peer_credentials(conn)
+        if not self.allowed(uid):
+            _log.warning("peer_refused", peer_uid=uid, peer_pid=pid, endpoint=kind)
+            conn.close()
+            return
+        if not self._slots.acquire(blocking=False):
+            _log.warning("peer_refused_busy", peer_uid=uid, peer_pid=pid,
+                         max_connections=self.max_connections)
+            conn.close()
+            return
+        threading.Thread(target=self._handle, args=(conn, kind, pid, uid), daemon=True,
+                         name=f"peer-{pid}").start()
+
+    def _handle(self, conn: socket.socket, kind: str, pid: int, uid: int) -> None:
+        t0 = time.monotonic()
+        stats = {"roots": 0, "stale": 0, "warnings": 0}
+        outcome, error = "ok", ""
+        try:
+            conn.settimeout(IO_TIMEOUT)
+            if kind == NIX:
+                outcome, error = self._serve_nix(conn, stats)
+            else:
+                outcome, error = self._serve_roots(conn, stats)
+        except (OSError, ProtocolError) as e:
+            outcome, error = "peer_error", str(e) or type(e).__name__
+        finally:
+            conn.close()
+            self._slots.release()
+            _log.info("scan_served", endpoint=kind, peer_uid=uid, peer_pid=pid, outcome=outcome,
+                      error=error or None, duration_ms=round((time.monotonic() - t0) * 1000, 1),
+                      **stats)
+
+    def _scanner(self) -> Scanner:
+        return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline)
+
+    def _count(self, rec, stats) -> None:
+        if isinstance(rec, Root):
+            stats["roots"] += 1
+        elif isinstance(rec, StaleLink):
+            stats["stale"] += 1
+        elif isinstance(rec, ScanWarning):
+            stats["warnings"] += 1
+
+    def _serve_roots(self, conn: socket.socket, stats: dict) -> tuple[str, str]:
+        sender = RootStreamSender()
+        # State our versions first, so that on a mismatch the daemon can
+        # name both sides'.
+        conn.sendall(sender.hello())
+        conn.settimeout(HELLO_TIMEOUT)
+        while sender.next_event() is NEED_DATA:
+            sender.receive_data(conn.recv(4096))
+        conn.settimeout(IO_TIMEOUT)
+        out = _StreamWriter(conn)
+        ok, message = True, ""
+        try:
+            try:
+                for rec in self._scanner().scan():
+                    self._count(rec, stats)
+                    out.write(sender.send(rec))
+            except ScanError as e:
+                ok, message = False, str(e)
+            except (OSError, ProtocolError):
+                raise  # the peer went away or misbehaved: no trailer to send
+            except Exception as e:  # a bug must not look like a complete scan
+                ok, message = False, f"internal error in the helper: {e!r}"
+            out.write(sender.trailer(ok, message))
+        finally:
+            out.close(flush=True)
+        conn.shutdown(socket.SHUT_WR)
+        return ("ok", "") if ok else ("scan_failed", message)
+
+    def _serve_nix(self, conn: socket.socket, stats: dict) -> tuple[str, str]:
+        # Collect first, answer after: the format cannot express "incomplete".
+        paths: set[bytes] = set()
+        try:
+            for rec in self._scanner().scan():
+                self._count(rec, stats)
+                if isinstance(rec, Root):
+                    paths.add(rec.store_path)
+        except Exception as e:
+            conn.sendall(NIX_POISON)
+            return "scan_failed", str(e)
+        conn.sendall(encode_nix_roots(sorted(paths)))
+        conn.shutdown(socket.SHUT_WR)
+        return "ok", ""

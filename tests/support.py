@@ -1,0 +1,181 @@
+"""Test support: generated stores, the real Nix as oracle, test users, and a
+small synchronous client for the helper's sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamReceiver, ScanWarning,
+                                         StaleLink, StreamEnd)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+MAKE_STORE = SHARED / "tools" / "make_store.py"
+NIX_ORACLE = SHARED / "tools" / "nix-oracle"
+VENV_BIN = Path(sys.executable).parent
+HELPER = str(VENV_BIN / "gcroots-helper")
+DAEMON = str(VENV_BIN / "gcrootsd")
+QUERY = str(VENV_BIN / "gcroots-query")
+
+# Real, unprivileged users the suite creates (idempotently).
+ALICE, BOB, DAEMON_USER, CAROL = "gcr-alice", "gcr-bob", "gcr-daemon", "gcr-carol"
+ADMIN_GROUP = "gcr-admins"
+
+
+def ensure_user(name: str, home_mode: int = 0o700) -> pwd.struct_passwd:
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+        pw = pwd.getpwnam(name)
+    os.chmod(pw.pw_dir, home_mode)
+    return pw
+
+
+def ensure_group(name: str, members: list[str]) -> None:
+    if subprocess.run(["getent", "group", name], capture_output=True).returncode != 0:
+        subprocess.run(["groupadd", name], check=True)
+    for m in members:
+        subprocess.run(["usermod", "-a", "-G", name, m], check=True)
+
+
+def make_store(root: Path, paths: int = 1000, seed: int = 1, *, roots: int = 50,
+               indirect: int = 10, stale: int = 3, quirks: int = 1, profiles: int = 2,
+               generations: int = 3, users: int = 2, expected: Path | None = None,
+               extra: list[str] | None = None) -> dict:
+    cmd = [sys.executable, str(MAKE_STORE), "--root", str(root), "--paths", str(paths),
+           "--seed", str(seed), "--roots", str(roots), "--indirect", str(indirect),
+           "--stale", str(stale), "--quirks", str(quirks), "--profiles", str(profiles),
+           "--generations", str(generations), "--users", str(users)]
+    if expected is not None:
+        cmd += ["--expected", str(expected)]
+    cmd += extra or []
+    out = subprocess.run(cmd, check=True, capture_output=True).stdout
+    return json.loads(out)
+
+
+def oracle(root: Path | str, *args: str, check: bool = True, extra_config: str = "",
+           input: bytes | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if extra_config:
+        env["NIX_ORACLE_EXTRA_CONFIG"] = extra_config
+    return subprocess.run([str(NIX_ORACLE), str(root), *args], capture_output=True,
+                          check=check, env=env, input=input)
+
+
+def lines(data: bytes) -> set[bytes]:
+    return {line for line in data.split(b"\n") if line}
+
+
+def nix_roots(root: Path | str, *, with_proc: bool = False) -> bytes:
+    """nix-store --gc --print-roots output, minus /proc lines unless asked
+    (the pieces of a label containing a newline are kept in place).
+    NB: Nix removes stale gcroots/auto links and stale temproots files."""
+    out = oracle(root, "nix-store", "--gc", "--print-roots").stdout
+    if with_proc:
+        return out
+    return b"".join(line + b"\n" for line in out.split(b"\n")[:-1]
+                    if not line.startswith(b"/proc/"))
+
+
+def tree_snapshot(top: Path) -> dict[bytes, tuple]:
+    """Everything observable about a tree short of file contents of the
+    store: type, mode, owner, size, mtime, link targets, file bytes."""
+    snap: dict[bytes, tuple] = {}
+    topb = os.fsencode(top)
+    for dirpath, dirnames, filenames in os.walk(topb):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            extra: object = None
+            if stat.S_ISLNK(st.st_mode):
+                extra = os.readlink(p)
+            elif stat.S_ISREG(st.st_mode) and b"/nix/store/" not in p:
+                with open(p, "rb") as f:
+                    extra = f.read()
+            snap[p] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, extra)
+    return snap
+
+
+def chown_tree(path: Path, user: str, mode: int | None = None) -> None:
+    pw = pwd.getpwnam(user)
+    for dirpath, dirnames, filenames in os.walk(path):
+        os.lchown(dirpath, pw.pw_uid, pw.pw_gid)
+        for n in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, n), pw.pw_uid, pw.pw_gid)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def wait_for_socket(path: Path | str, proc: subprocess.Popen | None = None,
+                    timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(os.fsdecode(path))
+                return
+            except OSError:
+                pass
+            finally:
+                s.close()
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {path} appeared")
+        time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear")
+
+
+def read_root_stream(path: Path | str, timeout: float = 60.0):
+    """Connect to a helper socket; return (events, StreamEnd, bytes received)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    s.connect(os.fsdecode(path))
+    rx = RootStreamReceiver()
+    s.sendall(rx.hello())
+    events = []
+    total = 0
+    try:
+        while True:
+            ev = rx.next_event()
+            if ev is NEED_DATA:
+                data = s.recv(65536)
+                total += len(data)
+                rx.receive_data(data)
+                continue
+            events.append(ev)
+            if isinstance(ev, StreamEnd):
+                return events[:-1], ev, total
+    finally:
+        s.close()
+
+
+def roots_of(events) -> set[tuple[bytes, bytes]]:
+    return {(e.label, e.store_path) for e in events if isinstance(e, Root)}
+
+
+def stale_of(events) -> set[tuple[bytes, bytes]]:
+    return {(e.link, e.target) for e in events if isinstance(e, StaleLink)}
+
+
+def warnings_of(events) -> list[ScanWarning]:
+    return [e for e in events if isinstance(e, ScanWarning)]
+
+
+def as_user(user: str, code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run Python code as another user, with this venv's interpreter."""
+    return subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", code, *args],
+                           capture_output=True, timeout=timeout)
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True)

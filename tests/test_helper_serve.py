@@ -1,0 +1,406 @@
+"""gcroots-helper serve: peer checks, streaming, concurrency, socket
+activation, the Nix roots-daemon endpoint, fail-closed on scan errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gcroots.helper import serve
+from gcroots.helper.scan import ScanError
+from gcroots.layout import StoreLayout
+from gcroots.protocol import nixcompat
+from gcroots.protocol.rootstream import (NEED_DATA, Root, RootKind, RootStreamReceiver,
+                                         StreamEnd, VersionMismatch)
+
+from . import support
+from .support import HELPER, lines, read_root_stream, roots_of, stale_of
+
+
+@pytest.fixture
+def store(scratch, users):
+    root = scratch / "store"
+    support.make_store(root, paths=500, seed=21, roots=30, indirect=8, stale=2, quirks=1)
+    for home, user in (("alice", support.ALICE), ("bob", support.BOB)):
+        support.chown_tree(root / "home" / home, user, 0o700)
+    return root
+
+
+class Helper:
+    def __init__(self, proc: subprocess.Popen, log: Path):
+        self.proc, self.log_path = proc, log
+
+    def log(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def start_helper(scratch):
+    started = []
+
+    def start(root: Path, *args: str, wait: str | None = None, cmd_prefix=()) -> Helper:
+        log = scratch / f"helper-{len(started)}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([*cmd_prefix, HELPER, "serve", "--root", str(root),
+                                     "--no-runtime", *args], stderr=f)
+        h = Helper(proc, log)
+        started.append(h)
+        if wait:
+            support.wait_for_socket(wait, proc)
+        return h
+
+    yield start
+    for h in started:
+        h.stop()
+
+
+def candidates(root: Path) -> set[bytes]:
+    out = subprocess.run([HELPER, "scan", "--root", str(root), "--no-runtime", "--all-candidates"],
+                         capture_output=True, check=True).stdout
+    return lines(out)
+
+
+def test_stream_is_complete_and_equals_scan(store, scratch, start_helper):
+    sock = scratch / "helper.sock"
+    start_helper(store, "--socket", str(sock), "--allow-user", support.DAEMON_USER,
+                 wait=str(sock))
+    events, end, _ = read_root_stream(sock)
+    assert end.complete, end.reason
+    assert {lbl + b" -> " + sp for lbl, sp in roots_of(events)} == candidates(store)
+    assert len(stale_of(events)) == 2
+    kinds = {e.kind for e in events if isinstance(e, Root)}
+    assert {RootKind.STATIC, RootKind.INDIRECT, RootKind.PROFILE} <= kinds
+
+
+CLIENT = r"""
+import json, os, socket, sys
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootStreamReceiver, StreamEnd
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(30)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print(json.dumps({"connect_error": e.errno})); sys.exit()
+rx = RootStreamReceiver()
+s.sendall(rx.hello())
+raw = b""
+roots = 0
+while True:
+    ev = rx.next_event()
+    if ev is NEED_DATA:
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            data = b""  # closed with our hello unread: same as EOF
+        raw += data; rx.receive_data(data); continue
+    roots += isinstance(ev, Root)
+    if isinstance(ev, StreamEnd):
+        break
+print(json.dumps({"complete": ev.complete, "reason": ev.reason, "bytes": len(raw), "roots": roots}))
+"""
+
+
+def run_client_as(user: str, sock: Path) -> dict:
+    out = support.as_user(user, CLIENT, str(sock))
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_peer_check(store, scratch, start_helper, users):
+    sock = scratch / "helper.sock"
+    h = start_helper(store, "--socket", str(sock), "--allow-user", support.DAEMON_USER,
+                     "--socket-mode", "0666", wait=str(sock))
+    allowed = run_client_as(support.DAEMON_USER, sock)
+    assert allowed["complete"] and allowed["roots"] > 30
+    refused = run_client_as(support.BOB, sock)
+    # Closed without a single byte: the stream is incomplete, not empty-and-complete.
+    assert refused == {"complete": False, "reason": refused["reason"], "bytes": 0, "roots": 0}
+    assert "before the helper said hello" in refused["reason"]
+    bob_uid = pwd.getpwnam(support.BOB).pw_uid
+    time.sleep(0.2)
+    assert any(e.get("event") == "peer_refused" and e.get("peer_uid") == bob_uid for e in h.log())
+
+
+def test_default_socket_is_0600_owned_by_the_allowed_user(store, scratch, start_helper, users):
+    sock = scratch / "helper.sock"
+    start_helper(store, "--socket", str(sock), "--allow-user", support.DAEMON_USER, wait=str(sock))
+    st = os.stat(sock)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == pwd.getpwnam(support.DAEMON_USER).pw_uid
+    assert run_client_as(support.DAEMON_USER, sock)["complete"]
+    assert run_client_as(support.BOB, sock) == {"connect_error": 13}  # EACCES
+
+
+def test_concurrent_connections(store, scratch, start_helper):
+    sock = scratch / "helper.sock"
+    start_helper(store, "--socket", str(sock), wait=str(sock))
+    results = []
+
+    def one():
+        results.append(read_root_stream(sock))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 6
+    first = roots_of(results[0][0])
+    for events, end, _ in results:
+        assert end.complete
+        assert roots_of(events) == first
+
+
+def test_socket_activation_with_both_endpoints(store, scratch, start_helper):
+    roots_sock, nix_sock = scratch / "roots.sock", scratch / "nix.sock"
+    start_helper(store, cmd_prefix=["systemd-socket-activate", "-l", str(roots_sock), "-l",
+                                    str(nix_sock), "--fdname=gcroots:nix-roots"])
+    support.wait_for_socket(roots_sock)
+    events, end, _ = read_root_stream(roots_sock)
+    assert end.complete
+    store_paths = {sp for _, sp in roots_of(events)}
+    assert set(nixcompat.decode_nix_roots(read_all(nix_sock))) == store_paths
+
+
+def read_all(path: Path, send: bytes = b"") -> bytes:
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(str(path))
+    if send:
+        s.sendall(send)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    return data
+
+
+def test_nix_roots_daemon_endpoint(store, scratch, start_helper):
+    sock, nix = scratch / "helper.sock", scratch / "nix.sock"
+    start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix), wait=str(nix))
+    paths = nixcompat.decode_nix_roots(read_all(nix))
+    assert paths == sorted(set(paths))
+    events, end, _ = read_root_stream(sock)
+    assert set(paths) == {sp for _, sp in roots_of(events)}
+    # Static and indirect roots too, not only runtime ones.
+    assert any(b"user-environment" in p for p in paths)
+
+
+def deepen(root: Path, levels: int) -> None:
+    d = os.open(root / "nix/var/nix/gcroots", os.O_RDONLY)
+    for _ in range(levels):
+        os.mkdir("d", dir_fd=d)
+        nd = os.open("d", os.O_RDONLY, dir_fd=d)
+        os.close(d)
+        d = nd
+    os.close(d)
+
+
+def test_scan_failure_fails_closed_on_both_endpoints(store, scratch, start_helper):
+    deepen(store, 300)
+    sock, nix = scratch / "helper.sock", scratch / "nix.sock"
+    h = start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix),
+                     wait=str(nix))
+    events, end, _ = read_root_stream(sock)
+    assert not end.complete
+    assert "the helper reports the scan failed: directory nesting deeper than" in end.reason
+    # Nix's format cannot say "failed": we send a line Nix refuses to parse
+    # as a store path, which makes its GC abort instead of under-counting.
+    answer = read_all(nix)
+    assert answer == serve.NIX_POISON
+    assert not answer.startswith(b"/nix/store/")
+    time.sleep(0.2)
+    served = [(e["endpoint"], e["outcome"]) for e in h.log() if e.get("event") == "scan_served"]
+    assert ("roots", "scan_failed") in served and ("nix-roots", "scan_failed") in served
+    assert ("roots", "ok") not in served and ("nix-roots", "ok") not in served
+
+
+def test_garbage_and_version_mismatch_from_peer(store, scratch, start_helper):
+    sock = scratch / "helper.sock"
+    h = start_helper(store, "--socket", str(sock), wait=str(sock))
+    # Not our hello: the helper said its own hello, then closed; no records.
+    events, end = _decode(read_all(sock, b"GET / HTTP/1.1\r\n\r\n"))
+    assert not end.complete and not events[1:]
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock))
+    rx = RootStreamReceiver(versions=(7, 9))
+    s.sendall(rx.hello())
+    with pytest.raises(VersionMismatch, match="we speak root-stream versions 7..9, the helper speaks 1..1"):
+        while True:
+            rx.receive_data(s.recv(4096))
+            while (ev := rx.next_event()) is not NEED_DATA:
+                assert not isinstance(ev, StreamEnd)
+    s.close()
+    time.sleep(0.3)
+    errors = [e for e in h.log() if e.get("event") == "scan_served" and e["outcome"] == "peer_error"]
+    assert any("over the 65536-byte limit" in e["error"] for e in errors)  # "GET " as a length
+    assert any("version mismatch" in e["error"] for e in errors)
+
+
+# -- in-process: streaming and back-pressure -----------------------------
+
+class _ControlledScan:
+    """A scan whose progress the test controls."""
+
+    def __init__(self, first_then_block: threading.Event | None = None, endless: bool = False):
+        self.gate = first_then_block
+        self.endless = endless
+        self.produced = 0
+
+    def scan(self):
+        sp = b"/nix/store/" + b"a" * 32 + b"-x"
+        while True:
+            self.produced += 1
+            yield Root(RootKind.STATIC, b"/nix/var/nix/gcroots/r%d" % self.produced, sp)
+            if self.gate is not None:
+                assert self.gate.wait(30)
+                return
+            if not self.endless and self.produced >= 3:
+                return
+
+
+def _server_with(scan_obj) -> serve.HelperServer:
+    srv = serve.HelperServer(StoreLayout.make(), frozenset(), [], runtime=False)
+    srv._scanner = lambda: scan_obj
+    return srv
+
+
+def _handshake(peer: socket.socket) -> RootStreamReceiver:
+    rx = RootStreamReceiver()
+    peer.sendall(rx.hello())
+    return rx
+
+
+def test_first_root_reaches_peer_while_scan_is_still_running():
+    gate = threading.Event()
+    srv = _server_with(_ControlledScan(first_then_block=gate))
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    srv._dispatch(ours, serve.ROOTS)
+    rx = _handshake(peer)
+    got = []
+    while not any(isinstance(e, Root) for e in got):
+        rx.receive_data(peer.recv(4096))
+        while (ev := rx.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert not gate.is_set(), "the root arrived only after the scan ended"
+    gate.set()
+    while not isinstance(got[-1], StreamEnd):
+        data = peer.recv(4096)
+        rx.receive_data(data)
+        while (ev := rx.next_event()) is not NEED_DATA:
+            got.append(ev)
+            if isinstance(ev, StreamEnd):
+                break
+    assert got[-1].complete
+
+
+def test_peer_that_stops_reading_cannot_grow_helper_memory(monkeypatch):
+    monkeypatch.setattr(serve, "IO_TIMEOUT", 1.0)
+    scan_obj = _ControlledScan(endless=True)
+    srv = _server_with(scan_obj)
+    ours, peer = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    srv._dispatch(ours, serve.ROOTS)
+    _handshake(peer)
+    time.sleep(2.5)  # we never read: the helper's send must block, then give up
+    produced = scan_obj.produced
+    time.sleep(0.5)
+    assert scan_obj.produced == produced, "the scan kept running against a stalled peer"
+    frame = 4 + 1 + 1 + 4 + 28 + 4 + 45
+    # What was produced fits in the socket buffers plus one FLUSH_BYTES batch.
+    assert produced * frame < 512 * 1024 + serve.FLUSH_BYTES
+    peer.close()
+
+
+def _decode(data: bytes):
+    rx = RootStreamReceiver()
+    rx.receive_data(data)
+    rx.receive_data(b"")
+    events = []
+    while not isinstance(ev := rx.next_event(), StreamEnd):
+        events.append(ev)
+    return events, ev
+
+
+def test_peer_that_never_says_hello_is_dropped(monkeypatch):
+    monkeypatch.setattr(serve, "HELLO_TIMEOUT", 0.5)
+    scan_obj = _ControlledScan()
+    srv = _server_with(scan_obj)
+    ours, peer = socket.socketpair()
+    srv._dispatch(ours, serve.ROOTS)
+    peer.settimeout(5)
+    data = b""
+    while chunk := peer.recv(100):
+        data += chunk
+    events, end = _decode(data)  # our hello only, then closed: no scan ran
+    assert len(events) == 1 and not end.complete and scan_obj.produced == 0
+
+
+def test_bug_in_scan_is_an_error_trailer_not_a_complete_stream():
+    class Broken:
+        def scan(self):
+            yield Root(RootKind.STATIC, b"/x", b"/nix/store/" + b"a" * 32 + b"-x")
+            raise KeyError("oops")
+
+    srv = _server_with(Broken())
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    srv._dispatch(ours, serve.ROOTS)
+    rx = _handshake(peer)
+    while True:
+        data = peer.recv(65536)
+        rx.receive_data(data)
+        ev = None
+        while (ev := rx.next_event()) is not NEED_DATA:
+            if isinstance(ev, StreamEnd):
+                break
+        if isinstance(ev, StreamEnd):
+            break
+    assert not ev.complete and "internal error in the helper: KeyError('oops')" in ev.reason
+
+
+def test_scan_error_in_process_gives_error_trailer():
+    class Failing:
+        def scan(self):
+            raise ScanError("EIO on gcroots")
+            yield  # pragma: no cover
+
+    srv = _server_with(Failing())
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    srv._dispatch(ours, serve.ROOTS)
+    rx = _handshake(peer)
+    data = b""
+    while chunk := peer.recv(65536):
+        data += chunk
+    rx.receive_data(data)
+    rx.receive_data(b"")
+    events = []
+    while not isinstance(ev := rx.next_event(), StreamEnd):
+        events.append(ev)
+    assert not ev.complete and "EIO on gcroots" in ev.reason
