@@ -8,6 +8,7 @@ A frame on the wire:
         'B' u8 | 'H' u16 | 'I' u32 | 'Q' u64     fixed-size big-endian integer
         'b'  u32 length + raw bytes                 (paths: any byte)
         's'  u32 length + UTF-8 text                (messages)
+        '*'  (last only) any number of 'b' fields     (rows, argument lists)
 
 Every frame has a hard maximum size, checked as soon as its 4-byte header has
 arrived, i.e. before any of its payload is buffered.  Anything malformed
@@ -39,6 +40,8 @@ class RemoteProtocolError(ProtocolError):
 
 def encode_frame(ftype: int, schema: str, values: Sequence[object],
                  max_frame: int = MAX_FRAME) -> bytes:
+    if schema.endswith("*"):
+        schema = schema[:-1] + "b" * max(0, len(values) - len(schema) + 1)
     if len(schema) != len(values):
         raise LocalProtocolError(f"frame type {ftype}: {len(values)} values for schema {schema!r}")
     parts = [bytes((ftype,))]
@@ -67,35 +70,41 @@ def encode_frame(ftype: int, schema: str, values: Sequence[object],
 
 
 def decode_fields(ftype: int, schema: str, payload: bytes) -> list[object]:
-    """Split a payload by its schema.  Trailing or missing bytes are errors."""
+    """Split a payload by its schema.  Trailing or missing bytes are errors;
+    a schema ending in '*' takes any number of further bytes fields."""
     out: list[object] = []
     pos = 0
     end = len(payload)
-    for kind in schema:
+    repeat = schema.endswith("*")
+    kinds = list(schema[:-1] if repeat else schema)
+    i = 0
+    while i < len(kinds) or (repeat and pos < end):
+        kind = kinds[i] if i < len(kinds) else "b"
+        i += 1
         if kind in _FIXED:
             st = _FIXED[kind]
             if pos + st.size > end:
                 raise RemoteProtocolError(f"frame type {ftype} is truncated (integer field)")
             out.append(st.unpack_from(payload, pos)[0])
             pos += st.size
-        else:
-            if pos + 4 > end:
-                raise RemoteProtocolError(f"frame type {ftype} is truncated (length of a field)")
-            (n,) = _HEADER.unpack_from(payload, pos)
-            pos += 4
-            if pos + n > end:
+            continue
+        if pos + 4 > end:
+            raise RemoteProtocolError(f"frame type {ftype} is truncated (length of a field)")
+        (n,) = _HEADER.unpack_from(payload, pos)
+        pos += 4
+        if pos + n > end:
+            raise RemoteProtocolError(
+                f"frame type {ftype}: a field claims {n} bytes but only {end - pos} remain")
+        raw = bytes(payload[pos:pos + n])
+        pos += n
+        if kind == "s":
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
                 raise RemoteProtocolError(
-                    f"frame type {ftype}: a field claims {n} bytes but only {end - pos} remain")
-            raw = bytes(payload[pos:pos + n])
-            pos += n
-            if kind == "s":
-                try:
-                    out.append(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise RemoteProtocolError(
-                        f"frame type {ftype}: a text field is not valid UTF-8") from None
-            else:
-                out.append(raw)
+                    f"frame type {ftype}: a text field is not valid UTF-8") from None
+        else:
+            out.append(raw)
     if pos != end:
         raise RemoteProtocolError(f"frame type {ftype} has {end - pos} unexpected trailing bytes")
     return out

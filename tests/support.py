@@ -179,3 +179,91 @@ def as_user(user: str, code: str, *args: str, timeout: float = 120) -> subproces
 
 def copy_store(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True)
+
+
+class Pipeline:
+    """gcroots-helper (as root) + gcrootsd (as an unprivileged user) on a store.
+
+    The store is handed to the daemon's user (it runs as the store owner);
+    sockets live in a run dir owned by that user, as /run/gcroots would be."""
+
+    def __init__(self, root: Path, run: Path, *, daemon_user: str = DAEMON_USER,
+                 helper_args: tuple[str, ...] = ("--no-runtime",),
+                 daemon_args: tuple[str, ...] = (), env: dict | None = None):
+        self.root, self.run = root, run
+        self.daemon_user = daemon_user
+        self.helper_args, self.daemon_args = helper_args, daemon_args
+        self.env = env
+        self.helper: subprocess.Popen | None = None
+        self.daemon: subprocess.Popen | None = None
+        run.mkdir(parents=True, exist_ok=True)
+        pw = pwd.getpwnam(daemon_user)
+        os.chown(run, pw.pw_uid, pw.pw_gid)
+        self.helper_sock = run / "helper.sock"
+        self.sock = run / "gcrootsd.sock"
+
+    def give_store_to_daemon(self) -> None:
+        chown_tree(self.root / "nix", self.daemon_user)
+
+    def start_helper(self) -> None:
+        self.helper_log = open(self.run.parent / "helper.log", "ab")
+        self.helper = subprocess.Popen(
+            [HELPER, "serve", "--root", str(self.root), "--socket", str(self.helper_sock),
+             "--allow-user", self.daemon_user, *self.helper_args], stderr=self.helper_log)
+        wait_for_socket(self.helper_sock, self.helper)
+
+    def start_daemon(self, wait: bool = True) -> None:
+        self.daemon_log_path = self.run.parent / "daemon.log"
+        self.daemon_log = open(self.daemon_log_path, "ab")
+        env = dict(os.environ, **(self.env or {}))
+        self.daemon = subprocess.Popen(
+            ["runuser", "-u", self.daemon_user, "--", DAEMON, "--root", str(self.root),
+             "--helper-socket", str(self.helper_sock), "--socket", str(self.sock),
+             *self.daemon_args], stderr=self.daemon_log, env=env)
+        if wait:
+            wait_for_socket(self.sock, self.daemon)
+
+    def start(self) -> "Pipeline":
+        self.give_store_to_daemon()
+        self.start_helper()
+        self.start_daemon()
+        return self
+
+    def stop_helper(self) -> None:
+        if self.helper is not None:
+            self.helper.kill()
+            self.helper.wait()
+            self.helper = None
+
+    def stop(self) -> None:
+        self.stop_helper()
+        if self.daemon is not None:
+            self.daemon.terminate()
+            try:
+                self.daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+            self.daemon = None
+
+    def daemon_events(self) -> list[dict]:
+        out = []
+        for line in self.daemon_log_path.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def query(self, *args: str, user: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        cmd = [QUERY, "--socket", str(self.sock), *args]
+        if user is not None:
+            cmd = ["runuser", "-u", user, "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, check=check, timeout=300)
+
+
+def standalone(root: Path | str, *args: str, env: dict | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([QUERY, "--standalone", "--root", str(root), "--no-runtime", *args],
+                          capture_output=True, check=check, timeout=300,
+                          env=dict(os.environ, **(env or {})))

@@ -1,0 +1,87 @@
+"""Talking to gcrootsd: one request, one complete answer (or an error)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+from gcroots.protocol import admin
+from gcroots.protocol.framing import ProtocolError
+from gcroots.protocol.rootstream import NEED_DATA
+
+IDLE_TIMEOUT = 600.0  # a collection can be long; the daemon sends progress meanwhile
+
+
+class DaemonError(Exception):
+    pass
+
+
+@dataclass
+class Answer:
+    status: admin.Status
+    message: str
+    rows: list[tuple[bytes, ...]] = field(default_factory=list)
+
+
+def request(socket_path: str, command: str, options: dict | None = None,
+            args: tuple[bytes, ...] = (), *,
+            on_progress: Callable[[str], None] | None = None,
+            on_rows: Callable[[list[tuple[bytes, ...]]], None] | None = None) -> Answer:
+    """Rows are buffered (or handed to `on_rows`) and the answer returned only
+    once it is known to be complete."""
+    conn = admin.ClientConnection()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(IDLE_TIMEOUT)
+    try:
+        s.connect(socket_path)
+    except OSError as e:
+        hint = " (is gcrootsd running? try --socket or --standalone)" \
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else ""
+        raise DaemonError(f"cannot connect to gcrootsd at {socket_path}: {e.strerror}{hint}") from None
+    rows: list[tuple[bytes, ...]] = []
+    try:
+        with s:
+            s.sendall(conn.request(command, options, args))
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    try:
+                        conn.receive_data(s.recv(1 << 20))
+                    except ConnectionResetError:
+                        conn.receive_data(b"")
+                elif isinstance(event, admin.Rows):
+                    rows.extend(zip(event.values))
+                elif isinstance(event, admin.Row):
+                    rows.append(event.fields)
+                elif isinstance(event, admin.Progress):
+                    if on_progress:
+                        on_progress(event.message)
+                elif isinstance(event, admin.AnswerEnd):
+                    if not event.complete:
+                        raise DaemonError(f"incomplete answer from gcrootsd: {event.message}")
+                    if on_rows:
+                        on_rows(rows)
+                        rows = []
+                    return Answer(event.status, event.message, rows)
+    except socket.timeout:
+        raise DaemonError(f"gcrootsd did not answer within {IDLE_TIMEOUT:.0f} s") from None
+    except ProtocolError as e:
+        raise DaemonError(f"gcrootsd broke the protocol: {e}") from None
+
+
+def progress_printer() -> Callable[[str], None] | None:
+    if not sys.stderr.isatty():
+        return None
+
+    def show(message: str) -> None:
+        sys.stderr.write(f"\r\033[K{message}...")
+        sys.stderr.flush()
+    return show
+
+
+def default_socket() -> str:
+    return os.environ.get("GCROOTS_SOCKET", "/run/gcroots/gcrootsd.sock")

@@ -1,0 +1,83 @@
+"""Rows -> text (the nix-store formats where there is one) or JSON.
+
+Paths are bytes; text output writes them raw.  JSON cannot carry arbitrary
+bytes, so non-UTF-8 bytes appear as \\udcXX escapes (Python's
+surrogateescape), which decode back to the exact bytes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+
+def s(b: bytes) -> str:
+    return os.fsdecode(b)
+
+
+def human(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+@dataclass(frozen=True)
+class Formatter:
+    text: Callable
+    json: Callable
+
+
+def _paths_text(rows, args, out):
+    out.write(b"".join(r[0] + b"\n" for r in rows))
+
+
+def _roots_text(rows, args, out):
+    out.write(b"".join(label + b" -> " + path + b"\n" for label, path, _ in rows))
+
+
+def _why_text(rows, args, out):
+    for i, (label, *chain) in enumerate(rows):
+        if i:
+            out.write(b"\n")
+        out.write(label + b" -> " + chain[0] + b"\n")
+        for p in chain[1:]:
+            out.write(b"  -> " + p + b"\n")
+
+
+def _cost_text(rows, args, out):
+    out.write(b"%12s %7s  %s\n" % (b"FREES", b"PATHS", b"ROOT"))
+    for nbytes, npaths, path, *labels in rows:
+        out.write(b"%12s %7s  %s\n" % (human(int(nbytes)).encode(), npaths, path))
+        for label in labels:
+            out.write(b"%21s  %s\n" % (b"<-", label))
+
+
+def _stats_text(rows, args, out):
+    out.write(b"".join(k + b": " + v + b"\n" for k, v in rows))
+
+
+def _num(v: bytes):
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return {b"true": True, b"false": False}.get(v, s(v))
+
+
+FORMATTERS = {
+    "roots": Formatter(_roots_text, lambda rows, a: [
+        {"link": s(label), "path": s(path), "kind": s(kind)} for label, path, kind in rows]),
+    "live": Formatter(_paths_text, lambda rows, a: [s(r[0]) for r in rows]),
+    "dead": Formatter(_paths_text, lambda rows, a: [s(r[0]) for r in rows]),
+    "why": Formatter(_why_text, lambda rows, a: {
+        "path": a.path, "chains": [{"root": s(r[0]), "chain": [s(p) for p in r[1:]]} for r in rows]}),
+    "cost": Formatter(_cost_text, lambda rows, a: [
+        {"bytes": int(r[0]), "paths": int(r[1]), "store_path": s(r[2]),
+         "labels": [s(x) for x in r[3:]]} for r in rows]),
+    "stats": Formatter(_stats_text, lambda rows, a: {s(k): _num(v) for k, v in rows}),
+}

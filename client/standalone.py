@@ -1,0 +1,48 @@
+"""--standalone: the daemon's queries, answered in this process (single-user
+machines, scripts, tests).  The scan runs with the caller's rights."""
+
+from __future__ import annotations
+
+import os
+
+from gcroots.daemon import engine
+from gcroots.daemon.cli import settings_from
+from gcroots.daemon.store import StoreDB
+from gcroots.layout import StoreLayout
+from gcroots.protocol.admin import Status
+
+from .conn import Answer, DaemonError
+
+# Answers that feed deletion: an unprivileged scan cannot see other users'
+# private roots, so these need root unless the caller accepts that.
+NEEDS_FULL_SCAN = frozenset({"dead", "gc"})
+
+
+def layout_of(args) -> StoreLayout:
+    return StoreLayout.make(args.store_dir, args.state_dir, args.root)
+
+
+def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answer:
+    if command in NEEDS_FULL_SCAN and os.geteuid() != 0 and not args.allow_unprivileged_scan:
+        return Answer(Status.REFUSED, f"--standalone {command} needs root: an unprivileged scan "
+                      "cannot read other users' indirect roots or processes, so it would call "
+                      "live paths dead (use the daemon, or --allow-unprivileged-scan)")
+    layout = layout_of(args)
+    try:
+        db = StoreDB.open(layout, create_files=False)
+    except Exception as e:
+        raise DaemonError(str(e)) from None
+    try:
+        rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
+        a = engine.analyze(layout, db, rootset, settings_from(args),
+                           want_dead=command in engine.NEEDS_DEAD)
+        rows = engine.query_rows(a, db, command, options, pargs, censor=False)
+    except engine.IncompleteRoots as e:
+        return Answer(Status.ERROR, f"no complete root set, refusing to answer: {e}")
+    except engine.NotAlive as e:
+        return Answer(Status.NEGATIVE, str(e))
+    except engine.BadRequest as e:
+        return Answer(Status.BAD_REQUEST, str(e))
+    finally:
+        db.close()
+    return Answer(Status.OK, "", rows)

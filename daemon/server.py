@@ -1,0 +1,286 @@
+"""gcrootsd's admin socket (Trio).
+
+Every connection carries one request.  The peer's uid and groups come from
+the kernel (SO_PEERCRED, SO_PEERGROUPS): root, the daemon's own user and the
+admin group are privileged (full labels, mutating commands); everyone else
+gets runtime/temp root labels censored as `{censored}`, as Nix does, and
+read-only commands only.
+
+CPU-bound work (the analysis, building rows) runs in a worker thread, one at
+a time (the DB connection is not shared).  Every await on a peer has a
+deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+import trio
+
+from gcroots import log
+from gcroots.layout import StoreLayout
+from gcroots.protocol import admin
+from gcroots.protocol.framing import ProtocolError
+from gcroots.protocol.rootstream import NEED_DATA
+
+from . import engine
+from .engine import Analysis, IncompleteRoots, NotAlive
+from .nixconf import GCSettings
+from .notify import Notifier
+from .rootsource import fetch_roots_retrying
+from .store import StoreDB
+
+REQUEST_TIMEOUT = 10.0
+GRAPH_RELOAD_MIN_INTERVAL = 10.0
+SEND_TIMEOUT = 60.0
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+READ_ONLY = {"roots", "live", "dead", "why", "cost", "stats", "ping"}
+
+_log = log.get("gcroots.daemon")
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+    privileged: bool
+
+
+def peer_of(sock: socket.socket, admin_gid: int | None) -> Peer:
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 4096)
+        groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
+    except OSError:
+        groups = frozenset()
+    privileged = (uid in (0, os.getuid())
+                  or (admin_gid is not None and (gid == admin_gid or admin_gid in groups)))
+    return Peer(pid, uid, gid, groups, privileged)
+
+
+class RequestError(Exception):
+    def __init__(self, status: admin.Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Daemon:
+    layout: StoreLayout
+    helper_socket: bytes
+    settings: GCSettings
+    admin_gid: int | None = None
+    notifier: Notifier = field(default_factory=Notifier)
+    db: StoreDB | None = None
+    work_lock: trio.Lock = field(default_factory=trio.Lock)
+    last: dict = field(default_factory=dict)
+    extra_commands: dict[str, Callable[..., Awaitable[None]]] = field(default_factory=dict)
+    _nursery: trio.Nursery | None = None
+    _graph_reloading: bool = False
+    _graph_next_reload: float = 0.0
+
+    def open_db(self) -> StoreDB:
+        if self.db is None:
+            self.db = StoreDB.open(self.layout)
+        return self.db
+
+    # -- the analysis every query starts from ---------------------------------
+
+    async def analysis(self, *, want_dead: bool) -> Analysis:
+        rootset = await fetch_roots_retrying(self.helper_socket, self.layout)
+        async with self.work_lock:
+            db = self.open_db()
+            a = await trio.to_thread.run_sync(
+                lambda: engine.analyze(self.layout, db, rootset, self.settings,
+                                       want_dead=want_dead))
+        self.last = {"time": time.time(), "roots": len(a.roots), "live": len(a.all_live),
+                     "dead": None if a.dead is None else len(a.dead)}
+        _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
+                  live=len(a.all_live), dead=None if a.dead is None else len(a.dead),
+                  stale_links=len(rootset.stale), scan_warnings=len(rootset.warnings),
+                  **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
+        for w in rootset.warnings[:20]:
+            _log.warning("scan_warning", path=w.path, errno=w.errno, message=w.message)
+        self.notifier.status(f"last analysis: {len(a.roots)} roots, {len(a.all_live)} live"
+                             + ("" if a.dead is None else f", {len(a.dead)} dead"))
+        if a.graph is None:
+            self.schedule_graph_reload()
+        return a
+
+    # -- the in-memory graph: reloaded in the background when the DB changed --
+
+    def schedule_graph_reload(self) -> None:
+        """Queries never wait for this: until it is done they use SQLite.
+        Rate-limited, so that a DB that changes all the time (a build farm)
+        does not keep us reloading."""
+        if self._nursery is None or self._graph_reloading or trio.current_time() < self._graph_next_reload:
+            return
+        self._graph_reloading = True
+        self._nursery.start_soon(self._reload_graph)
+
+    async def _reload_graph(self) -> None:
+        # Loaded on a connection of its own, without the work lock, so that
+        # queries go on meanwhile; then that connection replaces ours (the
+        # graph's data_version is only comparable on the connection it was
+        # read from).
+        t0 = trio.current_time()
+        try:
+            def load() -> StoreDB:
+                fresh = StoreDB.open(self.layout)
+                with fresh.snapshot():
+                    fresh.load_graph()
+                return fresh
+            fresh = await trio.to_thread.run_sync(load)
+            async with self.work_lock:
+                old, self.db = self.db, fresh
+            if old is not None:
+                old.close()
+            took = trio.current_time() - t0
+            _log.info("graph_loaded", paths=len(fresh._graph.paths), seconds=round(took, 3))
+        except Exception as e:  # the SQLite fallback keeps answering
+            took = trio.current_time() - t0
+            _log.warning("graph_load_failed", error=repr(e))
+        finally:
+            self._graph_reloading = False
+            self._graph_next_reload = trio.current_time() + max(GRAPH_RELOAD_MIN_INTERVAL, 20 * took)
+
+    async def in_worker(self, fn):
+        async with self.work_lock:
+            return await trio.to_thread.run_sync(fn)
+
+    # -- serving -----------------------------------------------------------------
+
+    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED):
+        # Start warm: read the graph before saying READY (clients that
+        # connect meanwhile wait in the listen backlog).
+        self.notifier.status("loading the store graph")
+        self._graph_reloading = True
+        await self._reload_graph()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.notifier.watchdog_interval:
+                nursery.start_soon(self._watchdog)
+            for listener in listeners:
+                nursery.start_soon(trio.serve_listeners, self._handle, [listener])
+            self.notifier.ready("serving")
+            _log.info("daemon_ready", helper_socket=self.helper_socket,
+                      keep_derivations=self.settings.keep_derivations,
+                      keep_outputs=self.settings.keep_outputs)
+            task_status.started()
+
+    async def _watchdog(self) -> None:
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(self.notifier.watchdog_interval)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        t0 = time.perf_counter()
+        conn = admin.ServerConnection()
+        peer = peer_of(stream.socket, self.admin_gid)
+        command, status, message = "?", admin.Status.OK, ""
+        try:
+            async with stream:
+                request = await self._read_request(stream, conn)
+                command = request.command
+                await self._send(stream, conn.hello())
+                try:
+                    await self._dispatch(stream, conn, request, peer)
+                    return
+                except RequestError as e:
+                    status, message = e.status, str(e)
+                except IncompleteRoots as e:
+                    status = admin.Status.ERROR
+                    message = f"no complete root set, refusing to answer: {e}"
+                except NotAlive as e:
+                    status, message = admin.Status.NEGATIVE, str(e)
+                await self._send(stream, conn.end(status, message))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                ProtocolError, OSError) as e:
+            status, message = admin.Status.ERROR, f"peer: {e!r}"
+        finally:
+            _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
+                      privileged=peer.privileged, status=status.name.lower(),
+                      error=message or None, seconds=round(time.perf_counter() - t0, 4))
+
+    async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            while True:
+                event = conn.next_event()
+                if isinstance(event, admin.Request):
+                    return event
+                if event is NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+
+    async def _send(self, stream, data: bytes) -> None:
+        with trio.fail_after(SEND_TIMEOUT):
+            await stream.send_all(data)
+
+    async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer) -> None:
+        cmd = request.command
+        if cmd not in READ_ONLY and cmd not in self.extra_commands:
+            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd!r}")
+        if cmd not in READ_ONLY and not peer.privileged:
+            raise RequestError(admin.Status.REFUSED,
+                               f"{cmd!r} needs root or membership in the admin group")
+        censor = not peer.privileged
+        if cmd == "ping":
+            await self._send(stream, conn.end(admin.Status.OK, "pong"))
+            return
+        if cmd in self.extra_commands:
+            await self.extra_commands[cmd](self, stream, conn, request, peer)
+            return
+        await self._send(stream, conn.progress("scanning roots"))
+        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD)
+        db = self.open_db()
+        await self._send(stream, conn.progress("answering"))
+
+        def answer() -> bytes:
+            if cmd == "dead":  # the big answers skip per-row tuples
+                return conn.rows(a.dead)
+            if cmd == "live":
+                return conn.rows(sorted(a.all_live))
+            rows = engine.query_rows(a, db, cmd, request.options, request.args, censor)
+            return b"".join(conn.row(*r) for r in rows)
+
+        try:
+            data = await self.in_worker(answer)
+        except engine.BadRequest as e:
+            raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
+        await self._send(stream, data)
+        await self._send(stream, conn.end(admin.Status.OK))
+
+
+def unix_listener(path: bytes, mode: int = 0o666) -> trio.SocketListener:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o777)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(64)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def activated_listeners() -> list[trio.SocketListener]:
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    out = []
+    for fd in range(3, 3 + count):
+        os.set_inheritable(fd, False)
+        out.append(trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd))))
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return out

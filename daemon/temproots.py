@@ -1,0 +1,99 @@
+"""Temporary roots: <state>/temproots/<pid>, NUL-terminated store paths,
+written by running Nix processes, each holding an exclusive flock(2) on its
+file for as long as it lives (Nix's lockFile() is flock, not fcntl: the two
+lock kinds do not see each other on Linux).
+
+Nix's GC takes the exclusive lock non-blocking: if it gets it, the owner is
+dead and Nix deletes the file.  Queries must not modify anything, so we ask
+for a *shared* lock, non-blocking, and drop it at once: a live owner's
+exclusive lock refuses it; getting it means the owner is dead and the file
+is ignored.  Nothing is written.  The collector removes such files later,
+re-checking under its own exclusive lock.
+
+Nix matches temp roots by *hash part*: any store entry with the same
+32-character hash as a temp root is alive, valid or not (a build in
+progress writes its outputs' paths before registering them).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass, field
+
+from gcroots.layout import StoreLayout
+from gcroots.storepath import BASE32_CHARS, HASH_LEN, hash_part, parse_store_path
+
+_MAX_FILE = 64 << 20
+
+
+@dataclass
+class TempRoots:
+    roots: list[tuple[bytes, bytes]] = field(default_factory=list)  # (label "{temp:PID}", path)
+    hashes: set[bytes] = field(default_factory=set)                  # hash parts that are alive
+    warnings: list[str] = field(default_factory=list)
+    stale_files: list[bytes] = field(default_factory=list)           # owners dead
+
+
+def owner_alive(fd: int) -> bool:
+    """Does a process hold this temp roots file's exclusive flock?"""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return False
+
+
+def _hash_of(raw: bytes, store_dir: bytes) -> bytes | None:
+    prefix = store_dir + b"/"
+    if raw.startswith(prefix):
+        h = raw[len(prefix):len(prefix) + HASH_LEN]
+        if len(h) == HASH_LEN and all(c in BASE32_CHARS for c in h):
+            return h
+    return None
+
+
+def read_temp_roots(layout: StoreLayout) -> TempRoots:
+    out = TempRoots()
+    directory = layout.temproots_dir
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return out
+    for name in sorted(names):
+        if name.startswith(b"."):
+            continue  # Nix ignores hidden files (portage keeps the dir alive with one)
+        path = directory + b"/" + name
+        if not name.isdigit():
+            out.warnings.append(f"ignoring {os.fsdecode(path)}: not named after a process id")
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            continue  # the owner finished and removed it
+        try:
+            if not owner_alive(fd):
+                out.stale_files.append(path)
+                continue
+            data = os.read(fd, _MAX_FILE + 1)
+            if len(data) > _MAX_FILE:
+                raise OSError(errno.EFBIG, f"temp roots file {os.fsdecode(path)} is too large")
+        finally:
+            os.close(fd)
+        label = b"{temp:" + name + b"}"
+        # The last entry is NUL-terminated too; a trailing piece without NUL
+        # is a write in progress and ignored, exactly as Nix does.
+        for raw in data.split(b"\0")[:-1]:
+            store_path = parse_store_path(raw, layout.store_dir)
+            if store_path is not None:
+                out.roots.append((label, store_path))
+                out.hashes.add(hash_part(store_path))
+                continue
+            # Nix would abort on this; we keep what it could protect instead.
+            h = _hash_of(raw, layout.store_dir)
+            if h is not None:
+                out.hashes.add(h)
+            out.warnings.append(f"{os.fsdecode(path)}: not a store path: {raw[:300]!r}")
+    return out

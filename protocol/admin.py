@@ -1,0 +1,285 @@
+"""gcroots-query <-> gcrootsd.  Sans-IO: no sockets, no trio.
+
+One request per connection:
+
+    client -> daemon   HELLO(magic, min_version, max_version)
+    client -> daemon   REQUEST(command, options as JSON text, bytes args...)
+    daemon -> client   HELLO(magic, min_version, max_version)
+    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PROGRESS(text)
+    daemon -> client   END(status, row_count, message)
+
+ROWS packs many one-field rows (a list of store paths) into one frame: a
+100k-path `dead` answer is ~30 frames, not 100k.
+
+Answers stream: `dead` on a big store is a long list, sent as it is produced.
+As with the root stream, an answer is complete only if END arrived, says how
+many rows were sent, and that many arrived: a script that pipes `dead` into
+something destructive must never act on a cut list.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass, field
+
+from .framing import (MAX_FRAME, FrameDecoder, LocalProtocolError, RemoteProtocolError,
+                      decode_fields, encode_frame)
+from .rootstream import NEED_DATA, VersionMismatch, _NeedData
+
+MAGIC = b"gcroots/admin"
+MIN_VERSION = 1
+MAX_VERSION = 1
+MAX_ARGS = 64
+
+_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS = 1, 2, 3, 4, 5, 6
+_SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*"}
+_LEN = struct.Struct(">I")
+_ROWS_HEADER = struct.Struct(">IB")
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERROR = 1          # the daemon could not answer (e.g. no complete root set)
+    REFUSED = 2        # the peer is not allowed to do this
+    BUSY = 3           # a collection is running
+    NEGATIVE = 4       # answered, and the answer is "no" (why: path not alive)
+    BAD_REQUEST = 5    # unknown command, bad options
+
+
+@dataclass(frozen=True)
+class Hello:
+    min_version: int
+    max_version: int
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    options: dict = field(default_factory=dict)
+    args: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class Row:
+    fields: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Several one-field rows."""
+    values: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Progress:
+    message: str
+
+
+@dataclass(frozen=True)
+class End:
+    status: Status
+    rows: int
+    message: str
+
+
+@dataclass(frozen=True)
+class AnswerEnd:
+    """The connection ended; `complete` only if END arrived and counts match."""
+    complete: bool
+    status: Status | None
+    message: str
+
+
+def _hello_frame(versions: tuple[int, int]) -> bytes:
+    return encode_frame(_HELLO, _SCHEMAS[_HELLO], [MAGIC, *versions])
+
+
+def _parse_hello(payload: bytes, ours: tuple[int, int], peer: str) -> Hello:
+    magic, lo, hi = decode_fields(_HELLO, _SCHEMAS[_HELLO], payload)
+    if magic != MAGIC:
+        raise RemoteProtocolError(
+            f"the peer is not a gcroots admin endpoint (magic {magic[:32]!r}); wrong socket?")
+    if max(lo, ours[0]) > min(hi, ours[1]):
+        raise VersionMismatch(ours, (lo, hi), peer)
+    return Hello(lo, hi)
+
+
+def _frames(decoder: FrameDecoder):
+    while (frame := decoder.next_frame()) is not None:
+        yield frame
+
+
+def _split_rows(payload: bytes) -> tuple[bytes, ...]:
+    """The hot path of big answers: length-prefixed values back to back."""
+    out = []
+    pos, end = 0, len(payload)
+    unpack = _LEN.unpack_from
+    while pos < end:
+        if pos + 4 > end:
+            raise RemoteProtocolError("ROWS frame is truncated (length of a value)")
+        (n,) = unpack(payload, pos)
+        pos += 4
+        if pos + n > end:
+            raise RemoteProtocolError(f"ROWS frame: a value claims {n} bytes but only {end - pos} remain")
+        out.append(payload[pos:pos + n])
+        pos += n
+    return tuple(out)
+
+
+class ServerConnection:
+    """Daemon side: reads HELLO + REQUEST, produces the answer's bytes."""
+
+    def __init__(self, versions: tuple[int, int] = (MIN_VERSION, MAX_VERSION)) -> None:
+        self._versions = versions
+        self._frames = FrameDecoder(MAX_FRAME)
+        self._hello: Hello | None = None
+        self.request: Request | None = None
+        self.rows_sent = 0
+        self._ended = False
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            raise RemoteProtocolError("the client closed the connection before its request")
+        self._frames.feed(data)
+
+    def next_event(self) -> Hello | Request | _NeedData:
+        frame = self._frames.next_frame()
+        if frame is None:
+            return NEED_DATA
+        ftype, payload = frame
+        if self._hello is None:
+            if ftype != _HELLO:
+                raise RemoteProtocolError(f"expected HELLO, got frame type {ftype}")
+            self._hello = _parse_hello(payload, self._versions, "client")
+            return self._hello
+        if ftype != _REQUEST or self.request is not None:
+            raise RemoteProtocolError(f"unexpected frame type {ftype} from the client")
+        command, options_text, *args = decode_fields(_REQUEST, _SCHEMAS[_REQUEST], payload)
+        if len(args) > MAX_ARGS:
+            raise RemoteProtocolError(f"too many arguments ({len(args)} > {MAX_ARGS})")
+        try:
+            options = json.loads(options_text) if options_text else {}
+        except ValueError:
+            raise RemoteProtocolError("request options are not valid JSON") from None
+        if not isinstance(options, dict):
+            raise RemoteProtocolError("request options must be a JSON object")
+        self.request = Request(command, options, tuple(args))
+        return self.request
+
+    def hello(self) -> bytes:
+        return _hello_frame(self._versions)
+
+    def row(self, *fields: bytes) -> bytes:
+        if self._ended:
+            raise LocalProtocolError("answer already ended")
+        self.rows_sent += 1
+        return encode_frame(_ROW, _SCHEMAS[_ROW], list(fields))
+
+    def rows(self, values: list[bytes]) -> bytes:
+        """Many one-field rows, packed into as few frames as fit."""
+        if self._ended:
+            raise LocalProtocolError("answer already ended")
+        frames = []
+        parts: list[bytes] = []
+        size = 1
+        limit = MAX_FRAME - 16
+        pack = _LEN.pack
+        for v in values:
+            n = 4 + len(v)
+            if size + n > limit:
+                if n + 1 > limit:
+                    raise LocalProtocolError(f"a {len(v)}-byte value does not fit in a frame")
+                frames.append(self._rows_frame(parts, size))
+                parts, size = [], 1
+            parts += (pack(n - 4), v)
+            size += n
+        if parts:
+            frames.append(self._rows_frame(parts, size))
+        self.rows_sent += len(values)
+        return b"".join(frames)
+
+    @staticmethod
+    def _rows_frame(parts: list[bytes], size: int) -> bytes:
+        return _ROWS_HEADER.pack(size, _ROWS) + b"".join(parts)
+
+    def progress(self, message: str) -> bytes:
+        return encode_frame(_PROGRESS, _SCHEMAS[_PROGRESS], [message[:1024]])
+
+    def end(self, status: Status, message: str = "") -> bytes:
+        if self._ended:
+            raise LocalProtocolError("answer already ended")
+        self._ended = True
+        return encode_frame(_END, _SCHEMAS[_END], [int(status), self.rows_sent, message[:8192]])
+
+
+class ClientConnection:
+    """gcroots-query side."""
+
+    def __init__(self, versions: tuple[int, int] = (MIN_VERSION, MAX_VERSION)) -> None:
+        self._versions = versions
+        self._frames = FrameDecoder(MAX_FRAME)
+        self._hello: Hello | None = None
+        self.end: End | None = None
+        self.rows_received = 0
+        self._eof = False
+        self._finished = False
+
+    def request(self, command: str, options: dict | None = None, args: tuple[bytes, ...] = ()) -> bytes:
+        return _hello_frame(self._versions) + encode_frame(
+            _REQUEST, _SCHEMAS[_REQUEST], [command, json.dumps(options or {}), *args])
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._eof = True
+            return
+        self._frames.feed(data)
+
+    def next_event(self) -> Hello | Row | Rows | Progress | End | AnswerEnd | _NeedData:
+        if self._finished:
+            raise LocalProtocolError("next_event() after AnswerEnd")
+        frame = self._frames.next_frame()
+        if frame is None:
+            if not self._eof:
+                return NEED_DATA
+            self._finished = True
+            return self._verdict()
+        ftype, payload = frame
+        if self._hello is None:
+            if ftype != _HELLO:
+                raise RemoteProtocolError(f"expected HELLO from the daemon, got frame type {ftype}")
+            self._hello = _parse_hello(payload, self._versions, "daemon")
+            return self._hello
+        if self.end is not None:
+            raise RemoteProtocolError("the daemon sent data after END")
+        schema = _SCHEMAS.get(ftype)
+        if ftype == _ROW:
+            self.rows_received += 1
+            return Row(tuple(decode_fields(_ROW, schema, payload)))
+        if ftype == _ROWS:
+            values = _split_rows(payload)
+            self.rows_received += len(values)
+            return Rows(values)
+        if ftype == _PROGRESS:
+            return Progress(*decode_fields(_PROGRESS, schema, payload))
+        if ftype == _END:
+            status, rows, message = decode_fields(_END, schema, payload)
+            try:
+                status = Status(status)
+            except ValueError:
+                raise RemoteProtocolError(f"END has an unknown status {status}") from None
+            self.end = End(status, rows, message)
+            return self.end
+        raise RemoteProtocolError(f"unexpected frame type {ftype} from the daemon")
+
+    def _verdict(self) -> AnswerEnd:
+        if self._frames.buffered:
+            return AnswerEnd(False, None, "the daemon's answer was cut in the middle of a frame")
+        if self.end is None:
+            return AnswerEnd(False, None, f"the daemon's answer ended after {self.rows_received} "
+                                          "rows without END (daemon crashed or was stopped?)")
+        if self.end.rows != self.rows_received:
+            return AnswerEnd(False, self.end.status, f"END counts {self.end.rows} rows but "
+                                                     f"{self.rows_received} arrived")
+        return AnswerEnd(True, self.end.status, self.end.message)
