@@ -56,7 +56,9 @@ class Peer:
 def peer_of(sock: socket.socket, admin_gid: int | None) -> Peer:
     pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 4096)
+        # Python caps the buffer at 1024 bytes: 256 groups.  A peer in more
+        # gets ERANGE and is treated as if in none (unprivileged): fail safe.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
         groups = frozenset(struct.unpack(f"{len(raw) // 4}I", raw))
     except OSError:
         groups = frozenset()

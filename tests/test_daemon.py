@@ -1,0 +1,332 @@
+"""The privilege-separated pipeline for real: gcroots-helper as root, gcrootsd
+as an unprivileged user, gcroots-query as various users."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gcroots.daemon.nixconf import GCSettings, NixConfError, load_gc_settings
+from gcroots.daemon.temproots import read_temp_roots
+from gcroots.layout import StoreLayout
+
+from . import support
+from .support import Pipeline, standalone
+
+
+@pytest.fixture
+def pipelines():
+    made = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+def new_store(scratch: Path, seed: int, **kw) -> Path:
+    root = scratch / "store"
+    opts = dict(paths=800, quirks=1, roots=30, indirect=6, stale=1)
+    opts.update(kw)
+    support.make_store(root, seed=seed, **opts)
+    return root
+
+
+def test_private_root_in_third_users_home(scratch, users, pipelines):
+    """An indirect root inside carol's 0700 home keeps its path alive through
+    the helper, although the daemon's user could not have read it."""
+    root = new_store(scratch, 61)
+    victim = standalone(root, "dead").stdout.split()[5]
+    home = root / "home" / "carol"
+    (home / "proj").mkdir(parents=True)
+    result = home / "proj" / "result"
+    os.symlink(victim, result)
+    os.symlink(result, root / "nix/var/nix/gcroots/auto/carols-result")
+    support.chown_tree(home, support.CAROL, 0o700)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    why = p.query("why", victim.decode())
+    assert why.returncode == 0, why.stderr
+    assert why.stdout.startswith(str(result).encode() + b" -> " + victim)
+    assert victim not in p.query("dead").stdout.split()
+    # The daemon's own user is blind to it: scanning by itself it would call
+    # the path dead.
+    blind = subprocess.run(["runuser", "-u", support.DAEMON_USER, "--", support.QUERY,
+                            "--standalone", "--root", str(root), "--no-runtime",
+                            "--allow-unprivileged-scan", "dead"], capture_output=True)
+    assert victim in blind.stdout.split()
+    # Without the helper, the daemon refuses instead of answering with less.
+    p.stop_helper()
+    out = p.query("dead")
+    assert out.returncode == 1 and out.stdout == b""
+    assert b"no complete root set" in out.stderr and b"cannot reach the helper" in out.stderr
+
+
+class CuttingProxy:
+    """Sits between gcrootsd and the helper, forwards `limit` bytes of the
+    helper's stream, then kills the helper and closes: a helper that died
+    mid-stream."""
+
+    def __init__(self, path: Path, helper_sock: Path, helper: subprocess.Popen, limit: int):
+        self.path, self.helper_sock, self.helper, self.limit = path, helper_sock, helper, limit
+        self.forwarded = 0
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        os.chmod(path, 0o666)
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        client, _ = self.listener.accept()
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(str(self.helper_sock))
+        upstream.sendall(client.recv(4096))  # the daemon's hello
+        while self.forwarded < self.limit:
+            data = upstream.recv(min(4096, self.limit - self.forwarded))
+            if not data:
+                break
+            client.sendall(data)
+            self.forwarded += len(data)
+        self.helper.send_signal(signal.SIGKILL)
+        client.close()
+        upstream.close()
+        self.listener.close()
+
+
+def test_helper_killed_mid_stream_means_no_answer(scratch, users, pipelines):
+    root = new_store(scratch, 62, roots=400, indirect=20)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    p.start_helper()
+    events, end, total = support.read_root_stream(p.helper_sock)
+    assert end.complete and total > 20000
+    proxy_sock = p.run / "proxy.sock"
+    p.helper_sock, real_sock = proxy_sock, p.helper_sock
+    p.start_daemon()
+    rng = random.Random(62)
+    for limit in sorted(rng.sample(range(1, total), 6)) + [total - 1]:
+        if p.helper is None or p.helper.poll() is not None:
+            p.helper_sock = real_sock
+            p.start_helper()
+            p.helper_sock = proxy_sock
+        if proxy_sock.exists():
+            proxy_sock.unlink()
+        proxy = CuttingProxy(proxy_sock, real_sock, p.helper, limit)
+        out = p.query("dead")
+        proxy.thread.join(10)
+        assert out.returncode == 1, (limit, out)
+        assert out.stdout == b""
+        assert b"no complete root set" in out.stderr, out.stderr
+        p.helper.wait(10)
+        p.helper = None
+
+
+HOLDER = r"""
+import fcntl, os, sys, time
+path = os.path.join(sys.argv[1], str(os.getpid()))
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+for entry in sys.argv[2:]:  # "PARTIAL:x" is written without its NUL (a write in progress)
+    os.write(fd, entry[8:].encode() if entry.startswith("PARTIAL:") else entry.encode() + b"\0")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_unprivileged_clients_see_censored_labels(scratch, users, pipelines):
+    root = new_store(scratch, 63)
+    dead = standalone(root, "dead").stdout.split()
+    runtime_path, temp_path = dead[3].decode(), dead[4].decode()
+    sleeper = subprocess.Popen(["sleep", "600"], env={"GCR_RUNTIME": runtime_path})
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root / "nix/var/nix/temproots"),
+                               temp_path], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        p = Pipeline(root, scratch / "run", helper_args=(),
+                     daemon_args=("--admin-group", support.ADMIN_GROUP))
+        pipelines.append(p)
+        p.start()
+        runtime_line = f"/proc/{sleeper.pid}/environ -> {runtime_path}".encode()
+        temp_line = f"{{temp:{holder.pid}}} -> {temp_path}".encode()
+        for user in (None, support.CAROL):  # root, and a member of the admin group
+            out = p.query("roots", user=user)
+            assert out.returncode == 0, out.stderr
+            assert runtime_line in out.stdout.splitlines() and temp_line in out.stdout.splitlines()
+        out = p.query("roots", user=support.BOB)
+        lines = out.stdout.splitlines()
+        assert f"{{censored}} -> {runtime_path}".encode() in lines
+        assert f"{{censored}} -> {temp_path}".encode() in lines
+        assert not any(line.startswith((b"/proc/", b"{temp:")) for line in lines)
+        # static and indirect labels are not censored (Nix does not either)
+        assert any(b"/nix/var/nix/gcroots/" in line for line in lines)
+        why = p.query("why", runtime_path, user=support.BOB)
+        assert why.stdout.startswith(b"{censored} -> " + runtime_path.encode())
+        # the paths are alive for everyone
+        for user in (None, support.BOB):
+            dead_now = p.query("dead", user=user).stdout.split()
+            assert runtime_path.encode() not in dead_now and temp_path.encode() not in dead_now
+    finally:
+        sleeper.kill()
+        holder.kill()
+        sleeper.wait()
+        holder.wait()
+
+
+def test_json_on_every_query_and_exit_codes(scratch, users, pipelines):
+    root = new_store(scratch, 64)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    data = {}
+    for cmd in ("roots", "live", "dead", "cost", "stats"):
+        out = p.query(cmd, "--json")
+        assert out.returncode == 0, out.stderr
+        data[cmd] = json.loads(out.stdout)
+    assert {"link", "path", "kind"} == set(data["roots"][0])
+    assert all(x.startswith("/nix/store/") for x in data["live"] + data["dead"])
+    assert data["stats"]["live_paths"] == len(data["live"])
+    assert data["stats"]["dead_paths"] == len(data["dead"])
+    assert {"bytes", "paths", "store_path", "labels"} == set(data["cost"][0])
+    why = json.loads(p.query("why", "--json", data["live"][0]).stdout)
+    assert why["chains"][0]["chain"][-1] == data["live"][0]
+    assert p.query("why", data["dead"][0]).returncode == 5
+    assert p.query("bogus").returncode == 2  # usage error
+    bad = subprocess.run([support.QUERY, "--socket", str(scratch / "nope.sock"), "dead"],
+                         capture_output=True)
+    assert bad.returncode == 1 and b"cannot connect to gcrootsd" in bad.stderr
+
+
+def test_unknown_command_on_the_wire_is_a_bad_request(scratch, users, pipelines):
+    from gcroots.client import conn
+    from gcroots.protocol.admin import Status
+    root = new_store(scratch, 65, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    answer = conn.request(str(p.sock), "rm -rf /")
+    assert answer.status == Status.BAD_REQUEST and "unknown command" in answer.message
+
+
+def test_daemon_retries_then_recovers_when_helper_returns(scratch, users, pipelines):
+    root = new_store(scratch, 66, paths=300)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    p.start_daemon()  # no helper yet
+    t0 = time.monotonic()
+    out = p.query("dead")
+    assert out.returncode == 1 and b"is gcroots-helper running?" in out.stderr
+    assert time.monotonic() - t0 > 3  # it backed off and retried first
+    attempts = [e for e in p.daemon_events() if e.get("event") == "helper_attempt_failed"]
+    assert [e["attempt"] for e in attempts][:4] == [1, 2, 3, 4]
+    p.start_helper()
+    assert p.query("dead").returncode == 0
+
+
+def test_structured_logs(scratch, users, pipelines):
+    root = new_store(scratch, 67, paths=300)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    p.query("dead", user=support.BOB)
+    events = p.daemon_events()
+    analysis = [e for e in events if e.get("event") == "analysis"][-1]
+    assert analysis["roots"] > 0 and analysis["live"] > 0 and analysis["dead"] > 0
+    assert analysis["seconds_total"] > 0 and analysis["component"] == "gcrootsd"
+    request = [e for e in events if e.get("event") == "request"][-1]
+    assert request["command"] == "dead" and request["privileged"] is False
+    assert request["peer_uid"] == users[support.BOB].pw_uid and request["status"] == "ok"
+
+
+def test_sd_notify_ready_status_watchdog(scratch, users):
+    root = new_store(scratch, 68, paths=200)
+    p = Pipeline(root, scratch / "run")
+    p.give_store_to_daemon()
+    p.start_helper()
+    notify = scratch / "notify.sock"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(notify))
+    os.chmod(notify, 0o666)
+    rx.settimeout(20)
+    p.env = {"NOTIFY_SOCKET": str(notify), "WATCHDOG_USEC": "400000"}
+    try:
+        p.start_daemon(wait=False)
+        seen = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (
+                any("READY=1" in m for m in seen) and sum("WATCHDOG=1" in m for m in seen) >= 2):
+            seen.append(rx.recv(4096).decode())
+        assert any("READY=1" in m for m in seen)
+        assert any(m.startswith("STATUS=") or "\nSTATUS=" in m for m in seen)
+        assert sum("WATCHDOG=1" in m for m in seen) >= 2
+        support.wait_for_socket(p.sock)
+        p.query("dead")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            m = rx.recv(4096).decode()
+            if "last analysis" in m:
+                break
+        else:
+            pytest.fail("no STATUS after an analysis")
+    finally:
+        p.stop()
+        rx.close()
+
+
+# -- units ------------------------------------------------------------------
+
+def test_nix_conf_reading(tmp_path):
+    conf = tmp_path / "nix.conf"
+    (tmp_path / "extra.conf").write_text("keep-outputs = true # trailing comment\n")
+    conf.write_text("# comment\nsandbox = false\ngc-keep-derivations = false\ninclude extra.conf\n"
+                    "!include missing.conf\n")
+    env = {"NIX_CONF_DIR": str(tmp_path)}
+    assert load_gc_settings(env) == GCSettings(keep_derivations=False, keep_outputs=True)
+    env["NIX_CONFIG"] = "keep-derivations = true\nkeep-outputs = false"
+    assert load_gc_settings(env) == GCSettings(True, False)
+    assert load_gc_settings({"NIX_CONF_DIR": str(tmp_path / "none")}) == GCSettings(True, False)
+    conf.write_text("keep-outputs = yes\n")
+    with pytest.raises(NixConfError, match="expected true or false"):
+        load_gc_settings(env | {"NIX_CONFIG": ""})
+    conf.write_text("include nowhere.conf\n")
+    with pytest.raises(NixConfError, match="does not exist"):
+        load_gc_settings({"NIX_CONF_DIR": str(tmp_path)})
+
+
+def test_temp_roots_reading(tmp_path):
+    layout = StoreLayout.make(root=os.fsencode(tmp_path))
+    d = tmp_path / "nix/var/nix/temproots"
+    d.mkdir(parents=True)
+    good = "/nix/store/" + "a" * 32 + "-good"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(d), good,
+                               "/nix/store/" + "b" * 32 + "-bad name", "garbage",
+                               "PARTIAL:/nix/store/" + "c" * 32 + "-partial"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        (d / "12345").write_bytes(b"/nix/store/" + b"d" * 32 + b"-dead-owner\0")
+        (d / ".keepme").write_bytes(b"")
+        (d / "notapid").write_bytes(b"")
+        t = read_temp_roots(layout)
+        labels = {lbl for lbl, _ in t.roots}
+        assert labels == {f"{{temp:{holder.pid}}}".encode()}
+        assert {p for _, p in t.roots} == {good.encode()}
+        # the unparsable path still protects its hash part; the partial
+        # entry (no NUL yet) is ignored as Nix ignores it
+        assert t.hashes == {b"a" * 32, b"b" * 32}
+        assert [os.path.basename(f) for f in t.stale_files] == [b"12345"]
+        assert any("notapid" in w for w in t.warnings)
+        assert (d / "12345").exists()  # reading never deletes
+    finally:
+        holder.kill()
+        holder.wait()
