@@ -56,6 +56,7 @@ architecture gets no syscall-based layer (and says so).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import signal
@@ -575,11 +576,13 @@ def install_filter(prog: list[tuple[int, int, int, int]]) -> None:
     syscall("seccomp", _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC, fprog)
 
 
-def _layer_seccomp(rules: dict) -> dict:
+def _layer_seccomp(rules: dict, reader: "ProcReader | None") -> dict:
     prog = build_filter(rules)
     install_filter(prog)
     if prctl(PR_GET_SECCOMP) != 2:
         raise _Missing("PR_GET_SECCOMP does not report filter mode")
+    if reader is not None and reader.seccomp != "ok":
+        raise _Missing(f"the /proc reader has no filter: {reader.seccomp}")
     return {"arch": ARCH, "instructions": len(prog), "default": "EPERM"}
 
 
@@ -638,6 +641,7 @@ class ProcReader:
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
         self.sock, self.pid = sock, pid
+        self.seccomp = ""            # its own filter: "ok", "skipped" or why not
         self._lock = threading.Lock()
         self._broken: str | None = None
 
@@ -660,7 +664,9 @@ class ProcReader:
                 os._exit(code)
         theirs.close()
         ours.settimeout(_READER_TIMEOUT)
-        return cls(ours, pid)
+        reader = cls(ours, pid)
+        reader.seccomp = _recv_frame(ours).decode(errors="replace")
+        return reader
 
     def __call__(self, pid_dir: bytes, cmdline: bool = False) -> list[tuple[bytes, bytes | OSError]]:
         with self._lock:
@@ -685,8 +691,14 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str]) -> None
     os.closerange(3, keep)
     os.closerange(keep + 1, 1 << 20)
     prctl(PR_SET_DUMPABLE, 0)
+    status = b"skipped"
     if "seccomp" not in skip:
-        install_filter(build_filter(reader_rules()))
+        try:
+            install_filter(build_filter(reader_rules()))
+            status = b"ok"
+        except (OSError, _Missing) as e:  # reported: the seccomp layer then counts as missing
+            status = str(e).encode()
+    _send_frame(sock, status)
     while True:
         try:
             request = _recv_frame(sock)
@@ -751,7 +763,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
                 if not isinstance(e, OSError):
                     e = OSError(errno.EIO, repr(e))
                 reason = f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
-                if e.errno == errno.EPERM and name in ("landlock", "seccomp") \
+                if e.errno in (errno.EPERM, errno.EACCES) and name in ("landlock", "seccomp") \
                         and not prctl(PR_GET_NO_NEW_PRIVS):
                     reason += ": the kernel requires no_new_privs first"
                 result = LayerResult(name, False, reason)
@@ -772,7 +784,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
             raise SandboxError(f"cannot start the /proc reader: {e}") from None
         log.info("proc_reader_started", pid=box.proc_reader.pid)
     layer("landlock", _layer_landlock, layout, read_db)
-    layer("seccomp", _layer_seccomp, main_rules(os.getpid()))
+    layer("seccomp", _layer_seccomp, main_rules(os.getpid()), box.proc_reader)
     try:
         _selftest(box.proc_reader)
     except OSError as e:
@@ -982,6 +994,12 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
             s.settimeout(5)
             s.connect(("127.0.0.1", p.tcp_port))
 
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the escaped child just leaves
+            os._exit(0)
+        os.waitpid(pid, 0)
+
     def gain_cap() -> None:
         eff, prm, inh = capget()
         capset(eff | 1 << CAP_SYS_ADMIN, prm | 1 << CAP_SYS_ADMIN, inh)
@@ -1040,6 +1058,9 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
     escape("ptrace_attach victim", lambda: syscall("ptrace", PTRACE_SEIZE, p.victim_pid, 0, 0))
     escape("signal victim", lambda: os.kill(p.victim_pid, signal.SIGCONT))
     escape("unshare CLONE_NEWUSER", lambda: syscall("unshare", CLONE_NEWUSER))
+    escape("fork", fork)
+    escape("mmap W+X", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                                         | mmap.PROT_EXEC).close())
     # Last: if it works, this process is gone.  /bin/sh, not /bin/true, so
     # that a successful exec says so and exits non-zero.
     sys.stdout.flush()
