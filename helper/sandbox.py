@@ -602,8 +602,11 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(buf)
 
 
-def _recv_frame(sock: socket.socket) -> bytes:
-    return _recv_exact(sock, struct.unpack("=I", _recv_exact(sock, 4))[0])
+def _recv_frame(sock: socket.socket, limit: int = 1 << 32) -> bytes:
+    (size,) = struct.unpack("=I", _recv_exact(sock, 4))
+    if size > limit:
+        raise OSError(errno.EMSGSIZE, f"a {size}-byte message, over the {limit}-byte limit")
+    return _recv_exact(sock, size)
 
 
 def _send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -701,7 +704,7 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str]) -> None
     _send_frame(sock, status)
     while True:
         try:
-            request = _recv_frame(sock)
+            request = _recv_frame(sock, 64)
         except OSError as e:
             if e.errno == errno.EPIPE:
                 return                  # the helper is done
@@ -715,8 +718,8 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str]) -> None
 
 
 def _selftest(reader: ProcReader | None) -> None:
-    """The runtime scan must still see other processes through the reader
-    (ours is outside its domain... rather, it is outside ours)."""
+    """The runtime scan must still see into other processes: ask the
+    reader for everything it would read of ours."""
     if reader is None or not capget()[0] >> CAP_SYS_PTRACE & 1:
         return  # unprivileged: other processes are closed to us anyway (the scan warns)
     items = dict(reader(b"/proc/%d" % os.getpid()))
@@ -777,7 +780,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
     layer("netns", _layer_netns)            # needs CAP_SYS_ADMIN (and netlink): first
     layer("caps", _layer_caps)
     layer("no_new_privs", _layer_nnp)
-    if runtime:
+    if runtime and AUDIT_ARCH is not None:   # (elsewhere no Landlock, so no need)
         try:
             box.proc_reader = ProcReader.start(skip)
         except OSError as e:
