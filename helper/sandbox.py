@@ -306,9 +306,13 @@ def _layer_caps() -> dict:
             if extra >> cap & 1:
                 prctl(PR_CAPBSET_DROP, cap)
     # Whatever happened above, drop everything else we hold (fail closed).
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    # Only the calls needed: a unit whose SystemCallFilter= forbids capset
+    # (~@privileged) still works when systemd already set the caps exactly.
+    if _ambient_set():
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     keep = prm & KEEP_CAPS
-    capset(keep, keep, 0)
+    if capget() != (keep, keep, 0):
+        capset(keep, keep, 0)
     # Core dumps would hold other users' environments; and a non-dumpable
     # process cannot be ptraced by same-uid processes without CAP_SYS_PTRACE.
     prctl(PR_SET_DUMPABLE, 0)
