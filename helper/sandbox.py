@@ -25,9 +25,21 @@ logs one `sandbox_layer` event saying whether it is active and, if not, why:
                 not restricted by Landlock, so links anywhere stay readable
                 while file *contents* outside the list (homes, /etc/shadow)
                 are not.  Stops: writes of any kind, exec, reading secrets.
-  seccomp       An allow-list (below); default ERRNO(EPERM).  Stops: socket()
-                of any family, execve, mount, ptrace, bpf, module loading,
-                namespaces, capset, chmod/chown, kill, W+X memory ...
+  seccomp       An allow-list (below).  Stops: socket() of any family,
+                execve, fork, mount, ptrace, bpf, module loading, namespaces,
+                capset, chmod/chown, kill, W+X memory, ...  Default action
+                ERRNO(EPERM), not KILL: the scan treats EPERM as fatal (it is
+                never skipped), so a denied call fails a scan visibly, and
+                sandbox-check can report each attempt.  A syscall of another
+                architecture (or x32) kills the process: its number would
+                mean something else.  Installed with prctl(PR_SET_SECCOMP),
+                which systemd's @system-service allows (seccomp(2) it does not).
+
+Under systemd: a SystemCallFilter= must allow landlock_create_ruleset,
+landlock_add_rule and landlock_restrict_self (systemd 252 puts them in no
+group but @known), and capset when AmbientCapabilities= is used (to empty
+the inheritable set); RestrictAddressFamilies=AF_UNIX is fine (the netns
+check then reads /proc/self/net/dev), RestrictNamespaces=yes too.
 
 Why there is a second process.  Landlock denies ptrace-mode access to every
 process outside the sandboxed one's domain.  Measured on Linux 6.18 with
@@ -122,7 +134,7 @@ _SYSCALLS: dict[str, tuple[int | None, int | None]] = {
     "prlimit64": (302, 261), "prctl": (157, 167),
     # Used for set-up and by sandbox-check; never allowed after set-up.
     "capset": (126, 91), "ptrace": (101, 117), "unshare": (272, 97),
-    "seccomp": (317, 277), "landlock_create_ruleset": (444, 444),
+    "landlock_create_ruleset": (444, 444),
     "landlock_add_rule": (445, 445), "landlock_restrict_self": (446, 446),
 }
 _ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}  # column, AUDIT_ARCH_*
@@ -444,7 +456,7 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
 # -- layer: seccomp ----------------------------------------------------------------------
 
 SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
-_SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC = 1, 1
+_SECCOMP_MODE_FILTER = 2
 _LD_ABS, _JEQ, _JGE, _JSET, _AND, _RET = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06
 ALLOW, EPERM = SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno.EPERM
 _X32_SYSCALL_BIT = 0x40000000
@@ -577,7 +589,9 @@ def install_filter(prog: list[tuple[int, int, int, int]]) -> None:
     for i, (code, jt, jf, k) in enumerate(prog):
         insns[i].code, insns[i].jt, insns[i].jf, insns[i].k = code, jt, jf, k
     fprog = _ffi.new("struct gcr_sock_fprog *", {"len": len(prog), "filter": insns})
-    syscall("seccomp", _SECCOMP_SET_MODE_FILTER, _SECCOMP_FILTER_FLAG_TSYNC, fprog)
+    # prctl, not seccomp(2): systemd's @system-service allows prctl but not
+    # seccomp.  (No TSYNC needed: we are single-threaded, checked first.)
+    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, fprog)
 
 
 def _layer_seccomp(rules: dict, reader: "ProcReader | None") -> dict:
