@@ -21,6 +21,30 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
                    help="also find store paths in /proc/PID/cmdline (Nix does not)")
 
 
+def _sandbox_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sandbox-skip", action="append", default=[], metavar="LAYER",
+                   help="for testing: leave out a sandbox layer (netns, caps, no_new_privs, "
+                        "landlock, seccomp; repeatable or comma-separated); it counts as missing")
+
+
+def _skip(args) -> set[str]:
+    return {x for arg in args.sandbox_skip for x in arg.split(",") if x}
+
+
+def _sandbox(args, layout: StoreLayout, *, read_db: bool = False):
+    """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
+    from gcroots import log
+
+    from . import sandbox
+    log.configure("gcroots-helper", getattr(args, "log_level", "info"))
+    try:
+        return sandbox.apply_for_serving(layout, require=args.require_sandbox, log=log.get(
+            "gcroots.helper.sandbox"), skip=_skip(args), runtime=not args.no_runtime,
+            read_db=read_db)
+    except sandbox.SandboxError as e:
+        raise SystemExit(f"gcroots-helper {args.command}: {e}") from None
+
+
 def _layout(args) -> StoreLayout:
     return StoreLayout.make(args.store_dir, args.state_dir, args.root)
 
@@ -41,10 +65,14 @@ def cmd_scan(args) -> int:
 
     _raise_fd_limit()
     layout = _layout(args)
+    box = None
+    if args.sandbox or args.require_sandbox:
+        box = _sandbox(args, layout, read_db=not args.all_candidates)
     err = sys.stderr
     roots: set[tuple[bytes, bytes]] = set()
     try:
-        for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline).scan():
+        for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline,
+                           proc_reader=box and box.proc_reader).scan():
             if isinstance(rec, Root):
                 roots.add((rec.label, rec.store_path))
             elif isinstance(rec, StaleLink):
@@ -101,13 +129,24 @@ def cmd_serve(args) -> int:
                           serve.NIX))
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
+    box = _sandbox(args, layout)   # sockets open, nothing read yet
     server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
-                                cmdline=args.cmdline)
+                                cmdline=args.cmdline, proc_reader=box.proc_reader)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def cmd_sandbox_check(args) -> int:
+    """Exit 0 iff every escape is blocked and every needed operation works."""
+    from gcroots import log
+
+    from . import sandbox
+    log.configure("gcroots-helper", "info")
+    return sandbox.check(_layout(args), skip=_skip(args), log=log.get("gcroots.helper.sandbox"),
+                         readlinks=[os.fsencode(p) for p in args.readlink])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     _layout_args(s)
     s.add_argument("--all-candidates", action="store_true",
                    help="do not read the Nix DB; print every candidate, valid or not")
+    s.add_argument("--sandbox", action="store_true",
+                   help="apply the helper's sandbox before scanning (warn if incomplete)")
+    s.add_argument("--require-sandbox", action="store_true",
+                   help="apply the sandbox and refuse to scan if a layer is missing")
+    _sandbox_args(s)
     s.set_defaults(func=cmd_scan)
 
     v = sub.add_parser("serve", help="serve scans on Unix sockets (or systemd socket activation)")
@@ -131,7 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--socket-mode", default="0600",
                    help="mode of sockets we create (owner: the first allowed uid); default 0600")
     v.add_argument("--log-level", default="info")
+    v.add_argument("--require-sandbox", action=argparse.BooleanOptionalAction, default=False,
+                   help="refuse to serve unless every sandbox layer is active "
+                        "(the systemd unit turns this on)")
+    _sandbox_args(v)
     v.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("sandbox-check",
+                       help="apply the sandbox, try to escape it, print one line per attempt")
+    for flag in ("--root", "--store-dir", "--state-dir"):
+        c.add_argument(flag, help="as for scan")
+    c.add_argument("--readlink", action="append", default=[], metavar="PATH",
+                   help="also check that this link (e.g. in a 0700 home) is readable")
+    _sandbox_args(c)
+    c.set_defaults(func=cmd_sandbox_check)
 
     args = p.parse_args(argv)
     return args.func(args)

@@ -51,13 +51,54 @@ def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
                      "refusing to report an incomplete root set")
 
 
+def read_limited(path: bytes) -> bytes:
+    """A /proc file's contents; past MAX_PROC_FILE refused (EFBIG), not truncated."""
+    fd = os.open(path, _FILE_FLAGS)
+    try:
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > MAX_PROC_FILE:
+                raise OSError(errno.EFBIG, f"larger than {MAX_PROC_FILE} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _attempt(fn, path: bytes) -> bytes | OSError:
+    try:
+        return fn(path)
+    except OSError as e:
+        return e
+
+
+def read_process(pid_dir: bytes, cmdline: bool = False) -> list[tuple[bytes, bytes | OSError]]:
+    """Everything the runtime scan reads of one process, raw, errors
+    returned: the link targets of exe, cwd and each fd/N, then the contents
+    of maps, environ (and cmdline).  A failed fd listing ends the list with
+    (b"fd", error): like Nix, we skip the rest of that process.  Runs here,
+    or in the sandbox's /proc reader (Landlock denies these to a scanner)."""
+    out = [(n, _attempt(os.readlink, pid_dir + b"/" + n)) for n in (b"exe", b"cwd")]
+    try:
+        fds = [e.name for e in os.scandir(pid_dir + b"/fd") if not e.name.startswith(b".")]
+    except OSError as e:
+        return out + [(b"fd", e)]
+    out += [(b"fd/" + fd, _attempt(os.readlink, pid_dir + b"/fd/" + fd)) for fd in fds]
+    names = (b"maps", b"environ") + ((b"cmdline",) if cmdline else ())
+    return out + [(n, _attempt(read_limited, pid_dir + b"/" + n)) for n in names]
+
+
 class Scanner:
+    """`proc_reader` replaces read_process() (the sandbox passes its reader)."""
+
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc") -> None:
+                 proc: bytes = b"/proc", proc_reader=None) -> None:
         self.layout = layout
         self.runtime = runtime
         self.cmdline = cmdline
         self.proc = proc
+        self._read_process = proc_reader or read_process
         self._env_re = environ_regex(layout.store_dir)
 
     def scan(self) -> Iterator[Record]:
@@ -225,75 +266,39 @@ class Scanner:
             if sp is not None:
                 yield Root(RootKind.RUNTIME, path, sp)
 
-    def _proc_link(self, path: bytes) -> bytes | None:
-        try:
-            return os.readlink(path)
-        except OSError as e:
-            if e.errno in PROC_SKIPPABLE:
-                return None
-            raise _fatal(path, e, "cannot readlink") from None
-
     def _read_proc_file(self, path: bytes) -> bytes | None:
         try:
-            fd = os.open(path, _FILE_FLAGS)
-        except OSError as e:
-            if e.errno in PROC_SKIPPABLE:
-                return None
-            raise _fatal(path, e, "cannot open") from None
-        try:
-            chunks = []
-            total = 0
-            while True:
-                chunk = os.read(fd, 1 << 20)
-                if not chunk:
-                    return b"".join(chunks)
-                total += len(chunk)
-                if total > MAX_PROC_FILE:
-                    raise ScanError(f"{os.fsdecode(path)} is larger than {MAX_PROC_FILE} bytes")
-                chunks.append(chunk)
+            return read_limited(path)
         except OSError as e:
             if e.errno in PROC_SKIPPABLE:
                 return None
             raise _fatal(path, e, "cannot read") from None
-        finally:
-            os.close(fd)
 
     def _process_roots(self, pid_dir: bytes) -> Iterator[Record]:
         store_dir = self.layout.store_dir
-        found: list[tuple[bytes, bytes]] = []  # (label, target)
-        for name in (b"/exe", b"/cwd"):
-            target = self._proc_link(pid_dir + name)
-            if target is not None:
-                found.append((pid_dir + name, target))
-        fd_dir = pid_dir + b"/fd"
         try:
-            fds = [e.name for e in os.scandir(fd_dir) if not e.name.startswith(b".")]
-        except OSError as e:
-            # As Nix: an unreadable fd dir skips the whole process.
-            if e.errno in PROC_SKIPPABLE:
-                if e.errno == errno.EACCES:
-                    yield ScanWarning(fd_dir, e.errno, "cannot read runtime roots: permission "
+            items = self._read_process(pid_dir, self.cmdline)
+        except OSError as e:  # the sandbox's /proc reader failed: never a smaller root set
+            raise _fatal(pid_dir, e, "cannot read process") from None
+        found: list[tuple[bytes, bytes]] = []  # (label, target)
+        for name, value in items:
+            path = pid_dir + b"/" + name
+            if isinstance(value, OSError):
+                if value.errno not in PROC_SKIPPABLE:
+                    raise _fatal(path, value, "cannot read") from None
+                if name == b"fd" and value.errno == errno.EACCES:
+                    yield ScanWarning(path, value.errno, "cannot read runtime roots: permission "
                                       "denied (does the helper have CAP_SYS_PTRACE?)")
-                yield from self._emit_runtime(found)
-                return
-            raise _fatal(fd_dir, e, "cannot list") from None
-        for fd_name in fds:
-            target = self._proc_link(fd_dir + b"/" + fd_name)
-            if target is not None:
-                found.append((fd_dir + b"/" + fd_name, target))
-        maps = self._read_proc_file(pid_dir + b"/maps")
-        if maps and store_dir in maps:
-            for line in maps.split(b"\n"):
-                if store_dir in line:
-                    m = MAPS_LINE.match(line)
-                    if m:
-                        found.append((pid_dir + b"/maps", m.group(1)))
-        files = [b"/environ"] + ([b"/cmdline"] if self.cmdline else [])
-        for name in files:
-            data = self._read_proc_file(pid_dir + name)
-            if data and store_dir in data:
-                for m in self._env_re.finditer(data):
-                    found.append((pid_dir + name, m.group(0)))
+            elif name == b"maps":
+                if store_dir in value:
+                    for line in value.split(b"\n"):
+                        if store_dir in line and (m := MAPS_LINE.match(line)):
+                            found.append((path, m.group(1)))
+            elif name in (b"environ", b"cmdline"):
+                if store_dir in value:
+                    found += [(path, m.group(0)) for m in self._env_re.finditer(value)]
+            else:  # exe, cwd, fd/N: link targets
+                found.append((path, value))
         yield from self._emit_runtime(found)
 
     def _emit_runtime(self, found: list[tuple[bytes, bytes]]) -> Iterator[Record]:

@@ -149,6 +149,7 @@ class HelperServer:
     listeners: list[tuple[socket.socket, str]]
     runtime: bool = True
     cmdline: bool = False
+    proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
 
@@ -207,7 +208,8 @@ class HelperServer:
                       **stats)
 
     def _scanner(self) -> Scanner:
-        return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline)
+        return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline,
+                       proc_reader=self.proc_reader)
 
     def _count(self, rec, stats) -> None:
         if isinstance(rec, Root):

@@ -105,7 +105,10 @@ try:
 except OSError as e:
     print(json.dumps({"connect_error": e.errno})); sys.exit()
 rx = RootStreamReceiver()
-s.sendall(rx.hello())
+try:
+    s.sendall(rx.hello())
+except (BrokenPipeError, ConnectionResetError):
+    pass  # refused and closed before our hello went out: same as EOF
 raw = b""
 roots = 0
 while True:

@@ -1,0 +1,485 @@
+"""The helper's kernel sandbox (helper/sandbox.py), each layer proven by
+trying to break it: with every layer on, and with layers switched off one
+after the other, so that each expectation below can (and does) fail when
+the layer behind it is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from gcroots.helper import sandbox
+
+from . import support
+from .support import HELPER, lines, nix_roots, read_root_stream, roots_of
+from .test_helper_scan import HOLDER, private_homes, valid_paths
+
+HELPER_USER = "gcr-helper"
+TWO_CAPS = "0000000000080004"   # CAP_DAC_READ_SEARCH | CAP_SYS_PTRACE
+NO_CAPS = "0000000000000000"
+AS_USER = ["setpriv", f"--reuid={HELPER_USER}", f"--regid={HELPER_USER}", "--clear-groups",
+           "--inh-caps=-all,+dac_read_search,+sys_ptrace",
+           "--ambient-caps=+dac_read_search,+sys_ptrace"]
+BOUNDING = ["--bounding-set=-all,+dac_read_search,+sys_ptrace"]
+
+
+@pytest.fixture(scope="module")
+def store(users):
+    """A store with indirect roots in real users' 0700 homes (shared by the
+    module: the sandbox tests only read it, or clean up after themselves)."""
+    top = Path(tempfile.mkdtemp(prefix="gcroots-test-sandbox-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    root = top / "store"
+    support.make_store(root, paths=600, seed=41, roots=40, indirect=12, stale=2, quirks=2)
+    private_homes(root)
+    yield root
+    subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=True)
+
+
+@pytest.fixture(scope="module")
+def helper_user():
+    return support.ensure_user(HELPER_USER)
+
+
+@pytest.fixture
+def user_sock_dir(tmp_path, helper_user) -> Path:
+    d = tmp_path / "run"
+    d.mkdir()
+    os.chown(d, helper_user.pw_uid, helper_user.pw_gid)
+    return d
+
+
+# -- sandbox-check ---------------------------------------------------------------------
+
+CHECK_LINE = re.compile(r"^(layer|works|escape) (.+?): (active|MISSING|ok|FAILED|blocked|ESCAPED|"
+                        r"UNEXPECTED) ?(\w*)")
+
+
+def sandbox_check(*args: str, prefix: list[str] = ()) -> dict:
+    out = subprocess.run([*prefix, HELPER, "sandbox-check", *args], capture_output=True,
+                         timeout=60)
+    res = {"rc": out.returncode, "stdout": out.stdout.decode(), "stderr": out.stderr.decode(),
+           "layer": {}, "works": {}, "escape": {}}
+    for line in res["stdout"].splitlines():
+        m = CHECK_LINE.match(line)
+        if m:
+            kind, name, outcome, code = m.groups()
+            res[kind][name] = code if outcome == "blocked" else f"{outcome} {code}".strip()
+    return res
+
+
+FS = ("write_file tmp", "create_file tmp", "unlink tmp", "rename tmp", "mkdir tmp", "symlink tmp",
+      "truncate tmp", "chmod tmp", "write_file state", "create_file state", "unlink state",
+      "rename state")
+SOCKETS = ("socket AF_INET", "socket AF_INET6", "socket AF_NETLINK", "socket AF_UNIX")
+READS = ("read /etc/shadow", "read /proc/PID/root/etc/shadow", "read_private_file")
+# Every escape with every layer on: seccomp answers first (EPERM) except
+# for plain reads, which it allows and Landlock refuses (EACCES).
+ALL_LAYERS = {**{n: "EPERM" for n in FS + SOCKETS}, "tcp_connect 127.0.0.1": "EPERM",
+              **{n: "EACCES" for n in READS}, "capset +cap_sys_admin": "EPERM",
+              "ptrace_attach victim": "EPERM", "signal victim": "EPERM",
+              "unshare CLONE_NEWUSER": "EPERM", "fork": "EPERM", "mmap W+X": "EPERM",
+              "execve /bin/sh": "EPERM"}
+# Without seccomp, Landlock is the first to say no -- and what it does not
+# cover escapes: chmod, sockets, user namespaces, fork, W+X memory.
+NO_SECCOMP = {**ALL_LAYERS, **{n: "EACCES" for n in FS}, "chmod tmp": "ESCAPED",
+              **{n: "ESCAPED" for n in SOCKETS}, "tcp_connect 127.0.0.1": "EACCES",
+              "unshare CLONE_NEWUSER": "ESCAPED", "fork": "ESCAPED", "mmap W+X": "ESCAPED",
+              "execve /bin/sh": "EACCES"}
+# Without Landlock either: only the network namespace and the capability
+# drop remain.  Root's uid still owns files; CAP_SYS_PTRACE still attaches.
+NO_SECCOMP_LANDLOCK = {**{n: "ESCAPED" for n in ALL_LAYERS}, "tcp_connect 127.0.0.1": "ENETUNREACH",
+                       "capset +cap_sys_admin": "EPERM"}
+NEEDED = ["readlink_private_link", "lstat_private_link", "read_proc_self_status", "list_gcroots",
+          "read_process_exe victim", "read_process_cwd victim", "read_process_fd victim",
+          "read_process_maps victim", "read_process_environ victim"]
+
+
+def home_link(store: Path, home: str) -> Path:
+    for dirpath, dirnames, filenames in os.walk(store / "home" / home):
+        for name in filenames + dirnames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                return p
+    raise AssertionError(f"no link in {home}'s home")
+
+
+def test_sandbox_check_every_escape_blocked_for_its_reason(store, users):
+    alice_link = home_link(store, "alice")
+    home = os.stat(store / "home" / "alice")
+    assert stat.S_IMODE(home.st_mode) == 0o700 and home.st_uid == users[support.ALICE].pw_uid
+    res = sandbox_check("--root", str(store), "--readlink", str(alice_link))
+    assert res["rc"] == 0, res["stdout"] + res["stderr"]
+    assert res["layer"] == {name: "active" for name in sandbox.LAYERS}
+    assert res["works"] == {**{n: "ok" for n in NEEDED}, f"readlink {alice_link}": "ok"}
+    assert res["escape"] == ALL_LAYERS
+    assert res["stdout"].endswith("sandbox-check: PASS: every escape was blocked, "
+                                  "every needed operation works\n")
+
+
+@pytest.mark.parametrize("skip,expected,message", [
+    ("seccomp", NO_SECCOMP, "prober exited with 1; the temp dir was modified"),  # chmod
+    ("seccomp,landlock", NO_SECCOMP_LANDLOCK, "execve succeeded"),
+    ("seccomp,landlock,netns", {**NO_SECCOMP_LANDLOCK, "tcp_connect 127.0.0.1": "ESCAPED"},
+     "execve succeeded"),
+    ("seccomp,landlock,caps", {**NO_SECCOMP_LANDLOCK, "capset +cap_sys_admin": "ESCAPED"},
+     "execve succeeded"),
+])
+def test_each_layer_stops_something(store, skip, expected, message):
+    """Take the layers away one by one: each time, exactly the escapes that
+    layer stopped get through (or are stopped by the next one), and the
+    check fails and says so."""
+    res = sandbox_check("--root", str(store), "--sandbox-skip", skip)
+    assert res["rc"] == 1
+    assert res["escape"] == expected
+    assert {n for n, v in res["layer"].items() if v != "active"} == set(skip.split(","))
+    assert res["works"] == {n: "ok" for n in NEEDED}
+    assert f"sandbox-check: FAIL: {message}" in res["stdout"]
+    # The harness cleaned up after the escaped prober.
+    gcroots = store / "nix/var/nix/gcroots"
+    assert not [n for n in os.listdir(gcroots) if n.startswith(".gcroots-sandbox-check")]
+
+
+def test_sandbox_check_as_dedicated_user(store, users, helper_user):
+    res = sandbox_check("--root", str(store), prefix=["unshare", "-n", *AS_USER, *BOUNDING])
+    assert res["rc"] == 0, res["stdout"] + res["stderr"]
+    assert res["layer"] == {name: "active" for name in sandbox.LAYERS}
+    # It cannot write to root's state dir in the first place, so those
+    # probes are skipped (and said to be); everything else as for root.
+    assert "skip state dir escapes: cannot prepare probes" in res["stdout"]
+    assert res["escape"] == {k: v for k, v in ALL_LAYERS.items() if not k.endswith(" state")}
+    assert res["works"] == {n: "ok" for n in NEEDED}
+
+
+# -- a serving helper ------------------------------------------------------------------------
+
+class Served:
+    def __init__(self, proc: subprocess.Popen, log: Path, sock: Path):
+        self.proc, self.log_path, self.sock = proc, log, sock
+
+    def events(self) -> list[dict]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def event(self, name: str) -> dict:
+        return next(e for e in self.events() if e.get("event") == name)
+
+    def wait_listening(self, timeout: float = 20) -> None:
+        """The socket accepts before the sandbox is on; this waits for both."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(e.get("event") == "helper_listening" for e in self.events()):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"helper exited {self.proc.returncode}: "
+                                     + self.log_path.read_text())
+            time.sleep(0.05)
+        raise TimeoutError("helper did not start listening")
+
+
+@pytest.fixture
+def serve_helper(tmp_path):
+    started: list[Served] = []
+
+    def start(store: Path, *args: str, prefix: list[str] = (), sock_dir: Path | None = None,
+              runtime: bool = True) -> Served:
+        sock = (sock_dir or tmp_path) / f"helper-{len(started)}.sock"
+        log = tmp_path / f"helper-{len(started)}.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([*prefix, HELPER, "serve", "--root", str(store), "--socket",
+                                     str(sock), *([] if runtime else ["--no-runtime"]), *args],
+                                    stderr=f)
+        h = Served(proc, log, sock)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        h.proc.terminate()
+        try:
+            h.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            h.proc.kill()
+            h.proc.wait()
+
+
+def status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def assert_confined(pid: int) -> None:
+    st = status(pid)
+    assert st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    assert (st["CapEff"], st["CapPrm"], st["CapBnd"]) == (TWO_CAPS, TWO_CAPS, TWO_CAPS)
+    assert (st["CapInh"], st["CapAmb"]) == (NO_CAPS, NO_CAPS)
+
+
+def netns_links(pid: int) -> list[str]:
+    ip = shutil.which("ip") or "/sbin/ip"
+    out = subprocess.run(["nsenter", "-t", str(pid), "-n", ip, "-o", "link"], check=True,
+                         capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def candidates(store: Path) -> set[tuple[bytes, bytes]]:
+    out = subprocess.run([HELPER, "scan", "--root", str(store), "--no-runtime",
+                          "--all-candidates"], capture_output=True, check=True).stdout
+    return {tuple(line.split(b" -> ", 1)) for line in lines(out)}
+
+
+@pytest.mark.parametrize("as_user", [False, True], ids=["root", "dedicated-user"])
+def test_serving_helper_is_confined(store, users, helper_user, serve_helper, user_sock_dir,
+                                    as_user):
+    prefix, sock_dir = [], None
+    if as_user:
+        # Like systemd's User= + AmbientCapabilities= + CapabilityBoundingSet=
+        # + PrivateNetwork=: the helper cannot unshare, it checks instead.
+        prefix, sock_dir = ["unshare", "-n", *AS_USER, *BOUNDING], user_sock_dir
+    h = serve_helper(store, "--require-sandbox", prefix=prefix, sock_dir=sock_dir)
+    h.wait_listening()
+    reader = h.event("proc_reader_started")["pid"]
+    assert status(reader)["PPid"] == str(h.proc.pid)
+    for pid in (h.proc.pid, reader):
+        assert_confined(pid)
+        assert status(pid)["Uid"].split()[0] == str(helper_user.pw_uid if as_user else 0)
+        links = netns_links(pid)
+        assert len(links) == 1 and re.match(r"1: lo: <LOOPBACK> .* state DOWN ", links[0]), links
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    netns = h.event("sandbox_layer")
+    assert netns["layer"] == "netns" and netns["how"] == (
+        "inherited (unshare: EPERM)" if as_user else "unshared")
+    # And it serves complete, correct streams, private homes included.
+    events, end, _ = read_root_stream(h.sock)
+    assert end.complete, end.reason
+    served = {r for r in roots_of(events) if not r[0].startswith(b"/proc/")}
+    assert served == candidates(store)
+    assert any(b"/home/alice/" in label for label, _ in served)
+
+
+def test_reader_death_fails_scans_closed(store, serve_helper, tmp_path):
+    nix_sock = tmp_path / "nix.sock"
+    h = serve_helper(store, "--require-sandbox", "--nix-roots-daemon-socket", str(nix_sock))
+    h.wait_listening()
+    assert read_root_stream(h.sock)[1].complete
+    reader = h.event("proc_reader_started")["pid"]
+    os.kill(reader, signal.SIGKILL)
+    while status(reader)["State"][0] not in "ZX":
+        time.sleep(0.01)
+    events, end, _ = read_root_stream(h.sock)
+    assert not end.complete
+    assert "the /proc reader" in end.reason
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(nix_sock))
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    assert data.startswith(b"gcroots-helper: root scan failed")
+
+
+@pytest.mark.parametrize("layer", sandbox.LAYERS)
+def test_require_sandbox_refuses_a_missing_layer(store, serve_helper, tmp_path, layer):
+    sock = tmp_path / "refused.sock"
+    out = subprocess.run([HELPER, "serve", "--root", str(store), "--socket", str(sock),
+                          "--require-sandbox", "--sandbox-skip", layer],
+                         capture_output=True, timeout=30)
+    assert out.returncode != 0
+    assert b"refusing to run without the full sandbox (--require-sandbox); missing: " \
+        + layer.encode() + b": skipped on request" in out.stderr
+    # Without --require-sandbox it serves, and says loudly what is missing.
+    h = serve_helper(store, "--sandbox-skip", layer)
+    h.wait_listening()
+    assert read_root_stream(h.sock)[1].complete
+    [warning] = [e for e in h.events() if e.get("event") == "sandbox_incomplete"]
+    assert warning["level"] == "warning"
+    assert "RUNNING WITH A WEAKER SANDBOX" in warning["message"]
+    if layer == "no_new_privs":
+        # The kernel itself refuses Landlock and seccomp without it.
+        assert set(warning["missing"]) == {"no_new_privs", "landlock", "seccomp"}
+        assert "requires no_new_privs first" in warning["missing"]["landlock"]
+        assert "requires no_new_privs first" in warning["missing"]["seccomp"]
+    else:
+        assert set(warning["missing"]) == {layer}
+
+
+def test_dedicated_user_without_reduced_bounding_set_is_refused(store, user_sock_dir):
+    """setpriv/systemd without CapabilityBoundingSet=: the helper has no
+    CAP_SETPCAP to shrink the bounding set itself, so it refuses."""
+    out = subprocess.run(["unshare", "-n", *AS_USER, HELPER, "serve", "--root", str(store),
+                          "--socket", str(user_sock_dir / "x.sock"), "--require-sandbox"],
+                         capture_output=True, timeout=30)
+    assert out.returncode != 0
+    assert b"caps: bounding set 0x" in out.stderr
+    assert b"CapabilityBoundingSet=" in out.stderr
+
+
+def test_netns_that_is_not_empty_is_refused(store, user_sock_dir):
+    """Without the right to unshare, the inherited namespace is checked: a
+    loopback that is up is already too much."""
+    out = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+                          *AS_USER, *BOUNDING, HELPER, "serve", "--root", str(store),
+                          "--socket", str(user_sock_dir / "x.sock"), "--require-sandbox"],
+                         capture_output=True, timeout=30)
+    assert out.returncode != 0
+    assert b"netns: network namespace inherited (unshare: EPERM) has links other than a down " \
+           b"lo: lo(up)" in out.stderr
+
+
+# -- the oracle, sandboxed ------------------------------------------------------------------
+
+def test_sandboxed_scan_and_stream_equal_nix(store, users, serve_helper):
+    scan = subprocess.run([HELPER, "scan", "--require-sandbox", "--root", str(store),
+                           "--no-runtime"], capture_output=True, check=True)
+    assert b'"event": "sandbox_applied"' in scan.stderr
+    h = serve_helper(store, "--require-sandbox", runtime=False)
+    h.wait_listening()
+    events, end, _ = read_root_stream(h.sock)
+    assert end.complete
+    theirs = nix_roots(store)   # last: Nix deletes stale auto links
+    assert scan.stdout == theirs
+    assert b"/home/alice/" in theirs and b"/home/bob/" in theirs
+    valid = set(valid_paths(store))
+    served = {lbl + b" -> " + sp for lbl, sp in roots_of(events) if sp.decode() in valid}
+    assert served == lines(theirs)
+
+
+def test_sandboxed_runtime_roots_of_another_user_equal_nix(scratch, users):
+    """A process of another user holding store paths as cwd, open fd,
+    mapping and in its environment: the sandboxed scan (through the /proc
+    reader) finds each, as Nix does.  Under Landlock alone it could not."""
+    src = scratch / "src"
+    added = []
+    for kind in ("cwd", "fd", "mmap", "env"):
+        d = src / f"gcroots-sandbox-test-{kind}"
+        d.mkdir(parents=True)
+        (d / "data").write_bytes(f"gcroots sandbox test {kind} {os.getpid()}\n".encode() * 64)
+        added.append(support.oracle("/", "nix-store", "--add", str(d)).stdout.strip().decode())
+    cwd, fd_path, mmap_path, env_path = added
+    alice = pwd.getpwnam(support.ALICE)
+    holder = subprocess.Popen(
+        ["setpriv", f"--reuid={alice.pw_uid}", f"--regid={alice.pw_gid}", "--clear-groups",
+         sys.executable, "-c", HOLDER, cwd, fd_path + "/data", mmap_path + "/data"],
+        stdout=subprocess.PIPE, env={"PATH": "/usr/bin:/bin", "GCR_TEST": env_path + "/data"})
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        assert status(holder.pid)["Uid"].split()[0] == str(alice.pw_uid)
+        prefix = f"/proc/{holder.pid}/".encode()
+        out = subprocess.run([HELPER, "scan", "--require-sandbox", "--root", "/"],
+                             capture_output=True, check=True)
+        assert b'"event": "sandbox_applied"' in out.stderr
+        ours = {x for x in lines(out.stdout) if x.startswith(prefix)}
+        theirs = {x for x in lines(nix_roots("/", with_proc=True)) if x.startswith(prefix)}
+        assert ours == theirs
+        labels = {x.split(b" -> ")[0][len(prefix):] for x in ours}
+        assert {b"cwd", b"maps", b"environ"} <= labels
+        assert any(label.startswith(b"fd/") for label in labels)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# -- pieces ------------------------------------------------------------------------------------
+
+READER_PROBE = r"""
+import errno, os
+from gcroots.helper.sandbox import ProcReader
+r = ProcReader.start(frozenset())
+items = dict(r(b"/proc/%d" % os.getpid()))
+print("exe", items[b"exe"] == os.readlink("/proc/self/exe").encode())
+for bad in (b"/etc", b"/proc/1/root", b"/proc/self", b"/proc/1/../../etc"):
+    try:
+        r(bad)
+        print("answered", bad)
+    except OSError as e:
+        print("refused", e.errno == errno.EIO)
+"""
+
+
+def test_proc_reader_reads_only_proc_pid():
+    out = subprocess.run([sys.executable, "-c", READER_PROBE], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.split("\n")[:5] == ["exe True"] + ["refused True"] * 4, out
+    assert "refusing a malformed request" in out.stderr
+
+
+def _header_numbers(path: str) -> dict[str, int]:
+    nums, alias = {}, {}
+    for line in open(path):
+        m = re.match(r"#define __NR(3264)?_(\w+)\s+(\S+)", line)
+        if m:
+            key = ("3264_" if m.group(1) else "") + m.group(2)
+            if m.group(3).isdigit():
+                nums[key] = int(m.group(3))
+            elif m.group(3).startswith("__NR3264_"):
+                alias[m.group(2)] = "3264_" + m.group(3)[len("__NR3264_"):]
+    nums.update({name: nums[target] for name, target in alias.items() if target in nums})
+    return nums
+
+
+def test_syscall_numbers_match_the_kernel_headers():
+    """x86_64 from asm/unistd_64.h; aarch64 uses the generic table."""
+    x86 = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
+    generic = "/usr/include/asm-generic/unistd.h"
+    if not (os.path.exists(x86) and os.path.exists(generic)):
+        pytest.skip("kernel headers (linux-libc-dev) not installed")
+    tables = _header_numbers(x86), _header_numbers(generic)
+    for name, numbers in sandbox._SYSCALLS.items():
+        for table, nr in zip(tables, numbers):
+            assert table.get(name) == nr, (name, numbers)
+
+
+def test_landlock_rights_are_all_the_kernel_knows():
+    """The kernel rejects rights it does not know: ours for its ABI are
+    accepted, one more bit is not -- so we handle every right there is."""
+    abi = sandbox.landlock_abi()
+    if abi < 7:
+        pytest.skip(f"Landlock ABI {abi}")
+    attr = sandbox._ffi.new("struct gcr_ruleset_attr *")
+
+    def create(fs: int, net: int, scoped: int) -> int:
+        attr.handled_access_fs, attr.handled_access_net, attr.scoped = fs, net, scoped
+        try:
+            fd = sandbox.syscall("landlock_create_ruleset", attr, 24, 0)
+        except OSError as e:
+            return e.errno
+        os.close(fd)
+        return 0
+
+    fs = sandbox.landlock_fs_rights(abi)
+    assert create(fs, 3, 3) == 0
+    assert create(fs | fs + 1, 3, 3) == 22  # EINVAL
+    assert create(fs, 7, 3) == 22
+    assert create(fs, 3, 7) == 22
+    assert [sandbox.landlock_fs_rights(a) for a in range(1, 8)] == \
+        [0x1FFF, 0x3FFF, 0x7FFF, 0x7FFF, 0xFFFF, 0xFFFF, 0xFFFF]
+
+
+def test_netns_check_without_netlink_agrees_with_pyroute2():
+    code = ("from gcroots.helper import sandbox as s; "
+            "print(s._links_pyroute2() == s._links_procfs(), s._links_procfs())")
+    for setup in ("", "ip link set lo up && "):
+        out = subprocess.run(["unshare", "-n", "sh", "-c", setup + f'exec "{sys.executable}" -c '
+                              f'"{code}"'], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == f"True [('lo', {bool(setup)})]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("True ")
