@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    return []
+    from . import gc_cmd
+    return [gc_cmd]
 
 
 def request_spec(args) -> tuple[dict, tuple[bytes, ...]]:

@@ -46,3 +46,37 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
     finally:
         db.close()
     return Answer(Status.OK, "", rows)
+
+
+def collect(args, opts: dict) -> Answer:
+    """gc --standalone: the same collection, in this process."""
+    import json
+    import sys
+
+    from gcroots.daemon.gc import Collection, GCError, GCOptions
+
+    if os.geteuid() != 0 and not args.allow_unprivileged_scan:
+        return Answer(Status.REFUSED, "--standalone gc needs root: an unprivileged scan cannot "
+                      "read other users' indirect roots or processes, so it would delete live "
+                      "paths (use the daemon, or --allow-unprivileged-scan)")
+    layout = layout_of(args)
+    options = GCOptions(bool(opts["dry_run"]), opts["max_freed"], float(opts["throttle"]))
+    show = (lambda m: sys.stderr.write(f"\r\033[K{m}...")) if sys.stderr.isatty() else None
+    c = Collection(layout, settings_from(args), options, progress=show)
+    try:
+        db = StoreDB.open(layout, create_files=not options.dry_run)
+    except Exception as e:
+        raise DaemonError(str(e)) from None
+    try:
+        c.begin()
+        rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
+        c.plan(rootset, db)
+        result = c.execute(layout.db_path)
+    except engine.IncompleteRoots as e:
+        return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")
+    except GCError as e:
+        return Answer(Status.ERROR, str(e))
+    finally:
+        c.end()
+        db.close()
+    return Answer(Status.OK, json.dumps(result.summary()), [(p,) for p in result.deleted])

@@ -35,8 +35,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override nix.conf's keep-outputs")
     p.add_argument("--keep-derivations", action=argparse.BooleanOptionalAction, default=None,
                    help="override nix.conf's keep-derivations")
+    g = p.add_argument_group("automatic collection")
+    g.add_argument("--min-free", metavar="SIZE",
+                   help="collect when the store's file system has less free space than this")
+    g.add_argument("--max-free", metavar="SIZE",
+                   help="...until this much is free (default: --min-free)")
+    g.add_argument("--gc-interval", metavar="DURATION",
+                   help="also collect on this schedule (e.g. 1d, 12h; the systemd timer is the "
+                        "usual way)")
+    g.add_argument("--free-check-interval", metavar="DURATION", default="5m",
+                   help="how often to look at free space (default 5m)")
     p.add_argument("--log-level", default="info")
     return p
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `30s`, `5m`, `12h`, `7d`, `2w` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    t = text.strip().lower()
+    try:
+        if t and t[-1] in units:
+            value = float(t[:-1]) * units[t[-1]]
+        else:
+            value = float(t)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 12h, 7d)") from None
+    if value <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return value
+
+
+def auto_gc_from(args):
+    from .gc import parse_size
+    from .server import AutoGC
+    if not (args.min_free or args.max_free or args.gc_interval):
+        return None
+    try:
+        return AutoGC(min_free=parse_size(args.min_free) if args.min_free else None,
+                      max_free=parse_size(args.max_free) if args.max_free else None,
+                      interval=parse_duration(args.gc_interval) if args.gc_interval else None,
+                      check_interval=parse_duration(args.free_check_interval))
+    except ValueError as e:
+        raise SystemExit(f"gcrootsd: {e}") from None
 
 
 def settings_from(args) -> GCSettings:
@@ -61,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             admin_gid = grp.getgrnam(args.admin_group).gr_gid
         except KeyError:
             raise SystemExit(f"gcrootsd: --admin-group {args.admin_group}: no such group") from None
-    daemon = Daemon(layout, os.fsencode(args.helper_socket), settings_from(args), admin_gid)
+    daemon = Daemon(layout, os.fsencode(args.helper_socket), settings_from(args), admin_gid,
+                    auto_gc=auto_gc_from(args))
     try:
         daemon.open_db()
     except Exception as e:  # a clear message, not a traceback

@@ -27,6 +27,7 @@ class StoreGraph:
     outputs: dict[int, list[int]]     # drv node -> valid output nodes
     index: dict[bytes, int]
     _referrers: list[list[int]] | None = field(default=None, repr=False)
+    _by_hash: dict[bytes, list[int]] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, conn, version: int) -> "StoreGraph":
@@ -83,16 +84,31 @@ class StoreGraph:
                         push(m)
         return seen
 
-    def referrer_closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
-        """What Nix's referrer search visits: referrers; for a .drv, its
-        outputs whose deriver is that .drv (keep-derivations); the .drvs
-        that list a path as output (keep-outputs)."""
+    def referrers(self) -> list[list[int]]:
+        """node -> the nodes that reference it (built on first use)."""
         if self._referrers is None:
             rev: list[list[int]] = [[] for _ in self.paths]
             for a, bs in enumerate(self.refs):
                 for b in bs:
                     rev[b].append(a)
             self._referrers = rev
+        return self._referrers
+
+    def nodes_with_hash(self, h: bytes, store_dir: bytes) -> list[int]:
+        """Valid paths whose hash part is `h` (Nix matches temp roots so)."""
+        if self._by_hash is None:
+            start = len(store_dir) + 1
+            by_hash: dict[bytes, list[int]] = {}
+            for i, p in enumerate(self.paths):
+                by_hash.setdefault(p[start:start + 32], []).append(i)
+            self._by_hash = by_hash
+        return self._by_hash.get(h, [])
+
+    def referrer_closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
+        """What Nix's referrer search visits: referrers; for a .drv, its
+        outputs whose deriver is that .drv (keep-derivations); the .drvs
+        that list a path as output (keep-outputs)."""
+        referrers = self.referrers()
         derivers_of: dict[int, list[int]] = {}
         if settings.keep_outputs:
             for drv, outs in self.outputs.items():
@@ -102,7 +118,7 @@ class StoreGraph:
         todo = list(seen)
         while todo:
             n = todo.pop()
-            nxt = list(self._referrers[n])
+            nxt = list(referrers[n])
             if settings.keep_derivations:
                 nxt += [o for o in self.outputs.get(n, ()) if self.deriver[o] == n]
             if settings.keep_outputs:

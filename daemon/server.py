@@ -13,12 +13,13 @@ deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import Callable
 
 import trio
 
@@ -30,6 +31,7 @@ from gcroots.protocol.rootstream import NEED_DATA
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, NotAlive
+from .gc import Collection, GCError, GCOptions, GCResult
 from .nixconf import GCSettings
 from .notify import Notifier
 from .rootsource import fetch_roots_retrying
@@ -40,6 +42,7 @@ GRAPH_RELOAD_MIN_INTERVAL = 10.0
 SEND_TIMEOUT = 60.0
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 READ_ONLY = {"roots", "live", "dead", "why", "cost", "stats", "ping"}
+MUTATING = {"gc"}
 
 _log = log.get("gcroots.daemon")
 
@@ -67,6 +70,14 @@ def peer_of(sock: socket.socket, admin_gid: int | None) -> Peer:
     return Peer(pid, uid, gid, groups, privileged)
 
 
+@dataclass(frozen=True)
+class AutoGC:
+    min_free: int | None = None       # collect when free space drops below this...
+    max_free: int | None = None       # ...until this much is free
+    interval: float | None = None     # and/or every this many seconds
+    check_interval: float = 300.0
+
+
 class RequestError(Exception):
     def __init__(self, status: admin.Status, message: str) -> None:
         super().__init__(message)
@@ -83,7 +94,10 @@ class Daemon:
     db: StoreDB | None = None
     work_lock: trio.Lock = field(default_factory=trio.Lock)
     last: dict = field(default_factory=dict)
-    extra_commands: dict[str, Callable[..., Awaitable[None]]] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    auto_gc: "AutoGC | None" = None
+    gc_lock: trio.Lock = field(default_factory=trio.Lock)
+    gc_running: dict = field(default_factory=dict)
     _nursery: trio.Nursery | None = None
     _graph_reloading: bool = False
     _graph_next_reload: float = 0.0
@@ -153,6 +167,123 @@ class Daemon:
             self._graph_reloading = False
             self._graph_next_reload = trio.current_time() + max(GRAPH_RELOAD_MIN_INTERVAL, 20 * took)
 
+    # -- garbage collection ------------------------------------------------------
+
+    async def collect(self, options: GCOptions, *, by: str,
+                      progress: Callable[[str], None] | None = None) -> GCResult:
+        """One collection (one at a time: the caller holds gc_lock)."""
+        self.gc_running = {"since": time.time(), "by": by}
+        c = Collection(self.layout, self.settings, options,
+                       progress=progress or (lambda m: None))
+        self.notifier.status("collecting garbage")
+        t0 = time.monotonic()
+        try:
+            await trio.to_thread.run_sync(c.begin)
+            rootset = await fetch_roots_retrying(self.helper_socket, self.layout)
+            async with self.work_lock:
+                db = self.open_db()
+                a = await trio.to_thread.run_sync(c.plan, rootset, db)
+            _log.info("gc_planned", by=by, dry_run=options.dry_run, roots=len(a.roots),
+                      live=len(a.all_live), dead=len(a.dead), stale_links=len(rootset.stale),
+                      scan_warnings=len(rootset.warnings),
+                      **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
+            # Deletion uses its own DB connection: queries go on meanwhile.
+            result = await trio.to_thread.run_sync(c.execute, self.layout.db_path)
+        except Exception as e:
+            _log.error("gc_failed", by=by, error=str(e), dry_run=options.dry_run,
+                       seconds=round(time.monotonic() - t0, 3))
+            self.metrics["gc_failures"] = self.metrics.get("gc_failures", 0) + 1
+            raise
+        finally:
+            await trio.to_thread.run_sync(c.end)
+            self.gc_running = {}
+            self.notifier.status("serving")
+        _log.info("gc_finished", by=by, **result.summary())
+        if not options.dry_run:
+            self.metrics["last_gc"] = result.summary() | {"time": time.time()}
+        return result
+
+    async def _auto_gc_loop(self) -> None:
+        """min-free/max-free (like Nix's own settings) and a schedule."""
+        cfg = self.auto_gc
+        last_scheduled = trio.current_time()
+        failures = 0
+        while True:
+            await trio.sleep(min(cfg.check_interval * 2 ** failures, 3600))
+            st = os.statvfs(self.layout.real_store_dir)
+            free = st.f_bavail * st.f_frsize
+            options = None
+            if cfg.min_free is not None and free < cfg.min_free:
+                target = cfg.max_free if cfg.max_free is not None else cfg.min_free
+                options = GCOptions(max_freed=max(target - free, 1))
+                why = f"free space {free} < min-free {cfg.min_free}"
+            elif cfg.interval is not None and trio.current_time() - last_scheduled >= cfg.interval:
+                options = GCOptions()
+                why = "schedule"
+            if options is None or self.gc_lock.locked():
+                continue
+            async with self.gc_lock:
+                _log.info("auto_gc_start", reason=why, free_bytes=free)
+                try:
+                    await self.collect(options, by=f"auto ({why})")
+                    failures = 0
+                    last_scheduled = trio.current_time()
+                except (GCError, IncompleteRoots) as e:
+                    failures = min(failures + 1, 6)  # back off; never collect without roots
+                    _log.warning("auto_gc_skipped", error=str(e), retry_factor=2 ** failures)
+
+    async def _gc_command(self, stream, conn, request: admin.Request, peer: Peer) -> None:
+        opts = request.options
+        try:
+            max_freed = opts.get("max_freed")
+            options = GCOptions(bool(opts.get("dry_run")),
+                                None if max_freed is None else int(max_freed),
+                                float(opts.get("throttle") or 0.0))
+        except (TypeError, ValueError):
+            raise RequestError(admin.Status.BAD_REQUEST, "gc: bad options") from None
+        if self.gc_lock.locked():
+            since = time.strftime("%H:%M:%S", time.localtime(self.gc_running.get("since", 0)))
+            raise RequestError(admin.Status.BUSY, f"a garbage collection is already running "
+                                                  f"(since {since}, {self.gc_running.get('by')})")
+        latest = [""]
+
+        async def forward_progress() -> None:
+            sent = ""
+            while True:
+                await trio.sleep(0.5)
+                if latest[0] != sent:
+                    sent = latest[0]
+                    with trio.move_on_after(5):
+                        await stream.send_all(conn.progress(sent))
+
+        outcome: list = []
+
+        async def run_collection(cancel: trio.CancelScope) -> None:
+            try:
+                outcome.append(await self.collect(options, by=f"uid {peer.uid}",
+                                                  progress=lambda m: latest.__setitem__(0, m)))
+            except (GCError, IncompleteRoots) as e:
+                outcome.append(e)
+            finally:
+                cancel.cancel()
+
+        async with self.gc_lock:
+            # The exceptions are taken out of the nursery (which would wrap
+            # them in a group) and raised below.
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(forward_progress)
+                nursery.start_soon(run_collection, nursery.cancel_scope)
+        result = outcome[0] if outcome else None
+        if isinstance(result, IncompleteRoots):
+            raise result
+        if isinstance(result, GCError):
+            raise RequestError(admin.Status.ERROR, str(result))
+        if result is None:
+            raise RequestError(admin.Status.ERROR, "the collection did not finish")
+        data = await self.in_worker(lambda: conn.rows(result.deleted))
+        await self._send(stream, data)
+        await self._send(stream, conn.end(admin.Status.OK, json.dumps(result.summary())))
+
     async def in_worker(self, fn):
         async with self.work_lock:
             return await trio.to_thread.run_sync(fn)
@@ -167,6 +298,8 @@ class Daemon:
         await self._reload_graph()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.auto_gc is not None:
+                nursery.start_soon(self._auto_gc_loop)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog)
             for listener in listeners:
@@ -226,7 +359,7 @@ class Daemon:
 
     async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer) -> None:
         cmd = request.command
-        if cmd not in READ_ONLY and cmd not in self.extra_commands:
+        if cmd not in READ_ONLY and cmd not in MUTATING:
             raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd!r}")
         if cmd not in READ_ONLY and not peer.privileged:
             raise RequestError(admin.Status.REFUSED,
@@ -235,8 +368,8 @@ class Daemon:
         if cmd == "ping":
             await self._send(stream, conn.end(admin.Status.OK, "pong"))
             return
-        if cmd in self.extra_commands:
-            await self.extra_commands[cmd](self, stream, conn, request, peer)
+        if cmd == "gc":
+            await self._gc_command(stream, conn, request, peer)
             return
         await self._send(stream, conn.progress("scanning roots"))
         a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD)

@@ -216,8 +216,11 @@ class Pipeline:
         self.daemon_log_path = self.run.parent / "daemon.log"
         self.daemon_log = open(self.daemon_log_path, "ab")
         env = dict(os.environ, **(self.env or {}))
+        pw = pwd.getpwnam(self.daemon_user)
+        # setpriv execs (runuser would stay as the parent): the pid is gcrootsd's.
         self.daemon = subprocess.Popen(
-            ["runuser", "-u", self.daemon_user, "--", DAEMON, "--root", str(self.root),
+            ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
+             DAEMON, "--root", str(self.root),
              "--helper-socket", str(self.helper_sock), "--socket", str(self.sock),
              *self.daemon_args], stderr=self.daemon_log, env=env)
         if wait:
@@ -267,3 +270,89 @@ def standalone(root: Path | str, *args: str, env: dict | None = None,
     return subprocess.run([QUERY, "--standalone", "--root", str(root), "--no-runtime", *args],
                           capture_output=True, check=check, timeout=300,
                           env=dict(os.environ, **(env or {})))
+
+
+NIX_SCHEMA = """
+CREATE TABLE ValidPaths (id integer primary key autoincrement not null, path text unique not null,
+  hash text not null, registrationTime integer not null, deriver text, narSize integer,
+  ultimate integer, sigs text, ca text);
+CREATE TABLE Refs (referrer integer not null, reference integer not null,
+  primary key (referrer, reference),
+  foreign key (referrer) references ValidPaths(id) on delete cascade,
+  foreign key (reference) references ValidPaths(id) on delete restrict);
+CREATE INDEX IndexReferrer on Refs(referrer);
+CREATE INDEX IndexReference on Refs(reference);
+CREATE TRIGGER DeleteSelfRefs before delete on ValidPaths
+  begin delete from Refs where referrer = old.id and reference = old.id; end;
+CREATE TABLE DerivationOutputs (drv integer not null, id text not null, path text not null,
+  primary key (drv, id), foreign key (drv) references ValidPaths(id) on delete cascade);
+CREATE INDEX IndexDerivationOutputs on DerivationOutputs(path);
+"""
+
+
+def tiny_store(root: Path, paths: list[str], refs: list[tuple[int, int]],
+               derivers: dict[int, int], roots: list[int], files: int = 1) -> list[str]:
+    """A synthetic store in Nix 2.8's layout and schema: `paths` are names,
+    `refs` (referrer, reference) index pairs, `derivers` output -> .drv
+    (the .drv lists the output in DerivationOutputs), `roots` get
+    gcroots/ symlinks.  Returns the store paths."""
+    import sqlite3
+    alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+    store = root / "nix/store"
+    state = root / "nix/var/nix"
+    for d in (store, state / "db", state / "gcroots", state / "temproots", state / "profiles"):
+        d.mkdir(parents=True, exist_ok=True)
+    full = []
+    for i, name in enumerate(paths):
+        h = "".join(alphabet[(i * 7 + k * 13 + i // 32) % 32] for k in range(32))
+        h = alphabet[i % 32] + alphabet[(i // 32) % 32] + h[2:]
+        full.append(f"/nix/store/{h}-{name}")
+    db = sqlite3.connect(state / "db/db.sqlite")
+    db.executescript(NIX_SCHEMA)
+    for i, p in enumerate(full):
+        d = store / p.split("/")[-1]
+        d.mkdir()
+        for k in range(files):
+            (d / f"f{k}").write_bytes(f"{p} {k}\n".encode() * 40)
+        drv = full[derivers[i]] if i in derivers else None
+        db.execute("INSERT INTO ValidPaths (id, path, hash, registrationTime, deriver, narSize) "
+                   "VALUES (?, ?, ?, 1, ?, ?)", (i + 1, p, "sha256:" + "0" * 64, drv, 1000 + i))
+    for a, b in set(refs):
+        db.execute("INSERT INTO Refs VALUES (?, ?)", (a + 1, b + 1))
+    for out, drv in derivers.items():
+        db.execute("INSERT INTO DerivationOutputs VALUES (?, ?, ?)",
+                   (drv + 1, f"out{out}", full[out]))
+    db.commit()
+    db.close()
+    (state / "db/schema").write_text("10")
+    (state / "db/big-lock").write_text("")
+    for r in roots:
+        link = state / "gcroots" / f"root-{r}"
+        if not link.is_symlink():
+            os.symlink(full[r], link)
+    return full
+
+
+def du_bytes(path: Path) -> int:
+    out = subprocess.run(["du", "-s", "--block-size=1", str(path)], capture_output=True,
+                         check=True).stdout
+    return int(out.split()[0])
+
+
+def valid_set(root: Path) -> set[bytes]:
+    import sqlite3
+    db = sqlite3.connect(f"file:{root}/nix/var/nix/db/db.sqlite?mode=ro", uri=True)
+    db.text_factory = bytes
+    try:
+        return {r[0] for r in db.execute("SELECT path FROM ValidPaths")}
+    finally:
+        db.close()
+
+
+def verify_clean(root: Path) -> None:
+    """nix-store --verify --check-contents finds nothing wrong."""
+    out = oracle(root, "nix-store", "--verify", "--check-contents", check=False)
+    text = out.stderr.decode(errors="replace")
+    bad = [line for line in text.splitlines()
+           if not line.startswith(("checking ", "reading the Nix store", "warning: "))]
+    assert out.returncode == 0 and not bad, text

@@ -1,0 +1,140 @@
+"""Deleting store paths from disk, in a worker process of its own.
+
+Deletion is kernel-bound and done with many small syscalls from Python; in
+the collector's process it would fight the DB work for the GIL.  So the
+collector starts `python -m gcroots.daemon.deleter` (fork+exec, safe from a
+threaded daemon) and hands it batches over a pipe:
+
+    request:  u32 count, then count x (u32 length, path bytes); count 0 = exit
+    reply:    u64 bytes freed, u32 error length, error text (UTF-8)
+
+The worker only ever removes the paths it is given (already invalidated in
+the DB by the collector).  Paths are raw bytes: junk names may hold any
+byte but NUL and '/'.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+import subprocess
+import sys
+
+_U32 = struct.Struct(">I")
+_REPLY = struct.Struct(">QI")
+
+
+def _count(st: os.stat_result) -> int:
+    return st.st_blocks * 512
+
+
+def delete_tree(path: bytes) -> int:
+    """rm -rf, making directories writable first (store directories are
+    read-only), via fds so that nothing is followed.  Returns the bytes
+    freed: a file's blocks count only if this was its last link."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return _count(st) if st.st_nlink == 1 else 0
+    freed = _delete_dir_contents(path, st)
+    os.rmdir(path)
+    return freed + _count(st)
+
+
+def _delete_dir_contents(path: bytes, st: os.stat_result) -> int:
+    if st.st_mode & 0o700 != 0o700:
+        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    freed = 0
+    try:
+        with os.scandir(fd) as it:
+            names = [e.name for e in it]
+        for name in names:
+            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(est.st_mode):
+                freed += _delete_dir_contents(path + b"/" + os.fsencode(name), est)
+                os.rmdir(name, dir_fd=fd)
+                freed += _count(est)
+            else:
+                os.unlink(name, dir_fd=fd)
+                if est.st_nlink == 1:
+                    freed += _count(est)
+    finally:
+        os.close(fd)
+    return freed
+
+
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError("the collector went away")
+    return data
+
+
+class DeleterProcess:
+    """The collector's side."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "gcroots.daemon.deleter"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def delete(self, paths: list[bytes]) -> int:
+        msg = [_U32.pack(len(paths))]
+        for p in paths:
+            msg += (_U32.pack(len(p)), p)
+        self.proc.stdin.write(b"".join(msg))
+        self.proc.stdin.flush()
+        try:
+            freed, errlen = _REPLY.unpack(_read_exact(self.proc.stdout, _REPLY.size))
+            error = _read_exact(self.proc.stdout, errlen).decode("utf-8", "replace")
+        except EOFError:
+            raise OSError(f"the deletion worker died (exit status {self.proc.poll()})") from None
+        if error:
+            raise OSError(f"deleting from the store failed: {error}")
+        return freed
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write(_U32.pack(0))
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> int:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        try:
+            (count,) = _U32.unpack(_read_exact(stdin, 4))
+        except EOFError:
+            return 0
+        if count == 0:
+            return 0
+        paths = []
+        for _ in range(count):
+            (n,) = _U32.unpack(_read_exact(stdin, 4))
+            paths.append(_read_exact(stdin, n))
+        freed, error = 0, ""
+        for p in paths:
+            try:
+                freed += delete_tree(p)
+            except OSError as e:
+                error = f"{os.fsdecode(p)}: {e.strerror or e}"
+                break
+        stdout.write(_REPLY.pack(freed, len(error.encode())) + error.encode())
+        stdout.flush()
+        if error:
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

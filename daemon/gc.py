@@ -1,0 +1,610 @@
+"""Garbage collection, with Nix 2.8's concurrency protocol.
+
+One collection, in this order (gc.cc collectGarbage):
+
+1. Take <state>/gc.lock exclusively (flock, as Nix).  From now on a Nix
+   process that wants a new temporary root cannot take its shared lock and
+   tells us over <state>/gc-socket/socket instead.
+2. Serve that socket: a client sends `path\\n`; we protect the path's hash
+   part and its closure, wait until no deletion of it is in progress, and
+   answer `1` (the client re-creates the path if it was deleted).
+3. Read the temp roots files (removing those whose owner is dead, under
+   their exclusive lock, as Nix does) and get a *complete* root set.
+4. Compute the dead set (engine.analyze) and an order: referrers before
+   references.
+5. In batches: re-check temp roots; invalidate the batch in the DB in one
+   transaction (SQLite's foreign keys refuse to invalidate a path that a
+   still-valid path refers to: a last guard); then delete the batch from
+   disk, in parallel.  A crash between the two leaves unregistered paths on
+   disk, which the next collection removes; never a valid path without its
+   files.
+6. Remove `.links` entries nobody else links to, and stale gcroots/auto
+   links the helper reported (re-checked).
+
+A dry run only computes: what would go and exactly how many bytes that
+frees, counting a file only if all of its hard links go.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import queue
+import socket
+import sqlite3
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from gcroots import log
+from gcroots.layout import StoreLayout
+from gcroots.storepath import HASH_LEN, abs_path, dir_of, hash_part, is_in_dir, parse_store_path
+
+from . import engine
+from .engine import Analysis, RootSet
+from .graph import StoreGraph
+from .nixconf import GCSettings
+from .store import StoreDB
+from .temproots import read_temp_roots
+
+LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
+BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
+_log = log.get("gcroots.gc")
+
+
+class GCError(Exception):
+    pass
+
+
+class Busy(GCError):
+    pass
+
+
+class SafetyError(GCError):
+    """A check that must never fail did: stop before deleting anything more."""
+
+
+@dataclass
+class GCOptions:
+    dry_run: bool = False
+    max_freed: int | None = None      # stop once this many bytes are freed
+    throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
+
+
+@dataclass
+class GCResult:
+    dry_run: bool
+    paths: int = 0
+    bytes_freed: int = 0
+    links_freed: int = 0              # bytes freed in .links
+    stale_links_removed: int = 0
+    temproots_removed: int = 0
+    stopped_at_limit: bool = False
+    protected_during_gc: int = 0      # paths kept because a client announced them
+    seconds: float = 0.0
+    deleted: list[bytes] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("deleted")
+        return d
+
+
+# -- the lock and the socket --------------------------------------------------
+
+class GCLock:
+    """<state>/gc.lock, exclusively, like Nix's collectGarbage."""
+
+    def __init__(self, layout: StoreLayout) -> None:
+        self.path = layout.gc_lock_path
+        self.fd: int | None = None
+
+    def acquire(self, wait: float = LOCK_WAIT) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self.fd = fd
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise Busy(f"{os.fsdecode(self.path)} is held by another process "
+                               "(a Nix garbage collection?); try again later") from None
+                time.sleep(0.1)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+
+class RootsServer:
+    """<state>/gc-socket/socket while we hold gc.lock (Nix's protocol)."""
+
+    def __init__(self, layout: StoreLayout, on_root: Callable[[bytes], None]) -> None:
+        self.path = layout.gc_socket_path
+        self.on_root = on_root
+        self.store_dir = layout.store_dir
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self.received = 0
+
+    def start(self) -> None:
+        os.makedirs(dir_of(self.path), mode=0o755, exist_ok=True)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.bind(self.path)
+        os.chmod(self.path, 0o666)  # any user's Nix may announce roots (as Nix does)
+        sock.listen(64)
+        sock.settimeout(0.2)
+        self._sock = sock
+        t = threading.Thread(target=self._accept_loop, name="gc-socket", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            t = threading.Thread(target=self._client, args=(conn,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _client(self, conn: socket.socket) -> None:
+        conn.settimeout(None)
+        buf = b""
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(4096)
+                except OSError:
+                    return
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    path = parse_store_path(line, self.store_dir)
+                    if path is None:
+                        _log.warning("gc_socket_garbage", line=line[:200])
+                    else:
+                        self.received += 1
+                        self.on_root(path)
+                    try:
+                        conn.sendall(b"1")
+                    except OSError:
+                        return
+                if len(buf) > 65536:
+                    return
+
+    def stop(self) -> None:
+        # The socket file stays, as Nix leaves it: a client that connects
+        # after we are gone gets ECONNREFUSED and retries the shared lock
+        # (ENOENT would make it fail).
+        self._stop.set()
+        if self._sock is not None:
+            self._sock.close()
+
+
+def remove_stale_temproots(layout: StoreLayout) -> int:
+    """Temp roots files whose owner is dead: taken exclusively, unlinked, and
+    marked with "d" for a process that might still hold the old fd (Nix)."""
+    removed = 0
+    try:
+        names = os.listdir(layout.temproots_dir)
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        if name.startswith(b".") or not name.isdigit():
+            continue
+        path = layout.temproots_dir + b"/" + name
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # alive
+            os.unlink(path)
+            os.write(fd, b"d")
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+# -- deleting ------------------------------------------------------------------------
+
+from .deleter import DeleterProcess, _count, delete_tree  # noqa: E402,F401
+
+
+def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
+    """What deleting these trees (and then the .links entries left with one
+    link) would free: (bytes in the trees, bytes in .links).  A file counts
+    once, and only if every one of its links goes."""
+    links: dict[tuple[int, int], os.stat_result] = {}
+    try:
+        with os.scandir(links_dir) as it:
+            for e in it:
+                st = e.stat(follow_symlinks=False)
+                links[(st.st_dev, st.st_ino)] = st
+    except FileNotFoundError:
+        pass
+    seen: dict[tuple[int, int], list] = {}  # inode -> [stat, links found in the trees]
+    freed = 0
+
+    def walk(path: bytes) -> None:
+        nonlocal freed
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode):
+            freed += _count(st)
+            with os.scandir(path) as it:
+                for e in it:
+                    walk(e.path)
+        else:
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                seen[key][1] += 1
+            else:
+                seen[key] = [st, 1]
+
+    for p in real_paths:
+        try:
+            walk(p)
+        except FileNotFoundError:
+            pass
+    links_freed = 0
+    for key, (st, n) in seen.items():
+        in_links = 1 if key in links else 0
+        if n + in_links == st.st_nlink:
+            if in_links:
+                links_freed += _count(st)
+            else:
+                freed += _count(st)
+    # .links entries nobody links to already go too.
+    for key, st in links.items():
+        if st.st_nlink == 1 and key not in seen:
+            links_freed += _count(st)
+    return freed, links_freed
+
+
+def clean_links(links_dir: bytes) -> int:
+    """Unlink .links entries with a link count of 1 (Nix does the same; it
+    races with optimisePath as Nix's does)."""
+    freed = 0
+    try:
+        it = os.scandir(links_dir)
+    except FileNotFoundError:
+        return 0
+    with it:
+        for e in it:
+            st = e.stat(follow_symlinks=False)
+            if st.st_nlink == 1:
+                try:
+                    os.unlink(e.path)
+                    freed += _count(st)
+                except FileNotFoundError:
+                    pass
+    return freed
+
+
+def remove_stale_auto_links(layout: StoreLayout, rootset: RootSet) -> int:
+    """Only links under gcroots/auto, and only if still stale now."""
+    removed = 0
+    for s in rootset.stale:
+        if not is_in_dir(s.link, layout.auto_dir):
+            continue
+        try:
+            if not stat.S_ISLNK(os.lstat(s.link).st_mode):
+                continue
+            if abs_path(os.readlink(s.link), dir_of(s.link)) != s.target:
+                continue
+            try:
+                os.lstat(s.target)
+                continue  # it exists again
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    continue
+            os.unlink(s.link)
+            removed += 1
+            _log.info("stale_link_removed", link=s.link, target=s.target)
+        except OSError as e:
+            _log.warning("stale_link_not_removed", link=s.link, error=e.strerror)
+    return removed
+
+
+# -- one collection ----------------------------------------------------------------
+
+class Collection:
+    """begin() -> plan(rootset) -> execute() -> end(); see the module doc."""
+
+    def __init__(self, layout: StoreLayout, settings: GCSettings, options: GCOptions,
+                 progress: Callable[[str], None] | None = None,
+                 on_deleted: Callable[[list[bytes]], None] | None = None) -> None:
+        self.layout = layout
+        self.settings = settings
+        self.options = options
+        self.progress = progress or (lambda msg: None)
+        self.on_deleted = on_deleted or (lambda paths: None)
+        self.lock = GCLock(layout)
+        self.server: RootsServer | None = None
+        self.result = GCResult(dry_run=options.dry_run)
+        self._cond = threading.Condition()
+        self._protected: set[bytes] = set()      # must not be deleted (live + announced)
+        self._temp_hashes: set[bytes] = set()
+        self._pending: set[bytes] = set()        # hash parts being deleted right now
+        self._graph: StoreGraph | None = None
+        self._analysis: Analysis | None = None
+        self._t0 = time.monotonic()
+
+    # phase 1
+    def begin(self) -> None:
+        if self.options.dry_run:
+            return  # a dry run is a query: no lock, no socket, nothing removed
+        self._check_writable()
+        self.lock.acquire()
+        self.server = RootsServer(self.layout, self._announced)
+        self.server.start()
+        self.result.temproots_removed = remove_stale_temproots(self.layout)
+
+    def _check_writable(self) -> None:
+        store = self.layout.real_store_dir
+        if os.statvfs(store).f_flag & os.ST_RDONLY:
+            raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcroots does not remount "
+                          "it (that needs CAP_SYS_ADMIN). Give gcrootsd a writable view of the "
+                          "store (systemd: BindPaths=/nix/store) and run it as the store owner")
+        for d in (store, self.layout.real_state_dir + b"/db"):
+            if not os.access(d, os.W_OK):
+                raise GCError(f"no write access to {os.fsdecode(d)}: gcrootsd must run as the "
+                              "store's owner to collect garbage")
+
+    def _announced(self, path: bytes) -> None:
+        """A Nix process needs `path` (gc-socket).  Protect it and its
+        closure, and return only once none of it is being deleted."""
+        with self._cond:
+            hashes = self._protect([path])
+            while self._pending & hashes:
+                self._cond.wait()
+        _log.info("gc_socket_root", path=path)
+
+    def _protect(self, paths: list[bytes]) -> set[bytes]:
+        """Under self._cond: keep these temp roots, by hash part as Nix does,
+        with the closure of every valid path that has that hash part."""
+        hashes = {hash_part(p) for p in paths}
+        self._temp_hashes |= hashes
+        g = self._graph
+        if g is None:  # before plan(): the analysis will see these hashes
+            return hashes
+        starts = [n for h in hashes for n in g.nodes_with_hash(h, self.layout.store_dir)]
+        closure = {g.paths[n] for n in g.closure(starts, self.settings)}
+        self.result.protected_during_gc += len(closure - self._protected)
+        self._protected |= closure
+        return hashes | {hash_part(p) for p in closure}
+
+    # phase 2
+    def plan(self, rootset: RootSet, db: StoreDB) -> Analysis:
+        self.progress("computing the live set")
+        with db.snapshot():  # the daemon's graph if it is still current
+            graph = db.cached_graph() or db.load_graph()
+        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=True)
+        with self._cond:
+            self._graph = graph
+            self._analysis = a
+            self._protected |= a.all_live
+            self._temp_hashes |= a.temp.hashes
+        return a
+
+    def _order(self) -> list[bytes]:
+        """Dead paths, referrers before references; then the rest."""
+        a, g = self._analysis, self._graph
+        dead = set(a.dead)
+        dead_nodes = {g.index[p] for p in a.dead_valid if p in g.index}
+        unknown = {p for p in a.dead_valid if p not in g.index}  # registered after our graph
+        if unknown:
+            _log.info("gc_skipping_new_paths", count=len(unknown))
+        pending = {n: 0 for n in dead_nodes}
+        for n in dead_nodes:
+            for m in g.refs[n]:
+                if m in pending:
+                    pending[m] += 1
+        ready = [n for n, c in pending.items() if c == 0]
+        order: list[bytes] = []
+        while ready:
+            n = ready.pop()
+            order.append(g.paths[n])
+            for m in g.refs[n]:
+                if m in pending:
+                    pending[m] -= 1
+                    if pending[m] == 0:
+                        ready.append(m)
+        if len(order) != len(dead_nodes):
+            raise SafetyError("the dead paths' references form a cycle; refusing to collect")
+        others = sorted(dead - a.dead_valid)  # unregistered entries and junk: no DB rows
+        return others + order
+
+    # phase 3
+    def execute(self, db_path: bytes) -> GCResult:
+        """The DB work for batch k+1 overlaps with deleting batch k from disk,
+        which a worker process does (daemon/deleter.py): in this process the
+        two would fight over the GIL."""
+        a = self._analysis
+        order = self._order()
+        real = self.layout.real_path
+        if self.options.dry_run:
+            freed, links = predict_freed([real(p) for p in order], self.layout.links_dir)
+            self.result.paths = len(order)
+            self.result.bytes_freed, self.result.links_freed = freed, links
+            self.result.deleted = order
+            self.result.seconds = time.monotonic() - self._t0
+            return self.result
+        valid = a.dead_valid
+        writer = _writer(db_path)
+        worker = DeleterProcess()
+        done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
+        batch_size = BATCH if self.options.max_freed is None else 16
+        work: queue.Queue = queue.Queue(maxsize=2)
+        failure: list[BaseException] = []
+        deleter = threading.Thread(target=self._deleter, args=(work, failure, worker),
+                                   name="gc-delete")
+        deleter.start()
+        try:
+            for start in range(0, len(order), batch_size):
+                if failure or self._limit_reached():
+                    break
+                batch = self._claim(order[start:start + batch_size])
+                if not batch:
+                    continue
+                self._check_referrers(batch, done)
+                self._invalidate(writer, [p for p in batch if p in valid])
+                done.update(batch)
+                work.put(batch)
+                self.progress(f"deleting: {len(done)} of {len(order)} paths, "
+                              f"{self.result.bytes_freed / 2**20:.1f} MiB freed")
+                if self.options.throttle:
+                    time.sleep(self.options.throttle)
+        finally:
+            work.put(None)
+            deleter.join()
+            worker.close()
+            writer.close()
+        if failure:
+            raise failure[0]
+        self.result.stopped_at_limit = self._limit_reached() and len(done) < len(order)
+        self.result.links_freed = clean_links(self.layout.links_dir)
+        self.result.stale_links_removed = remove_stale_auto_links(self.layout, a.rootset)
+        self.result.seconds = time.monotonic() - self._t0
+        return self.result
+
+    def _limit_reached(self) -> bool:
+        with self._cond:
+            return (self.options.max_freed is not None
+                    and self.result.bytes_freed >= self.options.max_freed)
+
+    def _deleter(self, work: "queue.Queue[list[bytes] | None]", failure: list,
+                 worker: DeleterProcess) -> None:
+        """Feeds the deletion worker process, one batch at a time."""
+        real = self.layout.real_path
+        while (batch := work.get()) is not None:
+            if failure:
+                continue  # drain: the main thread stops at the next batch
+            try:
+                freed = worker.delete([real(p) for p in batch])
+            except BaseException as e:  # reported by execute(); nothing more is deleted
+                failure.append(e)
+                freed = 0
+            with self._cond:
+                self.result.paths += len(batch)
+                self.result.bytes_freed += freed
+                self.result.deleted += batch
+                self._pending -= {hash_part(p) for p in batch}
+                self._cond.notify_all()
+            self.on_deleted(batch)
+
+    def _claim(self, batch: list[bytes]) -> list[bytes]:
+        """Re-read the temp roots files, drop what became protected, mark the
+        rest as being deleted (until the deleter is done with it)."""
+        fresh = read_temp_roots(self.layout)
+        with self._cond:
+            new = [p for _, p in fresh.roots if hash_part(p) not in self._temp_hashes]
+            new_hashes = fresh.hashes - self._temp_hashes - {hash_part(p) for p in new}
+            if new or new_hashes:
+                self._protect(new)
+                self._temp_hashes |= new_hashes
+            keep = [p for p in batch
+                    if p not in self._protected and hash_part(p) not in self._temp_hashes]
+            self._pending |= {hash_part(p) for p in keep}
+            return keep
+
+    def _check_referrers(self, batch: list[bytes], done: set[bytes]) -> None:
+        """Never delete a path that something not (being) deleted refers to."""
+        g = self._graph
+        rev = g.referrers()
+        in_batch: set[bytes] = set()
+        for p in batch:
+            node = g.index.get(p)
+            if node is not None:
+                for r in rev[node]:
+                    rp = g.paths[r]
+                    if rp not in done and rp not in in_batch:
+                        raise SafetyError(f"{p.decode(errors='replace')} is still referenced by "
+                                          f"{rp.decode(errors='replace')}; refusing to delete it")
+            in_batch.add(p)
+
+    def _invalidate(self, writer: sqlite3.Connection, paths: list[bytes]) -> None:
+        """One transaction: refuse if any path outside the batch still
+        refers into it, then drop the batch's Refs, DerivationOutputs and
+        ValidPaths rows.  That is what Nix's foreign keys do row by row
+        (Refs.reference ON DELETE RESTRICT, the cascades); done in bulk
+        inside our write transaction -- no other writer can slip in -- it is
+        the same guarantee at half the cost."""
+        if not paths:
+            return
+        arg = json.dumps([p.decode("ascii") for p in paths])
+        try:
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("DELETE FROM temp.gc_batch")
+            writer.execute("INSERT INTO temp.gc_batch SELECT v.id FROM json_each(?) j "
+                           "JOIN ValidPaths v ON v.path = j.value", (arg,))
+            # CROSS JOIN: walk the batch and look up its referrers by index
+            # (left to itself the planner scans all of Refs).
+            bad = writer.execute(
+                "SELECT (SELECT path FROM ValidPaths WHERE id = r.referrer), "
+                "(SELECT path FROM ValidPaths WHERE id = r.reference) "
+                "FROM temp.gc_batch b CROSS JOIN Refs r ON r.reference = b.id "
+                "WHERE r.referrer NOT IN temp.gc_batch LIMIT 1").fetchone()
+            if bad is not None:
+                raise SafetyError(f"the Nix DB says {bad[0]} refers to {bad[1]}, which we were "
+                                  "about to delete (registered during this collection?); stopping")
+            writer.execute("DELETE FROM Refs WHERE referrer IN temp.gc_batch")
+            writer.execute("DELETE FROM DerivationOutputs WHERE drv IN temp.gc_batch")
+            writer.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
+            writer.execute("COMMIT")
+        except BaseException:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
+            raise
+
+    # phase 4
+    def end(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.lock.release()
+
+
+def _writer(db_path: bytes) -> sqlite3.Connection:
+    conn = sqlite3.connect(os.fsdecode(db_path), timeout=60, isolation_level=None,
+                           check_same_thread=False)
+    # Foreign keys off: _invalidate() enforces what they would, in bulk.
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute("PRAGMA synchronous = NORMAL")  # as Nix (WAL: durable at checkpoints)
+    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute("CREATE TEMP TABLE gc_batch (id INTEGER PRIMARY KEY)")
+    return conn
+
+
+def parse_size(text: str) -> int:
+    """`10G`, `500M`, `1.5T`, `4096` (bytes); binary units like Nix's."""
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if s and s[-1] in units:
+            return int(float(s[:-1]) * units[s[-1]])
+        return int(s)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (e.g. 4096, 500M, 10G)") from None

@@ -1,0 +1,388 @@
+"""Garbage collection: equal to nix-store --gc, exact bytes, crash-safe,
+safe against a concurrent Nix, never a live path deleted."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gcroots.daemon import engine
+from gcroots.daemon.engine import RootSet
+from gcroots.daemon.gc import Collection, GCOptions, SafetyError, remove_stale_auto_links
+from gcroots.daemon.nixconf import GCSettings
+from gcroots.daemon.store import StoreDB
+from gcroots.layout import StoreLayout
+from gcroots.protocol.rootstream import StaleLink
+
+from . import support
+from .support import Pipeline, du_bytes, oracle, standalone, valid_set, verify_clean
+
+
+@pytest.fixture
+def pipelines():
+    made = []
+    yield made
+    for p in made:
+        p.stop()
+
+
+def disk_set(root: Path) -> set[str]:
+    return set(os.listdir(root / "nix/store")) - {".links"}
+
+
+def gc_json(p: Pipeline, *args: str, user: str | None = None) -> tuple[int, dict | None, bytes]:
+    out = p.query("gc", "--json", *args, user=user)
+    return out.returncode, (json.loads(out.stdout) if out.returncode == 0 else None), out.stderr
+
+
+@pytest.mark.parametrize("seed,paths,optimise", [(71, 1000, False), (72, 1000, True),
+                                                 (73, 10000, True)])
+def test_gc_leaves_what_nix_leaves(scratch, users, pipelines, seed, paths, optimise):
+    root = scratch / "store"
+    support.make_store(root, paths=paths, seed=seed, quirks=2, roots=100 if paths > 1000 else 40,
+                       indirect=15, stale=4)
+    (root / "nix/store/junkfile").write_text("junk")
+    if optimise:  # hard links into .links: the byte accounting must see them
+        oracle(root, "nix-store", "--optimise")
+        assert os.listdir(root / "nix/store/.links")
+    twin = scratch / "twin"
+    subprocess.run(["cp", "-a", str(root), str(twin)], check=True)  # keeps hard links
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    rc, plan, err = gc_json(p, "--dry-run")
+    assert rc == 0, err
+    assert valid_set(root) == valid_set(twin) and disk_set(root) == disk_set(twin)  # dry run
+    before = du_bytes(root / "nix/store")
+    rc, done, err = gc_json(p, "--yes")
+    assert rc == 0, err
+    freed = before - du_bytes(root / "nix/store")
+    assert done["bytes_freed"] + done["links_freed"] == freed
+    assert plan["bytes_freed"] == done["bytes_freed"] and plan["links_freed"] == done["links_freed"]
+    assert sorted(plan["paths_list"]) == sorted(done["paths_list"]) and done["paths"] > 100
+    assert done["stale_links_removed"] == 4
+    oracle(twin, "nix-store", "--gc")
+    assert valid_set(root) == valid_set(twin)
+    assert disk_set(root) == disk_set(twin)
+    if optimise:
+        assert set(os.listdir(root / "nix/store/.links")) == set(os.listdir(twin / "nix/store/.links"))
+    p.stop()
+    support.chown_tree(root / "nix", "root")
+    verify_clean(root)
+    # Nothing left to do.
+    assert standalone(root, "dead").stdout == b""
+
+
+def test_gc_refuses_without_complete_roots(scratch, users, pipelines):
+    root = scratch / "store"
+    support.make_store(root, paths=500, seed=74, quirks=0, roots=20, indirect=3, stale=0)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    p.stop_helper()
+    before = valid_set(root), disk_set(root)
+    rc, _, err = gc_json(p, "--yes")
+    assert rc == 1 and b"no complete root set" in err
+    assert (valid_set(root), disk_set(root)) == before
+
+
+def test_gc_authorization_busy_and_yes(scratch, users, pipelines):
+    root = scratch / "store"
+    support.make_store(root, paths=1500, seed=75, quirks=0, roots=20, indirect=3, stale=0)
+    p = Pipeline(root, scratch / "run", daemon_args=("--admin-group", support.ADMIN_GROUP))
+    pipelines.append(p)
+    p.start()
+    rc, _, err = gc_json(p, "--yes", user=support.BOB)
+    assert rc == 3 and b"needs root or membership in the admin group" in err
+    no_yes = p.query("gc")  # not a terminal, no --yes
+    assert no_yes.returncode == 2 and b"--yes" in no_yes.stderr
+    slow = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
+                             "--throttle", "0.5"], stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(e.get("event") == "gc_planned" for e in p.daemon_events()):
+                break
+            time.sleep(0.1)
+        rc, _, err = gc_json(p, "--yes", user=support.CAROL)  # admin group: allowed, but busy
+        assert rc == 4 and b"already running" in err
+    finally:
+        out, err = slow.communicate(timeout=120)
+    assert slow.returncode == 0, err
+    assert b"store paths deleted" in err
+
+
+def test_max_freed_stops_early(scratch, users, pipelines):
+    root = scratch / "store"
+    support.make_store(root, paths=1500, seed=76, quirks=0, roots=20, indirect=3, stale=0)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    _, plan, _ = gc_json(p, "--dry-run")
+    rc, done, err = gc_json(p, "--yes", "--max-freed", "100K")
+    assert rc == 0, err
+    assert done["stopped_at_limit"] and done["bytes_freed"] >= 100 * 1024
+    assert 0 < done["paths"] < plan["paths"]
+    p.stop()
+    support.chown_tree(root / "nix", "root")
+    verify_clean(root)
+
+
+def test_read_only_store_is_a_clear_error(scratch, users):
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=77, quirks=0, roots=5, indirect=0, stale=0)
+    store = root / "nix/store"
+    subprocess.run(["mount", "--bind", str(store), str(store)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(store)], check=True)
+        out = standalone(root, "gc", "--yes", check=False)
+        assert out.returncode == 1 and b"mounted read-only" in out.stderr
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
+
+
+def test_kill_9_at_random_points_is_safe(scratch, users):
+    """≥ 20 collections killed with SIGKILL at random moments: the store
+    verifies, no live path is lost, and the next run finishes the job."""
+    base = scratch / "base"
+    expected = scratch / "expected"
+    support.make_store(base, paths=1500, seed=78, quirks=1, roots=40, indirect=8, stale=2,
+                       expected=expected)
+    live = set((expected / "live.txt").read_bytes().split())
+    rng = random.Random(78)
+    killed_mid_way = 0
+    for run in range(20):
+        root = scratch / f"run{run}"
+        subprocess.run(["cp", "-a", str(base), str(root)], check=True)
+        p = Pipeline(root, scratch / f"rundir{run}")
+        p.start()
+        try:
+            client = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
+                                       "--throttle", "0.02"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(0.0, 0.6))
+            p.daemon.send_signal(signal.SIGKILL)
+            p.daemon.wait()
+            client.communicate(timeout=60)
+            killed_mid_way += client.returncode != 0
+            valid = valid_set(root)
+            assert live <= valid, f"run {run}: live paths lost"
+            on_disk = {b"/nix/store/" + os.fsencode(n) for n in disk_set(root)}
+            assert valid <= on_disk, f"run {run}: valid paths without files"
+            p.daemon = None
+            p.start_daemon()
+            out = p.query("gc", "--yes")
+            assert out.returncode == 0, out.stderr
+        finally:
+            p.stop()
+        assert valid_set(root) == live
+        assert {b"/nix/store/" + os.fsencode(n) for n in disk_set(root)} == live
+        if run % 5 == 0:
+            support.chown_tree(root / "nix", "root")
+            verify_clean(root)
+        subprocess.run(["rm", "-rf", str(root)], check=True)
+    assert killed_mid_way >= 5, "the kills never hit a running collection"
+
+
+def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelines):
+    """Real Nix processes run while we collect: `nix-store --add` of a path
+    that is garbage right now, and `nix-store -r` of a garbage derivation.
+    They announce their paths on gc-socket; those paths and their closures
+    survive, and the store verifies."""
+    root = scratch / "store"
+    support.make_store(root, paths=3000, seed=79, quirks=0, roots=30, indirect=5, stale=0)
+    dead = set(standalone(root, "dead").stdout.split())
+    db = sqlite3.connect(f"file:{root}/nix/var/nix/db/db.sqlite?mode=ro&immutable=1", uri=True)
+    sources = [p for (p,) in db.execute("SELECT path FROM ValidPaths WHERE ca LIKE 'fixed:r:%' "
+                                        "AND path NOT LIKE '%.drv'") if p.encode() in dead]
+    drvs = [d for (d,) in db.execute(
+        "SELECT v.path FROM ValidPaths v WHERE v.path LIKE '%.drv' AND EXISTS (SELECT 1 FROM "
+        "DerivationOutputs x JOIN ValidPaths o ON o.path = x.path WHERE x.drv = v.id)")
+        if d.encode() in dead]
+    db.close()
+    src = sources[0]
+    copy = scratch / "readd" / src.split("-", 1)[1]
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-a", str(root) + src, str(copy)], check=True)
+    subprocess.run(["chmod", "-R", "u+w", str(copy)], check=True)
+    drv = drvs[0]
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    collector = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
+                                  "--throttle", "0.25"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+    try:
+        lock = root / "nix/var/nix/gc.lock"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # wait until we hold gc.lock and deleting began
+            if any(e.get("event") == "gc_planned" for e in p.daemon_events()):
+                break
+            time.sleep(0.05)
+        assert lock.exists()
+        added = oracle(root, "nix-store", "--add", str(copy)).stdout.strip().decode()
+        realised = oracle(root, "nix-store", "-r", drv).stdout.split()
+    finally:
+        _, err = collector.communicate(timeout=300)
+    assert collector.returncode == 0, err
+    assert added == src
+    announced = {e["path"] for e in p.daemon_events() if e.get("event") == "gc_socket_root"}
+    assert src in announced and drv in announced, "Nix did not go through gc-socket"
+    valid = valid_set(root)
+    for path in [added, *(x.decode() for x in realised)]:
+        assert path.encode() in valid and (root / path.lstrip("/")).exists(), path
+    assert b"paths kept for running Nix processes" in err
+    p.stop()
+    support.chown_tree(root / "nix", "root")
+    verify_clean(root)
+
+
+def test_a_live_referrer_stops_the_collection(scratch):
+    """If a path refers to garbage in the DB but we did not know (a Nix
+    process registered it after our snapshot), invalidation is refused and
+    nothing of that batch is deleted."""
+    root = scratch / "store"
+    full = support.tiny_store(root, ["a", "b", "c"], refs=[(1, 2)], derivers={}, roots=[0])
+    layout = StoreLayout.make(root=os.fsencode(root))
+    c = Collection(layout, GCSettings(), GCOptions())
+    db = StoreDB.open(layout)
+    c.begin()
+    try:
+        c.plan(engine.scan_in_process(layout, runtime=False), db)
+        # A new valid path appears that refers to "c" (garbage so far).
+        w = sqlite3.connect(root / "nix/var/nix/db/db.sqlite")
+        w.execute("INSERT INTO ValidPaths (id, path, hash, registrationTime) VALUES "
+                  "(99, '/nix/store/" + "z" * 32 + "-new', 'sha256:x', 1)")
+        w.execute("INSERT INTO Refs VALUES (99, 3)")
+        w.commit()
+        w.close()
+        with pytest.raises(SafetyError, match="-new refers to .*-c, which we were about to delete"):
+            c.execute(layout.db_path)
+    finally:
+        c.end()
+        db.close()
+    assert full[2].encode() in valid_set(root) and (root / full[2].lstrip("/")).exists()
+
+
+def test_python_level_referrer_check():
+    from gcroots.daemon.graph import StoreGraph
+    g = StoreGraph(0, [b"/nix/store/a", b"/nix/store/b"], [1, 1], [[1], []], [-1, -1], {},
+                   {b"/nix/store/a": 0, b"/nix/store/b": 1})
+    c = Collection(StoreLayout.make(), GCSettings(), GCOptions())
+    c._graph = g
+    with pytest.raises(SafetyError, match="still referenced by /nix/store/a"):
+        c._check_referrers([b"/nix/store/b"], done=set())
+    c._check_referrers([b"/nix/store/a", b"/nix/store/b"], done=set())  # referrer first: fine
+
+
+def test_stale_auto_links_only_when_still_stale(scratch):
+    layout = StoreLayout.make(root=os.fsencode(scratch))
+    auto = scratch / "nix/var/nix/gcroots/auto"
+    auto.mkdir(parents=True)
+    gone, back = scratch / "gone", scratch / "back"
+    for name, target in (("a", gone), ("b", back)):
+        os.symlink(target, auto / name)
+    outside = scratch / "nix/var/nix/gcroots/not-auto"
+    os.symlink(gone, outside)
+    back.write_text("I exist again")
+    rs = RootSet([], stale=[StaleLink(os.fsencode(auto / "a"), os.fsencode(gone)),
+                            StaleLink(os.fsencode(auto / "b"), os.fsencode(back)),
+                            StaleLink(os.fsencode(outside), os.fsencode(gone))])
+    assert remove_stale_auto_links(layout, rs) == 1
+    assert not (auto / "a").is_symlink() and (auto / "b").is_symlink() and outside.is_symlink()
+
+
+def test_automatic_collection_when_space_is_low(scratch, users, pipelines):
+    root = scratch / "store"
+    support.make_store(root, paths=600, seed=80, quirks=0, roots=20, indirect=3, stale=0)
+    dead = standalone(root, "dead").stdout.split()
+    p = Pipeline(root, scratch / "run", daemon_args=("--min-free", "1000T",
+                                                     "--free-check-interval", "0.5s"))
+    pipelines.append(p)
+    p.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(e.get("event") == "gc_finished" for e in p.daemon_events()):
+            break
+        time.sleep(0.2)
+    finished = [e for e in p.daemon_events() if e.get("event") == "gc_finished"]
+    assert finished and finished[0]["by"].startswith("auto (free space")
+    assert not set(dead) & valid_set(root)
+
+
+# -- the property: never a live path deleted ------------------------------------------
+
+@st.composite
+def graphs(draw):
+    n = draw(st.integers(2, 24))
+    refs = draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, n - 1)), max_size=3 * n))
+    refs = [(a, b) for a, b in refs if a > b or a == b]  # a DAG (plus self references)
+    derivers = {}
+    for out in range(n):
+        drv = draw(st.one_of(st.none(), st.integers(0, n - 1)))
+        if drv is not None and drv != out and out > drv:
+            derivers[out] = drv
+    roots = draw(st.lists(st.integers(0, n - 1), max_size=4, unique=True))
+    keep_outputs = draw(st.booleans())
+    keep_derivations = draw(st.booleans())
+    return n, refs, derivers, roots, keep_outputs, keep_derivations
+
+
+def reference_live(n, refs, derivers, roots, keep_outputs, keep_derivations) -> set[int]:
+    edges = {i: set() for i in range(n)}
+    for a, b in refs:
+        if a != b:
+            edges[a].add(b)
+    for out, drv in derivers.items():
+        if keep_derivations:
+            edges[out].add(drv)
+        if keep_outputs:
+            edges[drv].add(out)
+    live, todo = set(roots), list(roots)
+    while todo:
+        for m in edges[todo.pop()]:
+            if m not in live:
+                live.add(m)
+                todo.append(m)
+    return live
+
+
+@given(graphs())
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+def test_never_a_live_path_deleted(tmp_path_factory, graph):
+    n, refs, derivers, roots, keep_outputs, keep_derivations = graph
+    root = tmp_path_factory.mktemp("prop")
+    names = [f"p{i}" + (".drv" if i in derivers.values() else "") for i in range(n)]
+    full = support.tiny_store(root, names, refs, derivers, roots)
+    layout = StoreLayout.make(root=os.fsencode(root))
+    gc_settings = GCSettings(keep_derivations=keep_derivations, keep_outputs=keep_outputs)
+    c = Collection(layout, gc_settings, GCOptions())
+    db = StoreDB.open(layout)
+    c.begin()
+    try:
+        c.plan(engine.scan_in_process(layout, runtime=False), db)
+        c.execute(layout.db_path)
+    finally:
+        c.end()
+        db.close()
+    live = reference_live(n, refs, derivers, roots, keep_outputs, keep_derivations)
+    valid = valid_set(root)
+    for i, p in enumerate(full):
+        on_disk = (root / p.lstrip("/")).exists()
+        if i in live:
+            assert p.encode() in valid and on_disk, f"live path {p} was deleted"
+        else:
+            assert p.encode() not in valid and not on_disk, f"dead path {p} survived"
