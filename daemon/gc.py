@@ -369,10 +369,12 @@ class Collection:
             raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcroots does not remount "
                           "it (that needs CAP_SYS_ADMIN). Give gcrootsd a writable view of the "
                           "store (systemd: BindPaths=/nix/store) and run it as the store owner")
-        for d in (store, self.layout.real_state_dir + b"/db"):
-            if not os.access(d, os.W_OK):
+        state = self.layout.real_state_dir
+        for d in (store, state + b"/db", state, state + b"/gc-socket", self.layout.temproots_dir,
+                  self.layout.gc_lock_path):
+            if os.path.lexists(d) and not os.access(d, os.W_OK):
                 raise GCError(f"no write access to {os.fsdecode(d)}: gcrootsd must run as the "
-                              "store's owner to collect garbage")
+                              "store's owner (and own the state dir) to collect garbage")
 
     def _announced(self, path: bytes) -> None:
         """A Nix process needs `path` (gc-socket).  Protect it and its
@@ -457,7 +459,10 @@ class Collection:
         writer = _writer(db_path)
         worker = DeleterProcess()
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
-        batch_size = BATCH if self.options.max_freed is None else 16
+        # Small batches when stopping at a size or pacing the I/O; big ones
+        # otherwise (each commit rewrites the DB's index pages).
+        batch_size = (16 if self.options.max_freed is not None
+                      else 64 if self.options.throttle else BATCH)
         work: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         deleter = threading.Thread(target=self._deleter, args=(work, failure, worker),

@@ -264,6 +264,9 @@ class Daemon:
                                                   progress=lambda m: latest.__setitem__(0, m)))
             except (GCError, IncompleteRoots) as e:
                 outcome.append(e)
+            except Exception as e:  # never a crashed handler: a clear error, logged in full
+                _log.exception("gc_internal_error")
+                outcome.append(GCError(f"internal error: {e!r}"))
             finally:
                 cancel.cancel()
 
@@ -339,6 +342,14 @@ class Daemon:
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
                 ProtocolError, OSError) as e:
             status, message = admin.Status.ERROR, f"peer: {e!r}"
+        except Exception as e:  # a bug: log it, tell the client, keep serving
+            _log.exception("request_internal_error", command=command)
+            status, message = admin.Status.ERROR, f"internal error: {e!r}"
+            with trio.move_on_after(5):
+                try:
+                    await stream.send_all(conn.end(status, message))
+                except Exception:
+                    pass
         finally:
             _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
                       privileged=peer.privileged, status=status.name.lower(),

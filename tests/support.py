@@ -68,8 +68,12 @@ def oracle(root: Path | str, *args: str, check: bool = True, extra_config: str =
     env = dict(os.environ)
     if extra_config:
         env["NIX_ORACLE_EXTRA_CONFIG"] = extra_config
-    return subprocess.run([str(NIX_ORACLE), str(root), *args], capture_output=True,
-                          check=check, env=env, input=input)
+    out = subprocess.run([str(NIX_ORACLE), str(root), *args], capture_output=True, env=env,
+                         input=input)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({out.returncode}): "
+                             f"{out.stderr.decode(errors='replace')[-2000:]}")
+    return out
 
 
 def lines(data: bytes) -> set[bytes]:
@@ -189,8 +193,10 @@ class Pipeline:
 
     def __init__(self, root: Path, run: Path, *, daemon_user: str = DAEMON_USER,
                  helper_args: tuple[str, ...] = ("--no-runtime",),
-                 daemon_args: tuple[str, ...] = (), env: dict | None = None):
+                 daemon_args: tuple[str, ...] = (), env: dict | None = None,
+                 layout_args: tuple[str, ...] | None = None):
         self.root, self.run = root, run
+        self.layout_args = layout_args or ("--root", str(root))
         self.daemon_user = daemon_user
         self.helper_args, self.daemon_args = helper_args, daemon_args
         self.env = env
@@ -203,12 +209,14 @@ class Pipeline:
         self.sock = run / "gcrootsd.sock"
 
     def give_store_to_daemon(self) -> None:
-        chown_tree(self.root / "nix", self.daemon_user)
+        for top in ("nix", "store", "var"):
+            if (self.root / top).exists():
+                chown_tree(self.root / top, self.daemon_user)
 
     def start_helper(self) -> None:
         self.helper_log = open(self.run.parent / "helper.log", "ab")
         self.helper = subprocess.Popen(
-            [HELPER, "serve", "--root", str(self.root), "--socket", str(self.helper_sock),
+            [HELPER, "serve", *self.layout_args, "--socket", str(self.helper_sock),
              "--allow-user", self.daemon_user, *self.helper_args], stderr=self.helper_log)
         wait_for_socket(self.helper_sock, self.helper)
 
@@ -220,7 +228,7 @@ class Pipeline:
         # setpriv execs (runuser would stay as the parent): the pid is gcrootsd's.
         self.daemon = subprocess.Popen(
             ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--",
-             DAEMON, "--root", str(self.root),
+             DAEMON, *self.layout_args,
              "--helper-socket", str(self.helper_sock), "--socket", str(self.sock),
              *self.daemon_args], stderr=self.daemon_log, env=env)
         if wait:
@@ -267,9 +275,12 @@ class Pipeline:
 
 def standalone(root: Path | str, *args: str, env: dict | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([QUERY, "--standalone", "--root", str(root), "--no-runtime", *args],
-                          capture_output=True, check=check, timeout=300,
-                          env=dict(os.environ, **(env or {})))
+    out = subprocess.run([QUERY, "--standalone", "--root", str(root), "--no-runtime", *args],
+                         capture_output=True, timeout=300, env=dict(os.environ, **(env or {})))
+    if check and out.returncode != 0:
+        raise AssertionError(f"gcroots-query --standalone {' '.join(args)} failed "
+                             f"({out.returncode}): {out.stderr.decode(errors='replace')[-2000:]}")
+    return out
 
 
 NIX_SCHEMA = """

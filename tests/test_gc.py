@@ -196,57 +196,80 @@ def test_kill_9_at_random_points_is_safe(scratch, users):
     assert killed_mid_way >= 5, "the kills never hit a running collection"
 
 
+TRIVIAL = """derivation {
+  name = "built-during-gc-%s";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo %s > $out" ];
+}"""
+
+
 def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelines):
     """Real Nix processes run while we collect: `nix-store --add` of a path
-    that is garbage right now, and `nix-store -r` of a garbage derivation.
-    They announce their paths on gc-socket; those paths and their closures
-    survive, and the store verifies."""
-    root = scratch / "store"
-    support.make_store(root, paths=3000, seed=79, quirks=0, roots=30, indirect=5, stale=0)
-    dead = set(standalone(root, "dead").stdout.split())
-    db = sqlite3.connect(f"file:{root}/nix/var/nix/db/db.sqlite?mode=ro&immutable=1", uri=True)
-    sources = [p for (p,) in db.execute("SELECT path FROM ValidPaths WHERE ca LIKE 'fixed:r:%' "
-                                        "AND path NOT LIKE '%.drv'") if p.encode() in dead]
-    drvs = [d for (d,) in db.execute(
-        "SELECT v.path FROM ValidPaths v WHERE v.path LIKE '%.drv' AND EXISTS (SELECT 1 FROM "
-        "DerivationOutputs x JOIN ValidPaths o ON o.path = x.path WHERE x.drv = v.id)")
-        if d.encode() in dead]
+    that is garbage right now, and `nix-instantiate` + `nix-store -r` of a
+    trivial derivation (a real build).  They announce their paths on
+    gc-socket; those paths survive, and the store verifies.  (A store whose
+    logical and physical dirs are the same, so that Nix can build in it.)"""
+    top = scratch / "s"
+    store, state = top / "store", top / "var"
+    support.make_store(Path("/"), paths=3000, seed=79, quirks=0, roots=30, indirect=5, stale=0,
+                       extra=["--store-dir", str(store), "--state-dir", str(state),
+                              "--home", str(top / "home")])
+    nix_env = {k: v for k, v in os.environ.items() if k != "NIX_REMOTE"}
+    nix_env.update(NIX_STORE_DIR=str(store), NIX_STATE_DIR=str(state),
+                   NIX_LOG_DIR=str(top / "log"),
+                   NIX_CONFIG="substituters =\nsandbox = false\nbuild-users-group =")
+
+    def nix(*args: str) -> str:
+        out = subprocess.run(args, env=nix_env, capture_output=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.decode().strip()
+
+    layout_args = ("--store-dir", str(store), "--state-dir", str(state))
+    q = [support.QUERY, "--standalone", *layout_args, "--no-runtime"]
+    dead = set(subprocess.run([*q, "dead"], capture_output=True, check=True).stdout.split())
+    db = sqlite3.connect(f"file:{state}/db/db.sqlite?mode=ro&immutable=1", uri=True)
+    src = next(p for (p,) in db.execute("SELECT path FROM ValidPaths WHERE ca LIKE 'fixed:r:%' "
+                                        "AND path NOT LIKE '%.drv' ORDER BY path") if p.encode() in dead)
     db.close()
-    src = sources[0]
-    copy = scratch / "readd" / src.split("-", 1)[1]
+    copy = scratch / "readd" / os.path.basename(src).split("-", 1)[1]
     copy.parent.mkdir()
-    subprocess.run(["cp", "-a", str(root) + src, str(copy)], check=True)
+    subprocess.run(["cp", "-a", src, str(copy)], check=True)
     subprocess.run(["chmod", "-R", "u+w", str(copy)], check=True)
-    drv = drvs[0]
-    p = Pipeline(root, scratch / "run")
+    (scratch / "trivial.nix").write_text(TRIVIAL % (os.getpid(), os.getpid()))
+    p = Pipeline(top, scratch / "run", layout_args=layout_args)
     pipelines.append(p)
     p.start()
     collector = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
-                                  "--throttle", "0.25"], stdout=subprocess.DEVNULL,
+                                  "--throttle", "0.2"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE)
     try:
-        lock = root / "nix/var/nix/gc.lock"
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # wait until we hold gc.lock and deleting began
+        while time.monotonic() < deadline:  # wait until we hold gc.lock and deletion began
             if any(e.get("event") == "gc_planned" for e in p.daemon_events()):
                 break
             time.sleep(0.05)
-        assert lock.exists()
-        added = oracle(root, "nix-store", "--add", str(copy)).stdout.strip().decode()
-        realised = oracle(root, "nix-store", "-r", drv).stdout.split()
+        added = nix("nix-store", "--add", str(copy))
+        drv = nix("nix-instantiate", str(scratch / "trivial.nix"))
+        built = nix("nix-store", "-r", drv)
     finally:
         _, err = collector.communicate(timeout=300)
     assert collector.returncode == 0, err
     assert added == src
     announced = {e["path"] for e in p.daemon_events() if e.get("event") == "gc_socket_root"}
-    assert src in announced and drv in announced, "Nix did not go through gc-socket"
-    valid = valid_set(root)
-    for path in [added, *(x.decode() for x in realised)]:
-        assert path.encode() in valid and (root / path.lstrip("/")).exists(), path
+    assert {src, drv, built} <= announced, "Nix did not go through gc-socket"
     assert b"paths kept for running Nix processes" in err
+    db = sqlite3.connect(f"file:{state}/db/db.sqlite?mode=ro", uri=True)
+    valid = {r[0] for r in db.execute("SELECT path FROM ValidPaths")}
+    db.close()
+    for path in (added, drv, built):
+        assert path in valid and os.path.exists(path), path
     p.stop()
-    support.chown_tree(root / "nix", "root")
-    verify_clean(root)
+    out = subprocess.run(["nix-store", "--verify", "--check-contents"], env=nix_env,
+                         capture_output=True, text=True)
+    problems = [line for line in out.stderr.splitlines()
+                if not line.startswith(("checking ", "reading the Nix store", "warning: "))]
+    assert out.returncode == 0 and not problems, out.stderr
 
 
 def test_a_live_referrer_stops_the_collection(scratch):
@@ -386,3 +409,42 @@ def test_never_a_live_path_deleted(tmp_path_factory, graph):
             assert p.encode() in valid and on_disk, f"live path {p} was deleted"
         else:
             assert p.encode() not in valid and not on_disk, f"dead path {p} survived"
+
+
+def test_deletion_failure_stops_safely_and_next_run_finishes(scratch):
+    """A path that cannot be deleted (here: a read-only mount inside the
+    store) stops the collection with an error: what was invalidated but not
+    deleted is an unregistered path on disk, never a valid path without
+    files, and the next collection removes it."""
+    root = scratch / "store"
+    support.make_store(root, paths=400, seed=81, quirks=0, roots=10, indirect=0, stale=0)
+    dead = standalone(root, "dead").stdout.split()
+    victim = next(p for p in dead if (root / p.decode().lstrip("/")).is_dir())
+    vdir = root / victim.decode().lstrip("/")
+    subprocess.run(["mount", "--bind", str(vdir), str(vdir)], check=True)
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(vdir)], check=True)
+    try:
+        out = standalone(root, "gc", "--yes", check=False)
+        assert out.returncode == 1 and b"deleting from the store failed" in out.stderr
+        valid = valid_set(root)
+        on_disk = {b"/nix/store/" + os.fsencode(n) for n in disk_set(root)}
+        assert valid <= on_disk  # no valid path lost its files
+    finally:
+        subprocess.run(["umount", str(vdir)], check=True)
+    out = standalone(root, "gc", "--yes")
+    assert standalone(root, "dead").stdout == b""
+    verify_clean(root)
+
+
+def test_state_dir_not_owned_is_a_clear_error(scratch, users, pipelines):
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=82, quirks=0, roots=5, indirect=0, stale=0)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    (root / "nix/var/nix/gc-socket").mkdir(mode=0o755)  # e.g. left by a root-run Nix
+    before = valid_set(root)
+    rc, _, err = gc_json(p, "--yes")
+    assert rc == 1 and b"no write access to" in err and b"gc-socket" in err
+    assert valid_set(root) == before
+    assert p.query("stats").returncode == 0  # and the daemon keeps serving
