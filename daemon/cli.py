@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "usual way)")
     g.add_argument("--free-check-interval", metavar="DURATION", default="5m",
                    help="how often to look at free space (default 5m)")
+    m = p.add_argument_group("metrics (Prometheus)")
+    m.add_argument("--metrics-file", metavar="PATH",
+                   help="write metrics here for node_exporter's textfile collector")
+    m.add_argument("--metrics-address", metavar="[HOST:]PORT",
+                   help="serve metrics over HTTP here (default host 127.0.0.1)")
+    m.add_argument("--metrics-interval", metavar="DURATION", default="5m",
+                   help="refresh them this often even without queries (default 5m)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -103,6 +110,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"gcrootsd: --admin-group {args.admin_group}: no such group") from None
     daemon = Daemon(layout, os.fsencode(args.helper_socket), settings_from(args), admin_gid,
                     auto_gc=auto_gc_from(args))
+    if args.metrics_file or args.metrics_address:
+        try:
+            from .metrics import Metrics
+        except ImportError:
+            raise SystemExit("gcrootsd: metrics need the prometheus-client package") from None
+        try:
+            daemon.metrics_interval = parse_duration(args.metrics_interval)
+            daemon.metrics = Metrics(args.metrics_file, args.metrics_address)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"gcrootsd: metrics: {e}") from None
     try:
         daemon.open_db()
     except Exception as e:  # a clear message, not a traceback

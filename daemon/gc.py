@@ -200,6 +200,36 @@ class RootsServer:
             self._sock.close()
 
 
+def make_store_writable(store: bytes) -> None:
+    """What Nix does on a read-only store mount (NixOS): in a private mount
+    namespace of this process, remount the store read-write.  Needs
+    CAP_SYS_ADMIN, which gcrootsd does not have; then a clear error.  Call
+    before any thread starts (the deletion worker inherits the namespace)."""
+    if threading.active_count() > 1:
+        # Namespaces belong to the calling thread: in a threaded process (the
+        # daemon) a remount would not even reach the deletion worker.
+        raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcrootsd does not remount it "
+                      "(that needs CAP_SYS_ADMIN and a single-threaded process): give it a "
+                      "writable view of the store (systemd: BindPaths=/nix/store)")
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_REMOUNT, MS_BIND = 0x20000, 0x4000, 0x40000, 0x20, 0x1000
+    steps = [("unshare the mount namespace", lambda: libc.unshare(CLONE_NEWNS)),
+             ("make mounts private", lambda: libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None)),
+             ("remount the store read-write",
+              lambda: libc.mount(None, store, None, MS_REMOUNT | MS_BIND, None))]
+    for what, step in steps:
+        if step() != 0:
+            err = ctypes.get_errno()
+            raise GCError(f"{os.fsdecode(store)} is mounted read-only and we cannot {what} "
+                          f"({os.strerror(err)}); remounting needs CAP_SYS_ADMIN, which gcrootsd "
+                          "does not have: give it a writable view of the store (systemd: "
+                          "BindPaths=/nix/store) and run it as the store owner")
+    if os.statvfs(store).f_flag & os.ST_RDONLY:
+        raise GCError(f"{os.fsdecode(store)} is still read-only after remounting")
+    _log.info("store_remounted_read_write", store=store)
+
+
 def remove_stale_temproots(layout: StoreLayout) -> int:
     """Temp roots files whose owner is dead: taken exclusively, unlinked, and
     marked with "d" for a process that might still hold the old fd (Nix)."""
@@ -366,9 +396,7 @@ class Collection:
     def _check_writable(self) -> None:
         store = self.layout.real_store_dir
         if os.statvfs(store).f_flag & os.ST_RDONLY:
-            raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcroots does not remount "
-                          "it (that needs CAP_SYS_ADMIN). Give gcrootsd a writable view of the "
-                          "store (systemd: BindPaths=/nix/store) and run it as the store owner")
+            make_store_writable(store)
         state = self.layout.real_state_dir
         for d in (store, state + b"/db", state, state + b"/gc-socket", self.layout.temproots_dir,
                   self.layout.gc_lock_path):

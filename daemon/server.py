@@ -19,7 +19,10 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 import trio
 
@@ -94,7 +97,8 @@ class Daemon:
     db: StoreDB | None = None
     work_lock: trio.Lock = field(default_factory=trio.Lock)
     last: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
+    metrics: "Metrics | None" = None
+    metrics_interval: float = 300.0
     auto_gc: "AutoGC | None" = None
     gc_lock: trio.Lock = field(default_factory=trio.Lock)
     gc_running: dict = field(default_factory=dict)
@@ -110,12 +114,19 @@ class Daemon:
     # -- the analysis every query starts from ---------------------------------
 
     async def analysis(self, *, want_dead: bool) -> Analysis:
-        rootset = await fetch_roots_retrying(self.helper_socket, self.layout)
+        try:
+            rootset = await fetch_roots_retrying(self.helper_socket, self.layout)
+        except IncompleteRoots:
+            if self.metrics:
+                self.metrics.failure("analysis")
+            raise
         async with self.work_lock:
             db = self.open_db()
             a = await trio.to_thread.run_sync(
                 lambda: engine.analyze(self.layout, db, rootset, self.settings,
                                        want_dead=want_dead))
+        if self.metrics:
+            self.metrics.analysis(a, *_nar_bytes(a))
         self.last = {"time": time.time(), "roots": len(a.roots), "live": len(a.all_live),
                      "dead": None if a.dead is None else len(a.dead)}
         _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
@@ -192,16 +203,26 @@ class Daemon:
         except Exception as e:
             _log.error("gc_failed", by=by, error=str(e), dry_run=options.dry_run,
                        seconds=round(time.monotonic() - t0, 3))
-            self.metrics["gc_failures"] = self.metrics.get("gc_failures", 0) + 1
+            if self.metrics:
+                self.metrics.failure("gc")
             raise
         finally:
             await trio.to_thread.run_sync(c.end)
             self.gc_running = {}
             self.notifier.status("serving")
         _log.info("gc_finished", by=by, **result.summary())
-        if not options.dry_run:
-            self.metrics["last_gc"] = result.summary() | {"time": time.time()}
+        if self.metrics:
+            self.metrics.collection(result)
         return result
+
+    async def _metrics_loop(self) -> None:
+        """Keep the metrics fresh even when nobody asks anything."""
+        while True:
+            try:
+                await self.analysis(want_dead=True)
+            except IncompleteRoots as e:
+                _log.warning("metrics_analysis_failed", error=str(e))
+            await trio.sleep(self.metrics_interval)
 
     async def _auto_gc_loop(self) -> None:
         """min-free/max-free (like Nix's own settings) and a schedule."""
@@ -303,6 +324,8 @@ class Daemon:
             self._nursery = nursery
             if self.auto_gc is not None:
                 nursery.start_soon(self._auto_gc_loop)
+            if self.metrics is not None:
+                nursery.start_soon(self._metrics_loop)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog)
             for listener in listeners:
@@ -401,6 +424,15 @@ class Daemon:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
         await self._send(stream, data)
         await self._send(stream, conn.end(admin.Status.OK))
+
+
+def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:
+    """Live/dead NAR bytes from the in-memory graph, when the analysis had it."""
+    g = a.graph
+    if g is None:
+        return None, None
+    size = lambda paths: sum(g.sizes[g.index[p]] for p in paths if p in g.index)  # noqa: E731
+    return size(a.live), (size(a.dead_valid) if a.dead is not None else None)
 
 
 def unix_listener(path: bytes, mode: int = 0o666) -> trio.SocketListener:
