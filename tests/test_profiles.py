@@ -117,10 +117,16 @@ def compare_with_nix(store: Path, base: Path, layout: Layout, spec: list[str]) -
 
 # -- delete-generations against nix-env --------------------------------------------------
 
+# Ages in hours; often right next to a day boundary (30 minutes off it,
+# see Layout._link), where `<N>d` decides.
+ages_h = st.one_of(st.integers(0, 24 * 40), st.integers(1, 40).map(lambda d: d * 24),
+                   st.integers(1, 40).map(lambda d: d * 24 - 1))
+
+
 @st.composite
 def layouts(draw) -> Layout:
     numbers = sorted(draw(st.sets(st.integers(0, 12), max_size=8)))
-    ages = draw(st.lists(st.integers(0, 24 * 40), min_size=len(numbers), max_size=len(numbers)))
+    ages = draw(st.lists(ages_h, min_size=len(numbers), max_size=len(numbers)))
     if draw(st.booleans()):
         ages = sorted(ages, reverse=True)  # the usual case: newer number, newer link
     kind = draw(st.sampled_from(["existing", "dangling", "none"]))
@@ -131,7 +137,7 @@ def layouts(draw) -> Layout:
         current = draw(st.integers(0, 14))
     aliases = draw(st.lists(st.tuples(
         st.sampled_from(["p-0{}-link", "p-{}-link.bak", "p-+{}-link"]), st.integers(0, 12),
-        st.integers(0, 24 * 40)), max_size=2, unique_by=lambda t: (t[0], t[1])))
+        ages_h), max_size=2, unique_by=lambda t: (t[0], t[1])))
     return Layout(tuple(numbers), tuple(ages), current,
                   tuple((form.format(n), age) for form, n, age in aliases))
 
@@ -172,6 +178,12 @@ def test_delete_generations_equals_nix_env(nix_store, layout, spec):
 ])
 def test_delete_generations_pinned_cases(nix_store, scratch, layout, spec):
     compare_with_nix(nix_store / "store", scratch, layout, spec)
+
+
+@pytest.mark.parametrize("spec", ODD_SPECS, ids=repr)
+def test_odd_specs_equal_nix_env(nix_store, scratch, spec):
+    compare_with_nix(nix_store / "store", scratch, Layout((1, 2, 3, 4, 5), (96, 72, 48, 24, 0), 4),
+                     spec)
 
 
 def test_deviations_from_nix_keep_more(nix_store, scratch):
@@ -466,6 +478,12 @@ def test_user_manages_own_profiles_and_is_refused_on_others(scratch, users):
     r = _as(support.ALICE, "profiles", "delete-generations", str(mine), "+2")
     assert r.returncode == 0, r.stderr
     assert sorted(listing(mine.parent)) == ["profile", "profile-3-link", "profile-4-link"]
+    # An explicit prune including someone else's profile is refused before
+    # anything, also in alice's own profile.
+    r = _as(support.ALICE, "profiles", "prune", "--keep", "1", "--no-runtime-check",
+            str(mine), str(bobs))
+    assert r.returncode == 3 and b"permission denied" in r.stderr
+    assert sorted(listing(mine.parent)) == ["profile", "profile-3-link", "profile-4-link"]
     # prune --all: only what alice may modify; others reported as skipped.
     r = _as(support.ALICE, "--root", str(root), "--json", "profiles", "prune", "--all",
             "--keep", "1", "--no-runtime-check")
@@ -475,10 +493,6 @@ def test_user_manages_own_profiles_and_is_refused_on_others(scratch, users):
     assert [g["number"] for g in done["alice"]["generations"] if g["deleted"]] == [3]
     assert all("skipped" in p for k, p in done.items() if k != "alice")
     assert sorted(listing(mine.parent)) == ["profile", "profile-4-link"]
-    # An explicit prune of someone else's profile is refused before anything.
-    r = _as(support.ALICE, "profiles", "prune", "--keep", "1", "--no-runtime-check",
-            str(mine), str(bobs))
-    assert r.returncode == 3 and b"permission denied" in r.stderr
     assert {p: tree_snapshot(p) for p in snapshot_others} == snapshot_others
 
 
@@ -627,12 +641,15 @@ def test_prune_ask_on_a_terminal(pruning_store):
 # -- prune's decision, over many profiles (pure, no processes) --------------------------------
 
 @settings(max_examples=300, deadline=None)
-@given(layout=layouts(), keep=st.one_of(st.none(), st.integers(0, 6)),
-       since_h=st.one_of(st.none(), st.integers(0, 24 * 30)),
+@given(layout=layouts(), keep=st.one_of(st.none(), st.integers(0, 6)), data=st.data(),
        protected_numbers=st.sets(st.integers(0, 12), max_size=3),
        running_numbers=st.sets(st.integers(0, 12), max_size=3))
-def test_plan_prune_keeps_the_union_and_never_a_protected_one(layout, keep, since_h,
+def test_plan_prune_keeps_the_union_and_never_a_protected_one(layout, keep, data,
                                                               protected_numbers, running_numbers):
+    # --keep-since right at a generation's age, or an hour either side
+    near = [max(0, a + d) for a in layout.ages_h for d in (-1, 0, 1)]
+    since_h = data.draw(st.one_of(st.none(), st.integers(0, 24 * 30),
+                                  *([st.sampled_from(near)] * 2 if near else [])))
     d = Path(tempfile.mkdtemp(prefix="gcroots-plan-"))
     try:
         path = layout.make(d / "p")
@@ -657,6 +674,24 @@ def test_plan_prune_keeps_the_union_and_never_a_protected_one(layout, keep, sinc
         wanted = g.number in last or (since_h is not None and g.mtime >= NOW - since_h * 3600)
         assert v.delete == (not never and not wanted), v
         assert v.reasons
+
+
+def test_plan_prune_keep_since_boundary():
+    """Newer than D keeps a link made D - 30 min ago and not one made
+    D + 30 min ago; --keep counts by number, not by age."""
+    d = Path(tempfile.mkdtemp(prefix="gcroots-plan-"))
+    try:
+        path = Layout((1, 2, 3, 4, 5), (5, 3, 2, 1, 0), 5).make(d / "p")
+        with prof.ProfileDir(os.fsencode(path)) as pd:
+            profile = pd.read()
+    finally:
+        shutil.rmtree(d)
+    plan = prof.plan_prune(profile, prof.Policy(None, 2 * 3600), prof.Protected(), NOW,
+                           b"/nix/store")
+    assert [v.generation.number for v in plan if v.delete] == [1, 2, 3]
+    plan = prof.plan_prune(profile, prof.Policy(2, 3 * 3600), prof.Protected(), NOW, b"/nix/store")
+    assert [v.generation.number for v in plan if v.delete] == [1, 2]
+    assert plan[1].reasons == ("not in last 2", "older than 3h")
 
 
 # -- roots prune ---------------------------------------------------------------------
