@@ -397,11 +397,12 @@ def cmd_prune(args) -> int:
     if not args.json:
         _prune_text(planned, layout, protected, policy)
     if args.dry_run or doomed == 0:
+        gc = _collect(args) if args.gc and not args.dry_run else None
         if args.json:
-            _prune_json(planned, layout, protected, args, gc=None)
+            _prune_json(planned, layout, protected, args, gc)
         elif doomed == 0:
             _out("nothing to delete\n")
-        return 0
+        return 1 if gc is not None and not gc["ok"] else 0
     if args.ask and not _confirm(f"Delete {doomed} generation(s)?"):
         _stderr("nothing was deleted")
         return 0

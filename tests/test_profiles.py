@@ -567,6 +567,11 @@ def test_prune_keeps_current_booted_and_running_generations(pruning_store, scrat
         assert r.returncode == 1
         assert b"cannot collect garbage yet" in r.stderr and b"unknown command 'gc'" in r.stderr
         assert b"nix-store --gc" in r.stderr
+        # gcrootsd without its helper has no complete root set: no answer, no deletion.
+        pipe.stop_helper()
+        r = _prune(root, pipe.sock, "--keep", "1", str(profile), env=env)
+        assert r.returncode == 1 and b"could not list the runtime roots" in r.stderr
+        assert sorted(_gen_paths(profile)) == [1, 2, 3, 5]
     finally:
         runner.kill()
         runner.wait()
@@ -578,6 +583,34 @@ def test_prune_keeps_current_booted_and_running_generations(pruning_store, scrat
     r = _prune(root, pipe.sock, "--keep", "1", "--no-runtime-check", str(profile), env=env)
     assert r.returncode == 0, r.stderr
     assert sorted(_gen_paths(profile)) == [2, 3, 5]
+
+
+def test_prune_standalone_scans_processes_itself_as_root_only(pruning_store, users):
+    root, profile, gens, env = pruning_store
+    runner = subprocess.Popen(["sleep", "300"], env={"PATH": os.environ["PATH"], "X": gens[6]})
+    try:
+        r = subprocess.run([QUERY, "--standalone", "--root", str(root), "--json", "profiles",
+                            "prune", "--keep", "1", "--dry-run", str(profile)],
+                           capture_output=True, env=dict(os.environ, **env))
+        assert r.returncode == 0, r.stderr
+        plan = {g["number"]: g for g in json.loads(r.stdout)["profiles"][0]["generations"]}
+        # Generations may share a store path (here 4 and 6): both are running then.
+        running = {n for n, p in gens.items() if p == gens[6]}
+        assert all(plan[n]["reasons"] == ["running (runtime root)"] for n in running)
+        assert {n for n, g in plan.items() if g["action"] == "delete"} == {1, 4, 6, 7} - running
+    finally:
+        runner.kill()
+        runner.wait()
+    support.chown_tree(profile.parent, support.ALICE)
+    before = tree_snapshot(profile.parent)
+    r = _prune(root, root / "no-daemon.sock", "--keep", "1", str(profile), env=env,
+               user=support.ALICE)
+    assert r.returncode == 1 and b"cannot ask gcrootsd" in r.stderr
+    r = subprocess.run(["runuser", "-u", support.ALICE, "--", QUERY, "--standalone", "--root",
+                        str(root), "profiles", "prune", "--keep", "1", str(profile)],
+                       capture_output=True, env=dict(os.environ, **env))
+    assert r.returncode == 1 and b"cannot tell which generations are running" in r.stderr
+    assert tree_snapshot(profile.parent) == before
 
 
 def test_prune_refuses_when_a_system_link_cannot_be_resolved(pruning_store, scratch):
