@@ -105,7 +105,10 @@ try:
 except OSError as e:
     print(json.dumps({"connect_error": e.errno})); sys.exit()
 rx = RootStreamReceiver()
-s.sendall(rx.hello())
+try:
+    s.sendall(rx.hello())
+except BrokenPipeError:
+    pass  # refused and closed before our hello went out: what follows reads EOF
 raw = b""
 roots = 0
 while True:
