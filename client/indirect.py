@@ -14,11 +14,16 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 
 from gcroots.layout import StoreLayout
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
+
+from .profiles import parse_generation_name
+
+_GEN_NAME = re.compile(rb"(.+)-([0-9]+)-link", re.S)
 
 
 @dataclass(frozen=True)
@@ -30,9 +35,12 @@ class IndirectRoot:
     mtime: int
     ino: tuple[int, int]
     target: bytes               # the link's readlink
+    current_of: bytes | None = None   # the profile this link is the current generation of
 
     @property
     def kind(self) -> str:
+        if _GEN_NAME.fullmatch(base_name(self.link)):
+            return "profile"    # a generation of a profile outside the state dir (nix-env -p)
         return "direnv" if b"/.direnv/" in self.link else "result"
 
 
@@ -73,8 +81,23 @@ def scan(layout: StoreLayout) -> Scan:
         if sp is None:
             continue
         out.roots.append(IndirectRoot(entry, link, sp, st.st_uid, st.st_mtime_ns // 1_000_000_000,
-                                      (st.st_dev, st.st_ino), target))
+                                      (st.st_dev, st.st_ino), target, _current_of(link)))
     return out
+
+
+def _current_of(link: bytes) -> bytes | None:
+    """If `link` is `<X>-<N>-link` and the sibling profile `X` points at
+    it, the profile X: removing its current generation would break it."""
+    m = _GEN_NAME.fullmatch(base_name(link))
+    if m is None:
+        return None
+    profile = os.path.join(dir_of(link), m.group(1))
+    try:
+        target = os.readlink(profile)
+    except OSError:
+        return None
+    n = parse_generation_name(m.group(1), base_name(abs_path(target, dir_of(link))))
+    return profile if n is not None and n == int(m.group(2)) else None
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,8 @@ def plan(scan: Scan, *, older_than: int, now: float, match: bytes | None, uid: i
             keep.append("running (runtime root)")
         if r.store_path in in_profiles:
             keep.append("in a current profile generation")
+        if r.current_of is not None:
+            keep.append("current generation of its profile (see profiles prune)")
         out.append(Verdict(r, not keep, tuple(keep) if keep else (f"older than {older_text}",)))
     return out
 

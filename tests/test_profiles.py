@@ -755,9 +755,19 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
     in_profile = db.execute(
         "SELECT v.path FROM Refs r JOIN ValidPaths u ON u.id = r.referrer JOIN ValidPaths v "
         "ON v.id = r.reference WHERE u.path = ? AND v.id != u.id LIMIT 1", (current_env,)).fetchone()[0]
+    # Paths no current generation needs (nix-store -q --requisites says so).
+    profiles_dir = root / "nix/var/nix/profiles"
+    needed = set()
+    for p in profiles_dir.rglob("*"):
+        if p.is_symlink() and re.fullmatch(r".+-\d+-link", os.readlink(p)):
+            gen = os.readlink(p.parent / os.readlink(p))
+            needed |= {x.decode() for x in oracle(root, "nix-store", "-q", "--requisites",
+                                                  gen).stdout.split()}
+    assert in_profile in needed
     free = [r[0] for r in db.execute(
-        "SELECT path FROM ValidPaths WHERE path NOT LIKE '%.drv' ORDER BY id DESC LIMIT 40")
-        if r[0] != in_profile]
+        "SELECT path FROM ValidPaths WHERE path NOT LIKE '%.drv' ORDER BY id DESC LIMIT 60")
+        if r[0] not in needed]
+    assert len(free) >= 10
     links = {}
     for i, (name, target, days) in enumerate([
             ("old", free[0], 40), ("old-direnv/.direnv/flake-profile-1-link", free[1], 50),
@@ -768,6 +778,15 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
         _age(link, days)
         links[name] = link
         _auto_link(root, link)
+    # A profile outside the state dir (nix-env -p ~/work/myprof/p): its
+    # generations are indirect roots too; the current one must stay.
+    prof_dir = home / "alice/work/myprof"
+    prof_dir.mkdir(parents=True)
+    for n, target in ((1, free[7]), (2, free[8])):
+        os.symlink(target, prof_dir / f"p-{n}-link")
+        _age(prof_dir / f"p-{n}-link", 70)
+        _auto_link(root, prof_dir / f"p-{n}-link")
+    os.symlink("p-2-link", prof_dir / "p")
     bob_link = home / "bob/work/ancient/result"
     bob_link.parent.mkdir(parents=True)
     os.symlink(free[5], bob_link)
@@ -796,6 +815,10 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
         assert plan["work/young/result"]["reasons"] == ["newer than 30d"]
         assert plan["work/running/result"]["reasons"] == ["running (runtime root)"]
         assert plan["work/in-profile/result"]["reasons"] == ["in a current profile generation"]
+        assert plan["work/myprof/p-1-link"]["action"] == "delete"
+        assert plan["work/myprof/p-2-link"]["kind"] == "profile"
+        assert plan["work/myprof/p-2-link"]["reasons"] == [
+            "current generation of its profile (see profiles prune)"]
         doomed = {k for k, x in plan.items() if x["action"] == "delete"}
         assert all(os.path.lexists(home / "alice" / k) for k in doomed)
         # --match narrows it down.
@@ -812,6 +835,7 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
             assert not os.path.lexists(home / "alice" / k), k
         for k in ("young", "running", "in-profile"):
             assert os.path.lexists(links[k]), k
+        assert sorted(os.listdir(prof_dir)) == ["p", "p-2-link"]
         assert tree_snapshot(home / "bob") == bob_before
         # gcroots/auto is root's: alice could not remove the entries; they dangle now.
         assert sorted(os.listdir(root / "nix/var/nix/gcroots/auto")) == auto_before
