@@ -6,7 +6,6 @@ profile lock, and `roots prune`."""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pty
@@ -14,7 +13,6 @@ import re
 import select
 import shutil
 import sqlite3
-import stat
 import subprocess
 import sys
 import tempfile
