@@ -27,7 +27,10 @@ EXIT = {Status.OK: 0, Status.ERROR: 1, Status.BAD_REQUEST: 2, Status.REFUSED: 3,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gcroots-query", description=__doc__,
+    # allow_abbrev=False: argparse (3.11) matches every argument, also those
+    # after the subcommand, against the top-level options' prefixes, so
+    # `profiles prune --keep 1` would be "ambiguous" with --keep-outputs.
+    p = argparse.ArgumentParser(prog="gcroots-query", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--socket", default=None,
@@ -65,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    from . import gc_cmd
-    return [gc_cmd]
+    from . import gc_cmd, profiles_cmd
+    return [gc_cmd, profiles_cmd]
 
 
 def request_spec(args) -> tuple[dict, tuple[bytes, ...]]:

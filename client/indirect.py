@@ -1,0 +1,178 @@
+"""Indirect roots (`result` links, direnv roots) and removing the caller's
+stale ones.
+
+Nix registers an indirect root as `<state>/gcroots/auto/<hash>` -> the link
+(`~/src/x/result`), which points into the store.  Its age is the link's
+lstat mtime (when it was last (re)made).  We only ever remove links the
+caller owns, with the caller's rights.  On a multi-user system
+`gcroots/auto` belongs to root: a user removes the `result` link, and the
+auto entry is then a stale link that gcrootsd (or Nix's GC) removes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+
+from gcroots.layout import StoreLayout
+from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
+
+from .profiles import parse_generation_name
+
+_GEN_NAME = re.compile(rb"(.+)-([0-9]+)-link", re.S)
+
+
+@dataclass(frozen=True)
+class IndirectRoot:
+    auto_entry: bytes           # <state>/gcroots/auto/<name> (physical)
+    link: bytes                 # what it points at: the `result` link (a host path)
+    store_path: bytes
+    uid: int
+    mtime: int
+    ino: tuple[int, int]
+    target: bytes               # the link's readlink
+    current_of: bytes | None = None   # the profile this link is the current generation of
+
+    @property
+    def kind(self) -> str:
+        if _GEN_NAME.fullmatch(base_name(self.link)):
+            return "profile"    # a generation of a profile outside the state dir (nix-env -p)
+        return "direnv" if b"/.direnv/" in self.link else "result"
+
+
+@dataclass
+class Scan:
+    roots: list[IndirectRoot] = field(default_factory=list)
+    stale: int = 0              # auto entries whose link is gone (gcrootsd/Nix remove them)
+    unreadable: int = 0         # links we may not even lstat (someone else's private home)
+
+
+def scan(layout: StoreLayout) -> Scan:
+    """Every indirect root, as Nix's findRoots sees one: the auto entry's
+    target (made absolute) is a symlink whose raw target is in the store."""
+    out = Scan()
+    auto = layout.auto_dir
+    try:
+        names = sorted(os.listdir(auto))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        entry = os.path.join(auto, name)
+        try:
+            link = abs_path(os.readlink(entry), auto)
+        except OSError:
+            continue  # not a symlink: not an indirect root
+        if to_store_path(link, layout.store_dir) is not None:
+            continue  # a direct root that happens to sit in auto/
+        try:
+            st = os.lstat(link)
+            target = os.readlink(link) if stat.S_ISLNK(st.st_mode) else None
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR):
+                out.stale += 1
+            else:
+                out.unreadable += 1
+            continue
+        sp = None if target is None else to_store_path(target, layout.store_dir)
+        if sp is None:
+            continue
+        out.roots.append(IndirectRoot(entry, link, sp, st.st_uid, st.st_mtime_ns // 1_000_000_000,
+                                      (st.st_dev, st.st_ino), target, _current_of(link)))
+    return out
+
+
+def _current_of(link: bytes) -> bytes | None:
+    """If `link` is `<X>-<N>-link` and the sibling profile `X` points at
+    it, the profile X: removing its current generation would break it."""
+    m = _GEN_NAME.fullmatch(base_name(link))
+    if m is None:
+        return None
+    profile = os.path.join(dir_of(link), m.group(1))
+    try:
+        target = os.readlink(profile)
+    except OSError:
+        return None
+    n = parse_generation_name(m.group(1), base_name(abs_path(target, dir_of(link))))
+    return profile if n is not None and n == int(m.group(2)) else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    root: IndirectRoot
+    delete: bool
+    reasons: tuple[str, ...]
+
+
+def plan(scan: Scan, *, older_than: int, now: float, match: bytes | None, uid: int,
+         runtime: dict[bytes, list[bytes]], in_profiles: set[bytes],
+         older_text: str) -> list[Verdict]:
+    """Only the caller's own links are candidates (others' are not listed at
+    all); of those, every old one goes unless it is running or part of a
+    current profile generation."""
+    out = []
+    cutoff = now - older_than
+    for r in scan.roots:
+        if r.uid != uid:
+            continue
+        if match is not None and not fnmatch.fnmatchcase(r.link, match):
+            continue
+        keep = []
+        if r.mtime >= cutoff:
+            keep.append(f"newer than {older_text}")
+        if r.store_path in runtime:
+            keep.append("running (runtime root)")
+        if r.store_path in in_profiles:
+            keep.append("in a current profile generation")
+        if r.current_of is not None:
+            keep.append("current generation of its profile (see profiles prune)")
+        out.append(Verdict(r, not keep, tuple(keep) if keep else (f"older than {older_text}",)))
+    return out
+
+
+@dataclass
+class Removal:
+    root: IndirectRoot
+    removed: bool
+    auto_removed: bool
+    error: str | None = None
+
+
+def remove(v: Verdict) -> Removal:
+    """Remove the link, if it is still the one planned, then its auto entry
+    if we may (the caller owns the store, or is root)."""
+    r = v.root
+    try:
+        dfd = os.open(dir_of(r.link), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        return Removal(r, False, False, f"cannot open {os.fsdecode(dir_of(r.link))}: {e.strerror}")
+    name = base_name(r.link)
+    try:
+        try:
+            st = os.lstat(name, dir_fd=dfd)
+            same = (stat.S_ISLNK(st.st_mode) and (st.st_dev, st.st_ino) == r.ino
+                    and os.readlink(name, dir_fd=dfd) == r.target)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            return Removal(r, False, False, "changed since the plan; left alone")
+        try:
+            os.unlink(name, dir_fd=dfd)
+        except OSError as e:
+            return Removal(r, False, False, f"cannot remove: {e.strerror}")
+    finally:
+        os.close(dfd)
+    return Removal(r, True, _remove_auto_entry(r))
+
+
+def _remove_auto_entry(r: IndirectRoot) -> bool:
+    try:
+        if abs_path(os.readlink(r.auto_entry), dir_of(r.auto_entry)) != r.link:
+            return False
+        os.unlink(r.auto_entry)
+        return True
+    except OSError:
+        return False  # root-owned gcroots/auto: a stale link now, gcrootsd/Nix remove it

@@ -1,0 +1,915 @@
+"""Nix profiles and their generations, managed with the caller's own rights.
+
+Layout (Nix 2.8, src/libstore/profiles.cc): a profile `<dir>/<name>` is a
+symlink to a sibling `<name>-<N>-link`, which points at a store path.  The
+generation's time is the lstat mtime of that link; `<dir>/<name>.lock` is
+the profile's lock (flock(2), exclusive, deleted on release).
+
+`nix-env --delete-generations` is reproduced exactly, with these deliberate
+deviations, all of which keep more or fail before anything is deleted:
+
+- a profile link to its generation by an absolute (or otherwise non-bare)
+  path names the current generation for us; Nix does not recognise it and
+  `old` then deletes the generation the profile points to;
+- where Nix would fail half-way (an assertion on out-of-order mtimes, a
+  generation entry that is not the plain `<name>-<N>-link` symlink it then
+  tries to unlink), we refuse before deleting anything;
+- `<N>d` computes N days without Nix's 32-bit overflow (N > 24855);
+- we never unlink anything but symlinks (Nix's remove() also takes files
+  and empty directories).
+
+Nothing here touches the store: only `-N-link` symlinks are unlinked.
+Everything that names a file is bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from gcroots.storepath import abs_path, base_name, canon_path, dir_of, to_store_path
+
+UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
+UINT64_MAX = 2**64 - 1   # GenerationNumber in nix-env's argument parsing
+INT32_MAX = 2**31 - 1    # string2Int<int> for the days
+DAY = 24 * 3600
+
+# boost::lexical_cast, as Nix's string2Int uses it: an optional sign and
+# ASCII digits, nothing else (no blanks, no base prefixes).  Nix rejects a
+# leading '-' for unsigned types itself.
+_UNSIGNED = re.compile(rb"\+?[0-9]+")
+_SIGNED = re.compile(rb"[+-]?[0-9]+")
+
+
+class ProfileError(Exception):
+    """The operation failed; nothing was deleted unless `deleted` says so."""
+    exit_code = 1
+
+    def __init__(self, message: str, deleted: Iterable[int] = ()):
+        super().__init__(message)
+        self.deleted = list(deleted)
+
+
+class SpecError(ProfileError):
+    """A generation spec nix-env would reject (a usage error)."""
+    exit_code = 2
+
+
+class PermissionRefused(ProfileError):
+    """The caller may not modify this profile (EACCES/EPERM)."""
+    exit_code = 3
+
+
+class LockTimeout(ProfileError):
+    """Another process (nix-env, say) held the profile's lock too long."""
+    exit_code = 4
+
+
+def _lexical_uint(text: bytes, maximum: int) -> int | None:
+    if _UNSIGNED.fullmatch(text) is None:
+        return None
+    n = int(text)
+    return n if n <= maximum else None
+
+
+def _lexical_int32(text: bytes) -> int | None:
+    if _SIGNED.fullmatch(text) is None:
+        return None
+    n = int(text)
+    return n if -INT32_MAX - 1 <= n <= INT32_MAX else None
+
+
+def parse_generation_name(profile_name: bytes, name: bytes) -> int | None:
+    """Nix's parseName: `<profile>-<N>-link`, where anything after the first
+    `-link` is ignored (so `p-3-link.bak` is generation 3 to Nix too)."""
+    prefix = profile_name + b"-"
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    end = rest.find(b"-link")
+    if end < 0:
+        return None
+    return _lexical_uint(rest[:end], UINT32_MAX)
+
+
+def generation_link_name(profile_name: bytes, number: int) -> bytes:
+    """Nix's makeName: the only name Nix ever unlinks for generation N."""
+    return b"%s-%d-link" % (profile_name, number)
+
+
+# -- generation specs (nix-env --delete-generations) -------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str                       # "old" | "days" | "keep" | "numbers"
+    days: int = 0
+    keep: int = 0
+    numbers: frozenset[int] = frozenset()
+
+
+def parse_spec(args: list[str]) -> Spec:
+    """nix-env's opDeleteGenerations, decision for decision: `old` and the
+    `d` and `+` forms only as the single argument; an argument containing a
+    `d` anywhere is a days spec, one containing a `+` anywhere a keep spec
+    (so `1+2` keeps 2, as in Nix)."""
+    raw = [os.fsencode(a) for a in args]
+    if len(raw) == 1 and raw[0] == b"old":
+        return Spec("old")
+    if len(raw) == 1 and b"d" in raw[0]:
+        s = raw[0]
+        if not s.endswith(b"d"):
+            raise SpecError(f"invalid number of days specifier '{args[0]}', "
+                            "expected something like '14d'")
+        days = _lexical_int32(s[:-1])
+        if days is None or days < 1:
+            raise SpecError(f"invalid number of days specifier '{args[0]}'")
+        return Spec("days", days=days)
+    if len(raw) == 1 and b"+" in raw[0]:
+        s = raw[0]
+        if len(s) < 2:
+            raise SpecError(f"invalid number of generations '{args[0]}'")
+        keep = _lexical_uint(s[1:], UINT64_MAX)
+        if not keep:  # None, or +0: that would delete the current generation
+            raise SpecError(f"invalid number of generations to keep '{args[0]}'")
+        return Spec("keep", keep=keep)
+    numbers = set()
+    for a, s in zip(args, raw):
+        n = _lexical_uint(s, UINT64_MAX)
+        if n is None:
+            raise SpecError(f"invalid generation number '{a}'")
+        numbers.add(n)
+    return Spec("numbers", numbers=frozenset(numbers))
+
+
+# -- reading a profile -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    name: bytes                 # the directory entry
+    mtime: int                  # lstat st_mtime, whole seconds, as Nix
+    is_link: bool
+    target: bytes | None        # readlink, if a symlink
+    canonical: bool             # name == `<profile>-<N>-link`
+    ino: tuple[int, int] = (0, 0)
+
+    def store_path(self, store_dir: bytes) -> bytes | None:
+        if self.target is None:
+            return None
+        return to_store_path(self.target, store_dir)
+
+
+@dataclass
+class Profile:
+    path: bytes                         # absolute, symlinks not resolved (like nix-env -p)
+    generations: list[Generation]       # by number, as Nix sorts them
+    current: int | None                 # what Nix calls the current generation
+    link: bytes | None                  # readlink of the profile (None: absent)
+    current_by_path: bool = False       # current found by our deviation (see module doc)
+
+    @property
+    def dir(self) -> bytes:
+        return dir_of(self.path)
+
+    @property
+    def name(self) -> bytes:
+        return base_name(self.path)
+
+    def generation_path(self, g: Generation) -> bytes:
+        return os.path.join(self.dir, g.name)
+
+    def numbers(self) -> list[int]:
+        return sorted({g.number for g in self.generations})
+
+
+def absolute(path: str | bytes) -> bytes:
+    """nix-env's absPath: relative to the cwd, lexically, symlinks kept."""
+    p = os.fsencode(path)
+    if not p.startswith(b"/"):
+        p = os.getcwdb() + b"/" + p
+    return canon_path(p)
+
+
+class ProfileDir:
+    """The profile's directory, opened once: every later step (reading,
+    locking, unlinking) happens relative to this fd, so a directory swapped
+    for a symlink meanwhile cannot redirect an unlink elsewhere."""
+
+    def __init__(self, profile_path: bytes):
+        self.profile_path = profile_path
+        self.path = dir_of(profile_path)
+        self.name = base_name(profile_path)
+        if not self.name or self.name in (b".", b".."):
+            raise ProfileError(f"not a profile path: {os.fsdecode(profile_path)}")
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _os_error(e, f"cannot open the profile directory {os.fsdecode(self.path)}",
+                            self.path, verb="access") from None
+        self.st = os.fstat(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "ProfileDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def read(self) -> Profile:
+        """Nix's findGenerations."""
+        gens = []
+        try:
+            # By fd, listdir returns str: back to the exact bytes.
+            names = [os.fsencode(n) for n in os.listdir(self.fd)]
+        except OSError as e:
+            raise _os_error(e, f"cannot read {os.fsdecode(self.path)}", self.path, self.st,
+                            "read") from None
+        for entry in names:
+            n = parse_generation_name(self.name, entry)
+            if n is None:
+                continue
+            try:
+                st = os.lstat(entry, dir_fd=self.fd)
+                target = os.readlink(entry, dir_fd=self.fd) if stat.S_ISLNK(st.st_mode) else None
+            except FileNotFoundError:
+                continue  # went away between listing and lstat
+            except OSError as e:
+                raise _os_error(e, f"statting {os.fsdecode(os.path.join(self.path, entry))}") from None
+            gens.append(Generation(
+                number=n, name=entry, mtime=st.st_mtime_ns // 1_000_000_000,
+                is_link=stat.S_ISLNK(st.st_mode), target=target,
+                canonical=entry == generation_link_name(self.name, n),
+                ino=(st.st_dev, st.st_ino)))
+        gens.sort(key=lambda g: g.number)  # stable, like std::list::sort
+        current, link, by_path = self._current()
+        return Profile(self.profile_path, gens, current, link, by_path)
+
+    def _current(self) -> tuple[int | None, bytes | None, bool]:
+        # Nix: pathExists (an lstat) ? parseName(readLink(profile)) : none.
+        try:
+            st = os.lstat(self.name, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None, None, False
+        except OSError as e:
+            raise _os_error(e, f"statting {os.fsdecode(self.profile_path)}") from None
+        if not stat.S_ISLNK(st.st_mode):
+            # Nix's readLink fails here too.
+            raise ProfileError(f"{os.fsdecode(self.profile_path)} is not a symbolic link, "
+                               "so it is not a profile")
+        link = os.readlink(self.name, dir_fd=self.fd)
+        n = parse_generation_name(self.name, link)
+        if n is not None:
+            return n, link, False
+        # Deviation: a link to a generation of this profile by another
+        # spelling (`/nix/var/nix/profiles/default-3-link`) is still the
+        # current generation; Nix would let `old` delete it.
+        if b"/" in link:
+            resolved = abs_path(link, self.path)
+            n = parse_generation_name(self.name, base_name(resolved))
+            if n is not None and self._same_dir(dir_of(resolved)):
+                return n, link, True
+        return None, link, False
+
+    def _same_dir(self, other: bytes) -> bool:
+        try:
+            st = os.stat(other)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (self.st.st_dev, self.st.st_ino)
+
+    # -- modifying ------------------------------------------------------------
+
+    def lock(self, timeout: float | None, on_wait: Callable[[str], None] | None = None) -> "ProfileLock":
+        return ProfileLock.acquire(self, timeout, on_wait)
+
+    def check_may_unlink(self, gens: list[Generation]) -> None:
+        """Fail before deleting anything if some unlink would be refused."""
+        if not gens or os.geteuid() == 0:
+            return
+        if not os.access(b".", os.W_OK | os.X_OK, dir_fd=self.fd, effective_ids=True):
+            raise refused(self.path, self.st)
+        if self.st.st_mode & stat.S_ISVTX and self.st.st_uid != os.geteuid():
+            # Sticky directory: only the entry's owner may unlink it.
+            for g in gens:
+                st = os.lstat(g.name, dir_fd=self.fd)
+                if st.st_uid != os.geteuid():
+                    raise refused(os.path.join(self.path, g.name), st)
+
+    def unlink_all(self, profile: Profile, doomed: list[Generation],
+                   on_delete: Callable[[int, bool], None] | None = None) -> list[int]:
+        """Unlink in order; an error says which ones are already gone."""
+        deleted: list[int] = []
+        for g in doomed:
+            if on_delete is not None:
+                on_delete(g.number, False)
+            try:
+                self.unlink_generation(g)
+            except ProfileError as e:
+                raise ProfileError(str(e), deleted) from None
+            except OSError as e:
+                err = _os_error(e, f"cannot unlink {os.fsdecode(profile.generation_path(g))}",
+                                self.path, self.st)
+                err.deleted = deleted
+                raise err from None
+            deleted.append(g.number)
+        return deleted
+
+    def unlink_generation(self, g: Generation) -> None:
+        # Re-check right before the unlink that the entry is still the
+        # symlink we decided on (under the lock only another non-Nix tool
+        # could have changed it).
+        st = os.lstat(g.name, dir_fd=self.fd)
+        if not stat.S_ISLNK(st.st_mode) or (st.st_dev, st.st_ino) != g.ino:
+            raise ProfileError(f"{os.fsdecode(os.path.join(self.path, g.name))} changed "
+                               "while we held the profile's lock; not deleting it")
+        os.unlink(g.name, dir_fd=self.fd)
+
+
+class ProfileLock:
+    """Nix's lockProfile: PathLocks on `<profile>.lock` with deletion.
+
+    Nix (pathlocks.cc) opens/creates the file 0600, takes flock(LOCK_EX),
+    and after getting it checks the file is still empty: a holder releases
+    by unlinking the file and writing one byte into it, so a waiter that
+    finds a non-empty file holds a lock nobody else sees and retries.
+    We do the same, with a timeout instead of waiting forever."""
+
+    def __init__(self, d: ProfileDir, fd: int, st: os.stat_result):
+        self.dir, self.fd, self.st = d, fd, st
+
+    @property
+    def name(self) -> bytes:
+        return self.dir.name + b".lock"
+
+    @classmethod
+    def acquire(cls, d: ProfileDir, timeout: float | None,
+                on_wait: Callable[[str], None] | None) -> "ProfileLock":
+        name = d.name + b".lock"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        told = False
+        while True:
+            try:
+                # O_NOFOLLOW: in a directory someone else can write, a
+                # planted symlink must not make us open (and later write
+                # into) an arbitrary file.
+                fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o600, dir_fd=d.fd)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ProfileError(f"{os.fsdecode(os.path.join(d.path, name))} is a symlink; "
+                                       "refusing to use it as the profile's lock") from None
+                raise _os_error(e, f"cannot open the lock {os.fsdecode(os.path.join(d.path, name))}",
+                                d.path, d.st) from None
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ProfileError(f"{os.fsdecode(os.path.join(d.path, name))} is not a regular "
+                                       "file; refusing to use it as the profile's lock")
+                if not _flock(fd, deadline):
+                    if not told and on_wait is not None:
+                        on_wait(f"waiting for lock on profile '{os.fsdecode(d.profile_path)}'")
+                        told = True
+                    if not _flock(fd, deadline, wait=True):
+                        raise LockTimeout(
+                            f"timed out after {timeout:g} s waiting for the lock on profile "
+                            f"'{os.fsdecode(d.profile_path)}' ({os.fsdecode(name)} is held by "
+                            "another process, e.g. nix-env); nothing was changed")
+                held = os.fstat(fd)
+                if not _still_named(d, name, held):
+                    os.close(fd)  # a stale lock: its holder deleted it; retry
+                    continue
+                if held.st_size != 0:
+                    # Nix only ever writes into a lock file it has unlinked;
+                    # one still in place with data is something else (Nix
+                    # would spin on it forever).
+                    raise ProfileError(f"{os.fsdecode(os.path.join(d.path, name))} is not empty, "
+                                       "so it is not a Nix lock file; refusing to go on")
+                return cls(d, fd, held)
+            except BaseException:
+                os.close(fd)
+                raise
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            try:
+                st = os.lstat(self.name, dir_fd=self.dir.fd)
+                if (st.st_dev, st.st_ino) == (self.st.st_dev, self.st.st_ino):
+                    os.unlink(self.name, dir_fd=self.dir.fd)
+            except OSError:
+                pass  # removing the lock file is an optimisation (as in Nix)
+            # Mark it stale for processes blocked on it, but only once no
+            # name reaches it any more: a lock "file" hard-linked from
+            # elsewhere must never be written into.
+            if os.fstat(self.fd).st_nlink == 0:
+                os.write(self.fd, b"d")
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "ProfileLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _still_named(d: ProfileDir, name: bytes, held: os.stat_result) -> bool:
+    """Whether the lock file we hold is still the one `name` refers to.
+    Nix checks that the file is empty instead (its holders write a byte into
+    it after unlinking it); a file nobody can open any more excludes nobody,
+    marked or not."""
+    if held.st_nlink == 0:
+        return False
+    try:
+        cur = os.lstat(name, dir_fd=d.fd)
+    except FileNotFoundError:
+        return False
+    return (cur.st_dev, cur.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _flock(fd: int, deadline: float | None, wait: bool = False) -> bool:
+    """flock(LOCK_EX) like Nix's lockFile; polls when there is a deadline
+    (flock has no timeout of its own)."""
+    import fcntl
+    if wait and deadline is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return True
+    pause = 0.01
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not wait or time.monotonic() >= deadline:
+                return False
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 2, 0.2)
+
+
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def refused(path: bytes, st: os.stat_result | None, detail: str = "",
+             verb: str = "modify") -> PermissionRefused:
+    who = _owner(os.geteuid())
+    owner = f" (owned by {_owner(st.st_uid)})" if st is not None else ""
+    return PermissionRefused(
+        f"{detail}permission denied: {who} may not {verb} {os.fsdecode(path)}{owner}; profiles "
+        "are managed with your own rights, so ask its owner or root; nothing was changed")
+
+
+def _os_error(e: OSError, what: str, path: bytes | None = None,
+              st: os.stat_result | None = None, verb: str = "modify") -> ProfileError:
+    if e.errno in (errno.EACCES, errno.EPERM) and path is not None:
+        return refused(path, st, f"{what}: {e.strerror}: ", verb)
+    return ProfileError(f"{what}: {e.strerror}")
+
+
+# -- nix-env --delete-generations ---------------------------------------------
+
+def select_for_deletion(profile: Profile, spec: Spec, now: float) -> list[Generation]:
+    """The generations Nix 2.8 deletes for `spec`, in the order it deletes
+    them.  Raises where Nix raises (before deleting anything, as Nix does)
+    and where Nix would fail half-way (then before anything, unlike Nix)."""
+    gens, cur = profile.generations, profile.current
+    if spec.kind == "old":
+        return [g for g in gens if g.number != cur]
+    if spec.kind == "numbers":
+        # Numbers without a generation are ignored, as in Nix.
+        if cur is not None and cur in spec.numbers:
+            raise ProfileError(f"cannot delete current version of profile "
+                               f"{os.fsdecode(profile.path)}")
+        return [g for g in gens if g.number in spec.numbers]
+    if spec.kind == "keep":
+        # deleteGenerationsGreaterThan: from the current generation
+        # downwards keep `keep` (the current one included); newer ones are
+        # kept; without a current generation nothing is deleted.
+        out, seen_current, keep = [], False, spec.keep
+        for g in reversed(gens):
+            if g.number == cur:
+                seen_current = True
+                keep -= 1
+                continue
+            if seen_current:
+                if keep:
+                    keep -= 1
+                    continue
+                out.append(g)
+        return out
+    if spec.kind == "days":
+        return _older_than(profile, int(now) - spec.days * DAY)
+    raise AssertionError(spec.kind)
+
+
+def _older_than(profile: Profile, cutoff: int) -> list[Generation]:
+    """deleteGenerationsOlderThan: newest first, keep everything up to and
+    including the first generation older than the cutoff (it was the active
+    one at that time), delete the older ones but the current one."""
+    out, can_delete = [], False
+    for g in reversed(profile.generations):
+        if can_delete:
+            if g.mtime >= cutoff:
+                # Nix asserts here (and aborts after a partial deletion).
+                raise ProfileError(
+                    f"generation {g.number} of {os.fsdecode(profile.path)} is newer than the cutoff "
+                    f"but numbered below an older one (its link's mtime was changed?); Nix 2.8 "
+                    "aborts on this after deleting some generations; refusing to guess, nothing "
+                    "was deleted")
+            if g.number != profile.current:
+                out.append(g)
+        elif g.mtime < cutoff:
+            can_delete = True
+    return out
+
+
+def check_deletable(profile: Profile, doomed: list[Generation]) -> None:
+    """Nix unlinks `<profile>-<N>-link` for every selected N, whatever entry
+    made it select N.  When that is not the entry itself (an alias like
+    `p-03-link`, a second entry with the same number) Nix fails half-way;
+    when it is not a symlink Nix deletes a file or directory.  Refuse both
+    up front."""
+    for g in doomed:
+        if not g.canonical:
+            raise ProfileError(
+                f"{os.fsdecode(profile.generation_path(g))} parses as generation {g.number} but "
+                f"is not named {os.fsdecode(generation_link_name(profile.name, g.number))}; "
+                "Nix 2.8 would fail half-way here; nothing was deleted")
+        if not g.is_link:
+            raise ProfileError(
+                f"{os.fsdecode(profile.generation_path(g))} is not a symlink; only generation "
+                "links are ever deleted; nothing was deleted")
+
+
+@dataclass
+class DeleteResult:
+    profile: Profile
+    deleted: list[int]
+    dry_run: bool
+
+
+def delete_generations(path: bytes, spec: Spec, *, dry_run: bool = False,
+                       lock_timeout: float | None = 30.0, now: float | None = None,
+                       on_wait: Callable[[str], None] | None = None,
+                       on_delete: Callable[[int, bool], None] | None = None) -> DeleteResult:
+    """`nix-env -p PATH --delete-generations SPEC`, under the profile's lock.
+    A dry run takes no lock and writes nothing (not even the lock file)."""
+    with ProfileDir(path) as d:
+        lock = None if dry_run else d.lock(lock_timeout, on_wait)
+        try:
+            profile = d.read()
+            doomed = select_for_deletion(profile, spec, time.time() if now is None else now)
+            check_deletable(profile, doomed)
+            if not dry_run:
+                d.check_may_unlink(doomed)
+            if dry_run:
+                for g in doomed:
+                    if on_delete is not None:
+                        on_delete(g.number, True)
+                return DeleteResult(profile, [g.number for g in doomed], True)
+            return DeleteResult(profile, d.unlink_all(profile, doomed, on_delete), False)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+# -- finding profiles ----------------------------------------------------------
+
+_GEN_NAME = re.compile(rb"(.+)-([0-9]+)-link", re.S)
+
+
+@dataclass
+class Found:
+    profiles: list[bytes] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _profiles_in_dir(dirpath: bytes, names: list[bytes], links: dict[bytes, bytes]) -> set[bytes]:
+    """Names in one directory that are profiles: a symlink to a sibling
+    generation of its own name, or the name of orphaned generation links."""
+    out = set()
+    for name, target in links.items():
+        if parse_generation_name(name, base_name(abs_path(target, dirpath))) is not None:
+            out.add(name)
+    for name in names:
+        m = _GEN_NAME.fullmatch(name)
+        if m:
+            out.add(m.group(1))  # also when the profile link itself is gone
+    # A generation link is never itself a profile.
+    return {p for p in out if not any(parse_generation_name(q, p) is not None for q in out)}
+
+
+def walk_profiles(top: bytes, found: Found) -> None:
+    """Profiles under `top`, recursively; symlinked directories are not
+    entered (as Nix's GC does not)."""
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            found.warnings.append(f"cannot read {os.fsdecode(d)}: {e.strerror}")
+            continue
+        names, links = [], {}
+        for e in entries:
+            names.append(e.name)
+            try:
+                if e.is_symlink():
+                    links[e.name] = os.readlink(e.path)
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+            except OSError as err:
+                found.warnings.append(f"cannot read {os.fsdecode(e.path)}: {err.strerror}")
+        for p in sorted(_profiles_in_dir(d, names, links)):
+            found.profiles.append(os.path.join(d, p))
+
+
+def home_dir() -> bytes:
+    home = os.environ.get("HOME")
+    if home:
+        return os.fsencode(home)
+    return os.fsencode(pwd.getpwuid(os.geteuid()).pw_dir)
+
+
+def discover(profiles_dir: bytes, *, home: bytes | None) -> Found:
+    """Every profile the caller can see: `<state>/profiles/**` (with
+    `per-user/<user>`), then, given a home, `~/.local/state/nix/profiles`
+    (Nix >= 2.14; $XDG_STATE_HOME honoured) and what `~/.nix-profile` links
+    to.  Duplicates (the same directory entry by two paths) are dropped."""
+    found = Found()
+    walk_profiles(profiles_dir, found)
+    if home is not None:
+        state = os.environ.get("XDG_STATE_HOME")
+        xdg = os.fsencode(state) if state else os.path.join(home, b".local/state")
+        walk_profiles(os.path.join(xdg, b"nix/profiles"), found)
+        link = os.path.join(home, b".nix-profile")
+        try:
+            found.profiles.append(abs_path(os.readlink(link), home))
+        except OSError:
+            pass
+    found.profiles = dedupe(found.profiles)
+    return found
+
+
+def dedupe(paths: list[bytes]) -> list[bytes]:
+    seen, out = set(), []
+    for p in paths:
+        try:
+            st = os.stat(dir_of(p))
+            key: object = (st.st_dev, st.st_ino, base_name(p))
+        except OSError:
+            key = p
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def may_modify(path: bytes) -> bool:
+    """Whether the caller could lock and prune this profile (write and
+    search access to its directory)."""
+    return os.access(dir_of(path), os.W_OK | os.X_OK, effective_ids=True)
+
+
+# -- the Nix DB: closure sizes ---------------------------------------------------
+
+_CLOSURE = """
+WITH RECURSIVE c(id) AS (
+    SELECT id FROM ValidPaths WHERE path IN (SELECT value FROM json_each(?))
+    UNION
+    SELECT r.reference FROM Refs r JOIN c ON r.referrer = c.id)
+"""
+
+
+def _json_paths(paths: Iterable[bytes]) -> str:
+    import json
+    return json.dumps([os.fsdecode(p) for p in paths])
+
+
+def closure_size(conn, store_path: bytes) -> tuple[int, int] | None:
+    """(paths, sum of narSize) of a valid path's closure; None if invalid."""
+    row = conn.execute(_CLOSURE + "SELECT count(*), coalesce(sum(v.narSize), 0) FROM c "
+                       "JOIN ValidPaths v ON v.id = c.id", (_json_paths([store_path]),)).fetchone()
+    return None if not row or not row[0] else (int(row[0]), int(row[1]))
+
+
+def closure(conn, store_paths: Iterable[bytes]) -> set[bytes]:
+    rows = conn.execute(_CLOSURE + "SELECT v.path FROM c JOIN ValidPaths v ON v.id = c.id",
+                        (_json_paths(store_paths),))
+    return {r[0] for r in rows}
+
+
+# -- retention (profiles prune) ------------------------------------------------
+
+_DURATION = re.compile(r"([0-9]+)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
+
+
+def parse_duration(text: str) -> int:
+    """`90s`, `30m`, `12h`, `14d`, `2w` and sums like `1w2d` -> seconds."""
+    pos, total = 0, 0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not text or pos != len(text):
+        raise ValueError(f"invalid duration {text!r}: use a number and a unit s, m, h, d or w, "
+                         "e.g. 14d or 1w2d")
+    return total
+
+
+def format_duration(seconds: int) -> str:
+    for unit, size in (("w", 7 * DAY), ("d", DAY), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_last: int | None = None        # the N highest-numbered generations
+    keep_since: int | None = None       # seconds: generations newer than now - this
+
+    def describe(self) -> str:
+        parts = []
+        if self.keep_last is not None:
+            parts.append(f"the last {self.keep_last}")
+        if self.keep_since is not None:
+            parts.append(f"those newer than {format_duration(self.keep_since)}")
+        return " and ".join(parts)
+
+
+@dataclass
+class Protected:
+    """Store paths that are never to lose a generation: what the system
+    links point at and the runtime roots.  Values are labels for the plan."""
+    system: dict[bytes, list[bytes]] = field(default_factory=dict)
+    runtime: dict[bytes, list[bytes]] = field(default_factory=dict)
+    runtime_checked: bool = True
+
+
+@dataclass(frozen=True)
+class Verdict:
+    generation: Generation
+    delete: bool
+    reasons: tuple[str, ...]
+    store_path: bytes | None
+
+
+def plan_prune(profile: Profile, policy: Policy, protected: Protected, now: float,
+               store_dir: bytes) -> list[Verdict]:
+    """Keep the union of the policy's sets and, always, the current
+    generation, the system's and the running ones.  Everything we cannot
+    prove safe is kept (no current generation, odd entries, non-store
+    targets)."""
+    if profile.current is None or profile.current not in {g.number for g in profile.generations}:
+        # A profile without a (present) current generation is broken or
+        # not a profile as Nix makes them: which one matters is anyone's
+        # guess, so nothing goes.
+        why = ("profile has no current generation: keeping all" if profile.current is None else
+               f"current generation {profile.current} is missing: keeping all")
+        return [Verdict(g, False, (why,), g.store_path(store_dir)) for g in profile.generations]
+    last = set(profile.numbers()[-policy.keep_last:]) if policy.keep_last else set()
+    cutoff = None if policy.keep_since is None else now - policy.keep_since
+    numbers = [g.number for g in profile.generations]
+    out = []
+    for g in profile.generations:
+        sp = g.store_path(store_dir)
+        keep: list[str] = []
+        if g.number == profile.current:
+            keep.append("current")
+        if g.number in last:
+            keep.append(f"last {policy.keep_last}")
+        if cutoff is not None and g.mtime >= cutoff:
+            keep.append(f"newer than {format_duration(policy.keep_since)}")
+        if sp is not None and sp in protected.system:
+            keep.append(" & ".join(os.fsdecode(x) for x in protected.system[sp]))
+        if sp is not None and sp in protected.runtime:
+            keep.append("running (runtime root)")
+        if not g.is_link or not g.canonical or numbers.count(g.number) > 1:
+            keep.append("not a plain generation link")
+        elif sp is None:
+            keep.append("does not point into the store")
+        if keep:
+            out.append(Verdict(g, False, tuple(keep), sp))
+            continue
+        why = []
+        if policy.keep_last is not None:
+            why.append(f"not in last {policy.keep_last}")
+        if cutoff is not None:
+            why.append(f"older than {format_duration(policy.keep_since)}")
+        out.append(Verdict(g, True, tuple(why) or ("no rule keeps it",), sp))
+    return out
+
+
+def apply_prune(path: bytes, approved: list[Verdict], policy: Policy, protected: Protected,
+                now: float, store_dir: bytes, *, lock_timeout: float | None,
+                on_wait: Callable[[str], None] | None = None) -> list[int]:
+    """Delete what was approved, under the lock, after planning again on
+    what is there now: only generations both plans delete go (the profile
+    may have changed since the plan was shown)."""
+    approved_keys = {(v.generation.name, v.generation.ino) for v in approved if v.delete}
+    if not approved_keys:
+        return []
+    with ProfileDir(path) as d:
+        with d.lock(lock_timeout, on_wait):
+            profile = d.read()
+            fresh = plan_prune(profile, policy, protected, now, store_dir)
+            doomed = [v.generation for v in fresh
+                      if v.delete and (v.generation.name, v.generation.ino) in approved_keys]
+            check_deletable(profile, doomed)
+            d.check_may_unlink(doomed)
+            return d.unlink_all(profile, doomed)
+
+
+# -- the system links -----------------------------------------------------------
+
+DEFAULT_SYSTEM_LINKS = (b"/run/current-system", b"/run/booted-system")
+
+
+def system_links_from_env() -> tuple[bytes, ...]:
+    """$GCROOTS_SYSTEM_LINKS (colon-separated) overrides the NixOS links
+    (tests, other distributions' equivalents)."""
+    value = os.environ.get("GCROOTS_SYSTEM_LINKS")
+    if value is None:
+        return DEFAULT_SYSTEM_LINKS
+    return tuple(os.fsencode(p) for p in value.split(":") if p)
+
+
+def resolve_system_link(link: bytes, store_dir: bytes) -> bytes | None:
+    """The store path a system link leads to, following a chain of links up
+    to the store (not into it: in a chroot store the store path's physical
+    location differs).  None if the link does not exist; a link that exists
+    but cannot be resolved is an error, since we then cannot tell which
+    generation must stay."""
+    p = link
+    for _ in range(40):
+        try:
+            target = os.readlink(p)
+        except FileNotFoundError:
+            if p == link:
+                return None
+            raise ProfileError(f"{os.fsdecode(link)} leads to {os.fsdecode(p)}, which does not "
+                               "exist: cannot tell which generation it is; refusing to prune")
+        except OSError as e:
+            if p != link or e.errno != errno.EINVAL:
+                raise ProfileError(f"cannot resolve {os.fsdecode(link)} ({os.fsdecode(p)}: "
+                                   f"{e.strerror}): refusing to prune") from None
+            sp = to_store_path(p, store_dir)
+            if sp is not None:
+                return sp
+            raise ProfileError(f"{os.fsdecode(link)} is not a symlink into the store: cannot tell "
+                               "which generation it is; refusing to prune") from None
+        resolved = abs_path(target, dir_of(p))
+        sp = to_store_path(resolved, store_dir)
+        if sp is not None:
+            return sp
+        p = resolved
+    raise ProfileError(f"too many levels of symbolic links resolving {os.fsdecode(link)}")
+
+
+def system_paths(links: Iterable[bytes], store_dir: bytes) -> dict[bytes, list[bytes]]:
+    out: dict[bytes, list[bytes]] = {}
+    for link in links:
+        sp = resolve_system_link(link, store_dir)
+        if sp is not None:
+            out.setdefault(sp, []).append(link)
+    return out
+
+
+def runtime_paths(rows: Iterable[tuple[bytes, ...]]) -> dict[bytes, list[bytes]]:
+    """From gcrootsd's `roots` rows (label, store path, kind): the runtime
+    and temp roots (labels are `{censored}` for unprivileged callers)."""
+    out: dict[bytes, list[bytes]] = {}
+    for label, path, kind in rows:
+        if kind in (b"runtime", b"temp"):
+            out.setdefault(path, []).append(label)
+    return out
+
+
+def generations_of(paths: Iterable[bytes]) -> Iterator[tuple[bytes, Profile | None, str | None]]:
+    """Read each profile (no lock: listing is read-only)."""
+    for p in paths:
+        try:
+            with ProfileDir(p) as d:
+                yield p, d.read(), None
+        except ProfileError as e:
+            yield p, None, str(e)
