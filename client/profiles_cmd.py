@@ -510,9 +510,10 @@ def _collect(args) -> dict:
         _stderr(f"gcroots-query: the generations are deleted, but no collection ran: {e}")
         return {"ok": False, "error": str(e)}
     if answer.status == Status.OK:
-        for row in answer.rows:
-            _stderr(" ".join(s(x) for x in row))
-        return {"ok": True, "message": answer.message}
+        summary = json.loads(answer.message)
+        _stderr(f"{summary['paths']} store paths deleted, "
+                f"{(summary['bytes_freed'] + summary['links_freed']) / 2**20:.2f} MiB freed")
+        return {"ok": True, **summary}
     if answer.status == Status.BAD_REQUEST and "unknown command" in answer.message:
         msg = (f"this gcrootsd cannot collect garbage yet (it answered: {answer.message}); "
                "the generations are deleted: run `nix-store --gc` to free their space")

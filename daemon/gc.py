@@ -18,8 +18,9 @@ One collection, in this order (gc.cc collectGarbage):
    disk, in parallel.  A crash between the two leaves unregistered paths on
    disk, which the next collection removes; never a valid path without its
    files.
-6. Remove `.links` entries nobody else links to, and stale gcroots/auto
-   links the helper reported (re-checked).
+6. Remove `.links` entries nobody else links to; then the caller removes
+   the gcroots/auto links that two helper scans found stale
+   (remove_stale_auto_links).
 
 A dry run only computes: what would go and exactly how many bytes that
 frees, counting a file only if all of its hard links go.
@@ -334,10 +335,21 @@ def clean_links(links_dir: bytes) -> int:
     return freed
 
 
-def remove_stale_auto_links(layout: StoreLayout, rootset: RootSet) -> int:
-    """Only links under gcroots/auto, and only if still stale now."""
+def confirmed_stale(first: RootSet, second: RootSet) -> list:
+    """Links that two independent, complete scans both found stale."""
+    again = {(s.link, s.target) for s in second.stale}
+    return [s for s in first.stale if (s.link, s.target) in again]
+
+
+def remove_stale_auto_links(layout: StoreLayout, stale: list) -> int:
+    """Remove stale gcroots/auto links, given as confirmed by the helper
+    (twice: see confirmed_stale).  Only links under gcroots/auto; only if
+    the link still says what it said; and never if *we* can see its target.
+    Our own view is no proof of absence -- gcrootsd cannot look into 0700
+    homes, and under ProtectHome= every home looks empty -- which is why
+    the helper's two scans decide, not our lstat."""
     removed = 0
-    for s in rootset.stale:
+    for s in stale:
         if not is_in_dir(s.link, layout.auto_dir):
             continue
         try:
@@ -348,9 +360,8 @@ def remove_stale_auto_links(layout: StoreLayout, rootset: RootSet) -> int:
             try:
                 os.lstat(s.target)
                 continue  # it exists again
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    continue
+            except OSError:
+                pass
             os.unlink(s.link)
             removed += 1
             _log.info("stale_link_removed", link=s.link, target=s.target)
@@ -520,7 +531,6 @@ class Collection:
             raise failure[0]
         self.result.stopped_at_limit = self._limit_reached() and len(done) < len(order)
         self.result.links_freed = clean_links(self.layout.links_dir)
-        self.result.stale_links_removed = remove_stale_auto_links(self.layout, a.rootset)
         self.result.seconds = time.monotonic() - self._t0
         return self.result
 
@@ -612,6 +622,14 @@ class Collection:
             if writer.in_transaction:
                 writer.execute("ROLLBACK")
             raise
+
+    def remove_stale_links(self, confirmation: RootSet) -> int:
+        """After execute(): the links stale in our scan and in `confirmation`."""
+        if self.options.dry_run or self._analysis is None:
+            return 0
+        stale = confirmed_stale(self._analysis.rootset, confirmation)
+        self.result.stale_links_removed = remove_stale_auto_links(self.layout, stale)
+        return self.result.stale_links_removed
 
     # phase 4
     def end(self) -> None:

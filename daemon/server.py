@@ -200,6 +200,13 @@ class Daemon:
                       **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
             # Deletion uses its own DB connection: queries go on meanwhile.
             result = await trio.to_thread.run_sync(c.execute, self.layout.db_path)
+            if rootset.stale and not options.dry_run:
+                # Stale links go only if a second helper scan agrees.
+                try:
+                    again = await fetch_roots_retrying(self.helper_socket, self.layout)
+                    await trio.to_thread.run_sync(c.remove_stale_links, again)
+                except IncompleteRoots as e:
+                    _log.warning("stale_links_kept", reason=str(e))
         except Exception as e:
             _log.error("gc_failed", by=by, error=str(e), dry_run=options.dry_run,
                        seconds=round(time.monotonic() - t0, 3))

@@ -326,21 +326,28 @@ def test_python_level_referrer_check():
     c._check_referrers([b"/nix/store/a", b"/nix/store/b"], done=set())  # referrer first: fine
 
 
-def test_stale_auto_links_only_when_still_stale(scratch):
+def test_stale_auto_links_only_when_confirmed_and_still_stale(scratch):
     layout = StoreLayout.make(root=os.fsencode(scratch))
     auto = scratch / "nix/var/nix/gcroots/auto"
     auto.mkdir(parents=True)
-    gone, back = scratch / "gone", scratch / "back"
-    for name, target in (("a", gone), ("b", back)):
+    gone, back, other = scratch / "gone", scratch / "back", scratch / "other"
+    for name, target in (("a", gone), ("b", back), ("c", gone), ("d", gone)):
         os.symlink(target, auto / name)
     outside = scratch / "nix/var/nix/gcroots/not-auto"
     os.symlink(gone, outside)
     back.write_text("I exist again")
-    rs = RootSet([], stale=[StaleLink(os.fsencode(auto / "a"), os.fsencode(gone)),
-                            StaleLink(os.fsencode(auto / "b"), os.fsencode(back)),
-                            StaleLink(os.fsencode(outside), os.fsencode(gone))])
-    assert remove_stale_auto_links(layout, rs) == 1
-    assert not (auto / "a").is_symlink() and (auto / "b").is_symlink() and outside.is_symlink()
+    stale = lambda *names: [StaleLink(os.fsencode(auto / n), os.fsencode(gone if n != "b" else back))  # noqa: E731
+                            for n in names]
+    first = RootSet([], stale=stale("a", "b", "c", "d") + [StaleLink(os.fsencode(outside),
+                                                                     os.fsencode(gone))])
+    second = RootSet([], stale=stale("a", "b", "d") + first.stale[-1:])  # "c" not stale again
+    os.unlink(auto / "d")
+    os.symlink(other, auto / "d")  # "d" changed since the scans
+    from gcroots.daemon.gc import confirmed_stale
+    assert remove_stale_auto_links(layout, confirmed_stale(first, second)) == 1
+    assert not (auto / "a").is_symlink()  # stale twice, unchanged, target absent: removed
+    for kept in (auto / "b", auto / "c", auto / "d", outside):
+        assert kept.is_symlink()
 
 
 def test_automatic_collection_when_space_is_low(scratch, users, pipelines):
