@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, KeysView
 
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
@@ -92,14 +92,14 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
     graph: StoreGraph | None = None                 # the in-memory graph, if it was fresh
     hash_roots: list[tuple[RootKind, bytes, bytes]] = field(default_factory=list)
-    _valid: frozenset[bytes] = frozenset()
+    _valid: "frozenset[bytes] | KeysView[bytes]" = frozenset()
     _dead_valid: set[bytes] | None = None
 
     @property
     def dead_valid(self) -> set[bytes]:
         """The dead paths that are registered (computed when first asked)."""
         if self._dead_valid is None:
-            self._dead_valid = set(self.dead or ()) & self._valid
+            self._dead_valid = {p for p in self.dead or () if p in self._valid}
         return self._dead_valid
 
     @property

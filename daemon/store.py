@@ -17,11 +17,12 @@ one consistent snapshot of the DB even while Nix writes to it.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sqlite3
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, KeysView
 
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import connect_ro
@@ -95,12 +96,19 @@ class StoreDB:
         """Read the whole graph (inside a snapshot) and keep it."""
         from .graph import StoreGraph
         self._graph = StoreGraph.load(self.conn, self.data_version())
+        self._valid_cache = None
+        # Millions of long-lived objects: keep the cyclic GC from walking them
+        # on every collection of young objects (they hold no cycles and are
+        # freed by reference counting when replaced).
+        gc.freeze()
         return self._graph
 
-    def all_valid(self) -> frozenset[bytes]:
-        """Every valid path; cached until the DB changes.  Call inside a
-        snapshot so the version and the rows belong together."""
+    def all_valid(self) -> "frozenset[bytes] | KeysView[bytes]":
+        """Every valid path (a set-like); cached until the DB changes.  Call
+        inside a snapshot so the version and the rows belong together."""
         version = self.data_version()
+        if self._graph is not None and self._graph.version == version:
+            return self._graph.index.keys()  # the graph's own paths: no second copy
         if self._valid_cache is None or self._valid_cache[0] != version:
             rows = self.conn.execute("SELECT path FROM ValidPaths")
             self._valid_cache = (version, frozenset(r[0] for r in rows))
