@@ -54,7 +54,10 @@ def _raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except OSError:
+            pass  # seccomp'd (systemd ~@resources sets LimitNOFILE= instead)
 
 
 def cmd_scan(args) -> int:
