@@ -3,6 +3,7 @@ side-by-side timing.  Benchmarks print ratios; they never assert timings."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -71,3 +72,33 @@ def fmt_ratio(ours: float, theirs: float) -> str:
 def cleanup(*roots: Path) -> None:
     for r in roots:
         shutil.rmtree(r, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pipeline(root: Path, run: Path, helper_args: tuple[str, ...] = ()):
+    """gcroots-helper and gcrootsd serving `root`; yields (gcrootsd's socket,
+    gcrootsd's process)."""
+    sys.path.insert(0, str(REPO))
+    from tests.support import wait_for_socket
+
+    run.mkdir(parents=True, exist_ok=True)
+    helper = subprocess.Popen([str(BIN / "gcroots-helper"), "serve", "--root", str(root),
+                               "--socket", str(run / "h.sock"), *helper_args],
+                              stderr=subprocess.DEVNULL)
+    daemon = None
+    try:
+        wait_for_socket(run / "h.sock", helper)
+        daemon = subprocess.Popen([str(BIN / "gcrootsd"), "--root", str(root), "--helper-socket",
+                                   str(run / "h.sock"), "--socket", str(run / "d.sock")],
+                                  stderr=subprocess.DEVNULL)
+        wait_for_socket(run / "d.sock", daemon)
+        # The socket accepts before gcrootsd has read the store graph (clients
+        # wait in the backlog): time nothing before it answers.
+        from gcroots.client import conn
+        conn.request(str(run / "d.sock"), "ping")
+        yield run / "d.sock", daemon
+    finally:
+        for p in (daemon, helper):
+            if p is not None:
+                p.terminate()
+                p.wait()

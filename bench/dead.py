@@ -14,17 +14,12 @@ from SQLite while it reloads the graph in the background).  Run as root."""
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, BIN, NIX_ORACLE, REPO, cleanup, make_store, median, run_timed  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from tests.support import wait_for_socket  # noqa: E402
+from common import (BENCH_DIR, BIN, NIX_ORACLE, cleanup, make_store, median, pipeline,  # noqa: E402
+                    run_timed)
 
 
 def rss_kib(pid: int) -> int:
@@ -48,33 +43,19 @@ def touch_db(root: Path) -> None:
 def measure(n: int, runs: int, with_nix: bool) -> None:
     root = make_store(f"dead-{n}", paths=n, roots=1000, indirect=100, stale=0)
     run = BENCH_DIR / f"dead-{n}-run"
-    run.mkdir(exist_ok=True)
-    helper = subprocess.Popen([str(BIN / "gcroots-helper"), "serve", "--root", str(root),
-                               "--socket", str(run / "helper.sock")], stderr=subprocess.DEVNULL)
-    daemon = None
-    try:
-        wait_for_socket(run / "helper.sock", helper)
-        daemon = subprocess.Popen([str(BIN / "gcrootsd"), "--root", str(root), "--helper-socket",
-                                   str(run / "helper.sock"), "--socket", str(run / "d.sock")],
-                                  stderr=subprocess.DEVNULL)
-        wait_for_socket(run / "d.sock", daemon)
-        query = [str(BIN / "gcroots-query"), "--socket", str(run / "d.sock"), "dead"]
+    with pipeline(root, run) as (sock, daemon):
+        query = [str(BIN / "gcroots-query"), "--socket", str(sock), "dead"]
         warm = [run_timed(query)[0] for _ in range(runs)]
         touch_db(root)
         cold, _, ours_out = run_timed(query)
         daemon_rss = rss_kib(daemon.pid)
-        theirs = []
-        nix_out = b""
-        if with_nix:
-            for _ in range(runs):
-                t, _, nix_out = run_timed([str(NIX_ORACLE), str(root), "nix-store", "--gc",
-                                           "--print-dead"])
-                theirs.append(t)
-    finally:
-        for p in (daemon, helper):
-            if p is not None:
-                p.terminate()
-                p.wait()
+    theirs = []
+    nix_out = b""
+    if with_nix:
+        for _ in range(runs):
+            t, _, nix_out = run_timed([str(NIX_ORACLE), str(root), "nix-store", "--gc",
+                                       "--print-dead"])
+            theirs.append(t)
     dead = ours_out.count(b"\n")
     line = f"{n:>8} paths, {dead:>7} dead: gcroots warm {median(warm):.3f}s changed {cold:.3f}s"
     if with_nix:

@@ -19,10 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, BIN, NIX_ORACLE, REPO, clone_store, cleanup, make_store, median  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from tests.support import wait_for_socket  # noqa: E402
+from common import BIN, NIX_ORACLE, clone_store, cleanup, make_store, median, pipeline  # noqa: E402
 
 
 def valid(root: Path) -> set[str]:
@@ -36,25 +33,13 @@ def valid(root: Path) -> set[str]:
 
 def ours(root: Path) -> tuple[float, bytes]:
     run = root.parent / (root.name + "-run")
-    run.mkdir(exist_ok=True)
-    helper = subprocess.Popen([str(BIN / "gcroots-helper"), "serve", "--root", str(root),
-                               "--socket", str(run / "h.sock")], stderr=subprocess.DEVNULL)
-    daemon = None
     try:
-        wait_for_socket(run / "h.sock", helper)
-        daemon = subprocess.Popen([str(BIN / "gcrootsd"), "--root", str(root), "--helper-socket",
-                                   str(run / "h.sock"), "--socket", str(run / "d.sock")],
-                                  stderr=subprocess.DEVNULL)
-        wait_for_socket(run / "d.sock", daemon)
-        t0 = time.perf_counter()
-        out = subprocess.run([str(BIN / "gcroots-query"), "--socket", str(run / "d.sock"), "gc",
-                              "--yes"], capture_output=True, check=True)
-        return time.perf_counter() - t0, out.stderr.strip().splitlines()[-1]
+        with pipeline(root, run) as (sock, _):
+            t0 = time.perf_counter()
+            out = subprocess.run([str(BIN / "gcroots-query"), "--socket", str(sock), "gc",
+                                  "--yes"], capture_output=True, check=True)
+            return time.perf_counter() - t0, out.stderr.strip().splitlines()[-1]
     finally:
-        for p in (daemon, helper):
-            if p is not None:
-                p.terminate()
-                p.wait()
         cleanup(run)
 
 

@@ -28,7 +28,6 @@ frees, counting a file only if all of its hard links go.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -43,7 +42,7 @@ from typing import Callable
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.storepath import HASH_LEN, abs_path, dir_of, hash_part, is_in_dir, parse_store_path
+from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
 
 from . import engine
 from .engine import Analysis, RootSet
@@ -262,7 +261,7 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
 
 # -- deleting ------------------------------------------------------------------------
 
-from .deleter import DeleterProcess, _count, delete_tree  # noqa: E402,F401
+from .deleter import DeleterProcess, _count  # noqa: E402
 
 
 def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:

@@ -28,6 +28,7 @@ import trio
 
 from gcroots import log
 from gcroots.layout import StoreLayout
+from gcroots.sockets import listen_fds, listen_unix, peer_credentials
 from gcroots.protocol import admin
 from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
@@ -60,7 +61,7 @@ class Peer:
 
 
 def peer_of(sock: socket.socket, admin_gid: int | None) -> Peer:
-    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    pid, uid, gid = peer_credentials(sock)
     try:
         # Python caps the buffer at 1024 bytes: 256 groups.  A peer in more
         # gets ERANGE and is treated as if in none (unprivileged): fail safe.
@@ -443,29 +444,8 @@ def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:
 
 
 def unix_listener(path: bytes, mode: int = 0o666) -> trio.SocketListener:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o777)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, mode)
-    sock.listen(64)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return trio.SocketListener(trio.socket.from_stdlib_socket(listen_unix(path, mode)))
 
 
 def activated_listeners() -> list[trio.SocketListener]:
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    count = int(os.environ.get("LISTEN_FDS", "0"))
-    out = []
-    for fd in range(3, 3 + count):
-        os.set_inheritable(fd, False)
-        out.append(trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd))))
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return out
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock)) for sock, _ in listen_fds()]

@@ -148,23 +148,20 @@ class Snapshot:
 
     def live_closure(self, roots: Iterable[bytes], settings: GCSettings) -> set[bytes]:
         """Closure of the (valid) roots over the GC's edges."""
-        query = f"""
-            WITH RECURSIVE live(id) AS (
-                SELECT v.id FROM json_each(?) j JOIN ValidPaths v ON v.path = j.value
-                UNION
-                {_edges(settings)}
-            )
-            SELECT v.path FROM live JOIN ValidPaths v ON v.id = live.id"""
-        return {r[0] for r in self.c.execute(query, (_text(roots),))}
+        return self._closure(roots, "live", _edges(settings))
 
     def referrer_closure(self, starts: Iterable[bytes], settings: GCSettings) -> set[bytes]:
+        """What Nix's referrer search visits from `starts`."""
+        return self._closure(starts, "dead", _reverse_edges(settings))
+
+    def _closure(self, starts: Iterable[bytes], name: str, edges: str) -> set[bytes]:
         query = f"""
-            WITH RECURSIVE dead(id) AS (
+            WITH RECURSIVE {name}(id) AS (
                 SELECT v.id FROM json_each(?) j JOIN ValidPaths v ON v.path = j.value
                 UNION
-                {_reverse_edges(settings)}
+                {edges}
             )
-            SELECT v.path FROM dead JOIN ValidPaths v ON v.id = dead.id"""
+            SELECT v.path FROM {name} JOIN ValidPaths v ON v.id = {name}.id"""
         return {r[0] for r in self.c.execute(query, (_text(starts),))}
 
     def nar_sizes(self, paths: Iterable[bytes]) -> dict[bytes, int]:

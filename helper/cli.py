@@ -114,7 +114,7 @@ def _uids(args) -> frozenset[int]:
 
 
 def cmd_serve(args) -> int:
-    from gcroots import log  # structlog: only the long-running server logs
+    from gcroots import log, sockets  # structlog: only the long-running server logs
 
     from . import serve
 
@@ -126,9 +126,9 @@ def cmd_serve(args) -> int:
     mode = int(args.socket_mode, 8)
     listeners = serve.systemd_listeners()
     if args.socket:
-        listeners.append((serve.listen_unix(os.fsencode(args.socket), mode, owner), serve.ROOTS))
+        listeners.append((sockets.listen_unix(os.fsencode(args.socket), mode, owner), serve.ROOTS))
     if args.nix_roots_daemon_socket:
-        listeners.append((serve.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode, owner),
+        listeners.append((sockets.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode, owner),
                           serve.NIX))
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")

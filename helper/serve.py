@@ -10,16 +10,14 @@ IO_TIMEOUT and is dropped, so it can never make us buffer without bound.
 
 from __future__ import annotations
 
-import os
 import selectors
 import socket
-import stat
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
 
 from gcroots import log
+from gcroots.sockets import listen_fds, peer_credentials
 from gcroots.layout import StoreLayout
 from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.nixcompat import encode_nix_roots
@@ -42,55 +40,10 @@ ROOTS, NIX = "roots", "nix-roots"
 _log = log.get("gcroots.helper")
 
 
-def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED)."""
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
-
-
-def listen_unix(path: bytes, mode: int, owner_uid: int | None) -> socket.socket:
-    """Bind a Unix socket at `path` with `mode` from the first instant."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"{os.fsdecode(path)} exists and is not a socket; refusing to replace it")
-        os.unlink(path)
-    os.makedirs(os.path.dirname(path) or b".", mode=0o755, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o777)
-    try:
-        sock.bind(path)
-    finally:
-        os.umask(old)
-    if owner_uid is not None:
-        os.chown(path, owner_uid, -1)
-    os.chmod(path, mode)
-    sock.listen(64)
-    return sock
-
-
 def systemd_listeners() -> list[tuple[socket.socket, str]]:
-    """Sockets passed by systemd (LISTEN_FDS, LISTEN_FDNAMES).  A socket named
-    "nix-roots" speaks the Nix compat format; any other name ours."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    count = int(os.environ.get("LISTEN_FDS", "0"))
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    out = []
-    for i in range(count):
-        fd = 3 + i
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise OSError(f"socket-activated fd {fd} is not a Unix stream socket")
-        name = names[i] if i < len(names) else ""
-        out.append((sock, NIX if name == NIX else ROOTS))
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return out
+    """Sockets from systemd: one named "nix-roots" speaks the Nix compat
+    format, any other ours."""
+    return [(sock, NIX if name == NIX else ROOTS) for sock, name in listen_fds()]
 
 
 class _StreamWriter:

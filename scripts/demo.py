@@ -7,10 +7,8 @@ cleaned up.  Run through ./scripts/demo (as root)."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pwd
-import shutil
 import signal
 import subprocess
 import sys

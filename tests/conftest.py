@@ -38,3 +38,12 @@ def scratch():
     yield d
     # rm, not shutil.rmtree: some tests build 10,000-level trees.
     subprocess.run(["rm", "-rf", "--one-file-system", str(d)], check=True)
+
+
+@pytest.fixture
+def pipelines():
+    """Pipelines (helper + daemon) a test starts; stopped afterwards."""
+    made = []
+    yield made
+    for p in made:
+        p.stop()

@@ -24,14 +24,6 @@ from . import support
 from .support import Pipeline, standalone
 
 
-@pytest.fixture
-def pipelines():
-    made = []
-    yield made
-    for p in made:
-        p.stop()
-
-
 def new_store(scratch: Path, seed: int, **kw) -> Path:
     root = scratch / "store"
     opts = dict(paths=800, quirks=1, roots=30, indirect=6, stale=1)

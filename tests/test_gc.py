@@ -9,8 +9,6 @@ import random
 import signal
 import sqlite3
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,14 +26,6 @@ from gcroots.protocol.rootstream import StaleLink
 
 from . import support
 from .support import Pipeline, du_bytes, oracle, standalone, valid_set, verify_clean
-
-
-@pytest.fixture
-def pipelines():
-    made = []
-    yield made
-    for p in made:
-        p.stop()
 
 
 def disk_set(root: Path) -> set[str]:
