@@ -58,6 +58,8 @@
       virtualisation.useNixStoreImage = true;
       virtualisation.writableStore = true;
       virtualisation.memorySize = 2048;
+      # Room for 150,000 links (one inode each) in /nix/var/nix/gcroots.
+      virtualisation.diskSize = 8192;
 
       # Builds run inside the VM from its own store, offline.
       system.extraDependencies = [ pkgs.busybox ];
@@ -80,7 +82,9 @@
           }
         '';
 
-        # Many static roots: a scan long enough to kill the helper in the middle.
+        # Many static roots: a scan long enough to kill the helper in the
+        # middle (150,000 links take `gcroots-helper scan` about 2.5 s on the
+        # 2-core machine this was written on).
         "gcroots-test/many-roots.py".text = ''
           import os
           import sys
@@ -233,7 +237,7 @@
 
     with subtest("the helper killed mid-scan: the collection refuses and deletes nothing"):
         victim = build("alice", "garbage-while-killed")
-        machine.succeed(f"python3 /etc/gcroots-test/many-roots.py /nix/var/nix/gcroots/many {alice_top} 200000")
+        machine.succeed(f"python3 /etc/gcroots-test/many-roots.py /nix/var/nix/gcroots/many {alice_top} 150000")
         rc = machine.succeed("bash /etc/gcroots-test/kill-helper-mid-scan.sh").strip()
         out = machine.succeed("cat /tmp/gc-killed.out")
         assert rc == "1" and "no complete root set" in out, (rc, out)
