@@ -1,0 +1,127 @@
+# gcroots for nixpkgs: `python3Packages.callPackage ./nix/package.nix { }` (or
+# `pkgs.callPackage`; the flake's overlay does the latter).
+#
+# Two builds of the same source:
+#   - the package itself (gcroots-helper, gcrootsd, gcroots-query), and
+#   - `passthru.helper`: gcroots-helper alone, with only the helper's own
+#     dependencies.  The helper is the privileged part; its Landlock rules make
+#     everything on its sys.path readable to it, so it should carry neither trio
+#     nor prometheus-client (DESIGN.md: the helper imports neither trio nor the
+#     daemon).  The NixOS module runs the helper from this build.
+#
+# Untested here: the machine this was written on has no nixpkgs, so neither
+# build has been run; tests/test_nix_files.py checks what can be checked
+# without it (syntax, the version read from pyproject.toml, the file set).
+{
+  lib,
+  python3Packages,
+  # gcrootsd writes Prometheus metrics (the NixOS module asks for a textfile by
+  # default); without prometheus-client `--metrics-*` exit with a clear error.
+  withMetrics ? true,
+}:
+
+let
+  pyproject = lib.importTOML ../pyproject.toml;
+
+  # Only what the wheel is built from: changing tests/, nix/, bench/ or the
+  # systemd units does not rebuild the package (or restart the services).
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../pyproject.toml
+      ../README.md # pyproject.toml's `readme`
+      ../gcroots
+      ../protocol
+      ../helper
+      ../daemon
+      ../client
+    ];
+  };
+
+  metricsDeps = [ python3Packages.prometheus-client ];
+
+  common = {
+    inherit (pyproject.project) version;
+    inherit src;
+    pyproject = true;
+
+    build-system = with python3Packages; [
+      setuptools
+      wheel
+    ];
+
+    # The test suite needs root, real users, a real Nix (2.8, as the oracle),
+    # systemd and a kernel with Landlock; it cannot run in the build sandbox.
+    # It runs in the project's CI, and the NixOS VM test
+    # (nix/tests/multi-user.nix) exercises the installed package.
+    doCheck = false;
+
+    meta = {
+      description = pyproject.project.description;
+      homepage = "https://github.com/gcroots/gcroots";
+      license = lib.licenses.mit;
+      # Landlock, seccomp, SO_PEERCRED, /proc: Linux only.
+      platforms = lib.platforms.linux;
+    };
+  };
+
+  helper = python3Packages.buildPythonApplication (
+    common
+    // {
+      pname = "gcroots-helper";
+
+      dependencies = with python3Packages; [
+        cffi # Landlock, seccomp and prctl calls
+        pyroute2 # the sandbox's network namespace check
+        structlog # logging
+      ];
+      # pyproject.toml lists the daemon's dependency too; the helper never
+      # imports it (a test in tests/ guards that), so drop it from the
+      # metadata instead of carrying it.
+      pythonRemoveDeps = [ "trio" ];
+
+      # Only the helper: the other commands need trio.
+      postInstall = ''
+        rm "$out/bin/gcrootsd" "$out/bin/gcroots-query"
+      '';
+
+      # Fails the build if the helper ever starts importing trio.
+      pythonImportsCheck = [ "gcroots.helper.cli" ];
+
+      meta = common.meta // {
+        mainProgram = "gcroots-helper";
+      };
+    }
+  );
+in
+python3Packages.buildPythonApplication (
+  common
+  // {
+    pname = pyproject.project.name;
+
+    dependencies =
+      (with python3Packages; [
+        trio
+        pyroute2
+        cffi
+        structlog
+      ])
+      ++ lib.optionals withMetrics metricsDeps;
+
+    optional-dependencies.metrics = metricsDeps;
+
+    pythonImportsCheck = [
+      "gcroots.helper.cli"
+      "gcroots.daemon.cli"
+      "gcroots.client.cli"
+    ];
+
+    passthru = {
+      inherit helper;
+    };
+
+    meta = common.meta // {
+      mainProgram = "gcroots-query";
+    };
+  }
+)
