@@ -126,10 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"gcrootsd: {e}") from None
 
     async def run() -> None:
+        # Under socket activation systemd owns the socket: --socket is ignored
+        # (binding it again would replace systemd's socket file).
         listeners = activated_listeners()
-        if not listeners or args.socket:
+        if not listeners:
             listeners.append(unix_listener(os.fsencode(args.socket or DEFAULT_SOCKET),
                                            int(args.socket_mode, 8)))
+        elif args.socket:
+            log.get("gcroots.daemon").info("socket_option_ignored", socket=args.socket,
+                                           reason="socket activation")
         await daemon.serve(listeners)
 
     try:

@@ -209,8 +209,9 @@ def make_store_writable(store: bytes) -> None:
         # Namespaces belong to the calling thread: in a threaded process (the
         # daemon) a remount would not even reach the deletion worker.
         raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcrootsd does not remount it "
-                      "(that needs CAP_SYS_ADMIN and a single-threaded process): give it a "
-                      "writable view of the store (systemd: BindPaths=/nix/store)")
+                      "(that needs CAP_SYS_ADMIN and a single-threaded process): mount the store "
+                      "read-write (NixOS: boot.nixStoreMountOpts = [ \"nodev\" \"nosuid\" ]) "
+                      "or collect with `gcroots-query --standalone gc` as root")
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_REMOUNT, MS_BIND = 0x20000, 0x4000, 0x40000, 0x20, 0x1000
@@ -222,9 +223,8 @@ def make_store_writable(store: bytes) -> None:
         if step() != 0:
             err = ctypes.get_errno()
             raise GCError(f"{os.fsdecode(store)} is mounted read-only and we cannot {what} "
-                          f"({os.strerror(err)}); remounting needs CAP_SYS_ADMIN, which gcrootsd "
-                          "does not have: give it a writable view of the store (systemd: "
-                          "BindPaths=/nix/store) and run it as the store owner")
+                          f"({os.strerror(err)}); remounting needs CAP_SYS_ADMIN: mount the store "
+                          "read-write (NixOS: boot.nixStoreMountOpts = [ \"nodev\" \"nosuid\" ])")
     if os.statvfs(store).f_flag & os.ST_RDONLY:
         raise GCError(f"{os.fsdecode(store)} is still read-only after remounting")
     _log.info("store_remounted_read_write", store=store)

@@ -124,12 +124,16 @@ def cmd_serve(args) -> int:
     uids = _uids(args)
     owner = min(uids) if uids else None
     mode = int(args.socket_mode, 8)
+    # Under socket activation systemd owns the sockets (names "gcroots" and
+    # "nix-roots"); path options would bind over them, so they are ignored.
     listeners = serve.systemd_listeners()
-    if args.socket:
-        listeners.append((sockets.listen_unix(os.fsencode(args.socket), mode, owner), serve.ROOTS))
-    if args.nix_roots_daemon_socket:
-        listeners.append((sockets.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode, owner),
-                          serve.NIX))
+    if not listeners:
+        if args.socket:
+            listeners.append((sockets.listen_unix(os.fsencode(args.socket), mode, owner),
+                              serve.ROOTS))
+        if args.nix_roots_daemon_socket:
+            listeners.append((sockets.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode,
+                                                  owner), serve.NIX))
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
     box = _sandbox(args, layout)   # sockets open, nothing read yet

@@ -322,3 +322,26 @@ def test_temp_roots_reading(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_socket_option_ignored_under_socket_activation(scratch, users, pipelines):
+    root = new_store(scratch, 69, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    p.start_helper()
+    pw = users[support.DAEMON_USER]
+    daemon = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(p.sock), "setpriv", f"--reuid={pw.pw_uid}",
+         f"--regid={pw.pw_gid}", "--init-groups", "--", support.DAEMON, "--root", str(root),
+         "--helper-socket", str(p.helper_sock), "--socket", str(p.sock)],
+        stderr=subprocess.DEVNULL)
+    try:
+        support.wait_for_socket(p.sock)
+        inode = os.stat(p.sock).st_ino
+        assert p.query("stats").returncode == 0  # activates gcrootsd
+        assert os.stat(p.sock).st_ino == inode
+        assert p.query("dead").returncode == 0
+    finally:
+        daemon.terminate()
+        daemon.wait()

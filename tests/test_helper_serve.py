@@ -407,3 +407,20 @@ def test_scan_error_in_process_gives_error_trailer():
     while not isinstance(ev := rx.next_event(), StreamEnd):
         events.append(ev)
     assert not ev.complete and "EIO on gcroots" in ev.reason
+
+
+def test_path_options_are_ignored_under_socket_activation(store, scratch, start_helper):
+    """With systemd's socket, --socket naming the same path must not replace
+    it (that would orphan systemd's listening socket)."""
+    sock = scratch / "roots.sock"
+    h = start_helper(store, "--socket", str(sock),
+                     cmd_prefix=["systemd-socket-activate", "-l", str(sock),
+                                 "--fdname=gcroots"])
+    support.wait_for_socket(sock)
+    inode = os.stat(sock).st_ino
+    events, end, _ = read_root_stream(sock)  # activates the helper
+    assert end.complete
+    time.sleep(0.3)
+    assert os.stat(sock).st_ino == inode
+    assert read_root_stream(sock)[1].complete
+    assert h.proc.poll() is None
