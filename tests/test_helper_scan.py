@@ -273,7 +273,7 @@ def test_runtime_roots_on_real_nix_match_nix(scratch):
 
 def test_cmdline_is_opt_in(scratch):
     sp = support.oracle("/", "nix-store", "--add", str(_mkfile(scratch, "cmdline"))).stdout.strip()
-    p = subprocess.Popen(["sh", "-c", "sleep 600", "sh", sp.decode()])
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", sp.decode()])
     try:
         label = f"/proc/{p.pid}/cmdline -> ".encode() + sp
         assert label not in lines(helper_scan("/").stdout)
