@@ -290,7 +290,12 @@ def network_links() -> list[tuple[str, bool]]:
     except OSError as e:
         if e.errno not in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT):
             raise
-        return _links_procfs()
+    # pyroute2 leaves its asyncio loop behind in a reference cycle: collect it
+    # now, while its fds are ours.  Otherwise a later collection in the /proc
+    # reader (which closes every inherited fd) prints a traceback to stderr.
+    import gc
+    gc.collect()
+    return _links_procfs()
 
 
 def _netns_not_the_hosts() -> bool:
