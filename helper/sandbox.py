@@ -969,6 +969,8 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
         for name in state_names:
+            if not os.path.lexists(gcroots + b"/" + name):
+                continue  # never made (e.g. a read-only state dir: unlink says EROFS)
             try:
                 os.unlink(gcroots + b"/" + name)
             except FileNotFoundError:

@@ -164,6 +164,20 @@ def test_sandbox_check_as_dedicated_user(store, users, helper_user):
     assert res["works"] == {n: "ok" for n in NEEDED}
 
 
+def test_sandbox_check_with_a_read_only_state_dir(store, users):
+    """systemd's ProtectSystem=strict: the probes cannot be made (EROFS), and
+    cleaning up the probes that were never made is no failure."""
+    gcroots = store / "nix/var/nix/gcroots"
+    script = 'mount -o bind,ro "$1" "$1" && shift && exec "$@"'
+    res = sandbox_check("--root", str(store),
+                        prefix=["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                                "sh", str(gcroots)])
+    assert res["rc"] == 0, res["stdout"] + res["stderr"]
+    assert "skip state dir escapes: cannot prepare probes" in res["stdout"]
+    assert "Read-only file system" in res["stdout"]
+    assert res["escape"] == {k: v for k, v in ALL_LAYERS.items() if not k.endswith(" state")}
+
+
 # -- a serving helper ------------------------------------------------------------------------
 
 class Served:
