@@ -74,17 +74,33 @@ def rootfs_key() -> str:
     return hashlib.sha256(json.dumps([RECIPE, SUITE, PACKAGES, MASKED]).encode()).hexdigest()
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _build_dir() -> tuple[Path, bool]:
     """Where debootstrap works: a tmpfs when it has room (dpkg's fsyncs make
     it take twice as long on disk), else the cache itself."""
     shm = Path("/dev/shm")
     try:
+        for old in shm.glob("gcroots-rootfs-*"):   # left by a killed preparation
+            pid = old.name.split("-")[2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                rm_rf(old)
         st = os.statvfs(shm)
         if st.f_bavail * st.f_frsize >= 3 * 2**30:
-            return Path(tempfile.mkdtemp(prefix="gcroots-rootfs-", dir=shm)), True
+            return Path(tempfile.mkdtemp(prefix=f"gcroots-rootfs-{os.getpid()}-", dir=shm)), True
     except OSError:
         pass
-    return CACHE / "rootfs.build", False
+    build = CACHE / "rootfs.build"
+    build.mkdir()
+    return build, False
 
 
 def _debootstrap(target: Path) -> None:
@@ -128,7 +144,7 @@ def prepare_rootfs() -> Path:
         if marker.exists() and marker.read_text().strip() == key and \
                 (rootfs / "usr/bin/nix-store").exists():
             return rootfs
-        log(f"preparing the Debian {SUITE} rootfs in {rootfs} (debootstrap; a few minutes)")
+        log(f"preparing the Debian {SUITE} rootfs in {rootfs} (debootstrap: a minute or two)")
         t0 = time.monotonic()
         marker.unlink(missing_ok=True)
         for stale in (rootfs, CACHE / "rootfs.tmp", CACHE / "rootfs.build"):
@@ -343,13 +359,9 @@ def clean_old_runs() -> None:
     if not runs.exists():
         return
     for d in runs.iterdir():
-        try:
-            os.kill(int(d.name.split("-")[1]), 0)
+        pid = d.name.split("-")[1] if d.name.count("-") >= 2 else ""
+        if pid.isdigit() and _pid_alive(int(pid)):
             continue  # its test is still running
-        except (IndexError, ValueError, ProcessLookupError):
-            pass
-        except PermissionError:
-            continue
         merged = d / "merged"
         if subprocess.run(["mountpoint", "-q", str(merged)]).returncode == 0:
             subprocess.run(["umount", "-l", str(merged)], check=False)
