@@ -10,7 +10,11 @@ logs one `sandbox_layer` event saying whether it is active and, if not, why:
   netns         An empty network namespace: unshare(CLONE_NEWNET) when we may
                 (root), else (systemd PrivateNetwork=yes, RestrictNamespaces=)
                 the current one must already be empty.  Verified either way:
-                nothing but a down `lo`.  Stops: any network reachability.
+                nothing but `lo`, and that one down -- or up in a namespace
+                that is not the host's (init's; where /proc/1 is out of
+                reach, our parent's): systemd's PrivateNetwork= brings `lo`
+                up in the unit's own namespace, where it reaches only the
+                unit itself.  Stops: any network reachability.
   caps          effective = permitted = bounding = {CAP_DAC_READ_SEARCH,
                 CAP_SYS_PTRACE}; inheritable and ambient empty; not dumpable
                 (no core dumps of other users' environments, no ptrace by
@@ -286,7 +290,31 @@ def network_links() -> list[tuple[str, bool]]:
     except OSError as e:
         if e.errno not in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT):
             raise
-        return _links_procfs()
+    # pyroute2 leaves its asyncio loop behind in a reference cycle: collect it
+    # now, while its fds are ours.  Otherwise a later collection in the /proc
+    # reader (which closes every inherited fd) prints a traceback to stderr.
+    import gc
+    gc.collect()
+    return _links_procfs()
+
+
+def _netns_not_the_hosts() -> bool:
+    """Is our network namespace another than the host's, i.e. init's (PID 1's;
+    systemd made one for the unit: PrivateNetwork=)?  Where /proc/1 is out of
+    reach, our parent's namespace stands for the host's.  Unknown counts as
+    no."""
+    try:
+        ours = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return False
+    for pid in (1, os.getppid()):
+        if pid <= 0:
+            continue
+        try:
+            return ours != os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+    return False
 
 
 def _layer_netns() -> dict:
@@ -298,11 +326,15 @@ def _layer_netns() -> dict:
         # already be empty (PrivateNetwork=yes).
         how = f"inherited (unshare: {errno.errorcode.get(e.errno, e.errno)})"
     links = network_links()
-    if links != [("lo", False)]:
-        shown = ", ".join(f"{n}({'up' if up else 'down'})" for n, up in links) or "none"
-        raise _Missing(f"network namespace {how} has links other than a down lo: {shown}; "
-                       "run as root or with PrivateNetwork=yes")
-    return {"how": how, "links": "lo(down)"}
+    if links == [("lo", False)]:
+        return {"how": how, "links": "lo(down)"}
+    if links == [("lo", True)] and _netns_not_the_hosts():
+        # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.
+        return {"how": how, "links": "lo(up), not the host's namespace"}
+    shown = ", ".join(f"{n}({'up' if up else 'down'})" for n, up in links) or "none"
+    raise _Missing(f"network namespace {how} has links other than lo (down, or up in a "
+                   f"namespace not the host's): {shown}; run as root or with "
+                   "PrivateNetwork=yes")
 
 
 # -- layer: capabilities --------------------------------------------------------------
@@ -937,6 +969,8 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[
         listener.close()
         shutil.rmtree(tmp, ignore_errors=True)
         for name in state_names:
+            if not os.path.lexists(gcroots + b"/" + name):
+                continue  # never made (e.g. a read-only state dir: unlink says EROFS)
             try:
                 os.unlink(gcroots + b"/" + name)
             except FileNotFoundError:

@@ -164,6 +164,20 @@ def test_sandbox_check_as_dedicated_user(store, users, helper_user):
     assert res["works"] == {n: "ok" for n in NEEDED}
 
 
+def test_sandbox_check_with_a_read_only_state_dir(store, users):
+    """systemd's ProtectSystem=strict: the probes cannot be made (EROFS), and
+    cleaning up the probes that were never made is no failure."""
+    gcroots = store / "nix/var/nix/gcroots"
+    script = 'mount -o bind,ro "$1" "$1" && shift && exec "$@"'
+    res = sandbox_check("--root", str(store),
+                        prefix=["unshare", "-m", "--propagation", "private", "sh", "-c", script,
+                                "sh", str(gcroots)])
+    assert res["rc"] == 0, res["stdout"] + res["stderr"]
+    assert "skip state dir escapes: cannot prepare probes" in res["stdout"]
+    assert "Read-only file system" in res["stdout"]
+    assert res["escape"] == {k: v for k, v in ALL_LAYERS.items() if not k.endswith(" state")}
+
+
 # -- a serving helper ------------------------------------------------------------------------
 
 class Served:
@@ -332,16 +346,46 @@ def test_dedicated_user_without_reduced_bounding_set_is_refused(store, user_sock
     assert b"CapabilityBoundingSet=" in out.stderr
 
 
+NETNS_REFUSED = (b"netns: network namespace inherited (unshare: EPERM) has links other than lo "
+                 b"(down, or up in a namespace not the host's): ")
+
+
 def test_netns_that_is_not_empty_is_refused(store, user_sock_dir):
-    """Without the right to unshare, the inherited namespace is checked: a
-    loopback that is up is already too much."""
-    out = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
-                          *AS_USER, *BOUNDING, HELPER, "serve", "--root", str(store),
+    """Without the right to unshare, the inherited namespace is checked: the
+    host's, with its links, is refused."""
+    out = subprocess.run([*AS_USER, *BOUNDING, HELPER, "serve", "--root", str(store),
                           "--socket", str(user_sock_dir / "x.sock"), "--require-sandbox"],
                          capture_output=True, timeout=30)
     assert out.returncode != 0
-    assert b"netns: network namespace inherited (unshare: EPERM) has links other than a down " \
-           b"lo: lo(up)" in out.stderr
+    assert NETNS_REFUSED + b"lo(up), " in out.stderr
+
+
+def test_netns_of_init_with_lo_up_is_refused(store, user_sock_dir):
+    """A loopback that is up is accepted only in a namespace that is not the
+    host's (init's).  Here init is the sh of a new PID namespace (with its own
+    /proc), sharing the helper's network namespace."""
+    out = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "sh", "-c",
+                          'ip link set lo up && "$@"; exit $?', "sh", *AS_USER, *BOUNDING, HELPER,
+                          "serve", "--root", str(store), "--socket",
+                          str(user_sock_dir / "x.sock"), "--require-sandbox"],
+                         capture_output=True, timeout=30)
+    assert out.returncode != 0
+    assert NETNS_REFUSED + b"lo(up);" in out.stderr
+
+
+def test_private_netns_with_lo_up_is_accepted(store, users, serve_helper, user_sock_dir):
+    """systemd's PrivateNetwork=yes: a namespace of the unit's own with `lo`
+    up (systemd brings it up).  It reaches only the unit itself: accepted."""
+    prefix = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *AS_USER,
+              *BOUNDING]
+    h = serve_helper(store, "--require-sandbox", prefix=prefix, sock_dir=user_sock_dir)
+    h.wait_listening()
+    netns = h.event("sandbox_layer")
+    assert netns["layer"] == "netns" and netns["active"]
+    assert netns["links"] == "lo(up), not the host's namespace"
+    links = netns_links(h.proc.pid)
+    assert len(links) == 1 and re.match(r"1: lo: <LOOPBACK,UP,LOWER_UP> ", links[0]), links
+    assert read_root_stream(h.sock)[1].complete
 
 
 # -- the oracle, sandboxed ------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""A real multi-user host under real systemd: a Debian 12 rootfs (debootstrap,
+cached in .cache/container) booted with `systemd-nspawn -b` on a throw-away
+overlay.  Inside, gcroots-scenario.service installs gcroots with
+scripts/install --take-store, enables the units, builds a store with the real
+Nix, gives alice and bob `result` roots in 0700 homes and bob a process
+holding a store path open, and runs the checks of tests/container/scenario.py
+(one report entry each).  Here each check is one test.
+
+The first run prepares the rootfs (a minute or two, needs the Debian
+mirror) and downloads the wheels (PyPI); the container itself has no network.
+On a failure the container's journal is shown; the run's results are also
+in .cache/container/last-results (report.json, journal.txt, console.log).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+
+from .container import host
+
+pytestmark = pytest.mark.container
+
+CHECKS = [
+    "roots_as_root",             # alice's and bob's result links (0700 homes), bob's /proc root
+    "roots_as_bob_censored",     # bob sees {censored} instead of /proc/PID/... labels
+    "services_active",           # both sockets and both services active, gcrootsd notified
+    "timer_waiting",             # gcroots-gc.timer enabled, active/waiting, fires the gc service
+    "helper_confined",           # the running helper: its user, NoNewPrivs, seccomp, exactly 2 caps
+    "daemon_unprivileged",       # gcrootsd: user gcroots (store owner), no caps, confined
+    "sandbox_check",             # gcroots-helper sandbox-check as the unit's user with its caps
+    "dead_set",                  # dead == the garbage built == nix-store --gc --print-dead
+    "bob_refused_by_helper",     # EACCES at connect; with the socket 0666, closed without a byte
+    "bob_cannot_collect",        # gcroots-query gc as bob: refused (exit 3), nothing deleted
+    "helper_killed_gc_refuses",  # SIGKILL mid-scan (every retry): exit 1, nothing deleted
+    "gc_exact",                  # gcroots-query gc deletes exactly the garbage, keeps every root
+    "verify_clean",              # nix-store --verify --check-contents afterwards
+    "timer_gc",                  # the timer fires gcroots-gc.service: the new garbage goes, exactly
+    "journal_structured",        # every line both services log is a JSON event in journald
+    "metrics",                   # the textfile metrics readable by nobody, counting the runs
+    "services_healthy_at_end",   # all active, gcrootsd never restarted, timer back on schedule
+]
+
+
+@pytest.fixture(scope="module")
+def container():
+    missing = [t for t in ("debootstrap", "systemd-nspawn") if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: run ./scripts/bootstrap")
+    host.clean_old_runs()
+    boot = host.Boot(host.prepare_rootfs(), host.prepare_wheels(), timeout=420)
+    try:
+        boot.run()
+    finally:
+        boot.cleanup()
+    return boot
+
+
+OURS = re.compile(r" (gcrootsd|gcroots-helper|gcroots-query|python3|systemd-run|systemd)\[\d+\]: ")
+
+
+def _journal(boot) -> str:
+    """The container's journal, gcroots' part: its services, the scenario
+    (python3) and systemd's messages about gcroots units."""
+    lines = [line for line in boot.text("journal.txt", tail=100000).splitlines()
+             if (m := OURS.search(line)) and (m.group(1) != "systemd" or "gcroots" in line)]
+    return (f"\n--- container journal, gcroots' part (tail; everything in "
+            f"{boot.results}/journal.txt) ---\n" + "\n".join(lines[-120:]))
+
+
+def test_scenario_ran(container):
+    report = container.report()
+    assert not container.timed_out, "the container did not power off in time" + _journal(container)
+    assert report is not None, ("no report from the container\n--- console ---\n"
+                                + container.text("console.log", tail=120))
+    assert report["setup_error"] is None, report["setup_error"] + _journal(container)
+    assert set(report["checks"]) == set(CHECKS), sorted(set(report["checks"]) ^ set(CHECKS))
+
+
+@pytest.mark.parametrize("check", CHECKS)
+def test_check(container, check):
+    report = container.report()
+    if report is None or check not in report["checks"]:
+        pytest.fail(f"{check} did not run (see test_scenario_ran)"
+                    + (f": {report['setup_error']}" if report and report["setup_error"] else ""))
+    result = report["checks"][check]
+    assert result["ok"], result["detail"] + _journal(container)
