@@ -64,10 +64,11 @@ def cmd_scan(args) -> int:
     """One-shot scan printing `LINK -> STOREPATH` like nix-store --gc --print-roots."""
     from gcroots.nixdb import NixDBError, connect_ro, valid_subset
 
-    from .scan import ScanError, Scanner
+    from .scan import ScanError, Scanner, hidden_home_dirs
 
     _raise_fd_limit()
     layout = _layout(args)
+    hidden = hidden_home_dirs()  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
         box = _sandbox(args, layout, read_db=not args.all_candidates)
@@ -75,7 +76,7 @@ def cmd_scan(args) -> int:
     roots: set[tuple[bytes, bytes]] = set()
     try:
         for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline,
-                           proc_reader=box and box.proc_reader).scan():
+                           proc_reader=box and box.proc_reader, hidden_homes=hidden).scan():
             if isinstance(rec, Root):
                 roots.add((rec.label, rec.store_path))
             elif isinstance(rec, StaleLink):
@@ -136,9 +137,15 @@ def cmd_serve(args) -> int:
                                                   owner), serve.NIX))
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
+    from .scan import hidden_home_dirs
+    hidden = tuple(hidden_home_dirs())  # before the sandbox closes /proc/1
+    if hidden:
+        log.get("gcroots.helper").error("home_dirs_hidden", dirs=list(hidden),
+                                        consequence="every scan fails until this is fixed")
     box = _sandbox(args, layout)   # sockets open, nothing read yet
     server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
-                                cmdline=args.cmdline, proc_reader=box.proc_reader)
+                                cmdline=args.cmdline, proc_reader=box.proc_reader,
+                                hidden_homes=hidden)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

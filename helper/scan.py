@@ -42,6 +42,42 @@ class ScanError(Exception):
     """The scan cannot vouch for a complete root set."""
 
 
+HOME_DIRS = (b"/home", b"/root", b"/run/user")
+
+
+def _backing(mountinfo: bytes, path: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(device, directory on that device, fs type) that `path` shows."""
+    best = None
+    for line in mountinfo.splitlines():
+        head, _, tail = line.partition(b" - ")
+        f = head.split()
+        if len(f) < 5 or not tail:
+            continue
+        point = f[4]
+        if path == point or path.startswith(point.rstrip(b"/") + b"/"):
+            if best is None or len(point) > len(best[0]):
+                rest = path[len(point.rstrip(b"/")):]
+                best = (point, (f[2], (f[3].rstrip(b"/") + rest) or b"/", tail.split()[0]))
+    return None if best is None else best[1]
+
+
+def hidden_home_dirs(proc: bytes = b"/proc") -> list[bytes]:
+    """Home directories that this process sees differently from init (PID
+    1): hidden by an empty mount (systemd ProtectHome=yes or tmpfs).  Links
+    in them would all look stale -- their paths garbage -- so a helper that
+    cannot see them must not scan.  A read-only view of the same directory
+    is fine.  Empty when it cannot tell (no access to PID 1's mounts).
+    Checked once at start: under Landlock /proc/1 is closed to us."""
+    try:
+        with open(proc + b"/self/mountinfo", "rb") as f:
+            ours = f.read()
+        with open(proc + b"/1/mountinfo", "rb") as f:
+            init = f.read()
+    except OSError:
+        return []
+    return [h for h in HOME_DIRS if _backing(ours, h) != _backing(init, h)]
+
+
 def _warn(path: bytes, e: OSError, what: str) -> ScanWarning:
     return ScanWarning(path, e.errno or 0, f"cannot read potential root ({what}): {e.strerror}")
 
@@ -93,15 +129,22 @@ class Scanner:
     """`proc_reader` replaces read_process() (the sandbox passes its reader)."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc", proc_reader=None) -> None:
+                 proc: bytes = b"/proc", proc_reader=None,
+                 hidden_homes: list[bytes] | tuple = ()) -> None:
         self.layout = layout
         self.runtime = runtime
         self.cmdline = cmdline
         self.proc = proc
         self._read_process = proc_reader or read_process
+        self.hidden_homes = list(hidden_homes)
         self._env_re = environ_regex(layout.store_dir)
 
     def scan(self) -> Iterator[Record]:
+        if self.hidden_homes:
+            raise ScanError(f"home directories are hidden from the helper "
+                            f"({', '.join(os.fsdecode(h) for h in self.hidden_homes)}: an empty "
+                            "mount over them, e.g. systemd ProtectHome=yes); links in them would "
+                            "look stale and their paths garbage. Use ProtectHome=read-only")
         yield from self._find_roots(self.layout.gcroots_dir, RootKind.STATIC)
         yield from self._find_roots(self.layout.profiles_dir, RootKind.PROFILE)
         if self.runtime:

@@ -103,6 +103,7 @@ class HelperServer:
     runtime: bool = True
     cmdline: bool = False
     proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
+    hidden_homes: tuple = ()      # home dirs we cannot see: every scan fails (scan.hidden_home_dirs)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
 
@@ -162,6 +163,7 @@ class HelperServer:
 
     def _scanner(self) -> Scanner:
         return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline,
+                       hidden_homes=self.hidden_homes,
                        proc_reader=self.proc_reader)
 
     def _count(self, rec, stats) -> None:

@@ -320,3 +320,21 @@ def test_proc_errors_in_unexpected_places_fail_the_scan(monkeypatch, scratch):
     monkeypatch.setattr(scan_mod.os, "readlink", failing_readlink)
     with pytest.raises(scan_mod.ScanError, match="Input/output error"):
         list(scan_mod.Scanner(layout, runtime=True).scan())
+
+
+def test_hidden_home_directories_fail_the_scan(scratch):
+    """If the helper's view hides /home (systemd ProtectHome=yes or tmpfs),
+    every `result` link in a home would look stale and its paths garbage:
+    the scan refuses.  A read-only view of the same /home is fine."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=12, roots=5, indirect=0, stale=0, quirks=0)
+    scan = f"exec {HELPER} scan --root {root} --no-runtime"
+    hidden = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                             f"mount -t tmpfs none /home && {scan}"], capture_output=True)
+    assert hidden.returncode == 1, hidden.stderr
+    assert b"home directories are hidden from the helper (/home" in hidden.stderr
+    read_only = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                f"mount --bind /home /home && mount -o remount,ro,bind /home "
+                                f"&& {scan}"], capture_output=True)
+    assert read_only.returncode == 0, read_only.stderr
+    assert read_only.stdout == our_roots(root)
