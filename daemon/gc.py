@@ -424,18 +424,23 @@ class Collection:
         _log.info("gc_socket_root", path=path)
 
     def _protect(self, paths: list[bytes]) -> set[bytes]:
-        """Under self._cond: keep these temp roots, by hash part as Nix does,
-        with the closure of every valid path that has that hash part."""
-        hashes = {hash_part(p) for p in paths}
+        return self._protect_hashes({hash_part(p) for p in paths})
+
+    def _protect_hashes(self, hashes: set[bytes]) -> set[bytes]:
+        """Under self._cond.  Invariant, from plan() on: for every temp-root
+        hash part, every valid path with it and their closures are protected
+        (Nix matches temp roots by hash part).  Before plan() there is no
+        graph yet: the hashes are kept and plan() protects their closures.
+        Returns the hash parts now protected, for waiting on `_pending`."""
         self._temp_hashes |= hashes
         g = self._graph
-        if g is None:  # before plan(): the analysis will see these hashes
-            return hashes
+        if g is None:
+            return set(hashes)
         starts = [n for h in hashes for n in g.nodes_with_hash(h, self.layout.store_dir)]
         closure = {g.paths[n] for n in g.closure(starts, self.settings)}
         self.result.protected_during_gc += len(closure - self._protected)
         self._protected |= closure
-        return hashes | {hash_part(p) for p in closure}
+        return set(hashes) | {hash_part(p) for p in closure}
 
     # phase 2
     def plan(self, rootset: RootSet, db: StoreDB) -> Analysis:
@@ -447,7 +452,9 @@ class Collection:
             self._graph = graph
             self._analysis = a
             self._protected |= a.all_live
-            self._temp_hashes |= a.temp.hashes
+            # Including the paths announced on gc-socket since begin(), whose
+            # closures could not be computed without the graph.
+            self._protect_hashes(self._temp_hashes | a.temp.hashes)
         return a
 
     def _order(self) -> list[bytes]:
@@ -563,11 +570,9 @@ class Collection:
         rest as being deleted (until the deleter is done with it)."""
         fresh = read_temp_roots(self.layout)
         with self._cond:
-            new = [p for _, p in fresh.roots if hash_part(p) not in self._temp_hashes]
-            new_hashes = fresh.hashes - self._temp_hashes - {hash_part(p) for p in new}
-            if new or new_hashes:
-                self._protect(new)
-                self._temp_hashes |= new_hashes
+            new_hashes = fresh.hashes - self._temp_hashes
+            if new_hashes:
+                self._protect_hashes(new_hashes)
             keep = [p for p in batch
                     if p not in self._protected and hash_part(p) not in self._temp_hashes]
             self._pending |= {hash_part(p) for p in keep}

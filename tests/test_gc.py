@@ -461,3 +461,27 @@ def test_state_dir_not_owned_is_a_clear_error(scratch, users, pipelines):
     assert rc == 1 and b"no write access to" in err and b"gc-socket" in err
     assert valid_set(root) == before
     assert p.query("stats").returncode == 0  # and the daemon keeps serving
+
+
+def test_path_announced_before_planning_keeps_its_closure(scratch):
+    """A Nix process announces a path on gc-socket after we took the lock but
+    before the dead set is computed: that path *and its closure* survive."""
+    root = scratch / "store"
+    # 0 -> 1 -> 2, nothing rooted: all garbage unless announced.
+    full = support.tiny_store(root, ["top", "mid", "low", "other"], refs=[(0, 1), (1, 2)],
+                              derivers={}, roots=[])
+    layout = StoreLayout.make(root=os.fsencode(root))
+    c = Collection(layout, GCSettings(), GCOptions())
+    db = StoreDB.open(layout)
+    c.begin()
+    try:
+        c._announced(full[0].encode())  # as the gc-socket server would, before plan()
+        c.plan(engine.scan_in_process(layout, runtime=False), db)
+        c.execute(layout.db_path)
+    finally:
+        c.end()
+        db.close()
+    valid = valid_set(root)
+    for p in full[:3]:
+        assert p.encode() in valid and (root / p.lstrip("/")).exists(), p
+    assert full[3].encode() not in valid
