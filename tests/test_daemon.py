@@ -345,3 +345,31 @@ def test_socket_option_ignored_under_socket_activation(scratch, users, pipelines
     finally:
         daemon.terminate()
         daemon.wait()
+
+
+def test_prometheus_metrics_file_and_port(scratch, users, pipelines):
+    import socket as _socket
+    import urllib.request
+    root = new_store(scratch, 70, paths=400)
+    metrics = scratch / "run" / "metrics" / "gcroots.prom"
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=(
+        "--metrics-file", str(metrics), "--metrics-address", f"127.0.0.1:{port}",
+        "--metrics-interval", "1h"))
+    pipelines.append(p)
+    p.start()
+    dead = len(p.query("dead").stdout.split())
+    p.query("gc", "--yes")
+    text = metrics.read_text()
+    assert f"gcroots_dead_paths {float(dead)}" in text or "gcroots_dead_paths 0.0" in text
+    assert 'gcroots_roots{kind="static"}' in text and "gcroots_live_paths" in text
+    assert f"gcroots_gc_deleted_paths_total {float(dead)}" in text
+    assert "gcroots_gc_freed_bytes_total" in text and 'gcroots_failures_total{what="gc"} 0.0' in text
+    assert 'gcroots_last_success_timestamp_seconds{what="gc"}' in text
+    served = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert f"gcroots_gc_deleted_paths_total {float(dead)}" in served
+    p.stop_helper()
+    p.query("dead")  # fails: no helper
+    assert 'gcroots_failures_total{what="analysis"} 1.0' in metrics.read_text()
