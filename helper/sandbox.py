@@ -203,30 +203,27 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     syscall("capset", hdr, data)
 
 
-def _bounding_set() -> int:
+def _capability_mask(*prctl_args: int) -> int:
+    """The set of capabilities for which prctl(*prctl_args, cap) is true,
+    as a bit mask (the kernel's count of capabilities is not hard-coded)."""
     mask = 0
     for cap in range(64):
         try:
-            if prctl(PR_CAPBSET_READ, cap):
+            if prctl(*prctl_args, cap):
                 mask |= 1 << cap
         except OSError as e:
             if e.errno == errno.EINVAL:   # past the kernel's last capability
                 break
             raise
     return mask
+
+
+def _bounding_set() -> int:
+    return _capability_mask(PR_CAPBSET_READ)
 
 
 def _ambient_set() -> int:
-    mask = 0
-    for cap in range(64):
-        try:
-            if prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap):
-                mask |= 1 << cap
-        except OSError as e:
-            if e.errno == errno.EINVAL:   # past the kernel's last capability
-                break
-            raise
-    return mask
+    return _capability_mask(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET)
 
 
 # -- results ---------------------------------------------------------------------

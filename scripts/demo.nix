@@ -1,17 +1,7 @@
 # A small world for the demo, built by the real Nix: packages with runtime
 # references between them (each output records its dependencies' paths).
 let
-  pkg = name: deps: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" ''
-      /bin/mkdir $out
-      echo "${name}" > $out/README
-      for d in ${toString deps}; do echo "$d" >> $out/deps; done
-      /usr/bin/head -c ${toString (4096 * (1 + builtins.stringLength name))} /dev/zero > $out/payload
-    '' ];
-  };
+  pkg = import ./demo-package.nix;
   libc = pkg "libc-2.38" [];
   zlib = pkg "zlib-1.3" [ libc ];
   openssl = pkg "openssl-3.0.12" [ libc zlib ];

@@ -2,17 +2,7 @@
 # real Nix inside the container.  Each output records its dependencies'
 # paths, so Nix registers real references between them.
 let
-  pkg = name: deps: derivation {
-    inherit name;
-    system = builtins.currentSystem;
-    builder = "/bin/sh";
-    args = [ "-c" ''
-      /bin/mkdir $out
-      echo "${name}" > $out/README
-      for d in ${toString deps}; do echo "$d" >> $out/deps; done
-      /usr/bin/head -c ${toString (4096 * (1 + builtins.stringLength name))} /dev/zero > $out/payload
-    '' ];
-  };
+  pkg = import ../../scripts/demo-package.nix;
 in rec {
   # Kept: alice's and bob's `result` links in their 0700 homes.
   libc = pkg "libc-2.38" [ ];
