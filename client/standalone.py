@@ -78,6 +78,10 @@ def collect(args, opts: dict) -> Answer:
         return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")
     except GCError as e:
         return Answer(Status.ERROR, str(e))
+    except Exception as e:  # e.g. the disk or the DB failing mid-way: stopped, said clearly
+        return Answer(Status.ERROR, f"the collection stopped: {type(e).__name__}: {e} (paths are "
+                      "invalidated in the DB before their files go, so the store stays "
+                      "consistent; the next collection finishes the job)")
     finally:
         c.end()
         db.close()

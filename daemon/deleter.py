@@ -6,7 +6,13 @@ collector starts `python -m gcroots.daemon.deleter` (fork+exec, safe from a
 threaded daemon) and hands it batches over a pipe:
 
     request:  u32 count, then count x (u32 length, path bytes); count 0 = exit
-    reply:    u64 bytes freed, u32 error length, error text (UTF-8)
+    reply:    u64 bytes freed, u64 bytes likely freed, u32 error length,
+              error text (UTF-8)
+
+"Freed" counts a file's blocks when its last link went; "likely freed"
+counts files left with one link, which in an optimised store is their
+`.links` twin: those bytes are freed when the collector cleans `.links` at
+the end.  Nix counts them the same way for --max-freed.
 
 The worker only ever removes the paths it is given (already invalidated in
 the DB by the collector).  Paths are raw bytes: junk names may hold any
@@ -22,50 +28,76 @@ import subprocess
 import sys
 
 _U32 = struct.Struct(">I")
-_REPLY = struct.Struct(">QI")
+_REPLY = struct.Struct(">QQI")
 
 
 def _count(st: os.stat_result) -> int:
     return st.st_blocks * 512
 
 
-def delete_tree(path: bytes) -> int:
+class Freed:
+    """Bytes freed for sure, and bytes of files left with one link."""
+
+    def __init__(self) -> None:
+        self.sure = 0
+        self.likely = 0
+
+    def file(self, st: os.stat_result) -> None:
+        if st.st_nlink == 1:
+            self.sure += _count(st)
+        elif st.st_nlink == 2:
+            self.likely += _count(st)
+
+
+def delete_tree(path: bytes, freed: Freed) -> None:
     """rm -rf, making directories writable first (store directories are
-    read-only), via fds so that nothing is followed.  Returns the bytes
-    freed: a file's blocks count only if this was its last link."""
+    read-only), via fds so that nothing is followed; adds what it frees."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return 0
+        return
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(path)
-        return _count(st) if st.st_nlink == 1 else 0
-    freed = _delete_dir_contents(path, st)
+        freed.file(st)
+        return
+    _delete_dir_contents(path, st, freed)
     os.rmdir(path)
-    return freed + _count(st)
+    freed.sure += _count(st)
 
 
-def _delete_dir_contents(path: bytes, st: os.stat_result) -> int:
+def estimate_tree(path: bytes, freed: Freed) -> None:
+    """What delete_tree() would add to `freed`, without deleting."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        freed.file(st)
+        return
+    freed.sure += _count(st)
+    with os.scandir(path) as it:
+        for e in it:
+            estimate_tree(e.path, freed)  # bytes in, bytes out
+
+
+def _delete_dir_contents(path: bytes, st: os.stat_result, freed: Freed) -> None:
     if st.st_mode & 0o700 != 0o700:
         os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    freed = 0
     try:
         with os.scandir(fd) as it:
             names = [e.name for e in it]
         for name in names:
             est = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if stat.S_ISDIR(est.st_mode):
-                freed += _delete_dir_contents(path + b"/" + os.fsencode(name), est)
+                _delete_dir_contents(path + b"/" + os.fsencode(name), est, freed)
                 os.rmdir(name, dir_fd=fd)
-                freed += _count(est)
+                freed.sure += _count(est)
             else:
                 os.unlink(name, dir_fd=fd)
-                if est.st_nlink == 1:
-                    freed += _count(est)
+                freed.file(est)
     finally:
         os.close(fd)
-    return freed
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -79,23 +111,29 @@ class DeleterProcess:
     """The collector's side."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "gcroots.daemon.deleter"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # This file by its absolute path, in isolated mode (-I: no PYTHON*
+        # variables, no user site, and -- unlike `-m` -- neither the current
+        # directory nor the script's own directory on sys.path), from /:
+        # whatever directory root runs `gcroots-query gc` in, nothing there
+        # gets imported.  The worker needs only the standard library.
+        self.proc = subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
 
-    def delete(self, paths: list[bytes]) -> int:
+    def delete(self, paths: list[bytes]) -> tuple[int, int]:
+        """(bytes freed, bytes likely freed by cleaning .links)."""
         msg = [_U32.pack(len(paths))]
         for p in paths:
             msg += (_U32.pack(len(p)), p)
         self.proc.stdin.write(b"".join(msg))
         self.proc.stdin.flush()
         try:
-            freed, errlen = _REPLY.unpack(_read_exact(self.proc.stdout, _REPLY.size))
+            freed, likely, errlen = _REPLY.unpack(_read_exact(self.proc.stdout, _REPLY.size))
             error = _read_exact(self.proc.stdout, errlen).decode("utf-8", "replace")
         except EOFError:
             raise OSError(f"the deletion worker died (exit status {self.proc.poll()})") from None
         if error:
             raise OSError(f"deleting from the store failed: {error}")
-        return freed
+        return freed, likely
 
     def close(self) -> None:
         try:
@@ -123,14 +161,14 @@ def main() -> int:
         for _ in range(count):
             (n,) = _U32.unpack(_read_exact(stdin, 4))
             paths.append(_read_exact(stdin, n))
-        freed, error = 0, ""
+        freed, error = Freed(), ""
         for p in paths:
             try:
-                freed += delete_tree(p)
+                delete_tree(p, freed)
             except OSError as e:
                 error = f"{os.fsdecode(p)}: {e.strerror or e}"
                 break
-        stdout.write(_REPLY.pack(freed, len(error.encode())) + error.encode())
+        stdout.write(_REPLY.pack(freed.sure, freed.likely, len(error.encode())) + error.encode())
         stdout.flush()
         if error:
             return 1

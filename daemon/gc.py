@@ -35,6 +35,7 @@ import queue
 import socket
 import sqlite3
 import stat
+import struct
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -53,6 +54,7 @@ from .temproots import read_temp_roots
 
 LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
+MAX_FREED_BATCH = 16      # ... when stopping at --max-freed (checked after each)
 _log = log.get("gcroots.gc")
 
 
@@ -125,14 +127,25 @@ class GCLock:
 
 
 class RootsServer:
-    """<state>/gc-socket/socket while we hold gc.lock (Nix's protocol)."""
+    """<state>/gc-socket/socket while we hold gc.lock (Nix's protocol).
+
+    A Nix process keeps its connection for its whole life and announces
+    each path it is about to use; our "1" promises that *this* collection
+    will not delete it.  So the promise must never come from a collection
+    that is over: stop() shuts every connection down (the client sees EOF,
+    retakes gc.lock shared, and talks to whichever collector comes next, as
+    with Nix's own), and no "1" is sent after stop() has begun."""
+
+    SEND_TIMEOUT = 10.0  # a client that does not read its "1"s is dropped
 
     def __init__(self, layout: StoreLayout, on_root: Callable[[bytes], None]) -> None:
         self.path = layout.gc_socket_path
         self.on_root = on_root
         self.store_dir = layout.store_dir
         self._stop = threading.Event()
+        self._lock = threading.Lock()            # orders replies against stop()
         self._sock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self.received = 0
 
@@ -160,20 +173,27 @@ class RootsServer:
                 continue
             except OSError:
                 return
+            with self._lock:
+                if self._stop.is_set():
+                    conn.close()
+                    return
+                self._conns.add(conn)
             t = threading.Thread(target=self._client, args=(conn,), daemon=True)
             t.start()
             self._threads.append(t)
 
     def _client(self, conn: socket.socket) -> None:
-        conn.settimeout(None)
+        conn.settimeout(None)  # recv blocks until data, EOF or stop()'s shutdown
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(self.SEND_TIMEOUT), 0))
         buf = b""
-        with conn:
-            while not self._stop.is_set():
+        try:
+            while True:
                 try:
                     data = conn.recv(4096)
                 except OSError:
                     return
-                if not data:
+                if not data or self._stop.is_set():
                     return
                 buf += data
                 while b"\n" in buf:
@@ -183,21 +203,36 @@ class RootsServer:
                         _log.warning("gc_socket_garbage", line=line[:200])
                     else:
                         self.received += 1
-                        self.on_root(path)
-                    try:
-                        conn.sendall(b"1")
-                    except OSError:
-                        return
+                        self.on_root(path)  # protected; waits out a deletion in progress
+                    with self._lock:
+                        if self._stop.is_set():
+                            return  # no promise from a finished collection: EOF instead
+                        try:
+                            conn.sendall(b"1")
+                        except OSError:
+                            return
                 if len(buf) > 65536:
                     return
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.close()
 
     def stop(self) -> None:
         # The socket file stays, as Nix leaves it: a client that connects
         # after we are gone gets ECONNREFUSED and retries the shared lock
         # (ENOENT would make it fail).
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         if self._sock is not None:
             self._sock.close()
+        for t in self._threads:
+            t.join(timeout=5)
 
 
 def make_store_writable(store: bytes) -> None:
@@ -261,7 +296,7 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
 
 # -- deleting ------------------------------------------------------------------------
 
-from .deleter import DeleterProcess, _count  # noqa: E402
+from .deleter import DeleterProcess, Freed, _count, estimate_tree  # noqa: E402
 
 
 def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
@@ -389,6 +424,7 @@ class Collection:
         self._protected: set[bytes] = set()      # must not be deleted (live + announced)
         self._temp_hashes: set[bytes] = set()
         self._pending: set[bytes] = set()        # hash parts being deleted right now
+        self._likely_freed = 0                   # in .links twins, freed at the end
         self._graph: StoreGraph | None = None
         self._analysis: Analysis | None = None
         self._t0 = time.monotonic()
@@ -494,6 +530,8 @@ class Collection:
         order = self._order()
         real = self.layout.real_path
         if self.options.dry_run:
+            if self.options.max_freed is not None:
+                order = self._within_limit(order)
             freed, links = predict_freed([real(p) for p in order], self.layout.links_dir)
             self.result.paths = len(order)
             self.result.bytes_freed, self.result.links_freed = freed, links
@@ -506,13 +544,14 @@ class Collection:
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
         # Small batches when stopping at a size or pacing the I/O; big ones
         # otherwise (each commit rewrites the DB's index pages).
-        batch_size = (16 if self.options.max_freed is not None
+        batch_size = (MAX_FREED_BATCH if self.options.max_freed is not None
                       else 64 if self.options.throttle else BATCH)
         work: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         deleter = threading.Thread(target=self._deleter, args=(work, failure, worker),
                                    name="gc-delete")
         deleter.start()
+        batch: list[bytes] = []  # claimed, not yet handed to the deleter
         try:
             for start in range(0, len(order), batch_size):
                 if failure or self._limit_reached():
@@ -524,11 +563,16 @@ class Collection:
                 self._invalidate(writer, [p for p in batch if p in valid])
                 done.update(batch)
                 work.put(batch)
+                batch = []
+                if self.options.max_freed is not None:
+                    work.join()  # the limit is checked on what is really gone
                 self.progress(f"deleting: {len(done)} of {len(order)} paths, "
                               f"{self.result.bytes_freed / 2**20:.1f} MiB freed")
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
         finally:
+            if batch:  # failed between claiming and queueing: nothing of it is deleted
+                self._release(batch)
             work.put(None)
             deleter.join()
             worker.close()
@@ -541,29 +585,60 @@ class Collection:
         return self.result
 
     def _limit_reached(self) -> bool:
+        """Counting, as Nix does, files left with one link as freed: in an
+        optimised store that is their .links entry, removed at the end."""
         with self._cond:
             return (self.options.max_freed is not None
-                    and self.result.bytes_freed >= self.options.max_freed)
+                    and self.result.bytes_freed + self._likely_freed >= self.options.max_freed)
+
+    def _within_limit(self, order: list[bytes]) -> list[bytes]:
+        """The dry run's forecast of where --max-freed stops the real run:
+        whole batches, each counted the way the deleter counts."""
+        total, size = 0, MAX_FREED_BATCH
+        for start in range(0, len(order), size):
+            if total >= self.options.max_freed:
+                return order[:start]
+            freed = Freed()
+            for p in order[start:start + size]:
+                estimate_tree(self.layout.real_path(p), freed)
+            total += freed.sure + freed.likely
+        return order
 
     def _deleter(self, work: "queue.Queue[list[bytes] | None]", failure: list,
                  worker: DeleterProcess) -> None:
         """Feeds the deletion worker process, one batch at a time."""
-        real = self.layout.real_path
         while (batch := work.get()) is not None:
-            if failure:
-                continue  # drain: the main thread stops at the next batch
             try:
-                freed = worker.delete([real(p) for p in batch])
-            except BaseException as e:  # reported by execute(); nothing more is deleted
-                failure.append(e)
-                freed = 0
-            with self._cond:
-                self.result.paths += len(batch)
-                self.result.bytes_freed += freed
-                self.result.deleted += batch
-                self._pending -= {hash_part(p) for p in batch}
-                self._cond.notify_all()
-            self.on_deleted(batch)
+                self._delete_batch(batch, failure, worker)
+            finally:
+                work.task_done()  # after the result is in: execute() may join()
+
+    def _delete_batch(self, batch: list[bytes], failure: list, worker: DeleterProcess) -> None:
+        if failure:
+            # Drain: the main thread stops at the next batch.  These were
+            # invalidated but stay on disk (unregistered, collected next
+            # time); a Nix process waiting for one may go on.
+            self._release(batch)
+            return
+        try:
+            freed, likely = worker.delete([self.layout.real_path(p) for p in batch])
+        except BaseException as e:  # reported by execute(); nothing more is deleted
+            failure.append(e)
+            freed = likely = 0
+        with self._cond:
+            self.result.paths += len(batch)
+            self.result.bytes_freed += freed
+            self._likely_freed += likely
+            self.result.deleted += batch
+            self._pending -= {hash_part(p) for p in batch}
+            self._cond.notify_all()
+        self.on_deleted(batch)
+
+    def _release(self, batch: list[bytes]) -> None:
+        """No longer being deleted: wake Nix processes waiting on gc-socket."""
+        with self._cond:
+            self._pending -= {hash_part(p) for p in batch}
+            self._cond.notify_all()
 
     def _claim(self, batch: list[bytes]) -> list[bytes]:
         """Re-read the temp roots files, drop what became protected, mark the
@@ -602,22 +677,33 @@ class Collection:
         the same guarantee at half the cost."""
         if not paths:
             return
-        arg = json.dumps([p.decode("ascii") for p in paths])
+        # Store paths are ASCII, and JSON carries them to SQLite in one
+        # statement; a DB row with other bytes (Nix registers only what it
+        # parses, but a DB is input too) is matched byte for byte.
+        plain = [p for p in paths if p.isascii()]
+        odd = [(p,) for p in paths if not p.isascii()]
         try:
             writer.execute("BEGIN IMMEDIATE")
             writer.execute("DELETE FROM temp.gc_batch")
             writer.execute("INSERT INTO temp.gc_batch SELECT v.id FROM json_each(?) j "
-                           "JOIN ValidPaths v ON v.path = j.value", (arg,))
+                           "JOIN ValidPaths v ON v.path = j.value",
+                           (json.dumps([p.decode("ascii") for p in plain]),))
+            writer.executemany("INSERT OR IGNORE INTO temp.gc_batch SELECT id FROM ValidPaths "
+                               "WHERE path = CAST(? AS TEXT)", odd)
             # CROSS JOIN: walk the batch and look up its referrers by index
             # (left to itself the planner scans all of Refs).
             bad = writer.execute(
                 "SELECT (SELECT path FROM ValidPaths WHERE id = r.referrer), "
-                "(SELECT path FROM ValidPaths WHERE id = r.reference) "
+                "(SELECT path FROM ValidPaths WHERE id = r.reference), r.referrer "
                 "FROM temp.gc_batch b CROSS JOIN Refs r ON r.reference = b.id "
                 "WHERE r.referrer NOT IN temp.gc_batch LIMIT 1").fetchone()
             if bad is not None:
-                raise SafetyError(f"the Nix DB says {bad[0]} refers to {bad[1]}, which we were "
-                                  "about to delete (registered during this collection?); stopping")
+                referrer = (bad[0].decode(errors="replace") if bad[0] is not None
+                            else f"a Refs row of id {bad[2]}, which is not a valid path,")
+                raise SafetyError(f"the Nix DB says {referrer} refers to "
+                                  f"{bad[1].decode(errors='replace')}, which we were about to "
+                                  "delete (registered during this collection, or a damaged DB); "
+                                  "stopping")
             writer.execute("DELETE FROM Refs WHERE referrer IN temp.gc_batch")
             writer.execute("DELETE FROM DerivationOutputs WHERE drv IN temp.gc_batch")
             writer.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
@@ -646,6 +732,7 @@ def _writer(db_path: bytes) -> sqlite3.Connection:
     conn = sqlite3.connect(os.fsdecode(db_path), timeout=60, isolation_level=None,
                            check_same_thread=False)
     # Foreign keys off: _invalidate() enforces what they would, in bulk.
+    conn.text_factory = bytes  # paths as bytes, like every other read
     conn.execute("PRAGMA foreign_keys = OFF")
     conn.execute("PRAGMA synchronous = NORMAL")  # as Nix (WAL: durable at checkpoints)
     conn.execute("PRAGMA busy_timeout = 60000")

@@ -14,7 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from gcroots import log
+
 from .nixconf import GCSettings
+
+_log = log.get("gcroots.graph")
 
 
 @dataclass
@@ -41,16 +45,26 @@ class StoreGraph:
             sizes.append(nar or 0)
         index = {p: i for i, p in enumerate(paths)}
         refs: list[list[int]] = [[] for _ in paths]
+        # Rows naming an id that is not in ValidPaths (a DB written with
+        # foreign keys off) join with nothing in Nix's queries, nor in ours.
+        dangling = 0
         for a, b in conn.execute("SELECT referrer, reference FROM Refs"):
             if a != b:
-                refs[node_of_id[a]].append(node_of_id[b])
+                try:
+                    refs[node_of_id[a]].append(node_of_id[b])
+                except KeyError:
+                    dangling += 1
         get = index.get
         deriver = [get(d, -1) if d else -1 for (_, _, _, d) in rows]
         outputs: dict[int, list[int]] = {}
         for drv, out in conn.execute("SELECT drv, path FROM DerivationOutputs"):
-            o = get(out)
-            if o is not None:
-                outputs.setdefault(node_of_id[drv], []).append(o)
+            o, d = get(out), node_of_id.get(drv)
+            if o is not None and d is not None:
+                outputs.setdefault(d, []).append(o)
+            elif d is None:
+                dangling += 1
+        if dangling:
+            _log.warning("db_dangling_rows", count=dangling)
         # Tuples: a third smaller than lists, which matters at a million paths.
         return cls(version, paths, sizes, [tuple(r) for r in refs], deriver, outputs, index)
 

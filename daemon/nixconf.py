@@ -1,14 +1,23 @@
-"""The GC-relevant Nix settings, read the way Nix reads them: the system
-`nix.conf` in $NIX_CONF_DIR (default /etc/nix) with `include`/`!include`,
-then $NIX_CONFIG (newline-separated `key = value` lines) on top."""
+"""The GC-relevant Nix settings, read the way Nix 2.8 reads them
+(loadConfFile): the system `nix.conf` in $NIX_CONF_DIR (default /etc/nix),
+then the user's files -- $NIX_USER_CONF_FILES (colon-separated) or else
+nix/nix.conf under $XDG_CONFIG_HOME (default ~/.config) and each of
+$XDG_CONFIG_DIRS (default /etc/xdg), the first of those winning -- then
+$NIX_CONFIG (newline-separated `key = value` lines) on top.  Files may
+`include`/`!include` others; bytes that are not UTF-8 are kept as they are."""
 
 from __future__ import annotations
 
 import os
+import pwd
 from dataclasses import dataclass
 
+from gcroots import log
+
+_log = log.get("gcroots.nixconf")
+
 _ALIASES = {"gc-keep-derivations": "keep-derivations", "gc-keep-outputs": "keep-outputs"}
-_BOOLS = {"true": True, "false": False}
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 class NixConfError(Exception):
@@ -33,12 +42,11 @@ def _parse(text: str, origin: str, settings: dict[str, str], depth: int) -> None
             path = words[1]
             if not os.path.isabs(path) and origin != "NIX_CONFIG":
                 path = os.path.join(os.path.dirname(origin), path)
-            try:
-                with open(path, encoding="utf-8") as f:
-                    _parse(f.read(), path, settings, depth + 1)
-            except FileNotFoundError:
+            if not os.path.exists(path):
                 if words[0] == "include":
-                    raise NixConfError(f"{origin}:{lineno}: included file {path} does not exist") from None
+                    raise NixConfError(f"{origin}:{lineno}: included file {path} does not exist")
+            elif (text := _read(path)) is not None:
+                _parse(text, path, settings, depth + 1)
             continue
         if "=" not in line:
             raise NixConfError(f"{origin}:{lineno}: expected 'key = value', got {line!r}")
@@ -51,19 +59,50 @@ def _bool(settings: dict[str, str], key: str, default: bool) -> bool:
         return default
     value = settings[key]
     if value not in _BOOLS:
-        raise NixConfError(f"setting {key!r}: expected true or false, got {value!r}")
+        raise NixConfError(f"setting {key!r}: expected true or false (or yes/no, 1/0), "
+                           f"got {value!r}")
     return _BOOLS[value]
+
+
+def _read(path: str) -> str | None:
+    """A config file's text, or None if it cannot be read: Nix skips such
+    files (applyConfigFile ignores any system error), so we must too, or
+    our settings would differ from the Nix that shares the store.  Say so
+    unless it simply does not exist."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _log.warning("nix_conf_unreadable", path=path, error=e.strerror)
+        return None
+
+
+def user_conf_files(env) -> list[str]:
+    """Nix's getUserConfigFiles(), highest precedence first."""
+    if "NIX_USER_CONF_FILES" in env:
+        return [f for f in env["NIX_USER_CONF_FILES"].split(":") if f]
+    home = env.get("HOME")
+    if home is None:
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = None
+    config_home = env.get("XDG_CONFIG_HOME") or (home and os.path.join(home, ".config"))
+    dirs = ([config_home] if config_home else [])
+    dirs += [d for d in env.get("XDG_CONFIG_DIRS", "/etc/xdg").split(":") if d]
+    return [os.path.join(d, "nix", "nix.conf") for d in dirs]
 
 
 def load_gc_settings(environ: dict[str, str] | None = None) -> GCSettings:
     env = os.environ if environ is None else environ
     settings: dict[str, str] = {}
     conf = os.path.join(env.get("NIX_CONF_DIR", "/etc/nix"), "nix.conf")
-    try:
-        with open(conf, encoding="utf-8") as f:
-            _parse(f.read(), conf, settings, 0)
-    except FileNotFoundError:
-        pass
+    for path in [conf] + user_conf_files(env)[::-1]:  # later files override earlier ones
+        text = _read(path)
+        if text is not None:
+            _parse(text, path, settings, 0)
     if env.get("NIX_CONFIG"):
         _parse(env["NIX_CONFIG"], "NIX_CONFIG", settings, 0)
     return GCSettings(keep_derivations=_bool(settings, "keep-derivations", True),

@@ -260,6 +260,10 @@ class Daemon:
                 except (GCError, IncompleteRoots) as e:
                     failures = min(failures + 1, 6)  # back off; never collect without roots
                     _log.warning("auto_gc_skipped", error=str(e), retry_factor=2 ** failures)
+                except Exception as e:  # the disk or the DB failed: keep serving, retry later
+                    failures = min(failures + 1, 6)
+                    _log.error("auto_gc_failed", error=f"{type(e).__name__}: {e}",
+                               retry_factor=2 ** failures)
 
     async def _gc_command(self, stream, conn, request: admin.Request, peer: Peer) -> None:
         opts = request.options

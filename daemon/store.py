@@ -24,10 +24,13 @@ import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, KeysView
 
+from gcroots import log
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import connect_ro
 
 from .nixconf import GCSettings
+
+_log = log.get("gcroots.store")
 
 if TYPE_CHECKING:
     from .graph import StoreGraph
@@ -61,8 +64,18 @@ def _reverse_edges(settings: GCSettings) -> str:
 
 
 def _text(paths: Iterable[bytes]) -> str:
-    # Store paths are ASCII by construction (parsed); JSON carries them to SQLite.
-    return json.dumps([p.decode("ascii") for p in paths])
+    """The paths as one JSON array for json_each().  Store paths are ASCII;
+    a DB row that is not even UTF-8 (only a damaged or hand-edited DB has
+    one) cannot be carried this way and is left out.  Live closures start
+    from parsed roots (ASCII) and follow ids inside SQLite, so they are never
+    cut short by this; what can miss such a row is sizes and listings."""
+    out = []
+    for p in paths:
+        try:
+            out.append(p.decode())
+        except UnicodeDecodeError:
+            _log.warning("db_path_not_utf8", path=p)
+    return json.dumps(out)
 
 
 @dataclass

@@ -288,12 +288,33 @@ def test_nix_conf_reading(tmp_path):
     env["NIX_CONFIG"] = "keep-derivations = true\nkeep-outputs = false"
     assert load_gc_settings(env) == GCSettings(True, False)
     assert load_gc_settings({"NIX_CONF_DIR": str(tmp_path / "none")}) == GCSettings(True, False)
-    conf.write_text("keep-outputs = yes\n")
+    conf.write_text("keep-outputs = yes\nkeep-derivations = 0\n")  # Nix's other spellings
+    assert load_gc_settings(env | {"NIX_CONFIG": ""}) == GCSettings(False, True)
+    conf.write_text("keep-outputs = maybe\n")
     with pytest.raises(NixConfError, match="expected true or false"):
         load_gc_settings(env | {"NIX_CONFIG": ""})
+    conf.write_bytes(b"# caf\xe9 in Latin-1\nkeep-outputs = true\n")  # not UTF-8: still read
+    assert load_gc_settings(env | {"NIX_CONFIG": ""}) == GCSettings(True, True)
     conf.write_text("include nowhere.conf\n")
     with pytest.raises(NixConfError, match="does not exist"):
         load_gc_settings({"NIX_CONF_DIR": str(tmp_path)})
+
+
+def test_nix_conf_user_files_as_nix_reads_them(tmp_path):
+    """System file, then the user's files (the first XDG dir wins), then
+    NIX_CONFIG; NIX_USER_CONF_FILES replaces the XDG search."""
+    system, home, xdg1, xdg2 = (tmp_path / d for d in ("etc", "home", "xdg1", "xdg2"))
+    for d, text in ((system, "keep-outputs = true\nkeep-derivations = false\n"),
+                    (home / ".config", "keep-outputs = false\n"),
+                    (xdg1, "keep-derivations = true\n"), (xdg2, "keep-derivations = false\n")):
+        (d / "nix" if d != system else d).mkdir(parents=True)
+        ((d / "nix" if d != system else d) / "nix.conf").write_text(text)
+    env = {"NIX_CONF_DIR": str(system), "HOME": str(home), "XDG_CONFIG_DIRS": f"{xdg1}:{xdg2}"}
+    assert load_gc_settings(env) == GCSettings(keep_derivations=True, keep_outputs=False)
+    assert load_gc_settings(env | {"XDG_CONFIG_HOME": str(tmp_path / "none")}) == GCSettings(True, True)
+    only = {"NIX_USER_CONF_FILES": f"{xdg2}/nix/nix.conf"}
+    assert load_gc_settings(env | only) == GCSettings(False, True)
+    assert load_gc_settings(env | only | {"NIX_CONFIG": "keep-outputs = false"}) == GCSettings(False, False)
 
 
 def test_temp_roots_reading(tmp_path):

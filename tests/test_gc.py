@@ -485,3 +485,142 @@ def test_path_announced_before_planning_keeps_its_closure(scratch):
     for p in full[:3]:
         assert p.encode() in valid and (root / p.lstrip("/")).exists(), p
     assert full[3].encode() not in valid
+
+
+def _collect(root: Path, options: GCOptions | None = None, before_execute=None):
+    """One collection in this process, Nix-style phases; returns it."""
+    layout = StoreLayout.make(root=os.fsencode(root))
+    c = Collection(layout, GCSettings(), options or GCOptions())
+    db = StoreDB.open(layout)
+    c.begin()
+    try:
+        c.plan(engine.scan_in_process(layout, runtime=False), db)
+        if before_execute:
+            before_execute(c)
+        c.execute(layout.db_path)
+    finally:
+        c.end()
+        db.close()
+    return c
+
+
+def test_gc_socket_connections_end_with_the_collection(scratch):
+    """A Nix process keeps its gc-socket connection for its whole life.  When
+    a collection ends, that connection must end too (Nix then retakes
+    gc.lock and talks to the next collector): a "1" from a finished
+    collection would promise a protection nobody gives."""
+    import socket
+    root = scratch / "store"
+    full = support.tiny_store(root, ["kept", "garbage"], refs=[], derivers={}, roots=[0])
+    layout = StoreLayout.make(root=os.fsencode(root))
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(10)
+
+    def announce(c):
+        client.connect(os.fsdecode(layout.gc_socket_path))
+        client.sendall(full[0].encode() + b"\n")
+        assert client.recv(1) == b"1"
+
+    _collect(root, before_execute=announce)
+    assert client.recv(1) == b"", "the connection outlived its collection"
+    try:  # and an announcement now gets no promise
+        client.sendall(full[1].encode() + b"\n")
+        assert client.recv(1) == b""
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    client.close()
+
+
+def test_failed_batch_releases_waiting_nix_processes(scratch):
+    """A collection that stops between claiming a batch and deleting it
+    (here: a damaged DB) must not leave the batch marked "being deleted": a
+    Nix process announcing one of those paths would wait for ever."""
+    root = scratch / "store"
+    full = support.tiny_store(root, ["a", "b", "c"], refs=[], derivers={}, roots=[])
+    db = sqlite3.connect(root / "nix/var/nix/db/db.sqlite")
+    db.execute("INSERT INTO Refs VALUES (999, 2)")  # a referrer that is not a valid path
+    db.commit()
+    db.close()
+    with pytest.raises(SafetyError, match="not a valid path"):
+        c = _collect(root)
+    layout = StoreLayout.make(root=os.fsencode(root))
+    c = Collection(layout, GCSettings(), GCOptions())
+    store_db = StoreDB.open(layout)
+    c.begin()
+    try:
+        c.plan(engine.scan_in_process(layout, runtime=False), store_db)
+        with pytest.raises(SafetyError):
+            c.execute(layout.db_path)
+        assert c._pending == set()
+    finally:
+        c.end()
+        store_db.close()
+    assert valid_set(root) >= {full[1].encode()}  # the referenced one was not invalidated
+
+
+def test_deletion_worker_ignores_the_current_directory(scratch):
+    """root runs `gcroots-query --standalone gc` in a directory someone else
+    wrote: nothing there is imported by the deletion worker."""
+    root = scratch / "store"
+    support.tiny_store(root, ["kept", "garbage"], refs=[], derivers={}, roots=[0])
+    trap = scratch / "cwd"
+    (trap / "gcroots/daemon").mkdir(parents=True)
+    marker = scratch / "pwned"
+    (trap / "gcroots/__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (trap / "gcroots/daemon/__init__.py").write_text("")
+    (trap / "gcroots/daemon/deleter.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    out = subprocess.run([support.QUERY, "--standalone", "--root", str(root), "--no-runtime",
+                          "gc", "--yes"], cwd=trap, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not marker.exists(), "the deletion worker imported code from the current directory"
+    assert len(valid_set(root)) == 1
+
+
+def test_max_freed_counts_optimised_files_like_nix(scratch):
+    """In an optimised store every file has a twin in .links, so deleting a
+    path leaves its files with one link until .links is cleaned at the end.
+    --max-freed must still stop near the limit (Nix counts such files as
+    freed), and the dry run must forecast the same stop."""
+    root = scratch / "store"
+    names = [f"big-{i}" for i in range(40)]
+    support.tiny_store(root, names, refs=[], derivers={}, roots=[0])
+    for d in (root / "nix/store").iterdir():  # ~64 KiB of distinct content per path
+        (d / "f0").chmod(0o644)
+        (d / "f0").write_bytes(os.urandom(64 * 1024))
+        (d / "f0").chmod(0o444)
+    db = sqlite3.connect(root / "nix/var/nix/db/db.sqlite")  # the NAR hashes changed
+    db.execute("UPDATE ValidPaths SET hash = 'sha256:' || hex(randomblob(32))")
+    db.commit()
+    db.close()
+    links = root / "nix/store/.links"
+    links.mkdir()
+    for d in (root / "nix/store").iterdir():
+        if d.name != ".links":
+            os.link(d / "f0", links / d.name[:32])  # what optimise does: nlink 2
+    limit = 256 * 1024
+    plan = _collect(root, GCOptions(dry_run=True, max_freed=limit)).result
+    full_plan = _collect(root, GCOptions(dry_run=True)).result
+    assert 0 < plan.paths < full_plan.paths == 39
+    done = _collect(root, GCOptions(max_freed=limit)).result
+    assert done.stopped_at_limit
+    assert done.paths == plan.paths
+    assert limit <= done.bytes_freed + done.links_freed <= limit + 17 * 80 * 1024
+    assert 1 + 39 - done.paths == len(valid_set(root))
+
+
+def test_odd_rows_in_the_db_do_not_crash_the_collection(scratch):
+    """A ValidPaths row whose name is not ASCII, and a Refs row pointing at
+    an id that is not a valid path (a DB written with foreign keys off):
+    queries and the collection go on; the odd garbage row goes too."""
+    root = scratch / "store"
+    full = support.tiny_store(root, ["kept", "garbage", "caf\u00e9"], refs=[], derivers={},
+                              roots=[0])
+    db = sqlite3.connect(root / "nix/var/nix/db/db.sqlite")
+    db.execute("INSERT INTO Refs VALUES (1, 999999)")
+    db.commit()
+    db.close()
+    dead = set(standalone(root, "dead").stdout.split())
+    assert dead == {full[1].encode(), full[2].encode()}
+    out = standalone(root, "gc", "--yes")
+    assert valid_set(root) == {full[0].encode()}
+    assert os.listdir(root / "nix/store") == [full[0].split("/")[-1]]

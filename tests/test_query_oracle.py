@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -157,3 +158,24 @@ def test_queries_are_read_only(scratch):
     for what in ("roots", "live", "dead", "stats", "cost"):
         standalone(root, what)
     assert tree_snapshot(root) == before
+
+
+def test_user_nix_conf_is_read_like_nix(scratch):
+    """keep-outputs in the user's ~/.config/nix/nix.conf (the one
+    `gcroots-query --standalone` run by root would see) changes the dead set
+    for Nix; ours must follow it, or we would delete outputs Nix keeps."""
+    root = scratch / "store"
+    support.make_store(root, paths=600, seed=40, quirks=1, roots=20, indirect=3, stale=0)
+    home = scratch / "home"
+    (home / ".config/nix").mkdir(parents=True)
+    (home / ".config/nix/nix.conf").write_bytes(b"# \xff not UTF-8\nkeep-outputs = yes\n")
+    env = dict(os.environ, HOME=str(home), NIX_STATE_DIR=str(root / "nix/var/nix"),
+               NIX_CONFIG="substituters =\nsandbox = false\nbuild-users-group =")
+    for var in ("NIX_REMOTE", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS", "NIX_USER_CONF_FILES"):
+        env.pop(var, None)
+    mine = ours(root, "dead", env)  # first: Nix's run deletes junk entries
+    default = ours(root, "dead", {"HOME": str(scratch / "nowhere")})
+    theirs = subprocess.run(["nix-store", "--store", str(root), "--gc", "--print-dead"],
+                            env=env, capture_output=True, check=True).stdout
+    assert mine == theirs
+    assert default != theirs  # the setting mattered on this store
