@@ -27,7 +27,7 @@ class StoreGraph:
     paths: list[bytes]                # node -> store path
     sizes: list[int]                  # node -> narSize
     refs: list[tuple[int, ...]]       # node -> referenced nodes (no self)
-    deriver: list[int]                # node -> its valid deriver node, or -1
+    deriver: list[int]                # node -> its valid deriver node that lists it, or -1
     outputs: dict[int, list[int]]     # drv node -> valid output nodes
     index: dict[bytes, int]
     _referrers: list[list[int]] | None = field(default=None, repr=False)
@@ -55,12 +55,18 @@ class StoreGraph:
                 except KeyError:
                     dangling += 1
         get = index.get
-        deriver = [get(d, -1) if d else -1 for (_, _, _, d) in rows]
+        # keep-derivations keeps a .drv for an output that names it as its
+        # deriver and that the .drv lists in DerivationOutputs (both, as
+        # Nix's referrer search checks); keep-outputs keeps every output a
+        # .drv lists.
+        deriver = [-1] * len(paths)
         outputs: dict[int, list[int]] = {}
         for drv, out in conn.execute("SELECT drv, path FROM DerivationOutputs"):
             o, d = get(out), node_of_id.get(drv)
             if o is not None and d is not None:
                 outputs.setdefault(d, []).append(o)
+                if rows[o][3] == paths[d]:
+                    deriver[o] = d
             elif d is None:
                 dangling += 1
         if dangling:

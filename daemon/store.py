@@ -41,8 +41,11 @@ _TOP = "\U0010ffff"  # sorts after every byte a store path can hold
 def _edges(settings: GCSettings) -> str:
     terms = ["SELECT r.reference FROM Refs r JOIN live ON r.referrer = live.id"]
     if settings.keep_derivations:
+        # Nix keeps a .drv for an output that names it as deriver *and* that
+        # the .drv lists among its outputs (the reverse edge below).
         terms.append("SELECT d.id FROM live JOIN ValidPaths v ON v.id = live.id "
-                     "JOIN ValidPaths d ON d.path = v.deriver")
+                     "JOIN ValidPaths d ON d.path = v.deriver "
+                     "JOIN DerivationOutputs x ON x.drv = d.id AND x.path = v.path")
     if settings.keep_outputs:
         terms.append("SELECT o.id FROM live JOIN DerivationOutputs x ON x.drv = live.id "
                      "JOIN ValidPaths o ON o.path = x.path")

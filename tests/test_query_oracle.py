@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from gcroots.daemon import engine
+from gcroots.daemon.nixconf import GCSettings
+from gcroots.daemon.store import StoreDB
+from gcroots.layout import StoreLayout
 from gcroots.storepath import is_store_basename
 
 from . import support
@@ -179,3 +183,36 @@ def test_user_nix_conf_is_read_like_nix(scratch):
                             env=env, capture_output=True, check=True).stdout
     assert mine == theirs
     assert default != theirs  # the setting mattered on this store
+
+
+def test_deriver_that_does_not_list_the_output_equals_nix(scratch):
+    """keep-derivations keeps a .drv for a live output only if the output
+    names it as deriver *and* the .drv lists the output: that is what Nix's
+    collector checks, and what `nix-store --gc --print-dead` and `--gc`
+    do.  (Nix 2.8's --print-live walks derivers without the second check
+    and lists such a .drv as live too, although its own collector deletes
+    it; we list it under dead only, like junk.)"""
+    root = scratch / "store"
+    full = support.tiny_store(root, ["app", "app.drv", "lib", "lib.drv", "gone", "gone.drv"],
+                              refs=[(0, 2)], derivers={0: 1, 2: 3, 4: 5}, roots=[0])
+    db = sqlite3.connect(root / "nix/var/nix/db/db.sqlite")
+    db.execute("DELETE FROM DerivationOutputs WHERE path = ?", (full[2],))
+    db.commit()
+    db.close()
+    lib_drv = full[3].encode() + b"\n"
+    mine = {w: ours(root, w) for w in ("live", "dead")}
+    assert mine["dead"] == nix(root, "dead"), explain("dead", mine["dead"], nix(root, "dead"))
+    assert lib_drv in mine["dead"] and lib_drv not in mine["live"]
+    assert mine["live"] == nix(root, "live").replace(lib_drv, b"")
+    # The same from the daemon's in-memory graph.
+    layout = StoreLayout.make(root=os.fsencode(root))
+    db = StoreDB.open(layout)
+    try:
+        with db.snapshot():
+            db.load_graph()
+        a = engine.analyze(layout, db, engine.scan_in_process(layout, runtime=False),
+                           GCSettings(), want_dead=True)
+        assert a.graph is not None
+        assert b"".join(p + b"\n" for p in a.dead) == mine["dead"]
+    finally:
+        db.close()
