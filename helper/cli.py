@@ -12,10 +12,21 @@ from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 
 
-def _layout_args(p: argparse.ArgumentParser) -> None:
+def _absolute(value: str) -> str:
+    if not value.startswith("/"):
+        raise argparse.ArgumentTypeError(f"not an absolute path: {value!r}")
+    return value
+
+
+def _layout_flags(p: argparse.ArgumentParser) -> None:
+    # --root may be relative, like nix-store --store ./x; the logical dirs not.
     p.add_argument("--root", help="physical root of a chroot store (like nix-store --store DIR)")
-    p.add_argument("--store-dir", help="logical store dir (default /nix/store)")
-    p.add_argument("--state-dir", help="logical state dir (default /nix/var/nix)")
+    p.add_argument("--store-dir", type=_absolute, help="logical store dir (default /nix/store)")
+    p.add_argument("--state-dir", type=_absolute, help="logical state dir (default /nix/var/nix)")
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    _layout_flags(p)
     p.add_argument("--no-runtime", action="store_true", help="skip /proc and kernel sysctls")
     p.add_argument("--cmdline", action="store_true",
                    help="also find store paths in /proc/PID/cmdline (Nix does not)")
@@ -46,11 +57,14 @@ def _sandbox(args, layout: StoreLayout, *, read_db: bool = False):
 
 
 def _layout(args) -> StoreLayout:
-    return StoreLayout.make(args.store_dir, args.state_dir, args.root)
+    try:
+        return StoreLayout.make(args.store_dir, args.state_dir, args.root)
+    except ValueError as e:   # e.g. --store-dir /: a usage error (exit 2)
+        args.parser.error(str(e))
 
 
 def _raise_fd_limit() -> None:
-    # Each concurrent walk holds two fds per directory level.
+    # A walk holds one fd per directory level, and may go ~2000 deep (PATH_MAX).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
     if soft < want:
@@ -64,11 +78,12 @@ def cmd_scan(args) -> int:
     """One-shot scan printing `LINK -> STOREPATH` like nix-store --gc --print-roots."""
     from gcroots.nixdb import NixDBError, connect_ro, valid_subset
 
-    from .scan import ScanError, Scanner, hidden_home_dirs
+    from .sandbox import hidden_dirs
+    from .scan import ScanError, Scanner
 
-    _raise_fd_limit()
     layout = _layout(args)
-    hidden = hidden_home_dirs()  # before the sandbox closes /proc/1
+    _raise_fd_limit()
+    hidden = hidden_dirs()  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
         box = _sandbox(args, layout, read_db=not args.all_candidates)
@@ -76,7 +91,7 @@ def cmd_scan(args) -> int:
     roots: set[tuple[bytes, bytes]] = set()
     try:
         for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline,
-                           proc_reader=box and box.proc_reader, hidden_homes=hidden).scan():
+                           proc_reader=box and box.proc_reader, hidden_dirs=hidden).scan():
             if isinstance(rec, Root):
                 roots.add((rec.label, rec.store_path))
             elif isinstance(rec, StaleLink):
@@ -137,15 +152,15 @@ def cmd_serve(args) -> int:
                                                   owner), serve.NIX))
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
-    from .scan import hidden_home_dirs
-    hidden = tuple(hidden_home_dirs())  # before the sandbox closes /proc/1
+    from .sandbox import hidden_dirs
+    hidden = tuple(hidden_dirs())  # before the sandbox closes /proc/1
     if hidden:
-        log.get("gcroots.helper").error("home_dirs_hidden", dirs=list(hidden),
+        log.get("gcroots.helper").error("dirs_hidden", dirs=[os.fsdecode(d) for d in hidden],
                                         consequence="every scan fails until this is fixed")
     box = _sandbox(args, layout)   # sockets open, nothing read yet
     server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                 cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                hidden_homes=hidden)
+                                hidden_dirs=hidden)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -177,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--require-sandbox", action="store_true",
                    help="apply the sandbox and refuse to scan if a layer is missing")
     _sandbox_args(s)
-    s.set_defaults(func=cmd_scan)
+    s.set_defaults(func=cmd_scan, parser=s)
 
     v = sub.add_parser("serve", help="serve scans on Unix sockets (or systemd socket activation)")
     _layout_args(v)
@@ -193,16 +208,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="refuse to serve unless every sandbox layer is active "
                         "(the systemd unit turns this on)")
     _sandbox_args(v)
-    v.set_defaults(func=cmd_serve)
+    v.set_defaults(func=cmd_serve, parser=v)
 
     c = sub.add_parser("sandbox-check",
                        help="apply the sandbox, try to escape it, print one line per attempt")
-    for flag in ("--root", "--store-dir", "--state-dir"):
-        c.add_argument(flag, help="as for scan")
+    _layout_flags(c)
     c.add_argument("--readlink", action="append", default=[], metavar="PATH",
                    help="also check that this link (e.g. in a 0700 home) is readable")
     _sandbox_args(c)
-    c.set_defaults(func=cmd_sandbox_check)
+    c.set_defaults(func=cmd_sandbox_check, parser=c)
 
     args = p.parse_args(argv)
     return args.func(args)

@@ -53,9 +53,11 @@ skips EACCES, so a Landlocked scanner would silently lose runtime roots.
 Before Landlock we therefore fork a */proc reader*: every layer but
 Landlock, its own smaller seccomp filter (read-only opens, no sockets, no
 threads, no exec), and one job: run scan.read_process() for "/proc/<digits>"
-and send back the raw bytes.  It checks each request itself, so even a
+and send back the raw bytes of what mentions the store dir (a substring
+test: fd targets under it, maps lines and environ entries holding it;
+bounded, see scan.MAX_KEPT).  It checks each request itself, so even a
 subverted scanner cannot make it read anything else, and it never parses
-untrusted data (the Landlocked scanner does).  If it dies or misbehaves,
+untrusted data beyond that (the Landlocked scanner does).  If it dies or misbehaves,
 every later scan fails (EIO); none ever comes back smaller.
 
 Degradation is explicit: a layer that cannot be applied is logged; with
@@ -71,6 +73,7 @@ architecture gets no syscall-based layer (and says so).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import mmap
 import os
@@ -332,6 +335,62 @@ def _layer_netns() -> dict:
     raise _Missing(f"network namespace {how} has links other than lo (down, or up in a "
                    f"namespace not the host's): {shown}; run as root or with "
                    "PrivateNetwork=yes")
+
+
+# -- the view of the file system ------------------------------------------------------
+
+# Where users' links (`nix-build -o /tmp/x`, `result` in a home) live: any
+# view of these other than init's hides them (PrivateTmp=, ProtectHome=yes).
+WATCHED_DIRS = (b"/home", b"/root", b"/run/user", b"/tmp", b"/var/tmp")
+
+
+def _mounts(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
+    """(mount point, device, root within the device, fs type), in mount order;
+    mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    def unescape(field: bytes) -> bytes:
+        return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+    out = []
+    for line in mountinfo.splitlines():
+        head, _, tail = line.partition(b" - ")
+        f = head.split()
+        if len(f) >= 5 and tail:
+            out.append((unescape(f[4]), f[2], unescape(f[3]), tail.split()[0]))
+    return out
+
+
+def _backing(mounts: list, path: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(device, directory on that device, fs type) that `path` shows: the
+    longest mount point above it, the topmost (last) mount there."""
+    best = None
+    for point, dev, root, fstype in mounts:
+        if path == point or path.startswith(point.rstrip(b"/") + b"/"):
+            if best is None or len(point) >= len(best[0]):
+                rest = path[len(point.rstrip(b"/")):]
+                best = (point, (dev, (root.rstrip(b"/") + rest) or b"/", fstype))
+    return None if best is None else best[1]
+
+
+def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
+    """Directories that this process sees differently from init (PID 1):
+    the WATCHED_DIRS in any way (a private /tmp is as bad as an empty one),
+    and wherever we have a fresh tmpfs/ramfs that init does not -- except
+    systemd's PrivateDevices= /dev and its credentials, which hold no user's
+    links.  Links in them would all look stale and their paths garbage, so a
+    helper that cannot see them must not scan.  A read-only view of the same
+    directory is fine.  Empty when it cannot tell (no access to PID 1's
+    mounts).  Checked once at start: under Landlock /proc/1 is closed to us.
+    Lives here, not in scan.py, because like the netns check it judges the
+    confinement we were started in."""
+    try:
+        with open(proc + b"/self/mountinfo", "rb") as f:
+            ours = _mounts(f.read())
+        with open(proc + b"/1/mountinfo", "rb") as f:
+            init = _mounts(f.read())
+    except OSError:
+        return []
+    fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
+             and p != b"/dev" and not (p + b"/").startswith(b"/run/credentials/")}
+    return sorted(p for p in {*WATCHED_DIRS, *fresh} if _backing(ours, p) != _backing(init, p))
 
 
 # -- layer: capabilities --------------------------------------------------------------
@@ -637,6 +696,10 @@ def _layer_seccomp(rules: dict, reader: "ProcReader | None") -> dict:
 
 _READER_PID_DIR = re.compile(rb"/proc/[1-9][0-9]{0,9}")
 _READER_TIMEOUT = 60.0
+# An answer holds at most four items of scan.MAX_KEPT (fd targets, maps,
+# environ, cmdline) and two links: well below this, and below the 4 GiB the
+# "=I" length can say.  Checked anyway, on both sides.
+MAX_ANSWER = 160 << 20
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytes:
@@ -649,7 +712,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(buf)
 
 
-def _recv_frame(sock: socket.socket, limit: int = 1 << 32) -> bytes:
+def _recv_frame(sock: socket.socket, limit: int = MAX_ANSWER) -> bytes:
     (size,) = struct.unpack("=I", _recv_exact(sock, 4))
     if size > limit:
         raise OSError(errno.EMSGSIZE, f"a {size}-byte message, over the {limit}-byte limit")
@@ -657,7 +720,10 @@ def _recv_frame(sock: socket.socket, limit: int = 1 << 32) -> bytes:
 
 
 def _send_frame(sock: socket.socket, payload: bytes) -> None:
-    sock.sendall(struct.pack("=I", len(payload)) + payload)
+    if len(payload) > MAX_ANSWER:
+        raise OSError(errno.EMSGSIZE, f"a {len(payload)}-byte message, over {MAX_ANSWER}")
+    sock.sendall(struct.pack("=I", len(payload)))
+    sock.sendall(payload)   # not concatenated: no second copy of a big answer
 
 
 def _encode_items(items: list[tuple[bytes, bytes | OSError]]) -> bytes:
@@ -685,7 +751,8 @@ def _decode_items(payload: bytes, pid_dir: bytes) -> list[tuple[bytes, bytes | O
 
 class ProcReader:
     """Client side of the /proc reader (see the module docstring): runs
-    scan.read_process() in the reader process.  Thread safe; any failure
+    scan.read_process() in the reader process, for the store dir it was
+    started with.  Thread safe; any failure
     breaks it for good (a late answer must never pass for the next one),
     and every later call fails with EIO, so scans fail instead of shrinking."""
 
@@ -696,7 +763,7 @@ class ProcReader:
         self._broken: str | None = None
 
     @classmethod
-    def start(cls, skip: frozenset[str]) -> "ProcReader":
+    def start(cls, skip: frozenset[str], store_dir: bytes) -> "ProcReader":
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         parent = os.getpid()
         sys.stdout.flush()
@@ -706,7 +773,7 @@ class ProcReader:
             code = 1
             try:
                 ours.close()
-                _reader_main(theirs, parent, skip)
+                _reader_main(theirs, parent, skip, store_dir)
                 code = 0
             except BaseException as e:
                 os.write(2, f"gcroots-helper: /proc reader: {e!r}\n".encode())
@@ -730,7 +797,8 @@ class ProcReader:
                 raise OSError(errno.EIO, f"the /proc reader failed: {self._broken}") from None
 
 
-def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str]) -> None:  # pragma: no cover
+def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
+                 store_dir: bytes) -> None:  # pragma: no cover
     from .scan import read_process
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:        # the parent died before PDEATHSIG was set
@@ -761,7 +829,10 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str]) -> None
         # asks, this process reads nothing else.
         if request[:1] not in (b"c", b"-") or not _READER_PID_DIR.fullmatch(pid_dir):
             raise SystemExit("refusing a malformed request")
-        _send_frame(sock, _encode_items(read_process(pid_dir, request[:1] == b"c")))
+        answer = _encode_items(read_process(pid_dir, request[:1] == b"c", store_dir))
+        if len(answer) > MAX_ANSWER:   # cannot happen (see MAX_ANSWER); fail this scan, not us
+            answer = _encode_items([(b"fd", OSError(errno.EMSGSIZE, "answer too big"))])
+        _send_frame(sock, answer)
 
 
 def _selftest(reader: ProcReader | None) -> None:
@@ -829,7 +900,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
     layer("no_new_privs", _layer_nnp)
     if runtime and AUDIT_ARCH is not None:   # (elsewhere no Landlock, so no need)
         try:
-            box.proc_reader = ProcReader.start(skip)
+            box.proc_reader = ProcReader.start(skip, layout.store_dir)
         except OSError as e:
             raise SandboxError(f"cannot start the /proc reader: {e}") from None
         log.info("proc_reader_started", pid=box.proc_reader.pid)
@@ -927,8 +998,12 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[
         state_probe = gcroots + b"/" + prefix
     except OSError as e:
         state_probe, note = None, f"cannot prepare probes in {os.fsdecode(gcroots)}: {e}"
-    victim = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL)
+    # The /proc reader keeps only fds into the store; the prober takes our
+    # temp dir for the store, so that this fd shows fds being read.
+    with open(tmp + b"/victim-fd", "wb") as f:
+        f.write(_KEEP)
+    with open(tmp + b"/victim-fd", "rb") as f:
+        victim = subprocess.Popen(["sleep", "600"], stdin=f, stdout=subprocess.DEVNULL)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -984,7 +1059,8 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[
 
 def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
     try:
-        box = apply_for_serving(layout, require=False, log=log, skip=skip, runtime=True)
+        box = apply_for_serving(dataclasses.replace(layout, store_dir=p.tmp), require=False,
+                                log=log, skip=skip, runtime=True)
     except SandboxError as e:
         print(f"sandbox-check: cannot apply the sandbox: {e}", flush=True)
         return 1
@@ -1058,7 +1134,7 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
 
     from .scan import read_process
     victim = b"/proc/%d" % p.victim_pid
-    reader = box.proc_reader or read_process
+    reader = box.proc_reader or (lambda pid_dir, cmdline: read_process(pid_dir, cmdline, p.tmp))
 
     def victim_reads(name: bytes) -> bool:
         """What the runtime scan reads of another process, read its way."""

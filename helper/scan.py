@@ -1,7 +1,7 @@
 """The root scan, exactly as Nix 2.8 finds roots (src/libstore/gc.cc:
 findRoots, findRuntimeRoots), read-only.
 
-`scan_roots()` is a generator of records (Root, StaleLink, ScanWarning) that
+`Scanner(layout).scan()` is a generator of records (Root, StaleLink, ScanWarning) that
 yields each root as it is found.  A failure that could hide roots raises
 ScanError; the caller turns that into an error trailer (fail closed).
 
@@ -29,8 +29,14 @@ from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in
 SKIPPABLE = frozenset({errno.EACCES, errno.ENOENT, errno.ENOTDIR})
 # /proc entries vanish under us; these mean "this process is gone or private".
 PROC_SKIPPABLE = frozenset({errno.ENOENT, errno.ESRCH, errno.EACCES})
-MAX_DEPTH = 128           # a gcroots tree is a few levels deep; deeper is hostile
-MAX_PROC_FILE = 64 << 20  # environ/maps larger than this are refused, not truncated
+# Linux's, NUL included.  Nix walks with full paths and fails (ENAMETOOLONG)
+# past it; so do we, and nowhere sooner: any user can nest dirs in per-user/.
+PATH_MAX = 4096
+# Of one /proc item (fd targets, maps, environ, cmdline) we keep only what can
+# name a store path; more than this of that fails the scan (EFBIG), never
+# truncates it.  Bounds the memory of a scan, and the reader's answers.
+MAX_KEPT = 32 << 20
+CHUNK = 1 << 20
 KERNEL_ROOT_FILES = (b"/proc/sys/kernel/modprobe", b"/proc/sys/kernel/fbsplash",
                      b"/proc/sys/kernel/poweroff_cmd")
 
@@ -42,40 +48,11 @@ class ScanError(Exception):
     """The scan cannot vouch for a complete root set."""
 
 
-HOME_DIRS = (b"/home", b"/root", b"/run/user")
-
-
-def _backing(mountinfo: bytes, path: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(device, directory on that device, fs type) that `path` shows."""
-    best = None
-    for line in mountinfo.splitlines():
-        head, _, tail = line.partition(b" - ")
-        f = head.split()
-        if len(f) < 5 or not tail:
-            continue
-        point = f[4]
-        if path == point or path.startswith(point.rstrip(b"/") + b"/"):
-            if best is None or len(point) > len(best[0]):
-                rest = path[len(point.rstrip(b"/")):]
-                best = (point, (f[2], (f[3].rstrip(b"/") + rest) or b"/", tail.split()[0]))
-    return None if best is None else best[1]
-
-
-def hidden_home_dirs(proc: bytes = b"/proc") -> list[bytes]:
-    """Home directories that this process sees differently from init (PID
-    1): hidden by an empty mount (systemd ProtectHome=yes or tmpfs).  Links
-    in them would all look stale -- their paths garbage -- so a helper that
-    cannot see them must not scan.  A read-only view of the same directory
-    is fine.  Empty when it cannot tell (no access to PID 1's mounts).
-    Checked once at start: under Landlock /proc/1 is closed to us."""
-    try:
-        with open(proc + b"/self/mountinfo", "rb") as f:
-            ours = f.read()
-        with open(proc + b"/1/mountinfo", "rb") as f:
-            init = f.read()
-    except OSError:
-        return []
-    return [h for h in HOME_DIRS if _backing(ours, h) != _backing(init, h)]
+def _bounded(path: bytes) -> bytes:
+    if len(path) >= PATH_MAX:  # Nix fails here too (ENAMETOOLONG)
+        raise _fatal(path[:200] + b"...", OSError(errno.ENAMETOOLONG, "longer than PATH_MAX "
+                     f"({PATH_MAX} bytes with its NUL)"), "path")
+    return path
 
 
 def _warn(path: bytes, e: OSError, what: str) -> ScanWarning:
@@ -87,64 +64,109 @@ def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
                      "refusing to report an incomplete root set")
 
 
-def read_limited(path: bytes) -> bytes:
-    """A /proc file's contents; past MAX_PROC_FILE refused (EFBIG), not truncated."""
+def _skip(path: bytes, e: OSError, what: str, also: tuple = ()) -> ScanWarning:
+    """Like Nix, skip SKIPPABLE errors (and `also`) with a warning; fail on any other."""
+    if e.errno in SKIPPABLE or e.errno in also:
+        return _warn(path, e, what)
+    raise _fatal(path, e, f"cannot {what}") from None
+
+
+def read_filtered(path: bytes, sep: bytes, needle: bytes, from_needle: bool) -> bytes:
+    """Of a /proc file, read CHUNK by CHUNK, the `sep`-separated entries
+    that contain `needle` (the store dir), joined by `sep`; with
+    `from_needle` each from its first `needle` on (a store path pattern
+    starts there; environ entries have no length limit, maps lines do).
+    More than MAX_KEPT of that: EFBIG."""
     fd = os.open(path, _FILE_FLAGS)
     try:
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            total += len(chunk)
-            if total > MAX_PROC_FILE:
-                raise OSError(errno.EFBIG, f"larger than {MAX_PROC_FILE} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        kept, size, part = [], 0, b""
+        while True:
+            chunk = os.read(fd, CHUNK)
+            entries = (part + chunk).split(sep)
+            part = entries.pop() if chunk else b""
+            for e in entries:
+                if (at := e.find(needle)) >= 0:
+                    kept.append(e[at:] if from_needle else e)
+                    size += len(kept[-1]) + 1
+            if from_needle:  # of an unfinished entry, what a store path may start in
+                at = part.find(needle)
+                part = part[at:] if at >= 0 else part[-len(needle):]
+            if size + len(part) > MAX_KEPT:
+                raise OSError(errno.EFBIG, f"more than {MAX_KEPT} bytes naming the store")
+            if not chunk:
+                return sep.join(kept)
     finally:
         os.close(fd)
 
 
-def _attempt(fn, path: bytes) -> bytes | OSError:
+def _attempt(fn, *args) -> bytes | OSError:
     try:
-        return fn(path)
+        return fn(*args)
     except OSError as e:
         return e
 
 
-def read_process(pid_dir: bytes, cmdline: bool = False) -> list[tuple[bytes, bytes | OSError]]:
-    """Everything the runtime scan reads of one process, raw, errors
-    returned: the link targets of exe, cwd and each fd/N, then the contents
-    of maps, environ (and cmdline).  A failed fd listing ends the list with
-    (b"fd", error): like Nix, we skip the rest of that process.  Runs here,
-    or in the sandbox's /proc reader (Landlock denies these to a scanner)."""
-    out = [(n, _attempt(os.readlink, pid_dir + b"/" + n)) for n in (b"exe", b"cwd")]
+def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSError]]:
+    """(b"fd/N", target) of the fds into the store, one per target (a process
+    may hold a million fds, most of them not ours to care about), or the
+    error that ends the listing; skippable errors of single fds dropped."""
+    out, seen, size = [], set(), 0
     try:
-        fds = [e.name for e in os.scandir(pid_dir + b"/fd") if not e.name.startswith(b".")]
+        with os.scandir(pid_dir + b"/fd") as it:
+            for e in it:
+                target = _attempt(os.readlink, e.path)
+                if isinstance(target, OSError):
+                    if target.errno not in PROC_SKIPPABLE:  # fails the scan: stop here
+                        return out + [(b"fd/" + e.name, target)]
+                elif target.startswith(prefix) and target not in seen:
+                    seen.add(target)
+                    out.append((b"fd/" + e.name, target))
+                    if (size := size + len(target)) > MAX_KEPT:
+                        raise OSError(errno.EFBIG, f"more than {MAX_KEPT} bytes of store fds")
     except OSError as e:
         return out + [(b"fd", e)]
-    out += [(b"fd/" + fd, _attempt(os.readlink, pid_dir + b"/fd/" + fd)) for fd in fds]
-    names = (b"maps", b"environ") + ((b"cmdline",) if cmdline else ())
-    return out + [(n, _attempt(read_limited, pid_dir + b"/" + n)) for n in names]
+    return out
+
+
+def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> list[tuple[bytes, bytes | OSError]]:
+    """What the runtime scan needs of one process, errors returned: the link
+    targets of exe, cwd and each fd/N into the store, then of maps, environ
+    (and cmdline) what names the store.  A failed fd listing ends that part
+    with (b"fd", error): like Nix, we skip the rest of that process.  Runs
+    here, or in the sandbox's /proc reader (Landlock denies these to a
+    scanner).  Memory: at most MAX_KEPT per item, however big the process."""
+    out = [(n, _attempt(os.readlink, pid_dir + b"/" + n)) for n in (b"exe", b"cwd")]
+    out += _fd_targets(pid_dir, store_dir + b"/")
+    if out[-1][0] == b"fd":
+        return out
+    files = [(b"maps", b"\n", False), (b"environ", b"\0", True)] + cmdline * [(b"cmdline", b"\0", True)]
+    return out + [(n, _attempt(read_filtered, pid_dir + b"/" + n, sep, store_dir, from_needle))
+                  for n, sep, from_needle in files]
 
 
 class Scanner:
-    """`proc_reader` replaces read_process() (the sandbox passes its reader)."""
+    """`proc_reader(pid_dir, cmdline)` replaces read_process() (the sandbox
+    passes its reader); `hidden_dirs` (from hidden_dirs(), taken before the
+    sandbox) makes every scan fail."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
                  proc: bytes = b"/proc", proc_reader=None,
-                 hidden_homes: list[bytes] | tuple = ()) -> None:
+                 hidden_dirs: list[bytes] | tuple = ()) -> None:
         self.layout = layout
         self.runtime = runtime
         self.cmdline = cmdline
         self.proc = proc
-        self._read_process = proc_reader or read_process
-        self.hidden_homes = list(hidden_homes)
+        self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
+        self.hidden_dirs = list(hidden_dirs)
         self._env_re = environ_regex(layout.store_dir)
 
     def scan(self) -> Iterator[Record]:
-        if self.hidden_homes:
-            raise ScanError(f"home directories are hidden from the helper "
-                            f"({', '.join(os.fsdecode(h) for h in self.hidden_homes)}: an empty "
-                            "mount over them, e.g. systemd ProtectHome=yes); links in them would "
-                            "look stale and their paths garbage. Use ProtectHome=read-only")
+        if self.hidden_dirs:
+            raise ScanError(f"directories are hidden from the helper "
+                            f"({', '.join(os.fsdecode(h) for h in self.hidden_dirs)}: a mount over "
+                            "them that init does not have, e.g. systemd PrivateTmp=yes, "
+                            "ProtectHome=yes or a tmpfs); links in them would look stale and "
+                            "their paths garbage. Use ProtectHome=read-only, no PrivateTmp=")
         yield from self._find_roots(self.layout.gcroots_dir, RootKind.STATIC)
         yield from self._find_roots(self.layout.profiles_dir, RootKind.PROFILE)
         if self.runtime:
@@ -157,91 +179,80 @@ class Scanner:
         link or a file.  Directories below are entered via dir fds."""
         try:
             st = os.lstat(top)
-        except OSError as e:
-            if e.errno in SKIPPABLE:
-                yield _warn(top, e, "lstat")
-                return
-            raise _fatal(top, e, "cannot lstat") from None
-        if stat.S_ISDIR(st.st_mode):
-            try:
+            if stat.S_ISDIR(st.st_mode):
                 fd = os.open(top, _DIR_FLAGS)
-            except OSError as e:
-                if e.errno in SKIPPABLE or e.errno == errno.ELOOP:
-                    yield _warn(top, e, "open directory")
-                    return
-                raise _fatal(top, e, "cannot open directory") from None
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(top)
+        except OSError as e:
+            yield _skip(top, e, "read", (errno.ELOOP,))
+            return
+        if stat.S_ISDIR(st.st_mode):
             yield from self._walk_dir(fd, top, kind)
         elif stat.S_ISLNK(st.st_mode):
-            try:
-                target = os.readlink(top)
-            except OSError as e:
-                if e.errno in SKIPPABLE:
-                    yield _warn(top, e, "readlink")
-                    return
-                raise _fatal(top, e, "cannot readlink") from None
             yield from self._link(top, target, kind)
         elif stat.S_ISREG(st.st_mode):
             yield from self._regular_file(top, kind)
 
-    def _walk_dir(self, top_fd: int, top: bytes, kind: RootKind) -> Iterator[Record]:
-        """Depth-first over directories, one (fd, iterator) per level."""
-        stack: list[tuple[int, Iterator[os.DirEntry[bytes]], bytes]] = []
-
-        def push(fd: int, path: bytes) -> None:
-            if len(stack) >= MAX_DEPTH:
-                os.close(fd)
-                raise ScanError(
-                    f"directory nesting deeper than {MAX_DEPTH} levels at "
-                    f"{os.fsdecode(path)[:200]!r}...; refusing to report an incomplete root set")
-            try:
-                it = os.scandir(fd)
-            except OSError as e:
-                os.close(fd)
-                raise _fatal(path, e, "cannot list directory") from None
-            stack.append((fd, it, path))
-
-        push(top_fd, top)
+    def _walk_dir(self, fd: int, path: bytes, kind: RootKind) -> Iterator[Record]:
+        """Depth-first with an explicit stack (no recursion): each directory
+        is listed once -- links and files handled as they come, names of
+        subdirectories kept -- and its listing closed before we descend, so
+        a walk holds one fd per level.  Depth is bounded only as in Nix, by
+        PATH_MAX (~2000 levels at most)."""
+        stack: list[tuple[int, bytes, list[bytes]]] = []   # (fd, path, subdirs to enter)
         try:
-            while stack:
-                fd, it, path = stack[-1]
+            while True:
+                if fd >= 0:
+                    stack.append((fd, path, []))
+                    fd = -1
+                    yield from self._list_dir(*stack[-1], kind)
+                if not stack:
+                    return
+                parent, parent_path, names = stack[-1]
+                if not names:
+                    os.close(stack.pop()[0])
+                    continue
+                name = names.pop()
+                path = _bounded(parent_path + b"/" + name)
+                try:
+                    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+                except OSError as e:
+                    # ELOOP/ENOTDIR: swapped for a link or file since the
+                    # listing; like Nix, skip it with a warning.
+                    yield _skip(path, e, "open directory", (errno.ELOOP,))
+        finally:
+            for parent, _, _ in stack:
+                os.close(parent)
+
+    def _list_dir(self, fd: int, path: bytes, subdirs: list[bytes],
+                  kind: RootKind) -> Iterator[Record]:
+        try:
+            it = os.scandir(fd)
+        except OSError as e:
+            raise _fatal(path, e, "cannot list directory") from None
+        with it:
+            while True:
                 try:
                     entry = next(it, None)
-                except OSError as e:
-                    # getdents failed part-way: we may have missed entries.
-                    if e.errno in SKIPPABLE:
-                        yield _warn(path, e, "list directory")
-                        entry = None
-                    else:
-                        raise _fatal(path, e, "cannot list directory") from None
+                except OSError as e:  # getdents failed part-way: we may have missed entries
+                    yield _skip(path, e, "list directory")
+                    return
                 if entry is None:
-                    stack.pop()
-                    it.close()
-                    os.close(fd)
-                    continue
+                    return
                 # scandir(fd) yields str names; back to the exact bytes.
                 name = os.fsencode(entry.name)
                 child = path + b"/" + name
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        child_fd = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                        push(child_fd, child)
+                        subdirs.append(name)
                     elif entry.is_symlink():
-                        target = os.readlink(name, dir_fd=fd)
-                        yield from self._link(child, target, kind)
+                        _bounded(child)
+                        yield from self._link(child, os.readlink(name, dir_fd=fd), kind)
                     elif entry.is_file(follow_symlinks=False):
                         yield from self._regular_file(child, kind)
                     # FIFOs, sockets, devices: never opened, never roots.
                 except OSError as e:
-                    # ELOOP/ENOTDIR: the entry was swapped for a link or file
-                    # between readdir and open; like Nix, skip it with a warning.
-                    if e.errno in SKIPPABLE or e.errno == errno.ELOOP:
-                        yield _warn(child, e, "read entry")
-                    else:
-                        raise _fatal(child, e, "cannot read") from None
-        finally:
-            for fd, it, _ in stack:
-                it.close()
-                os.close(fd)
+                    yield _skip(child, e, "read")
 
     def _regular_file(self, path: bytes, kind: RootKind) -> Iterator[Record]:
         # A regular file named like a store path roots that path (Nix does
@@ -268,19 +279,15 @@ class Scanner:
                 if is_in_dir(link, self.layout.auto_dir):
                     yield StaleLink(link, resolved)
                 return
-            if e.errno in SKIPPABLE:
-                yield _warn(link, e, f"lstat of its target {os.fsdecode(resolved)!r}")
-                return
-            raise _fatal(resolved, e, "cannot lstat indirect root") from None
+            yield _skip(link, e, f"lstat its target {os.fsdecode(resolved)!r}")
+            return
         if not stat.S_ISLNK(st.st_mode):
             return
         try:
             target2 = os.readlink(resolved)
-        except OSError as e:
-            if e.errno in SKIPPABLE or e.errno == errno.EINVAL:  # EINVAL: swapped to a non-link
-                yield _warn(resolved, e, "readlink")
-                return
-            raise _fatal(resolved, e, "cannot readlink indirect root") from None
+        except OSError as e:  # EINVAL: swapped for a non-link
+            yield _skip(resolved, e, "readlink indirect root", (errno.EINVAL,))
+            return
         if is_in_dir(target2, store_dir):
             store_path = to_store_path(target2, store_dir)
             if store_path is not None:
@@ -310,8 +317,9 @@ class Scanner:
                 yield Root(RootKind.RUNTIME, path, sp)
 
     def _read_proc_file(self, path: bytes) -> bytes | None:
-        try:
-            return read_limited(path)
+        try:  # a sysctl string: a path, at most a page
+            with open(path, "rb", buffering=0, opener=lambda p, _: os.open(p, _FILE_FLAGS)) as f:
+                return f.read(1 << 16)
         except OSError as e:
             if e.errno in PROC_SKIPPABLE:
                 return None
@@ -323,7 +331,7 @@ class Scanner:
             items = self._read_process(pid_dir, self.cmdline)
         except OSError as e:  # the sandbox's /proc reader failed: never a smaller root set
             raise _fatal(pid_dir, e, "cannot read process") from None
-        found: list[tuple[bytes, bytes]] = []  # (label, target)
+        found: list[tuple[bytes, bytes]] = []  # (label, target); the reader kept what names the store
         for name, value in items:
             path = pid_dir + b"/" + name
             if isinstance(value, OSError):
@@ -333,25 +341,12 @@ class Scanner:
                     yield ScanWarning(path, value.errno, "cannot read runtime roots: permission "
                                       "denied (does the helper have CAP_SYS_PTRACE?)")
             elif name == b"maps":
-                if store_dir in value:
-                    for line in value.split(b"\n"):
-                        if store_dir in line and (m := MAPS_LINE.match(line)):
-                            found.append((path, m.group(1)))
+                found += [(path, m.group(1)) for m in map(MAPS_LINE.match, value.split(b"\n")) if m]
             elif name in (b"environ", b"cmdline"):
-                if store_dir in value:
-                    found += [(path, m.group(0)) for m in self._env_re.finditer(value)]
+                found += [(path, m.group(0)) for m in self._env_re.finditer(value)]
             else:  # exe, cwd, fd/N: link targets
                 found.append((path, value))
-        yield from self._emit_runtime(found)
-
-    def _emit_runtime(self, found: list[tuple[bytes, bytes]]) -> Iterator[Record]:
-        store_dir = self.layout.store_dir
         for label, target in found:
-            if target.startswith(b"/"):
-                sp = to_store_path(target, store_dir)
-                if sp is not None:
-                    yield Root(RootKind.RUNTIME, label, sp)
+            if target.startswith(b"/") and (sp := to_store_path(target, store_dir)) is not None:
+                yield Root(RootKind.RUNTIME, label, sp)
 
-
-def scan_roots(layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False) -> Iterator[Record]:
-    return Scanner(layout, runtime=runtime, cmdline=cmdline).scan()

@@ -103,7 +103,7 @@ class HelperServer:
     runtime: bool = True
     cmdline: bool = False
     proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
-    hidden_homes: tuple = ()      # home dirs we cannot see: every scan fails (scan.hidden_home_dirs)
+    hidden_dirs: tuple = ()      # dirs we cannot see: every scan fails (sandbox.hidden_dirs)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
 
@@ -163,16 +163,13 @@ class HelperServer:
 
     def _scanner(self) -> Scanner:
         return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline,
-                       hidden_homes=self.hidden_homes,
+                       hidden_dirs=self.hidden_dirs,
                        proc_reader=self.proc_reader)
 
     def _count(self, rec, stats) -> None:
-        if isinstance(rec, Root):
-            stats["roots"] += 1
-        elif isinstance(rec, StaleLink):
-            stats["stale"] += 1
-        elif isinstance(rec, ScanWarning):
-            stats["warnings"] += 1
+        key = {Root: "roots", StaleLink: "stale", ScanWarning: "warnings"}.get(type(rec))
+        if key:
+            stats[key] += 1
 
     def _serve_roots(self, conn: socket.socket, stats: dict) -> tuple[str, str]:
         sender = RootStreamSender()

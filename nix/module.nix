@@ -169,10 +169,10 @@ let
 
   # What all three services share (systemd/*.service).  NixOS renders true
   # as "true", which systemd reads like the "yes" of the Debian units.
+  # No PrivateTmp here: the helper must see the real /tmp (see below).
   confinement = {
     NoNewPrivileges = true;
     ProtectSystem = "strict";
-    PrivateTmp = true;
     PrivateDevices = true;
     DevicePolicy = "closed";
     PrivateNetwork = true;
@@ -201,6 +201,11 @@ let
   unprivileged = confinement // {
     CapabilityBoundingSet = "";
     ProtectHome = true;
+    # A writable /tmp of their own (SQLite's temporary files; ProtectSystem
+    # makes the real one read-only).  Harmless for roots: the helper sees the
+    # real /tmp; only gcrootsd's extra check before removing a stale
+    # gcroots/auto link cannot see targets there.
+    PrivateTmp = true;
     PrivateIPC = true;
     ProtectProc = "invisible";
     ProcSubset = "pid";
@@ -630,6 +635,10 @@ in
         AmbientCapabilities = "CAP_DAC_READ_SEARCH CAP_SYS_PTRACE";
         # Homes are read (links only; Landlock keeps file contents closed),
         # and other users' /proc entries: no ProtectProc, no PrivateIPC needed.
+        # Read-only views of the real /tmp and homes, never private or empty
+        # ones (no PrivateTmp): `nix-build -o /tmp/ci-job/result` and links in
+        # homes are indirect roots, and a link whose target we cannot see
+        # looks stale, its path garbage.  The helper refuses to scan then.
         ProtectHome = "read-only";
         UMask = "0077";
         # @system-service of older systemd lacks the Landlock calls; capset

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import resource
 import socket
 import sqlite3
 import subprocess
@@ -157,24 +159,82 @@ def test_hostile_tree_equals_nix(scratch, users):
     assert b"dir-link" not in ours and b"loop" not in ours
 
 
-def test_deep_nesting_fails_closed(scratch):
-    """10,000 levels: no crash, no fd exhaustion, no silent skip -- the scan
-    fails with a clear error (Nix 2.8 also fails: ENAMETOOLONG)."""
-    root = scratch / "store"
-    support.make_store(root, paths=100, seed=8, roots=5, indirect=0, stale=0, quirks=0)
+def _nest(root: Path, levels: int) -> None:
+    """gcroots/d/d/.../d (`levels` deep), a root at the bottom; made fd by fd
+    (the full path may be longer than PATH_MAX)."""
     d = os.open(root / "nix/var/nix/gcroots", os.O_RDONLY)
-    for _ in range(10_000):
+    for _ in range(levels):
         os.mkdir("d", dir_fd=d)
         nd = os.open("d", os.O_RDONLY, dir_fd=d)
         os.close(d)
         d = nd
     os.symlink(valid_paths(root)[0], "deep", dir_fd=d)
     os.close(d)
-    out = helper_scan(root, "--no-runtime", check=False)
+
+
+def _low_fd_limit() -> None:
+    # A soft limit of 256 (systems often say 1024): the helper must raise it.
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+SANDBOX = pytest.mark.parametrize("sandbox", [(), ("--require-sandbox",)],
+                                  ids=["plain", "sandboxed"])
+
+
+@SANDBOX
+def test_a_thousand_levels_deep_is_walked_like_nix(scratch, sandbox):
+    """Any user can nest directories in their gcroots/per-user/$USER: Nix
+    walks them to PATH_MAX, and so must we (no depth limit of our own, no
+    recursion limit, one fd per level under a low soft fd limit)."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=8, roots=5, indirect=0, stale=0, quirks=0)
+    _nest(root, 1000)
+    out = subprocess.run([HELPER, "scan", "--root", str(root), "--no-runtime", *sandbox],
+                         capture_output=True, preexec_fn=_low_fd_limit)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert b"/d/d/deep -> /nix/store/" in out.stdout
+    assert out.stdout == nix_roots(root)
+
+
+@SANDBOX
+def test_deep_nesting_past_path_max_fails_closed(scratch, sandbox):
+    """10,000 levels: no crash, no fd exhaustion, no silent skip -- the scan
+    fails with a clear error once a path would pass PATH_MAX, as Nix 2.8
+    fails (ENAMETOOLONG)."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=8, roots=5, indirect=0, stale=0, quirks=0)
+    _nest(root, 10_000)
+    out = helper_scan(root, "--no-runtime", *sandbox, check=False)
     assert out.returncode == 1
-    assert b"scan failed: directory nesting deeper than" in out.stderr
+    assert b"scan failed: path " in out.stderr and b"longer than PATH_MAX" in out.stderr
     assert out.stdout == b""
     assert support.oracle(root, "nix-store", "--gc", "--print-roots", check=False).returncode != 0
+
+
+@pytest.mark.parametrize("length", [4095, 4096])
+def test_path_max_is_where_nix_stops_too(scratch, length):
+    """A link whose full path is 4095 bytes (4096 with its NUL) is a root for
+    both; one byte more and both fail."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=8, roots=5, indirect=0, stale=0, quirks=0)
+    path = os.fsencode(root / "nix/var/nix/gcroots")
+    while length - len(path) > 250:
+        path += b"/" + b"n" * 200
+    os.makedirs(path)
+    fd = os.open(path, os.O_RDONLY)
+    name = b"l" * (length - len(path) - 1)
+    os.symlink(valid_paths(root)[0], name, dir_fd=fd)
+    os.close(fd)
+    assert len(path + b"/" + name) == length
+    ours = helper_scan(root, "--no-runtime", check=False)
+    theirs = support.oracle(root, "nix-store", "--gc", "--print-roots", check=False)
+    if length < 4096:
+        assert ours.returncode == theirs.returncode == 0, ours.stderr
+        assert path + b"/" + name + b" -> " in ours.stdout
+        assert ours.stdout == nix_roots(root)
+    else:
+        assert theirs.returncode != 0 and b"File name too long" in theirs.stderr
+        assert ours.returncode == 1 and b"longer than PATH_MAX" in ours.stderr
 
 
 def test_hundred_thousand_entries_in_one_dir_bounded_memory(scratch):
@@ -332,9 +392,192 @@ def test_hidden_home_directories_fail_the_scan(scratch):
     hidden = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                              f"mount -t tmpfs none /home && {scan}"], capture_output=True)
     assert hidden.returncode == 1, hidden.stderr
-    assert b"home directories are hidden from the helper (/home" in hidden.stderr
+    assert b"directories are hidden from the helper (/home" in hidden.stderr
     read_only = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
                                 f"mount --bind /home /home && mount -o remount,ro,bind /home "
                                 f"&& {scan}"], capture_output=True)
     assert read_only.returncode == 0, read_only.stderr
     assert read_only.stdout == our_roots(root)
+
+
+# In a mount namespace of its own: a tmpfs over /tmp (what systemd's
+# PrivateTmp=yes amounts to), then the store (which lives in /tmp) bound back
+# in -- so that only the `result` link in /tmp is out of sight.
+HIDE_TMP = ('exec 9<"$1"; mount -t tmpfs tmpfs /tmp && mkdir -p "$1" && '
+            'mount --no-canonicalize --bind /proc/self/fd/9 "$1" && exec 9<&- && shift && exec "$@"')
+
+
+def test_hidden_tmp_fails_the_scan(scratch):
+    """`nix-build -o /tmp/ci-job/result`: gcroots/auto/X -> /tmp/ci-job/result
+    -> a store path.  A helper that sees another /tmp (PrivateTmp=yes) would
+    call the link stale and its path garbage: it refuses to scan.  With the
+    real /tmp the same scan finds the root, as Nix does."""
+    root = scratch / "store"
+    support.make_store(root, paths=40, seed=13, roots=2, indirect=0, stale=0, quirks=0)
+    sp = valid_paths(root)[3]
+    job = scratch / "ci-job"
+    job.mkdir()
+    os.symlink(sp, job / "result")
+    auto = root / "nix/var/nix/gcroots/auto"
+    auto.mkdir(exist_ok=True)
+    os.symlink(job / "result", auto / ("0" * 32))
+    scan = [HELPER, "scan", "--root", str(root), "--no-runtime"]
+    hidden = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", HIDE_TMP,
+                             "sh", str(root), *scan], capture_output=True)
+    assert hidden.returncode == 1, hidden.stderr
+    assert b"directories are hidden from the helper (/tmp:" in hidden.stderr
+    assert b"PrivateTmp" in hidden.stderr and b"stale link" not in hidden.stderr
+    # Any fresh tmpfs that hides what init sees, not only over the usual places.
+    over_job = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f'mount -t tmpfs tmpfs "{job}" && exec "$@"', "sh", *scan],
+                              capture_output=True)
+    assert over_job.returncode == 1, over_job.stderr
+    assert f"directories are hidden from the helper ({job}:".encode() in over_job.stderr
+    visible = subprocess.run(["unshare", "-m", "--propagation", "private", *scan],
+                             capture_output=True)
+    assert visible.returncode == 0, visible.stderr
+    assert f"{job}/result -> {sp}\n".encode() in visible.stdout
+    assert visible.stdout == our_roots(root) == nix_roots(root)
+
+
+BIG_HOLDER = r"""
+import ctypes, os, resource, sys, time
+long_file, store_file, maps, fds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(resource.RLIMIT_NOFILE)[1],) * 2)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long)
+fd = os.open(long_file, os.O_RDONLY)
+for _ in range(maps):   # PROT_READ, MAP_PRIVATE; offset 0 each time: no merging
+    assert libc.mmap(None, 4096, 1, 2, fd, 0) not in (None, ctypes.c_void_p(-1).value)
+held = [os.dup(fd) for _ in range(fds)]
+store = os.open(store_file, os.O_RDONLY)
+assert libc.mmap(None, 4096, 1, 2, store, 0) not in (None, ctypes.c_void_p(-1).value)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _long_file(scratch: Path) -> str:
+    """A 4 KiB file at a path of ~4000 bytes, not in the store."""
+    d = scratch / "long"
+    while len(str(d)) < 3700:
+        d = d / ("x" * 250)
+    d.mkdir(parents=True)
+    f = d / ("f" * (4000 - len(str(d)) - 1))
+    f.write_bytes(b"x" * 4096)
+    assert len(str(f)) == 4000
+    return str(f)
+
+
+def _hold(scratch: Path, maps: int, fds: int) -> tuple[subprocess.Popen, str]:
+    data = scratch / "gcroots-test-big-holder"
+    data.mkdir()
+    (data / "data").write_bytes(f"big holder {os.getpid()} {maps} {fds}\n".encode() * 256)
+    sp = support.oracle("/", "nix-store", "--add", str(data)).stdout.strip().decode()
+    holder = subprocess.Popen([sys.executable, "-c", BIG_HOLDER, _long_file(scratch),
+                               sp + "/data", str(maps), str(fds)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"ready\n"
+    return holder, sp
+
+
+# Forks and execs the helper from a small process: a child's peak RSS counts
+# the memory of the process it was forked from (pytest's, were it ours).
+RSS_PROBE = r"""
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stderr.write(f"\npeak-rss-kib {usage.ru_maxrss}\n")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _scan_with_rss(*args: str) -> tuple[int, bytes, bytes, int]:
+    """(exit code, stdout, stderr, the helper's peak RSS in KiB)."""
+    out = subprocess.run([sys.executable, "-c", RSS_PROBE, HELPER, "scan", *args],
+                         capture_output=True, timeout=300)
+    err, _, peak = out.stderr.rpartition(b"\npeak-rss-kib ")
+    return out.returncode, out.stdout, err, int(peak)
+
+
+@SANDBOX
+def test_maps_over_64_mib_are_read_not_refused(scratch, sandbox):
+    """vm.max_map_count (65530) maps of a long path make /proc/PID/maps far
+    bigger than any fixed limit; Nix reads it.  So do we, keeping only the
+    lines that name the store: the mapped store path is found, with Nix's
+    label, and the scan succeeds."""
+    holder, sp = _hold(scratch, maps=18_000, fds=0)
+    try:
+        with open(f"/proc/{holder.pid}/maps", "rb") as f:
+            assert sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b"")) > 64 << 20
+        rc, out, err, _ = _scan_with_rss("--root", "/", *sandbox)
+        assert rc == 0, err[-2000:]
+        assert f"/proc/{holder.pid}/maps -> {sp}\n".encode() in out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@SANDBOX
+def test_many_fds_to_a_long_path_keep_memory_small(scratch, sandbox):
+    """19,000 fds of a 4 KiB non-store path (~78 MB of link targets): only
+    targets in the store are kept, so the helper stays small -- and the one
+    fd into the store is still found."""
+    holder, sp = _hold(scratch, maps=0, fds=19_000)
+    try:
+        assert len(os.listdir(f"/proc/{holder.pid}/fd")) > 19_000
+        rc, out, err, peak_kib = _scan_with_rss("--root", "/", *sandbox)
+        assert rc == 0, err[-2000:]
+        assert re.search(rb"\n/proc/%d/fd/\d+ -> %s\n" % (holder.pid, sp.encode()), b"\n" + out)
+        assert peak_kib < 64 << 10, f"the helper peaked at {peak_kib} KiB"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_proc_files_keep_only_what_names_the_store(monkeypatch, tmp_path):
+    """read_filtered keeps, chunk by chunk, what can hold a store path: the
+    regex finds exactly what it finds in the whole file, whatever the chunk
+    size; past MAX_KEPT of that it refuses (EFBIG), it never truncates."""
+    from gcroots.helper import scan as scan_mod
+    from gcroots.storepath import environ_regex
+    sp = b"/nix/store/" + b"a" * 32 + b"-x"
+    environ = (b"A=1\0B=" + b"y" * 5000 + b"\0PATH=/bin:" + sp + b"/bin:/nix/store/nix/store/"
+               + sp + b"\0C=/nix/stor\0D=" + b"z" * 3000 + sp + b"\0E=" + sp)
+    f = tmp_path / "environ"
+    f.write_bytes(environ)
+    env_re = environ_regex(b"/nix/store")
+    whole = env_re.findall(environ)
+    assert len(whole) == 5
+    for chunk in (1, 3, 7, 10, 64, 1 << 20):
+        monkeypatch.setattr(scan_mod, "CHUNK", chunk)
+        kept = scan_mod.read_filtered(os.fsencode(f), b"\0", b"/nix/store", True)
+        assert env_re.findall(kept) == whole, chunk
+        assert len(kept) < 300   # of ~8,300
+    maps = b"".join(b"7f00-7f01 r--p 0 00:00 1 /long/" + b"q" * 300 + b"\n" for _ in range(50))
+    f.write_bytes(maps + b"7f02-7f03 r--p 0 00:00 1 " + sp + b"/lib/x.so\n" + maps)
+    monkeypatch.setattr(scan_mod, "CHUNK", 100)
+    assert scan_mod.read_filtered(os.fsencode(f), b"\n", b"/nix/store", False) == \
+        b"7f02-7f03 r--p 0 00:00 1 " + sp + b"/lib/x.so"
+    monkeypatch.setattr(scan_mod, "MAX_KEPT", 40)
+    with pytest.raises(OSError) as e:
+        scan_mod.read_filtered(os.fsencode(f), b"\n", b"/nix/store", False)
+    assert e.value.errno == errno.EFBIG
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--store-dir", "nix/store"), b"argument --store-dir: not an absolute path: 'nix/store'"),
+    (("--state-dir", "var/nix"), b"argument --state-dir: not an absolute path: 'var/nix'"),
+    (("--store-dir", "//"), b"error: the store dir cannot be /"),
+])
+@pytest.mark.parametrize("command", ["scan", "serve", "sandbox-check"])
+def test_bad_layout_flags_are_usage_errors(command, args, message):
+    out = subprocess.run([HELPER, command, *args, "--socket", "/nonexistent/x.sock"]
+                         if command == "serve" else [HELPER, command, *args],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and b"usage: gcroots-helper " + command.encode() in out.stderr
+    assert b"Traceback" not in out.stderr

@@ -446,7 +446,7 @@ def test_sandboxed_runtime_roots_of_another_user_equal_nix(scratch, users):
 READER_PROBE = r"""
 import errno, os
 from gcroots.helper.sandbox import ProcReader
-r = ProcReader.start(frozenset())
+r = ProcReader.start(frozenset(), b"/nix/store")
 items = dict(r(b"/proc/%d" % os.getpid()))
 print("exe", items[b"exe"] == os.readlink("/proc/self/exe").encode())
 for bad in (b"/etc", b"/proc/1/root", b"/proc/self", b"/proc/1/../../etc"):
@@ -527,3 +527,27 @@ def test_netns_check_without_netlink_agrees_with_pyroute2():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("True ")
+
+
+OVERSIZED = r"""
+import errno, os
+from gcroots.helper import sandbox
+from gcroots.helper.scan import ScanError, Scanner
+from gcroots.layout import StoreLayout
+sandbox.MAX_ANSWER = 100      # the reader (forked below) answers nothing bigger
+r = sandbox.ProcReader.start(frozenset(), b"/usr")   # "/usr" as the store: maps kept
+for _ in range(2):            # and lives on: every answer the same
+    print(r(b"/proc/%d" % os.getpid()))
+try:
+    list(Scanner(StoreLayout.make(), proc_reader=r).scan())
+except ScanError as e:
+    print("scan failed:", e)
+"""
+
+
+def test_an_oversized_reader_answer_fails_the_scan_not_the_reader():
+    out = subprocess.run([sys.executable, "-c", OVERSIZED], capture_output=True, text=True,
+                         timeout=60)
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["[(b'fd', OSError(90, 'Message too long'))]"] * 2, out
+    assert lines[2].startswith("scan failed: cannot read '/proc/") and "errno 90" in lines[2], out

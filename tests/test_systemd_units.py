@@ -56,3 +56,22 @@ def test_upstream_style_unit_would_fail_the_threshold(unit_dir, tmp_path):
                           "--threshold=15", str(bare)], capture_output=True, text=True,
                          cwd=tmp_path)
     assert out.returncode != 0
+
+
+def _settings(unit: str) -> dict[str, str]:
+    out = {}
+    for line in (REPO / "systemd" / unit).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def test_helper_sees_the_real_tmp_and_homes_read_only():
+    """`nix-build -o /tmp/ci-job/result` is an indirect root: with a private
+    /tmp the helper would call its link stale (and the helper refuses to scan
+    then).  ProtectSystem=strict keeps the real /tmp read-only to it."""
+    helper = _settings("gcroots-helper.service")
+    assert "PrivateTmp" not in helper
+    assert helper["ProtectSystem"] == "strict" and helper["ProtectHome"] == "read-only"
+    assert _settings("gcrootsd.service")["ProtectHome"] == "yes"   # the check reads settings
