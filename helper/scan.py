@@ -107,10 +107,10 @@ def _attempt(fn, *args) -> bytes | OSError:
 
 
 def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSError]]:
-    """(b"fd/N", target) of the fds into the store, one per target (a process
-    may hold a million fds, most of them not ours to care about), or the
-    error that ends the listing; skippable errors of single fds dropped."""
-    out, seen, size = [], set(), 0
+    """(b"fd/N", target) of every fd into the store (a process may hold a
+    million fds; a target is stored once), or the error that ends the
+    listing; skippable errors of single fds dropped."""
+    out, seen, size = [], {}, 0
     try:
         with os.scandir(pid_dir + b"/fd") as it:
             for e in it:
@@ -118,10 +118,10 @@ def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSEr
                 if isinstance(target, OSError):
                     if target.errno not in PROC_SKIPPABLE:  # fails the scan: stop here
                         return out + [(b"fd/" + e.name, target)]
-                elif target.startswith(prefix) and target not in seen:
-                    seen.add(target)
-                    out.append((b"fd/" + e.name, target))
-                    if (size := size + len(target)) > MAX_KEPT:
+                elif target.startswith(prefix):
+                    size += 0 if target in seen else len(target)
+                    out.append((b"fd/" + e.name, seen.setdefault(target, target)))
+                    if (size := size + len(e.name) + 8) > MAX_KEPT:
                         raise OSError(errno.EFBIG, f"more than {MAX_KEPT} bytes of store fds")
     except OSError as e:
         return out + [(b"fd", e)]

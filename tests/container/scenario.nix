@@ -9,6 +9,8 @@ in rec {
   zlib = pkg "zlib-1.3" [ libc ];
   aliceApp = pkg "alice-webapp-1.0" [ zlib libc ];
   bobTool = pkg "bob-tool-2.1" [ libc ];          # garbage in round 2 (bob removes his link)
+  # Kept: bob's CI job's `result` link under /tmp (nix-build -o /tmp/...).
+  ciJob = pkg "bob-ci-job-1.0" [ zlib ];
   # Kept only by a running process of bob's holding a file open.
   heldDep = pkg "held-dep-0.1" [ ];
   held = pkg "held-by-bob-3.0" [ heldDep ];

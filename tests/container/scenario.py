@@ -147,9 +147,9 @@ class World:
         """Outputs and derivations (keep-derivations keeps a live output's .drv)."""
         return {self.out[a] for a in attrs} | {self.drv[a] for a in attrs}
 
-    LIVE1 = ("libc", "zlib", "aliceApp", "bobTool", "heldDep", "held")
+    LIVE1 = ("libc", "zlib", "aliceApp", "bobTool", "ciJob", "heldDep", "held")
     GARBAGE1 = ("oldLib", "oldApp", "scratch")
-    LIVE2 = ("libc", "zlib", "aliceApp", "heldDep", "held")
+    LIVE2 = ("libc", "zlib", "aliceApp", "ciJob", "heldDep", "held")
     GARBAGE2 = ("bobTool", "laterDep", "later")
 
 
@@ -176,6 +176,9 @@ def setup(world: World, report: Report) -> None:
     os.makedirs("/home/bob/tool")
     world.build("aliceApp", "/home/alice/webapp/result")
     world.build("bobTool", "/home/bob/tool/result")
+    # A CI job's result under /tmp: a unit with PrivateTmp= would not see it.
+    os.makedirs("/tmp/bob-ci")
+    world.build("ciJob", "/tmp/bob-ci/result")
     world.build("oldApp", "/home/alice/old-webapp/result")
     os.unlink("/home/alice/old-webapp/result")  # its gcroots/auto link is now stale
     world.build("scratch")
@@ -184,6 +187,7 @@ def setup(world: World, report: Report) -> None:
         world.build(attr)
     link_for("alice", "/home/alice/webapp/result")
     link_for("bob", "/home/bob/tool/result")
+    link_for("bob", "/tmp/bob-ci/result")
     os.chown("/home/alice/old-webapp", alice.pw_uid, alice.pw_gid)
     report.info["nix_build_seconds"] = round(time.monotonic() - t0, 1)
     report.info["nix_version"] = sh(["nix-store", "--version"]).stdout.strip()
@@ -302,6 +306,7 @@ def run_checks(world: World, report: Report) -> None:
                                                          for r in roots)[:3000])
         for want in (("/home/alice/webapp/result", o["aliceApp"]),
                      ("/home/bob/tool/result", o["bobTool"]),
+                     ("/tmp/bob-ci/result", o["ciJob"]),
                      (runtime_label, o["held"])):
             expect(want in pairs, f"missing root {want[0]} -> {want[1]}")
         expect(not any(r["link"].startswith("/home/alice/old-webapp") for r in roots),
@@ -505,7 +510,8 @@ def run_checks(world: World, report: Report) -> None:
         expect(deleted == garbage1, f"deleted {sorted(deleted)}, expected {sorted(garbage1)}")
         expect(live1 <= after, f"live paths were deleted: {sorted(live1 - after)}")
         for attr, link in (("aliceApp", "/home/alice/webapp/result"),
-                           ("bobTool", "/home/bob/tool/result")):
+                           ("bobTool", "/home/bob/tool/result"),
+                           ("ciJob", "/tmp/bob-ci/result")):
             expect(os.path.exists(o[attr] + "/README") and os.readlink(link) == o[attr],
                    f"{link} no longer reaches {o[attr]}")
         expect(os.readlink(f"/proc/{holder}/fd/3") == o["held"] + "/README",
