@@ -7,6 +7,13 @@ lstat mtime (when it was last (re)made).  We only ever remove links the
 caller owns, with the caller's rights.  On a multi-user system
 `gcroots/auto` belongs to root: a user removes the `result` link, and the
 auto entry is then a stale link that gcrootsd (or Nix's GC) removes.
+
+The link's path is someone else's to shape (the auto entry only names it):
+its directory is reached from "/" without following any symlink, and the
+lstat, the readlink and the unlink all happen relative to that directory.
+A link whose directory path goes through a symlink is kept: where such a
+path leads is up to whoever owns the symlink (`~/x -> /run` made
+`~/x/booted-system` root's /run/booted-system).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
+from gcroots import nofollow
 from gcroots.layout import StoreLayout
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
 
@@ -36,6 +44,7 @@ class IndirectRoot:
     ino: tuple[int, int]
     target: bytes               # the link's readlink
     current_of: bytes | None = None   # the profile this link is the current generation of
+    via_symlink: bool = False   # its directory path goes through a symlink: never removed
 
     @property
     def kind(self) -> str:
@@ -69,23 +78,43 @@ def scan(layout: StoreLayout) -> Scan:
         if to_store_path(link, layout.store_dir) is not None:
             continue  # a direct root that happens to sit in auto/
         try:
-            st = os.lstat(link)
-            target = os.readlink(link) if stat.S_ISLNK(st.st_mode) else None
+            found = _lstat_link(link)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 out.stale += 1
             else:
                 out.unreadable += 1
             continue
+        st, target, current_of, via_symlink = found
         sp = None if target is None else to_store_path(target, layout.store_dir)
         if sp is None:
             continue
         out.roots.append(IndirectRoot(entry, link, sp, st.st_uid, st.st_mtime_ns // 1_000_000_000,
-                                      (st.st_dev, st.st_ino), target, _current_of(link)))
+                                      (st.st_dev, st.st_ino), target, current_of, via_symlink))
     return out
 
 
-def _current_of(link: bytes) -> bytes | None:
+def _lstat_link(link: bytes) -> tuple[os.stat_result, bytes | None, bytes | None, bool]:
+    """(lstat, readlink or None, profile it is current of, via a symlink) of
+    the link, its directory walked without following symlinks.  One whose
+    directory path has a symlink is still read (through it, to be listed),
+    but only ever kept."""
+    try:
+        dfd = nofollow.open_dir(dir_of(link))
+    except nofollow.SymlinkInPath:
+        st = os.lstat(link)
+        return st, os.readlink(link) if stat.S_ISLNK(st.st_mode) else None, None, True
+    try:
+        name = base_name(link)
+        st = os.lstat(name, dir_fd=dfd)
+        if not stat.S_ISLNK(st.st_mode):
+            return st, None, None, False
+        return st, os.readlink(name, dir_fd=dfd), _current_of(link, dfd), False
+    finally:
+        os.close(dfd)
+
+
+def _current_of(link: bytes, dfd: int) -> bytes | None:
     """If `link` is `<X>-<N>-link` and the sibling profile `X` points at
     it, the profile X: removing its current generation would break it."""
     m = _GEN_NAME.fullmatch(base_name(link))
@@ -93,11 +122,14 @@ def _current_of(link: bytes) -> bytes | None:
         return None
     profile = os.path.join(dir_of(link), m.group(1))
     try:
-        target = os.readlink(profile)
+        target = os.readlink(m.group(1), dir_fd=dfd)
     except OSError:
         return None
     n = parse_generation_name(m.group(1), base_name(abs_path(target, dir_of(link))))
     return profile if n is not None and n == int(m.group(2)) else None
+
+
+VIA_SYMLINK = "its directory path goes through a symbolic link"
 
 
 @dataclass(frozen=True)
@@ -121,6 +153,8 @@ def plan(scan: Scan, *, older_than: int, now: float, match: bytes | None, uid: i
         if match is not None and not fnmatch.fnmatchcase(r.link, match):
             continue
         keep = []
+        if r.via_symlink:
+            keep.append(VIA_SYMLINK)
         if r.mtime >= cutoff:
             keep.append(f"newer than {older_text}")
         if r.store_path in runtime:
@@ -139,14 +173,23 @@ class Removal:
     removed: bool
     auto_removed: bool
     error: str | None = None
+    changed: bool = False       # left alone because it is no longer what was planned
 
 
 def remove(v: Verdict) -> Removal:
     """Remove the link, if it is still the one planned, then its auto entry
-    if we may (the caller owns the store, or is root)."""
+    if we may (the caller owns the store, or is root).  The directory is
+    walked again, without following symlinks: one swapped in since the plan
+    is not followed."""
     r = v.root
+    if r.via_symlink:
+        return Removal(r, False, False, f"{VIA_SYMLINK}; left alone", True)
     try:
-        dfd = os.open(dir_of(r.link), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dfd = nofollow.open_dir(dir_of(r.link))
+    except nofollow.SymlinkInPath:
+        return Removal(r, False, False, f"{VIA_SYMLINK} now; left alone", True)
+    except FileNotFoundError:
+        return Removal(r, False, False, "changed since the plan; left alone", True)
     except OSError as e:
         return Removal(r, False, False, f"cannot open {os.fsdecode(dir_of(r.link))}: {e.strerror}")
     name = base_name(r.link)
@@ -158,7 +201,7 @@ def remove(v: Verdict) -> Removal:
         except FileNotFoundError:
             same = False
         if not same:
-            return Removal(r, False, False, "changed since the plan; left alone")
+            return Removal(r, False, False, "changed since the plan; left alone", True)
         try:
             os.unlink(name, dir_fd=dfd)
         except OSError as e:

@@ -560,8 +560,7 @@ def cmd_roots_prune(args) -> int:
         _roots_json(verdicts, removals, args, scanned, runtime is not None)
     else:
         _roots_summary(removals, layout)
-    return 0 if all(r.removed or r.error == "changed since the plan; left alone"
-                    for r in removals) else 1
+    return 0 if all(r.removed or r.changed for r in removals) else 1
 
 
 def _current_generation_closure(layout: StoreLayout) -> set[bytes]:

@@ -856,6 +856,107 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
     assert os.path.lexists(links["young"]) and tree_snapshot(home / "bob") == bob_before
 
 
+FAR_STORE_PATH = "/nix/store/" + "z" * 32 + "-not-in-any-profile"
+
+
+def test_roots_prune_as_root_never_follows_a_users_directory_symlink(scratch, users):
+    """alice registers `~/x/booted-system` as an indirect root, then makes
+    ~/x a symlink to root's directory: root's prune must not remove root's
+    own, old `booted-system` link there.  Such a link is listed, kept, with
+    the reason."""
+    root = scratch / "store"
+    support.make_store(root, paths=120, seed=79, roots=2, indirect=0, stale=0, quirks=0,
+                       profiles=1, generations=3, users=1)
+    run = scratch / "run"
+    run.mkdir()
+    os.symlink(FAR_STORE_PATH, run / "booted-system")
+    _age(run / "booted-system", 60)
+    alice = scratch / "alice"
+    alice.mkdir()
+    support.chown_tree(alice, support.ALICE, 0o755)
+    subprocess.run(["runuser", "-u", support.ALICE, "--", "ln", "-s", str(run), str(alice / "x")],
+                   check=True)
+    _auto_link(root, alice / "x/booted-system")
+    # Root's own old result link in a plain directory still goes: the check
+    # is not vacuous.
+    (scratch / "rootwork").mkdir()
+    plain = scratch / "rootwork/result"
+    os.symlink(FAR_STORE_PATH, plain)
+    _age(plain, 60)
+    _auto_link(root, plain)
+    run_before = tree_snapshot(run)
+    r = subprocess.run([QUERY, "--root", str(root), "--json", "roots", "prune", "--older-than",
+                        "30d", "--no-runtime-check"], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    links = {x["link"]: x for x in json.loads(r.stdout)["links"]}
+    via = links[str(alice / "x/booted-system")]
+    assert via["action"] == "keep" and via["removed"] is False
+    assert "its directory path goes through a symbolic link" in via["reasons"]
+    assert links[str(plain)]["removed"] is True and not os.path.lexists(plain)
+    assert tree_snapshot(run) == run_before
+    text = subprocess.run([QUERY, "--root", str(root), "roots", "prune", "--older-than", "30d",
+                           "--no-runtime-check", "--dry-run"], capture_output=True, check=True)
+    assert re.search(rb"KEEP .*its directory path goes through a symbolic link.*"
+                     rb"/alice/x/booted-system", text.stdout)
+
+
+def test_roots_prune_between_users_never_follows_a_directory_symlink(scratch, users):
+    """bob names `~bob/.direnv/old/result` as an indirect root, with
+    ~bob/.direnv a symlink into alice's work directory: alice's
+    `--match '*/.direnv/*'` must not delete her non-direnv link there."""
+    root = scratch / "store"
+    support.make_store(root, paths=120, seed=80, roots=2, indirect=0, stale=0, quirks=0,
+                       profiles=1, generations=3, users=1)
+    alice, bob = scratch / "alice", scratch / "bob"
+    for name in ("work/old", "real/.direnv/flake"):
+        (alice / name).mkdir(parents=True)
+        os.symlink(FAR_STORE_PATH, alice / name / "result")
+    bob.mkdir()
+    os.symlink(alice / "work", bob / ".direnv")
+    support.chown_tree(alice, support.ALICE, 0o755)
+    support.chown_tree(bob, support.BOB, 0o755)
+    for name in ("work/old", "real/.direnv/flake"):
+        _age(alice / name / "result", 60)
+    _auto_link(root, bob / ".direnv/old/result")
+    _auto_link(root, alice / "real/.direnv/flake/result")
+    r = _as(support.ALICE, "--root", str(root), "--json", "roots", "prune", "--older-than",
+            "30d", "--match", "*/.direnv/*", "--no-runtime-check")
+    assert r.returncode == 0, r.stderr
+    links = {x["link"]: x for x in json.loads(r.stdout)["links"]}
+    assert links[str(bob / ".direnv/old/result")]["action"] == "keep"
+    assert links[str(bob / ".direnv/old/result")]["reasons"] == [
+        "its directory path goes through a symbolic link"]
+    assert os.path.lexists(alice / "work/old/result")
+    assert links[str(alice / "real/.direnv/flake/result")]["removed"] is True
+    assert not os.path.lexists(alice / "real/.direnv/flake/result")
+
+
+def test_roots_prune_rewalks_the_directory_at_removal(scratch):
+    """The link's directory moved and replaced by a symlink to it between
+    the plan and the removal (the very link, same inode, is there): the
+    removal walks the path again and leaves it alone."""
+    from gcroots.client import indirect
+    from gcroots.layout import StoreLayout
+    root = scratch / "store"
+    support.make_store(root, paths=120, seed=81, roots=2, indirect=0, stale=0, quirks=0,
+                       profiles=1, generations=3, users=1)
+    (scratch / "alice/x").mkdir(parents=True)
+    os.symlink(FAR_STORE_PATH, scratch / "alice/x/result")
+    _age(scratch / "alice/x/result", 60)
+    _auto_link(root, scratch / "alice/x/result")
+    layout = StoreLayout.make(None, None, str(root))
+    verdicts = indirect.plan(indirect.scan(layout), older_than=30 * 86400, now=NOW, match=None,
+                             uid=0, runtime={}, in_profiles=set(), older_text="30d")
+    [v] = [v for v in verdicts if v.root.link == os.fsencode(scratch / "alice/x/result")]
+    assert v.delete
+    os.rename(scratch / "alice/x", scratch / "elsewhere")
+    os.symlink(scratch / "elsewhere", scratch / "alice/x")
+    removal = indirect.remove(v)
+    assert not removal.removed and removal.changed
+    assert "symbolic link" in removal.error
+    assert os.path.lexists(scratch / "elsewhere/result")
+
+
 def test_plain_roots_query_is_unchanged(scratch):
     root = scratch / "store"
     support.make_store(root, paths=300, seed=78, roots=10, indirect=3, stale=0, quirks=0)

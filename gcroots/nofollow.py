@@ -1,0 +1,85 @@
+"""Opening a directory by path without following a symbolic link anywhere
+on the way.
+
+The client deletes links named by paths that other users control (an
+indirect root's `~/x/result`, a profile under `per-user/<user>/`): a
+directory component they swap for a symlink must not move the deletion
+somewhere else.  Walking from "/" one component at a time with O_NOFOLLOW
+and doing every later step relative to the resulting fd closes that.
+
+Standard library only; every path is bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+# O_PATH: search permission on each directory is all the walk needs, so an
+# execute-only home (0711) still works; such an fd is good as dir_fd for
+# fstatat, readlinkat and unlinkat.
+PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# For a directory that is to be listed as well (fdopendir needs a real fd).
+READ_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SymlinkInPath(OSError):
+    """A directory component of the path is a symbolic link."""
+
+    def __init__(self, path: bytes, component: bytes):
+        super().__init__(errno.ELOOP, "its directory path goes through a symbolic link",
+                         os.fsdecode(component))
+        self.path = path
+        self.component = component
+
+
+def open_at(dir_fd: int, name: bytes, flags: int, where: bytes) -> int:
+    """openat(dir_fd, name, flags) of a directory that must not be a
+    symlink: a symlink raises SymlinkInPath (`where` is its full path),
+    anything else the OSError it gave."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError as e:
+        # O_NOFOLLOW|O_DIRECTORY on a symlink gives ELOOP or (with O_PATH)
+        # ENOTDIR, as a plain file does: look at the entry to tell which.
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            try:
+                st = os.lstat(name, dir_fd=dir_fd)
+            except OSError:
+                raise e from None
+            if stat.S_ISLNK(st.st_mode):
+                raise SymlinkInPath(where, where) from None
+        raise
+
+
+def open_dir(path: bytes, flags: int = PATH_FLAGS) -> int:
+    """An fd of the directory `path` (absolute, lexically canonical: no `.`
+    or `..`), reached from "/" without following any symlink.  Raises
+    SymlinkInPath if one of its components is a symlink, else the OSError
+    of the component that failed."""
+    if not path.startswith(b"/"):
+        raise ValueError(f"not an absolute path: {path!r}")
+    parts = [p for p in path.split(b"/") if p]
+    if any(p in (b".", b"..") for p in parts):
+        # `..` after a symlink would be resolved physically by the kernel
+        # but lexically by our callers: never mix the two.
+        raise ValueError(f"not a canonical path: {path!r}")
+    fd = os.open(b"/", flags if not parts else PATH_FLAGS)
+    walked = b""
+    try:
+        for i, part in enumerate(parts):
+            walked += b"/" + part
+            last = i == len(parts) - 1
+            nxt = open_at(fd, part, flags if last else PATH_FLAGS, walked)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
