@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from gcroots import nofollow
 from gcroots.storepath import abs_path, base_name, canon_path, dir_of, to_store_path
 
 UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
@@ -201,7 +202,11 @@ class ProfileDir:
     locking, unlinking) happens relative to this fd, so a directory swapped
     for a symlink meanwhile cannot redirect an unlink elsewhere."""
 
-    def __init__(self, profile_path: bytes):
+    def __init__(self, profile_path: bytes, expect: tuple[int, int] | None = None):
+        """`expect`: the directory's (st_dev, st_ino) as a scan or a plan
+        saw it.  The path is opened as given (symlinks followed, as nix-env
+        -p does), so a directory swapped since (for a symlink to someone
+        else's profile directory, say) is refused here instead."""
         self.profile_path = profile_path
         self.path = dir_of(profile_path)
         self.name = base_name(profile_path)
@@ -213,6 +218,15 @@ class ProfileDir:
             raise _os_error(e, f"cannot open the profile directory {os.fsdecode(self.path)}",
                             self.path, verb="access") from None
         self.st = os.fstat(self.fd)
+        if expect is not None and self.identity != expect:
+            self.close()
+            raise ProfileError(f"{os.fsdecode(self.path)} is no longer the directory that was "
+                               "scanned (replaced, or reached through a symbolic link that "
+                               "changed); skipping this profile, nothing was deleted")
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        return self.st.st_dev, self.st.st_ino
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -597,6 +611,8 @@ _GEN_NAME = re.compile(rb"(.+)-([0-9]+)-link", re.S)
 class Found:
     profiles: list[bytes] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # profile -> (st_dev, st_ino) of the directory the walk listed it in
+    identity: dict[bytes, tuple[int, int]] = field(default_factory=dict)
 
 
 def _profiles_in_dir(dirpath: bytes, names: list[bytes], links: dict[bytes, bytes]) -> set[bytes]:
@@ -616,29 +632,68 @@ def _profiles_in_dir(dirpath: bytes, names: list[bytes], links: dict[bytes, byte
 
 def walk_profiles(top: bytes, found: Found) -> None:
     """Profiles under `top`, recursively; symlinked directories are not
-    entered (as Nix's GC does not)."""
-    stack = [top]
+    entered (as Nix's GC does not).  Each subdirectory is opened relative
+    to its parent's fd with O_NOFOLLOW and listed by that fd, and every
+    profile found carries the identity of the directory actually listed:
+    whoever owns a subdirectory may swap it for a symlink at any moment,
+    and whoever acts on the profile later checks it is still that one."""
+    try:
+        top_fd = os.open(top, nofollow.READ_FLAGS & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        found.warnings.append(f"cannot read {os.fsdecode(top)}: {e.strerror}")
+        return
+    # Depth first, holding only the fds of the directories being listed
+    # and their ancestors (not one per pending directory).
+    stack = [(top, top_fd, iter(_walk_one(top, top_fd, found)))]
     while stack:
-        d = stack.pop()
+        path, fd, subdirs = stack[-1]
+        name = next(subdirs, None)
+        if name is None:
+            os.close(fd)
+            stack.pop()
+            continue
+        sub = os.path.join(path, name)
         try:
-            entries = list(os.scandir(d))
+            sub_fd = nofollow.open_at(fd, name, nofollow.READ_FLAGS, sub)
+        except nofollow.SymlinkInPath:
+            continue  # became a symlink since the listing: not entered
         except FileNotFoundError:
             continue
         except OSError as e:
-            found.warnings.append(f"cannot read {os.fsdecode(d)}: {e.strerror}")
+            found.warnings.append(f"cannot read {os.fsdecode(sub)}: {e.strerror}")
             continue
-        names, links = [], {}
-        for e in entries:
-            names.append(e.name)
-            try:
-                if e.is_symlink():
-                    links[e.name] = os.readlink(e.path)
-                elif e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
-            except OSError as err:
-                found.warnings.append(f"cannot read {os.fsdecode(e.path)}: {err.strerror}")
-        for p in sorted(_profiles_in_dir(d, names, links)):
-            found.profiles.append(os.path.join(d, p))
+        stack.append((sub, sub_fd, iter(_walk_one(sub, sub_fd, found))))
+
+
+def _walk_one(path: bytes, fd: int, found: Found) -> list[bytes]:
+    """List one directory by its fd: record its profiles, return the names
+    of its real subdirectories."""
+    try:
+        # By fd, scandir gives str names: back to the exact bytes.
+        entries = list(os.scandir(fd))
+    except OSError as e:
+        found.warnings.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
+        return []
+    ident = nofollow.identity(fd)
+    names, links, subdirs = [], {}, []
+    for e in entries:
+        name = os.fsencode(e.name)
+        names.append(name)
+        try:
+            if e.is_symlink():
+                links[name] = os.readlink(name, dir_fd=fd)
+            elif e.is_dir(follow_symlinks=False):
+                subdirs.append(name)
+        except OSError as err:
+            found.warnings.append(f"cannot read {os.fsdecode(os.path.join(path, name))}: "
+                                  f"{err.strerror}")
+    for p in sorted(_profiles_in_dir(path, names, links)):
+        full = os.path.join(path, p)
+        found.profiles.append(full)
+        found.identity[full] = ident
+    return sorted(subdirs)
 
 
 def home_dir() -> bytes:
@@ -664,16 +719,19 @@ def discover(profiles_dir: bytes, *, home: bytes | None) -> Found:
             found.profiles.append(abs_path(os.readlink(link), home))
         except OSError:
             pass
-    found.profiles = dedupe(found.profiles)
+    found.profiles = dedupe(found.profiles, found.identity)
     return found
 
 
-def dedupe(paths: list[bytes]) -> list[bytes]:
+def dedupe(paths: list[bytes], identity: dict[bytes, tuple[int, int]] | None = None) -> list[bytes]:
     seen, out = set(), []
     for p in paths:
         try:
-            st = os.stat(dir_of(p))
-            key: object = (st.st_dev, st.st_ino, base_name(p))
+            ident = (identity or {}).get(p)
+            if ident is None:
+                st = os.stat(dir_of(p))
+                ident = (st.st_dev, st.st_ino)
+            key: object = (*ident, base_name(p))
         except OSError:
             key = p
         if key not in seen:
@@ -821,15 +879,18 @@ def plan_prune(profile: Profile, policy: Policy, protected: Protected, now: floa
 
 
 def apply_prune(path: bytes, approved: list[Verdict], policy: Policy, protected: Protected,
-                now: float, store_dir: bytes, *, lock_timeout: float | None,
+                now: float, store_dir: bytes, *, identity: tuple[int, int] | None,
+                lock_timeout: float | None,
                 on_wait: Callable[[str], None] | None = None) -> list[int]:
     """Delete what was approved, under the lock, after planning again on
     what is there now: only generations both plans delete go (the profile
-    may have changed since the plan was shown)."""
+    may have changed since the plan was shown).  `identity` is the
+    profile directory's the plan read: another directory now at that path
+    is refused, whatever its generations."""
     approved_keys = {(v.generation.name, v.generation.ino) for v in approved if v.delete}
     if not approved_keys:
         return []
-    with ProfileDir(path) as d:
+    with ProfileDir(path, identity) as d:
         with d.lock(lock_timeout, on_wait):
             profile = d.read()
             fresh = plan_prune(profile, policy, protected, now, store_dir)
@@ -905,11 +966,13 @@ def runtime_paths(rows: Iterable[tuple[bytes, ...]]) -> dict[bytes, list[bytes]]
     return out
 
 
-def generations_of(paths: Iterable[bytes]) -> Iterator[tuple[bytes, Profile | None, str | None]]:
-    """Read each profile (no lock: listing is read-only)."""
+def generations_of(paths: Iterable[bytes], identity: dict[bytes, tuple[int, int]] | None = None
+                   ) -> Iterator[tuple[bytes, Profile | None, str | None]]:
+    """Read each profile (no lock: listing is read-only); `identity` as
+    discover() found the directories."""
     for p in paths:
         try:
-            with ProfileDir(p) as d:
+            with ProfileDir(p, (identity or {}).get(p)) as d:
                 yield p, d.read(), None
         except ProfileError as e:
             yield p, None, str(e)

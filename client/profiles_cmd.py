@@ -188,13 +188,15 @@ def _home(layout: StoreLayout) -> bytes | None:
     return prof.home_dir() if layout.root == b"/" else None
 
 
-def _profile_paths(args, layout: StoreLayout) -> list[bytes]:
+def _profile_paths(args, layout: StoreLayout) -> prof.Found:
+    """The profiles named, or else discovered (then with the identity of
+    the directory each was found in)."""
     if args.profiles:
-        return [prof.absolute(p) for p in args.profiles]
+        return prof.Found([prof.absolute(p) for p in args.profiles])
     found = prof.discover(layout.profiles_dir, home=_home(layout))
     for w in found.warnings:
         print(f"gcroots-query: warning: {w}", file=sys.stderr)
-    return found.profiles
+    return found
 
 
 def _date(t: int) -> str:
@@ -276,7 +278,7 @@ def runtime_roots(args, layout: StoreLayout) -> dict[bytes, list[bytes]] | None:
 
 def cmd_list(args) -> int:
     layout = _layout(args)
-    paths = _profile_paths(args, layout)
+    found = _profile_paths(args, layout)
     db = None
     if not args.no_size:
         try:
@@ -285,7 +287,7 @@ def cmd_list(args) -> int:
             _stderr(f"gcroots-query: warning: no closure sizes: {e}")
     rc, listing = 0, []
     try:
-        for path, profile, error in prof.generations_of(paths):
+        for path, profile, error in prof.generations_of(found.profiles, found.identity):
             if error is not None:
                 _stderr(f"gcroots-query: {error}")
                 rc = 1
@@ -372,6 +374,7 @@ class _Planned:
     deleted: list[int]
     error: str | None = None
     skipped: str | None = None
+    identity: tuple[int, int] | None = None   # the directory the plan read
 
 
 def cmd_prune(args) -> int:
@@ -412,8 +415,8 @@ def cmd_prune(args) -> int:
             continue
         try:
             p.deleted = prof.apply_prune(p.path, p.verdicts, policy, protected, now,
-                                         layout.store_dir, lock_timeout=args.lock_timeout,
-                                         on_wait=_stderr)
+                                         layout.store_dir, identity=p.identity,
+                                         lock_timeout=args.lock_timeout, on_wait=_stderr)
         except prof.ProfileError as e:
             p.error, p.deleted = str(e), e.deleted
             _stderr(f"gcroots-query: {e}")
@@ -437,13 +440,17 @@ def _plan_profiles(args, layout, policy, protected, now) -> list[_Planned]:
     or modify stops everything before anything is deleted."""
     out = []
     explicit = bool(args.profiles)
-    for path in _profile_paths(args, layout):
+    found = _profile_paths(args, layout)
+    for path in found.profiles:
         if not explicit and not prof.may_modify(path):
             out.append(_Planned(path, [], [], skipped="not yours to modify"))
             continue
         try:
-            with prof.ProfileDir(path) as d:
+            # A discovered profile must still be in the directory the walk
+            # listed; the apply step checks the one read here again.
+            with prof.ProfileDir(path, found.identity.get(path)) as d:
                 profile = d.read()
+                identity = d.identity
         except prof.ProfileError as e:
             if explicit:
                 raise
@@ -453,7 +460,7 @@ def _plan_profiles(args, layout, policy, protected, now) -> list[_Planned]:
         if explicit and not args.dry_run and any(v.delete for v in verdicts) \
                 and not prof.may_modify(path):
             raise prof.refused(profile.dir, os.stat(profile.dir))
-        out.append(_Planned(path, verdicts, []))
+        out.append(_Planned(path, verdicts, [], identity=identity))
     return out
 
 
@@ -568,7 +575,7 @@ def _current_generation_closure(layout: StoreLayout) -> set[bytes]:
     link to one of those paths is never called stale."""
     found = prof.discover(layout.profiles_dir, home=_home(layout))
     current = set()
-    for _, profile, _err in prof.generations_of(found.profiles):
+    for _, profile, _err in prof.generations_of(found.profiles, found.identity):
         if profile is None or profile.current is None:
             continue
         for g in profile.generations:

@@ -494,6 +494,86 @@ def test_user_manages_own_profiles_and_is_refused_on_others(scratch, users):
     assert {p: tree_snapshot(p) for p in snapshot_others} == snapshot_others
 
 
+# -- prune --all: a directory swapped for a symlink is never followed --------------------------
+
+@pytest.fixture
+def swappable(scratch, users, monkeypatch):
+    """per-user/alice/sub/p (alice's) and per-user/bob/custom/p (bob's),
+    five generations each; `swap()` does what alice may do at any moment:
+    replace her `sub` with a symlink to bob's directory."""
+    root = scratch / "store"
+    per_user = root / "nix/var/nix/profiles/per-user"
+    mine = Layout((1, 2, 3, 4, 5), (96, 72, 48, 24, 0), 5).make(per_user / "alice/sub")
+    # Outside the state dir (nix-env -p ~/custom/p): only a swap reaches it.
+    bobs = Layout((1, 2, 3, 4, 5), (96, 72, 48, 24, 0), 5).make(scratch / "bob/custom")
+    support.chown_tree(per_user / "alice", support.ALICE)
+    support.chown_tree(scratch / "bob", support.BOB)
+    monkeypatch.setenv("GCROOTS_SYSTEM_LINKS", "")
+
+    def swap():
+        os.rename(per_user / "alice/sub", per_user / "alice/sub.real")
+        os.symlink(scratch / "bob/custom", per_user / "alice/sub")
+
+    return root, mine, bobs, swap
+
+
+def _prune_in_process(capsys, root: Path, *args: str) -> tuple[int, dict]:
+    from gcroots.client import cli
+    rc = cli.main(["--root", str(root), "--json", "profiles", "prune", "--all", "--keep", "1",
+                   "--no-runtime-check", *args])
+    out = capsys.readouterr().out
+    return rc, {Path(p["profile"]).relative_to(root / "nix/var/nix/profiles").as_posix(): p
+                for p in json.loads(out)["profiles"]}
+
+
+def test_prune_all_refuses_a_directory_swapped_after_discovery(swappable, monkeypatch, capsys):
+    """alice swaps her directory for a symlink to bob's between root's scan
+    and its plan: the plan opens the path, finds another directory than
+    the scan listed, and skips the profile; bob's generations stay."""
+    root, mine, bobs, swap = swappable
+    real_discover = prof.discover
+
+    def discover_then_swap(*a, **kw):
+        found = real_discover(*a, **kw)
+        swap()
+        return found
+
+    monkeypatch.setattr(prof, "discover", discover_then_swap)
+    bob_before = tree_snapshot(bobs.parent)
+    rc, report = _prune_in_process(capsys, root)
+    assert tree_snapshot(bobs.parent) == bob_before
+    assert rc == 0
+    assert "no longer the directory that was scanned" in report["per-user/alice/sub/p"]["skipped"]
+    assert report["per-user/alice/sub/p"]["generations"] == []
+
+
+def test_prune_all_refuses_a_directory_swapped_after_the_plan(swappable, monkeypatch, capsys):
+    """The swap between the plan and the deletion: the deletion checks the
+    directory is the one planned and reports the profile as changed."""
+    root, mine, bobs, swap = swappable
+    real_apply = prof.apply_prune
+    swapped = []
+
+    def swap_then_apply(path, *a, **kw):
+        if path == os.fsencode(mine) and not swapped:
+            swap()
+            swapped.append(path)
+        return real_apply(path, *a, **kw)
+
+    monkeypatch.setattr(prof, "apply_prune", swap_then_apply)
+    bob_before = tree_snapshot(bobs.parent)
+    mine_real = mine.parent.parent / "sub.real"
+    rc, report = _prune_in_process(capsys, root)
+    assert swapped
+    assert rc == 1
+    entry = report["per-user/alice/sub/p"]
+    assert "no longer the directory that was scanned" in entry["error"]
+    assert not any(g["deleted"] for g in entry["generations"])
+    assert tree_snapshot(bobs.parent) == bob_before
+    assert sorted(listing(mine_real)) == ["p", "p-1-link", "p-2-link", "p-3-link", "p-4-link",
+                                          "p-5-link"]
+
+
 # -- prune: never the current, booted or running generation --------------------------------
 
 def _gen_paths(profile: Path) -> dict[int, str]:
