@@ -10,13 +10,20 @@ deviations, all of which keep more or fail before anything is deleted:
 
 - a profile link to its generation by an absolute (or otherwise non-bare)
   path names the current generation for us; Nix does not recognise it and
-  `old` then deletes the generation the profile points to;
+  `old`, `<N>d` and `<N>` then delete the generation the profile points
+  to; we keep it (`+<N>` deletes nothing, as in Nix, which finds no
+  current generation to count from);
 - where Nix would fail half-way (an assertion on out-of-order mtimes, a
   generation entry that is not the plain `<name>-<N>-link` symlink it then
   tries to unlink), we refuse before deleting anything;
 - `<N>d` computes N days without Nix's 32-bit overflow (N > 24855);
 - we never unlink anything but symlinks (Nix's remove() also takes files
   and empty directories).
+
+Not a deviation, since Nix 2.8 has no defined behaviour to match: given
+numbers and no current generation it can parse, Nix compares them with an
+unset std::optional (its build here refuses 2, or 1, as "current"); we
+delete the numbers asked for, never a current generation we know.
 
 Nothing here touches the store: only `-N-link` symlinks are unlinked.
 Everything that names a file is bytes.
@@ -513,7 +520,11 @@ def select_for_deletion(profile: Profile, spec: Spec, now: float) -> list[Genera
     if spec.kind == "keep":
         # deleteGenerationsGreaterThan: from the current generation
         # downwards keep `keep` (the current one included); newer ones are
-        # kept; without a current generation nothing is deleted.
+        # kept; without a current generation nothing is deleted.  A current
+        # generation only we know (by path, see the module doc) is none to
+        # Nix: counting down from it would delete what Nix keeps.
+        if profile.current_by_path:
+            return []
         out, seen_current, keep = [], False, spec.keep
         for g in reversed(gens):
             if g.number == cur:
