@@ -16,7 +16,8 @@ deviations, all of which keep more or fail before anything is deleted:
 - where Nix would fail half-way (an assertion on out-of-order mtimes, a
   generation entry that is not the plain `<name>-<N>-link` symlink it then
   tries to unlink), we refuse before deleting anything;
-- `<N>d` computes N days without Nix's 32-bit overflow (N > 24855);
+- `<N>d` with N > 24855 is refused: Nix computes N * 86400 in a 32-bit
+  int, which wraps there and deletes nearly every generation;
 - we never unlink anything but symlinks (Nix's remove() also takes files
   and empty directories).
 
@@ -47,6 +48,10 @@ UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
 UINT64_MAX = 2**64 - 1   # GenerationNumber in nix-env's argument parsing
 INT32_MAX = 2**31 - 1    # string2Int<int> for the days
 DAY = 24 * 3600
+# The largest day count Nix 2.8 gets right: deleteGenerationsOlderThan
+# computes `curTime - *days * 24 * 3600` with days an int, so the product
+# overflows (and in practice wraps) from 24856 days on.
+MAX_DAYS = INT32_MAX // DAY   # 24855
 
 # boost::lexical_cast, as Nix's string2Int uses it: an optional sign and
 # ASCII digits, nothing else (no blanks, no base prefixes).  Nix rejects a
@@ -137,6 +142,10 @@ def parse_spec(args: list[str]) -> Spec:
         days = _lexical_int32(s[:-1])
         if days is None or days < 1:
             raise SpecError(f"invalid number of days specifier '{args[0]}'")
+        if days > MAX_DAYS:
+            raise SpecError(f"refusing the number of days '{args[0]}': it must be at most "
+                            f"{MAX_DAYS} (about 68 years); Nix 2.8 overflows beyond that and "
+                            "deletes nearly every generation; nothing was changed")
         return Spec("days", days=days)
     if len(raw) == 1 and b"+" in raw[0]:
         s = raw[0]

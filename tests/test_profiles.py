@@ -211,11 +211,29 @@ def test_deviations_from_nix_keep_more(nix_store, scratch):
     assert not ok and "not a symlink" in why
     assert sorted(listing(scratch / "ours2")) == ["p", "p-1-link", "p-2-link", "p-3-link"]
     # 3. Days beyond a 32-bit int of seconds: Nix's cutoff wraps into the
-    #    future and deletes; 30000 days ago is before every generation.
+    #    future and deletes; we refuse the spec (a usage error).
     for side in ("nix3", "ours3"):
         Layout((1, 2, 3), (300, 200, 100), 3).make(scratch / side)
     assert nix_delete(store, scratch / "nix3/p", ["30000d"])[1] == [2, 1]
-    assert ours(scratch / "ours3/p", ["30000d"]) == (True, [], "")
+    with pytest.raises(prof.SpecError, match="24855"):
+        prof.parse_spec(["30000d"])
+    assert sorted(listing(scratch / "ours3")) == ["p", "p-1-link", "p-2-link", "p-3-link"]
+
+
+def test_day_counts_nix_overflows_are_refused(nix_store, scratch):
+    """Nix 2.8 computes days * 24 * 3600 in an int: 24855d is the last
+    count it gets right, from 24856d on it deletes nearly everything.  We
+    refuse those before touching anything (exit 2); 24855d equals Nix."""
+    compare_with_nix(nix_store / "store", scratch / "ok",
+                     Layout((1, 2, 3), (300, 200, 100), 3), ["24855d"])
+    p = Layout((1, 2, 3), (300, 200, 100), 3).make(scratch / "d")
+    before = tree_snapshot(scratch / "d")
+    for spec in ("24856d", "30000d", "2147483647d"):
+        r = subprocess.run([QUERY, "profiles", "delete-generations", str(p), spec],
+                           capture_output=True)
+        assert r.returncode == 2, (spec, r.stderr)
+        assert f"'{spec}'".encode() in r.stderr and b"at most 24855" in r.stderr
+        assert tree_snapshot(scratch / "d") == before
 
 
 @pytest.mark.parametrize("form", ["absolute", "dot-slash"])
