@@ -62,6 +62,12 @@ async def fetch_roots(socket_path: bytes, layout: StoreLayout, *,
                         records.append(event)
     except trio.TooSlowError:
         raise IncompleteRoots(f"the helper at {where} did not answer in time") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        # e.g. the helper closed the connection before reading our hello (it
+        # does so beyond its connection cap): a failed scan, never a crash.
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else e
+        raise IncompleteRoots(f"the helper at {where} closed the connection: "
+                              f"{getattr(cause, 'strerror', None) or cause!r}") from None
     except OSError as e:
         hint = " (is gcroots-helper running?)" if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else ""
         raise IncompleteRoots(f"cannot reach the helper at {where}: {e.strerror or e}{hint}") from None

@@ -230,6 +230,8 @@ class Daemon:
                 await self.analysis(want_dead=True)
             except IncompleteRoots as e:
                 _log.warning("metrics_analysis_failed", error=str(e))
+            except Exception:  # a bug or a failing DB: log it, keep serving
+                _log.exception("metrics_analysis_internal_error")
             await trio.sleep(self.metrics_interval)
 
     async def _auto_gc_loop(self) -> None:
@@ -239,7 +241,13 @@ class Daemon:
         failures = 0
         while True:
             await trio.sleep(min(cfg.check_interval * 2 ** failures, 3600))
-            st = os.statvfs(self.layout.real_store_dir)
+            try:
+                st = os.statvfs(self.layout.real_store_dir)
+            except Exception as e:  # keep serving; never collect without knowing
+                failures = min(failures + 1, 6)
+                _log.error("auto_gc_statvfs_failed", error=f"{type(e).__name__}: {e}",
+                           retry_factor=2 ** failures)
+                continue
             free = st.f_bavail * st.f_frsize
             options = None
             if cfg.min_free is not None and free < cfg.min_free:

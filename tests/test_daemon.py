@@ -394,3 +394,49 @@ def test_prometheus_metrics_file_and_port(scratch, users, pipelines):
     p.stop_helper()
     p.query("dead")  # fails: no helper
     assert 'gcroots_failures_total{what="analysis"} 1.0' in metrics.read_text()
+
+
+# -- robustness against the helper and against local users ------------------
+
+def _daemon(tmp_path: Path, **kw):
+    from gcroots.daemon.server import Daemon
+    return Daemon(StoreLayout.make(root=os.fsencode(tmp_path)), b"/nonexistent/helper.sock",
+                  GCSettings(True, False), **kw)
+
+
+async def test_helper_closing_before_our_hello_is_an_incomplete_scan(tmp_path, monkeypatch):
+    """The helper closes connections beyond its cap at once; our hello then
+    fails with EPIPE (trio.BrokenResourceError, not an OSError).  That is a
+    failed scan, not an exception that takes the daemon down."""
+    import trio
+    from gcroots.daemon import rootsource
+    from gcroots.daemon.engine import IncompleteRoots
+
+    async def closed_peer(path):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.close()
+        return trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+
+    monkeypatch.setattr(trio, "open_unix_socket", closed_peer)
+    layout = StoreLayout.make(root=os.fsencode(tmp_path))
+    with pytest.raises(IncompleteRoots, match="closed the connection"):
+        await rootsource.fetch_roots(b"/x/helper.sock", layout)
+
+
+async def test_metrics_loop_survives_unexpected_errors(tmp_path):
+    d = _daemon(tmp_path, metrics_interval=0)
+    calls = []
+
+    class _Stop(BaseException):  # not caught by the loop: ends the test
+        pass
+
+    async def broken_analysis(*, want_dead):
+        calls.append(want_dead)
+        if len(calls) == 3:
+            raise _Stop()
+        raise RuntimeError("something unexpected")
+
+    d.analysis = broken_analysis
+    with pytest.raises(_Stop):
+        await d._metrics_loop()
+    assert len(calls) == 3  # it went on after two unexpected errors
