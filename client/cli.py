@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 
 from gcroots.protocol.admin import Status
@@ -115,13 +116,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def stdout_reader_gone() -> bool:
+    """Whether our stdout is a pipe or socket nobody reads any more."""
+    try:
+        p = select.poll()
+        p.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def entry() -> int:
     try:
         return main()
-    except BrokenPipeError:
-        # `gcroots-query dead | head`: the reader left; not an error of ours.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    except BrokenPipeError as e:
+        if stdout_reader_gone():
+            # `gcroots-query dead | head`: the reader left; not an error of ours.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        # Anything else (a socket) is a failure: never exit 0 for it (for
+        # `why` 0 means "alive", for `gc --yes` "collected").
+        try:
+            print(f"gcroots-query: broken pipe: {e}", file=sys.stderr)
+        except OSError:
+            pass
+        return 1
 
 
 if __name__ == "__main__":

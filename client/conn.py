@@ -43,9 +43,17 @@ def request(socket_path: str, command: str, options: dict | None = None,
             if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else ""
         raise DaemonError(f"cannot connect to gcrootsd at {socket_path}: {e.strerror}{hint}") from None
     rows: list[tuple[bytes, ...]] = []
+    send_error: OSError | None = None
     try:
         with s:
-            s.sendall(conn.request(command, options, args))
+            try:
+                s.sendall(conn.request(command, options, args))
+            except socket.timeout:
+                raise
+            except OSError as e:
+                # The daemon closed early.  It may still have said why (e.g.
+                # END(BUSY) for too many connections): read what it sent.
+                send_error = e
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
@@ -62,6 +70,9 @@ def request(socket_path: str, command: str, options: dict | None = None,
                         on_progress(event.message)
                 elif isinstance(event, admin.AnswerEnd):
                     if not event.complete:
+                        if send_error is not None and conn.end is None and not conn.rows_received:
+                            raise DaemonError(f"gcrootsd closed the connection before reading "
+                                              f"the request: {send_error.strerror or send_error}")
                         raise DaemonError(f"incomplete answer from gcrootsd: {event.message}")
                     if on_rows:
                         on_rows(rows)
@@ -71,6 +82,8 @@ def request(socket_path: str, command: str, options: dict | None = None,
         raise DaemonError(f"gcrootsd did not answer within {IDLE_TIMEOUT:.0f} s") from None
     except ProtocolError as e:
         raise DaemonError(f"gcrootsd broke the protocol: {e}") from None
+    except OSError as e:  # never a bare BrokenPipeError: that would look like `| head`
+        raise DaemonError(f"connection to gcrootsd failed: {e.strerror or e!r}") from None
 
 
 def progress_printer() -> Callable[[str], None] | None:

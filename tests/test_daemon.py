@@ -440,3 +440,58 @@ async def test_metrics_loop_survives_unexpected_errors(tmp_path):
     with pytest.raises(_Stop):
         await d._metrics_loop()
     assert len(calls) == 3  # it went on after two unexpected errors
+
+
+class ClosingServer:
+    """A socket that accepts each connection and closes it at once (a daemon
+    that gave up on us, or crashed)."""
+
+    def __init__(self, path: Path):
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen(64)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            c.close()
+
+    def close(self):
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("argv", [["why", "/nix/store/" + "a" * 32 + "-x"], ["roots"],
+                                  ["gc", "--yes"]])
+def test_query_fails_when_the_daemon_closes_at_once(tmp_path, monkeypatch, capfd, argv):
+    """Closed before or after our request went out: either way exit 1 with a
+    clear message, never 0 (`why` 0 means alive, `gc --yes` collected).  Many
+    runs, to meet both sides of the race."""
+    from gcroots.client import cli
+    server = ClosingServer(tmp_path / "d.sock")
+    try:
+        for _ in range(25):
+            monkeypatch.setattr(sys, "argv", ["gcroots-query", "--socket", str(tmp_path / "d.sock"),
+                                              *argv])
+            assert cli.entry() == 1
+            out, err = capfd.readouterr()
+            assert out == "" and "gcroots-query" in err and "gcrootsd" in err, err
+    finally:
+        server.close()
+
+
+def test_query_output_reader_leaving_is_still_exit_0():
+    """`gcroots-query dead | head`: the reader left; that is not our error."""
+    code = ("import sys; from gcroots.client import cli\n"
+            "def main():\n"
+            "    sys.stdout.buffer.write(b'/nix/store/x\\n' * 100000); sys.stdout.flush(); return 0\n"
+            "cli.main = main; sys.exit(cli.entry())")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(10)
+    p.stdout.close()
+    assert p.wait(30) == 0 and p.stderr.read() == b""
