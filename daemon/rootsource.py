@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import trio
 
@@ -78,14 +81,73 @@ async def fetch_roots(socket_path: bytes, layout: StoreLayout, *,
 
 async def fetch_roots_retrying(socket_path: bytes, layout: StoreLayout,
                                delays: tuple[float, ...] = RETRY_DELAYS) -> RootSet:
-    """A few attempts with backoff; the last failure is raised."""
+    """A few attempts with backoff, jittered (daemons and requesters that
+    failed together do not come back together); the last failure is raised."""
     for attempt, delay in enumerate((*delays, None)):
         try:
             return await fetch_roots(socket_path, layout)
         except IncompleteRoots as e:
             if delay is None:
                 raise
+            delay *= 1 + random.random() / 2
             _log.warning("helper_attempt_failed", attempt=attempt + 1, error=str(e),
-                         retry_in_s=delay)
+                         retry_in_s=round(delay, 3))
             await trio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@dataclass(eq=False)
+class _Scan:
+    started: float
+    done: trio.Event = field(default_factory=trio.Event)
+    rootset: RootSet | None = None
+    error: str = "the root scan was cancelled"
+    waiters: int = 0
+
+
+class SharedScans:
+    """At most one helper scan in flight.  Whoever asks while one runs waits
+    for it and shares its result, success or failure: a flood of queries is
+    one scan, not one each (the helper serves a few connections at a time and
+    refuses the rest, which failed everyone's queries).
+
+    `started_after` asks for a scan that began at or after that time (trio's
+    clock): a collection passes the time it took gc.lock, so it never uses a
+    scan from before the lock.  Scans run in `nursery` (the daemon's), not in
+    a requester's task: a requester that goes away does not cancel the others'
+    scan."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[RootSet]]) -> None:
+        self._fetch = fetch
+        self._current: _Scan | None = None
+        self.started = 0
+
+    async def get(self, nursery: trio.Nursery, *, started_after: float | None = None) -> RootSet:
+        while True:
+            scan = self._current
+            if scan is None:
+                scan = self._current = _Scan(trio.current_time())
+                self.started += 1
+                nursery.start_soon(self._run, scan)
+            scan.waiters += 1
+            await scan.done.wait()
+            if started_after is None or scan.started >= started_after:
+                if scan.rootset is None:
+                    raise IncompleteRoots(scan.error)  # a fresh exception per waiter
+                return scan.rootset
+            # That scan began before our lock: wait for (or start) a new one.
+
+    async def _run(self, scan: _Scan) -> None:
+        try:
+            scan.rootset = await self._fetch()
+        except IncompleteRoots as e:
+            scan.error = str(e)
+        except Exception as e:  # fail closed, keep serving
+            _log.exception("root_scan_internal_error")
+            scan.error = f"the root scan failed: {type(e).__name__}: {e}"
+        finally:
+            if self._current is scan:
+                self._current = None
+            scan.done.set()
+            _log.info("root_scan", ok=scan.rootset is not None, waiters=scan.waiters,
+                      seconds=round(trio.current_time() - scan.started, 4))

@@ -34,11 +34,11 @@ from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
 
 from . import engine
-from .engine import Analysis, IncompleteRoots, NotAlive
+from .engine import Analysis, IncompleteRoots, NotAlive, RootSet
 from .gc import Collection, GCError, GCOptions, GCResult
 from .nixconf import GCSettings
 from .notify import Notifier
-from .rootsource import fetch_roots_retrying
+from .rootsource import SharedScans, fetch_roots_retrying
 from .store import StoreDB
 
 REQUEST_TIMEOUT = 10.0
@@ -106,6 +106,17 @@ class Daemon:
     _nursery: trio.Nursery | None = None
     _graph_reloading: bool = False
     _graph_next_reload: float = 0.0
+    scans: SharedScans = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout))
+
+    async def root_set(self, *, started_after: float | None = None) -> RootSet:
+        """A complete root set from the helper, from the one scan in flight
+        (see SharedScans), or IncompleteRoots."""
+        if self._nursery is None:  # not serving (yet): nobody to share with
+            return await fetch_roots_retrying(self.helper_socket, self.layout)
+        return await self.scans.get(self._nursery, started_after=started_after)
 
     def open_db(self) -> StoreDB:
         if self.db is None:
@@ -116,7 +127,7 @@ class Daemon:
 
     async def analysis(self, *, want_dead: bool) -> Analysis:
         try:
-            rootset = await fetch_roots_retrying(self.helper_socket, self.layout)
+            rootset = await self.root_set()
         except IncompleteRoots:
             if self.metrics:
                 self.metrics.failure("analysis")
@@ -191,7 +202,9 @@ class Daemon:
         t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(c.begin)
-            rootset = await fetch_roots_retrying(self.helper_socket, self.layout)
+            # gc.lock is ours: only a scan that starts from now on counts
+            # (one from before could miss a root a Nix build made meanwhile).
+            rootset = await self.root_set(started_after=trio.current_time())
             async with self.work_lock:
                 db = self.open_db()
                 a = await trio.to_thread.run_sync(c.plan, rootset, db)
@@ -204,7 +217,7 @@ class Daemon:
             if rootset.stale and not options.dry_run:
                 # Stale links go only if a second helper scan agrees.
                 try:
-                    again = await fetch_roots_retrying(self.helper_socket, self.layout)
+                    again = await self.root_set(started_after=trio.current_time())
                     await trio.to_thread.run_sync(c.remove_stale_links, again)
                 except IncompleteRoots as e:
                     _log.warning("stale_links_kept", reason=str(e))

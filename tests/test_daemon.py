@@ -495,3 +495,98 @@ def test_query_output_reader_leaving_is_still_exit_0():
     p.stdout.read(10)
     p.stdout.close()
     assert p.wait(30) == 0 and p.stderr.read() == b""
+
+
+async def test_shared_scans_one_in_flight_shared_by_all(autojump_clock):
+    import trio
+    from gcroots.daemon.engine import IncompleteRoots
+    from gcroots.daemon.rootsource import SharedScans
+    gate, calls, results = trio.Event(), [], []
+
+    async def fetch():
+        calls.append(trio.current_time())
+        await gate.wait()
+        if len(calls) == 1:
+            return f"rootset {len(calls)}"
+        raise IncompleteRoots("the helper went away")
+
+    scans = SharedScans(fetch)
+
+    async def ask(**kw):
+        try:
+            results.append(await scans.get(nursery, **kw))
+        except IncompleteRoots as e:
+            results.append(e)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(ask)
+        await trio.sleep(1)
+        gate.set()
+    assert len(calls) == 1 and results == ["rootset 1"] * 20
+    # A failure is shared too: every waiter gets its own IncompleteRoots.
+    results.clear()
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(ask)
+    assert len(calls) == 2 and len({id(e) for e in results}) == 5
+    assert all(isinstance(e, IncompleteRoots) and "went away" in str(e) for e in results)
+
+
+async def test_shared_scans_collection_never_uses_a_scan_from_before_its_lock(autojump_clock):
+    import trio
+    from gcroots.daemon.rootsource import SharedScans
+    gates, results = [trio.Event(), trio.Event()], {}
+
+    async def fetch():
+        n = scans.started
+        await gates[n - 1].wait()
+        return f"scan {n}"
+
+    scans = SharedScans(fetch)
+
+    async def ask(name, started_after=None):
+        results[name] = await scans.get(nursery, started_after=started_after)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, "query")          # scan 1 starts now
+        await trio.sleep(1)
+        locked = trio.current_time()              # the collection takes gc.lock
+        nursery.start_soon(ask, "gc", locked)
+        nursery.start_soon(ask, "query2")         # joins scan 1
+        await trio.sleep(1)
+        gates[0].set()
+        await trio.sleep(1)
+        assert results == {"query": "scan 1", "query2": "scan 1"}
+        gates[1].set()
+    assert results["gc"] == "scan 2" and scans.started == 2
+
+
+def test_a_flood_of_queries_shares_helper_scans(scratch, users, pipelines):
+    """Many clients at once (the helper serves 16 connections and closes the
+    rest): every one gets a complete answer, from shared scans."""
+    from concurrent.futures import ThreadPoolExecutor
+    from gcroots.client import conn
+    from gcroots.protocol.admin import Status
+    root = new_store(scratch, 71, paths=300, roots=300, indirect=20)
+    p = Pipeline(root, scratch / "run", daemon_args=("--metrics-file", str(scratch / "run" / "m.prom")))
+    pipelines.append(p)
+    p.start()
+    n = 48
+    barrier = threading.Barrier(n)
+
+    def one(_):
+        barrier.wait()
+        try:
+            return conn.request(str(p.sock), "roots").status
+        except conn.DaemonError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(n) as pool:
+        statuses = list(pool.map(one, range(n)))
+    assert statuses == [Status.OK] * n, [s for s in statuses if s != Status.OK][:3]
+    assert p.daemon.poll() is None
+    events = p.daemon_events()
+    scans = [e for e in events if e.get("event") == "root_scan"]
+    assert sum(e["waiters"] for e in scans) >= n and len(scans) < n
+    assert not [e for e in events if e.get("event") == "helper_attempt_failed"]
