@@ -250,6 +250,22 @@ def live_graph(a: Analysis, db: StoreDB) -> LiveGraph:
     return LiveGraph.from_store_graph(g, a.live, a.root_paths, a.settings)
 
 
+# A row is one frame (64 KiB): any user can point many long-named links at
+# one path, so the labels of one row are capped.
+ROW_LABEL_BYTES = 32 * 1024
+
+
+def bounded_labels(labels: list[bytes], budget: int = ROW_LABEL_BYTES) -> list[bytes]:
+    """The first labels that fit in `budget` bytes, then "{... and K more}"."""
+    out, used = [], 0
+    for i, label in enumerate(labels):
+        used += 4 + len(label)
+        if used > budget:
+            return out + [b"{... and %d more}" % (len(labels) - i)]
+        out.append(label)
+    return out
+
+
 def rows_cost(a: Analysis, db: StoreDB, top: int, censor: bool) -> Iterator[tuple[bytes, ...]]:
     """(bytes, paths, store path, labels...) by bytes, biggest first."""
     g = live_graph(a, db)
@@ -258,7 +274,8 @@ def rows_cost(a: Analysis, db: StoreDB, top: int, censor: bool) -> Iterator[tupl
     ranked = sorted(costs.items(), key=lambda kv: (-kv[1][0], g.paths[kv[0]]))
     for node, (nbytes, npaths) in ranked[:top] if top > 0 else ranked:
         path = g.paths[node]
-        yield (str(nbytes).encode(), str(npaths).encode(), path, *labels.get(path, []))
+        yield (str(nbytes).encode(), str(npaths).encode(), path,
+               *bounded_labels(labels.get(path, [])))
 
 
 def stats(a: Analysis, db: StoreDB) -> list[tuple[str, str]]:
@@ -292,9 +309,31 @@ class BadRequest(Exception):
     pass
 
 
+def check_request(command: str, options: dict, args: tuple[bytes, ...]) -> None:
+    """BadRequest for what query_rows would refuse: checked before the
+    (costly) scan and analysis."""
+    if command not in QUERIES:
+        raise BadRequest(f"unknown command {command!r}")
+    if command == "why" and len(args) != 1:
+        raise BadRequest("why takes exactly one store path")
+    if command == "cost":
+        _top(options)
+
+
+def _top(options: dict) -> int:
+    top = options.get("top", 20)
+    if isinstance(top, bool) or not isinstance(top, (int, str)):
+        raise BadRequest("cost: top must be an integer")
+    try:
+        return int(top)
+    except ValueError:
+        raise BadRequest("cost: top must be an integer") from None
+
+
 def query_rows(a: Analysis, db: StoreDB, command: str, options: dict, args: tuple[bytes, ...],
                censor: bool) -> list[tuple[bytes, ...]]:
     """The rows of a read-only query (same for the daemon and --standalone)."""
+    check_request(command, options, args)
     if command == "roots":
         return list(rows_roots(a, censor))
     if command == "live":
@@ -306,11 +345,7 @@ def query_rows(a: Analysis, db: StoreDB, command: str, options: dict, args: tupl
             raise BadRequest("why takes exactly one store path")
         return list(rows_why(a, db, args[0], bool(options.get("all")), censor))
     if command == "cost":
-        try:
-            top = int(options.get("top", 20))
-        except (TypeError, ValueError):
-            raise BadRequest("cost: top must be an integer") from None
-        return list(rows_cost(a, db, top, censor))
+        return list(rows_cost(a, db, _top(options), censor))
     if command == "stats":
         return [(k.encode(), v.encode()) for k, v in stats(a, db)]
     raise BadRequest(f"unknown command {command!r}")

@@ -30,7 +30,7 @@ from gcroots import log
 from gcroots.layout import StoreLayout
 from gcroots.sockets import listen_fds, listen_unix, peer_credentials
 from gcroots.protocol import admin
-from gcroots.protocol.framing import ProtocolError
+from gcroots.protocol.framing import RemoteProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
 
 from . import engine
@@ -80,6 +80,13 @@ class AutoGC:
     max_free: int | None = None       # ...until this much is free
     interval: float | None = None     # and/or every this many seconds
     check_interval: float = 300.0
+
+
+# A failing stream: the peer went away, stalled or spoke nonsense.  Nothing
+# can be told to it.  (trio wraps a socket's OSError in BrokenResourceError;
+# any other OSError is ours, and the client hears about it.)
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                  RemoteProtocolError)
 
 
 class RequestError(Exception):
@@ -337,13 +344,28 @@ class Daemon:
             raise RequestError(admin.Status.ERROR, str(result))
         if result is None:
             raise RequestError(admin.Status.ERROR, "the collection did not finish")
-        data = await self.in_worker(lambda: conn.rows(result.deleted))
+        data = await self.build(conn, lambda: conn.rows(result.deleted))
         await self._send(stream, data)
         await self._send(stream, conn.end(admin.Status.OK, json.dumps(result.summary())))
 
     async def in_worker(self, fn):
         async with self.work_lock:
             return await trio.to_thread.run_sync(fn)
+
+    async def build(self, conn: admin.ServerConnection, fn: Callable[[], bytes]) -> bytes:
+        """An answer's rows, built in the worker.  If building fails nothing
+        of it was sent: the row count goes back, so that END(ERROR) is an
+        intact answer the client can show."""
+        before = conn.rows_sent
+        try:
+            return await self.in_worker(fn)
+        except (engine.BadRequest, NotAlive):
+            conn.rows_sent = before
+            raise
+        except Exception as e:
+            conn.rows_sent = before
+            _log.exception("answer_failed")
+            raise RequestError(admin.Status.ERROR, f"could not build the answer: {e}") from None
 
     # -- serving -----------------------------------------------------------------
 
@@ -381,12 +403,19 @@ class Daemon:
         command, status, message = "?", admin.Status.OK, ""
         try:
             async with stream:
-                request = await self._read_request(stream, conn)
-                command = request.command
-                await self._send(stream, conn.hello())
+                # Everything that goes wrong while answering is told to the
+                # client here, before the stream closes; only a failing
+                # stream (the peer) ends a request without END.
+                hello_sent = False
                 try:
+                    request = await self._read_request(stream, conn)
+                    command = request.command
+                    await self._send(stream, conn.hello())
+                    hello_sent = True
                     await self._dispatch(stream, conn, request, peer)
                     return
+                except admin.InvalidRequest as e:
+                    status, message = admin.Status.BAD_REQUEST, f"bad request: {e}"
                 except RequestError as e:
                     status, message = e.status, str(e)
                 except IncompleteRoots as e:
@@ -394,18 +423,19 @@ class Daemon:
                     message = f"no complete root set, refusing to answer: {e}"
                 except NotAlive as e:
                     status, message = admin.Status.NEGATIVE, str(e)
+                except _STREAM_ERRORS:
+                    raise
+                except Exception as e:  # a bug: log it, tell the client, keep serving
+                    _log.exception("request_internal_error", command=command)
+                    status, message = admin.Status.ERROR, f"internal error: {e!r}"
+                if not hello_sent:
+                    await self._send(stream, conn.hello())
                 await self._send(stream, conn.end(status, message))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                ProtocolError, OSError) as e:
+        except (*_STREAM_ERRORS, OSError) as e:
             status, message = admin.Status.ERROR, f"peer: {e!r}"
-        except Exception as e:  # a bug: log it, tell the client, keep serving
+        except Exception as e:  # e.g. END after a cut answer: log it, keep serving
             _log.exception("request_internal_error", command=command)
             status, message = admin.Status.ERROR, f"internal error: {e!r}"
-            with trio.move_on_after(5):
-                try:
-                    await stream.send_all(conn.end(status, message))
-                except Exception:
-                    pass
         finally:
             _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
                       privileged=peer.privileged, status=status.name.lower(),
@@ -438,6 +468,10 @@ class Daemon:
         if cmd == "gc":
             await self._gc_command(stream, conn, request, peer)
             return
+        try:  # refuse a bad request before the scan, not after
+            engine.check_request(cmd, request.options, request.args)
+        except engine.BadRequest as e:
+            raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
         await self._send(stream, conn.progress("scanning roots"))
         a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD)
         db = self.open_db()
@@ -452,7 +486,7 @@ class Daemon:
             return b"".join(conn.row(*r) for r in rows)
 
         try:
-            data = await self.in_worker(answer)
+            data = await self.build(conn, answer)
         except engine.BadRequest as e:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
         await self._send(stream, data)

@@ -32,6 +32,7 @@ MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
 MAX_VERSION = 1
 MAX_ARGS = 64
+MAX_OPTIONS_DEPTH = 16
 
 _HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS = 1, 2, 3, 4, 5, 6
 _SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*"}
@@ -92,6 +93,11 @@ class AnswerEnd:
     message: str
 
 
+class InvalidRequest(RemoteProtocolError):
+    """A well-framed REQUEST the daemon cannot take (options not a JSON
+    object, nested too deeply, too many arguments): answered BAD_REQUEST."""
+
+
 def _hello_frame(versions: tuple[int, int]) -> bytes:
     return encode_frame(_HELLO, _SCHEMAS[_HELLO], [MAGIC, *versions])
 
@@ -104,6 +110,29 @@ def _parse_hello(payload: bytes, ours: tuple[int, int], peer: str) -> Hello:
     if max(lo, ours[0]) > min(hi, ours[1]):
         raise VersionMismatch(ours, (lo, hi), peer)
     return Hello(lo, hi)
+
+
+def _nesting(text: str) -> int:
+    """How deep JSON text nests (brackets inside strings aside): json.loads
+    recurses once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _frames(decoder: FrameDecoder):
@@ -158,13 +187,15 @@ class ServerConnection:
             raise RemoteProtocolError(f"unexpected frame type {ftype} from the client")
         command, options_text, *args = decode_fields(_REQUEST, _SCHEMAS[_REQUEST], payload)
         if len(args) > MAX_ARGS:
-            raise RemoteProtocolError(f"too many arguments ({len(args)} > {MAX_ARGS})")
+            raise InvalidRequest(f"too many arguments ({len(args)} > {MAX_ARGS})")
+        if _nesting(options_text) > MAX_OPTIONS_DEPTH:
+            raise InvalidRequest(f"request options are nested deeper than {MAX_OPTIONS_DEPTH}")
         try:
             options = json.loads(options_text) if options_text else {}
-        except ValueError:
-            raise RemoteProtocolError("request options are not valid JSON") from None
+        except (ValueError, RecursionError):
+            raise InvalidRequest("request options are not valid JSON") from None
         if not isinstance(options, dict):
-            raise RemoteProtocolError("request options must be a JSON object")
+            raise InvalidRequest("request options must be a JSON object")
         self.request = Request(command, options, tuple(args))
         return self.request
 
@@ -174,8 +205,9 @@ class ServerConnection:
     def row(self, *fields: bytes) -> bytes:
         if self._ended:
             raise LocalProtocolError("answer already ended")
+        frame = encode_frame(_ROW, _SCHEMAS[_ROW], list(fields))
         self.rows_sent += 1
-        return encode_frame(_ROW, _SCHEMAS[_ROW], list(fields))
+        return frame
 
     def rows(self, values: list[bytes]) -> bytes:
         """Many one-field rows, packed into as few frames as fit."""

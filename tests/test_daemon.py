@@ -590,3 +590,94 @@ def test_a_flood_of_queries_shares_helper_scans(scratch, users, pipelines):
     scans = [e for e in events if e.get("event") == "root_scan"]
     assert sum(e["waiters"] for e in scans) >= n and len(scans) < n
     assert not [e for e in events if e.get("event") == "helper_attempt_failed"]
+
+
+def _answer_of(data: bytes):
+    """Parse a whole answer the daemon sent."""
+    from gcroots.protocol import admin
+    from gcroots.protocol.rootstream import NEED_DATA
+    c = admin.ClientConnection()
+    c.request("x")
+    c.receive_data(data)
+    c.receive_data(b"")
+    while True:
+        event = c.next_event()
+        assert event is not NEED_DATA
+        if isinstance(event, admin.AnswerEnd):
+            return event
+
+
+async def _handle_raw(d, request: bytes):
+    """One request through Daemon._handle over a socketpair: the bytes sent back."""
+    import trio
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:
+        theirs.sendall(request)
+        await d._handle(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        out = b""
+        while chunk := theirs.recv(65536):
+            out += chunk
+    return out
+
+
+async def test_internal_error_reaches_the_client(tmp_path):
+    from gcroots.protocol import admin
+    d = _daemon(tmp_path)
+
+    async def broken_dispatch(*args):
+        raise RuntimeError("a bug")
+
+    d._dispatch = broken_dispatch
+    end = _answer_of(await _handle_raw(d, admin.ClientConnection().request("roots")))
+    assert end.complete and end.status == admin.Status.ERROR
+    assert "internal error" in end.message and "a bug" in end.message
+
+
+async def test_answer_too_big_for_a_frame_is_an_error_answer(tmp_path):
+    from gcroots.daemon.server import RequestError
+    from gcroots.protocol import admin
+    d = _daemon(tmp_path)
+    conn = admin.ServerConnection()
+    with pytest.raises(RequestError, match="could not build the answer") as e:
+        await d.build(conn, lambda: conn.row(b"ok") + conn.row(b"x" * 70000))
+    assert e.value.status == admin.Status.ERROR and conn.rows_sent == 0
+
+
+@pytest.mark.parametrize("options", ["[" * 30000 + "]" * 30000, '{"a":' * 10000 + "1" + "}" * 10000,
+                                     "[1]", "{", '{"a": ' + "[" * 17 + "]" * 17 + "}"])
+async def test_bad_request_options_are_bad_requests(tmp_path, options):
+    from gcroots.protocol import admin
+    from gcroots.protocol.framing import encode_frame
+    d = _daemon(tmp_path)
+    request = admin.ClientConnection().request("roots")
+    hello = request[:len(request) - len(encode_frame(2, "ss*", ["roots", "{}"]))]
+    end = _answer_of(await _handle_raw(d, hello + encode_frame(2, "ss*", ["roots", options])))
+    assert end.complete and end.status == admin.Status.BAD_REQUEST, end
+
+
+def test_bad_queries_refused_before_a_scan_and_cost_labels_bounded(scratch, users, pipelines):
+    """`cost --top x` is refused before any helper scan; 20 links with 3.5 KB
+    names to one path (any user can make them) still give a `cost` answer."""
+    from gcroots.client import conn
+    from gcroots.protocol.admin import Status
+    root = new_store(scratch, 72, paths=200)
+    victim = standalone(root, "dead").stdout.split()[3]
+    deep = root / "home" / "alice"
+    for i in range(14):
+        deep = deep / (f"{i:02d}" + "d" * 248)
+    deep.mkdir(parents=True)
+    for i in range(20):
+        os.symlink(victim, deep / f"result-{i}")
+        os.symlink(deep / f"result-{i}", root / f"nix/var/nix/gcroots/auto/long-{i}")
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    bad = conn.request(str(p.sock), "cost", {"top": "x"})
+    assert bad.status == Status.BAD_REQUEST and "top must be an integer" in bad.message
+    assert not [e for e in p.daemon_events() if e.get("event") == "root_scan"]
+    out = p.query("cost", "--top", "0", "--json", user=support.BOB)
+    assert out.returncode == 0, out.stderr
+    row = [r for r in json.loads(out.stdout) if r["store_path"] == victim.decode()][0]
+    assert 1 < len(row["labels"]) < 20 and row["labels"][-1].startswith("{... and ")
+    shown = len(row["labels"]) - 1
+    assert row["labels"][-1] == f"{{... and {20 - shown} more}}"
