@@ -6,7 +6,7 @@ Exit codes:
   1  error: daemon or helper unreachable, no complete root set, bad answer
   2  usage error
   3  refused: this command needs root or the admin group
-  4  busy: a garbage collection is running
+  4  busy: a garbage collection is running, or too many connections of yours
   5  negative answer: `why` -- the path is not alive
 """
 

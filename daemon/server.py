@@ -41,7 +41,14 @@ from .notify import Notifier
 from .rootsource import SharedScans, fetch_roots_retrying
 from .store import StoreDB
 
-REQUEST_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
+REFUSE_TIMEOUT = 1.0       # to tell an over-limit connection so
+# Concurrent connections: each holds an fd (and, while its request is read, up
+# to REQUEST_TIMEOUT), so no user may hold many.  Unprivileged users share a
+# total; root, the daemon's user and the admin group are not refused by it.
+MAX_CONNECTIONS_PER_USER = 8
+MAX_CONNECTIONS_PRIVILEGED = 64
+MAX_CONNECTIONS = 256
 GRAPH_RELOAD_MIN_INTERVAL = 10.0
 SEND_TIMEOUT = 60.0
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -89,6 +96,39 @@ _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSl
                   RemoteProtocolError)
 
 
+class ConnectionLimits:
+    """Counts open connections per uid."""
+
+    def __init__(self, per_user: int = MAX_CONNECTIONS_PER_USER,
+                 privileged: int = MAX_CONNECTIONS_PRIVILEGED, total: int = MAX_CONNECTIONS) -> None:
+        self.per_user, self.privileged, self.total = per_user, privileged, total
+        self.by_uid: dict[int, int] = {}
+        self.unprivileged = 0
+
+    def admit(self, peer: Peer) -> str | None:
+        """None if admitted (then release() it), else why not."""
+        n = self.by_uid.get(peer.uid, 0)
+        limit = self.privileged if peer.privileged else self.per_user
+        if n >= limit:
+            return (f"too many connections to gcrootsd from uid {peer.uid} "
+                    f"({limit} at a time); try again later")
+        if not peer.privileged:
+            if self.unprivileged >= self.total:
+                return (f"gcrootsd is serving {self.total} connections of unprivileged users; "
+                        "try again later")
+            self.unprivileged += 1
+        self.by_uid[peer.uid] = n + 1
+        return None
+
+    def release(self, peer: Peer) -> None:
+        if not peer.privileged:
+            self.unprivileged -= 1
+        if self.by_uid[peer.uid] == 1:
+            del self.by_uid[peer.uid]
+        else:
+            self.by_uid[peer.uid] -= 1
+
+
 class RequestError(Exception):
     def __init__(self, status: admin.Status, message: str) -> None:
         super().__init__(message)
@@ -114,6 +154,9 @@ class Daemon:
     _graph_reloading: bool = False
     _graph_next_reload: float = 0.0
     scans: SharedScans = field(init=False)
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    _refused: int = 0
+    _refused_log_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout))
@@ -397,9 +440,40 @@ class Daemon:
             await trio.sleep(self.notifier.watchdog_interval)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = peer_of(stream.socket, self.admin_gid)
+        except OSError as e:  # no credentials, no service
+            _log.warning("peer_credentials_failed", error=repr(e))
+            await stream.aclose()
+            return
+        refusal = self.limits.admit(peer)
+        if refusal is not None:
+            await self._refuse(stream, peer, refusal)
+            return
+        try:
+            await self._serve_one(stream, peer)
+        finally:
+            self.limits.release(peer)
+
+    async def _refuse(self, stream: trio.SocketStream, peer: Peer, message: str) -> None:
+        """Over the limit: say so at once, without reading the request."""
+        conn = admin.ServerConnection()
+        with trio.move_on_after(REFUSE_TIMEOUT):
+            try:
+                async with stream:
+                    await stream.send_all(conn.hello() + conn.end(admin.Status.BUSY, message))
+            except (*_STREAM_ERRORS, OSError):
+                pass
+        # Logged at most every 10 s: a flood must not flood the journal too.
+        self._refused += 1
+        if trio.current_time() >= self._refused_log_at:
+            _log.warning("connections_refused", count=self._refused, last_peer_uid=peer.uid,
+                         last_peer_pid=peer.pid, reason=message)
+            self._refused, self._refused_log_at = 0, trio.current_time() + 10
+
+    async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
         conn = admin.ServerConnection()
-        peer = peer_of(stream.socket, self.admin_gid)
         command, status, message = "?", admin.Status.OK, ""
         try:
             async with stream:

@@ -688,6 +688,8 @@ in
           ExecStart = utils.escapeSystemdExecArgs daemonArgs;
           Restart = "on-failure";
           WatchdogSec = 60;
+          # One fd per client connection (capped per user and in total).
+          LimitNOFILE = 65536;
           User = cfg.user;
           Group = cfg.group;
           StateDirectory = "gcroots";

@@ -44,7 +44,7 @@ class Status(enum.IntEnum):
     OK = 0
     ERROR = 1          # the daemon could not answer (e.g. no complete root set)
     REFUSED = 2        # the peer is not allowed to do this
-    BUSY = 3           # a collection is running
+    BUSY = 3           # a collection is running, or the peer has too many connections
     NEGATIVE = 4       # answered, and the answer is "no" (why: path not alive)
     BAD_REQUEST = 5    # unknown command, bad options
 

@@ -681,3 +681,83 @@ def test_bad_queries_refused_before_a_scan_and_cost_labels_bounded(scratch, user
     assert 1 < len(row["labels"]) < 20 and row["labels"][-1].startswith("{... and ")
     shown = len(row["labels"]) - 1
     assert row["labels"][-1] == f"{{... and {20 - shown} more}}"
+
+
+def test_connection_limits():
+    from gcroots.daemon.server import ConnectionLimits, Peer
+    limits = ConnectionLimits(per_user=2, privileged=3, total=4)
+    bob, carol, eve = (Peer(1, uid, uid, frozenset(), False) for uid in (1001, 1002, 1003))
+    root = Peer(1, 0, 0, frozenset(), True)
+    assert limits.admit(bob) is None and limits.admit(bob) is None
+    assert "from uid 1001" in limits.admit(bob)
+    assert limits.admit(carol) is None and limits.admit(carol) is None
+    assert "serving 4 connections" in limits.admit(eve)       # the unprivileged total
+    assert [limits.admit(root) for _ in range(3)] == [None] * 3  # not refused by that total
+    assert "from uid 0" in limits.admit(root)
+    limits.release(bob)
+    assert limits.admit(eve) is None and "serving 4" in limits.admit(bob)
+    for peer in (bob, carol, carol, eve, root, root, root):
+        limits.release(peer)
+    assert limits.by_uid == {} and limits.unprivileged == 0
+
+
+HOLD_CONNECTIONS = r"""
+import json, select, socket, sys
+from gcroots.client import conn
+from gcroots.protocol import admin
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    socks.append(s)
+answers, refused = {}, []
+while len(refused) < n - 8:   # the connections over the limit are answered at once
+    ready, _, _ = select.select([s for s in socks if s not in refused], [], [], 30)
+    assert ready, "no answer"
+    for s in ready:
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        c = admin.ClientConnection()
+        c.request("ping")
+        c.receive_data(data)
+        c.receive_data(b"")
+        while not isinstance(e := c.next_event(), admin.AnswerEnd):
+            pass
+        answers.setdefault("refused", []).append([e.complete, e.status.name, e.message])
+        refused.append(s)
+# while 8 are held, gcroots-query's own connection is refused too, with a message
+try:
+    a = conn.request(path, "stats")
+    answers["query"] = [a.status.name, a.message]
+except conn.DaemonError as e:
+    answers["query"] = ["DaemonError", str(e)]
+for s in socks:  # the 8 held ones are served
+    if s not in refused:
+        s.sendall(admin.ClientConnection().request("ping"))
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        answers.setdefault("held", []).append(b"pong" in data)
+print(json.dumps(answers))
+"""
+
+
+def test_connections_per_user_are_capped(scratch, users, pipelines):
+    root = new_store(scratch, 73, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    out = support.as_user(support.BOB, HOLD_CONNECTIONS, str(p.sock), "12")
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)
+    assert len(answers["refused"]) == 4
+    for complete, status, message in answers["refused"]:
+        assert complete and status == "BUSY" and "too many connections" in message
+    assert answers["query"][0] == "BUSY" and "too many connections" in answers["query"][1]
+    assert answers["held"] == [True] * 8
+    # root is not limited to 8, and the daemon serves on
+    assert p.query("stats").returncode == 0
+    out = support.as_user(support.BOB, HOLD_CONNECTIONS, str(p.sock), "9")
+    assert out.returncode == 0 and json.loads(out.stdout)["held"] == [True] * 8
