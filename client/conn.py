@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import sys
 from dataclasses import dataclass, field
 from typing import Callable
@@ -14,6 +15,7 @@ from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
 
 IDLE_TIMEOUT = 600.0  # a collection can be long; the daemon sends progress meanwhile
+CONNECT_TIMEOUT = 30   # seconds a full listen backlog may keep us waiting
 
 
 class DaemonError(Exception):
@@ -35,13 +37,20 @@ def request(socket_path: str, command: str, options: dict | None = None,
     once it is known to be complete."""
     conn = admin.ClientConnection()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(IDLE_TIMEOUT)
+    # A blocking connect: on a Unix socket whose listen backlog is full a
+    # non-blocking one (as settimeout() makes it) fails with EAGAIN at once;
+    # a blocking one waits for room, at most SO_SNDTIMEO.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", CONNECT_TIMEOUT, 0))
     try:
         s.connect(socket_path)
     except OSError as e:
+        s.close()
         hint = " (is gcrootsd running? try --socket or --standalone)" \
             if e.errno in (errno.ENOENT, errno.ECONNREFUSED) else ""
+        if e.errno in (errno.EAGAIN, errno.EINPROGRESS):
+            hint = f" (its listen queue stayed full for {CONNECT_TIMEOUT} s: overloaded?)"
         raise DaemonError(f"cannot connect to gcrootsd at {socket_path}: {e.strerror}{hint}") from None
+    s.settimeout(IDLE_TIMEOUT)
     rows: list[tuple[bytes, ...]] = []
     send_error: OSError | None = None
     try:

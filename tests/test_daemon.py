@@ -761,3 +761,51 @@ def test_connections_per_user_are_capped(scratch, users, pipelines):
     assert p.query("stats").returncode == 0
     out = support.as_user(support.BOB, HOLD_CONNECTIONS, str(p.sock), "9")
     assert out.returncode == 0 and json.loads(out.stdout)["held"] == [True] * 8
+
+
+def test_query_waits_for_room_in_a_full_listen_backlog(tmp_path):
+    """A daemon busy accepting: the client waits for room instead of failing
+    at once with EAGAIN (a timeout set before connect() made it so)."""
+    from gcroots.client import conn
+    from gcroots.protocol import admin
+    path = str(tmp_path / "d.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    for _ in range(100):
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    else:
+        pytest.fail("the backlog never filled")
+    full = threading.Event()
+
+    def serve():
+        full.wait()
+        time.sleep(0.3)  # the client is (most likely) waiting in connect() by now
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            server = admin.ServerConnection()
+            with c:
+                c.sendall(server.hello() + server.end(admin.Status.OK, "pong"))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        full.set()
+        answer = conn.request(path, "ping")
+        assert answer.status == admin.Status.OK and answer.message == "pong"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        for s in fillers:
+            s.close()
