@@ -377,8 +377,8 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
     systemd's PrivateDevices= /dev and its credentials, which hold no user's
     links.  Links in them would all look stale and their paths garbage, so a
     helper that cannot see them must not scan.  A read-only view of the same
-    directory is fine.  Empty when it cannot tell (no access to PID 1's
-    mounts).  Checked once at start: under Landlock /proc/1 is closed to us.
+    directory is fine.  When it cannot tell (PID 1's mounts unreadable),
+    it assumes the worst: all WATCHED_DIRS.  Checked once at start: under Landlock /proc/1 is closed to us.
     Lives here, not in scan.py, because like the netns check it judges the
     confinement we were started in."""
     try:
@@ -387,7 +387,7 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
         with open(proc + b"/1/mountinfo", "rb") as f:
             init = _mounts(f.read())
     except OSError:
-        return []
+        return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
     fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
              and p != b"/dev" and not (p + b"/").startswith(b"/run/credentials/")}
     return sorted(p for p in {*WATCHED_DIRS, *fresh} if _backing(ours, p) != _backing(init, p))

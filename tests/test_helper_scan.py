@@ -442,6 +442,14 @@ def test_hidden_tmp_fails_the_scan(scratch):
     assert visible.stdout == our_roots(root) == nix_roots(root)
 
 
+
+def test_unknown_view_counts_as_hidden(tmp_path):
+    """Without PID 1's mounts to compare with, the helper cannot know that
+    it sees the real /tmp and homes: it assumes it does not (fail closed)."""
+    from gcroots.helper.sandbox import WATCHED_DIRS, hidden_dirs
+    assert hidden_dirs(os.fsencode(tmp_path)) == sorted(WATCHED_DIRS)
+    assert hidden_dirs() == []  # this test runs in init's view
+
 BIG_HOLDER = r"""
 import ctypes, os, resource, sys, time
 long_file, store_file, maps, fds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
