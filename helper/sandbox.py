@@ -480,10 +480,14 @@ def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]
     if read_db:
         out.append((os.path.dirname(layout.db_path), rw))
     out.append((b"/proc", rw))
-    # Lazy imports (tracebacks read sources too).  Relative sys.path entries
-    # ("" = the current directory) are skipped: they are not the install.
-    py = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
-    py.update(p for p in sys.path if os.path.isabs(p))
+    # Lazy imports (tracebacks read sources too): the standard library and
+    # site-packages, not the whole prefix (with a system Python that is all
+    # of /usr).  sys.path entries that are the current directory (`python
+    # -m`, "") are skipped: they are not the install.
+    import sysconfig
+    py = {sys.prefix, *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib",
+                                                            "platlib"))}
+    py.update(p for p in sys.path if os.path.isabs(p) and p != os.getcwd())
     import importlib.util
     for mod in ("gcroots", "gcroots.helper", "gcroots.protocol"):
         spec = importlib.util.find_spec(mod)   # the sources of an editable install
@@ -593,7 +597,7 @@ def _allow_if_null(arg):
 
 _ALWAYS = ("read", "write", "readv", "writev", "pread64", "close", "fstat", "newfstatat", "statx",
            "lstat", "stat", "lseek", "getdents64", "readlink", "readlinkat", "access",
-           "faccessat", "faccessat2", "getcwd", "brk", "munmap", "mremap", "madvise", "futex",
+           "faccessat", "faccessat2", "getcwd", "brk", "munmap", "madvise", "futex",
            "set_robust_list", "rseq", "set_tid_address", "exit", "exit_group", "gettid",
            "getpid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid",
            "getresgid", "getgroups", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
@@ -612,7 +616,11 @@ def _memory_rules() -> dict:
     return {"mmap": [_ld(_arg_lo(2)), (_AND, 0, 0, wx), (_JEQ, 0, 1, wx), _ret(EPERM),
                      _ret(ALLOW)],
             "mprotect": _allow_unless_bits(2, PROT_EXEC),
-            "pkey_mprotect": _allow_unless_bits(2, PROT_EXEC)}
+            "pkey_mprotect": _allow_unless_bits(2, PROT_EXEC),
+            # mremap(old, 0, ...) makes a second view of a shared mapping: an
+            # executable one could then be written through a writable alias.
+            "mremap": [_ld(_arg_lo(1)), (_JEQ, 0, 3, 0), _ld(_arg_lo(1) + 4), (_JEQ, 0, 1, 0),
+                       _ret(EPERM), _ret(ALLOW)]}
 
 
 def main_rules(pid: int) -> dict:
@@ -643,8 +651,7 @@ def reader_rules() -> dict:
     /proc/PID/*, the answer out.  No threads, no accept, no ioctl."""
     rules: dict = {name: None for name in (
         "read", "write", "close", "fstat", "newfstatat", "lseek", "getdents64", "readlink",
-        "readlinkat", "recvfrom", "sendto", "poll", "ppoll", "brk", "munmap", "mremap",
-        "madvise", "futex", "exit", "exit_group", "getpid", "gettid", "rt_sigaction",
+        "readlinkat", "recvfrom", "sendto", "poll", "ppoll", "brk", "munmap", "madvise", "futex", "exit", "exit_group", "getpid", "gettid", "rt_sigaction",
         "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "clock_gettime", "gettimeofday",
         "getrandom", "restart_syscall")}
     rules.update(_memory_rules())
@@ -842,7 +849,8 @@ def _selftest(reader: ProcReader | None) -> None:
         return  # unprivileged: other processes are closed to us anyway (the scan warns)
     items = dict(reader(b"/proc/%d" % os.getpid()))
     for name in (b"exe", b"cwd", b"maps", b"environ"):
-        if isinstance(items.get(name), OSError) or name not in items:
+        # exe and cwd are left out (not errors) when they are not in the store.
+        if isinstance(items.get(name), OSError) or (name not in items and name in (b"maps", b"environ")):
             raise OSError(errno.EACCES, f"/proc/{os.getpid()}/{os.fsdecode(name)}: {items.get(name)}")
 
 
@@ -1003,7 +1011,9 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[
     with open(tmp + b"/victim-fd", "wb") as f:
         f.write(_KEEP)
     with open(tmp + b"/victim-fd", "rb") as f:
-        victim = subprocess.Popen(["sleep", "600"], stdin=f, stdout=subprocess.DEVNULL)
+        os.mkdir(tmp + b"/victim-cwd")  # in the "store", so that the reader hands it over
+        victim = subprocess.Popen(["sleep", "600"], stdin=f, stdout=subprocess.DEVNULL,
+                                  cwd=tmp + b"/victim-cwd")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -1143,7 +1153,9 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
         for v in values:
             if isinstance(v, OSError):
                 raise v
-        return bool(values)
+        # Its exe (/usr/bin/sleep) is read but, being outside the store, not
+        # handed over; a failed read would have come back as an error.
+        return bool(values) or name == b"exe"
 
     # What the scan needs must still work ...
     works("readlink_private_link", lambda: os.readlink(p.private_link) == p.private_target)
@@ -1182,6 +1194,8 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
     escape("read /etc/shadow", lambda: read(b"/etc/shadow", 1))
     escape("read /proc/PID/root/etc/shadow", lambda: read(victim + b"/root/etc/shadow", 1))
     escape("read_private_file", lambda: read(p.private_secret, 1))
+    # The Python install is readable, not its whole prefix (/usr for Debian's).
+    escape("read python binary", lambda: read(os.fsencode(os.path.realpath(sys.executable)), 1))
     escape("capset +cap_sys_admin", gain_cap)
     escape("ptrace_attach victim", lambda: syscall("ptrace", PTRACE_SEIZE, p.victim_pid, 0, 0))
     escape("signal victim", lambda: os.kill(p.victim_pid, signal.SIGCONT))
@@ -1189,6 +1203,12 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
     escape("fork", fork)
     escape("mmap W+X", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE
                                          | mmap.PROT_EXEC).close())
+
+    def alias_mapping() -> None:  # a second view of shared memory (then: write + exec)
+        shared = mmap.mmap(-1, 4096)
+        addr = int(_ffi.cast("uintptr_t", _ffi.from_buffer(shared)))
+        syscall("munmap", syscall("mremap", addr, 0, 4096, 1, 0), 4096)  # MREMAP_MAYMOVE
+    escape("mremap alias", alias_mapping)
     # Last: if it works, this process is gone.  /bin/sh, not /bin/true, so
     # that a successful exec says so and exits non-zero.
     sys.stdout.flush()

@@ -135,13 +135,18 @@ def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> list[tuple[
     with (b"fd", error): like Nix, we skip the rest of that process.  Runs
     here, or in the sandbox's /proc reader (Landlock denies these to a
     scanner).  Memory: at most MAX_KEPT per item, however big the process."""
-    out = [(n, _attempt(os.readlink, pid_dir + b"/" + n)) for n in (b"exe", b"cwd")]
+    links = [(n, _attempt(os.readlink, pid_dir + b"/" + n)) for n in (b"exe", b"cwd")]
+    # Only what the scan needs leaves the reader: no cwd outside the store, no maps addresses.
+    out = [(n, t) for n, t in links if isinstance(t, OSError) or t.startswith(store_dir + b"/")]
     out += _fd_targets(pid_dir, store_dir + b"/")
-    if out[-1][0] == b"fd":
+    if out and out[-1][0] == b"fd":
         return out
-    files = [(b"maps", b"\n", False), (b"environ", b"\0", True)] + cmdline * [(b"cmdline", b"\0", True)]
-    return out + [(n, _attempt(read_filtered, pid_dir + b"/" + n, sep, store_dir, from_needle))
-                  for n, sep, from_needle in files]
+    maps = _attempt(read_filtered, pid_dir + b"/maps", b"\n", store_dir, False)
+    if not isinstance(maps, OSError):
+        maps = b"\n".join(m.group(1) for m in map(MAPS_LINE.match, maps.split(b"\n")) if m)
+    files = [(b"environ", b"\0", True)] + cmdline * [(b"cmdline", b"\0", True)]
+    return out + [(b"maps", maps)] + [(n, _attempt(read_filtered, pid_dir + b"/" + n, sep,
+                                                   store_dir, from_needle)) for n, sep, from_needle in files]
 
 
 class Scanner:
@@ -152,10 +157,7 @@ class Scanner:
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
                  proc: bytes = b"/proc", proc_reader=None,
                  hidden_dirs: list[bytes] | tuple = ()) -> None:
-        self.layout = layout
-        self.runtime = runtime
-        self.cmdline = cmdline
-        self.proc = proc
+        self.layout, self.runtime, self.cmdline, self.proc = layout, runtime, cmdline, proc
         self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
         self.hidden_dirs = list(hidden_dirs)
         self._env_re = environ_regex(layout.store_dir)
@@ -306,14 +308,10 @@ class Scanner:
             yield from self._process_roots(self.proc + b"/" + pid)
         for path in KERNEL_ROOT_FILES:
             data = self._read_proc_file(path)
-            if data is None:
-                continue
             # Nix uses the raw contents, trailing newline included, which
             # makes "/nix/store/x-y\n" unparsable; we drop the newline and
             # so keep such a path alive (strictly safer).
-            value = data[:-1] if data.endswith(b"\n") else data
-            sp = to_store_path(value, store_dir)
-            if sp is not None:
+            if data and (sp := to_store_path(data.removesuffix(b"\n"), store_dir)) is not None:
                 yield Root(RootKind.RUNTIME, path, sp)
 
     def _read_proc_file(self, path: bytes) -> bytes | None:
@@ -341,7 +339,7 @@ class Scanner:
                     yield ScanWarning(path, value.errno, "cannot read runtime roots: permission "
                                       "denied (does the helper have CAP_SYS_PTRACE?)")
             elif name == b"maps":
-                found += [(path, m.group(1)) for m in map(MAPS_LINE.match, value.split(b"\n")) if m]
+                found += [(path, p) for p in value.split(b"\n") if p]  # paths (read_process)
             elif name in (b"environ", b"cmdline"):
                 found += [(path, m.group(0)) for m in self._env_re.finditer(value)]
             else:  # exe, cwd, fd/N: link targets

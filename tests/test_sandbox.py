@@ -85,20 +85,21 @@ FS = ("write_file tmp", "create_file tmp", "unlink tmp", "rename tmp", "mkdir tm
       "truncate tmp", "chmod tmp", "write_file state", "create_file state", "unlink state",
       "rename state")
 SOCKETS = ("socket AF_INET", "socket AF_INET6", "socket AF_NETLINK", "socket AF_UNIX")
-READS = ("read /etc/shadow", "read /proc/PID/root/etc/shadow", "read_private_file")
+READS = ("read /etc/shadow", "read /proc/PID/root/etc/shadow", "read_private_file",
+         "read python binary")
 # Every escape with every layer on: seccomp answers first (EPERM) except
 # for plain reads, which it allows and Landlock refuses (EACCES).
 ALL_LAYERS = {**{n: "EPERM" for n in FS + SOCKETS}, "tcp_connect 127.0.0.1": "EPERM",
               **{n: "EACCES" for n in READS}, "capset +cap_sys_admin": "EPERM",
               "ptrace_attach victim": "EPERM", "signal victim": "EPERM",
               "unshare CLONE_NEWUSER": "EPERM", "fork": "EPERM", "mmap W+X": "EPERM",
-              "execve /bin/sh": "EPERM"}
+              "mremap alias": "EPERM", "execve /bin/sh": "EPERM"}
 # Without seccomp, Landlock is the first to say no -- and what it does not
 # cover escapes: chmod, sockets, user namespaces, fork, W+X memory.
 NO_SECCOMP = {**ALL_LAYERS, **{n: "EACCES" for n in FS}, "chmod tmp": "ESCAPED",
               **{n: "ESCAPED" for n in SOCKETS}, "tcp_connect 127.0.0.1": "EACCES",
               "unshare CLONE_NEWUSER": "ESCAPED", "fork": "ESCAPED", "mmap W+X": "ESCAPED",
-              "execve /bin/sh": "EACCES"}
+              "mremap alias": "ESCAPED", "execve /bin/sh": "EACCES"}
 # Without Landlock either: only the network namespace and the capability
 # drop remain.  Root's uid still owns files; CAP_SYS_PTRACE still attaches.
 NO_SECCOMP_LANDLOCK = {**{n: "ESCAPED" for n in ALL_LAYERS}, "tcp_connect 127.0.0.1": "ENETUNREACH",
@@ -446,9 +447,16 @@ def test_sandboxed_runtime_roots_of_another_user_equal_nix(scratch, users):
 READER_PROBE = r"""
 import errno, os
 from gcroots.helper.sandbox import ProcReader
-r = ProcReader.start(frozenset(), b"/nix/store")
+exe = os.readlink("/proc/self/exe").encode()
+# Only what names the store leaves the reader: exe outside it is not handed
+# over, and of maps only the paths (no addresses of our memory).
+other = ProcReader.start(frozenset(), b"/nonexistent-store")
+kept = dict(other(b"/proc/%d" % os.getpid()))
+print("withheld", b"exe" not in kept and b"cwd" not in kept and kept[b"maps"] == b"")
+r = ProcReader.start(frozenset(), os.path.dirname(exe))
 items = dict(r(b"/proc/%d" % os.getpid()))
-print("exe", items[b"exe"] == os.readlink("/proc/self/exe").encode())
+print("exe", items[b"exe"] == exe,
+      all(line.startswith(os.path.dirname(exe) + b"/") for line in items[b"maps"].split(b"\n")))
 for bad in (b"/etc", b"/proc/1/root", b"/proc/self", b"/proc/1/../../etc"):
     try:
         r(bad)
@@ -461,7 +469,7 @@ for bad in (b"/etc", b"/proc/1/root", b"/proc/self", b"/proc/1/../../etc"):
 def test_proc_reader_reads_only_proc_pid():
     out = subprocess.run([sys.executable, "-c", READER_PROBE], capture_output=True, text=True,
                          timeout=30)
-    assert out.stdout.split("\n")[:5] == ["exe True"] + ["refused True"] * 4, out
+    assert out.stdout.split("\n")[:6] == ["withheld True", "exe True True"] + ["refused True"] * 4, out
     assert "refusing a malformed request" in out.stderr
 
 
