@@ -66,11 +66,12 @@ class RootSet:
 
 def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
     """--standalone: the helper's scan, in this process and with its rights."""
+    from gcroots.helper.sandbox import hidden_dirs
     from gcroots.helper.scan import ScanError, Scanner
 
     t0 = time.perf_counter()
-    try:
-        records = list(Scanner(layout, runtime=runtime).scan())
+    try:  # the helper's own check too: a view that hides homes or /tmp misses roots
+        records = list(Scanner(layout, runtime=runtime, hidden_dirs=hidden_dirs()).scan())
     except ScanError as e:
         raise IncompleteRoots(f"the root scan failed: {e}") from None
     return RootSet.from_records(records, layout, time.perf_counter() - t0)

@@ -560,7 +560,10 @@ class Collection:
                 if not batch:
                     continue
                 self._check_referrers(batch, done)
-                self._invalidate(writer, [p for p in batch if p in valid])
+                kept = self._invalidate(writer, batch, valid)
+                if len(kept) < len(batch):
+                    self._release([p for p in batch if p not in kept])
+                    batch = kept
                 done.update(batch)
                 work.put(batch)
                 batch = []
@@ -668,28 +671,25 @@ class Collection:
                                           f"{rp.decode(errors='replace')}; refusing to delete it")
             in_batch.add(p)
 
-    def _invalidate(self, writer: sqlite3.Connection, paths: list[bytes]) -> None:
+    def _invalidate(self, writer: sqlite3.Connection, batch: list[bytes],
+                    valid: set[bytes]) -> list[bytes]:
         """One transaction: refuse if any path outside the batch still
         refers into it, then drop the batch's Refs, DerivationOutputs and
         ValidPaths rows.  That is what Nix's foreign keys do row by row
         (Refs.reference ON DELETE RESTRICT, the cascades); done in bulk
         inside our write transaction -- no other writer can slip in -- it is
-        the same guarantee at half the cost."""
-        if not paths:
-            return
-        # Store paths are ASCII, and JSON carries them to SQLite in one
-        # statement; a DB row with other bytes (Nix registers only what it
-        # parses, but a DB is input too) is matched byte for byte.
-        plain = [p for p in paths if p.isascii()]
-        odd = [(p,) for p in paths if not p.isascii()]
+        the same guarantee at half the cost.  Entries that were unregistered
+        when we planned but are valid now (registered meanwhile) are not ours
+        to delete: returns the batch without them."""
         try:
             writer.execute("BEGIN IMMEDIATE")
+            rows = _valid_rows(writer, batch)
+            newly = {p for _, p in rows if p not in valid}
+            if newly:
+                _log.warning("gc_skipping_newly_registered", count=len(newly))
             writer.execute("DELETE FROM temp.gc_batch")
-            writer.execute("INSERT INTO temp.gc_batch SELECT v.id FROM json_each(?) j "
-                           "JOIN ValidPaths v ON v.path = j.value",
-                           (json.dumps([p.decode("ascii") for p in plain]),))
-            writer.executemany("INSERT OR IGNORE INTO temp.gc_batch SELECT id FROM ValidPaths "
-                               "WHERE path = CAST(? AS TEXT)", odd)
+            writer.executemany("INSERT INTO temp.gc_batch VALUES (?)",
+                               [(i,) for i, p in rows if p in valid])
             # CROSS JOIN: walk the batch and look up its referrers by index
             # (left to itself the planner scans all of Refs).
             bad = writer.execute(
@@ -712,6 +712,7 @@ class Collection:
             if writer.in_transaction:
                 writer.execute("ROLLBACK")
             raise
+        return [p for p in batch if p not in newly]
 
     def remove_stale_links(self, confirmation: RootSet) -> int:
         """After execute(): the links stale in our scan and in `confirmation`."""
@@ -726,6 +727,20 @@ class Collection:
         if self.server is not None:
             self.server.stop()
         self.lock.release()
+
+
+def _valid_rows(conn: sqlite3.Connection, paths: list[bytes]) -> list[tuple[int, bytes]]:
+    """(id, path) of those of `paths` that are in ValidPaths.  Store paths
+    are ASCII, and JSON carries them to SQLite in one statement; other
+    names (junk entries; a DB is input too) are matched byte for byte."""
+    rows = conn.execute("SELECT v.id, v.path FROM json_each(?) j JOIN ValidPaths v "
+                        "ON v.path = j.value", (json.dumps([p.decode("ascii") for p in paths
+                                                            if p.isascii()]),)).fetchall()
+    for p in paths:
+        if not p.isascii():
+            rows += conn.execute("SELECT id, path FROM ValidPaths WHERE path = CAST(? AS TEXT)",
+                                 (p,)).fetchall()
+    return rows
 
 
 def _writer(db_path: bytes) -> sqlite3.Connection:

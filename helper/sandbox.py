@@ -90,6 +90,7 @@ from typing import Callable, Iterable, Sequence
 import cffi
 
 from gcroots.layout import StoreLayout
+from gcroots.storepath import is_in_dir
 
 LAYERS = ("netns", "caps", "no_new_privs", "landlock", "seccomp")
 
@@ -390,7 +391,11 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
         return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
     fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
              and p != b"/dev" and not (p + b"/").startswith(b"/run/credentials/")}
-    return sorted(p for p in {*WATCHED_DIRS, *fresh} if _backing(ours, p) != _backing(init, p))
+    # ... and init's own mounts below them (a home on its own file system,
+    # a user's /run/user/UID), which a private view may lack.
+    below = {p for p, *_ in init if any(is_in_dir(p, w) for w in WATCHED_DIRS)}
+    return sorted(p for p in {*WATCHED_DIRS, *fresh, *below}
+                  if _backing(ours, p) != _backing(init, p))
 
 
 # -- layer: capabilities --------------------------------------------------------------
@@ -733,11 +738,23 @@ def _send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(payload)   # not concatenated: no second copy of a big answer
 
 
+_SAME_AS = -1  # in place of an errno: "the same bytes as item <length>"
+
+
 def _encode_items(items: list[tuple[bytes, bytes | OSError]]) -> bytes:
-    parts = [struct.pack("=I", len(items))]
-    for name, value in items:
-        err, data = (value.errno or errno.EIO, b"") if isinstance(value, OSError) else (0, value)
-        parts.append(struct.pack("=H", len(name)) + name + struct.pack("=iI", err, len(data)) + data)
+    """Each target once: a process may hold half a million fds on one long
+    store path, and every fd/N label is kept (Nix prints them all), so a
+    repeated value is sent as a reference to its first item."""
+    parts, first = [struct.pack("=I", len(items))], {}
+    for i, (name, value) in enumerate(items):
+        if isinstance(value, OSError):
+            err, data = value.errno or errno.EIO, b""
+        elif (k := first.setdefault(value, i)) != i:
+            err, data = _SAME_AS, b""
+        else:
+            err, data = 0, value
+        length = k if err == _SAME_AS else len(data)
+        parts.append(struct.pack("=H", len(name)) + name + struct.pack("=iI", err, length) + data)
     return b"".join(parts)
 
 
@@ -748,6 +765,11 @@ def _decode_items(payload: bytes, pid_dir: bytes) -> list[tuple[bytes, bytes | O
         name = payload[pos + 2:pos + 2 + size]
         err, length = struct.unpack_from("=iI", payload, pos + 2 + size)
         pos += 2 + size + 8
+        if err == _SAME_AS:
+            if length >= len(items) or not isinstance(items[length][1], bytes):
+                raise OSError(errno.EPROTO, "malformed answer")
+            items.append((name, items[length][1]))
+            continue
         data = payload[pos:pos + length]
         pos += length
         items.append((name, OSError(err, os.strerror(err), pid_dir + b"/" + name) if err else data))

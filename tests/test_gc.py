@@ -614,3 +614,25 @@ def test_odd_rows_in_the_db_do_not_crash_the_collection(scratch):
     out = standalone(root, "gc", "--yes")
     assert valid_set(root) == {full[0].encode()}
     assert os.listdir(root / "nix/store") == [full[0].split("/")[-1]]
+
+
+def test_entry_registered_after_planning_is_not_deleted(scratch):
+    """An entry on disk that was unregistered when we planned (so garbage)
+    but is registered before its batch is deleted is valid now, and stays."""
+    root = scratch / "store"
+    full = support.tiny_store(root, ["kept", "garbage"], refs=[], derivers={}, roots=[0])
+    late = "/nix/store/" + "1" * 32 + "-late"
+    (root / late.lstrip("/")).mkdir()
+    (root / late.lstrip("/") / "f").write_text("registered late\n")
+
+    def register(c):
+        assert late.encode() in c._analysis.dead
+        db = sqlite3.connect(root / "nix/var/nix/db/db.sqlite")
+        db.execute("INSERT INTO ValidPaths (path, hash, registrationTime) VALUES (?, ?, 1)",
+                   (late, "sha256:" + "0" * 64))
+        db.commit()
+        db.close()
+
+    _collect(root, before_execute=register)
+    assert (root / late.lstrip("/")).is_dir() and late.encode() in valid_set(root)
+    assert full[1].encode() not in valid_set(root)

@@ -591,3 +591,28 @@ def test_bad_layout_flags_are_usage_errors(command, args, message):
     assert out.returncode == 2, out.stderr
     assert message in out.stderr and b"usage: gcroots-helper " + command.encode() in out.stderr
     assert b"Traceback" not in out.stderr
+
+
+def test_a_mount_below_home_that_the_helper_lacks_counts_as_hidden(scratch):
+    """init has a file system mounted below /home (a home of its own) that
+    the helper's view lacks: links there would look stale.  The helper and
+    the standalone scan both refuse."""
+    home = Path("/home/gcroots-test-mounted")
+    home.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(home)], check=True)
+    try:
+        root = scratch / "store"
+        support.make_store(root, paths=60, seed=12, roots=2, indirect=0, stale=0, quirks=0)
+        code = ("import sys; from gcroots.helper.sandbox import hidden_dirs; "
+                "print(hidden_dirs())")
+        seen = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f'umount "{home}" && exec "$@"', "sh", sys.executable, "-c", code],
+                              capture_output=True, text=True, check=True).stdout
+        assert repr(os.fsencode(home)) in seen
+        out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                              f'umount "{home}" && exec "$@"', "sh", support.QUERY, "--standalone",
+                              "--root", str(root), "--no-runtime", "dead"], capture_output=True)
+        assert out.returncode == 1 and b"hidden" in out.stderr, out.stderr
+    finally:
+        subprocess.run(["umount", str(home)], check=True)
+        home.rmdir()

@@ -5,6 +5,7 @@ the layer behind it is missing."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -14,6 +15,7 @@ import signal
 import socket
 import stat
 import subprocess
+import struct
 import sys
 import tempfile
 import time
@@ -559,3 +561,21 @@ def test_an_oversized_reader_answer_fails_the_scan_not_the_reader():
     lines = out.stdout.splitlines()
     assert lines[:2] == ["[(b'fd', OSError(90, 'Message too long'))]"] * 2, out
     assert lines[2].startswith("scan failed: cannot read '/proc/") and "errno 90" in lines[2], out
+
+
+def test_reader_answer_sends_a_repeated_target_once():
+    """Half a million fds on one long store path must not make the reader's
+    answer (every fd/N label kept) grow with the path's length each time."""
+    target = b"/nix/store/" + b"a" * 32 + b"-x/" + b"f" * 3000
+    items = [(b"exe", OSError(errno.EACCES, "denied"))]
+    items += [(b"fd/%d" % n, target) for n in range(20000)] + [(b"maps", b"")]
+    payload = sandbox._encode_items(items)
+    assert len(payload) < 20000 * 30 + 4000
+    decoded = sandbox._decode_items(payload, b"/proc/1")
+    assert [n for n, _ in decoded] == [n for n, _ in items]
+    assert all(v == target for n, v in decoded if n.startswith(b"fd/"))
+    assert isinstance(decoded[0][1], OSError) and decoded[-1][1] == b""
+    bad = sandbox._encode_items([(b"fd/1", target), (b"fd/2", target)])
+    with pytest.raises(OSError, match="malformed"):  # a reference forward, not back
+        sandbox._decode_items(bad.replace(struct.pack("=iI", -1, 0), struct.pack("=iI", -1, 5)),
+                              b"/proc/1")
