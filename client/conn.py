@@ -31,10 +31,9 @@ class Answer:
 
 def request(socket_path: str, command: str, options: dict | None = None,
             args: tuple[bytes, ...] = (), *,
-            on_progress: Callable[[str], None] | None = None,
-            on_rows: Callable[[list[tuple[bytes, ...]]], None] | None = None) -> Answer:
-    """Rows are buffered (or handed to `on_rows`) and the answer returned only
-    once it is known to be complete."""
+            on_progress: Callable[[str], None] | None = None) -> Answer:
+    """Rows are buffered and the answer returned only once it is known to be
+    complete."""
     conn = admin.ClientConnection()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     # A blocking connect: on a Unix socket whose listen backlog is full a
@@ -83,9 +82,6 @@ def request(socket_path: str, command: str, options: dict | None = None,
                             raise DaemonError(f"gcrootsd closed the connection before reading "
                                               f"the request: {send_error.strerror or send_error}")
                         raise DaemonError(f"incomplete answer from gcrootsd: {event.message}")
-                    if on_rows:
-                        on_rows(rows)
-                        rows = []
                     return Answer(event.status, event.message, rows)
     except socket.timeout:
         raise DaemonError(f"gcrootsd did not answer within {IDLE_TIMEOUT:.0f} s") from None

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import fnmatch
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 
@@ -29,9 +28,8 @@ from gcroots import nofollow
 from gcroots.layout import StoreLayout
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
 
-from .profiles import parse_generation_name
+from .profiles import _GEN_NAME, parse_generation_name
 
-_GEN_NAME = re.compile(rb"(.+)-([0-9]+)-link", re.S)
 
 
 @dataclass(frozen=True)

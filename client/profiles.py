@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from gcroots import nofollow
-from gcroots.storepath import abs_path, base_name, canon_path, dir_of, to_store_path
+from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
 
 UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
 UINT64_MAX = 2**64 - 1   # GenerationNumber in nix-env's argument parsing
@@ -207,10 +207,7 @@ class Profile:
 
 def absolute(path: str | bytes) -> bytes:
     """nix-env's absPath: relative to the cwd, lexically, symlinks kept."""
-    p = os.fsencode(path)
-    if not p.startswith(b"/"):
-        p = os.getcwdb() + b"/" + p
-    return canon_path(p)
+    return abs_path(os.fsencode(path), os.getcwdb())
 
 
 class ProfileDir:

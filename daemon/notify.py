@@ -20,10 +20,6 @@ class Notifier:
         if usec and (pid is None or pid == str(os.getpid())):
             self.watchdog_interval = int(usec) / 1e6 / 2
 
-    @property
-    def enabled(self) -> bool:
-        return self.address is not None
-
     def send(self, **fields: str) -> None:
         if self.address is None:
             return

@@ -135,11 +135,6 @@ def _nesting(text: str) -> int:
     return deepest
 
 
-def _frames(decoder: FrameDecoder):
-    while (frame := decoder.next_frame()) is not None:
-        yield frame
-
-
 def _split_rows(payload: bytes) -> tuple[bytes, ...]:
     """The hot path of big answers: length-prefixed values back to back."""
     out = []
