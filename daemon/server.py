@@ -28,7 +28,7 @@ import trio
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.sockets import listen_fds, listen_unix, peer_credentials
+from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credentials
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
@@ -576,8 +576,9 @@ def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:
     return size(a.live), (size(a.dead_valid) if a.dead is not None else None)
 
 
-def unix_listener(path: bytes, mode: int = 0o666) -> trio.SocketListener:
-    return trio.SocketListener(trio.socket.from_stdlib_socket(listen_unix(path, mode)))
+def unix_listener(path: bytes, mode: int = 0o666) -> tuple[trio.SocketListener, SocketFile]:
+    sock, file = listen_unix(path, mode)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), file
 
 
 def activated_listeners() -> list[trio.SocketListener]:

@@ -9,6 +9,7 @@ import resource
 import sys
 
 from gcroots.layout import StoreLayout
+from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 
 
@@ -142,30 +143,37 @@ def cmd_serve(args) -> int:
     mode = int(args.socket_mode, 8)
     # Under socket activation systemd owns the sockets (names "gcroots" and
     # "nix-roots"); path options would bind over them, so they are ignored.
-    listeners = serve.systemd_listeners()
+    listeners, files = serve.systemd_listeners(), []
     if not listeners:
-        if args.socket:
-            listeners.append((sockets.listen_unix(os.fsencode(args.socket), mode, owner),
-                              serve.ROOTS))
-        if args.nix_roots_daemon_socket:
-            listeners.append((sockets.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode,
-                                                  owner), serve.NIX))
+        for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
+            if path:
+                try:
+                    sock, file = sockets.listen_unix(os.fsencode(path), mode, owner)
+                except OSError as e:
+                    raise SystemExit(f"gcroots-helper serve: {e}") from None
+                listeners.append((sock, kind))
+                files.append(file)
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
+    sockets.remove_when_gone(files)   # the sandbox will not let us unlink them
     from .sandbox import hidden_dirs
     hidden = tuple(hidden_dirs())  # before the sandbox closes /proc/1
     if hidden:
         log.get("gcroots.helper").error("dirs_hidden", dirs=[os.fsdecode(d) for d in hidden],
                                         consequence="every scan fails until this is fixed")
+    stop_on_signals()
     box = _sandbox(args, layout)   # sockets open, nothing read yet
     server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                 cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                hidden_dirs=hidden)
+                                hidden_dirs=hidden,
+                                paths={s: f.path for (s, _), f in zip(listeners, files)})
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    except KeyboardInterrupt as e:
+        log.get("gcroots.helper").info("helper_stopped", signal=stopped_by(e))
+    # Now: scans in other threads end cut (a failed scan for their peers);
+    # finalizing the interpreter under them could abort on stderr's lock.
+    os._exit(1 if log.output_broken() else 0)
 
 
 def cmd_sandbox_check(args) -> int:
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_sandbox_check, parser=c)
 
     args = p.parse_args(argv)
-    return args.func(args)
+    return run_main("gcroots-helper", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,7 @@ class HelperServer:
     cmdline: bool = False
     proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
     hidden_dirs: tuple = ()      # dirs we cannot see: every scan fails (sandbox.hidden_dirs)
+    paths: dict = field(default_factory=dict)   # our sockets' (getsockname: where bound privately)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
 
@@ -117,7 +118,8 @@ class HelperServer:
         sel = selectors.DefaultSelector()
         for sock, kind in self.listeners:
             sel.register(sock, selectors.EVENT_READ, kind)
-        _log.info("helper_listening", sockets=[(s.getsockname(), k) for s, k in self.listeners],
+        _log.info("helper_listening", sockets=[(self.paths.get(s) or s.getsockname(), k)
+                                               for s, k in self.listeners],
                   allowed_uids=sorted(self.allowed_uids))
         while True:
             for key, _ in sel.select():

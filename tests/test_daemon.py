@@ -809,3 +809,62 @@ def test_query_waits_for_room_in_a_full_listen_backlog(tmp_path):
         listener.close()
         for s in fillers:
             s.close()
+
+
+# -- junk connections: answered with END when possible, counted, not logged each --
+
+# -- process hygiene -----------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_stops_in_one_line_and_removes_its_socket(scratch, users, pipelines, sig):
+    root = new_store(scratch, 76, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    inode = os.stat(p.sock).st_ino
+    second = subprocess.run(["setpriv", f"--reuid={users[support.DAEMON_USER].pw_uid}",
+                             f"--regid={users[support.DAEMON_USER].pw_gid}", "--init-groups",
+                             support.DAEMON, "--root", str(root), "--helper-socket",
+                             str(p.helper_sock), "--socket", str(p.sock)],
+                            capture_output=True, timeout=60, env=dict(os.environ, HOME="/"))
+    assert second.returncode == 1 and second.stderr.endswith(
+        f"gcrootsd: {p.sock} is served by a running process; refusing to take it over "
+        "(stop that one first)\n".encode())
+    assert os.stat(p.sock).st_ino == inode and p.query("stats").returncode == 0
+    size = p.daemon_log_path.stat().st_size
+    p.daemon.send_signal(sig)
+    assert p.daemon.wait(20) == 0
+    p.daemon = None
+    added = p.daemon_log_path.read_bytes()[size:].decode()
+    assert "Traceback" not in added and "Group" not in added
+    assert [json.loads(x)["event"] for x in added.splitlines()] == ["daemon_stopped"]
+    assert json.loads(added)["signal"] == sig.name
+    assert not p.sock.exists()
+
+
+def test_closed_log_pipe_stops_the_daemon(scratch, users, pipelines):
+    root = new_store(scratch, 77, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    p.start_helper()
+    pw = users[support.DAEMON_USER]
+    r, w = os.pipe()
+    daemon = subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                               "--init-groups", support.DAEMON, "--root", str(root),
+                               "--helper-socket", str(p.helper_sock), "--socket", str(p.sock)],
+                              stderr=w, env=dict(os.environ, HOME="/"))
+    os.close(w)
+    try:
+        support.wait_for_socket(p.sock, daemon)
+        os.close(r)
+        p.query("stats")   # it logs: EPIPE
+        assert daemon.wait(20) == 1
+        assert not p.sock.exists()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+# -- a scan that cannot be complete: refused, said clearly, nothing deleted ----

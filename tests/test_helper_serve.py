@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -425,3 +427,57 @@ def test_path_options_are_ignored_under_socket_activation(store, scratch, start_
     assert os.stat(sock).st_ino == inode
     assert read_root_stream(sock)[1].complete
     assert h.proc.poll() is None
+
+
+# -- deadlines and idle peers ----------------------------------------------
+
+# -- starting and stopping --------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_helper_stops_in_one_line_and_removes_its_sockets(store, scratch, start_helper, sig):
+    sock, nix = scratch / "helper.sock", scratch / "nix.sock"
+    h = start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix),
+                     wait=str(nix))
+    assert read_root_stream(sock)[1].complete
+    h.proc.send_signal(sig)
+    assert h.proc.wait(10) == 0
+    text = h.log_path.read_text()
+    assert "Traceback" not in text and "Error" not in text
+    assert [e.get("signal") for e in h.log() if e["event"] == "helper_stopped"] == [sig.name]
+    deadline = time.monotonic() + 5   # the sandboxed helper's socket remover
+    while (sock.exists() or nix.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sock.exists() and not nix.exists()
+
+
+def test_second_helper_on_a_live_socket_refuses(store, scratch, start_helper):
+    sock = scratch / "helper.sock"
+    start_helper(store, "--socket", str(sock), wait=str(sock))
+    inode = os.stat(sock).st_ino
+    out = subprocess.run([HELPER, "serve", "--root", str(store), "--no-runtime", "--socket",
+                          str(sock)], capture_output=True, timeout=30)
+    assert out.returncode == 1 and out.stderr == (
+        f"gcroots-helper serve: {sock} is served by a running process; refusing to take it over "
+        "(stop that one first)\n").encode()
+    assert os.stat(sock).st_ino == inode and read_root_stream(sock)[1].complete
+
+
+def test_closed_log_pipe_stops_the_helper(store, scratch):
+    """stderr to a pipe whose reader is gone (EPIPE): the next log line ends
+    the helper as SIGTERM would, its socket removed, no traceback anywhere."""
+    sock = scratch / "helper.sock"
+    r, w = os.pipe()
+    proc = subprocess.Popen([HELPER, "serve", "--root", str(store), "--no-runtime", "--socket",
+                             str(sock)], stderr=w)
+    os.close(w)
+    support.wait_for_socket(sock, proc)
+    os.close(r)
+    try:
+        read_root_stream(sock)   # the helper logs it, and stops
+    except OSError:
+        pass
+    assert proc.wait(10) == 1
+    deadline = time.monotonic() + 5
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sock.exists()
