@@ -51,15 +51,20 @@ def output_broken() -> bool:
 def configure(component: str, level: str = "info", json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
-    renderer = (structlog.processors.JSONRenderer() if json
-                else structlog.dev.ConsoleRenderer(colors=False))
+    renderer = [structlog.dev.ConsoleRenderer(colors=False)]
+    if json:  # exceptions as data (type, message, frames), not just "exc_info": true;
+        # no local variables (the helper's hold other users' paths and environments)
+        exceptions = structlog.tracebacks.ExceptionDictTransformer(show_locals=False,
+                                                                   use_rich=False)
+        renderer = [structlog.processors.ExceptionRenderer(exceptions),
+                    structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _bytes_to_text,
-            renderer,
+            *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),

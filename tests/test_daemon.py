@@ -815,6 +815,25 @@ def test_query_waits_for_room_in_a_full_listen_backlog(tmp_path):
 
 # -- process hygiene -----------------------------------------------------------
 
+async def test_internal_error_log_lines_carry_the_traceback(tmp_path, capsys):
+    from gcroots import log
+    from gcroots.protocol import admin
+    log.configure("gcrootsd", json=True)
+    d = _daemon(tmp_path)
+
+    async def broken_dispatch(*args):
+        raise RuntimeError("a bug")
+
+    d._dispatch = broken_dispatch
+    await _handle_raw(d, admin.ClientConnection().request("roots"))
+    line = [json.loads(x) for x in capsys.readouterr().err.splitlines()
+            if '"request_internal_error"' in x][0]
+    exc = line["exception"][0]
+    assert exc["exc_type"] == "RuntimeError" and exc["exc_value"] == "a bug"
+    assert exc["frames"][-1]["name"] == "broken_dispatch"
+    assert "locals" not in exc["frames"][-1]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_daemon_stops_in_one_line_and_removes_its_socket(scratch, users, pipelines, sig):
     root = new_store(scratch, 76, paths=200)
