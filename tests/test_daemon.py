@@ -834,6 +834,35 @@ async def test_internal_error_log_lines_carry_the_traceback(tmp_path, capsys):
     assert "locals" not in exc["frames"][-1]
 
 
+def test_unwritable_metrics_file_does_not_break_queries(scratch, users, pipelines):
+    """A metrics dir gcrootsd cannot write (or a missing /var/lib/gcroots):
+    queries answer, the failure is logged once with the path and exported."""
+    root = new_store(scratch, 75, paths=200)
+    locked = scratch / "locked"
+    locked.mkdir(mode=0o755)   # root's
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=(
+        "--metrics-file", str(locked / "metrics" / "gcroots.prom"),
+        "--metrics-address", f"127.0.0.1:{port}", "--metrics-interval", "1h"))
+    pipelines.append(p)
+    p.start()
+    for _ in range(3):
+        out = p.query("dead")
+        assert out.returncode == 0, out.stderr
+    failed = [e for e in p.daemon_events() if e["event"] == "metrics_write_failed"]
+    assert len(failed) == 1 and failed[0]["path"] == str(locked / "metrics" / "gcroots.prom")
+    assert failed[0]["error"] == "Permission denied"
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "gcroots_metrics_write_failures_total 4.0" in text   # the loop's analysis, 3 queries
+    os.chown(locked, users[support.DAEMON_USER].pw_uid, -1)
+    assert p.query("dead").returncode == 0
+    assert (locked / "metrics" / "gcroots.prom").exists()
+    assert [e["event"] for e in p.daemon_events()].count("metrics_write_recovered") == 1
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_daemon_stops_in_one_line_and_removes_its_socket(scratch, users, pipelines, sig):
     root = new_store(scratch, 76, paths=200)
