@@ -15,6 +15,7 @@ Queries never modify anything.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -65,13 +66,19 @@ class RootSet:
 
 
 def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
-    """--standalone: the helper's scan, in this process and with its rights."""
-    from gcroots.helper.sandbox import hidden_dirs
+    """--standalone: the helper's scan, in this process and with its rights.
+    As root, with the helper's checks (capabilities, hidden dirs, EACCES
+    fails); otherwise the caller chose a partial scan (--allow-unprivileged-scan,
+    or an answer that deletes nothing): EACCES skipped, as Nix does."""
+    from gcroots.helper.sandbox import hidden_dirs, preflight
     from gcroots.helper.scan import ScanError, Scanner
 
     t0 = time.perf_counter()
-    try:  # the helper's own check too: a view that hides homes or /tmp misses roots
-        records = list(Scanner(layout, runtime=runtime, hidden_dirs=hidden_dirs()).scan())
+    full = os.geteuid() == 0
+    try:
+        records = list(Scanner(layout, runtime=runtime,
+                               preflight=preflight(hidden_dirs(), caps=full),
+                               accept_unreadable=() if full else (b"/",)).scan())
     except ScanError as e:
         raise IncompleteRoots(f"the root scan failed: {e}") from None
     return RootSet.from_records(records, layout, time.perf_counter() - t0)

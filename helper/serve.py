@@ -103,7 +103,8 @@ class HelperServer:
     runtime: bool = True
     cmdline: bool = False
     proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
-    hidden_dirs: tuple = ()      # dirs we cannot see: every scan fails (sandbox.hidden_dirs)
+    preflight: object = None     # why every scan must fail, if it must (sandbox.preflight)
+    accept_unreadable: tuple = ()
     paths: dict = field(default_factory=dict)   # our sockets' (getsockname: where bound privately)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
@@ -164,8 +165,11 @@ class HelperServer:
                       **stats)
 
     def _scanner(self) -> Scanner:
+        if self.accept_unreadable:   # the operator's choice, said at every scan
+            _log.warning("unreadable_accepted", prefixes=list(self.accept_unreadable),
+                         consequence="EACCES there is skipped: roots behind it may be missed")
         return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline,
-                       hidden_dirs=self.hidden_dirs,
+                       preflight=self.preflight, accept_unreadable=self.accept_unreadable,
                        proc_reader=self.proc_reader)
 
     def _count(self, rec, stats) -> None:

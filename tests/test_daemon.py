@@ -916,3 +916,37 @@ def test_closed_log_pipe_stops_the_daemon(scratch, users, pipelines):
 
 
 # -- a scan that cannot be complete: refused, said clearly, nothing deleted ----
+
+def test_helper_without_its_capabilities_means_no_collection(scratch, users, pipelines):
+    """Issue 12's repro: the shipped unit's command without its
+    AmbientCapabilities= (a dedicated user, a bounding set, nothing
+    effective).  It used to serve, skip the 0700 homes (EACCES) and let gc
+    delete what their `result` links keep alive; now it refuses to start
+    and gc refuses with it.  Nothing is deleted."""
+    root = new_store(scratch, 79, paths=400, indirect=10)
+    for home, user in (("alice", support.ALICE), ("bob", support.BOB)):
+        support.chown_tree(root / "home" / home, user, 0o700)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    hu = support.ensure_user("gcr-helper")
+    log = scratch / "helper-nocaps.log"
+    with open(log, "wb") as f:
+        helper = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(p.helper_sock), "--fdname=gcroots",
+             "unshare", "-n", "setpriv", f"--reuid={hu.pw_uid}", f"--regid={hu.pw_gid}",
+             "--clear-groups", "--bounding-set=-all,+dac_read_search,+sys_ptrace",
+             "--inh-caps=-all", support.HELPER, "serve", "--allow-user", support.DAEMON_USER,
+             "--require-sandbox", "--root", str(root), "--no-runtime"], stderr=f)
+    try:
+        support.wait_for_socket(p.helper_sock)
+        p.start_daemon()
+        before = sorted(os.listdir(root / "nix/store"))
+        gc = p.query("gc", "--yes")
+        assert gc.returncode == 1 and b"no complete root set" in gc.stderr, gc
+        assert sorted(os.listdir(root / "nix/store")) == before
+        assert b"refusing to start: the helper (uid %d) lacks CAP_DAC_READ_SEARCH and " \
+               b"CAP_SYS_PTRACE" % hu.pw_uid in log.read_bytes()
+    finally:
+        helper.terminate()
+        helper.wait()

@@ -462,6 +462,20 @@ def test_second_helper_on_a_live_socket_refuses(store, scratch, start_helper):
     assert os.stat(sock).st_ino == inode and read_root_stream(sock)[1].complete
 
 
+def test_helper_as_a_plain_user_says_so_in_one_line(store, scratch, users):
+    run = scratch / "alice-run"
+    run.mkdir()
+    os.chown(run, users[support.ALICE].pw_uid, -1)
+    out = subprocess.run(["runuser", "-u", support.ALICE, "--", HELPER, "serve", "--root",
+                          str(store), "--socket", str(run / "h.sock"), "--allow-user",
+                          support.DAEMON_USER], capture_output=True, timeout=30)
+    assert out.returncode == 1 and out.stdout == b"" and out.stderr.count(b"\n") == 1, out.stderr
+    assert out.stderr.startswith(b"gcroots-helper serve: refusing to start: the helper (uid %d) "
+                                 b"lacks CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE"
+                                 % users[support.ALICE].pw_uid)
+    assert not (run / "h.sock").exists()
+
+
 def test_closed_log_pipe_stops_the_helper(store, scratch):
     """stderr to a pipe whose reader is gone (EPIPE): the next log line ends
     the helper as SIGTERM would, its socket removed, no traceback anywhere."""
