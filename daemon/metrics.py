@@ -41,6 +41,10 @@ class Metrics:
                                   registry=r)
         for what in ("analysis", "gc"):
             self.failures.labels(what)
+        self.scan_failures = Counter(
+            "gcroots_root_scan_failures", "Failed root scans (once per scan, however many "
+            "queries waited for it), by the owner of the root entry that failed it, if any",
+            ["owner"], registry=r)
         self.write_failures = Counter("gcroots_metrics_write_failures",
                                       "Failed writes of the metrics file", registry=r)
         self._write_failing = False
@@ -77,6 +81,10 @@ class Metrics:
     def failure(self, what: str) -> None:
         self.failures.labels(what).inc()
         self.write()
+
+    def scan_failed(self, owner: str) -> None:
+        self.scan_failures.labels(owner).inc()
+        self.failure("analysis")
 
     def write(self) -> None:
         """Never fails a query: a file we cannot write is said once (and

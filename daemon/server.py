@@ -159,7 +159,16 @@ class Daemon:
     _refused_log_at: float = 0.0
 
     def __post_init__(self) -> None:
-        self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout))
+        self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout),
+                                 on_failure=self._scan_failed)
+
+    def _scan_failed(self, error: str, owner: str) -> None:
+        """Once per failed scan, however many queries shared it: every one
+        of them gets the same error (one user's broken root link fails
+        everyone's), so the journal and the metric say it here, not per query."""
+        _log.error("root_scan_failed", error=error, owner=owner or None)
+        if self.metrics:
+            self.metrics.scan_failed(owner)
 
     async def root_set(self, *, started_after: float | None = None) -> RootSet:
         """A complete root set from the helper, from the one scan in flight
@@ -176,12 +185,7 @@ class Daemon:
     # -- the analysis every query starts from ---------------------------------
 
     async def analysis(self, *, want_dead: bool) -> Analysis:
-        try:
-            rootset = await self.root_set()
-        except IncompleteRoots:
-            if self.metrics:
-                self.metrics.failure("analysis")
-            raise
+        rootset = await self.root_set()
         async with self.work_lock:
             db = self.open_db()
             a = await trio.to_thread.run_sync(
@@ -474,7 +478,7 @@ class Daemon:
     async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
         conn = admin.ServerConnection()
-        command, status, message = "?", admin.Status.OK, ""
+        command, status, message, logged = "?", admin.Status.OK, "", ""
         try:
             async with stream:
                 # Everything that goes wrong while answering is told to the
@@ -495,6 +499,7 @@ class Daemon:
                 except IncompleteRoots as e:
                     status = admin.Status.ERROR
                     message = f"no complete root set, refusing to answer: {e}"
+                    logged = "no complete root set (the reason: root_scan_failed, once per scan)"
                 except NotAlive as e:
                     status, message = admin.Status.NEGATIVE, str(e)
                 except _STREAM_ERRORS:
@@ -513,7 +518,7 @@ class Daemon:
         finally:
             _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
                       privileged=peer.privileged, status=status.name.lower(),
-                      error=message or None, seconds=round(time.perf_counter() - t0, 4))
+                      error=logged or message or None, seconds=round(time.perf_counter() - t0, 4))
 
     async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request:
         with trio.fail_after(REQUEST_TIMEOUT):

@@ -69,6 +69,17 @@ def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
                      "refusing to report an incomplete root set")
 
 
+def _blame(e: ScanError, entry: bytes, stat_entry) -> ScanError:
+    """Name the entry that fails the scan and its owner's uid (gcrootsd adds
+    the name): one user's broken link fails everyone's scans."""
+    try:
+        owner = f"uid {stat_entry().st_uid}"
+    except OSError:
+        owner = "an unknown user"
+    return ScanError(f"{e}; root entry {os.fsdecode(entry)!r} belongs to {owner}, who (or "
+                     "root) must fix or remove it")
+
+
 def read_filtered(path: bytes, sep: bytes, needle: bytes, from_needle: bool) -> bytes:
     """Of a /proc file, read CHUNK by CHUNK, the `sep`-separated entries
     that contain `needle` (the store dir), joined by `sep`; with
@@ -228,6 +239,8 @@ class Scanner:
                     # ELOOP/ENOTDIR: swapped for a link or file since the
                     # listing; like Nix, skip it with a warning.
                     yield self._skip(path, e, "open directory", (errno.ELOOP,))
+                except ScanError as e:
+                    raise _blame(e, path[:200], lambda: os.lstat(name, dir_fd=parent)) from None
         finally:
             for parent, _, _ in stack:
                 os.close(parent)
@@ -237,7 +250,8 @@ class Scanner:
         try:
             it = os.scandir(fd)
         except OSError as e:
-            raise _fatal(path, e, "cannot list directory") from None
+            raise _blame(_fatal(path, e, "cannot list directory"), path,
+                         lambda: os.fstat(fd)) from None
         with it:
             while True:
                 try:
@@ -261,6 +275,9 @@ class Scanner:
                     # FIFOs, sockets, devices: never opened, never roots.
                 except OSError as e:
                     yield self._skip(child, e, "read")
+                except ScanError as e:
+                    raise _blame(e, child[:200],
+                                 lambda: entry.stat(follow_symlinks=False)) from None
 
     def _regular_file(self, path: bytes, kind: RootKind) -> Iterator[Record]:
         # A regular file named like a store path roots that path (Nix does

@@ -917,6 +917,57 @@ def test_closed_log_pipe_stops_the_daemon(scratch, users, pipelines):
 
 # -- a scan that cannot be complete: refused, said clearly, nothing deleted ----
 
+def test_one_users_looping_root_link_blocks_collection_with_a_message_naming_it(scratch, users,
+                                                                                 pipelines):
+    """A link in gcroots/per-user/<user> whose target loops (ELOOP) fails
+    every scan, as in Nix 2.8 -- dropping a root is never the answer.  Every
+    client is told which entry, whose, and why; the journal and a metric say
+    it once per scan however many queries shared it; once the link is gone,
+    collection works."""
+    from concurrent.futures import ThreadPoolExecutor
+    root = new_store(scratch, 78, paths=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=("--metrics-address", f"127.0.0.1:{port}"))
+    pipelines.append(p)
+    p.start()
+    alice = users[support.ALICE]
+    per_user = root / "nix/var/nix/gcroots/per-user" / support.ALICE
+    home = root / "home" / "loopy"
+    for d in (per_user, home):
+        d.mkdir(parents=True)
+        os.chown(d, alice.pw_uid, alice.pw_gid)
+    bad = per_user / "result"
+    made = support.as_user(support.ALICE, "import os, sys; os.symlink('loop', sys.argv[1]); "
+                           "os.symlink(sys.argv[2], sys.argv[3])", str(home / "loop"),
+                           str(home / "loop" / "result"), str(bad))
+    assert made.returncode == 0, made.stderr
+    store_before = sorted(os.listdir(root / "nix/store"))
+    gc = p.query("gc", "--yes")
+    assert gc.returncode == 1 and gc.stdout == b""
+    err = gc.stderr.decode()
+    assert f"root entry '{bad}' belongs to {support.ALICE} (uid {alice.pw_uid})" in err
+    assert "Too many levels of symbolic links" in err and "no complete root set" in err
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: p.query("dead"), range(6)))
+    assert all(o.returncode == 1 and f"root entry '{bad}'".encode() in o.stderr for o in outs)
+    assert sorted(os.listdir(root / "nix/store")) == store_before
+    events = p.daemon_events()
+    failed = [e for e in events if e["event"] == "root_scan_failed"]
+    scans = [e for e in events if e["event"] == "root_scan" and not e["ok"]]
+    assert len(failed) == len(scans) < 7 and all(e["owner"] == support.ALICE for e in failed)
+    assert all(str(bad) not in (e.get("error") or "") for e in events if e["event"] == "request")
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert (f'gcroots_root_scan_failures_total{{owner="{support.ALICE}"}} '
+            f'{float(len(failed))}') in text
+    bad.unlink()   # what the README tells the operator (or alice) to do
+    gc = p.query("gc", "--yes")
+    assert gc.returncode == 0, gc.stderr
+    assert p.query("dead").stdout == b""
+
+
 def test_helper_without_its_capabilities_means_no_collection(scratch, users, pipelines):
     """Issue 12's repro: the shipped unit's command without its
     AmbientCapabilities= (a dedicated user, a bounding set, nothing
