@@ -431,6 +431,68 @@ def test_path_options_are_ignored_under_socket_activation(store, scratch, start_
 
 # -- deadlines and idle peers ----------------------------------------------
 
+def test_hello_trickled_in_is_cut_at_the_whole_hello_deadline(monkeypatch):
+    """One byte every 0.5 s: each recv() is quick, the hello as a whole is
+    not.  It is cut at the deadline, and no scan runs."""
+    monkeypatch.setattr(serve, "HELLO_TIMEOUT", 2.0)
+    scan_obj = _ControlledScan()
+    srv = _server_with(scan_obj)
+    ours, peer = socket.socketpair()
+    srv._dispatch(ours, serve.ROOTS)
+    hello = RootStreamReceiver().hello()
+    assert len(hello) > 8
+    t0 = time.monotonic()
+    sent = 0
+    try:
+        for byte in hello:
+            peer.sendall(bytes([byte]))
+            sent += 1
+            time.sleep(0.5)
+    except OSError:   # EPIPE/ECONNRESET: the helper gave up on us
+        pass
+    peer.settimeout(5)
+    data = b""
+    while chunk := peer.recv(100):
+        data += chunk
+    took = time.monotonic() - t0
+    events, end = _decode(data)
+    assert len(events) == 1 and not end.complete and scan_obj.produced == 0
+    assert sent < len(hello) and 2.0 <= took < 3.5, (sent, took)
+
+
+IDLE_CLIENTS = r"""
+import socket, sys, time
+conns = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    conns.append(s)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_idle_connections_of_the_allowed_user_cannot_starve_gcrootsd(scratch, users, pipelines):
+    """16 connections that never say hello, from gcrootsd's own user (the
+    only one allowed): gcrootsd's scans still get through, at once."""
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=23, roots=20, indirect=4, stale=0)
+    p = support.Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    idle = subprocess.Popen(["runuser", "-u", support.DAEMON_USER, "--", sys.executable, "-c",
+                             IDLE_CLIENTS, str(p.helper_sock), "16"], stdout=subprocess.PIPE)
+    try:
+        assert idle.stdout.readline() == b"ready\n"
+        t0 = time.monotonic()
+        out = p.query("dead")
+        assert out.returncode == 0, out.stderr
+        assert time.monotonic() - t0 < 3
+    finally:
+        idle.kill()
+        idle.wait()
+
+
 # -- starting and stopping --------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
