@@ -45,6 +45,9 @@ class Metrics:
             "gcroots_root_scan_failures", "Failed root scans (once per scan, however many "
             "queries waited for it), by the owner of the root entry that failed it, if any",
             ["owner"], registry=r)
+        self.dropped = Counter("gcroots_connections_dropped", "Client connections ended without "
+                               "an answer: over a limit, protocol errors, no request in time, "
+                               "hung up", ["reason"], registry=r)
         self.write_failures = Counter("gcroots_metrics_write_failures",
                                       "Failed writes of the metrics file", registry=r)
         self._write_failing = False

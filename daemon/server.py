@@ -42,7 +42,8 @@ from .rootsource import SharedScans, fetch_roots_retrying
 from .store import StoreDB
 
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
-REFUSE_TIMEOUT = 1.0       # to tell an over-limit connection so
+REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
+DROPPED_LOG_INTERVAL = 10.0   # dropped connections: one summary line at most this often
 # Concurrent connections: each holds an fd (and, while its request is read, up
 # to REQUEST_TIMEOUT), so no user may hold many.  Unprivileged users share a
 # total; root, the daemon's user and the admin group are not refused by it.
@@ -155,8 +156,8 @@ class Daemon:
     _graph_next_reload: float = 0.0
     scans: SharedScans = field(init=False)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    _refused: int = 0
-    _refused_log_at: float = 0.0
+    _dropped: dict = field(default_factory=dict)     # reason -> count since the last summary
+    _dropped_last: tuple = ()
 
     def __post_init__(self) -> None:
         self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout),
@@ -430,6 +431,7 @@ class Daemon:
                 nursery.start_soon(self._metrics_loop)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog)
+            nursery.start_soon(self._summarise_dropped)
             for listener in listeners:
                 nursery.start_soon(trio.serve_listeners, self._handle, [listener])
             self.notifier.ready("serving")
@@ -461,24 +463,56 @@ class Daemon:
 
     async def _refuse(self, stream: trio.SocketStream, peer: Peer, message: str) -> None:
         """Over the limit: say so at once, without reading the request."""
-        conn = admin.ServerConnection()
+        await self._drop(stream, admin.ServerConnection(), peer, "over_limit",
+                         admin.Status.BUSY, message)
+
+    async def _drop(self, stream, conn: admin.ServerConnection, peer: Peer, reason: str,
+                    status: admin.Status | None, message: str) -> None:
+        """End a connection that gets no answer, telling the peer why (END)
+        if it still reads.  Counted, not logged one line each (any local
+        user can make thousands): see _summarise_dropped."""
         with trio.move_on_after(REFUSE_TIMEOUT):
             try:
                 async with stream:
-                    await stream.send_all(conn.hello() + conn.end(admin.Status.BUSY, message))
+                    if status is not None:
+                        await stream.send_all(conn.hello() + conn.end(status, message))
             except (*_STREAM_ERRORS, OSError):
                 pass
-        # Logged at most every 10 s: a flood must not flood the journal too.
-        self._refused += 1
-        if trio.current_time() >= self._refused_log_at:
-            _log.warning("connections_refused", count=self._refused, last_peer_uid=peer.uid,
-                         last_peer_pid=peer.pid, reason=message)
-            self._refused, self._refused_log_at = 0, trio.current_time() + 10
+        self._dropped[reason] = self._dropped.get(reason, 0) + 1
+        self._dropped_last = (peer, message)
+        if self.metrics:
+            self.metrics.dropped.labels(reason).inc()
+
+    async def _summarise_dropped(self) -> None:
+        while True:
+            await trio.sleep(DROPPED_LOG_INTERVAL)
+            if self._dropped:
+                peer, message = self._dropped_last
+                _log.warning("connections_dropped", counts=self._dropped,
+                             seconds=DROPPED_LOG_INTERVAL, last_peer_uid=peer.uid,
+                             last_peer_pid=peer.pid, last_reason=message)
+                self._dropped = {}
 
     async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
         conn = admin.ServerConnection()
-        command, status, message, logged = "?", admin.Status.OK, "", ""
+        drop = None
+        try:
+            request = await self._read_request(stream, conn)
+        except trio.TooSlowError:
+            drop = ("timeout", admin.Status.BAD_REQUEST,
+                    f"no request within {REQUEST_TIMEOUT:g} s of connecting")
+        except admin.InvalidRequest as e:
+            drop = ("protocol_error", admin.Status.BAD_REQUEST, f"bad request: {e}")
+        except RemoteProtocolError as e:
+            drop = ("protocol_error", admin.Status.BAD_REQUEST, f"protocol error: {e}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            request = None
+        if drop or request is None:   # junk: counted, no request line in the log
+            await self._drop(stream, conn, peer,
+                             *(drop or ("hangup", None, "hung up before its request")))
+            return
+        command, status, message, logged = request.command, admin.Status.OK, "", ""
         try:
             async with stream:
                 # Everything that goes wrong while answering is told to the
@@ -486,14 +520,10 @@ class Daemon:
                 # stream (the peer) ends a request without END.
                 hello_sent = False
                 try:
-                    request = await self._read_request(stream, conn)
-                    command = request.command
                     await self._send(stream, conn.hello())
                     hello_sent = True
                     await self._dispatch(stream, conn, request, peer)
                     return
-                except admin.InvalidRequest as e:
-                    status, message = admin.Status.BAD_REQUEST, f"bad request: {e}"
                 except RequestError as e:
                     status, message = e.status, str(e)
                 except IncompleteRoots as e:
@@ -520,14 +550,17 @@ class Daemon:
                       privileged=peer.privileged, status=status.name.lower(),
                       error=logged or message or None, seconds=round(time.perf_counter() - t0, 4))
 
-    async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request:
+    async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request | None:
+        """The request; None if the peer hangs up first."""
         with trio.fail_after(REQUEST_TIMEOUT):
             while True:
                 event = conn.next_event()
                 if isinstance(event, admin.Request):
                     return event
                 if event is NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    if not (data := await stream.receive_some(65536)):
+                        return None
+                    conn.receive_data(data)
 
     async def _send(self, stream, data: bytes) -> None:
         with trio.fail_after(SEND_TIMEOUT):

@@ -813,6 +813,75 @@ def test_query_waits_for_room_in_a_full_listen_backlog(tmp_path):
 
 # -- junk connections: answered with END when possible, counted, not logged each --
 
+async def test_protocol_errors_and_timeouts_are_answered_with_end(tmp_path, monkeypatch):
+    import trio
+
+    from gcroots.daemon import server
+    from gcroots.protocol import admin
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.3)
+    d = _daemon(tmp_path)
+    end = _answer_of(await _handle_raw(d, b"GET / HTTP/1.1\r\n\r\n"))
+    assert end.complete and end.status == admin.Status.BAD_REQUEST
+    assert end.message.startswith("protocol error: ")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:   # connects, says nothing
+        await d._handle(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        data = b""
+        while chunk := theirs.recv(65536):
+            data += chunk
+    end = _answer_of(data)
+    assert end.complete and end.status == admin.Status.BAD_REQUEST
+    assert end.message == "no request within 0.3 s of connecting"
+    assert d._dropped == {"protocol_error": 1, "timeout": 1}
+
+
+JUNK = r"""
+import socket, sys, time
+from gcroots.protocol import admin
+path = sys.argv[1]
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    if i % 3 == 0:
+        s.sendall(b"\x00\x00\x00\x05garbage")   # a protocol error
+    elif i % 3 == 1:
+        s.sendall(admin.ClientConnection().request("ping")[:7])   # hangs up mid-hello
+    s.close()
+"""
+
+
+def test_junk_connections_are_counted_and_summarised_not_logged_each(scratch, users,
+                                                                      pipelines):
+    root = new_store(scratch, 74, paths=200)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=("--metrics-address", f"127.0.0.1:{port}"))
+    pipelines.append(p)
+    p.start()
+    size = p.daemon_log_path.stat().st_size
+    out = support.as_user(support.BOB, JUNK, str(p.sock), "600")
+    assert out.returncode == 0, out.stderr
+    assert p.query("stats").returncode == 0   # serving on
+    time.sleep(11)   # one summary interval
+    added = p.daemon_log_path.read_bytes()[size:]
+    events = [json.loads(line) for line in added.splitlines()]
+    assert len(added) < 4000, added   # not ~330 bytes for each of 600 connections
+    summary = [e for e in events if e["event"] == "connections_dropped"]
+    assert len(summary) in (1, 2) and summary[-1]["last_peer_uid"] == users[support.BOB].pw_uid
+    counts = {}
+    for e in summary:
+        for reason, n in e["counts"].items():
+            counts[reason] = counts.get(reason, 0) + n
+    # (+1 hang-up: the test's own wait for the socket)
+    assert counts == {"protocol_error": 200, "hangup": 401}
+    assert [e["command"] for e in events if e["event"] == "request"] == ["stats"]
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'gcroots_connections_dropped_total{reason="protocol_error"} 200.0' in text
+    assert 'gcroots_connections_dropped_total{reason="hangup"} 401.0' in text
+
+
 # -- process hygiene -----------------------------------------------------------
 
 async def test_internal_error_log_lines_carry_the_traceback(tmp_path, capsys):
