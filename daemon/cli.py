@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import grp
 import os
+import signal
 import sys
 
 import trio
 
 from gcroots import log
 from gcroots.layout import StoreLayout
+from gcroots.process import run_main, stop_on_signals, stopped_by
 
 from .nixconf import GCSettings, NixConfError, load_gc_settings
 
@@ -97,10 +99,16 @@ def settings_from(args) -> GCSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main("gcrootsd", lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     from .server import Daemon, activated_listeners, unix_listener
 
     args = build_parser().parse_args(argv)
     log.configure("gcrootsd", args.log_level)
+    stop_on_signals()
+    _log = log.get("gcroots.daemon")
     layout = StoreLayout.make(args.store_dir, args.state_dir, args.root)
     admin_gid = None
     if args.admin_group:
@@ -124,24 +132,38 @@ def main(argv: list[str] | None = None) -> int:
         daemon.open_db()
     except Exception as e:  # a clear message, not a traceback
         raise SystemExit(f"gcrootsd: {e}") from None
+    # Under socket activation systemd owns the socket: --socket is ignored
+    # (binding it again would replace systemd's socket file).
+    listeners, socket_file = activated_listeners(), None
+    if not listeners:
+        try:
+            listener, socket_file = unix_listener(os.fsencode(args.socket or DEFAULT_SOCKET),
+                                          int(args.socket_mode, 8))
+        except OSError as e:
+            raise SystemExit(f"gcrootsd: {e}") from None
+        listeners.append(listener)
+    elif args.socket:
+        _log.info("socket_option_ignored", socket=args.socket, reason="socket activation")
+    stopped = []
 
     async def run() -> None:
-        # Under socket activation systemd owns the socket: --socket is ignored
-        # (binding it again would replace systemd's socket file).
-        listeners = activated_listeners()
-        if not listeners:
-            listeners.append(unix_listener(os.fsencode(args.socket or DEFAULT_SOCKET),
-                                           int(args.socket_mode, 8)))
-        elif args.socket:
-            log.get("gcroots.daemon").info("socket_option_ignored", socket=args.socket,
-                                           reason="socket activation")
-        await daemon.serve(listeners)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.serve, listeners)
+                async for signum in signals:
+                    stopped.append(signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
 
     try:
         trio.run(run)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    except KeyboardInterrupt as e:  # before trio took the signals over
+        stopped.append(stopped_by(e))
+    finally:
+        if socket_file is not None:
+            socket_file.remove()
+    _log.info("daemon_stopped", signal=stopped[0] if stopped else None,
+              log_closed=log.output_broken() or None)
+    return 1 if log.output_broken() else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ Queries never modify anything.
 
 from __future__ import annotations
 
+import os
+import pwd
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +38,23 @@ _PRIVATE_KINDS = (RootKind.RUNTIME, RootKind.TEMP)
 
 class IncompleteRoots(Exception):
     """No complete root set: nothing may be decided from what we have."""
+
+
+_OWNER = re.compile(r"belongs to uid (\d+)")
+
+
+def scan_error(message: str) -> tuple[str, str]:
+    """A failed scan's message with the blocking entry's owner named (the
+    helper's sandbox cannot read the user database and says "uid N"), and
+    that owner ("" if the message names none)."""
+    m = _OWNER.search(message)
+    if m is None:
+        return message, ""
+    try:
+        owner = pwd.getpwuid(int(m[1])).pw_name
+    except (KeyError, OverflowError):
+        owner = f"uid {m[1]}"
+    return message[:m.start()] + f"belongs to {owner} (uid {m[1]})" + message[m.end():], owner
 
 
 @dataclass
@@ -65,15 +85,21 @@ class RootSet:
 
 
 def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
-    """--standalone: the helper's scan, in this process and with its rights."""
-    from gcroots.helper.sandbox import hidden_dirs
+    """--standalone: the helper's scan, in this process and with its rights.
+    As root, with the helper's checks (capabilities, hidden dirs, EACCES
+    fails); otherwise the caller chose a partial scan (--allow-unprivileged-scan,
+    or an answer that deletes nothing): EACCES skipped, as Nix does."""
+    from gcroots.helper.sandbox import hidden_dirs, preflight
     from gcroots.helper.scan import ScanError, Scanner
 
     t0 = time.perf_counter()
-    try:  # the helper's own check too: a view that hides homes or /tmp misses roots
-        records = list(Scanner(layout, runtime=runtime, hidden_dirs=hidden_dirs()).scan())
+    full = os.geteuid() == 0
+    try:
+        records = list(Scanner(layout, runtime=runtime,
+                               preflight=preflight(hidden_dirs(), caps=full),
+                               accept_unreadable=() if full else (b"/",)).scan())
     except ScanError as e:
-        raise IncompleteRoots(f"the root scan failed: {e}") from None
+        raise IncompleteRoots(f"the root scan failed: {scan_error(str(e))[0]}") from None
     return RootSet.from_records(records, layout, time.perf_counter() - t0)
 
 

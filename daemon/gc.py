@@ -43,6 +43,7 @@ from typing import Callable
 
 from gcroots import log
 from gcroots.layout import StoreLayout
+from gcroots.sockets import listen_unix
 from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
 
 from . import engine
@@ -142,6 +143,7 @@ class RootsServer:
         self.path = layout.gc_socket_path
         self.on_root = on_root
         self.store_dir = layout.store_dir
+        self.store_owner = os.stat(layout.real_store_dir).st_uid
         self._stop = threading.Event()
         self._lock = threading.Lock()            # orders replies against stop()
         self._sock: socket.socket | None = None
@@ -150,15 +152,14 @@ class RootsServer:
         self.received = 0
 
     def start(self) -> None:
-        os.makedirs(dir_of(self.path), mode=0o755, exist_ok=True)
+        # Any user's Nix may announce roots (0666, as Nix does).  Under
+        # gc.lock a socket left there is a finished collection's.  Its
+        # directory may also belong to the store's owner (root collecting a
+        # store it does not own): that user can delete the store anyway.
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.bind(self.path)
-        os.chmod(self.path, 0o666)  # any user's Nix may announce roots (as Nix does)
-        sock.listen(64)
+            sock, _ = listen_unix(self.path, 0o666, dir_owners=(self.store_owner,))
+        except OSError as e:
+            raise GCError(str(e)) from None
         sock.settimeout(0.2)
         self._sock = sock
         t = threading.Thread(target=self._accept_loop, name="gc-socket", daemon=True)

@@ -11,6 +11,10 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server, write_to_textfile
 
+from gcroots import log
+
+_log = log.get("gcroots.daemon")
+
 
 class Metrics:
     def __init__(self, textfile: str | None = None, address: str | None = None) -> None:
@@ -37,6 +41,16 @@ class Metrics:
                                   registry=r)
         for what in ("analysis", "gc"):
             self.failures.labels(what)
+        self.scan_failures = Counter(
+            "gcroots_root_scan_failures", "Failed root scans (once per scan, however many "
+            "queries waited for it), by the owner of the root entry that failed it, if any",
+            ["owner"], registry=r)
+        self.dropped = Counter("gcroots_connections_dropped", "Client connections ended without "
+                               "an answer: over a limit, protocol errors, no request in time, "
+                               "hung up", ["reason"], registry=r)
+        self.write_failures = Counter("gcroots_metrics_write_failures",
+                                      "Failed writes of the metrics file", registry=r)
+        self._write_failing = False
         if address:
             host, _, port = address.rpartition(":")
             start_http_server(int(port), addr=host or "127.0.0.1", registry=r)
@@ -71,7 +85,25 @@ class Metrics:
         self.failures.labels(what).inc()
         self.write()
 
+    def scan_failed(self, owner: str) -> None:
+        self.scan_failures.labels(owner).inc()
+        self.failure("analysis")
+
     def write(self) -> None:
-        if self.textfile:
+        """Never fails a query: a file we cannot write is said once (and
+        again once it works), and counted."""
+        if not self.textfile:
+            return
+        try:
             os.makedirs(os.path.dirname(self.textfile) or ".", exist_ok=True)
             write_to_textfile(self.textfile, self.registry)  # atomic: temp file + rename
+        except OSError as e:
+            self.write_failures.inc()
+            if not self._write_failing:
+                _log.error("metrics_write_failed", path=self.textfile, error=e.strerror or str(e),
+                           file=e.filename, consequence="this file goes stale; serving goes on")
+            self._write_failing = True
+        else:
+            if self._write_failing:
+                _log.info("metrics_write_recovered", path=self.textfile)
+            self._write_failing = False

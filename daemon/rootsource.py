@@ -23,7 +23,7 @@ from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamReceiver, ScanWarning,
                                          StaleLink, StreamEnd)
 
-from .engine import IncompleteRoots, RootSet
+from .engine import IncompleteRoots, RootSet, scan_error
 
 CONNECT_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0       # the helper flushes at least every 50 ms while scanning
@@ -31,6 +31,11 @@ TOTAL_TIMEOUT = 15 * 60.0
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)
 
 _log = log.get("gcroots.daemon")
+
+
+class ScanFailed(IncompleteRoots):
+    """The helper finished and reports its scan failed: asking again would
+    only repeat that (and the reason, in the log), so it is not retried."""
 
 
 async def fetch_roots(socket_path: bytes, layout: StoreLayout, *,
@@ -58,8 +63,9 @@ async def fetch_roots(socket_path: bytes, layout: StoreLayout, *,
                         rx.receive_data(data)
                     elif isinstance(event, StreamEnd):
                         if not event.complete:
-                            raise IncompleteRoots(f"the helper's root stream is incomplete: "
-                                                  f"{event.reason}")
+                            failed = rx.trailer is not None and not rx.trailer.ok
+                            raise (ScanFailed if failed else IncompleteRoots)(
+                                f"the helper's root stream is incomplete: {event.reason}")
                         break
                     elif isinstance(event, (Root, StaleLink, ScanWarning)):
                         records.append(event)
@@ -87,7 +93,7 @@ async def fetch_roots_retrying(socket_path: bytes, layout: StoreLayout,
         try:
             return await fetch_roots(socket_path, layout)
         except IncompleteRoots as e:
-            if delay is None:
+            if delay is None or isinstance(e, ScanFailed):
                 raise
             delay *= 1 + random.random() / 2
             _log.warning("helper_attempt_failed", attempt=attempt + 1, error=str(e),
@@ -117,8 +123,10 @@ class SharedScans:
     a requester's task: a requester that goes away does not cancel the others'
     scan."""
 
-    def __init__(self, fetch: Callable[[], Awaitable[RootSet]]) -> None:
+    def __init__(self, fetch: Callable[[], Awaitable[RootSet]],
+                 on_failure: Callable[[str, str], None] = lambda error, owner: None) -> None:
         self._fetch = fetch
+        self._on_failure = on_failure   # once per failed scan, however many waited for it
         self._current: _Scan | None = None
         self.started = 0
 
@@ -141,10 +149,12 @@ class SharedScans:
         try:
             scan.rootset = await self._fetch()
         except IncompleteRoots as e:
-            scan.error = str(e)
+            scan.error, owner = scan_error(str(e))
+            self._on_failure(scan.error, owner)
         except Exception as e:  # fail closed, keep serving
             _log.exception("root_scan_internal_error")
             scan.error = f"the root scan failed: {type(e).__name__}: {e}"
+            self._on_failure(scan.error, "")
         finally:
             if self._current is scan:
                 self._current = None

@@ -28,7 +28,7 @@ import trio
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.sockets import listen_fds, listen_unix, peer_credentials
+from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credentials
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
@@ -42,7 +42,8 @@ from .rootsource import SharedScans, fetch_roots_retrying
 from .store import StoreDB
 
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
-REFUSE_TIMEOUT = 1.0       # to tell an over-limit connection so
+REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
+DROPPED_LOG_INTERVAL = 10.0   # dropped connections: one summary line at most this often
 # Concurrent connections: each holds an fd (and, while its request is read, up
 # to REQUEST_TIMEOUT), so no user may hold many.  Unprivileged users share a
 # total; root, the daemon's user and the admin group are not refused by it.
@@ -155,11 +156,20 @@ class Daemon:
     _graph_next_reload: float = 0.0
     scans: SharedScans = field(init=False)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    _refused: int = 0
-    _refused_log_at: float = 0.0
+    _dropped: dict = field(default_factory=dict)     # reason -> count since the last summary
+    _dropped_last: tuple = ()
 
     def __post_init__(self) -> None:
-        self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout))
+        self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout),
+                                 on_failure=self._scan_failed)
+
+    def _scan_failed(self, error: str, owner: str) -> None:
+        """Once per failed scan, however many queries shared it: every one
+        of them gets the same error (one user's broken root link fails
+        everyone's), so the journal and the metric say it here, not per query."""
+        _log.error("root_scan_failed", error=error, owner=owner or None)
+        if self.metrics:
+            self.metrics.scan_failed(owner)
 
     async def root_set(self, *, started_after: float | None = None) -> RootSet:
         """A complete root set from the helper, from the one scan in flight
@@ -176,12 +186,7 @@ class Daemon:
     # -- the analysis every query starts from ---------------------------------
 
     async def analysis(self, *, want_dead: bool) -> Analysis:
-        try:
-            rootset = await self.root_set()
-        except IncompleteRoots:
-            if self.metrics:
-                self.metrics.failure("analysis")
-            raise
+        rootset = await self.root_set()
         async with self.work_lock:
             db = self.open_db()
             a = await trio.to_thread.run_sync(
@@ -426,6 +431,7 @@ class Daemon:
                 nursery.start_soon(self._metrics_loop)
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog)
+            nursery.start_soon(self._summarise_dropped)
             for listener in listeners:
                 nursery.start_soon(trio.serve_listeners, self._handle, [listener])
             self.notifier.ready("serving")
@@ -457,24 +463,56 @@ class Daemon:
 
     async def _refuse(self, stream: trio.SocketStream, peer: Peer, message: str) -> None:
         """Over the limit: say so at once, without reading the request."""
-        conn = admin.ServerConnection()
+        await self._drop(stream, admin.ServerConnection(), peer, "over_limit",
+                         admin.Status.BUSY, message)
+
+    async def _drop(self, stream, conn: admin.ServerConnection, peer: Peer, reason: str,
+                    status: admin.Status | None, message: str) -> None:
+        """End a connection that gets no answer, telling the peer why (END)
+        if it still reads.  Counted, not logged one line each (any local
+        user can make thousands): see _summarise_dropped."""
         with trio.move_on_after(REFUSE_TIMEOUT):
             try:
                 async with stream:
-                    await stream.send_all(conn.hello() + conn.end(admin.Status.BUSY, message))
+                    if status is not None:
+                        await stream.send_all(conn.hello() + conn.end(status, message))
             except (*_STREAM_ERRORS, OSError):
                 pass
-        # Logged at most every 10 s: a flood must not flood the journal too.
-        self._refused += 1
-        if trio.current_time() >= self._refused_log_at:
-            _log.warning("connections_refused", count=self._refused, last_peer_uid=peer.uid,
-                         last_peer_pid=peer.pid, reason=message)
-            self._refused, self._refused_log_at = 0, trio.current_time() + 10
+        self._dropped[reason] = self._dropped.get(reason, 0) + 1
+        self._dropped_last = (peer, message)
+        if self.metrics:
+            self.metrics.dropped.labels(reason).inc()
+
+    async def _summarise_dropped(self) -> None:
+        while True:
+            await trio.sleep(DROPPED_LOG_INTERVAL)
+            if self._dropped:
+                peer, message = self._dropped_last
+                _log.warning("connections_dropped", counts=self._dropped,
+                             seconds=DROPPED_LOG_INTERVAL, last_peer_uid=peer.uid,
+                             last_peer_pid=peer.pid, last_reason=message)
+                self._dropped = {}
 
     async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
         conn = admin.ServerConnection()
-        command, status, message = "?", admin.Status.OK, ""
+        drop = None
+        try:
+            request = await self._read_request(stream, conn)
+        except trio.TooSlowError:
+            drop = ("timeout", admin.Status.BAD_REQUEST,
+                    f"no request within {REQUEST_TIMEOUT:g} s of connecting")
+        except admin.InvalidRequest as e:
+            drop = ("protocol_error", admin.Status.BAD_REQUEST, f"bad request: {e}")
+        except RemoteProtocolError as e:
+            drop = ("protocol_error", admin.Status.BAD_REQUEST, f"protocol error: {e}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            request = None
+        if drop or request is None:   # junk: counted, no request line in the log
+            await self._drop(stream, conn, peer,
+                             *(drop or ("hangup", None, "hung up before its request")))
+            return
+        command, status, message, logged = request.command, admin.Status.OK, "", ""
         try:
             async with stream:
                 # Everything that goes wrong while answering is told to the
@@ -482,19 +520,16 @@ class Daemon:
                 # stream (the peer) ends a request without END.
                 hello_sent = False
                 try:
-                    request = await self._read_request(stream, conn)
-                    command = request.command
                     await self._send(stream, conn.hello())
                     hello_sent = True
                     await self._dispatch(stream, conn, request, peer)
                     return
-                except admin.InvalidRequest as e:
-                    status, message = admin.Status.BAD_REQUEST, f"bad request: {e}"
                 except RequestError as e:
                     status, message = e.status, str(e)
                 except IncompleteRoots as e:
                     status = admin.Status.ERROR
                     message = f"no complete root set, refusing to answer: {e}"
+                    logged = "no complete root set (the reason: root_scan_failed, once per scan)"
                 except NotAlive as e:
                     status, message = admin.Status.NEGATIVE, str(e)
                 except _STREAM_ERRORS:
@@ -513,16 +548,19 @@ class Daemon:
         finally:
             _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
                       privileged=peer.privileged, status=status.name.lower(),
-                      error=message or None, seconds=round(time.perf_counter() - t0, 4))
+                      error=logged or message or None, seconds=round(time.perf_counter() - t0, 4))
 
-    async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request:
+    async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request | None:
+        """The request; None if the peer hangs up first."""
         with trio.fail_after(REQUEST_TIMEOUT):
             while True:
                 event = conn.next_event()
                 if isinstance(event, admin.Request):
                     return event
                 if event is NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
+                    if not (data := await stream.receive_some(65536)):
+                        return None
+                    conn.receive_data(data)
 
     async def _send(self, stream, data: bytes) -> None:
         with trio.fail_after(SEND_TIMEOUT):
@@ -576,8 +614,9 @@ def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:
     return size(a.live), (size(a.dead_valid) if a.dead is not None else None)
 
 
-def unix_listener(path: bytes, mode: int = 0o666) -> trio.SocketListener:
-    return trio.SocketListener(trio.socket.from_stdlib_socket(listen_unix(path, mode)))
+def unix_listener(path: bytes, mode: int = 0o666) -> tuple[trio.SocketListener, SocketFile]:
+    sock, file = listen_unix(path, mode)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock)), file
 
 
 def activated_listeners() -> list[trio.SocketListener]:

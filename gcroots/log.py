@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 
 import structlog
 
@@ -22,21 +24,50 @@ def _bytes_to_text(_logger, _name, event_dict):
     return event_dict
 
 
+class _Stderr:
+    """Where log lines go.  When that pipe is closed (EPIPE: `2>&1 | head`,
+    a log reader gone), logging must not raise in whatever code logged: the
+    main thread is sent SIGTERM (see process.stop_on_signals) and later
+    lines are dropped."""
+    broken = False
+
+    def write(self, text: str) -> None:
+        if not self.broken:
+            try:
+                sys.stderr.write(text)
+                sys.stderr.flush()
+            except BrokenPipeError:
+                _Stderr.broken = True
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
+    def flush(self) -> None:
+        pass
+
+
+def output_broken() -> bool:
+    return _Stderr.broken
+
+
 def configure(component: str, level: str = "info", json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
-    renderer = (structlog.processors.JSONRenderer() if json
-                else structlog.dev.ConsoleRenderer(colors=False))
+    renderer = [structlog.dev.ConsoleRenderer(colors=False)]
+    if json:  # exceptions as data (type, message, frames), not just "exc_info": true;
+        # no local variables (the helper's hold other users' paths and environments)
+        exceptions = structlog.tracebacks.ExceptionDictTransformer(show_locals=False,
+                                                                   use_rich=False)
+        renderer = [structlog.processors.ExceptionRenderer(exceptions),
+                    structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _bytes_to_text,
-            renderer,
+            *renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(component=component)

@@ -4,35 +4,158 @@ Standard library only (the helper imports it)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
+import signal
 import socket
 import stat
 import struct
+from dataclasses import dataclass
+
+# bind() then chmod()/chown() by path follows whatever the path holds by
+# then: whoever can write the directory swaps the socket for a link to any
+# file, and we hand that file over.  fchmod/fchown on a socket's fd return 0
+# but change nothing (measured on Linux 6.18: they act on the sockfs inode).
+# So a socket is bound in a fresh private directory (ours, 0700), given its
+# mode and owner there by name relative to that directory's fd, and renamed
+# into place; and the directory it goes to must be writable by nobody but
+# us (and root), or one that `dir_owners` trusts.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-def listen_unix(path: bytes, mode: int, owner_uid: int | None = None) -> socket.socket:
-    """Bind a listening Unix socket at `path` with `mode` from the first
-    instant (umask), replacing a stale socket but nothing else."""
+@dataclass
+class SocketFile:
+    """A socket file we created: removed only while it is still the one we bound."""
+    path: bytes
+    dev: int
+    ino: int
+
+    def remove(self) -> None:
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def remove_when_gone(files: list[SocketFile]) -> None:
+    """For a process that cannot unlink (the sandboxed helper): a child,
+    forked now (while single-threaded), holding nothing but a pipe, removes
+    `files` once we are gone, however we went."""
+    if not files:
+        return
+    r, w = os.pipe()
+    if os.fork():
+        os.close(r)
+        return   # `w` stays open (close-on-exec) for the rest of our life
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(f"{os.fsdecode(path)} exists and is not a socket; refusing to replace it")
-        os.unlink(path)
-    os.makedirs(os.path.dirname(path) or b".", mode=0o755, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    old = os.umask(0o777)
-    try:
-        sock.bind(path)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)   # a terminal's ^C is for the parent
+        os.closerange(0, r)   # no listening socket of the parent stays open here
+        os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
+        while os.read(r, 1):
+            pass
+        for f in files:
+            f.remove()
     finally:
-        os.umask(old)
-    if owner_uid is not None:
-        os.chown(path, owner_uid, -1)
-    os.chmod(path, mode)
-    sock.listen(64)
-    return sock
+        os._exit(0)
+
+
+def _is_live(path: bytes) -> bool:
+    """Does a process accept on the socket at `path`?  (Connecting is the
+    only way to tell a live socket from one its process left behind.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except BlockingIOError:   # its backlog is full: very much alive
+            pass
+        return True
+
+
+def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
+                dir_owners: tuple[int, ...] = ()) -> tuple[socket.socket, SocketFile]:
+    """Bind a listening Unix socket at `path` with `mode` (and owner) from
+    the first instant it is there, without a window for path tricks (see
+    above).  Replaces only a socket nobody serves; refuses a live one (a
+    second instance must not steal the first one's clients), anything that
+    is not a socket, and a directory others can write.  Raises OSError with
+    a one-line message naming the path."""
+    where = os.fsdecode(path)
+    parent, name = os.path.split(path)
+    try:
+        if len(path) > 107:   # sun_path: clients could not connect
+            raise OSError(errno.ENAMETOOLONG, "longer than 107 bytes")
+        os.makedirs(parent or b".", mode=0o755, exist_ok=True)
+        dfd = os.open(parent or b".", _DIR_FLAGS)
+    except OSError as e:
+        raise OSError(f"cannot create socket {where}: {e.strerror}"
+                      + (f" ({os.fsdecode(e.filename)})" if e.filename else "")) from None
+    try:
+        st = os.fstat(dfd)
+        if st.st_uid not in (0, os.geteuid(), *dir_owners) or st.st_mode & 0o022:
+            raise OSError(f"refusing to create socket {where}: its directory is writable by "
+                          f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
+                          "use one that only this user (or root) can write")
+        try:
+            old = os.lstat(name, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(old.st_mode):
+                raise OSError(f"{where} exists and is not a socket; refusing to replace it")
+            if _is_live(path):
+                raise OSError(f"{where} is served by a running process; refusing to take it "
+                              "over (stop that one first)")
+        try:
+            sock = _bind_privately(dfd, name, mode, owner_uid)
+            st = os.lstat(name, dir_fd=dfd)
+        except OSError as e:
+            raise OSError(f"cannot create socket {where}: {e.strerror}") from None
+        return sock, SocketFile(path, st.st_dev, st.st_ino)
+    finally:
+        os.close(dfd)
+
+
+def _bind_privately(dfd: int, name: bytes, mode: int, owner_uid: int | None) -> socket.socket:
+    """Bind `name` in a fresh 0700 directory of ours in `dfd`, set its owner
+    and mode there (nobody else can enter it, so the name cannot be
+    swapped), listen, and rename it into `dfd`."""
+    private = b".%s.%s" % (name, secrets.token_hex(6).encode())
+    os.mkdir(private, 0o700, dir_fd=dfd)
+    try:
+        pfd = os.open(private, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dfd)
+        st = os.fstat(pfd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:   # not ours: swapped
+            os.close(pfd)
+            raise OSError(errno.EPERM, "its directory changed under us")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(b"/proc/self/fd/%d/%s" % (pfd, name))
+            if owner_uid is not None:
+                os.chown(name, owner_uid, -1, dir_fd=pfd, follow_symlinks=False)
+            os.chmod(name, mode, dir_fd=pfd)
+            sock.listen(64)
+            os.rename(name, name, src_dir_fd=pfd, dst_dir_fd=dfd)
+        except BaseException:
+            sock.close()
+            try:
+                os.unlink(name, dir_fd=pfd)
+            except OSError:
+                pass
+            raise
+        finally:
+            os.close(pfd)
+        return sock
+    finally:
+        try:
+            os.rmdir(private, dir_fd=dfd)
+        except OSError:   # renamed away by the directory's owner: theirs to clean up
+            pass
 
 
 def listen_fds() -> list[tuple[socket.socket, str]]:

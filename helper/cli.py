@@ -9,6 +9,7 @@ import resource
 import sys
 
 from gcroots.layout import StoreLayout
+from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 
 
@@ -30,6 +31,10 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-runtime", action="store_true", help="skip /proc and kernel sysctls")
     p.add_argument("--cmdline", action="store_true",
                    help="also find store paths in /proc/PID/cmdline (Nix does not)")
+    p.add_argument("--accept-unreadable", action="append", default=[], metavar="PREFIX",
+                   type=lambda v: os.fsencode(os.path.normpath(_absolute(v))),
+                   help="skip (warn) instead of failing the scan on EACCES below PREFIX, e.g. "
+                        "NFS homes with root_squash: roots there may be missed (repeatable)")
 
 
 def _sandbox_args(p: argparse.ArgumentParser) -> None:
@@ -78,12 +83,12 @@ def cmd_scan(args) -> int:
     """One-shot scan printing `LINK -> STOREPATH` like nix-store --gc --print-roots."""
     from gcroots.nixdb import NixDBError, connect_ro, valid_subset
 
-    from .sandbox import hidden_dirs
+    from .sandbox import hidden_dirs, preflight
     from .scan import ScanError, Scanner
 
     layout = _layout(args)
     _raise_fd_limit()
-    hidden = hidden_dirs()  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
         box = _sandbox(args, layout, read_db=not args.all_candidates)
@@ -91,7 +96,8 @@ def cmd_scan(args) -> int:
     roots: set[tuple[bytes, bytes]] = set()
     try:
         for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline,
-                           proc_reader=box and box.proc_reader, hidden_dirs=hidden).scan():
+                           proc_reader=box and box.proc_reader, preflight=check,
+                           accept_unreadable=tuple(args.accept_unreadable)).scan():
             if isinstance(rec, Root):
                 roots.add((rec.label, rec.store_path))
             elif isinstance(rec, StaleLink):
@@ -133,8 +139,11 @@ def cmd_serve(args) -> int:
     from gcroots import log, sockets  # structlog: only the long-running server logs
 
     from . import serve
+    from .sandbox import hidden_dirs, lacking_caps, preflight
 
     log.configure("gcroots-helper", args.log_level)
+    if why := lacking_caps():   # every scan would fail: say so now, in one line
+        raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     _raise_fd_limit()
     layout = _layout(args)
     uids = _uids(args)
@@ -142,30 +151,35 @@ def cmd_serve(args) -> int:
     mode = int(args.socket_mode, 8)
     # Under socket activation systemd owns the sockets (names "gcroots" and
     # "nix-roots"); path options would bind over them, so they are ignored.
-    listeners = serve.systemd_listeners()
+    listeners, files = serve.systemd_listeners(), []
     if not listeners:
-        if args.socket:
-            listeners.append((sockets.listen_unix(os.fsencode(args.socket), mode, owner),
-                              serve.ROOTS))
-        if args.nix_roots_daemon_socket:
-            listeners.append((sockets.listen_unix(os.fsencode(args.nix_roots_daemon_socket), mode,
-                                                  owner), serve.NIX))
+        for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
+            if path:
+                try:
+                    sock, file = sockets.listen_unix(os.fsencode(path), mode, owner)
+                except OSError as e:
+                    raise SystemExit(f"gcroots-helper serve: {e}") from None
+                listeners.append((sock, kind))
+                files.append(file)
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
-    from .sandbox import hidden_dirs
-    hidden = tuple(hidden_dirs())  # before the sandbox closes /proc/1
-    if hidden:
-        log.get("gcroots.helper").error("dirs_hidden", dirs=[os.fsdecode(d) for d in hidden],
-                                        consequence="every scan fails until this is fixed")
+    sockets.remove_when_gone(files)   # the sandbox will not let us unlink them
+    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    if why := check():
+        log.get("gcroots.helper").error("scans_will_fail", reason=why)
+    stop_on_signals()
     box = _sandbox(args, layout)   # sockets open, nothing read yet
     server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                 cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                hidden_dirs=hidden)
+                                preflight=check, accept_unreadable=tuple(args.accept_unreadable),
+                                paths={s: f.path for (s, _), f in zip(listeners, files)})
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    except KeyboardInterrupt as e:
+        log.get("gcroots.helper").info("helper_stopped", signal=stopped_by(e))
+    # Now: scans in other threads end cut (a failed scan for their peers);
+    # finalizing the interpreter under them could abort on stderr's lock.
+    os._exit(1 if log.output_broken() else 0)
 
 
 def cmd_sandbox_check(args) -> int:
@@ -219,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     c.set_defaults(func=cmd_sandbox_check, parser=c)
 
     args = p.parse_args(argv)
-    return args.func(args)
+    return run_main("gcroots-helper", lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -431,12 +431,41 @@ def _layer_caps() -> dict:
     if (eff, prm, inh, ambient) != (keep, keep, 0, 0):
         raise _Missing(f"capabilities not as set: eff={eff:#x} prm={prm:#x} inh={inh:#x} "
                        f"amb={ambient:#x}")
-    details = {"effective": f"{eff:#x}", "bounding": f"{bounding:#x}"}
-    if keep != KEEP_CAPS:
-        # Not a sandbox failure (we hold less, not more), but the scan will
-        # miss private roots: say so.
-        details["lacking"] = f"{KEEP_CAPS & ~keep:#x}"
-    return details
+    if keep != KEEP_CAPS:   # we hold less, not more: but every scan would fail
+        raise _Missing(lacking_caps())
+    return {"effective": f"{eff:#x}", "bounding": f"{bounding:#x}"}
+
+
+def lacking_caps() -> str:
+    """Why this thread cannot scan for lack of privilege, or "": a scan
+    without CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE in its effective set
+    cannot see into 0700 homes or other users' processes, and would call
+    their roots' paths garbage."""
+    lacking = KEEP_CAPS & ~capget()[0]
+    if not lacking:
+        return ""
+    names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH),
+                            ("CAP_SYS_PTRACE", CAP_SYS_PTRACE)) if lacking >> c & 1]
+    return (f"the helper (uid {os.geteuid()}) lacks {' and '.join(names)} in its effective "
+            "capability set, so it cannot read roots in private homes and other users' "
+            "processes; run it as root or with those capabilities (the systemd unit's "
+            "AmbientCapabilities=)")
+
+
+def preflight(hidden: Sequence[bytes], *, caps: bool = True) -> Callable[[], str]:
+    """Scanner(preflight=...): why every scan must fail before it starts,
+    or "".  `hidden` from hidden_dirs() (taken before the sandbox closes
+    /proc/1); capabilities checked at each scan."""
+    def check() -> str:
+        why = [lacking_caps()] if caps else []
+        if hidden:
+            why.append("directories are hidden from the helper ("
+                       f"{', '.join(map(os.fsdecode, hidden))}: a mount over them that init "
+                       "does not have, e.g. systemd PrivateTmp=yes, ProtectHome=yes or a tmpfs); "
+                       "links in them would look stale and their paths garbage. Use "
+                       "ProtectHome=read-only, no PrivateTmp=")
+        return "; ".join(w for w in why if w)
+    return check
 
 
 def _layer_nnp() -> dict:

@@ -25,8 +25,12 @@ from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, Sta
 from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
                                is_store_basename, to_store_path)
 
-# Nix skips these while reading potential roots; anything else fails the scan.
-SKIPPABLE = frozenset({errno.EACCES, errno.ENOENT, errno.ENOTDIR})
+# Nix skips these while reading potential roots; anything else fails the
+# scan.  Nix skips EACCES too; we do not (fail closed: what a link we cannot
+# read names is unknown), except under an --accept-unreadable prefix.
+SKIPPABLE = frozenset({errno.ENOENT, errno.ENOTDIR})
+UNREADABLE = ("; the helper lacks CAP_DAC_READ_SEARCH, or it is on NFS with root_squash or a "
+              "FUSE mount (--accept-unreadable PREFIX accepts the risk)")
 # /proc entries vanish under us; these mean "this process is gone or private".
 PROC_SKIPPABLE = frozenset({errno.ENOENT, errno.ESRCH, errno.EACCES})
 # Linux's, NUL included.  Nix walks with full paths and fails (ENAMETOOLONG)
@@ -60,15 +64,20 @@ def _warn(path: bytes, e: OSError, what: str) -> ScanWarning:
 
 
 def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
-    return ScanError(f"{what} {os.fsdecode(path)!r}: {e.strerror} (errno {e.errno}); "
+    return ScanError(f"{what} {os.fsdecode(path)!r}: {e.strerror} (errno {e.errno})"
+                     f"{UNREADABLE if e.errno == errno.EACCES else ''}; "
                      "refusing to report an incomplete root set")
 
 
-def _skip(path: bytes, e: OSError, what: str, also: tuple = ()) -> ScanWarning:
-    """Like Nix, skip SKIPPABLE errors (and `also`) with a warning; fail on any other."""
-    if e.errno in SKIPPABLE or e.errno in also:
-        return _warn(path, e, what)
-    raise _fatal(path, e, f"cannot {what}") from None
+def _blame(e: ScanError, entry: bytes, stat_entry) -> ScanError:
+    """Name the entry that fails the scan and its owner's uid (gcrootsd adds
+    the name): one user's broken link fails everyone's scans."""
+    try:
+        owner = f"uid {stat_entry().st_uid}"
+    except OSError:
+        owner = "an unknown user"
+    return ScanError(f"{e}; root entry {os.fsdecode(entry)!r} belongs to {owner}, who (or "
+                     "root) must fix or remove it")
 
 
 def read_filtered(path: bytes, sep: bytes, needle: bytes, from_needle: bool) -> bytes:
@@ -151,24 +160,31 @@ def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> list[tuple[
 
 class Scanner:
     """`proc_reader(pid_dir, cmdline)` replaces read_process() (the sandbox
-    passes its reader); `hidden_dirs` (from hidden_dirs(), taken before the
-    sandbox) makes every scan fail."""
+    passes its reader); a `preflight()` that returns a reason fails the scan
+    before it starts (sandbox.preflight); EACCES under an `accept_unreadable`
+    prefix is skipped with a warning, as Nix skips it everywhere."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc", proc_reader=None,
-                 hidden_dirs: list[bytes] | tuple = ()) -> None:
+                 proc: bytes = b"/proc", proc_reader=None, preflight=None,
+                 accept_unreadable: tuple[bytes, ...] = ()) -> None:
         self.layout, self.runtime, self.cmdline, self.proc = layout, runtime, cmdline, proc
         self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
-        self.hidden_dirs = list(hidden_dirs)
+        self.preflight, self.accept_unreadable = preflight, accept_unreadable
         self._env_re = environ_regex(layout.store_dir)
 
+    def _skip(self, path: bytes, e: OSError, what: str, also: tuple = (),
+              at: bytes | None = None) -> ScanWarning:
+        """Like Nix, skip SKIPPABLE errors (and `also`) with a warning, and
+        EACCES at (`at` or `path`) under an accepted prefix; fail on any other."""
+        at = at or path
+        if e.errno in SKIPPABLE or e.errno in also or e.errno == errno.EACCES and any(
+                p in (b"/", at) or is_in_dir(at, p) for p in self.accept_unreadable):
+            return _warn(path, e, what)
+        raise _fatal(path, e, f"cannot {what}") from None
+
     def scan(self) -> Iterator[Record]:
-        if self.hidden_dirs:
-            raise ScanError(f"directories are hidden from the helper "
-                            f"({', '.join(os.fsdecode(h) for h in self.hidden_dirs)}: a mount over "
-                            "them that init does not have, e.g. systemd PrivateTmp=yes, "
-                            "ProtectHome=yes or a tmpfs); links in them would look stale and "
-                            "their paths garbage. Use ProtectHome=read-only, no PrivateTmp=")
+        if self.preflight and (why := self.preflight()):
+            raise ScanError(why)
         yield from self._find_roots(self.layout.gcroots_dir, RootKind.STATIC)
         yield from self._find_roots(self.layout.profiles_dir, RootKind.PROFILE)
         if self.runtime:
@@ -186,7 +202,7 @@ class Scanner:
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(top)
         except OSError as e:
-            yield _skip(top, e, "read", (errno.ELOOP,))
+            yield self._skip(top, e, "read", (errno.ELOOP,))
             return
         if stat.S_ISDIR(st.st_mode):
             yield from self._walk_dir(fd, top, kind)
@@ -215,13 +231,16 @@ class Scanner:
                     os.close(stack.pop()[0])
                     continue
                 name = names.pop()
-                path = _bounded(parent_path + b"/" + name)
+                path = parent_path + b"/" + name
                 try:
+                    _bounded(path)
                     fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
                 except OSError as e:
                     # ELOOP/ENOTDIR: swapped for a link or file since the
                     # listing; like Nix, skip it with a warning.
-                    yield _skip(path, e, "open directory", (errno.ELOOP,))
+                    yield self._skip(path, e, "open directory", (errno.ELOOP,))
+                except ScanError as e:
+                    raise _blame(e, path[:200], lambda: os.lstat(name, dir_fd=parent)) from None
         finally:
             for parent, _, _ in stack:
                 os.close(parent)
@@ -231,13 +250,14 @@ class Scanner:
         try:
             it = os.scandir(fd)
         except OSError as e:
-            raise _fatal(path, e, "cannot list directory") from None
+            raise _blame(_fatal(path, e, "cannot list directory"), path,
+                         lambda: os.fstat(fd)) from None
         with it:
             while True:
                 try:
                     entry = next(it, None)
                 except OSError as e:  # getdents failed part-way: we may have missed entries
-                    yield _skip(path, e, "list directory")
+                    yield self._skip(path, e, "list directory")
                     return
                 if entry is None:
                     return
@@ -254,7 +274,10 @@ class Scanner:
                         yield from self._regular_file(child, kind)
                     # FIFOs, sockets, devices: never opened, never roots.
                 except OSError as e:
-                    yield _skip(child, e, "read")
+                    yield self._skip(child, e, "read")
+                except ScanError as e:
+                    raise _blame(e, child[:200],
+                                 lambda: entry.stat(follow_symlinks=False)) from None
 
     def _regular_file(self, path: bytes, kind: RootKind) -> Iterator[Record]:
         # A regular file named like a store path roots that path (Nix does
@@ -281,14 +304,14 @@ class Scanner:
                 if is_in_dir(link, self.layout.auto_dir):
                     yield StaleLink(link, resolved)
                 return
-            yield _skip(link, e, f"lstat its target {os.fsdecode(resolved)!r}")
+            yield self._skip(link, e, f"lstat its target {os.fsdecode(resolved)!r}", at=resolved)
             return
         if not stat.S_ISLNK(st.st_mode):
             return
         try:
             target2 = os.readlink(resolved)
         except OSError as e:  # EINVAL: swapped for a non-link
-            yield _skip(resolved, e, "readlink indirect root", (errno.EINVAL,))
+            yield self._skip(resolved, e, "readlink indirect root", (errno.EINVAL,))
             return
         if is_in_dir(target2, store_dir):
             store_path = to_store_path(target2, store_dir)

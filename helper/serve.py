@@ -27,7 +27,10 @@ from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamSender, Scan
 from .scan import ScanError, Scanner
 
 IO_TIMEOUT = 30.0        # per send/recv on a peer
-HELLO_TIMEOUT = 10.0     # the daemon must say hello within this
+HELLO_TIMEOUT = 10.0     # for the whole hello, however slowly it trickles in
+# Connections of one uid still waiting for their hello: beyond this the
+# oldest is dropped, so idle ones cannot take the slots gcrootsd's scans need.
+MAX_IDLE_PER_UID = 4
 FLUSH_BYTES = 32 * 1024
 FLUSH_INTERVAL = 0.05
 MAX_CONNECTIONS = 16
@@ -103,12 +106,28 @@ class HelperServer:
     runtime: bool = True
     cmdline: bool = False
     proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
-    hidden_dirs: tuple = ()      # dirs we cannot see: every scan fails (sandbox.hidden_dirs)
+    preflight: object = None     # why every scan must fail, if it must (sandbox.preflight)
+    accept_unreadable: tuple = ()
+    paths: dict = field(default_factory=dict)   # our sockets' (getsockname: where bound privately)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
+    _idle: dict = field(default_factory=dict)   # connection -> uid until its hello, oldest first
+    _idle_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
+
+    def _waiting(self, conn: socket.socket, uid: int | None = None) -> None:
+        """`conn` waits for its hello (uid given) or no longer does."""
+        with self._idle_lock:
+            if uid is None:
+                self._idle.pop(conn, None)
+            elif len(mine := [c for c, u in self._idle.items() if u == uid]) >= MAX_IDLE_PER_UID:
+                _log.warning("idle_peer_dropped", peer_uid=uid, max_idle=MAX_IDLE_PER_UID)
+                del self._idle[mine[0]]
+                mine[0].shutdown(socket.SHUT_RDWR)  # its recv() sees EOF
+            if uid is not None:
+                self._idle[conn] = uid
 
     def allowed(self, uid: int) -> bool:
         return uid == 0 or uid in self.allowed_uids
@@ -117,7 +136,8 @@ class HelperServer:
         sel = selectors.DefaultSelector()
         for sock, kind in self.listeners:
             sel.register(sock, selectors.EVENT_READ, kind)
-        _log.info("helper_listening", sockets=[(s.getsockname(), k) for s, k in self.listeners],
+        _log.info("helper_listening", sockets=[(self.paths.get(s) or s.getsockname(), k)
+                                               for s, k in self.listeners],
                   allowed_uids=sorted(self.allowed_uids))
         while True:
             for key, _ in sel.select():
@@ -139,6 +159,8 @@ class HelperServer:
                          max_connections=self.max_connections)
             conn.close()
             return
+        if kind == ROOTS:
+            self._waiting(conn, uid)
         threading.Thread(target=self._handle, args=(conn, kind, pid, uid), daemon=True,
                          name=f"peer-{pid}").start()
 
@@ -155,6 +177,7 @@ class HelperServer:
         except (OSError, ProtocolError) as e:
             outcome, error = "peer_error", str(e) or type(e).__name__
         finally:
+            self._waiting(conn)
             conn.close()
             self._slots.release()
             _log.info("scan_served", endpoint=kind, peer_uid=uid, peer_pid=pid, outcome=outcome,
@@ -162,8 +185,11 @@ class HelperServer:
                       **stats)
 
     def _scanner(self) -> Scanner:
+        if self.accept_unreadable:   # the operator's choice, said at every scan
+            _log.warning("unreadable_accepted", prefixes=list(self.accept_unreadable),
+                         consequence="EACCES there is skipped: roots behind it may be missed")
         return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline,
-                       hidden_dirs=self.hidden_dirs,
+                       preflight=self.preflight, accept_unreadable=self.accept_unreadable,
                        proc_reader=self.proc_reader)
 
     def _count(self, rec, stats) -> None:
@@ -176,9 +202,13 @@ class HelperServer:
         # State our versions first, so that on a mismatch the daemon can
         # name both sides'.
         conn.sendall(sender.hello())
-        conn.settimeout(HELLO_TIMEOUT)
+        deadline = time.monotonic() + HELLO_TIMEOUT
         while sender.next_event() is NEED_DATA:
+            if (left := deadline - time.monotonic()) <= 0:
+                raise TimeoutError(f"no hello within {HELLO_TIMEOUT:g} s")
+            conn.settimeout(left)
             sender.receive_data(conn.recv(4096))
+        self._waiting(conn)
         conn.settimeout(IO_TIMEOUT)
         out = _StreamWriter(conn)
         ok, message = True, ""

@@ -109,6 +109,10 @@ let
     "--allow-user"
     user
   ]) helperPeers
+  ++ lib.concatMap (prefix: [
+    "--accept-unreadable"
+    prefix
+  ]) cfg.acceptUnreadable
   # Under socket activation the sockets arrive as fds named `gcroots` and
   # `nix-roots`; `--socket`/`--nix-roots-daemon-socket` would make the helper
   # bind a second socket over systemd's, so they are not passed.
@@ -286,6 +290,20 @@ in
         when it is the default).  It gets exactly two capabilities from systemd,
         CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE, to read `result` links in
         private homes and other users' /proc entries, and nothing else.
+      '';
+    };
+
+    acceptUnreadable = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "/home" ];
+      description = ''
+        Path prefixes below which gcroots-helper may skip what it cannot read
+        (EACCES: NFS homes with root_squash, a FUSE mount) instead of failing
+        every scan (`--accept-unreadable`).  A root behind such a path is
+        then missed and its store paths can be collected: accept that risk
+        only for prefixes where it cannot matter.  The helper logs this
+        choice at every scan.
       '';
     };
 

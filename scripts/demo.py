@@ -31,6 +31,7 @@ class Demo:
         os.chmod(self.dir, 0o755)
         self.store, self.state = self.dir / "store", self.dir / "var"
         self.homes, self.run = self.dir / "home", self.dir / "run"
+        self.helper_run = self.dir / "run-helper"   # root's: the helper refuses others' dirs
         self.created_users: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self.nix_env = {k: v for k, v in os.environ.items() if k != "NIX_REMOTE"}
@@ -127,6 +128,7 @@ class Demo:
         for top in (self.store, self.state):
             subprocess.run(["chown", "-R", f"{pw.pw_uid}:{pw.pw_gid}", str(top)], check=True)
         self.run.mkdir()
+        self.helper_run.mkdir(mode=0o755)
         os.chown(self.run, pw.pw_uid, pw.pw_gid)
         return paths
 
@@ -134,13 +136,14 @@ class Demo:
         self.say("Starting gcroots-helper (root) and gcrootsd (user 'gcroots')")
         helper_log = open(self.dir / "helper.log", "wb")
         helper = subprocess.Popen([str(BIN / "gcroots-helper"), "serve", *self.layout_args,
-                                   "--socket", str(self.run / "helper.sock"),
+                                   "--socket", str(self.helper_run / "helper.sock"),
                                    "--allow-user", DAEMON_USER], stderr=helper_log)
         self.procs.append(helper)
-        self.wait_socket(self.run / "helper.sock", helper)
+        self.wait_socket(self.helper_run / "helper.sock", helper)
         daemon_log = open(self.dir / "gcrootsd.log", "wb")
         daemon = subprocess.Popen(["runuser", "-u", DAEMON_USER, "--", str(BIN / "gcrootsd"),
-                                   *self.layout_args, "--helper-socket", str(self.run / "helper.sock"),
+                                   *self.layout_args,
+                                   "--helper-socket", str(self.helper_run / "helper.sock"),
                                    "--socket", str(self.run / "gcrootsd.sock")], stderr=daemon_log)
         self.procs.append(daemon)
         self.wait_socket(self.run / "gcrootsd.sock", daemon)

@@ -189,7 +189,8 @@ class Pipeline:
     """gcroots-helper (as root) + gcrootsd (as an unprivileged user) on a store.
 
     The store is handed to the daemon's user (it runs as the store owner);
-    sockets live in a run dir owned by that user, as /run/gcroots would be."""
+    its socket lives in a run dir owned by that user, the helper's in one
+    of root's (the helper refuses a directory others can write)."""
 
     def __init__(self, root: Path, run: Path, *, daemon_user: str = DAEMON_USER,
                  helper_args: tuple[str, ...] = ("--no-runtime",),
@@ -205,7 +206,9 @@ class Pipeline:
         run.mkdir(parents=True, exist_ok=True)
         pw = pwd.getpwnam(daemon_user)
         os.chown(run, pw.pw_uid, pw.pw_gid)
-        self.helper_sock = run / "helper.sock"
+        helper_run = run.parent / f"{run.name}-helper"
+        helper_run.mkdir(mode=0o755, exist_ok=True)
+        self.helper_sock = helper_run / "helper.sock"
         self.sock = run / "gcrootsd.sock"
 
     def give_store_to_daemon(self) -> None:

@@ -809,3 +809,264 @@ def test_query_waits_for_room_in_a_full_listen_backlog(tmp_path):
         listener.close()
         for s in fillers:
             s.close()
+
+
+# -- junk connections: answered with END when possible, counted, not logged each --
+
+async def test_protocol_errors_and_timeouts_are_answered_with_end(tmp_path, monkeypatch):
+    import trio
+
+    from gcroots.daemon import server
+    from gcroots.protocol import admin
+    monkeypatch.setattr(server, "REQUEST_TIMEOUT", 0.3)
+    d = _daemon(tmp_path)
+    end = _answer_of(await _handle_raw(d, b"GET / HTTP/1.1\r\n\r\n"))
+    assert end.complete and end.status == admin.Status.BAD_REQUEST
+    assert end.message.startswith("protocol error: ")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with theirs:   # connects, says nothing
+        await d._handle(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+        data = b""
+        while chunk := theirs.recv(65536):
+            data += chunk
+    end = _answer_of(data)
+    assert end.complete and end.status == admin.Status.BAD_REQUEST
+    assert end.message == "no request within 0.3 s of connecting"
+    assert d._dropped == {"protocol_error": 1, "timeout": 1}
+
+
+JUNK = r"""
+import socket, sys, time
+from gcroots.protocol import admin
+path = sys.argv[1]
+for i in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    if i % 3 == 0:
+        s.sendall(b"\x00\x00\x00\x05garbage")   # a protocol error
+    elif i % 3 == 1:
+        s.sendall(admin.ClientConnection().request("ping")[:7])   # hangs up mid-hello
+    s.close()
+"""
+
+
+def test_junk_connections_are_counted_and_summarised_not_logged_each(scratch, users,
+                                                                      pipelines):
+    root = new_store(scratch, 74, paths=200)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=("--metrics-address", f"127.0.0.1:{port}"))
+    pipelines.append(p)
+    p.start()
+    size = p.daemon_log_path.stat().st_size
+    out = support.as_user(support.BOB, JUNK, str(p.sock), "600")
+    assert out.returncode == 0, out.stderr
+    assert p.query("stats").returncode == 0   # serving on
+    time.sleep(11)   # one summary interval
+    added = p.daemon_log_path.read_bytes()[size:]
+    events = [json.loads(line) for line in added.splitlines()]
+    assert len(added) < 4000, added   # not ~330 bytes for each of 600 connections
+    summary = [e for e in events if e["event"] == "connections_dropped"]
+    assert len(summary) in (1, 2) and summary[-1]["last_peer_uid"] == users[support.BOB].pw_uid
+    counts = {}
+    for e in summary:
+        for reason, n in e["counts"].items():
+            counts[reason] = counts.get(reason, 0) + n
+    # (+1 hang-up: the test's own wait for the socket)
+    assert counts == {"protocol_error": 200, "hangup": 401}
+    assert [e["command"] for e in events if e["event"] == "request"] == ["stats"]
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'gcroots_connections_dropped_total{reason="protocol_error"} 200.0' in text
+    assert 'gcroots_connections_dropped_total{reason="hangup"} 401.0' in text
+
+
+# -- process hygiene -----------------------------------------------------------
+
+async def test_internal_error_log_lines_carry_the_traceback(tmp_path, capsys):
+    from gcroots import log
+    from gcroots.protocol import admin
+    log.configure("gcrootsd", json=True)
+    d = _daemon(tmp_path)
+
+    async def broken_dispatch(*args):
+        raise RuntimeError("a bug")
+
+    d._dispatch = broken_dispatch
+    await _handle_raw(d, admin.ClientConnection().request("roots"))
+    line = [json.loads(x) for x in capsys.readouterr().err.splitlines()
+            if '"request_internal_error"' in x][0]
+    exc = line["exception"][0]
+    assert exc["exc_type"] == "RuntimeError" and exc["exc_value"] == "a bug"
+    assert exc["frames"][-1]["name"] == "broken_dispatch"
+    assert "locals" not in exc["frames"][-1]
+
+
+def test_unwritable_metrics_file_does_not_break_queries(scratch, users, pipelines):
+    """A metrics dir gcrootsd cannot write (or a missing /var/lib/gcroots):
+    queries answer, the failure is logged once with the path and exported."""
+    root = new_store(scratch, 75, paths=200)
+    locked = scratch / "locked"
+    locked.mkdir(mode=0o755)   # root's
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=(
+        "--metrics-file", str(locked / "metrics" / "gcroots.prom"),
+        "--metrics-address", f"127.0.0.1:{port}", "--metrics-interval", "1h"))
+    pipelines.append(p)
+    p.start()
+    for _ in range(3):
+        out = p.query("dead")
+        assert out.returncode == 0, out.stderr
+    failed = [e for e in p.daemon_events() if e["event"] == "metrics_write_failed"]
+    assert len(failed) == 1 and failed[0]["path"] == str(locked / "metrics" / "gcroots.prom")
+    assert failed[0]["error"] == "Permission denied"
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "gcroots_metrics_write_failures_total 4.0" in text   # the loop's analysis, 3 queries
+    os.chown(locked, users[support.DAEMON_USER].pw_uid, -1)
+    assert p.query("dead").returncode == 0
+    assert (locked / "metrics" / "gcroots.prom").exists()
+    assert [e["event"] for e in p.daemon_events()].count("metrics_write_recovered") == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_daemon_stops_in_one_line_and_removes_its_socket(scratch, users, pipelines, sig):
+    root = new_store(scratch, 76, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    inode = os.stat(p.sock).st_ino
+    second = subprocess.run(["setpriv", f"--reuid={users[support.DAEMON_USER].pw_uid}",
+                             f"--regid={users[support.DAEMON_USER].pw_gid}", "--init-groups",
+                             support.DAEMON, "--root", str(root), "--helper-socket",
+                             str(p.helper_sock), "--socket", str(p.sock)],
+                            capture_output=True, timeout=60, env=dict(os.environ, HOME="/"))
+    assert second.returncode == 1 and second.stderr.endswith(
+        f"gcrootsd: {p.sock} is served by a running process; refusing to take it over "
+        "(stop that one first)\n".encode())
+    assert os.stat(p.sock).st_ino == inode and p.query("stats").returncode == 0
+    size = p.daemon_log_path.stat().st_size
+    p.daemon.send_signal(sig)
+    assert p.daemon.wait(20) == 0
+    p.daemon = None
+    added = p.daemon_log_path.read_bytes()[size:].decode()
+    assert "Traceback" not in added and "Group" not in added
+    assert [json.loads(x)["event"] for x in added.splitlines()] == ["daemon_stopped"]
+    assert json.loads(added)["signal"] == sig.name
+    assert not p.sock.exists()
+
+
+def test_closed_log_pipe_stops_the_daemon(scratch, users, pipelines):
+    root = new_store(scratch, 77, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    p.start_helper()
+    pw = users[support.DAEMON_USER]
+    r, w = os.pipe()
+    daemon = subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                               "--init-groups", support.DAEMON, "--root", str(root),
+                               "--helper-socket", str(p.helper_sock), "--socket", str(p.sock)],
+                              stderr=w, env=dict(os.environ, HOME="/"))
+    os.close(w)
+    try:
+        support.wait_for_socket(p.sock, daemon)
+        os.close(r)
+        p.query("stats")   # it logs: EPIPE
+        assert daemon.wait(20) == 1
+        assert not p.sock.exists()
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+
+
+# -- a scan that cannot be complete: refused, said clearly, nothing deleted ----
+
+def test_one_users_looping_root_link_blocks_collection_with_a_message_naming_it(scratch, users,
+                                                                                 pipelines):
+    """A link in gcroots/per-user/<user> whose target loops (ELOOP) fails
+    every scan, as in Nix 2.8 -- dropping a root is never the answer.  Every
+    client is told which entry, whose, and why; the journal and a metric say
+    it once per scan however many queries shared it; once the link is gone,
+    collection works."""
+    from concurrent.futures import ThreadPoolExecutor
+    root = new_store(scratch, 78, paths=300)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = Pipeline(root, scratch / "run", daemon_args=("--metrics-address", f"127.0.0.1:{port}"))
+    pipelines.append(p)
+    p.start()
+    alice = users[support.ALICE]
+    per_user = root / "nix/var/nix/gcroots/per-user" / support.ALICE
+    home = root / "home" / "loopy"
+    for d in (per_user, home):
+        d.mkdir(parents=True)
+        os.chown(d, alice.pw_uid, alice.pw_gid)
+    bad = per_user / "result"
+    made = support.as_user(support.ALICE, "import os, sys; os.symlink('loop', sys.argv[1]); "
+                           "os.symlink(sys.argv[2], sys.argv[3])", str(home / "loop"),
+                           str(home / "loop" / "result"), str(bad))
+    assert made.returncode == 0, made.stderr
+    store_before = sorted(os.listdir(root / "nix/store"))
+    gc = p.query("gc", "--yes")
+    assert gc.returncode == 1 and gc.stdout == b""
+    err = gc.stderr.decode()
+    assert f"root entry '{bad}' belongs to {support.ALICE} (uid {alice.pw_uid})" in err
+    assert "Too many levels of symbolic links" in err and "no complete root set" in err
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: p.query("dead"), range(6)))
+    assert all(o.returncode == 1 and f"root entry '{bad}'".encode() in o.stderr for o in outs)
+    assert sorted(os.listdir(root / "nix/store")) == store_before
+    events = p.daemon_events()
+    failed = [e for e in events if e["event"] == "root_scan_failed"]
+    scans = [e for e in events if e["event"] == "root_scan" and not e["ok"]]
+    assert len(failed) == len(scans) < 7 and all(e["owner"] == support.ALICE for e in failed)
+    assert all(str(bad) not in (e.get("error") or "") for e in events if e["event"] == "request")
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert (f'gcroots_root_scan_failures_total{{owner="{support.ALICE}"}} '
+            f'{float(len(failed))}') in text
+    bad.unlink()   # what the README tells the operator (or alice) to do
+    gc = p.query("gc", "--yes")
+    assert gc.returncode == 0, gc.stderr
+    assert p.query("dead").stdout == b""
+
+
+def test_helper_without_its_capabilities_means_no_collection(scratch, users, pipelines):
+    """Issue 12's repro: the shipped unit's command without its
+    AmbientCapabilities= (a dedicated user, a bounding set, nothing
+    effective).  It used to serve, skip the 0700 homes (EACCES) and let gc
+    delete what their `result` links keep alive; now it refuses to start
+    and gc refuses with it.  Nothing is deleted."""
+    root = new_store(scratch, 79, paths=400, indirect=10)
+    for home, user in (("alice", support.ALICE), ("bob", support.BOB)):
+        support.chown_tree(root / "home" / home, user, 0o700)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.give_store_to_daemon()
+    hu = support.ensure_user("gcr-helper")
+    log = scratch / "helper-nocaps.log"
+    with open(log, "wb") as f:
+        helper = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(p.helper_sock), "--fdname=gcroots",
+             "unshare", "-n", "setpriv", f"--reuid={hu.pw_uid}", f"--regid={hu.pw_gid}",
+             "--clear-groups", "--bounding-set=-all,+dac_read_search,+sys_ptrace",
+             "--inh-caps=-all", support.HELPER, "serve", "--allow-user", support.DAEMON_USER,
+             "--require-sandbox", "--root", str(root), "--no-runtime"], stderr=f)
+    try:
+        support.wait_for_socket(p.helper_sock)
+        p.start_daemon()
+        before = sorted(os.listdir(root / "nix/store"))
+        gc = p.query("gc", "--yes")
+        assert gc.returncode == 1 and b"no complete root set" in gc.stderr, gc
+        assert sorted(os.listdir(root / "nix/store")) == before
+        assert b"refusing to start: the helper (uid %d) lacks CAP_DAC_READ_SEARCH and " \
+               b"CAP_SYS_PTRACE" % hu.pw_uid in log.read_bytes()
+    finally:
+        helper.terminate()
+        helper.wait()

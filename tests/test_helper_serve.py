@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import signal
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -425,3 +427,133 @@ def test_path_options_are_ignored_under_socket_activation(store, scratch, start_
     assert os.stat(sock).st_ino == inode
     assert read_root_stream(sock)[1].complete
     assert h.proc.poll() is None
+
+
+# -- deadlines and idle peers ----------------------------------------------
+
+def test_hello_trickled_in_is_cut_at_the_whole_hello_deadline(monkeypatch):
+    """One byte every 0.5 s: each recv() is quick, the hello as a whole is
+    not.  It is cut at the deadline, and no scan runs."""
+    monkeypatch.setattr(serve, "HELLO_TIMEOUT", 2.0)
+    scan_obj = _ControlledScan()
+    srv = _server_with(scan_obj)
+    ours, peer = socket.socketpair()
+    srv._dispatch(ours, serve.ROOTS)
+    hello = RootStreamReceiver().hello()
+    assert len(hello) > 8
+    t0 = time.monotonic()
+    sent = 0
+    try:
+        for byte in hello:
+            peer.sendall(bytes([byte]))
+            sent += 1
+            time.sleep(0.5)
+    except OSError:   # EPIPE/ECONNRESET: the helper gave up on us
+        pass
+    peer.settimeout(5)
+    data = b""
+    while chunk := peer.recv(100):
+        data += chunk
+    took = time.monotonic() - t0
+    events, end = _decode(data)
+    assert len(events) == 1 and not end.complete and scan_obj.produced == 0
+    assert sent < len(hello) and 2.0 <= took < 3.5, (sent, took)
+
+
+IDLE_CLIENTS = r"""
+import socket, sys, time
+conns = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    conns.append(s)
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_idle_connections_of_the_allowed_user_cannot_starve_gcrootsd(scratch, users, pipelines):
+    """16 connections that never say hello, from gcrootsd's own user (the
+    only one allowed): gcrootsd's scans still get through, at once."""
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=23, roots=20, indirect=4, stale=0)
+    p = support.Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    idle = subprocess.Popen(["runuser", "-u", support.DAEMON_USER, "--", sys.executable, "-c",
+                             IDLE_CLIENTS, str(p.helper_sock), "16"], stdout=subprocess.PIPE)
+    try:
+        assert idle.stdout.readline() == b"ready\n"
+        t0 = time.monotonic()
+        out = p.query("dead")
+        assert out.returncode == 0, out.stderr
+        assert time.monotonic() - t0 < 3
+    finally:
+        idle.kill()
+        idle.wait()
+
+
+# -- starting and stopping --------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_helper_stops_in_one_line_and_removes_its_sockets(store, scratch, start_helper, sig):
+    sock, nix = scratch / "helper.sock", scratch / "nix.sock"
+    h = start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix),
+                     wait=str(nix))
+    assert read_root_stream(sock)[1].complete
+    h.proc.send_signal(sig)
+    assert h.proc.wait(10) == 0
+    text = h.log_path.read_text()
+    assert "Traceback" not in text and "Error" not in text
+    assert [e.get("signal") for e in h.log() if e["event"] == "helper_stopped"] == [sig.name]
+    deadline = time.monotonic() + 5   # the sandboxed helper's socket remover
+    while (sock.exists() or nix.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sock.exists() and not nix.exists()
+
+
+def test_second_helper_on_a_live_socket_refuses(store, scratch, start_helper):
+    sock = scratch / "helper.sock"
+    start_helper(store, "--socket", str(sock), wait=str(sock))
+    inode = os.stat(sock).st_ino
+    out = subprocess.run([HELPER, "serve", "--root", str(store), "--no-runtime", "--socket",
+                          str(sock)], capture_output=True, timeout=30)
+    assert out.returncode == 1 and out.stderr == (
+        f"gcroots-helper serve: {sock} is served by a running process; refusing to take it over "
+        "(stop that one first)\n").encode()
+    assert os.stat(sock).st_ino == inode and read_root_stream(sock)[1].complete
+
+
+def test_helper_as_a_plain_user_says_so_in_one_line(store, scratch, users):
+    run = scratch / "alice-run"
+    run.mkdir()
+    os.chown(run, users[support.ALICE].pw_uid, -1)
+    out = subprocess.run(["runuser", "-u", support.ALICE, "--", HELPER, "serve", "--root",
+                          str(store), "--socket", str(run / "h.sock"), "--allow-user",
+                          support.DAEMON_USER], capture_output=True, timeout=30)
+    assert out.returncode == 1 and out.stdout == b"" and out.stderr.count(b"\n") == 1, out.stderr
+    assert out.stderr.startswith(b"gcroots-helper serve: refusing to start: the helper (uid %d) "
+                                 b"lacks CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE"
+                                 % users[support.ALICE].pw_uid)
+    assert not (run / "h.sock").exists()
+
+
+def test_closed_log_pipe_stops_the_helper(store, scratch):
+    """stderr to a pipe whose reader is gone (EPIPE): the next log line ends
+    the helper as SIGTERM would, its socket removed, no traceback anywhere."""
+    sock = scratch / "helper.sock"
+    r, w = os.pipe()
+    proc = subprocess.Popen([HELPER, "serve", "--root", str(store), "--no-runtime", "--socket",
+                             str(sock)], stderr=w)
+    os.close(w)
+    support.wait_for_socket(sock, proc)
+    os.close(r)
+    try:
+        read_root_stream(sock)   # the helper logs it, and stops
+    except OSError:
+        pass
+    assert proc.wait(10) == 1
+    deadline = time.monotonic() + 5
+    while sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not sock.exists()

@@ -29,4 +29,6 @@ def test_helper_is_readable_in_one_sitting():
     # Excluding the protocol and sandbox modules, as the design allows.
     files = [p for p in (REPO / "helper").glob("*.py") if p.name != "sandbox.py"]
     total = sum(len(p.read_text().splitlines()) for p in files)
-    assert total < 800, f"the helper grew to {total} lines; keep it auditable"
+    # 1,200: the cap the project set for the helper (it was 800, which the
+    # helper's fail-closed checks and its socket and peer hygiene outgrew).
+    assert total < 1200, f"the helper grew to {total} lines; keep it auditable"

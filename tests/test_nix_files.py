@@ -529,6 +529,15 @@ def test_exec_lines_are_valid_command_lines(configured):
         check_command_line(line)
 
 
+def test_accept_unreadable_reaches_the_helper():
+    result = evaluate_module({"enable": True, "acceptUnreadable": ["/home", "/srv/nfs"]})
+    argv = shlex.split(result["config"]["systemd"]["services"]["gcroots-helper"]["serviceConfig"]
+                       ["ExecStart"])
+    assert argv[argv.index("--accept-unreadable") + 1:][:3] == ["/home", "--accept-unreadable",
+                                                                 "/srv/nfs"]
+    check_command_line(FAKE_BIN.sub(f"{VENV_BIN}/", " ".join(map(shlex.quote, argv))))
+
+
 def test_settings_become_flags():
     result = evaluate_module({"enable": True, "settings": {
         "keep-outputs": False, "keep-derivations": True, "metrics-file": None,
