@@ -328,9 +328,11 @@ in
             description = ''
               Serve Prometheus metrics over HTTP (`--metrics-address [HOST:]PORT`).
               This opens gcrootsd's network to loopback only
-              (`IPAddressAllow=localhost`); scrapes from other hosts stay
-              blocked unless you widen
-              {option}`systemd.services.gcrootsd.serviceConfig.IPAddressAllow`.
+              (`IPAddressAllow = [ "localhost" ]`); scrapes from other hosts
+              stay blocked unless you add their addresses as list entries,
+              e.g. `systemd.services.gcrootsd.serviceConfig.IPAddressAllow = [ "10.0.0.0/8" ];`,
+              which NixOS appends to the module's (a string instead of a list
+              would conflict with it).
             '';
           };
 
@@ -704,11 +706,12 @@ in
           UMask = "0022";
         }
         # prometheus-client's HTTP server needs a TCP socket: loopback only.
-        # (`//`, not mkMerge: PrivateNetwork would conflict.)
+        # (`//`, not mkMerge: PrivateNetwork would conflict.)  A list, so
+        # that a configuration's own entries are appended, not in conflict.
         // lib.optionalAttrs (cfg.settings.metrics-address != null) {
           PrivateNetwork = false;
           RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6";
-          IPAddressAllow = "localhost";
+          IPAddressAllow = [ "localhost" ];
         };
     };
 

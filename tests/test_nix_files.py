@@ -430,7 +430,7 @@ def test_options_shape_the_units():
     daemon = systemd["services"]["gcrootsd"]
     assert daemon["wantedBy"] == ["multi-user.target"]  # collects and serves by itself
     assert daemon["serviceConfig"]["PrivateNetwork"] is False
-    assert daemon["serviceConfig"]["IPAddressAllow"] == "localhost"
+    assert daemon["serviceConfig"]["IPAddressAllow"] == ["localhost"]
     assert daemon["serviceConfig"]["IPAddressDeny"] == "any"
     helper = systemd["services"]["gcroots-helper"]["serviceConfig"]
     assert "--allow-user" in helper["ExecStart"] and '"nix"' in helper["ExecStart"]
@@ -443,6 +443,25 @@ def test_options_shape_the_units():
         "OnCalendar": "daily", "RandomizedDelaySec": "1h", "Persistent": True}
     gc = systemd["services"]["gcroots-gc"]["serviceConfig"]
     assert gc["ReadWritePaths"] == ["/nix/var/nix/profiles"] and "ExecStartPre" in gc
+
+
+def test_ip_address_allow_takes_a_configurations_own_entries():
+    """Metrics over HTTP open gcrootsd to loopback; a configuration lets
+    scrapers in by adding list entries, which NixOS appends to the module's
+    (with a string in the module, any definition of its own conflicted)."""
+    metrics = {"enable": True, "settings": {"metrics-address": "127.0.0.1:9847"}}
+    own = {"systemd": {"services": {"gcrootsd": {"serviceConfig": {
+        "IPAddressAllow": ["10.0.0.0/8", "192.168.1.7"]}}}}}
+    daemon = evaluate_module(metrics, own)["config"]["systemd"]["services"]["gcrootsd"]
+    assert daemon["serviceConfig"]["IPAddressAllow"] == ["localhost", "10.0.0.0/8", "192.168.1.7"]
+    option = next(o for o in evaluate_module({"enable": True})["options"]
+                  if o["name"] == "services.gcroots.settings.metrics-address")
+    text = " ".join(option["description"].split())
+    assert "list entries" in text and 'IPAddressAllow = [ "10.0.0.0/8" ];' in text
+    # The stand-in merges as NixOS does: unequal single values conflict.
+    clash = {"systemd": {"services": {"gcrootsd": {"serviceConfig": {"PrivateNetwork": True}}}}}
+    with pytest.raises(NixError, match="conflicting definitions"):
+        evaluate_module(metrics, clash)
 
 
 # -- the module: command lines -----------------------------------------------------------
