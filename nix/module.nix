@@ -232,9 +232,10 @@ in
       defaultText = lib.literalExpression "config.services.gcroots.package.helper";
       description = ''
         The build gcroots-helper runs from.  The default carries only the
-        helper's own dependencies: everything on the helper's Python path is
-        readable inside its Landlock sandbox, so it should hold no more than
-        the helper needs.
+        helper's own dependencies (not trio nor the daemon).  Inside its
+        Landlock sandbox the helper can read only the store paths its code
+        was loaded from: the interpreter's standard library, the Python
+        packages it imports, libffi and the other shared objects it maps.
       '';
     };
 
