@@ -688,6 +688,9 @@ in
         // {
           Type = "notify";
           NotifyAccess = "main";
+          # Nix settings from /etc/nix/nix.conf only: ProtectHome hides every
+          # home's ~/.config/nix/nix.conf (root's included).
+          Environment = "NIX_USER_CONF_FILES=";
           ExecStart = utils.escapeSystemdExecArgs daemonArgs;
           Restart = "on-failure";
           WatchdogSec = 60;
