@@ -252,12 +252,13 @@ in
         as the owner of the store (see {option}`services.gcroots.storeOwner`).
         On a standard NixOS system root owns the store, so collecting
         (`gc.automatic`, `gc.minFree`, `settings.gc-interval`) needs
-        `user = "root"`: gcrootsd then runs as uid 0 without any capability
-        (an empty bounding set), with every path read-only except the store,
-        /nix/var/nix and its state directory, no network and the same system
-        call filter.  With an unprivileged Nix daemon
-        ({option}`nix.daemonUser`), use that user.  The default suits
-        query-only use (roots, dead, why, cost, metrics) on a root-owned store.
+        `user = "root"` (the stock model): gcrootsd then runs as uid 0
+        without any capability (an empty bounding set), with every path
+        read-only except the store, /nix/var/nix and its state directory, no
+        network and the same system call filter.  With an unprivileged Nix
+        daemon ({option}`nix.daemonUser`, the rootless model), use that
+        user.  The default suits query-only use (roots, dead, why, cost,
+        metrics) on a root-owned store.
       '';
     };
 
