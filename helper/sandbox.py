@@ -22,7 +22,8 @@ logs one `sandbox_layer` event saying whether it is active and, if not, why:
   no_new_privs  PR_SET_NO_NEW_PRIVS: no setuid/file-caps gain, ever.
   landlock      Read-only, and only beneath what the scan reads: gcroots/ and
                 profiles/ (directories only: their files are never opened),
-                the DB dir (`scan` only), /proc, the Python installation.
+                the DB dir (`scan` only), /proc, the directories the
+                process's modules and shared objects were loaded from.
                 Every FS right the running ABI knows is handled; TCP bind and
                 connect are denied (ABI >= 4); abstract Unix sockets and
                 signals are scoped (ABI >= 6).  stat/readlink/traversal are
@@ -75,6 +76,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib
 import mmap
 import os
 import re
@@ -502,9 +504,36 @@ def landlock_fs_rights(abi: int) -> int:
     return (1 << (last + 1)) - 1
 
 
+def loaded_code_dirs() -> list[bytes]:
+    """The directories this process's code came from: that of every imported
+    module's file, and of every shared object mapped executable
+    (/proc/self/maps: libffi, libc, extension modules) -- but not the
+    interpreter's own (it is never read again).  Each is needed after the
+    sandbox only for what lives beside what is loaded: tracebacks read
+    sources, and a module's siblings may still be imported.  Nothing else
+    of the installation is granted: not its prefix (/usr for Debian's
+    Python), nor sys.path entries nothing was loaded from (on NixOS the
+    interpreter, each Python package and libffi sit in store paths of
+    their own; only those in use are readable).  Outermost directories
+    only: a rule covers everything beneath it."""
+    dirs = set()
+    for module in list(sys.modules.values()):
+        f = getattr(module, "__file__", None)
+        if isinstance(f, str) and os.path.isabs(f):
+            dirs.add(os.path.dirname(os.fsencode(f)))
+    exe = os.readlink(b"/proc/self/exe")
+    with open(b"/proc/self/maps", "rb") as f:
+        for line in f.read().splitlines():
+            fields = line.split(maxsplit=5)   # address perms offset dev inode path
+            if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
+                    and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
+                dirs.add(os.path.dirname(fields[5]))
+    return [d for d in sorted(dirs) if not any(is_in_dir(d, other) for other in dirs)]
+
+
 def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]:
     """What the helper may read, and how: directories of roots only listed
-    (their files are never opened), /proc and Python read."""
+    (their files are never opened), /proc, and where its code came from."""
     rw = LL_READ_FILE | LL_READ_DIR
     out: list[tuple[bytes, int]] = []
     for d in (layout.gcroots_dir, layout.profiles_dir):
@@ -514,24 +543,19 @@ def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]
     if read_db:
         out.append((os.path.dirname(layout.db_path), rw))
     out.append((b"/proc", rw))
-    # Lazy imports (tracebacks read sources too): the standard library and
-    # site-packages, not the whole prefix (with a system Python that is all
-    # of /usr).  sys.path entries that are the current directory (`python
-    # -m`, "") are skipped: they are not the install.
-    import sysconfig
-    py = {sys.prefix, *(sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib",
-                                                            "platlib"))}
-    py.update(p for p in sys.path if os.path.isabs(p) and p != os.getcwd())
-    import importlib.util
-    for mod in ("gcroots", "gcroots.helper", "gcroots.protocol"):
-        spec = importlib.util.find_spec(mod)   # the sources of an editable install
-        if spec is not None and spec.submodule_search_locations:
-            py.update(spec.submodule_search_locations)
-    out += [(os.fsencode(p), rw) for p in sorted(py) if os.path.exists(p)]
+    out += [(d, rw) for d in loaded_code_dirs()]
     return out
 
 
+# Imported before restrict_self whatever the caller imported so far: the
+# scanner runs under the sandbox, and logging an exception formats a
+# traceback (which reads sources beside the loaded modules: granted).
+_USED_UNDER_SANDBOX = ("gcroots.helper.scan", "traceback", "linecache")
+
+
 def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
+    for name in _USED_UNDER_SANDBOX:
+        importlib.import_module(name)
     abi = landlock_abi()
     if abi < 1:
         raise _Missing("Landlock is not available in this kernel (ENOSYS/EOPNOTSUPP)")

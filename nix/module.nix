@@ -236,9 +236,10 @@ in
       defaultText = lib.literalExpression "config.services.gcroots.package.helper";
       description = ''
         The build gcroots-helper runs from.  The default carries only the
-        helper's own dependencies: everything on the helper's Python path is
-        readable inside its Landlock sandbox, so it should hold no more than
-        the helper needs.
+        helper's own dependencies (not trio nor the daemon).  Inside its
+        Landlock sandbox the helper can read only the store paths its code
+        was loaded from: the interpreter's standard library, the Python
+        packages it imports, libffi and the other shared objects it maps.
       '';
     };
 
@@ -255,12 +256,13 @@ in
         as the owner of the store (see {option}`services.gcroots.storeOwner`).
         On a standard NixOS system root owns the store, so collecting
         (`gc.automatic`, `gc.minFree`, `settings.gc-interval`) needs
-        `user = "root"`: gcrootsd then runs as uid 0 without any capability
-        (an empty bounding set), with every path read-only except the store,
-        /nix/var/nix and its state directory, no network and the same system
-        call filter.  With an unprivileged Nix daemon
-        ({option}`nix.daemonUser`), use that user.  The default suits
-        query-only use (roots, dead, why, cost, metrics) on a root-owned store.
+        `user = "root"` (the stock model): gcrootsd then runs as uid 0
+        without any capability (an empty bounding set), with every path
+        read-only except the store, /nix/var/nix and its state directory, no
+        network and the same system call filter.  With an unprivileged Nix
+        daemon ({option}`nix.daemonUser`, the rootless model), use that
+        user.  The default suits query-only use (roots, dead, why, cost,
+        metrics) on a root-owned store.
       '';
     };
 
@@ -346,9 +348,11 @@ in
             description = ''
               Serve Prometheus metrics over HTTP (`--metrics-address [HOST:]PORT`).
               This opens gcrootsd's network to loopback only
-              (`IPAddressAllow=localhost`); scrapes from other hosts stay
-              blocked unless you widen
-              {option}`systemd.services.gcrootsd.serviceConfig.IPAddressAllow`.
+              (`IPAddressAllow = [ "localhost" ]`); scrapes from other hosts
+              stay blocked unless you add their addresses as list entries,
+              e.g. `systemd.services.gcrootsd.serviceConfig.IPAddressAllow = [ "10.0.0.0/8" ];`,
+              which NixOS appends to the module's (a string instead of a list
+              would conflict with it).
             '';
           };
 
@@ -703,6 +707,9 @@ in
         // {
           Type = "notify";
           NotifyAccess = "main";
+          # Nix settings from /etc/nix/nix.conf only: ProtectHome hides every
+          # home's ~/.config/nix/nix.conf (root's included).
+          Environment = "NIX_USER_CONF_FILES=";
           ExecStart = utils.escapeSystemdExecArgs daemonArgs;
           Restart = "on-failure";
           WatchdogSec = 60;
@@ -722,11 +729,12 @@ in
           UMask = "0022";
         }
         # prometheus-client's HTTP server needs a TCP socket: loopback only.
-        # (`//`, not mkMerge: PrivateNetwork would conflict.)
+        # (`//`, not mkMerge: PrivateNetwork would conflict.)  A list, so
+        # that a configuration's own entries are appended, not in conflict.
         // lib.optionalAttrs (cfg.settings.metrics-address != null) {
           PrivateNetwork = false;
           RestrictAddressFamilies = "AF_UNIX AF_INET AF_INET6";
-          IPAddressAllow = "localhost";
+          IPAddressAllow = [ "localhost" ];
         };
     };
 

@@ -329,9 +329,14 @@ EVERYTHING_ON = {
                  "free-check-interval": "10m", "log-level": "debug"},
     "nixRootsDaemonCompat": {"enable": True, "user": "nix"},
 }
+# The two deployment models: a stock nix-daemon (root's store: gcrootsd as
+# uid 0 without capabilities) and a rootless one (its user owns the store).
+ROOTLESS_NIXOS = {"nix": {"daemonUser": "nix"}, **WRITABLE_STORE}
 CONFIGS = {
     "default": ({"enable": True}, {}),
     "collecting": ({**COLLECTING_ON_NIXOS, "gc": {"automatic": True, "keep": 3}}, WRITABLE_STORE),
+    "rootless": ({"enable": True, "user": "nix", "gc": {"automatic": True},
+                  "settings": {"metrics-address": "9847"}}, ROOTLESS_NIXOS),
     "everything": (EVERYTHING_ON, WRITABLE_STORE),
 }
 
@@ -360,14 +365,15 @@ def exposure(path: Path) -> float:
 
 
 # Per configuration (see CONFIGS): by default the Debian units' targets
-# (tests/test_systemd_units.py: 1.3, 0.4, 0.4 measured, the same as
+# (tests/test_systemd_units.py: 1.4, 0.4, 0.4 measured, the same as
 # systemd/).  gcrootsd as uid 0 without capabilities costs systemd's "runs as
 # root" items (0.7 measured); metrics over HTTP open its network to loopback
 # (1.5 measured).
 EXPOSURE = {
-    "default": {"gcroots-helper.service": 1.5, "gcrootsd.service": 0.5, "gcroots-gc.service": 0.5},
-    "collecting": {"gcroots-helper.service": 1.5, "gcrootsd.service": 1.0, "gcroots-gc.service": 1.0},
-    "everything": {"gcroots-helper.service": 1.5, "gcrootsd.service": 2.0, "gcroots-gc.service": 1.0},
+    "default": {"gcroots-helper.service": 1.4, "gcrootsd.service": 0.5, "gcroots-gc.service": 0.5},
+    "collecting": {"gcroots-helper.service": 1.4, "gcrootsd.service": 1.0, "gcroots-gc.service": 1.0},
+    "rootless": {"gcroots-helper.service": 1.4, "gcrootsd.service": 2.0, "gcroots-gc.service": 0.5},
+    "everything": {"gcroots-helper.service": 1.4, "gcrootsd.service": 2.0, "gcroots-gc.service": 1.0},
 }
 
 
@@ -407,12 +413,83 @@ def test_units_mirror_systemd_dir(tmp_path):
         assert debian.name in ours, f"the module has no {debian.name}"
         mine = ours[debian.name]
         for section in ("Unit", "Service", "Socket", "Timer"):
-            a = {k: v for k, v in theirs.get(section, {}).items() if k not in INTENDED}
-            b = {k: v for k, v in mine.get(section, {}).items() if k not in INTENDED}
+            a = {k: v for k, v in theirs.get(section, {}).items()
+                 if k not in INTENDED and (debian.name, k) not in INTENDED_IN}
+            b = {k: v for k, v in mine.get(section, {}).items()
+                 if k not in INTENDED and (debian.name, k) not in INTENDED_IN}
             assert a == b, (debian.name, section, {k: (a.get(k), b.get(k))
                                                    for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
     assert ours["gcroots-helper.service"]["Service"]["Sockets"] == [
         "gcroots-helper.socket", "gcroots-helper-nix-roots.socket"]
+
+
+# Per unit.
+INTENDED_IN = {
+    ("gcroots-helper.service", "Environment"): "the Debian unit takes gcrootsd's user from "
+        "GCROOTSD_USER (a model's drop-in sets it); the module writes the user into ExecStart",
+}
+
+
+# Where a deployment model's Debian units (systemd/ plus scripts/install's
+# drop-ins) may differ from the module's for the same model, and why.
+MODEL_INTENDED = {
+    ("gcrootsd.service", "Group"): "on Debian gcrootsd has its user's own group, so that nothing "
+                                   "it creates in /nix/var/nix keeps a group --uninstall removes",
+    ("gcroots-gc.service", "Group"): "the same as gcrootsd.service",
+    ("gcroots-helper.socket", "SocketGroup"): "the same; the socket is 0600 anyway",
+    ("gcrootsd.socket", "SocketUser"): "the admin socket is open to everybody (0666): its owner "
+                                       "does not matter; the module names gcrootsd's user",
+}
+
+
+def debian_units(tmp_path: Path, *install_args: str) -> dict[str, dict]:
+    """systemd/'s units with the model's drop-ins from scripts/install applied."""
+    dropins = tmp_path / "dropins"
+    out = subprocess.run([str(REPO / "scripts" / "install"), *install_args, "--dropins",
+                          str(dropins)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    units = {}
+    for unit in sorted((REPO / "systemd").glob("gcroots*")):
+        parsed = parse_unit(unit.read_text())
+        for dropin in sorted((dropins / f"{unit.name}.d").glob("*.conf")):
+            for section, keys in parse_unit(dropin.read_text()).items():
+                parsed.setdefault(section, {}).update(keys)   # these keys are replaced
+        units[unit.name] = parsed
+    return units
+
+
+@pytest.mark.parametrize("model,config,system,install_args", [
+    ("stock", {"enable": True, "user": "root", "gc": {"automatic": True}}, WRITABLE_STORE,
+     ("--model", "stock")),
+    ("rootless", {"enable": True, "user": "nix", "gc": {"automatic": True}}, ROOTLESS_NIXOS,
+     ("--model", "rootless", "--user", "nix")),
+])
+def test_each_model_is_the_same_on_debian_and_nixos(tmp_path, model, config, system, install_args):
+    """Both models without twins: on Debian the same units with a drop-in
+    per unit for gcrootsd's user (scripts/install), on NixOS
+    services.gcroots.user; the result is the same but for MODEL_INTENDED."""
+    result = evaluate_module(config, system)
+    assert failed_assertions(result) == []
+    ours = {p.name: parse_unit(p.read_text()) for p in write_units(result, tmp_path)}
+    user = config["user"]
+    theirs_all = debian_units(tmp_path, *install_args)
+    # The Nix >= 2.34 compat socket is off here (Nix 2.8 has no roots daemon).
+    assert set(theirs_all) - set(ours) == {"gcroots-helper-nix-roots.socket"}
+    for name, theirs in theirs_all.items():
+        if name not in ours:
+            continue
+        mine = ours[name]
+        for section in ("Unit", "Service", "Socket", "Timer"):
+            a = {k: v for k, v in theirs.get(section, {}).items()
+                 if k not in INTENDED and (name, k) not in {**INTENDED_IN, **MODEL_INTENDED}}
+            b = {k: v for k, v in mine.get(section, {}).items()
+                 if k not in INTENDED and (name, k) not in {**INTENDED_IN, **MODEL_INTENDED}}
+            assert a == b, (model, name, {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys()
+                                          if a.get(k) != b.get(k)})
+        if name in ("gcrootsd.service", "gcroots-gc.service"):
+            assert theirs["Service"]["User"] == mine["Service"]["User"] == [user]
+    helper = ours["gcroots-helper.service"]["Service"]["ExecStart"][0]
+    assert f'"--allow-user" "{user}"' in helper
 
 
 def test_mirror_check_can_fail(tmp_path):
@@ -430,7 +507,7 @@ def test_options_shape_the_units():
     daemon = systemd["services"]["gcrootsd"]
     assert daemon["wantedBy"] == ["multi-user.target"]  # collects and serves by itself
     assert daemon["serviceConfig"]["PrivateNetwork"] is False
-    assert daemon["serviceConfig"]["IPAddressAllow"] == "localhost"
+    assert daemon["serviceConfig"]["IPAddressAllow"] == ["localhost"]
     assert daemon["serviceConfig"]["IPAddressDeny"] == "any"
     helper = systemd["services"]["gcroots-helper"]["serviceConfig"]
     assert "--allow-user" in helper["ExecStart"] and '"nix"' in helper["ExecStart"]
@@ -443,6 +520,25 @@ def test_options_shape_the_units():
         "OnCalendar": "daily", "RandomizedDelaySec": "1h", "Persistent": True}
     gc = systemd["services"]["gcroots-gc"]["serviceConfig"]
     assert gc["ReadWritePaths"] == ["/nix/var/nix/profiles"] and "ExecStartPre" in gc
+
+
+def test_ip_address_allow_takes_a_configurations_own_entries():
+    """Metrics over HTTP open gcrootsd to loopback; a configuration lets
+    scrapers in by adding list entries, which NixOS appends to the module's
+    (with a string in the module, any definition of its own conflicted)."""
+    metrics = {"enable": True, "settings": {"metrics-address": "127.0.0.1:9847"}}
+    own = {"systemd": {"services": {"gcrootsd": {"serviceConfig": {
+        "IPAddressAllow": ["10.0.0.0/8", "192.168.1.7"]}}}}}
+    daemon = evaluate_module(metrics, own)["config"]["systemd"]["services"]["gcrootsd"]
+    assert daemon["serviceConfig"]["IPAddressAllow"] == ["localhost", "10.0.0.0/8", "192.168.1.7"]
+    option = next(o for o in evaluate_module({"enable": True})["options"]
+                  if o["name"] == "services.gcroots.settings.metrics-address")
+    text = " ".join(option["description"].split())
+    assert "list entries" in text and 'IPAddressAllow = [ "10.0.0.0/8" ];' in text
+    # The stand-in merges as NixOS does: unequal single values conflict.
+    clash = {"systemd": {"services": {"gcrootsd": {"serviceConfig": {"PrivateNetwork": True}}}}}
+    with pytest.raises(NixError, match="conflicting definitions"):
+        evaluate_module(metrics, clash)
 
 
 # -- the module: command lines -----------------------------------------------------------

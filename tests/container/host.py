@@ -31,14 +31,17 @@ SUITE = "bookworm"
 MIRROR = os.environ.get("GCROOTS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # debootstrap resolves Depends, not virtual packages: libdbi-perl provides
 # perl-dbdabi-94, which nix-bin's libdbd-sqlite3-perl needs.
+# nix-setup-systemd is Debian's nix-daemon (nix-daemon.socket/.service, the
+# nixbld build users, /etc/nix/nix.conf): what `apt install nix-bin` gives
+# with its recommends.  debootstrap installs no recommends, so it is named.
 PACKAGES = ("systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "nix-bin",
-            "libdbi-perl", "procps", "iproute2", "util-linux", "passwd")
+            "nix-setup-systemd", "libdbi-perl", "procps", "iproute2", "util-linux", "passwd")
 # Units a test container has no use for (and a console getty would only
 # clutter the console log).
 MASKED = ("console-getty.service", "container-getty@.service", "getty@.service",
           "apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer",
           "fstrim.timer", "e2scrub_all.timer", "systemd-networkd-wait-online.service")
-RECIPE = 1  # bump when the preparation below changes
+RECIPE = 2  # bump when the preparation below changes
 WHEELS_IN_CONTAINER = "/var/cache/gcroots-wheels"
 SRC_IN_CONTAINER = "/usr/local/src/gcroots"
 SCENARIO_UNIT = "gcroots-scenario.service"
@@ -246,7 +249,7 @@ class Boot:
     """One container run; `results` holds report.json, journal.txt, console.log."""
     rootfs: Path
     wheels: Path
-    timeout: float = 420.0
+    timeout: float = 1200.0
     keep: bool = False
     workdir: Path = field(init=False)
     results: Path = field(init=False)
@@ -372,7 +375,7 @@ def main() -> int:
     import argparse
     p = argparse.ArgumentParser(description="boot the gcroots test container once")
     p.add_argument("--keep", action="store_true", help="keep the run directory")
-    p.add_argument("--timeout", type=float, default=420)
+    p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args()
     clean_old_runs()
     boot = Boot(prepare_rootfs(), prepare_wheels(), timeout=args.timeout, keep=args.keep)

@@ -19,6 +19,23 @@ in rec {
   oldApp = pkg "alice-webapp-0.9" [ oldLib zlib ];
   scratch = pkg "scratch-build" [ ];
   # Garbage, round 2 (the timer's gcroots-gc.service), built after round 1.
-  laterDep = pkg "later-dep-1.0" [ libc ];
+  laterDep = pkg "later-dep-1.0" [ libc ];   # bob's build during that collection may use it
   later = pkg "later-garbage-1.0" [ laterDep ];
+  # The rootless model's world, built through the unprivileged nix-daemon.
+  rlLib = pkg "rootless-lib-1.0" [ libc ];
+  rlApp = pkg "rootless-app-1.0" [ rlLib zlib ];   # alice's result link
+  rlOld = pkg "rootless-old-0.9" [ rlLib ];        # garbage (bob's build may use it)
+  rlScratch = pkg "rootless-scratch" [ ];          # garbage
+  # What alice and bob build while a collection runs (a second each) and
+  # after it: each records its dependencies, like pkg.
+  slow = name: deps: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" ''
+      /bin/sleep 1
+      /bin/mkdir $out
+      for d in ${toString deps}; do echo "$d" >> $out/deps; done
+    '' ];
+  };
 }

@@ -11,7 +11,8 @@
 {
   # Definitions under services.gcroots, as a configuration would write them.
   gcroots ? { },
-  # The rest of the configuration the module reads (nix.*, boot.*).
+  # The rest of the configuration the module reads (nix.*, boot.*), and its
+  # own systemd.* definitions (merged into the module's units).
   system ? { },
   # Whether this "nixpkgs" declares boot.nixStoreMountOpts (older ones have
   # boot.readOnlyNixStore instead).
@@ -217,9 +218,12 @@ let
     );
 
   out = resolve module.config;
+  # A configuration's own systemd.* definitions merged into the module's, as
+  # NixOS merges unit options: lists are appended, unequal values conflict.
+  withSystemd = if isAbsent out || !(system ? systemd) then out else merge out { inherit (system) systemd; };
 in
 {
   inherit cfg;
   options = optionList "services.gcroots" module.options.services.gcroots;
-  config = if isAbsent out then { } else out;
+  config = if isAbsent out then { } else withSystemd;
 }
