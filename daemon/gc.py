@@ -28,6 +28,7 @@ frees, counting a file only if all of its hard links go.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -39,7 +40,7 @@ import struct
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
@@ -296,44 +297,26 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
 
 # -- deleting ------------------------------------------------------------------------
 
-from .deleter import DeleterProcess, Freed, _count, estimate_tree  # noqa: E402
+from .deleter import DeleterProcess, Freed, _count, estimate_tree, open_dir, walk_tree  # noqa: E402
 
 
 def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
     """What deleting these trees (and then the .links entries left with one
     link) would free: (bytes in the trees, bytes in .links).  A file counts
-    once, and only if every one of its links goes."""
-    links: dict[tuple[int, int], os.stat_result] = {}
-    try:
-        with os.scandir(links_dir) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                links[(st.st_dev, st.st_ino)] = st
-    except FileNotFoundError:
-        pass
+    once, and only if every one of its links goes.  Walked by directory fds,
+    like the deletion: nothing followed."""
+    with _links_dir(links_dir) as entries:
+        links = {(st.st_dev, st.st_ino): st for _, _, st in entries}
     seen: dict[tuple[int, int], list] = {}  # inode -> [stat, links found in the trees]
     freed = 0
-
-    def walk(path: bytes) -> None:
-        nonlocal freed
-        st = os.lstat(path)
-        if stat.S_ISDIR(st.st_mode):
-            freed += _count(st)
-            with os.scandir(path) as it:
-                for e in it:
-                    walk(e.path)
-        else:
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
+    for p in real_paths:
+        for _, st, _ in walk_tree(p):
+            if stat.S_ISDIR(st.st_mode):
+                freed += _count(st)
+            elif (key := (st.st_dev, st.st_ino)) in seen:
                 seen[key][1] += 1
             else:
                 seen[key] = [st, 1]
-
-    for p in real_paths:
-        try:
-            walk(p)
-        except FileNotFoundError:
-            pass
     links_freed = 0
     for key, (st, n) in seen.items():
         in_links = 1 if key in links else 0
@@ -349,20 +332,31 @@ def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
     return freed, links_freed
 
 
+@contextlib.contextmanager
+def _links_dir(links_dir: bytes) -> Iterator[list[tuple[int, bytes, os.stat_result]]]:
+    """(fd, name, lstat) of each .links entry, listed through an fd of the
+    directory (a `.links` swapped for a symlink is not followed)."""
+    try:
+        fd = open_dir(links_dir)
+    except FileNotFoundError:
+        yield []
+        return
+    try:
+        with os.scandir(fd) as it:
+            yield [(fd, os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
+    finally:
+        os.close(fd)
+
+
 def clean_links(links_dir: bytes) -> int:
     """Unlink .links entries with a link count of 1 (Nix does the same; it
     races with optimisePath as Nix's does)."""
     freed = 0
-    try:
-        it = os.scandir(links_dir)
-    except FileNotFoundError:
-        return 0
-    with it:
-        for e in it:
-            st = e.stat(follow_symlinks=False)
+    with _links_dir(links_dir) as entries:
+        for fd, name, st in entries:
             if st.st_nlink == 1:
                 try:
-                    os.unlink(e.path)
+                    os.unlink(name, dir_fd=fd)
                     freed += _count(st)
                 except FileNotFoundError:
                     pass
