@@ -43,6 +43,7 @@ from typing import Callable, Iterable, Iterator
 
 from gcroots import nofollow
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
+from gcroots.users import user_name
 
 UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
 UINT64_MAX = 2**64 - 1   # GenerationNumber in nix-env's argument parsing
@@ -485,17 +486,10 @@ def _flock(fd: int, deadline: float | None, wait: bool = False) -> bool:
         pause = min(pause * 2, 0.2)
 
 
-def _owner(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
 def refused(path: bytes, st: os.stat_result | None, detail: str = "",
              verb: str = "modify") -> PermissionRefused:
-    who = _owner(os.geteuid())
-    owner = f" (owned by {_owner(st.st_uid)})" if st is not None else ""
+    who = user_name(os.geteuid())
+    owner = f" (owned by {user_name(st.st_uid)})" if st is not None else ""
     return PermissionRefused(
         f"{detail}permission denied: {who} may not {verb} {os.fsdecode(path)}{owner}; profiles "
         "are managed with your own rights, so ask its owner or root; nothing was changed")

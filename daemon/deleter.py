@@ -24,6 +24,7 @@ Paths are raw bytes: junk names may hold any byte but NUL and '/'.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import resource
 import stat
@@ -182,15 +183,18 @@ def _names(fd: int) -> list[bytes]:
     return [os.fsencode(n) for n in os.listdir(fd)]
 
 
-def walk_tree(path: bytes, *, files: bool = True) -> Iterator[tuple[bytes, os.stat_result, int | None]]:
-    """(path, stat, fd) of `path` and everything below it, walked by
-    directory fds without following any link.  `fd` is the open directory,
-    valid until the next item is asked for; None for anything else, and for
-    a directory we may not read (whose contents are then not walked).
-    files=False: directories only (no stat of files)."""
-    parent, name = path.rsplit(b"/", 1)
+def walk_trees(parent: bytes, names: list[bytes], *,
+               files: bool = True) -> Iterator[tuple[bytes, os.stat_result, int | None, int]]:
+    """(path, lstat, fd, depth) of the entries `names` of the directory
+    `parent` (depth 0) and of everything below them, walked by directory
+    fds without following any link.  `fd` is the open directory, valid until
+    the next item is asked for; None for anything else, and for a directory
+    we may not read (whose contents are then not walked).  files=False:
+    below depth 0, directories only (d_type: files are not even stat'ed),
+    and those without subdirectories (st_nlink 2 on ext4, tmpfs, xfs...)
+    are not opened."""
     top = open_dir(parent)
-    stack: list[tuple[int, bytes, Iterator[bytes]]] = [(top, parent, iter([name]))]
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = [(top, parent, iter(names))]
     try:
         while stack:
             fd, where, entries = stack[-1]
@@ -201,20 +205,19 @@ def walk_tree(path: bytes, *, files: bool = True) -> Iterator[tuple[bytes, os.st
             child = where + b"/" + name
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode):
-                    if files:
-                        yield child, st, None
+                if not stat.S_ISDIR(st.st_mode) or not files and st.st_nlink == 2 and len(stack) > 1:
+                    yield child, st, None, len(stack) - 1
                     continue
                 sub = os.open(name, _DIR, dir_fd=fd)
             except PermissionError:
-                yield child, st, None
+                yield child, st, None, len(stack) - 1
                 continue
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                     continue  # gone, or no longer a directory: not entered
                 raise
             stack.append((sub, child, _entries(sub, files)))
-            yield child, os.fstat(sub), sub
+            yield child, st, sub, len(stack) - 2
     finally:
         for fd, _, _ in stack:
             os.close(fd)
@@ -227,11 +230,132 @@ def _entries(fd: int, files: bool) -> Iterator[bytes]:
 
 def estimate_tree(path: bytes, freed: Freed) -> None:
     """What delete_tree() would add to `freed`, without deleting."""
-    for _, st, _ in walk_tree(path):
+    parent, name = path.rsplit(b"/", 1)
+    for _, st, _, _ in walk_trees(parent, [name]):
         if stat.S_ISDIR(st.st_mode):
             freed.sure += _count(st)
         else:
             freed.file(st)
+
+
+# -- whether the worker can delete it: checked before anything is deleted --------
+
+CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_SYS_ADMIN = 1, 3, 21
+_FS_IOC_GETFLAGS = 0x80086601          # _IOR('f', 1, long); the kernel writes an int
+_FS_IMMUTABLE_FL, _FS_APPEND_FL = 0x10, 0x20
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def effective_caps() -> int:
+    """This process's effective capabilities (a bit mask; uid 0 alone is not
+    enough: NixOS runs gcrootsd as root with none)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def why_undeletable(store: bytes, names: list[bytes]) -> str | None:
+    """The first reason the worker would fail to delete one of these entries
+    of the store dir -- "PATH: why" -- or None.  Checked without changing
+    anything, in one walk of the directories (files are not stat'ed): each
+    entry's owner against the sticky bit of the store dir (1775 on stock
+    Nix: only the entry's owner, the dir's owner or CAP_FOWNER may unlink
+    it), its immutable/append-only flags, mount points at or below it (from
+    mountinfo: a read-only bind mount has the store's st_dev), and of every
+    directory inside it what the worker will do there (list it, make it
+    writable: owner or CAP_FOWNER; sticky bit; the flags of those it
+    lists).  Not looked at: a flag on a file below the top or on a
+    directory without subdirectories, a disk that fails, a change made
+    meanwhile -- they still stop the deletion, with an error naming the
+    path."""
+    from gcroots.users import user_name
+    caps, euid = effective_caps(), os.geteuid()
+    mine = lambda st: st.st_uid == euid or caps >> CAP_FOWNER & 1  # noqa: E731  may chmod it
+    mounts = _mount_points(os.path.realpath(store))
+    sst = os.stat(store)
+    sticky = sst.st_mode & stat.S_ISVTX and not mine(sst)
+    for path, st, fd, depth in walk_trees(store, names, files=False):
+        if depth == 0:
+            if sticky and st.st_uid != euid:
+                return (f"{os.fsdecode(path)}: it belongs to {user_name(st.st_uid)}, and the store dir "
+                        f"{os.fsdecode(store)} (mode {stat.S_IMODE(sst.st_mode):o}, owner "
+                        f"{user_name(sst.st_uid)}) is sticky: only the entry's owner, the dir's "
+                        f"owner or CAP_FOWNER may remove it, not {user_name(euid)}")
+            name = path[len(store) + 1:]
+            for m, options in mounts.items():
+                if m == name or m.startswith(name + b"/"):
+                    return (f"{os.fsdecode(store + b'/' + m)}: a mount point ({options}); "
+                            "unmount it first")
+            if stat.S_ISREG(st.st_mode) and (why := _flags_problem(_flags_of_file(path))):
+                return f"{os.fsdecode(path)}: {why}"
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_dev != sst.st_dev:
+            return f"{os.fsdecode(path)}: on another file system: {_MOUNT_POINT}"
+        if fd is not None and (why := _flags_problem(_flags(fd))):
+            return f"{os.fsdecode(path)}: {why}"
+        if mine(st):
+            continue
+        # Someone else's directory (rare): we need to list it and remove
+        # what it holds as it is.  os.access by path: only a check.
+        owner = f"(mode {stat.S_IMODE(st.st_mode):o}, owner {user_name(st.st_uid)})"
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+            return (f"{os.fsdecode(path)}: {user_name(euid)} may not remove what it holds {owner}, and only "
+                    "its owner may make it writable")
+        if st.st_mode & stat.S_ISVTX:
+            with os.scandir(path) as it:
+                for e in it:
+                    if e.stat(follow_symlinks=False).st_uid != euid:
+                        return (f"{os.fsdecode(path)}: it is sticky {owner}, and {e.name!r} in it belongs "
+                                f"to someone else, whom {user_name(euid)} may not remove")
+    return None
+
+
+def _flags(fd: int) -> int:
+    try:
+        return struct.unpack_from("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8)))[0]
+    except OSError:  # ENOTTY, EOPNOTSUPP...: a file system without such flags
+        return 0
+
+
+def _flags_of_file(path: bytes) -> int:
+    try:
+        fd = os.open(path, _FILE)
+    except OSError:  # unreadable: its flags stay unknown (the deletion then says)
+        return 0
+    try:
+        return _flags(fd)
+    finally:
+        os.close(fd)
+
+
+def _flags_problem(flags: int) -> str | None:
+    if flags & _FS_IMMUTABLE_FL:
+        return "it is immutable (chattr +i): not even root may remove it; chattr -i it first"
+    if flags & _FS_APPEND_FL:
+        return "it is append-only (chattr +a): nothing may be removed from it; chattr -a it first"
+    return None
+
+
+def _mount_points(store: bytes) -> dict[bytes, str]:
+    """Mount points below the store dir (names relative to it) -> their
+    options, from this process's mountinfo (what the worker sees)."""
+    out = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            point = _unescape(fields[4])
+            if point.startswith(store + b"/"):
+                out[point[len(store) + 1:]] = "read-only" if b"ro" in fields[5].split(b",") else "read-write"
+    return out
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    parts = field.split(b"\\")
+    return parts[0] + b"".join(bytes([int(p[:3], 8)]) + p[3:] for p in parts[1:])
 
 
 def _read_exact(f, n: int) -> bytes:

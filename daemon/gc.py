@@ -71,6 +71,12 @@ class SafetyError(GCError):
     """A check that must never fail did: stop before deleting anything more."""
 
 
+class DeletionError(GCError):
+    """Removing files failed (EPERM, EROFS, EIO...) after the batch was
+    invalidated: it is unregistered garbage on disk, which `nix-store
+    --verify` accepts and the next collection removes."""
+
+
 @dataclass
 class GCOptions:
     dry_run: bool = False
@@ -236,18 +242,29 @@ class RootsServer:
             t.join(timeout=5)
 
 
+def _remount_refusal(store: bytes) -> str | None:
+    """Why make_store_writable() cannot work here, or None."""
+    if threading.active_count() > 1:
+        # Namespaces belong to the calling thread: in a threaded process (the
+        # daemon) a remount would not even reach the deletion worker.
+        return (f"{os.fsdecode(store)} is mounted read-only; gcrootsd does not remount it "
+                "(that needs CAP_SYS_ADMIN and a single-threaded process): mount the store "
+                "read-write (NixOS: boot.nixStoreMountOpts = [ \"nodev\" \"nosuid\" ]) "
+                "or collect with `gcroots-query --standalone gc` as root")
+    if not effective_caps() >> CAP_SYS_ADMIN & 1:
+        return (f"{os.fsdecode(store)} is mounted read-only, and remounting it needs "
+                "CAP_SYS_ADMIN: mount the store read-write (NixOS: boot.nixStoreMountOpts = "
+                "[ \"nodev\" \"nosuid\" ])")
+    return None
+
+
 def make_store_writable(store: bytes) -> None:
     """What Nix does on a read-only store mount (NixOS): in a private mount
     namespace of this process, remount the store read-write.  Needs
     CAP_SYS_ADMIN, which gcrootsd does not have; then a clear error.  Call
     before any thread starts (the deletion worker inherits the namespace)."""
-    if threading.active_count() > 1:
-        # Namespaces belong to the calling thread: in a threaded process (the
-        # daemon) a remount would not even reach the deletion worker.
-        raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcrootsd does not remount it "
-                      "(that needs CAP_SYS_ADMIN and a single-threaded process): mount the store "
-                      "read-write (NixOS: boot.nixStoreMountOpts = [ \"nodev\" \"nosuid\" ]) "
-                      "or collect with `gcroots-query --standalone gc` as root")
+    if (why := _remount_refusal(store)):
+        raise GCError(why)
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_REMOUNT, MS_BIND = 0x20000, 0x4000, 0x40000, 0x20, 0x1000
@@ -297,26 +314,26 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
 
 # -- deleting ------------------------------------------------------------------------
 
-from .deleter import DeleterProcess, Freed, _count, estimate_tree, open_dir, walk_tree  # noqa: E402
+from .deleter import (CAP_SYS_ADMIN, DeleterProcess, Freed, _count, effective_caps,  # noqa: E402
+                      estimate_tree, open_dir, walk_trees, why_undeletable)
 
 
-def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
-    """What deleting these trees (and then the .links entries left with one
-    link) would free: (bytes in the trees, bytes in .links).  A file counts
-    once, and only if every one of its links goes.  Walked by directory fds,
-    like the deletion: nothing followed."""
+def predict_freed(store: bytes, names: list[bytes], links_dir: bytes) -> tuple[int, int]:
+    """What deleting these entries of the store dir (and then the .links
+    entries left with one link) would free: (bytes in the trees, bytes in
+    .links).  A file counts once, and only if every one of its links goes.
+    Walked by directory fds, like the deletion: nothing followed."""
     with _links_dir(links_dir) as entries:
         links = {(st.st_dev, st.st_ino): st for _, _, st in entries}
     seen: dict[tuple[int, int], list] = {}  # inode -> [stat, links found in the trees]
     freed = 0
-    for p in real_paths:
-        for _, st, _ in walk_tree(p):
-            if stat.S_ISDIR(st.st_mode):
-                freed += _count(st)
-            elif (key := (st.st_dev, st.st_ino)) in seen:
-                seen[key][1] += 1
-            else:
-                seen[key] = [st, 1]
+    for _, st, _, _ in walk_trees(store, names):
+        if stat.S_ISDIR(st.st_mode):
+            freed += _count(st)
+        elif (key := (st.st_dev, st.st_ino)) in seen:
+            seen[key][1] += 1
+        else:
+            seen[key] = [st, 1]
     links_freed = 0
     for key, (st, n) in seen.items():
         in_links = 1 if key in links else 0
@@ -433,10 +450,13 @@ class Collection:
         self.server.start()
         self.result.temproots_removed = remove_stale_temproots(self.layout)
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, *, remount: bool = True) -> None:
         store = self.layout.real_store_dir
         if os.statvfs(store).f_flag & os.ST_RDONLY:
-            make_store_writable(store)
+            if remount:
+                make_store_writable(store)
+            elif (why := _remount_refusal(store)):
+                raise GCError(why)
         state = self.layout.real_state_dir
         for d in (store, state + b"/db", state, state + b"/gc-socket", self.layout.temproots_dir,
                   self.layout.gc_lock_path):
@@ -522,11 +542,12 @@ class Collection:
         two would fight over the GIL."""
         a = self._analysis
         order = self._order()
-        real = self.layout.real_path
+        self._check_deletable(order)
         if self.options.dry_run:
             if self.options.max_freed is not None:
                 order = self._within_limit(order)
-            freed, links = predict_freed([real(p) for p in order], self.layout.links_dir)
+            freed, links = predict_freed(self.layout.real_store_dir, self._names(order),
+                                         self.layout.links_dir)
             self.result.paths = len(order)
             self.result.bytes_freed, self.result.links_freed = freed, links
             self.result.deleted = order
@@ -581,6 +602,21 @@ class Collection:
         self.result.seconds = time.monotonic() - self._t0
         return self.result
 
+    def _check_deletable(self, order: list[bytes]) -> None:
+        """Collection never starts what it cannot finish: before the plan is
+        shown (a dry run) and before the first row is invalidated, refuse
+        if the worker could not delete one of these paths (why_undeletable)."""
+        if self.options.dry_run:
+            self._check_writable(remount=False)  # begin() checked a real run's
+        why = why_undeletable(self.layout.real_store_dir, self._names(order))
+        if why is not None:
+            raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
+
+    def _names(self, paths: list[bytes]) -> list[bytes]:
+        """Store paths -> their names in the store dir."""
+        skip = len(self.layout.store_dir) + 1
+        return [p[skip:] for p in paths]
+
     def _limit_reached(self) -> bool:
         """Counting, as Nix does, files left with one link as freed: in an
         optimised store that is their .links entry, removed at the end."""
@@ -620,6 +656,11 @@ class Collection:
         try:
             freed, likely = worker.delete([self.layout.real_path(p) for p in batch])
         except BaseException as e:  # reported by execute(); nothing more is deleted
+            if isinstance(e, OSError):
+                e = DeletionError(f"{e}. The collection stopped there: the paths it was deleting "
+                                  "are no longer registered in the Nix DB, and what is left of "
+                                  "them on disk is garbage that the next collection removes once "
+                                  "the cause is fixed")
             failure.append(e)
             freed = likely = 0
         with self._cond:

@@ -424,31 +424,6 @@ def test_never_a_live_path_deleted(tmp_path_factory, graph):
             assert p.encode() not in valid and not on_disk, f"dead path {p} survived"
 
 
-def test_deletion_failure_stops_safely_and_next_run_finishes(scratch):
-    """A path that cannot be deleted (here: a read-only mount inside the
-    store) stops the collection with an error: what was invalidated but not
-    deleted is an unregistered path on disk, never a valid path without
-    files, and the next collection removes it."""
-    root = scratch / "store"
-    support.make_store(root, paths=400, seed=81, quirks=0, roots=10, indirect=0, stale=0)
-    dead = standalone(root, "dead").stdout.split()
-    victim = next(p for p in dead if (root / p.decode().lstrip("/")).is_dir())
-    vdir = root / victim.decode().lstrip("/")
-    subprocess.run(["mount", "--bind", str(vdir), str(vdir)], check=True)
-    subprocess.run(["mount", "-o", "remount,ro,bind", str(vdir)], check=True)
-    try:
-        out = standalone(root, "gc", "--yes", check=False)
-        assert out.returncode == 1 and b"deleting from the store failed" in out.stderr
-        valid = valid_set(root)
-        on_disk = {b"/nix/store/" + os.fsencode(n) for n in disk_set(root)}
-        assert valid <= on_disk  # no valid path lost its files
-    finally:
-        subprocess.run(["umount", str(vdir)], check=True)
-    out = standalone(root, "gc", "--yes")
-    assert standalone(root, "dead").stdout == b""
-    verify_clean(root)
-
-
 def test_state_dir_not_owned_is_a_clear_error(scratch, users, pipelines):
     root = scratch / "store"
     support.make_store(root, paths=200, seed=82, quirks=0, roots=5, indirect=0, stale=0)
