@@ -72,8 +72,7 @@ def collect(args, opts: dict) -> Answer:
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         c.plan(rootset, db)
         result = c.execute(layout.db_path)
-        if rootset.stale and not options.dry_run:
-            c.remove_stale_links(engine.scan_in_process(layout, runtime=False))
+        c.remove_stale_links(lambda: engine.scan_in_process(layout, runtime=False))
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")
     except GCError as e:

@@ -18,8 +18,9 @@ One collection, in this order (gc.cc collectGarbage):
    disk, in parallel.  A crash between the two leaves unregistered paths on
    disk, which the next collection removes; never a valid path without its
    files.
-6. Remove `.links` entries nobody else links to; then the caller removes
-   the gcroots/auto links that two helper scans found stale
+6. Remove `.links` entries nobody else links to; then, still under
+   gc.lock, the gcroots/auto links found stale: set aside if unchanged,
+   judged again by a new helper scan, removed or put back
    (remove_stale_auto_links).
 
 A dry run only computes: what would go and exactly how many bytes that
@@ -29,6 +30,7 @@ frees, counting a file only if all of its hard links go.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -44,10 +46,11 @@ from typing import Callable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
+from gcroots.protocol.rootstream import StaleLink, link_identity
 from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
 
 from . import engine
-from .engine import Analysis, RootSet
+from .engine import Analysis, IncompleteRoots, RootSet
 from .graph import StoreGraph
 from .nixconf import GCSettings
 from .store import StoreDB
@@ -237,6 +240,10 @@ class RootsServer:
                 except OSError:
                     pass
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop now
+            except OSError:
+                pass
             self._sock.close()
         for t in self._threads:
             t.join(timeout=5)
@@ -304,7 +311,10 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # alive
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue  # its process removed it on exit, after our open
             os.write(fd, b"d")
             removed += 1
         finally:
@@ -380,39 +390,123 @@ def clean_links(links_dir: bytes) -> int:
     return freed
 
 
-def confirmed_stale(first: RootSet, second: RootSet) -> list:
-    """Links that two independent, complete scans both found stale."""
-    again = {(s.link, s.target) for s in second.stale}
-    return [s for s in first.stale if (s.link, s.target) in again]
+# gcroots/auto/<name> entries set aside for removal get this suffix (Nix
+# names them by a 32-character hash only, so it never writes such a name).
+SET_ASIDE = b".gcroots-stale"
 
 
-def remove_stale_auto_links(layout: StoreLayout, stale: list) -> int:
-    """Remove stale gcroots/auto links, given as confirmed by the helper
-    (twice: see confirmed_stale).  Only links under gcroots/auto; only if
-    the link still says what it said; and never if *we* can see its target.
-    Our own view is no proof of absence -- gcrootsd cannot look into 0700
-    homes, and under ProtectHome= every home looks empty -- which is why
-    the helper's two scans decide, not our lstat."""
-    removed = 0
-    for s in stale:
+def remove_stale_auto_links(layout: StoreLayout, judged: list[StaleLink],
+                            rescan: Callable[[], RootSet]) -> int:
+    """Remove the gcroots/auto links that the helper judged stale (their
+    target absent), only where that is certain at the moment of removal.
+    Call under gc.lock.  The helper's view decides, never ours: gcrootsd
+    cannot look into 0700 homes (EACCES is no proof of absence).
+
+    Nix 2.8 makes an indirect root in addPermRoot: addTempRoot(path), then
+    the result link T (a temporary link renamed over T), then
+    addIndirectRoot: a temporary link renamed over A = auto/<hash of T>,
+    whose content is always T.  So whenever Nix (re)creates T, it replaces A
+    afterwards by a new inode.  We remove A in three steps:
+
+    1. A is set aside: renamed (RENAME_NOREPLACE) to A + SET_ASIDE, the
+       name "held", if it is still the link the helper judged: same
+       (dev, ino, ctime) -- taken by the helper *before* it found T absent
+       -- and same target.  If Nix replaced A after that lstat, the
+       identity differs and A stays.  If Nix replaces A between our check
+       and the rename, we hold Nix's new link, whose T exists: step 2
+       finds it alive and step 3 puts it back.  Held, it is still a link in
+       gcroots/auto to T: a root for Nix and for us all along.
+    2. The helper scans again (a complete scan that starts now).
+    3. Each held link that this scan found stale, and that is unchanged
+       since (identity and target), is unlinked; any other is put back as
+       A (RENAME_NOREPLACE: if Nix made A anew meanwhile, that one stays and
+       the held twin, with the same target, goes; one with another target
+       stays held).  If the scan fails, every held link is put back.
+
+    Why nothing live is lost: a held link is only ever written by us, so
+    the link unlinked in step 3 is the one the scan of step 2 saw with T
+    absent.  If Nix creates T after that scan looked, it then writes A --
+    not the held name -- so T stays rooted; if it created T before, the scan
+    saw T (not stale) unless T was removed again before the scan looked, in
+    which case it is no root.  A crash between the steps leaves a held link
+    in gcroots/auto: a root while T exists, removed like any stale link once
+    T is gone.  The window Nix 2.8 itself has (lstat T, then unlink A, as
+    root) is closed: the unlink never races with Nix's rename."""
+    held: list[tuple[bytes, StaleLink]] = []   # (name to restore, as judged)
+    for s in judged:
         if not is_in_dir(s.link, layout.auto_dir):
             continue
-        try:
-            if not stat.S_ISLNK(os.lstat(s.link).st_mode):
-                continue
-            if abs_path(os.readlink(s.link), dir_of(s.link)) != s.target:
-                continue
+        if s.identity is None:
+            _log.warning("stale_link_kept", link=s.link, reason="the helper gave no identity "
+                         "(root-stream protocol 1): upgrade gcroots-helper")
+            continue
+        if _target_seen(s.target) or not _is_link_to(s.link, s.target, s.identity):
+            continue  # changed since the helper judged it
+        if s.link.endswith(SET_ASIDE):
+            held.append((s.link[:-len(SET_ASIDE)], s))  # set aside by a run that crashed
+        elif _rename_noreplace(s.link, s.link + SET_ASIDE):
+            held.append((s.link, s))
+    if not held:
+        return 0
+    try:
+        again = {(s.link, s.target): s for s in rescan().stale}
+    except IncompleteRoots as e:
+        _log.warning("stale_links_kept", count=len(held), reason=str(e))
+        again = {}
+    removed = 0
+    for name, s in held:
+        aside = name + SET_ASIDE
+        now = again.get((aside, s.target))
+        if (now is not None and now.identity is not None and not _target_seen(s.target)
+                and _is_link_to(aside, s.target, now.identity)):
             try:
-                os.lstat(s.target)
-                continue  # it exists again
-            except OSError:
-                pass
-            os.unlink(s.link)
-            removed += 1
-            _log.info("stale_link_removed", link=s.link, target=s.target)
-        except OSError as e:
-            _log.warning("stale_link_not_removed", link=s.link, error=e.strerror)
+                os.unlink(aside)
+                removed += 1
+                _log.info("stale_link_removed", link=name, target=s.target)
+                continue
+            except OSError as e:
+                _log.warning("stale_link_not_removed", link=aside, error=e.strerror)
+        if not _rename_noreplace(aside, name) and _is_link_to(name, s.target):
+            _unlink_quietly(aside)  # Nix made it anew: same target, one is enough
     return removed
+
+
+def _is_link_to(path: bytes, target: bytes, identity: tuple[int, int, int] | None = None) -> bool:
+    """`path` is a link to `target` (and, given an identity, that very link)."""
+    try:
+        st = os.lstat(path)
+        return (stat.S_ISLNK(st.st_mode) and (identity is None or link_identity(st) == identity)
+                and abs_path(os.readlink(path), dir_of(path)) == target)
+    except OSError:
+        return False
+
+
+def _target_seen(target: bytes) -> bool:
+    """We see it exist.  (Not seeing it proves nothing: EACCES in a home.)"""
+    try:
+        os.lstat(target)
+        return True
+    except OSError:
+        return False
+
+
+def _rename_noreplace(src: bytes, dst: bytes) -> bool:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE = -100, 1
+    if libc.renameat2(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err != errno.EEXIST:
+        _log.warning("stale_link_rename_failed", src=src, dst=dst, error=os.strerror(err))
+    return False
+
+
+def _unlink_quietly(path: bytes) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        _log.warning("stale_link_not_removed", link=path, error=e.strerror)
 
 
 # -- one collection ----------------------------------------------------------------
@@ -749,12 +843,14 @@ class Collection:
             raise
         return [p for p in batch if p not in newly]
 
-    def remove_stale_links(self, confirmation: RootSet) -> int:
-        """After execute(): the links stale in our scan and in `confirmation`."""
-        if self.options.dry_run or self._analysis is None:
+    def remove_stale_links(self, rescan: Callable[[], RootSet]) -> int:
+        """After execute(), still under gc.lock: the auto links our scan found
+        stale, if `rescan` (a new complete helper scan) agrees; see
+        remove_stale_auto_links."""
+        if self.options.dry_run or self._analysis is None or not self._analysis.rootset.stale:
             return 0
-        stale = confirmed_stale(self._analysis.rootset, confirmation)
-        self.result.stale_links_removed = remove_stale_auto_links(self.layout, stale)
+        self.result.stale_links_removed = remove_stale_auto_links(
+            self.layout, self._analysis.rootset.stale, rescan)
         return self.result.stale_links_removed
 
     # phase 4

@@ -265,12 +265,12 @@ class Daemon:
             # Deletion uses its own DB connection: queries go on meanwhile.
             result = await trio.to_thread.run_sync(c.execute, self.layout.db_path)
             if rootset.stale and not options.dry_run:
-                # Stale links go only if a second helper scan agrees.
-                try:
-                    again = await self.root_set(started_after=trio.current_time())
-                    await trio.to_thread.run_sync(c.remove_stale_links, again)
-                except IncompleteRoots as e:
-                    _log.warning("stale_links_kept", reason=str(e))
+                # Stale links go only if a helper scan that starts after
+                # they were set aside agrees (remove_stale_auto_links).
+                async def rescan() -> RootSet:
+                    return await self.root_set(started_after=trio.current_time())
+                await trio.to_thread.run_sync(c.remove_stale_links,
+                                              lambda: trio.from_thread.run(rescan))
         except Exception as e:
             _log.error("gc_failed", by=by, error=str(e), dry_run=options.dry_run,
                        seconds=round(time.monotonic() - t0, 3))

@@ -18,11 +18,10 @@ from hypothesis import strategies as st
 
 from gcroots.daemon import engine
 from gcroots.daemon.engine import RootSet
-from gcroots.daemon.gc import Collection, GCOptions, SafetyError, remove_stale_auto_links
+from gcroots.daemon.gc import Collection, GCOptions, SafetyError
 from gcroots.daemon.nixconf import GCSettings
 from gcroots.daemon.store import StoreDB
 from gcroots.layout import StoreLayout
-from gcroots.protocol.rootstream import StaleLink
 
 from . import support
 from .support import Pipeline, du_bytes, oracle, standalone, valid_set, verify_clean
@@ -314,30 +313,6 @@ def test_python_level_referrer_check():
     with pytest.raises(SafetyError, match="still referenced by /nix/store/a"):
         c._check_referrers([b"/nix/store/b"], done=set())
     c._check_referrers([b"/nix/store/a", b"/nix/store/b"], done=set())  # referrer first: fine
-
-
-def test_stale_auto_links_only_when_confirmed_and_still_stale(scratch):
-    layout = StoreLayout.make(root=os.fsencode(scratch))
-    auto = scratch / "nix/var/nix/gcroots/auto"
-    auto.mkdir(parents=True)
-    gone, back, other = scratch / "gone", scratch / "back", scratch / "other"
-    for name, target in (("a", gone), ("b", back), ("c", gone), ("d", gone)):
-        os.symlink(target, auto / name)
-    outside = scratch / "nix/var/nix/gcroots/not-auto"
-    os.symlink(gone, outside)
-    back.write_text("I exist again")
-    stale = lambda *names: [StaleLink(os.fsencode(auto / n), os.fsencode(gone if n != "b" else back))  # noqa: E731
-                            for n in names]
-    first = RootSet([], stale=stale("a", "b", "c", "d") + [StaleLink(os.fsencode(outside),
-                                                                     os.fsencode(gone))])
-    second = RootSet([], stale=stale("a", "b", "d") + first.stale[-1:])  # "c" not stale again
-    os.unlink(auto / "d")
-    os.symlink(other, auto / "d")  # "d" changed since the scans
-    from gcroots.daemon.gc import confirmed_stale
-    assert remove_stale_auto_links(layout, confirmed_stale(first, second)) == 1
-    assert not (auto / "a").is_symlink()  # stale twice, unchanged, target absent: removed
-    for kept in (auto / "b", auto / "c", auto / "d", outside):
-        assert kept.is_symlink()
 
 
 def test_automatic_collection_when_space_is_low(scratch, users, pipelines):

@@ -225,3 +225,190 @@ def test_a_failure_during_deletion_is_clear_and_the_next_run_finishes(scratch, u
     p.stop()
     support.chown_tree(root / "nix", "root")
     verify_clean(root)
+
+
+# -- stale gcroots/auto links ----------------------------------------------------------
+
+def test_stale_auto_links_go_only_when_certain(scratch):
+    """Set aside if unchanged since the helper judged it, removed only if a
+    new scan finds the held link stale, put back otherwise: one case each."""
+    from gcroots.daemon import engine
+    from gcroots.daemon.engine import IncompleteRoots
+    from gcroots.daemon.gc import SET_ASIDE, remove_stale_auto_links
+    from gcroots.layout import StoreLayout
+    from gcroots.protocol.rootstream import StaleLink
+
+    support.tiny_store(scratch, ["x"], refs=[], derivers={}, roots=[])
+    layout = StoreLayout.make(root=os.fsencode(scratch))
+    auto = scratch / "nix/var/nix/gcroots/auto"
+    auto.mkdir()
+    targets = {n: scratch / "homes" / n / "result" for n in "abcdef"}
+    for n, t in targets.items():
+        t.parent.mkdir(parents=True)
+        os.symlink(t, auto / n)
+    os.symlink(targets["a"], scratch / "nix/var/nix/gcroots/not-auto")
+    scan = lambda: engine.scan_in_process(layout, runtime=False)  # noqa: E731
+    judged = scan().stale
+    assert {os.fsdecode(os.path.basename(s.link)) for s in judged} == set("abcdef")
+    assert all(s.identity is not None for s in judged)
+    os.symlink("/nix/store/x", targets["b"])        # b: its target is back (we see it)
+    os.unlink(auto / "d")                           # d: replaced since (a new inode, as Nix does)
+    os.symlink(targets["d"], auto / "d")
+    judged = [s if not s.link.endswith(b"/e") else StaleLink(s.link, s.target)  # e: no identity
+              for s in judged]
+
+    def rescan():
+        os.symlink("/nix/store/x", targets["c"])    # c: made again while it was held
+        return scan()
+
+    assert remove_stale_auto_links(layout, judged, rescan) == 2  # a and f
+    assert sorted(os.listdir(auto)) == ["b", "c", "d", "e"]
+    # A failed rescan puts back what was set aside.
+    judged = [s for s in scan().stale if s.link.endswith((b"/d", b"/e"))]
+
+    def failing():
+        assert sorted(os.listdir(auto)) == ["b", "c", "d" + SET_ASIDE.decode(), "e" + SET_ASIDE.decode()]
+        raise IncompleteRoots("the helper is gone")
+
+    assert remove_stale_auto_links(layout, judged, failing) == 0
+    assert sorted(os.listdir(auto)) == ["b", "c", "d", "e"]
+
+
+# gcrootsd's side of the race: collections (gc.lock, gc-socket), each
+# removing the stale auto links a helper scan reports, as fast as it can.
+_REMOVER = r"""
+import os, sys, trio
+from gcroots import log
+from gcroots.daemon.gc import Collection, GCOptions, remove_stale_auto_links
+from gcroots.daemon.nixconf import GCSettings
+from gcroots.daemon.rootsource import fetch_roots
+from gcroots.layout import StoreLayout
+root, sock, stop = sys.argv[1:]
+log.configure("gcrootsd", "warning")
+layout = StoreLayout.make(root=os.fsencode(root))
+sock = os.fsencode(sock)
+counts = [0, 0, 0]  # collections, stale links judged, removed
+
+async def main():
+    rescan = lambda: trio.from_thread.run(fetch_roots, sock, layout)
+    while not os.path.exists(stop):
+        c = Collection(layout, GCSettings(), GCOptions())
+        await trio.to_thread.run_sync(c.begin)
+        try:
+            stale = (await fetch_roots(sock, layout)).stale
+            counts[1] += len(stale)
+            counts[2] += await trio.to_thread.run_sync(remove_stale_auto_links, layout, stale,
+                                                       rescan)
+        finally:
+            await trio.to_thread.run_sync(c.end)
+        counts[0] += 1
+
+trio.run(main)
+print(*counts)
+"""
+
+# Real Nix re-making result links in 0700 homes, as fast as it can; right
+# after each nix-build the auto link must be there.
+_REMAKER = r"""
+import os, subprocess, sys
+oracle, root, drv, result, auto, stop = sys.argv[1:]
+runs = missing = 0
+while not os.path.exists(stop):
+    try:
+        os.unlink(result)
+    except FileNotFoundError:
+        pass
+    out = subprocess.run([oracle, root, "nix-build", drv, "-o", result], capture_output=True)
+    if out.returncode:
+        sys.exit(out.stderr.decode())
+    runs += 1
+    if not (os.path.islink(auto) and os.readlink(auto) == result):
+        missing += 1
+print(runs, missing)
+"""
+
+
+def _nix_built(root: Path, scratch: Path) -> tuple[str, str]:
+    """A derivation and its output, valid in the store (registered with its
+    real NAR hash: chroot stores cannot run builders here), so that
+    `nix-build DRV -o LINK` only makes the links."""
+    import hashlib
+    expr = scratch / "trivial.nix"
+    expr.write_text('derivation { name = "raced"; system = builtins.currentSystem; '
+                    'builder = "/bin/sh"; args = [ "-c" "echo raced > $out" ]; }')
+    drv = support.oracle(root, "nix-instantiate", str(expr)).stdout.decode().strip()
+    out = support.oracle(root, "nix-store", "-q", "--outputs", drv).stdout.decode().strip()
+    (root / out.lstrip("/")).write_text("raced\n")
+    nar = subprocess.run(["nix-store", "--dump", str(root / out.lstrip("/"))],
+                         capture_output=True, check=True).stdout
+    support.oracle(root, "nix-store", "--load-db", input=(
+        f"{out}\nsha256:{hashlib.sha256(nar).hexdigest()}\n{len(nar)}\n{drv}\n0\n").encode())
+    return drv, out
+
+
+def test_stale_link_removal_races_nix_build_without_losing_a_root(scratch, users, pipelines):
+    """Stock Nix's model: a root-owned store, Nix as root, gcrootsd as uid 0
+    without any capability (so it cannot look into homes either).  Real Nix
+    2.8 re-creates `result` links in two users' 0700 homes (`rm result;
+    nix-build DRV -o result`, in a loop), while gcrootsd's code, under
+    gc.lock, removes the auto links the helper reports stale, in a loop.
+    Thousands of rounds: right after each nix-build its auto link exists; at
+    the end the links are what Nix leaves, and a collection keeps the
+    output."""
+    root = scratch / "store"
+    support.make_store(root, paths=50, seed=94, quirks=0, roots=3, indirect=0, stale=0)
+    drv, out = _nix_built(root, scratch)
+    auto_dir = root / "nix/var/nix/gcroots/auto"
+    auto_dir.mkdir(exist_ok=True)
+    p = Pipeline(root, scratch / "run", daemon_user="root")
+    pipelines.append(p)
+    p.start_helper()
+    homes, results = [], []
+    for user in (support.ALICE, support.BOB):
+        home = Path(pwd.getpwnam(user).pw_dir) / f"gcroots-race-{os.getpid()}"
+        home.mkdir()
+        support.chown_tree(home, user)
+        homes.append(home)
+        results.append(home / "result")
+    stop = scratch / "stop"
+    try:
+        auto = {}
+        for r in results:
+            support.oracle(root, "nix-build", drv, "-o", str(r))
+            auto[r] = next(auto_dir / n for n in os.listdir(auto_dir)
+                           if os.readlink(auto_dir / n) == str(r))
+        no_caps = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
+        blind = subprocess.run([*no_caps, sys.executable, "-c", "import os, sys; os.lstat(sys.argv[1])",
+                                str(results[0])], capture_output=True)
+        assert b"PermissionError" in blind.stderr, blind.stderr  # EACCES: it cannot see
+        remover = subprocess.Popen([*no_caps, sys.executable, "-c", _REMOVER, str(root),
+                                    str(p.helper_sock), str(stop)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        remakers = [subprocess.Popen([sys.executable, "-c", _REMAKER, str(support.NIX_ORACLE),
+                                      str(root), drv, str(r), str(auto[r]), str(stop)],
+                                     stdout=subprocess.PIPE) for r in results]
+        time.sleep(35)
+        stop.touch()
+        made = [tuple(map(int, m.communicate(timeout=60)[0].split())) for m in remakers]
+        rout, rerr = remover.communicate(timeout=60)
+        assert remover.returncode == 0, rerr.decode(errors="replace")[-3000:]
+        runs, judged, removed = map(int, rout.split())
+        print(f"nix-build runs and auto links missing right after: {made}; "
+              f"collections {runs}, stale links judged {judged}, removed {removed}")
+        assert all(missing == 0 for _, missing in made), made
+        assert sum(n for n, _ in made) + runs >= 2000 and removed >= 100
+        # The end state is Nix's: both results exist, each with its auto
+        # link, nothing set aside left over; Nix's own scan removes nothing.
+        links = sorted(os.listdir(auto_dir))
+        assert links == sorted(a.name for a in auto.values())
+        assert all(os.readlink(auto[r]) == str(r) for r in results)
+        roots = support.nix_roots(root)
+        assert all(f"{r} -> {out}".encode() in roots for r in results)
+        assert sorted(os.listdir(auto_dir)) == links
+        # And nothing live is lost: a collection keeps the output.
+        standalone(root, "gc", "--yes")
+        assert out.encode() in valid_set(root) and (root / out.lstrip("/")).exists()
+    finally:
+        stop.touch()
+        for h in homes:
+            subprocess.run(["rm", "-rf", str(h)], check=True)
