@@ -21,8 +21,7 @@ import stat
 from typing import Iterator
 
 from gcroots.layout import StoreLayout
-from gcroots.protocol.rootstream import (Record, Root, RootKind, ScanWarning, StaleLink,
-                                         link_identity)
+from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
 from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
                                is_store_basename, to_store_path)
 
@@ -250,11 +249,7 @@ class Scanner:
                         subdirs.append(name)
                     elif entry.is_symlink():
                         _bounded(child)
-                        # An auto link's identity before its target is judged:
-                        # the daemon removes a stale one only if it is unchanged.
-                        identity = (link_identity(os.stat(name, dir_fd=fd, follow_symlinks=False))
-                                    if is_in_dir(child, self.layout.auto_dir) else None)
-                        yield from self._link(child, os.readlink(name, dir_fd=fd), kind, identity)
+                        yield from self._link(child, os.readlink(name, dir_fd=fd), kind)
                     elif entry.is_file(follow_symlinks=False):
                         yield from self._regular_file(child, kind)
                     # FIFOs, sockets, devices: never opened, never roots.
@@ -268,8 +263,7 @@ class Scanner:
         if is_store_basename(name):
             yield Root(kind, path, self.layout.store_dir + b"/" + name)
 
-    def _link(self, link: bytes, target: bytes, kind: RootKind,
-              identity: tuple[int, int, int] | None = None) -> Iterator[Record]:
+    def _link(self, link: bytes, target: bytes, kind: RootKind) -> Iterator[Record]:
         store_dir = self.layout.store_dir
         if is_in_dir(target, store_dir):
             store_path = to_store_path(target, store_dir)
@@ -280,7 +274,10 @@ class Scanner:
         # lstat/readlink never follow the final component, so a link planted
         # in a sticky dir cannot redirect us (fs.protected_symlinks).
         resolved = abs_path(target, dir_of(link))
+        identity = None  # of an auto link, taken first: gcrootsd removes it only if unchanged
         try:
+            if is_in_dir(link, self.layout.auto_dir):
+                identity = link_identity(os.lstat(link))
             st = os.lstat(resolved)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
