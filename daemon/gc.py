@@ -33,6 +33,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import queue
 import socket
@@ -44,8 +45,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from gcroots import log
+from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
+from gcroots.nixdb import describe_error
 from gcroots.protocol.rootstream import StaleLink, link_identity
 from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
 
@@ -57,6 +59,9 @@ from .store import StoreDB
 from .temproots import read_temp_roots
 
 LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
+# SQLite retries a locked DB this long (Nix retries SQLITE_BUSY for as long
+# as it takes; we hold gc.lock meanwhile, so not for ever).
+DB_BUSY_TIMEOUT = 600.0
 BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
 MAX_FREED_BATCH = 16      # ... when stopping at --max-freed (checked after each)
 _log = log.get("gcroots.gc")
@@ -74,6 +79,10 @@ class SafetyError(GCError):
     """A check that must never fail did: stop before deleting anything more."""
 
 
+class DBError(GCError):
+    """The Nix DB failed (full disk, read-only, locked...): said as what it is."""
+
+
 class DeletionError(GCError):
     """Removing files failed (EPERM, EROFS, EIO...) after the batch was
     invalidated: it is unregistered garbage on disk, which `nix-store
@@ -85,6 +94,23 @@ class GCOptions:
     dry_run: bool = False
     max_freed: int | None = None      # stop once this many bytes are freed
     throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
+
+    @classmethod
+    def from_request(cls, opts: dict) -> "GCOptions":
+        """A client's options (the CLI checked them, but anyone may send
+        anything): ValueError unless each is of its type and in range."""
+        dry_run, max_freed = opts.get("dry_run", False), opts.get("max_freed")
+        throttle = opts.get("throttle") or 0.0
+        if not isinstance(dry_run, bool):
+            raise ValueError("dry_run must be true or false")
+        if max_freed is not None and (type(max_freed) is not int
+                                      or not 1 <= max_freed <= cliargs.MAX_SIZE):
+            raise ValueError(f"max_freed must be a number of bytes from 1 to {cliargs.MAX_SIZE}")
+        if (type(throttle) not in (int, float) or not math.isfinite(throttle)
+                or not 0 <= throttle <= cliargs.MAX_THROTTLE):
+            raise ValueError(f"throttle must be a number of seconds from 0 to "
+                             f"{cliargs.MAX_THROTTLE:g}")
+        return cls(dry_run, max_freed, float(throttle))
 
 
 @dataclass
@@ -552,11 +578,15 @@ class Collection:
             elif (why := _remount_refusal(store)):
                 raise GCError(why)
         state = self.layout.real_state_dir
-        for d in (store, state + b"/db", state, state + b"/gc-socket", self.layout.temproots_dir,
-                  self.layout.gc_lock_path):
+        for d in (store, state + b"/db", self.layout.db_path, state, state + b"/gc-socket",
+                  self.layout.temproots_dir, self.layout.gc_lock_path):
             if os.path.lexists(d) and not os.access(d, os.W_OK):
-                raise GCError(f"no write access to {os.fsdecode(d)}: gcrootsd must run as the "
-                              "store's owner (and own the state dir) to collect garbage")
+                st = os.lstat(d)
+                why = ("it is on a read-only file system" if os.statvfs(d).f_flag & os.ST_RDONLY
+                       else f"its mode is {stat.S_IMODE(st.st_mode):o}" if st.st_uid == os.geteuid()
+                       else "gcrootsd must run as the store's owner (and own the state dir) to "
+                            "collect garbage")
+                raise GCError(f"no write access to {os.fsdecode(d)}: {why}")
 
     def _announced(self, path: bytes) -> None:
         """A Nix process needs `path` (gc-socket).  Protect it and its
@@ -648,7 +678,10 @@ class Collection:
             self.result.seconds = time.monotonic() - self._t0
             return self.result
         valid = a.dead_valid
-        writer = _writer(db_path)
+        try:
+            writer = _writer(db_path)
+        except sqlite3.Error as e:
+            raise DBError(f"nothing was deleted: {describe_error(e, db_path)}") from None
         worker = DeleterProcess()
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
         # Small batches when stopping at a size or pacing the I/O; big ones
@@ -682,6 +715,9 @@ class Collection:
                               f"{self.result.bytes_freed / 2**20:.1f} MiB freed")
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
+        except sqlite3.Error as e:  # that transaction rolled back: nothing of it is deleted
+            raise DBError((f"the collection stopped after {len(done)} paths: " if done else
+                           "nothing was deleted: ") + describe_error(e, db_path)) from None
         finally:
             if batch:  # failed between claiming and queueing: nothing of it is deleted
                 self._release(batch)
@@ -875,24 +911,40 @@ def _valid_rows(conn: sqlite3.Connection, paths: list[bytes]) -> list[tuple[int,
 
 
 def _writer(db_path: bytes) -> sqlite3.Connection:
-    conn = sqlite3.connect(os.fsdecode(db_path), timeout=60, isolation_level=None,
+    _mend_wal_modes(db_path)
+    conn = sqlite3.connect(os.fsdecode(db_path), timeout=DB_BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
     # Foreign keys off: _invalidate() enforces what they would, in bulk.
     conn.text_factory = bytes  # paths as bytes, like every other read
     conn.execute("PRAGMA foreign_keys = OFF")
     conn.execute("PRAGMA synchronous = NORMAL")  # as Nix (WAL: durable at checkpoints)
-    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_TIMEOUT * 1000)}")
     conn.execute("CREATE TEMP TABLE gc_batch (id INTEGER PRIMARY KEY)")
     return conn
 
 
-def parse_size(text: str) -> int:
-    """`10G`, `500M`, `1.5T`, `4096` (bytes); binary units like Nix's."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+def _mend_wal_modes(db_path: bytes) -> None:
+    """SQLite creates the -shm and -wal files with the mode the DB file has
+    at that moment.  Made while the DB was read-only (0444), they stay so
+    after it is made writable again, and every write then fails with
+    SQLITE_READONLY until SQLite happens to recreate them.  Ours get the DB
+    file's mode back (fchmod on an O_NOFOLLOW fd)."""
     try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(s)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 4096, 500M, 10G)") from None
+        mode = stat.S_IMODE(os.stat(db_path).st_mode)
+    except OSError:
+        return  # connect() says why
+    if not mode & stat.S_IWUSR:
+        return  # still read-only: nothing to mend yet
+    for suffix in (b"-shm", b"-wal"):
+        try:
+            fd = os.open(db_path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+                _log.info("db_file_mode_mended", path=db_path + suffix,
+                          mode=f"{stat.S_IMODE(st.st_mode):o} -> {mode:o}")
+        finally:
+            os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import struct
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import trio
 
 from gcroots import log
 from gcroots.layout import StoreLayout
+from gcroots.nixdb import describe_error
 from gcroots.sockets import listen_fds, listen_unix, peer_credentials
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
@@ -339,12 +341,9 @@ class Daemon:
     async def _gc_command(self, stream, conn, request: admin.Request, peer: Peer) -> None:
         opts = request.options
         try:
-            max_freed = opts.get("max_freed")
-            options = GCOptions(bool(opts.get("dry_run")),
-                                None if max_freed is None else int(max_freed),
-                                float(opts.get("throttle") or 0.0))
-        except (TypeError, ValueError):
-            raise RequestError(admin.Status.BAD_REQUEST, "gc: bad options") from None
+            options = GCOptions.from_request(opts)
+        except ValueError as e:
+            raise RequestError(admin.Status.BAD_REQUEST, f"gc: {e}") from None
         if self.gc_lock.locked():
             since = time.strftime("%H:%M:%S", time.localtime(self.gc_running.get("since", 0)))
             raise RequestError(admin.Status.BUSY, f"a garbage collection is already running "
@@ -368,6 +367,8 @@ class Daemon:
                                                   progress=lambda m: latest.__setitem__(0, m)))
             except (GCError, IncompleteRoots) as e:
                 outcome.append(e)
+            except sqlite3.Error as e:  # reading the DB (writing it is a GCError)
+                outcome.append(GCError(describe_error(e, self.layout.db_path)))
             except Exception as e:  # never a crashed handler: a clear error, logged in full
                 _log.exception("gc_internal_error")
                 outcome.append(GCError(f"internal error: {e!r}"))
@@ -497,6 +498,8 @@ class Daemon:
                     message = f"no complete root set, refusing to answer: {e}"
                 except NotAlive as e:
                     status, message = admin.Status.NEGATIVE, str(e)
+                except sqlite3.Error as e:
+                    status, message = admin.Status.ERROR, describe_error(e, self.layout.db_path)
                 except _STREAM_ERRORS:
                     raise
                 except Exception as e:  # a bug: log it, tell the client, keep serving

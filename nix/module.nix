@@ -368,7 +368,7 @@ in
       default = { };
       example = lib.literalExpression ''
         {
-          metrics-interval = "1m";
+          metrics-interval = "1min";
           keep-outputs = true;
         }
       '';

@@ -325,8 +325,8 @@ EVERYTHING_ON = {
     "gc": {"automatic": True, "keep": 5, "keepSince": "30d", "maxFreed": "50G",
            "minFree": "10G", "maxFree": "20G"},
     "settings": {"metrics-address": "127.0.0.1:9847", "keep-outputs": False,
-                 "keep-derivations": True, "gc-interval": "1d", "metrics-interval": "1m",
-                 "free-check-interval": "10m", "log-level": "debug"},
+                 "keep-derivations": True, "gc-interval": "1d", "metrics-interval": "1min",
+                 "free-check-interval": "10min", "log-level": "debug"},
     "nixRootsDaemonCompat": {"enable": True, "user": "nix"},
 }
 CONFIGS = {
@@ -532,10 +532,10 @@ def test_exec_lines_are_valid_command_lines(configured):
 def test_settings_become_flags():
     result = evaluate_module({"enable": True, "settings": {
         "keep-outputs": False, "keep-derivations": True, "metrics-file": None,
-        "metrics-interval": "1m"}})
+        "metrics-interval": "1min"}})
     argv = shlex.split(result["config"]["systemd"]["services"]["gcrootsd"]["serviceConfig"]["ExecStart"])
     assert "--no-keep-outputs" in argv and "--keep-derivations" in argv
-    assert argv[argv.index("--metrics-interval") + 1] == "1m"
+    assert argv[argv.index("--metrics-interval") + 1] == "1min"
     assert "--metrics-file" not in argv
     assert "--socket" not in argv   # socket activation: a --socket would replace systemd's
 
