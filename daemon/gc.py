@@ -330,8 +330,8 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
         path = layout.temproots_dir + b"/" + name
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, PermissionError):
+            continue  # gone; or not ours (read_temp_roots then refuses to go on)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -214,7 +214,10 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
     that is garbage right now, and `nix-instantiate` + `nix-store -r` of a
     trivial derivation (a real build).  They announce their paths on
     gc-socket; those paths survive, and the store verifies.  (A store whose
-    logical and physical dirs are the same, so that Nix can build in it.)"""
+    logical and physical dirs are the same, so that Nix can build in it.
+    Nix runs as the store's owner, gcrootsd's user, as in the rootless
+    model: a temp roots file of a Nix process gcrootsd cannot read stops the
+    collection, see test_gc_safety.)"""
     top = scratch / "s"
     store, state = top / "store", top / "var"
     support.make_store(Path("/"), paths=3000, seed=79, quirks=0, roots=30, indirect=5, stale=0,
@@ -226,7 +229,8 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
                    NIX_CONFIG="substituters =\nsandbox = false\nbuild-users-group =")
 
     def nix(*args: str) -> str:
-        out = subprocess.run(args, env=nix_env, capture_output=True)
+        out = subprocess.run(["runuser", "-u", support.DAEMON_USER, "--", *args], env=nix_env,
+                             capture_output=True)
         assert out.returncode == 0, out.stderr
         return out.stdout.decode().strip()
 
@@ -245,6 +249,8 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
     p = Pipeline(top, scratch / "run", layout_args=layout_args)
     pipelines.append(p)
     p.start()
+    (top / "log").mkdir()
+    support.chown_tree(top / "log", support.DAEMON_USER)
     collector = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
                                   "--throttle", "0.2"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE)

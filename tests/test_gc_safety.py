@@ -412,3 +412,43 @@ def test_stale_link_removal_races_nix_build_without_losing_a_root(scratch, users
         stop.touch()
         for h in homes:
             subprocess.run(["rm", "-rf", str(h)], check=True)
+
+
+def test_unreadable_temp_roots_stop_queries_and_collection(scratch, users, pipelines):
+    """A live Nix process of another user (root's, in a store gcrootsd's user
+    owns) keeps temp roots in a 0600 file gcrootsd cannot read: `dead` and
+    `gc` refuse (fail closed) saying which file and why, never "internal
+    error"; nothing is deleted; once the process is gone, gc works."""
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=99, quirks=0, roots=5, indirect=0, stale=0)
+    (root / "nix/var/nix/gc.lock").touch()  # (Nix would make it root's)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    temproots = root / "nix/var/nix/temproots"
+    # toFile adds a path (a temp root), then a long evaluation keeps Nix alive.
+    nix = subprocess.Popen([str(support.NIX_ORACLE), str(root), "nix-instantiate", "--eval",
+                            "--read-write-mode", "-E",
+                            'builtins.seq (builtins.toFile "held" "x") (builtins.length '
+                            '(builtins.genList (x: x) 30000000))'],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not any(temproots.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = next(temproots.iterdir())
+        assert held.stat().st_uid == 0 and held.stat().st_mode & 0o777 == 0o600
+        before = valid_set(root)
+        for args in (("dead",), ("gc", "--yes")):
+            out = p.query(*args)
+            err = out.stderr.decode()
+            assert nix.poll() is None, "Nix finished too early for this test"
+            assert out.returncode == 1 and "internal error" not in err, err
+            assert f"cannot read the temporary roots file {held}: a Nix process of root" in err, err
+        assert valid_set(root) == before
+    finally:
+        nix.kill()
+        nix.wait()
+    held.unlink(missing_ok=True)
+    out = p.query("gc", "--yes")
+    assert out.returncode == 0, out.stderr
