@@ -18,6 +18,7 @@ import os
 import select
 import sys
 
+from gcroots import cliargs
 from gcroots.protocol.admin import Status
 
 from . import conn
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--all", action="store_true", help="one chain per root that keeps PATH alive")
     c = sub.add_parser("cost", parents=[common],
                        help="per root: bytes freed if only that root went away")
-    c.add_argument("--top", type=int, default=20, help="show the N biggest (0: all)")
+    c.add_argument("--top", type=cliargs.count(), default=20, help="show the N biggest (0: all)")
     sub.add_parser("stats", parents=[common], help="counts, sizes, timings")
     for extra in _extra_commands():
         extra.register(sub, common)

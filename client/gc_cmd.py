@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from gcroots import cliargs
 from gcroots.protocol.admin import Status
 
 from . import conn
@@ -16,10 +17,12 @@ def register(sub, common) -> None:
                        help="collect garbage (through gcrootsd, or --standalone)")
     g.add_argument("--dry-run", action="store_true",
                    help="list what would be deleted and the exact bytes that would be freed")
-    g.add_argument("--max-freed", metavar="SIZE",
+    g.add_argument("--max-freed", metavar="SIZE", type=cliargs.size(minimum=1),
                    help="stop after freeing this much (e.g. 500M, 10G)")
-    g.add_argument("--throttle", type=float, default=0.0, metavar="SECONDS",
-                   help="pause between deletion batches, to spare the disk")
+    g.add_argument("--throttle", type=cliargs.seconds(maximum=cliargs.MAX_THROTTLE),
+                   default=0.0, metavar="SECONDS",
+                   help=f"pause between deletion batches, to spare the disk (at most "
+                        f"{cliargs.MAX_THROTTLE:g})")
     g.add_argument("--yes", action="store_true",
                    help="delete without asking (required when not on a terminal)")
     g.set_defaults(handler=run)
@@ -30,12 +33,7 @@ def _human(n: int) -> str:
 
 
 def _options(args) -> dict:
-    from gcroots.daemon.gc import parse_size
-    try:
-        max_freed = parse_size(args.max_freed) if args.max_freed else None
-    except ValueError as e:
-        raise SystemExit(f"gcroots-query gc: --max-freed: {e}") from None
-    return {"dry_run": args.dry_run, "max_freed": max_freed, "throttle": args.throttle}
+    return {"dry_run": args.dry_run, "max_freed": args.max_freed, "throttle": args.throttle}
 
 
 def _request(args, opts: dict):

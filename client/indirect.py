@@ -137,7 +137,7 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-def plan(scan: Scan, *, older_than: int, now: float, match: bytes | None, uid: int,
+def plan(scan: Scan, *, older_than: float, now: float, match: bytes | None, uid: int,
          runtime: dict[bytes, list[bytes]], in_profiles: set[bytes],
          older_text: str) -> list[Verdict]:
     """Only the caller's own links are candidates (others' are not listed at

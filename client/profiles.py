@@ -41,8 +41,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from gcroots import nofollow
+from gcroots import cliargs, nofollow
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
+from gcroots.users import user_name
 
 UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
 UINT64_MAX = 2**64 - 1   # GenerationNumber in nix-env's argument parsing
@@ -485,17 +486,10 @@ def _flock(fd: int, deadline: float | None, wait: bool = False) -> bool:
         pause = min(pause * 2, 0.2)
 
 
-def _owner(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
-
-
 def refused(path: bytes, st: os.stat_result | None, detail: str = "",
              verb: str = "modify") -> PermissionRefused:
-    who = _owner(os.geteuid())
-    owner = f" (owned by {_owner(st.st_uid)})" if st is not None else ""
+    who = user_name(os.geteuid())
+    owner = f" (owned by {user_name(st.st_uid)})" if st is not None else ""
     return PermissionRefused(
         f"{detail}permission denied: {who} may not {verb} {os.fsdecode(path)}{owner}; profiles "
         "are managed with your own rights, so ask its owner or root; nothing was changed")
@@ -793,42 +787,17 @@ def closure(conn, store_paths: Iterable[bytes]) -> set[bytes]:
 
 # -- retention (profiles prune) ------------------------------------------------
 
-_DURATION = re.compile(r"([0-9]+)([smhdw])")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY, "w": 7 * DAY}
-
-
-def parse_duration(text: str) -> int:
-    """`90s`, `30m`, `12h`, `14d`, `2w` and sums like `1w2d` -> seconds."""
-    pos, total = 0, 0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += int(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not text or pos != len(text):
-        raise ValueError(f"invalid duration {text!r}: use a number and a unit s, m, h, d or w, "
-                         "e.g. 14d or 1w2d")
-    return total
-
-
-def format_duration(seconds: int) -> str:
-    for unit, size in (("w", 7 * DAY), ("d", DAY), ("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
 @dataclass(frozen=True)
 class Policy:
     keep_last: int | None = None        # the N highest-numbered generations
-    keep_since: int | None = None       # seconds: generations newer than now - this
+    keep_since: float | None = None     # seconds: generations newer than now - this
 
     def describe(self) -> str:
         parts = []
         if self.keep_last is not None:
             parts.append(f"the last {self.keep_last}")
         if self.keep_since is not None:
-            parts.append(f"those newer than {format_duration(self.keep_since)}")
+            parts.append(f"those newer than {cliargs.format_duration(self.keep_since)}")
         return " and ".join(parts)
 
 
@@ -874,7 +843,7 @@ def plan_prune(profile: Profile, policy: Policy, protected: Protected, now: floa
         if g.number in last:
             keep.append(f"last {policy.keep_last}")
         if cutoff is not None and g.mtime >= cutoff:
-            keep.append(f"newer than {format_duration(policy.keep_since)}")
+            keep.append(f"newer than {cliargs.format_duration(policy.keep_since)}")
         if sp is not None and sp in protected.system:
             keep.append(" & ".join(os.fsdecode(x) for x in protected.system[sp]))
         if sp is not None and sp in protected.runtime:
@@ -890,7 +859,7 @@ def plan_prune(profile: Profile, policy: Policy, protected: Protected, now: floa
         if policy.keep_last is not None:
             why.append(f"not in last {policy.keep_last}")
         if cutoff is not None:
-            why.append(f"older than {format_duration(policy.keep_since)}")
+            why.append(f"older than {cliargs.format_duration(policy.keep_since)}")
         out.append(Verdict(g, True, tuple(why) or ("no rule keeps it",), sp))
     return out
 

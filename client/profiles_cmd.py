@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from gcroots import cliargs
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import NixDBError, connect_ro
 from gcroots.protocol.admin import Status
@@ -28,6 +29,7 @@ from . import profiles as prof
 from .format import human, s
 
 DEFAULT_LOCK_TIMEOUT = 30.0
+MAX_LOCK_TIMEOUT = 86400.0
 
 
 class CmdError(Exception):
@@ -38,23 +40,6 @@ class CmdError(Exception):
 
 # -- argument parsing -------------------------------------------------------------
 
-def _duration(text: str) -> int:
-    try:
-        return prof.parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r}")
-    return n
-
-
 def register(sub, common) -> None:
     # Accepted after the subcommand too; without them the top-level
     # options apply (SUPPRESS keeps those).
@@ -64,7 +49,8 @@ def register(sub, common) -> None:
     layout_opts.add_argument("--store-dir", default=argparse.SUPPRESS, help="logical store dir")
     layout_opts.add_argument("--state-dir", default=argparse.SUPPRESS, help="logical state dir")
     lock_opts = argparse.ArgumentParser(add_help=False)
-    lock_opts.add_argument("--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT,
+    lock_opts.add_argument("--lock-timeout", type=cliargs.seconds(maximum=MAX_LOCK_TIMEOUT),
+                           default=DEFAULT_LOCK_TIMEOUT,
                            metavar="SECONDS",
                            help="wait at most this long for a profile's lock held by another "
                                 f"process, e.g. nix-env (default {DEFAULT_LOCK_TIMEOUT:g})")
@@ -99,9 +85,10 @@ def register(sub, common) -> None:
     pr.add_argument("profiles", nargs="*", metavar="PROFILE")
     pr.add_argument("--all", action="store_true",
                     help="every profile you may modify (others are reported as skipped)")
-    pr.add_argument("--keep", type=_count, metavar="N", help="keep the N highest-numbered")
-    pr.add_argument("--keep-since", type=_duration, metavar="DURATION",
-                    help="keep those newer than this (e.g. 14d, 2w, 1w2d, 12h)")
+    pr.add_argument("--keep", type=cliargs.count(), metavar="N",
+                    help="keep the N highest-numbered")
+    pr.add_argument("--keep-since", type=cliargs.duration(positive=False), metavar="DURATION",
+                    help="keep those newer than this (e.g. 14d, 2w, 1w2d, 12h, 3mo)")
     pr.add_argument("--gc", action="store_true", help="then collect garbage through gcrootsd")
     pr.add_argument("--system-link", action="append", metavar="PATH",
                     help="a link whose generation is never deleted (default: /run/current-system "
@@ -118,7 +105,8 @@ def _extend_roots(roots: argparse.ArgumentParser, layout_opts, safety_opts) -> N
     roots.add_argument("roots_action", nargs="?", choices=["prune"], action=_RootsAction,
                        metavar="prune", help="remove your own stale indirect roots (see below)")
     g = roots.add_argument_group("roots prune")
-    g.add_argument("--older-than", type=_duration, action=_PruneOnly, metavar="DURATION",
+    g.add_argument("--older-than", type=cliargs.duration(positive=False), action=_PruneOnly,
+                   metavar="DURATION",
                    help="links (re)made longer ago than this (e.g. 30d)")
     g.add_argument("--match", action=_PruneOnly, metavar="GLOB",
                    help="only links whose path matches (fnmatch, e.g. '*/.direnv/*')")
@@ -543,7 +531,7 @@ def cmd_roots_prune(args) -> int:
     runtime = runtime_roots(args, layout)
     in_profiles = _current_generation_closure(layout)
     scanned = indirect.scan(layout)
-    older = prof.format_duration(args.older_than)
+    older = cliargs.format_duration(args.older_than)
     verdicts = indirect.plan(scanned, older_than=args.older_than, now=now,
                              match=None if args.match is None else os.fsencode(args.match),
                              uid=os.geteuid(), runtime=runtime or {}, in_profiles=in_profiles,

@@ -4,11 +4,13 @@ machines, scripts, tests).  The scan runs with the caller's rights."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from gcroots.daemon import engine
 from gcroots.daemon.cli import settings_from
 from gcroots.daemon.store import StoreDB
 from gcroots.layout import StoreLayout
+from gcroots.nixdb import describe_error
 from gcroots.protocol.admin import Status
 
 from .conn import Answer, DaemonError
@@ -43,6 +45,8 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
         return Answer(Status.NEGATIVE, str(e))
     except engine.BadRequest as e:
         return Answer(Status.BAD_REQUEST, str(e))
+    except sqlite3.Error as e:
+        return Answer(Status.ERROR, describe_error(e, layout.db_path))
     finally:
         db.close()
     return Answer(Status.OK, "", rows)
@@ -60,7 +64,7 @@ def collect(args, opts: dict) -> Answer:
                       "read other users' indirect roots or processes, so it would delete live "
                       "paths (use the daemon, or --allow-unprivileged-scan)")
     layout = layout_of(args)
-    options = GCOptions(bool(opts["dry_run"]), opts["max_freed"], float(opts["throttle"]))
+    options = GCOptions.from_request(opts)
     show = (lambda m: sys.stderr.write(f"\r\033[K{m}...")) if sys.stderr.isatty() else None
     c = Collection(layout, settings_from(args), options, progress=show)
     try:
@@ -72,12 +76,13 @@ def collect(args, opts: dict) -> Answer:
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         c.plan(rootset, db)
         result = c.execute(layout.db_path)
-        if rootset.stale and not options.dry_run:
-            c.remove_stale_links(engine.scan_in_process(layout, runtime=False))
+        c.remove_stale_links(lambda: engine.scan_in_process(layout, runtime=False))
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")
     except GCError as e:
         return Answer(Status.ERROR, str(e))
+    except sqlite3.Error as e:  # reading the DB (writing it is a GCError)
+        return Answer(Status.ERROR, describe_error(e, layout.db_path))
     except Exception as e:  # e.g. the disk or the DB failing mid-way: stopped, said clearly
         return Answer(Status.ERROR, f"the collection stopped: {type(e).__name__}: {e} (paths are "
                       "invalidated in the DB before their files go, so the store stays "

@@ -10,7 +10,7 @@ import sys
 
 import trio
 
-from gcroots import log
+from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None,
                    help=f"admin socket to create (default {DEFAULT_SOCKET}; "
                         "ignored under socket activation)")
-    p.add_argument("--socket-mode", default="0666",
+    p.add_argument("--socket-mode", default="0666", type=cliargs.file_mode,
                    help="mode of the admin socket (authorization is per peer); default 0666")
     p.add_argument("--root", help="physical root of a chroot store")
     p.add_argument("--store-dir")
@@ -38,54 +38,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-derivations", action=argparse.BooleanOptionalAction, default=None,
                    help="override nix.conf's keep-derivations")
     g = p.add_argument_group("automatic collection")
-    g.add_argument("--min-free", metavar="SIZE",
-                   help="collect when the store's file system has less free space than this")
-    g.add_argument("--max-free", metavar="SIZE",
-                   help="...until this much is free (default: --min-free)")
-    g.add_argument("--gc-interval", metavar="DURATION",
+    g.add_argument("--min-free", metavar="SIZE", type=cliargs.size(minimum=1),
+                   help="collect when the store's file system has less free space than this "
+                        "(e.g. 10G)")
+    g.add_argument("--max-free", metavar="SIZE", type=cliargs.size(minimum=1),
+                   help="...until this much is free (default: --min-free; not below it)")
+    g.add_argument("--gc-interval", metavar="DURATION", type=cliargs.duration(),
                    help="also collect on this schedule (e.g. 1d, 12h; the systemd timer is the "
                         "usual way)")
-    g.add_argument("--free-check-interval", metavar="DURATION", default="5m",
-                   help="how often to look at free space (default 5m)")
+    g.add_argument("--free-check-interval", metavar="DURATION", default="5min",
+                   type=cliargs.duration(), help="how often to look at free space (default 5min)")
     m = p.add_argument_group("metrics (Prometheus)")
     m.add_argument("--metrics-file", metavar="PATH",
                    help="write metrics here for node_exporter's textfile collector")
-    m.add_argument("--metrics-address", metavar="[HOST:]PORT",
+    m.add_argument("--metrics-address", metavar="[HOST:]PORT", type=cliargs.host_port,
                    help="serve metrics over HTTP here (default host 127.0.0.1)")
-    m.add_argument("--metrics-interval", metavar="DURATION", default="5m",
-                   help="refresh them this often even without queries (default 5m)")
+    m.add_argument("--metrics-interval", metavar="DURATION", default="5min",
+                   type=cliargs.duration(),
+                   help="refresh them this often even without queries (default 5min)")
     p.add_argument("--log-level", default="info")
     return p
 
 
-def parse_duration(text: str) -> float:
-    """`90`, `30s`, `5m`, `12h`, `7d`, `2w` -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-    t = text.strip().lower()
-    try:
-        if t and t[-1] in units:
-            value = float(t[:-1]) * units[t[-1]]
-        else:
-            value = float(t)
-    except ValueError:
-        raise ValueError(f"not a duration: {text!r} (e.g. 30s, 5m, 12h, 7d)") from None
-    if value <= 0:
-        raise ValueError(f"duration must be positive: {text!r}")
-    return value
+def parse_args(argv: list[str] | None = None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.max_free is not None and (args.min_free is None or args.max_free < args.min_free):
+        p.error(f"argument --max-free: must not be below --min-free ({args.max_free} < "
+                f"{args.min_free} bytes): collection starts below --min-free and stops once "
+                "--max-free is free" if args.min_free else
+                "argument --max-free: needs --min-free (collection starts below --min-free "
+                "and stops once --max-free is free)")
+    return args
 
 
 def auto_gc_from(args):
-    from .gc import parse_size
     from .server import AutoGC
-    if not (args.min_free or args.max_free or args.gc_interval):
+    if not (args.min_free or args.gc_interval):
         return None
-    try:
-        return AutoGC(min_free=parse_size(args.min_free) if args.min_free else None,
-                      max_free=parse_size(args.max_free) if args.max_free else None,
-                      interval=parse_duration(args.gc_interval) if args.gc_interval else None,
-                      check_interval=parse_duration(args.free_check_interval))
-    except ValueError as e:
-        raise SystemExit(f"gcrootsd: {e}") from None
+    return AutoGC(min_free=args.min_free, max_free=args.max_free, interval=args.gc_interval,
+                  check_interval=args.free_check_interval)
 
 
 def settings_from(args) -> GCSettings:
@@ -105,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     from .server import Daemon, activated_listeners, unix_listener
 
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     log.configure("gcrootsd", args.log_level)
     stop_on_signals()
     _log = log.get("gcroots.daemon")
@@ -124,9 +116,9 @@ def _main(argv: list[str] | None) -> int:
         except ImportError:
             raise SystemExit("gcrootsd: metrics need the prometheus-client package") from None
         try:
-            daemon.metrics_interval = parse_duration(args.metrics_interval)
+            daemon.metrics_interval = args.metrics_interval
             daemon.metrics = Metrics(args.metrics_file, args.metrics_address)
-        except (ValueError, OSError) as e:
+        except OSError as e:
             raise SystemExit(f"gcrootsd: metrics: {e}") from None
     try:
         daemon.open_db()
@@ -138,7 +130,7 @@ def _main(argv: list[str] | None) -> int:
     if not listeners:
         try:
             listener, socket_file = unix_listener(os.fsencode(args.socket or DEFAULT_SOCKET),
-                                          int(args.socket_mode, 8))
+                                          args.socket_mode)
         except OSError as e:
             raise SystemExit(f"gcrootsd: {e}") from None
         listeners.append(listener)

@@ -15,20 +15,30 @@ counts files left with one link, which in an optimised store is their
 the end.  Nix counts them the same way for --max-freed.
 
 The worker only ever removes the paths it is given (already invalidated in
-the DB by the collector).  Paths are raw bytes: junk names may hold any
-byte but NUL and '/'.
+the DB by the collector), and only what is inside them: it walks by
+directory fds and never follows a link (the store's owner may be someone
+else than the collector's user -- root collecting another user's store).
+Paths are raw bytes: junk names may hold any byte but NUL and '/'.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import resource
 import stat
 import struct
 import subprocess
 import sys
+from typing import Iterator
 
 _U32 = struct.Struct(">I")
 _REPLY = struct.Struct(">QQI")
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_RETRIES = 8   # for an entry that keeps changing type under us
+_MOUNT_POINT = "a mount point: another file system's files are not deleted"
 
 
 def _count(st: os.stat_result) -> int:
@@ -49,55 +59,303 @@ class Freed:
             self.likely += _count(st)
 
 
+def open_dir(path: bytes) -> int:
+    """An fd of a directory the collector was configured with (the store
+    dir, its `.links`): not followed if it is a link (Nix refuses a
+    symlinked store too)."""
+    return os.open(path, _DIR)
+
+
 def delete_tree(path: bytes, freed: Freed) -> None:
-    """rm -rf, making directories writable first (store directories are
-    read-only), via fds so that nothing is followed; adds what it frees."""
+    """rm -rf of one store entry, adding what it frees.  By directory fds
+    only: every step is relative to a directory already open (fstatat,
+    unlinkat, openat with O_NOFOLLOW|O_DIRECTORY), so an entry that the
+    store's owner swaps for a symlink meanwhile is removed as the link it has
+    become, never followed -- not even by root collecting another user's
+    store.  Directories are made writable with fchmod on their own fd.  An
+    error names the exact path (OSError.filename)."""
+    parent, name = path.rsplit(b"/", 1)
+    fd = open_dir(parent)
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(path)
-        freed.file(st)
-        return
-    _delete_dir_contents(path, st, freed)
-    os.rmdir(path)
-    freed.sure += _count(st)
+        _remove(fd, parent, name, freed)
+    finally:
+        os.close(fd)
+
+
+def _remove(top: int, top_path: bytes, name: bytes, freed: Freed) -> None:
+    """Depth-first with an explicit stack of open directories (no recursion
+    limit; one fd per level), each frame [fd, path, stat, names left]."""
+    dev = os.fstat(top).st_dev
+    frames: list[list] = [[top, top_path, None, [name]]]
+    retries: dict[bytes, int] = {}
+    try:
+        while True:
+            fd, where, st, names = frames[-1]
+            if names:
+                name = names.pop()
+                path = where + b"/" + name
+                try:
+                    sub = _unlink_or_open(fd, name, dev, freed)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, os.fsdecode(path)) from None
+                if sub is not None:
+                    frames.append([sub[0], path, sub[1], _names(sub[0])])
+                continue
+            if len(frames) == 1:
+                return
+            frames.pop()
+            os.close(fd)
+            name = where[len(frames[-1][1]) + 1:]
+            try:
+                os.rmdir(name, dir_fd=frames[-1][0])
+                freed.sure += _count(st)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                # Swapped for a link or refilled since we emptied it (only
+                # the store's owner can): remove whatever the name is now.
+                if e.errno not in (errno.ENOTDIR, errno.ENOTEMPTY) or retries.get(where, 0) >= _RETRIES:
+                    raise OSError(e.errno, e.strerror, os.fsdecode(where)) from None
+                retries[where] = retries.get(where, 0) + 1
+                frames[-1][3].append(name)
+    finally:
+        for frame in frames[1:]:
+            os.close(frame[0])
+
+
+def _unlink_or_open(dir_fd: int, name: bytes, dev: int, freed: Freed):
+    """Unlink `name` if it is not a directory; else (fd, stat) of it, open
+    and writable by us.  None if it is gone."""
+    for _ in range(_RETRIES):
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return None
+            except IsADirectoryError:
+                continue  # became a directory since the stat
+            freed.file(st)
+            return None
+        try:
+            return _open_writable(dir_fd, name, st, dev)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            # became a link or a file since the stat: never followed, look again
+    raise OSError(errno.EAGAIN, "it keeps changing type while we delete it")
+
+
+def _open_writable(dir_fd: int, name: bytes, st: os.stat_result, dev: int):
+    try:
+        fd = os.open(name, _DIR, dir_fd=dir_fd)
+    except PermissionError:
+        # Not readable even by its owner: open it without reading (O_PATH),
+        # change the mode of exactly that inode -- O_PATH fds take no
+        # fchmod, /proc/self/fd/N names the open file, not a path -- and
+        # open it for reading through that fd.
+        pfd = os.open(name, _DIR_PATH, dir_fd=dir_fd)
+        try:
+            if os.fstat(pfd).st_dev != dev:
+                raise OSError(errno.EXDEV, _MOUNT_POINT) from None
+            os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | 0o700)
+            fd = os.open(".", _DIR, dir_fd=pfd)
+        finally:
+            os.close(pfd)
+    try:
+        st = os.fstat(fd)
+        if st.st_dev != dev:
+            raise OSError(errno.EXDEV, _MOUNT_POINT)
+        if st.st_mode & 0o700 != 0o700:
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _names(fd: int) -> list[bytes]:
+    return [os.fsencode(n) for n in os.listdir(fd)]
+
+
+def walk_trees(parent: bytes, names: list[bytes], *,
+               files: bool = True) -> Iterator[tuple[bytes, os.stat_result, int | None, int]]:
+    """(path, lstat, fd, depth) of the entries `names` of the directory
+    `parent` (depth 0) and of everything below them, walked by directory
+    fds without following any link.  `fd` is the open directory, valid until
+    the next item is asked for; None for anything else, and for a directory
+    we may not read (whose contents are then not walked).  files=False:
+    below depth 0, directories only (d_type: files are not even stat'ed),
+    and those without subdirectories (st_nlink 2 on ext4, tmpfs, xfs...)
+    are not opened."""
+    top = open_dir(parent)
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = [(top, parent, iter(names))]
+    try:
+        while stack:
+            fd, where, entries = stack[-1]
+            name = next(entries, None)
+            if name is None:
+                os.close(stack.pop()[0])
+                continue
+            child = where + b"/" + name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode) or not files and st.st_nlink == 2 and len(stack) > 1:
+                    yield child, st, None, len(stack) - 1
+                    continue
+                sub = os.open(name, _DIR, dir_fd=fd)
+            except PermissionError:
+                yield child, st, None, len(stack) - 1
+                continue
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    continue  # gone, or no longer a directory: not entered
+                raise
+            stack.append((sub, child, _entries(sub, files)))
+            yield child, st, sub, len(stack) - 2
+    finally:
+        for fd, _, _ in stack:
+            os.close(fd)
+
+
+def _entries(fd: int, files: bool) -> Iterator[bytes]:
+    with os.scandir(fd) as it:  # d_type: no stat of what is skipped
+        return iter([os.fsencode(e.name) for e in it if files or e.is_dir(follow_symlinks=False)])
 
 
 def estimate_tree(path: bytes, freed: Freed) -> None:
     """What delete_tree() would add to `freed`, without deleting."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        freed.file(st)
-        return
-    freed.sure += _count(st)
-    with os.scandir(path) as it:
-        for e in it:
-            estimate_tree(e.path, freed)  # bytes in, bytes out
+    parent, name = path.rsplit(b"/", 1)
+    for _, st, _, _ in walk_trees(parent, [name]):
+        if stat.S_ISDIR(st.st_mode):
+            freed.sure += _count(st)
+        else:
+            freed.file(st)
 
 
-def _delete_dir_contents(path: bytes, st: os.stat_result, freed: Freed) -> None:
-    if st.st_mode & 0o700 != 0o700:
-        os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700, follow_symlinks=False)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+# -- whether the worker can delete it: checked before anything is deleted --------
+
+CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_SYS_ADMIN = 1, 3, 21
+_FS_IOC_GETFLAGS = 0x80086601          # _IOR('f', 1, long); the kernel writes an int
+_FS_IMMUTABLE_FL, _FS_APPEND_FL = 0x10, 0x20
+_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def effective_caps() -> int:
+    """This process's effective capabilities (a bit mask; uid 0 alone is not
+    enough: NixOS runs gcrootsd as root with none)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def why_undeletable(store: bytes, names: list[bytes]) -> str | None:
+    """The first reason the worker would fail to delete one of these entries
+    of the store dir -- "PATH: why" -- or None.  Checked without changing
+    anything, in one walk of the directories (files are not stat'ed): each
+    entry's owner against the sticky bit of the store dir (1775 on stock
+    Nix: only the entry's owner, the dir's owner or CAP_FOWNER may unlink
+    it), its immutable/append-only flags, mount points at or below it (from
+    mountinfo: a read-only bind mount has the store's st_dev), and of every
+    directory inside it what the worker will do there (list it, make it
+    writable: owner or CAP_FOWNER; sticky bit; the flags of those it
+    lists).  Not looked at: a flag on a file below the top or on a
+    directory without subdirectories, a disk that fails, a change made
+    meanwhile -- they still stop the deletion, with an error naming the
+    path."""
+    from gcroots.users import user_name
+    caps, euid = effective_caps(), os.geteuid()
+    mine = lambda st: st.st_uid == euid or caps >> CAP_FOWNER & 1  # noqa: E731  may chmod it
+    mounts = _mount_points(os.path.realpath(store))
+    sst = os.stat(store)
+    sticky = sst.st_mode & stat.S_ISVTX and not mine(sst)
+    for path, st, fd, depth in walk_trees(store, names, files=False):
+        if depth == 0:
+            if sticky and st.st_uid != euid:
+                return (f"{os.fsdecode(path)}: it belongs to {user_name(st.st_uid)}, and the store dir "
+                        f"{os.fsdecode(store)} (mode {stat.S_IMODE(sst.st_mode):o}, owner "
+                        f"{user_name(sst.st_uid)}) is sticky: only the entry's owner, the dir's "
+                        f"owner or CAP_FOWNER may remove it, not {user_name(euid)}")
+            name = path[len(store) + 1:]
+            for m, options in mounts.items():
+                if m == name or m.startswith(name + b"/"):
+                    return (f"{os.fsdecode(store + b'/' + m)}: a mount point ({options}); "
+                            "unmount it first")
+            if stat.S_ISREG(st.st_mode) and (why := _flags_problem(_flags_of_file(path))):
+                return f"{os.fsdecode(path)}: {why}"
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if st.st_dev != sst.st_dev:
+            return f"{os.fsdecode(path)}: on another file system: {_MOUNT_POINT}"
+        if fd is not None and (why := _flags_problem(_flags(fd))):
+            return f"{os.fsdecode(path)}: {why}"
+        if mine(st):
+            continue
+        # Someone else's directory (rare): we need to list it and remove
+        # what it holds as it is.  os.access by path: only a check.
+        owner = f"(mode {stat.S_IMODE(st.st_mode):o}, owner {user_name(st.st_uid)})"
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK, effective_ids=True):
+            return (f"{os.fsdecode(path)}: {user_name(euid)} may not remove what it holds {owner}, and only "
+                    "its owner may make it writable")
+        if st.st_mode & stat.S_ISVTX:
+            with os.scandir(path) as it:
+                for e in it:
+                    if e.stat(follow_symlinks=False).st_uid != euid:
+                        return (f"{os.fsdecode(path)}: it is sticky {owner}, and {e.name!r} in it belongs "
+                                f"to someone else, whom {user_name(euid)} may not remove")
+    return None
+
+
+def _flags(fd: int) -> int:
     try:
-        with os.scandir(fd) as it:
-            names = [e.name for e in it]
-        for name in names:
-            est = os.stat(name, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(est.st_mode):
-                _delete_dir_contents(path + b"/" + os.fsencode(name), est, freed)
-                os.rmdir(name, dir_fd=fd)
-                freed.sure += _count(est)
-            else:
-                os.unlink(name, dir_fd=fd)
-                freed.file(est)
+        return struct.unpack_from("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(8)))[0]
+    except OSError:  # ENOTTY, EOPNOTSUPP...: a file system without such flags
+        return 0
+
+
+def _flags_of_file(path: bytes) -> int:
+    try:
+        fd = os.open(path, _FILE)
+    except OSError:  # unreadable: its flags stay unknown (the deletion then says)
+        return 0
+    try:
+        return _flags(fd)
     finally:
         os.close(fd)
+
+
+def _flags_problem(flags: int) -> str | None:
+    if flags & _FS_IMMUTABLE_FL:
+        return "it is immutable (chattr +i): not even root may remove it; chattr -i it first"
+    if flags & _FS_APPEND_FL:
+        return "it is append-only (chattr +a): nothing may be removed from it; chattr -a it first"
+    return None
+
+
+def _mount_points(store: bytes) -> dict[bytes, str]:
+    """Mount points below the store dir (names relative to it) -> their
+    options, from this process's mountinfo (what the worker sees)."""
+    out = {}
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            point = _unescape(fields[4])
+            if point.startswith(store + b"/"):
+                out[point[len(store) + 1:]] = "read-only" if b"ro" in fields[5].split(b",") else "read-write"
+    return out
+
+
+def _unescape(field: bytes) -> bytes:
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    parts = field.split(b"\\")
+    return parts[0] + b"".join(bytes([int(p[:3], 8)]) + p[3:] for p in parts[1:])
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -150,6 +408,13 @@ class DeleterProcess:
 
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < want:  # one fd per directory level of a tree being deleted
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (OSError, ValueError):
+            pass
     while True:
         try:
             (count,) = _U32.unpack(_read_exact(stdin, 4))
@@ -166,7 +431,8 @@ def main() -> int:
             try:
                 delete_tree(p, freed)
             except OSError as e:
-                error = f"{os.fsdecode(p)}: {e.strerror or e}"
+                code = errno.errorcode.get(e.errno or 0, "")
+                error = f"{e.filename or os.fsdecode(p)}: {e.strerror or e}" + (f" ({code})" if code else "")
                 break
         stdout.write(_REPLY.pack(freed.sure, freed.likely, len(error.encode())) + error.encode())
         stdout.flush()

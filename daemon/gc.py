@@ -18,8 +18,9 @@ One collection, in this order (gc.cc collectGarbage):
    disk, in parallel.  A crash between the two leaves unregistered paths on
    disk, which the next collection removes; never a valid path without its
    files.
-6. Remove `.links` entries nobody else links to; then the caller removes
-   the gcroots/auto links that two helper scans found stale
+6. Remove `.links` entries nobody else links to; then, still under
+   gc.lock, the gcroots/auto links found stale: set aside if unchanged,
+   judged again by a new helper scan, removed or put back
    (remove_stale_auto_links).
 
 A dry run only computes: what would go and exactly how many bytes that
@@ -28,8 +29,11 @@ frees, counting a file only if all of its hard links go.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
+import math
 import os
 import queue
 import socket
@@ -39,21 +43,26 @@ import struct
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
-from gcroots import log
+from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
+from gcroots.nixdb import describe_error
+from gcroots.protocol.rootstream import StaleLink, link_identity
 from gcroots.sockets import listen_unix
 from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
 
 from . import engine
-from .engine import Analysis, RootSet
+from .engine import Analysis, IncompleteRoots, RootSet
 from .graph import StoreGraph
 from .nixconf import GCSettings
 from .store import StoreDB
 from .temproots import read_temp_roots
 
 LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
+# SQLite retries a locked DB this long (Nix retries SQLITE_BUSY for as long
+# as it takes; we hold gc.lock meanwhile, so not for ever).
+DB_BUSY_TIMEOUT = 600.0
 BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
 MAX_FREED_BATCH = 16      # ... when stopping at --max-freed (checked after each)
 _log = log.get("gcroots.gc")
@@ -71,11 +80,38 @@ class SafetyError(GCError):
     """A check that must never fail did: stop before deleting anything more."""
 
 
+class DBError(GCError):
+    """The Nix DB failed (full disk, read-only, locked...): said as what it is."""
+
+
+class DeletionError(GCError):
+    """Removing files failed (EPERM, EROFS, EIO...) after the batch was
+    invalidated: it is unregistered garbage on disk, which `nix-store
+    --verify` accepts and the next collection removes."""
+
+
 @dataclass
 class GCOptions:
     dry_run: bool = False
     max_freed: int | None = None      # stop once this many bytes are freed
     throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
+
+    @classmethod
+    def from_request(cls, opts: dict) -> "GCOptions":
+        """A client's options (the CLI checked them, but anyone may send
+        anything): ValueError unless each is of its type and in range."""
+        dry_run, max_freed = opts.get("dry_run", False), opts.get("max_freed")
+        throttle = opts.get("throttle") or 0.0
+        if not isinstance(dry_run, bool):
+            raise ValueError("dry_run must be true or false")
+        if max_freed is not None and (type(max_freed) is not int
+                                      or not 1 <= max_freed <= cliargs.MAX_SIZE):
+            raise ValueError(f"max_freed must be a number of bytes from 1 to {cliargs.MAX_SIZE}")
+        if (type(throttle) not in (int, float) or not math.isfinite(throttle)
+                or not 0 <= throttle <= cliargs.MAX_THROTTLE):
+            raise ValueError(f"throttle must be a number of seconds from 0 to "
+                             f"{cliargs.MAX_THROTTLE:g}")
+        return cls(dry_run, max_freed, float(throttle))
 
 
 @dataclass
@@ -231,9 +267,29 @@ class RootsServer:
                 except OSError:
                     pass
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept loop now
+            except OSError:
+                pass
             self._sock.close()
         for t in self._threads:
             t.join(timeout=5)
+
+
+def _remount_refusal(store: bytes) -> str | None:
+    """Why make_store_writable() cannot work here, or None."""
+    if threading.active_count() > 1:
+        # Namespaces belong to the calling thread: in a threaded process (the
+        # daemon) a remount would not even reach the deletion worker.
+        return (f"{os.fsdecode(store)} is mounted read-only; gcrootsd does not remount it "
+                "(that needs CAP_SYS_ADMIN and a single-threaded process): mount the store "
+                "read-write (NixOS: boot.nixStoreMountOpts = [ \"nodev\" \"nosuid\" ]) "
+                "or collect with `gcroots-query --standalone gc` as root")
+    if not effective_caps() >> CAP_SYS_ADMIN & 1:
+        return (f"{os.fsdecode(store)} is mounted read-only, and remounting it needs "
+                "CAP_SYS_ADMIN: mount the store read-write (NixOS: boot.nixStoreMountOpts = "
+                "[ \"nodev\" \"nosuid\" ])")
+    return None
 
 
 def make_store_writable(store: bytes) -> None:
@@ -241,13 +297,8 @@ def make_store_writable(store: bytes) -> None:
     namespace of this process, remount the store read-write.  Needs
     CAP_SYS_ADMIN, which gcrootsd does not have; then a clear error.  Call
     before any thread starts (the deletion worker inherits the namespace)."""
-    if threading.active_count() > 1:
-        # Namespaces belong to the calling thread: in a threaded process (the
-        # daemon) a remount would not even reach the deletion worker.
-        raise GCError(f"{os.fsdecode(store)} is mounted read-only; gcrootsd does not remount it "
-                      "(that needs CAP_SYS_ADMIN and a single-threaded process): mount the store "
-                      "read-write (NixOS: boot.nixStoreMountOpts = [ \"nodev\" \"nosuid\" ]) "
-                      "or collect with `gcroots-query --standalone gc` as root")
+    if (why := _remount_refusal(store)):
+        raise GCError(why)
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     CLONE_NEWNS, MS_REC, MS_PRIVATE, MS_REMOUNT, MS_BIND = 0x20000, 0x4000, 0x40000, 0x20, 0x1000
@@ -280,14 +331,17 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
         path = layout.temproots_dir + b"/" + name
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            continue
+        except (FileNotFoundError, PermissionError):
+            continue  # gone; or not ours (read_temp_roots then refuses to go on)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # alive
-            os.unlink(path)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue  # its process removed it on exit, after our open
             os.write(fd, b"d")
             removed += 1
         finally:
@@ -297,44 +351,26 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
 
 # -- deleting ------------------------------------------------------------------------
 
-from .deleter import DeleterProcess, Freed, _count, estimate_tree  # noqa: E402
+from .deleter import (CAP_SYS_ADMIN, DeleterProcess, Freed, _count, effective_caps,  # noqa: E402
+                      estimate_tree, open_dir, walk_trees, why_undeletable)
 
 
-def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
-    """What deleting these trees (and then the .links entries left with one
-    link) would free: (bytes in the trees, bytes in .links).  A file counts
-    once, and only if every one of its links goes."""
-    links: dict[tuple[int, int], os.stat_result] = {}
-    try:
-        with os.scandir(links_dir) as it:
-            for e in it:
-                st = e.stat(follow_symlinks=False)
-                links[(st.st_dev, st.st_ino)] = st
-    except FileNotFoundError:
-        pass
+def predict_freed(store: bytes, names: list[bytes], links_dir: bytes) -> tuple[int, int]:
+    """What deleting these entries of the store dir (and then the .links
+    entries left with one link) would free: (bytes in the trees, bytes in
+    .links).  A file counts once, and only if every one of its links goes.
+    Walked by directory fds, like the deletion: nothing followed."""
+    with _links_dir(links_dir) as entries:
+        links = {(st.st_dev, st.st_ino): st for _, _, st in entries}
     seen: dict[tuple[int, int], list] = {}  # inode -> [stat, links found in the trees]
     freed = 0
-
-    def walk(path: bytes) -> None:
-        nonlocal freed
-        st = os.lstat(path)
+    for _, st, _, _ in walk_trees(store, names):
         if stat.S_ISDIR(st.st_mode):
             freed += _count(st)
-            with os.scandir(path) as it:
-                for e in it:
-                    walk(e.path)
+        elif (key := (st.st_dev, st.st_ino)) in seen:
+            seen[key][1] += 1
         else:
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                seen[key][1] += 1
-            else:
-                seen[key] = [st, 1]
-
-    for p in real_paths:
-        try:
-            walk(p)
-        except FileNotFoundError:
-            pass
+            seen[key] = [st, 1]
     links_freed = 0
     for key, (st, n) in seen.items():
         in_links = 1 if key in links else 0
@@ -350,59 +386,154 @@ def predict_freed(real_paths: list[bytes], links_dir: bytes) -> tuple[int, int]:
     return freed, links_freed
 
 
+@contextlib.contextmanager
+def _links_dir(links_dir: bytes) -> Iterator[list[tuple[int, bytes, os.stat_result]]]:
+    """(fd, name, lstat) of each .links entry, listed through an fd of the
+    directory (a `.links` swapped for a symlink is not followed)."""
+    try:
+        fd = open_dir(links_dir)
+    except FileNotFoundError:
+        yield []
+        return
+    try:
+        with os.scandir(fd) as it:
+            yield [(fd, os.fsencode(e.name), e.stat(follow_symlinks=False)) for e in it]
+    finally:
+        os.close(fd)
+
+
 def clean_links(links_dir: bytes) -> int:
     """Unlink .links entries with a link count of 1 (Nix does the same; it
     races with optimisePath as Nix's does)."""
     freed = 0
-    try:
-        it = os.scandir(links_dir)
-    except FileNotFoundError:
-        return 0
-    with it:
-        for e in it:
-            st = e.stat(follow_symlinks=False)
+    with _links_dir(links_dir) as entries:
+        for fd, name, st in entries:
             if st.st_nlink == 1:
                 try:
-                    os.unlink(e.path)
+                    os.unlink(name, dir_fd=fd)
                     freed += _count(st)
                 except FileNotFoundError:
                     pass
     return freed
 
 
-def confirmed_stale(first: RootSet, second: RootSet) -> list:
-    """Links that two independent, complete scans both found stale."""
-    again = {(s.link, s.target) for s in second.stale}
-    return [s for s in first.stale if (s.link, s.target) in again]
+# gcroots/auto/<name> entries set aside for removal get this suffix (Nix
+# names them by a 32-character hash only, so it never writes such a name).
+SET_ASIDE = b".gcroots-stale"
 
 
-def remove_stale_auto_links(layout: StoreLayout, stale: list) -> int:
-    """Remove stale gcroots/auto links, given as confirmed by the helper
-    (twice: see confirmed_stale).  Only links under gcroots/auto; only if
-    the link still says what it said; and never if *we* can see its target.
-    Our own view is no proof of absence -- gcrootsd cannot look into 0700
-    homes, and under ProtectHome= every home looks empty -- which is why
-    the helper's two scans decide, not our lstat."""
-    removed = 0
-    for s in stale:
+def remove_stale_auto_links(layout: StoreLayout, judged: list[StaleLink],
+                            rescan: Callable[[], RootSet]) -> int:
+    """Remove the gcroots/auto links that the helper judged stale (their
+    target absent), only where that is certain at the moment of removal.
+    Call under gc.lock.  The helper's view decides, never ours: gcrootsd
+    cannot look into 0700 homes (EACCES is no proof of absence).
+
+    Nix 2.8 makes an indirect root in addPermRoot: addTempRoot(path), then
+    the result link T (a temporary link renamed over T), then
+    addIndirectRoot: a temporary link renamed over A = auto/<hash of T>,
+    whose content is always T.  So whenever Nix (re)creates T, it replaces A
+    afterwards by a new inode.  We remove A in three steps:
+
+    1. A is set aside: renamed (RENAME_NOREPLACE) to A + SET_ASIDE, the
+       name "held", if it is still the link the helper judged: same
+       (dev, ino, ctime) -- taken by the helper *before* it found T absent
+       -- and same target.  If Nix replaced A after that lstat, the
+       identity differs and A stays.  If Nix replaces A between our check
+       and the rename, we hold Nix's new link, whose T exists: step 2
+       finds it alive and step 3 puts it back.  Held, it is still a link in
+       gcroots/auto to T: a root for Nix and for us all along.
+    2. The helper scans again (a complete scan that starts now).
+    3. Each held link that this scan found stale, and that is unchanged
+       since (identity and target), is unlinked; any other is put back as
+       A (RENAME_NOREPLACE: if Nix made A anew meanwhile, that one stays and
+       the held twin, with the same target, goes; one with another target
+       stays held).  If the scan fails, every held link is put back.
+
+    Why nothing live is lost: a held link is only ever written by us, so
+    the link unlinked in step 3 is the one the scan of step 2 saw with T
+    absent.  If Nix creates T after that scan looked, it then writes A --
+    not the held name -- so T stays rooted; if it created T before, the scan
+    saw T (not stale) unless T was removed again before the scan looked, in
+    which case it is no root.  A crash between the steps leaves a held link
+    in gcroots/auto: a root while T exists, removed like any stale link once
+    T is gone.  The window Nix 2.8 itself has (lstat T, then unlink A, as
+    root) is closed: the unlink never races with Nix's rename."""
+    held: list[tuple[bytes, StaleLink]] = []   # (name to restore, as judged)
+    for s in judged:
         if not is_in_dir(s.link, layout.auto_dir):
             continue
-        try:
-            if not stat.S_ISLNK(os.lstat(s.link).st_mode):
-                continue
-            if abs_path(os.readlink(s.link), dir_of(s.link)) != s.target:
-                continue
+        if s.identity is None:
+            _log.warning("stale_link_kept", link=s.link, reason="the helper gave no identity "
+                         "(root-stream protocol 1): upgrade gcroots-helper")
+            continue
+        if _target_seen(s.target) or not _is_link_to(s.link, s.target, s.identity):
+            continue  # changed since the helper judged it
+        if s.link.endswith(SET_ASIDE):
+            held.append((s.link[:-len(SET_ASIDE)], s))  # set aside by a run that crashed
+        elif _rename_noreplace(s.link, s.link + SET_ASIDE):
+            held.append((s.link, s))
+    if not held:
+        return 0
+    try:
+        again = {(s.link, s.target): s for s in rescan().stale}
+    except IncompleteRoots as e:
+        _log.warning("stale_links_kept", count=len(held), reason=str(e))
+        again = {}
+    removed = 0
+    for name, s in held:
+        aside = name + SET_ASIDE
+        now = again.get((aside, s.target))
+        if (now is not None and now.identity is not None and not _target_seen(s.target)
+                and _is_link_to(aside, s.target, now.identity)):
             try:
-                os.lstat(s.target)
-                continue  # it exists again
-            except OSError:
-                pass
-            os.unlink(s.link)
-            removed += 1
-            _log.info("stale_link_removed", link=s.link, target=s.target)
-        except OSError as e:
-            _log.warning("stale_link_not_removed", link=s.link, error=e.strerror)
+                os.unlink(aside)
+                removed += 1
+                _log.info("stale_link_removed", link=name, target=s.target)
+                continue
+            except OSError as e:
+                _log.warning("stale_link_not_removed", link=aside, error=e.strerror)
+        if not _rename_noreplace(aside, name) and _is_link_to(name, s.target):
+            _unlink_quietly(aside)  # Nix made it anew: same target, one is enough
     return removed
+
+
+def _is_link_to(path: bytes, target: bytes, identity: tuple[int, int, int] | None = None) -> bool:
+    """`path` is a link to `target` (and, given an identity, that very link)."""
+    try:
+        st = os.lstat(path)
+        return (stat.S_ISLNK(st.st_mode) and (identity is None or link_identity(st) == identity)
+                and abs_path(os.readlink(path), dir_of(path)) == target)
+    except OSError:
+        return False
+
+
+def _target_seen(target: bytes) -> bool:
+    """We see it exist.  (Not seeing it proves nothing: EACCES in a home.)"""
+    try:
+        os.lstat(target)
+        return True
+    except OSError:
+        return False
+
+
+def _rename_noreplace(src: bytes, dst: bytes) -> bool:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD, RENAME_NOREPLACE = -100, 1
+    if libc.renameat2(AT_FDCWD, src, AT_FDCWD, dst, RENAME_NOREPLACE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err != errno.EEXIST:
+        _log.warning("stale_link_rename_failed", src=src, dst=dst, error=os.strerror(err))
+    return False
+
+
+def _unlink_quietly(path: bytes) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        _log.warning("stale_link_not_removed", link=path, error=e.strerror)
 
 
 # -- one collection ----------------------------------------------------------------
@@ -440,16 +571,23 @@ class Collection:
         self.server.start()
         self.result.temproots_removed = remove_stale_temproots(self.layout)
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, *, remount: bool = True) -> None:
         store = self.layout.real_store_dir
         if os.statvfs(store).f_flag & os.ST_RDONLY:
-            make_store_writable(store)
+            if remount:
+                make_store_writable(store)
+            elif (why := _remount_refusal(store)):
+                raise GCError(why)
         state = self.layout.real_state_dir
-        for d in (store, state + b"/db", state, state + b"/gc-socket", self.layout.temproots_dir,
-                  self.layout.gc_lock_path):
+        for d in (store, state + b"/db", self.layout.db_path, state, state + b"/gc-socket",
+                  self.layout.temproots_dir, self.layout.gc_lock_path):
             if os.path.lexists(d) and not os.access(d, os.W_OK):
-                raise GCError(f"no write access to {os.fsdecode(d)}: gcrootsd must run as the "
-                              "store's owner (and own the state dir) to collect garbage")
+                st = os.lstat(d)
+                why = ("it is on a read-only file system" if os.statvfs(d).f_flag & os.ST_RDONLY
+                       else f"its mode is {stat.S_IMODE(st.st_mode):o}" if st.st_uid == os.geteuid()
+                       else "gcrootsd must run as the store's owner (and own the state dir) to "
+                            "collect garbage")
+                raise GCError(f"no write access to {os.fsdecode(d)}: {why}")
 
     def _announced(self, path: bytes) -> None:
         """A Nix process needs `path` (gc-socket).  Protect it and its
@@ -529,18 +667,22 @@ class Collection:
         two would fight over the GIL."""
         a = self._analysis
         order = self._order()
-        real = self.layout.real_path
+        self._check_deletable(order)
         if self.options.dry_run:
             if self.options.max_freed is not None:
                 order = self._within_limit(order)
-            freed, links = predict_freed([real(p) for p in order], self.layout.links_dir)
+            freed, links = predict_freed(self.layout.real_store_dir, self._names(order),
+                                         self.layout.links_dir)
             self.result.paths = len(order)
             self.result.bytes_freed, self.result.links_freed = freed, links
             self.result.deleted = order
             self.result.seconds = time.monotonic() - self._t0
             return self.result
         valid = a.dead_valid
-        writer = _writer(db_path)
+        try:
+            writer = _writer(db_path)
+        except sqlite3.Error as e:
+            raise DBError(f"nothing was deleted: {describe_error(e, db_path)}") from None
         worker = DeleterProcess()
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
         # Small batches when stopping at a size or pacing the I/O; big ones
@@ -574,6 +716,9 @@ class Collection:
                               f"{self.result.bytes_freed / 2**20:.1f} MiB freed")
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
+        except sqlite3.Error as e:  # that transaction rolled back: nothing of it is deleted
+            raise DBError((f"the collection stopped after {len(done)} paths: " if done else
+                           "nothing was deleted: ") + describe_error(e, db_path)) from None
         finally:
             if batch:  # failed between claiming and queueing: nothing of it is deleted
                 self._release(batch)
@@ -587,6 +732,21 @@ class Collection:
         self.result.links_freed = clean_links(self.layout.links_dir)
         self.result.seconds = time.monotonic() - self._t0
         return self.result
+
+    def _check_deletable(self, order: list[bytes]) -> None:
+        """Collection never starts what it cannot finish: before the plan is
+        shown (a dry run) and before the first row is invalidated, refuse
+        if the worker could not delete one of these paths (why_undeletable)."""
+        if self.options.dry_run:
+            self._check_writable(remount=False)  # begin() checked a real run's
+        why = why_undeletable(self.layout.real_store_dir, self._names(order))
+        if why is not None:
+            raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
+
+    def _names(self, paths: list[bytes]) -> list[bytes]:
+        """Store paths -> their names in the store dir."""
+        skip = len(self.layout.store_dir) + 1
+        return [p[skip:] for p in paths]
 
     def _limit_reached(self) -> bool:
         """Counting, as Nix does, files left with one link as freed: in an
@@ -627,6 +787,11 @@ class Collection:
         try:
             freed, likely = worker.delete([self.layout.real_path(p) for p in batch])
         except BaseException as e:  # reported by execute(); nothing more is deleted
+            if isinstance(e, OSError):
+                e = DeletionError(f"{e}. The collection stopped there: the paths it was deleting "
+                                  "are no longer registered in the Nix DB, and what is left of "
+                                  "them on disk is garbage that the next collection removes once "
+                                  "the cause is fixed")
             failure.append(e)
             freed = likely = 0
         with self._cond:
@@ -715,12 +880,14 @@ class Collection:
             raise
         return [p for p in batch if p not in newly]
 
-    def remove_stale_links(self, confirmation: RootSet) -> int:
-        """After execute(): the links stale in our scan and in `confirmation`."""
-        if self.options.dry_run or self._analysis is None:
+    def remove_stale_links(self, rescan: Callable[[], RootSet]) -> int:
+        """After execute(), still under gc.lock: the auto links our scan found
+        stale, if `rescan` (a new complete helper scan) agrees; see
+        remove_stale_auto_links."""
+        if self.options.dry_run or self._analysis is None or not self._analysis.rootset.stale:
             return 0
-        stale = confirmed_stale(self._analysis.rootset, confirmation)
-        self.result.stale_links_removed = remove_stale_auto_links(self.layout, stale)
+        self.result.stale_links_removed = remove_stale_auto_links(
+            self.layout, self._analysis.rootset.stale, rescan)
         return self.result.stale_links_removed
 
     # phase 4
@@ -745,24 +912,40 @@ def _valid_rows(conn: sqlite3.Connection, paths: list[bytes]) -> list[tuple[int,
 
 
 def _writer(db_path: bytes) -> sqlite3.Connection:
-    conn = sqlite3.connect(os.fsdecode(db_path), timeout=60, isolation_level=None,
+    _mend_wal_modes(db_path)
+    conn = sqlite3.connect(os.fsdecode(db_path), timeout=DB_BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
     # Foreign keys off: _invalidate() enforces what they would, in bulk.
     conn.text_factory = bytes  # paths as bytes, like every other read
     conn.execute("PRAGMA foreign_keys = OFF")
     conn.execute("PRAGMA synchronous = NORMAL")  # as Nix (WAL: durable at checkpoints)
-    conn.execute("PRAGMA busy_timeout = 60000")
+    conn.execute(f"PRAGMA busy_timeout = {int(DB_BUSY_TIMEOUT * 1000)}")
     conn.execute("CREATE TEMP TABLE gc_batch (id INTEGER PRIMARY KEY)")
     return conn
 
 
-def parse_size(text: str) -> int:
-    """`10G`, `500M`, `1.5T`, `4096` (bytes); binary units like Nix's."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+def _mend_wal_modes(db_path: bytes) -> None:
+    """SQLite creates the -shm and -wal files with the mode the DB file has
+    at that moment.  Made while the DB was read-only (0444), they stay so
+    after it is made writable again, and every write then fails with
+    SQLITE_READONLY until SQLite happens to recreate them.  Ours get the DB
+    file's mode back (fchmod on an O_NOFOLLOW fd)."""
     try:
-        if s and s[-1] in units:
-            return int(float(s[:-1]) * units[s[-1]])
-        return int(s)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 4096, 500M, 10G)") from None
+        mode = stat.S_IMODE(os.stat(db_path).st_mode)
+    except OSError:
+        return  # connect() says why
+    if not mode & stat.S_IWUSR:
+        return  # still read-only: nothing to mend yet
+    for suffix in (b"-shm", b"-wal"):
+        try:
+            fd = os.open(db_path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+                os.fchmod(fd, mode)
+                _log.info("db_file_mode_mended", path=db_path + suffix,
+                          mode=f"{stat.S_IMODE(st.st_mode):o} -> {mode:o}")
+        finally:
+            os.close(fd)

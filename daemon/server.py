@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import struct
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import trio
 
 from gcroots import log
 from gcroots.layout import StoreLayout
+from gcroots.nixdb import describe_error
 from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credentials
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
@@ -270,12 +272,12 @@ class Daemon:
             # Deletion uses its own DB connection: queries go on meanwhile.
             result = await trio.to_thread.run_sync(c.execute, self.layout.db_path)
             if rootset.stale and not options.dry_run:
-                # Stale links go only if a second helper scan agrees.
-                try:
-                    again = await self.root_set(started_after=trio.current_time())
-                    await trio.to_thread.run_sync(c.remove_stale_links, again)
-                except IncompleteRoots as e:
-                    _log.warning("stale_links_kept", reason=str(e))
+                # Stale links go only if a helper scan that starts after
+                # they were set aside agrees (remove_stale_auto_links).
+                async def rescan() -> RootSet:
+                    return await self.root_set(started_after=trio.current_time())
+                await trio.to_thread.run_sync(c.remove_stale_links,
+                                              lambda: trio.from_thread.run(rescan))
         except Exception as e:
             _log.error("gc_failed", by=by, error=str(e), dry_run=options.dry_run,
                        seconds=round(time.monotonic() - t0, 3))
@@ -344,12 +346,9 @@ class Daemon:
     async def _gc_command(self, stream, conn, request: admin.Request, peer: Peer) -> None:
         opts = request.options
         try:
-            max_freed = opts.get("max_freed")
-            options = GCOptions(bool(opts.get("dry_run")),
-                                None if max_freed is None else int(max_freed),
-                                float(opts.get("throttle") or 0.0))
-        except (TypeError, ValueError):
-            raise RequestError(admin.Status.BAD_REQUEST, "gc: bad options") from None
+            options = GCOptions.from_request(opts)
+        except ValueError as e:
+            raise RequestError(admin.Status.BAD_REQUEST, f"gc: {e}") from None
         if self.gc_lock.locked():
             since = time.strftime("%H:%M:%S", time.localtime(self.gc_running.get("since", 0)))
             raise RequestError(admin.Status.BUSY, f"a garbage collection is already running "
@@ -373,6 +372,8 @@ class Daemon:
                                                   progress=lambda m: latest.__setitem__(0, m)))
             except (GCError, IncompleteRoots) as e:
                 outcome.append(e)
+            except sqlite3.Error as e:  # reading the DB (writing it is a GCError)
+                outcome.append(GCError(describe_error(e, self.layout.db_path)))
             except Exception as e:  # never a crashed handler: a clear error, logged in full
                 _log.exception("gc_internal_error")
                 outcome.append(GCError(f"internal error: {e!r}"))
@@ -532,6 +533,8 @@ class Daemon:
                     logged = "no complete root set (the reason: root_scan_failed, once per scan)"
                 except NotAlive as e:
                     status, message = admin.Status.NEGATIVE, str(e)
+                except sqlite3.Error as e:
+                    status, message = admin.Status.ERROR, describe_error(e, self.layout.db_path)
                 except _STREAM_ERRORS:
                     raise
                 except Exception as e:  # a bug: log it, tell the client, keep serving

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from gcroots.layout import StoreLayout
 from gcroots.storepath import BASE32_CHARS, HASH_LEN, hash_part, parse_store_path
+from gcroots.users import user_name
 
 _MAX_FILE = 64 << 20
 
@@ -73,6 +74,13 @@ def read_temp_roots(layout: StoreLayout) -> TempRoots:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             continue  # the owner finished and removed it
+        except PermissionError:
+            # A live Nix process's roots we cannot see: fail closed.
+            from .engine import IncompleteRoots  # (engine imports this module)
+            raise IncompleteRoots(
+                f"cannot read the temporary roots file {os.fsdecode(path)}: a Nix process of "
+                f"{user_name(os.lstat(path).st_uid)}, not readable by gcrootsd; run nix-daemon "
+                "as the store's owner, or gcrootsd as that user") from None
         try:
             if not owner_alive(fd):
                 out.stale_files.append(path)

@@ -21,6 +21,30 @@ class NixDBError(Exception):
     pass
 
 
+# SQLite's primary result codes, as what they mean for the Nix DB.
+_MEANING = {
+    3: "permission denied",
+    5: "another process holds it locked (a Nix command writing?) and did not let go",
+    6: "it is locked",
+    8: "it is read-only for us (the mode of the file, of its -wal/-shm files or of its "
+       "directory, or a read-only mount)",
+    10: "an I/O error",
+    11: "the database file is damaged",
+    13: "the disk is full",
+    14: "it cannot be opened",
+}
+BUSY = 5
+
+
+def describe_error(e: sqlite3.Error, db_path: bytes) -> str:
+    """An SQLite error as what it is, naming the DB, for one line to a person."""
+    code = getattr(e, "sqlite_errorcode", None)
+    name = getattr(e, "sqlite_errorname", None) or type(e).__name__
+    meaning = _MEANING.get(code & 0xFF if code is not None else -1)
+    return (f"the Nix database {os.fsdecode(db_path)}: "
+            + (f"{meaning} ({name}: {e})" if meaning else f"{name}: {e}"))
+
+
 def connect_ro(db_path: bytes, *, create_files: bool = True,
                timeout: float = 30.0) -> sqlite3.Connection:
     if not os.path.exists(db_path):

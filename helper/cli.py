@@ -8,6 +8,7 @@ import pwd
 import resource
 import sys
 
+from gcroots import cliargs
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
@@ -148,7 +149,7 @@ def cmd_serve(args) -> int:
     layout = _layout(args)
     uids = _uids(args)
     owner = min(uids) if uids else None
-    mode = int(args.socket_mode, 8)
+    mode = args.socket_mode
     # Under socket activation systemd owns the sockets (names "gcroots" and
     # "nix-roots"); path options would bind over them, so they are ignored.
     listeners, files = serve.systemd_listeners(), []
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--nix-roots-daemon-socket",
                    help="also serve Nix >= 2.34's roots-daemon format here")
     v.add_argument("--allow-user", action="append", help="user allowed to connect (repeatable)")
-    v.add_argument("--allow-uid", action="append", type=int, help="uid allowed to connect")
-    v.add_argument("--socket-mode", default="0600",
+    v.add_argument("--allow-uid", action="append", type=cliargs.uid, help="uid allowed to connect")
+    v.add_argument("--socket-mode", default="0600", type=cliargs.file_mode,
                    help="mode of sockets we create (owner: the first allowed uid); default 0600")
     v.add_argument("--log-level", default="info")
     v.add_argument("--require-sandbox", action=argparse.BooleanOptionalAction, default=False,

@@ -21,7 +21,7 @@ import stat
 from typing import Iterator
 
 from gcroots.layout import StoreLayout
-from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink
+from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
 from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
                                is_store_basename, to_store_path)
 
@@ -297,12 +297,15 @@ class Scanner:
         # lstat/readlink never follow the final component, so a link planted
         # in a sticky dir cannot redirect us (fs.protected_symlinks).
         resolved = abs_path(target, dir_of(link))
+        identity = None  # of an auto link, taken first: gcrootsd removes it only if unchanged
         try:
+            if is_in_dir(link, self.layout.auto_dir):
+                identity = link_identity(os.lstat(link))
             st = os.lstat(resolved)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
                 if is_in_dir(link, self.layout.auto_dir):
-                    yield StaleLink(link, resolved)
+                    yield StaleLink(link, resolved, identity)
                 return
             yield self._skip(link, e, f"lstat its target {os.fsdecode(resolved)!r}", at=resolved)
             return

@@ -390,7 +390,7 @@ in
       default = { };
       example = lib.literalExpression ''
         {
-          metrics-interval = "1m";
+          metrics-interval = "1min";
           keep-outputs = true;
         }
       '';

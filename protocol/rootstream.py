@@ -9,7 +9,10 @@ Conversation on one connection (the daemon connects, the helper serves):
     helper closes.
 
 Both sides pick the highest version in both ranges; if there is none, each
-side raises VersionMismatch naming both ranges.
+side raises VersionMismatch naming both ranges.  Version 2 adds to STALE the
+identity of the link as the helper saw it before judging its target
+(link_identity); a version-1 peer sends none, and without one the daemon
+never removes the link.
 
 Fail closed: the receiver's StreamEnd.complete is True only if the trailer
 arrived, says "ok", counts exactly the records received, and the connection
@@ -30,10 +33,11 @@ from .framing import (MAX_FRAME, FrameDecoder, LocalProtocolError,
 
 MAGIC = b"gcroots/roots"
 MIN_VERSION = 1
-MAX_VERSION = 1
+MAX_VERSION = 2
 
 _HELLO, _ROOT, _STALE, _WARNING, _TRAILER = 1, 2, 3, 4, 5
 _SCHEMAS = {_HELLO: "bHH", _ROOT: "Bbb", _STALE: "bb", _WARNING: "bIs", _TRAILER: "BQs"}
+_STALE_V2 = "bbQQQ"   # + link_identity; all zeros: none (no inode is number 0)
 _STATUS_OK, _STATUS_ERROR = 0, 1
 
 
@@ -62,6 +66,13 @@ class Root:
 class StaleLink:
     link: bytes         # gcroots/auto/X
     target: bytes       # what it points at (which does not exist)
+    identity: tuple[int, int, int] | None = None  # link_identity(lstat(link)), taken first
+
+
+def link_identity(st) -> tuple[int, int, int]:
+    """(st_dev, st_ino, st_ctime_ns) of an lstat: a link replaced by Nix
+    (a new link renamed over it) or changed in any way has another."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns % 2**64
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,12 @@ class RootStreamSender:
                                 self._max)
         elif isinstance(record, StaleLink):
             _check_path("stale link", record.link, LocalProtocolError)
-            data = encode_frame(_STALE, _SCHEMAS[_STALE], [record.link, record.target], self._max)
+            if self.version >= 2:
+                data = encode_frame(_STALE, _STALE_V2, [record.link, record.target,
+                                                        *(record.identity or (0, 0, 0))], self._max)
+            else:
+                data = encode_frame(_STALE, _SCHEMAS[_STALE], [record.link, record.target],
+                                    self._max)
         elif isinstance(record, ScanWarning):
             data = encode_frame(_WARNING, _SCHEMAS[_WARNING],
                                 [record.path, record.errno, record.message], self._max)
@@ -252,6 +268,8 @@ class RootStreamReceiver:
         schema = _SCHEMAS.get(ftype)
         if schema is None or ftype == _HELLO:
             raise RemoteProtocolError(f"unknown or unexpected frame type {ftype} from the helper")
+        if ftype == _STALE and self.version >= 2:
+            schema = _STALE_V2
         fields = decode_fields(ftype, schema, payload)
         if ftype == _TRAILER:
             status, count, message = fields
@@ -270,9 +288,9 @@ class RootStreamReceiver:
             _check_path("root store path", store_path, RemoteProtocolError)
             return Root(kind, label, store_path)
         if ftype == _STALE:
-            link, target = fields
+            link, target, *identity = fields
             _check_path("stale link", link, RemoteProtocolError)
-            return StaleLink(link, target)
+            return StaleLink(link, target, tuple(identity) if any(identity) else None)
         path, errno, message = fields
         return ScanWarning(path, errno, message)
 

@@ -255,7 +255,7 @@ def test_garbage_and_version_mismatch_from_peer(store, scratch, start_helper):
     s.connect(str(sock))
     rx = RootStreamReceiver(versions=(7, 9))
     s.sendall(rx.hello())
-    with pytest.raises(VersionMismatch, match="we speak root-stream versions 7..9, the helper speaks 1..1"):
+    with pytest.raises(VersionMismatch, match="we speak root-stream versions 7..9, the helper speaks 1..2"):
         while True:
             rx.receive_data(s.recv(4096))
             while (ev := rx.next_event()) is not NEED_DATA:

@@ -325,8 +325,8 @@ EVERYTHING_ON = {
     "gc": {"automatic": True, "keep": 5, "keepSince": "30d", "maxFreed": "50G",
            "minFree": "10G", "maxFree": "20G"},
     "settings": {"metrics-address": "127.0.0.1:9847", "keep-outputs": False,
-                 "keep-derivations": True, "gc-interval": "1d", "metrics-interval": "1m",
-                 "free-check-interval": "10m", "log-level": "debug"},
+                 "keep-derivations": True, "gc-interval": "1d", "metrics-interval": "1min",
+                 "free-check-interval": "10min", "log-level": "debug"},
     "nixRootsDaemonCompat": {"enable": True, "user": "nix"},
 }
 # The two deployment models: a stock nix-daemon (root's store: gcrootsd as
@@ -637,10 +637,10 @@ def test_accept_unreadable_reaches_the_helper():
 def test_settings_become_flags():
     result = evaluate_module({"enable": True, "settings": {
         "keep-outputs": False, "keep-derivations": True, "metrics-file": None,
-        "metrics-interval": "1m"}})
+        "metrics-interval": "1min"}})
     argv = shlex.split(result["config"]["systemd"]["services"]["gcrootsd"]["serviceConfig"]["ExecStart"])
     assert "--no-keep-outputs" in argv and "--keep-derivations" in argv
-    assert argv[argv.index("--metrics-interval") + 1] == "1m"
+    assert argv[argv.index("--metrics-interval") + 1] == "1min"
     assert "--metrics-file" not in argv
     assert "--socket" not in argv   # socket activation: a --socket would replace systemd's
 

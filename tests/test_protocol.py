@@ -16,7 +16,9 @@ from gcroots.protocol.rootstream import (
 paths = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b)
 records = st.one_of(
     st.builds(Root, st.sampled_from(list(RootKind)), paths, paths),
-    st.builds(StaleLink, paths, st.binary(max_size=200).filter(lambda b: b"\0" not in b)),
+    st.builds(StaleLink, paths, st.binary(max_size=200).filter(lambda b: b"\0" not in b),
+              st.none() | st.tuples(st.integers(0, 2**64 - 1), st.integers(1, 2**64 - 1),
+                                    st.integers(0, 2**64 - 1))),
     st.builds(ScanWarning, st.binary(max_size=200), st.integers(0, 2**32 - 1),
               st.text(max_size=100)),
 )
@@ -186,6 +188,22 @@ def test_version_negotiation_picks_highest_common():
     helper.receive_data(RootStreamReceiver(versions=(2, 5)).hello())
     helper.next_event()
     assert helper.version == 3
+
+
+@pytest.mark.parametrize("helper,daemon", [((1, 1), (1, 2)), ((1, 2), (1, 1)), ((1, 2), (1, 2))])
+def test_stale_link_identity_needs_version_2_on_both_sides(helper, daemon):
+    """An older peer on either side: the stream still works, the stale link
+    arrives without its identity (and gcrootsd then never removes it)."""
+    link = StaleLink(b"/nix/var/nix/gcroots/auto/x", b"/home/a/result", (2049, 1234, 5678))
+    sender = RootStreamSender(versions=helper)
+    rx = RootStreamReceiver(versions=daemon)
+    sender.receive_data(rx.hello())
+    sender.next_event()
+    rx.receive_data(sender.hello() + sender.send(link) + sender.trailer(True))
+    rx.receive_data(b"")
+    events = drain(rx)
+    assert events[-1] == StreamEnd(True, "")
+    assert events[1] == (link if helper[1] == daemon[1] == 2 else StaleLink(link.link, link.target))
 
 
 def test_wrong_magic_is_a_clear_error():
