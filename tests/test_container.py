@@ -1,5 +1,5 @@
 """A real multi-user host under real systemd: a Debian 12 rootfs (debootstrap,
-cached in .cache/container) booted with `systemd-nspawn -b` on a throw-away
+cached in /var/cache/gcroots-tests/container) booted with `systemd-nspawn -b` on a throw-away
 overlay.  Inside, gcroots-scenario.service installs gcroots with
 scripts/install --take-store, enables the units, builds a store with the real
 Nix, gives alice and bob `result` roots in 0700 homes and bob a process
@@ -9,7 +9,7 @@ holding a store path open, and runs the checks of tests/container/scenario.py
 The first run prepares the rootfs (a minute or two, needs the Debian
 mirror) and downloads the wheels (PyPI); the container itself has no network.
 On a failure the container's journal is shown; the run's results are also
-in .cache/container/last-results (report.json, journal.txt, console.log).
+in /var/cache/gcroots-tests/container/last-results (report.json, journal.txt, console.log).
 """
 
 from __future__ import annotations
