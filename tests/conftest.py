@@ -21,9 +21,12 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest's tmp_path factory reads --basetemp
 def pytest_configure(config):
     # `kill` or `timeout` as ^C: pytest then still tears down and cleans up.
     signal.signal(signal.SIGTERM, _interrupt)
+    if config.option.basetemp is None:  # tmp_path: ours, removed at the end (not pytest-of-root/)
+        _session["basetemp"] = config.option.basetemp = support.scratch_dir()
     if os.geteuid() != 0:
         raise pytest.UsageError("the test suite must run as root (./scripts/test uses sudo)")
     if shutil.which("nix-store") is None:
@@ -45,6 +48,8 @@ def pytest_sessionfinish(session, exitstatus):
     if not _session.get("gc_lock_existed", True):
         _remove_unheld(GC_LOCK)
     problems += support.remove_users_and_groups(support.created_users, support.created_groups)
+    if "basetemp" in _session:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(_session["basetemp"])], check=False)
     if problems:
         tr = session.config.pluginmanager.get_plugin("terminalreporter")
         for p in problems:
