@@ -7,7 +7,6 @@ import pwd
 import shutil
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -29,8 +29,11 @@ not in the store), local builds (.drv closure, outputs, build inputs),
 instantiations, nix-shells, and profiles of real nix-env user environments.
 Roots: direct links (gcroots/hydra, gcroots/per-user/USER, top level),
 indirect ones (gcroots/auto -> HOME/USER/src/.../result), stale ones,
-profiles' generations, and with --quirks each of Nix's edge cases once per
-Q (see `quirks` in the summary).
+profiles' generations, and with --quirks Q, Q of each of Nix's edge cases: a
+link to an invalid path, a relative link into the store, a link into a
+store path, a regular file named like a store path, auto links to a regular
+file, to a link out of the store and to a link to a link, an unregistered
+path on disk, and a temp roots file whose process is gone.
 
 Expected roots/live/dead sets (--expected) are the real nix-store's answers
 on a copy of the store (tests/nix-oracle), never this generator's opinion.
@@ -44,7 +47,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sqlite3
 import struct
 import subprocess
@@ -214,10 +216,10 @@ class Node:
 
 
 class Package:
-    __slots__ = ("name", "pname", "drv", "outs", "inputs", "src", "family")
+    __slots__ = ("name", "pname", "drv", "outs", "inputs", "src")
 
-    def __init__(self, pname: str, version: str, family=None):
-        self.pname, self.family = pname, family
+    def __init__(self, pname: str, version: str):
+        self.pname = pname
         self.name = pname + ("-" + version if version else "")
         self.drv, self.outs, self.inputs, self.src = -1, {}, {}, -1
 
@@ -279,7 +281,7 @@ class Graph:
             else:
                 if families and rng.random() < 0.5:
                     family = rng.choices(families, weights=[f[3] for f in families])[0]
-                pkg = Package((family[0] if family else "") + self.fresh_name(), self.version(), family)
+                pkg = Package((family[0] if family else "") + self.fresh_name(), self.version())
                 outs = rng.choices([o for _, o in OUTPUT_SETS], [w for w, _ in OUTPUT_SETS])[0]
             self.package(pkg, self.pick_deps(family), outs)
             if base:

@@ -17,7 +17,6 @@ import stat
 import subprocess
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
