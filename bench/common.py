@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-MAKE_STORE = SHARED / "tools" / "make_store.py"
-NIX_ORACLE = SHARED / "tools" / "nix-oracle"
+sys.path.insert(0, str(REPO))
+from tests import storegen  # noqa: E402
+
+NIX_ORACLE = Path(storegen.ORACLE)
 BIN = Path(sys.executable).parent
 BENCH_DIR = Path(os.environ.get("GCROOTS_BENCH_DIR", "/dev/shm/gcroots-bench"))
 
@@ -27,11 +28,8 @@ def make_store(name: str, paths: int, roots: int, *, seed: int = 1, indirect: in
     if root.exists():
         subprocess.run(["rm", "-rf", str(root)], check=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, str(MAKE_STORE), "--root", str(root), "--paths", str(paths),
-                    "--roots", str(roots), "--seed", str(seed), "--indirect", str(indirect),
-                    "--stale", str(stale), "--profiles", str(profiles),
-                    "--generations", str(generations)],
-                   check=True, stdout=subprocess.DEVNULL)
+    storegen.generate(root, paths, seed, roots=roots, indirect=indirect, stale=stale, quirks=0,
+                      profiles=profiles, generations=generations, users=3)
     return root
 
 
@@ -78,7 +76,6 @@ def cleanup(*roots: Path) -> None:
 def pipeline(root: Path, run: Path, helper_args: tuple[str, ...] = ()):
     """gcroots-helper and gcrootsd serving `root`; yields (gcrootsd's socket,
     gcrootsd's process)."""
-    sys.path.insert(0, str(REPO))
     from tests.support import wait_for_socket
 
     run.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,8 @@ def _main(argv: list[str] | None) -> int:
         daemon.open_db()
     except Exception as e:  # a clear message, not a traceback
         raise SystemExit(f"gcrootsd: {e}") from None
+    from .gc import GCLock
+    GCLock(layout).create()  # before a Nix process run by another user makes it theirs
     # Under socket activation systemd owns the socket: --socket is ignored
     # (binding it again would replace systemd's socket file).
     listeners, socket_file = activated_listeners(), None

@@ -30,7 +30,7 @@ from gcroots.storepath import HASH_LEN, is_store_basename, parse_store_path
 from .graph import LiveGraph, StoreGraph
 from .nixconf import GCSettings
 from .store import Snapshot, StoreDB, list_store
-from .temproots import TempRoots, read_temp_roots
+from .temproots import TempRoots, UnreadableTempRoots, read_temp_roots
 
 CENSORED = b"{censored}"
 _PRIVATE_KINDS = (RootKind.RUNTIME, RootKind.TEMP)
@@ -141,13 +141,18 @@ class Analysis:
 
 
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
-            *, want_dead: bool = True) -> Analysis:
+            *, want_dead: bool = True,
+            temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None) -> Analysis:
+    """`temp_files_at_lock`: see read_temp_roots (a collection's)."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
     with db.snapshot() as snap:
         candidates = {r.store_path for r in rootset.roots}
         valid_roots = snap.valid_among(candidates)
-        temp = read_temp_roots(layout)
+        try:
+            temp = read_temp_roots(layout, temp_files_at_lock)
+        except UnreadableTempRoots as e:
+            raise IncompleteRoots(str(e)) from None
         temp_valid = snap.valid_with_hash(layout.store_dir, temp.hashes)
         roots = [(r.kind, r.label, r.store_path) for r in rootset.roots
                  if r.store_path in valid_roots]

@@ -57,7 +57,7 @@ from .engine import Analysis, IncompleteRoots, RootSet
 from .graph import StoreGraph
 from .nixconf import GCSettings
 from .store import StoreDB
-from .temproots import read_temp_roots
+from .temproots import UnreadableTempRoots, read_temp_roots, temp_root_files
 
 LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 # SQLite retries a locked DB this long (Nix retries SQLITE_BUSY for as long
@@ -136,14 +136,35 @@ class GCResult:
 # -- the lock and the socket --------------------------------------------------
 
 class GCLock:
-    """<state>/gc.lock, exclusively, like Nix's collectGarbage."""
+    """<state>/gc.lock, exclusively, like Nix's collectGarbage.
+
+    Nix makes the file (0600, as whoever runs it) on first use and never
+    re-owns it: were a root Nix process first, the store's owner could never
+    lock it.  So gcrootsd makes it when it starts (create()), and root here
+    gives it to the state dir's owner."""
 
     def __init__(self, layout: StoreLayout) -> None:
         self.path = layout.gc_lock_path
         self.fd: int | None = None
 
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if os.geteuid() == 0:
+            owner = os.stat(dir_of(self.path))
+            if os.fstat(fd).st_uid != owner.st_uid:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+        return fd
+
+    def create(self) -> None:
+        """Make it now if it is missing; say so if we could not collect with it."""
+        try:
+            os.close(self._open())
+        except OSError as e:
+            _log.warning("gc_lock_unusable", path=self.path, error=e.strerror,
+                         hint="collecting needs gc.lock to belong to gcrootsd's user")
+
     def acquire(self, wait: float = LOCK_WAIT) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open()
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -559,6 +580,7 @@ class Collection:
         self._likely_freed = 0                   # in .links twins, freed at the end
         self._graph: StoreGraph | None = None
         self._analysis: Analysis | None = None
+        self._temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None
         self._t0 = time.monotonic()
 
     # phase 1
@@ -567,6 +589,7 @@ class Collection:
             return  # a dry run is a query: no lock, no socket, nothing removed
         self._check_writable()
         self.lock.acquire()
+        self._temp_files_at_lock = temp_root_files(self.layout)
         self.server = RootsServer(self.layout, self._announced)
         self.server.start()
         self.result.temproots_removed = remove_stale_temproots(self.layout)
@@ -622,7 +645,8 @@ class Collection:
         self.progress("computing the live set")
         with db.snapshot():  # the daemon's graph if it is still current
             graph = db.cached_graph() or db.load_graph()
-        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=True)
+        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=True,
+                           temp_files_at_lock=self._temp_files_at_lock)
         with self._cond:
             self._graph = graph
             self._analysis = a
@@ -812,7 +836,10 @@ class Collection:
     def _claim(self, batch: list[bytes]) -> list[bytes]:
         """Re-read the temp roots files, drop what became protected, mark the
         rest as being deleted (until the deleter is done with it)."""
-        fresh = read_temp_roots(self.layout)
+        try:
+            fresh = read_temp_roots(self.layout, self._temp_files_at_lock)
+        except UnreadableTempRoots as e:
+            raise GCError(str(e)) from None
         with self._cond:
             new_hashes = fresh.hashes - self._temp_hashes
             if new_hashes:

@@ -13,6 +13,12 @@ re-checking under its own exclusive lock.
 Nix matches temp roots by *hash part*: any store entry with the same
 32-character hash as a temp root is alive, valid or not (a build in
 progress writes its outputs' paths before registering them).
+
+A Nix process run by another user (root) writes its file mode 0600: we
+cannot read it.  Then we do not know its roots, and fail closed -- except
+during a collection for files made after we took gc.lock: Nix announces
+every temp root on gc-socket before writing it while a collector holds the
+lock, so those hold nothing we were not told.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from dataclasses import dataclass, field
 
 from gcroots.layout import StoreLayout
@@ -35,6 +42,20 @@ class TempRoots:
     hashes: set[bytes] = field(default_factory=set)                  # hash parts that are alive
     warnings: list[str] = field(default_factory=list)
     stale_files: list[bytes] = field(default_factory=list)           # owners dead
+
+
+class UnreadableTempRoots(Exception):
+    """A temp roots file we may not read: its process's roots are unknown."""
+
+
+def temp_root_files(layout: StoreLayout) -> frozenset[tuple[bytes, int]]:
+    """(name, inode) of every temp roots file there now (Nix replaces a
+    file named after a reused pid: a new inode)."""
+    try:
+        with os.scandir(layout.temproots_dir) as it:
+            return frozenset((e.name, e.inode()) for e in it)
+    except FileNotFoundError:
+        return frozenset()
 
 
 def owner_alive(fd: int) -> bool:
@@ -56,7 +77,10 @@ def _hash_of(raw: bytes, store_dir: bytes) -> bytes | None:
     return None
 
 
-def read_temp_roots(layout: StoreLayout) -> TempRoots:
+def read_temp_roots(layout: StoreLayout,
+                    at_lock: frozenset[tuple[bytes, int]] | None = None) -> TempRoots:
+    """Every temp roots file must be readable, but with `at_lock` (the files
+    there when our collection took gc.lock) those made since may not be."""
     out = TempRoots()
     directory = layout.temproots_dir
     try:
@@ -75,12 +99,17 @@ def read_temp_roots(layout: StoreLayout) -> TempRoots:
         except FileNotFoundError:
             continue  # the owner finished and removed it
         except PermissionError:
-            # A live Nix process's roots we cannot see: fail closed.
-            from .engine import IncompleteRoots  # (engine imports this module)
-            raise IncompleteRoots(
-                f"cannot read the temporary roots file {os.fsdecode(path)}: a Nix process of "
-                f"{user_name(os.lstat(path).st_uid)}, not readable by gcrootsd; run nix-daemon "
-                "as the store's owner, or gcrootsd as that user") from None
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if at_lock is not None and (name, st.st_ino) not in at_lock:
+                continue  # made under our gc.lock: all of it came over gc-socket first
+            raise UnreadableTempRoots(
+                f"cannot read the temporary roots file {os.fsdecode(path)} (owner "
+                f"{user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}): the paths a Nix process of "
+                "another user is using are unknown, so no complete root set until it ends "
+                "(Nix must run as the store's owner, as gcrootsd does)") from None
         try:
             if not owner_alive(fd):
                 out.stale_files.append(path)

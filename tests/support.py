@@ -6,36 +6,59 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamReceiver, ScanWarning,
                                          StaleLink, StreamEnd)
 
+from . import storegen
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-MAKE_STORE = SHARED / "tools" / "make_store.py"
-NIX_ORACLE = SHARED / "tools" / "nix-oracle"
+NIX_ORACLE = Path(storegen.ORACLE)
 VENV_BIN = Path(sys.executable).parent
 HELPER = str(VENV_BIN / "gcroots-helper")
 DAEMON = str(VENV_BIN / "gcrootsd")
 QUERY = str(VENV_BIN / "gcroots-query")
 
-# Real, unprivileged users the suite creates (idempotently).
-ALICE, BOB, DAEMON_USER, CAROL = "gcr-alice", "gcr-bob", "gcr-daemon", "gcr-carol"
-ADMIN_GROUP = "gcr-admins"
+# Real, unprivileged users and a group, made for this session only (the
+# pid in the name lets a later session remove what a killed one left):
+# concurrent runs on one machine cannot disturb each other.  conftest.py
+# creates them at the start and removes everything ensure_user() and
+# ensure_group() made at the end.
+SESSION_PREFIX = "gcrt-"
+SESSION = f"{SESSION_PREFIX}{os.getpid()}-{secrets.token_hex(2)}-"
+ALICE, BOB, DAEMON_USER, CAROL = (SESSION + n for n in ("alice", "bob", "daemon", "carol"))
+HELPER_USER = SESSION + "helper"
+ADMIN_GROUP = SESSION + "admins"
+SCRATCH_PREFIX = "gcroots-test-pid"
+created_users: list[str] = []
+created_groups: list[str] = []
+# Paths this session added to the real /nix/store (through oracle("/", "nix-store", "--add")).
+real_store_added: list[str] = []
+
+
+def scratch_dir() -> Path:
+    """A fresh world-traversable dir in /tmp, named after this session's pid."""
+    d = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    return d
 
 
 def ensure_user(name: str, home_mode: int = 0o700) -> pwd.struct_passwd:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--comment",
+                        "gcroots test user", name], check=True)
+        created_users.append(name)
         pw = pwd.getpwnam(name)
     os.chmod(pw.pw_dir, home_mode)
     return pw
@@ -44,35 +67,46 @@ def ensure_user(name: str, home_mode: int = 0o700) -> pwd.struct_passwd:
 def ensure_group(name: str, members: list[str]) -> None:
     if subprocess.run(["getent", "group", name], capture_output=True).returncode != 0:
         subprocess.run(["groupadd", name], check=True)
+        created_groups.append(name)
     for m in members:
         subprocess.run(["usermod", "-a", "-G", name, m], check=True)
+
+
+def remove_users_and_groups(users: list[str], groups: list[str]) -> list[str]:
+    """userdel -r / groupdel; returns what could not be removed (with why)."""
+    failed = []
+    for cmd, names in ((["userdel", "--remove"], users), (["groupdel"], groups)):
+        for name in names:
+            out = subprocess.run([*cmd, name], capture_output=True, text=True)
+            if out.returncode not in (0, 6):  # 6: no such user/group
+                failed.append(f"{name}: {out.stderr.strip()}")
+    return failed
 
 
 def make_store(root: Path, paths: int = 1000, seed: int = 1, *, roots: int = 50,
                indirect: int = 10, stale: int = 3, quirks: int = 1, profiles: int = 2,
                generations: int = 3, users: int = 2, expected: Path | None = None,
-               extra: list[str] | None = None) -> dict:
-    cmd = [sys.executable, str(MAKE_STORE), "--root", str(root), "--paths", str(paths),
-           "--seed", str(seed), "--roots", str(roots), "--indirect", str(indirect),
-           "--stale", str(stale), "--quirks", str(quirks), "--profiles", str(profiles),
-           "--generations", str(generations), "--users", str(users)]
-    if expected is not None:
-        cmd += ["--expected", str(expected)]
-    cmd += extra or []
-    out = subprocess.run(cmd, check=True, capture_output=True).stdout
-    return json.loads(out)
+               extra: list[str] | None = None, **options) -> dict:
+    """A generated store (tests/storegen.py) under `root`; `expected` gets
+    nix-store's roots/live/dead sets for it.  `extra`: more storegen
+    command-line options, e.g. ["--store-dir", D, "--state-dir", V]."""
+    options.update(storegen.options(extra or []))
+    return storegen.generate(root, paths, seed, roots=roots, indirect=indirect, stale=stale,
+                             quirks=quirks, profiles=profiles, generations=generations,
+                             users=users, expected=None if expected is None else str(expected),
+                             **options)
 
 
 def oracle(root: Path | str, *args: str, check: bool = True, extra_config: str = "",
            input: bytes | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if extra_config:
-        env["NIX_ORACLE_EXTRA_CONFIG"] = extra_config
-    out = subprocess.run([str(NIX_ORACLE), str(root), *args], capture_output=True, env=env,
-                         input=input)
+    """A Nix command through tests/nix-oracle (single-user, offline, as root).
+    Paths it adds to the real /nix/store are deleted at the session's end."""
+    out = storegen.nix(root, *args, extra_config=extra_config, input=input)
     if check and out.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({out.returncode}): "
                              f"{out.stderr.decode(errors='replace')[-2000:]}")
+    if str(root) == "/" and args[:2] == ("nix-store", "--add") and out.returncode == 0:
+        real_store_added.extend(out.stdout.decode().split())
     return out
 
 
@@ -286,22 +320,7 @@ def standalone(root: Path | str, *args: str, env: dict | None = None,
     return out
 
 
-NIX_SCHEMA = """
-CREATE TABLE ValidPaths (id integer primary key autoincrement not null, path text unique not null,
-  hash text not null, registrationTime integer not null, deriver text, narSize integer,
-  ultimate integer, sigs text, ca text);
-CREATE TABLE Refs (referrer integer not null, reference integer not null,
-  primary key (referrer, reference),
-  foreign key (referrer) references ValidPaths(id) on delete cascade,
-  foreign key (reference) references ValidPaths(id) on delete restrict);
-CREATE INDEX IndexReferrer on Refs(referrer);
-CREATE INDEX IndexReference on Refs(reference);
-CREATE TRIGGER DeleteSelfRefs before delete on ValidPaths
-  begin delete from Refs where referrer = old.id and reference = old.id; end;
-CREATE TABLE DerivationOutputs (drv integer not null, id text not null, path text not null,
-  primary key (drv, id), foreign key (drv) references ValidPaths(id) on delete cascade);
-CREATE INDEX IndexDerivationOutputs on DerivationOutputs(path);
-"""
+NIX_SCHEMA = storegen.SCHEMA
 
 
 def tiny_store(root: Path, paths: list[str], refs: list[tuple[int, int]],

@@ -1,5 +1,5 @@
 """A real multi-user host under real systemd: a Debian 12 rootfs (debootstrap,
-cached in .cache/container) booted with `systemd-nspawn -b` on a throw-away
+cached in /var/cache/gcroots-tests/container) booted with `systemd-nspawn -b` on a throw-away
 overlay, with Debian's own nix-daemon (nix-setup-systemd).  Inside,
 gcroots-scenario.service (tests/container/scenario.py) has alice and bob
 build through that nix-daemon into `result` links in their 0700 homes, gives
@@ -14,7 +14,7 @@ the store back).  Each check is one test here.
 The first run prepares the rootfs (a minute or two, needs the Debian
 mirror) and downloads the wheels (PyPI); the container itself has no network.
 On a failure the container's journal is shown; the run's results are also
-in .cache/container/last-results (report.json, journal.txt, console.log).
+in /var/cache/gcroots-tests/container/last-results (report.json, journal.txt, console.log).
 """
 
 from __future__ import annotations

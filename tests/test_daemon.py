@@ -1049,7 +1049,7 @@ def test_helper_without_its_capabilities_means_no_collection(scratch, users, pip
     p = Pipeline(root, scratch / "run")
     pipelines.append(p)
     p.give_store_to_daemon()
-    hu = support.ensure_user("gcr-helper")
+    hu = support.ensure_user(support.HELPER_USER)
     log = scratch / "helper-nocaps.log"
     with open(log, "wb") as f:
         helper = subprocess.Popen(

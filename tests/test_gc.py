@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import random
 import signal
 import sqlite3
@@ -209,28 +210,39 @@ TRIVIAL = """derivation {
 }"""
 
 
-def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelines):
-    """Real Nix processes run while we collect: `nix-store --add` of a path
-    that is garbage right now, and `nix-instantiate` + `nix-store -r` of a
-    trivial derivation (a real build).  They announce their paths on
-    gc-socket; those paths survive, and the store verifies.  (A store whose
-    logical and physical dirs are the same, so that Nix can build in it.
-    Nix runs as the store's owner, gcrootsd's user, as in the rootless
-    model: a temp roots file of a Nix process gcrootsd cannot read stops the
-    collection, see test_gc_safety.)"""
+def same_dir_store(scratch: Path, seed: int) -> tuple[Path, Path, Path, dict]:
+    """(top, store, state dir, environment for Nix commands): a generated
+    store whose logical and physical dirs are the same, so that Nix can
+    build in it."""
     top = scratch / "s"
     store, state = top / "store", top / "var"
-    support.make_store(Path("/"), paths=3000, seed=79, quirks=0, roots=30, indirect=5, stale=0,
+    support.make_store(Path("/"), paths=3000, seed=seed, quirks=0, roots=30, indirect=5, stale=0,
                        extra=["--store-dir", str(store), "--state-dir", str(state),
                               "--home", str(top / "home")])
     nix_env = {k: v for k, v in os.environ.items() if k != "NIX_REMOTE"}
     nix_env.update(NIX_STORE_DIR=str(store), NIX_STATE_DIR=str(state),
                    NIX_LOG_DIR=str(top / "log"),
                    NIX_CONFIG="substituters =\nsandbox = false\nbuild-users-group =")
+    return top, store, state, nix_env
+
+
+def valid_in(state: Path) -> set[bytes]:
+    db = sqlite3.connect(f"file:{state}/db/db.sqlite?mode=ro", uri=True)
+    try:
+        return {r[0].encode() for r in db.execute("SELECT path FROM ValidPaths")}
+    finally:
+        db.close()
+
+
+def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelines):
+    """Real Nix processes run while we collect: `nix-store --add` of a path
+    that is garbage right now, and `nix-instantiate` + `nix-store -r` of a
+    trivial derivation (a real build).  They announce their paths on
+    gc-socket; those paths survive, and the store verifies."""
+    top, store, state, nix_env = same_dir_store(scratch, 79)
 
     def nix(*args: str) -> str:
-        out = subprocess.run(["runuser", "-u", support.DAEMON_USER, "--", *args], env=nix_env,
-                             capture_output=True)
+        out = subprocess.run(args, env=nix_env, capture_output=True)
         assert out.returncode == 0, out.stderr
         return out.stdout.decode().strip()
 
@@ -249,8 +261,6 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
     p = Pipeline(top, scratch / "run", layout_args=layout_args)
     pipelines.append(p)
     p.start()
-    (top / "log").mkdir()
-    support.chown_tree(top / "log", support.DAEMON_USER)
     collector = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
                                   "--throttle", "0.2"], stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE)
@@ -281,6 +291,127 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
     problems = [line for line in out.stderr.splitlines()
                 if not line.startswith(("checking ", "reading the Nix store", "warning: "))]
     assert out.returncode == 0 and not problems, out.stderr
+
+
+HELD_BUILD = """derivation {
+  name = "held-build-%(tag)s";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" ": > %(ready)s; while [ -e %(hold)s ]; do /bin/sleep 0.05; done; echo %(tag)s > $out" ];
+}"""
+
+
+class HeldBuild:
+    """`nix-build` as root, its builder waiting until release(): meanwhile
+    the Nix process has its temp roots in temproots/<pid>, as root, 0600."""
+
+    def __init__(self, scratch: Path, nix_env: dict, tag: str):
+        self.ready, self.hold = scratch / f"{tag}.ready", scratch / f"{tag}.hold"
+        self.hold.write_text("")
+        expr = scratch / f"{tag}.nix"
+        expr.write_text(HELD_BUILD % {"tag": tag, "ready": self.ready, "hold": self.hold})
+        self.proc = subprocess.Popen(["nix-build", "--no-out-link", str(expr)], env=nix_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not self.ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"nix-build did not start: {self.proc.communicate()[1]!r}")
+            time.sleep(0.05)
+
+    def temproots_file(self, state: Path) -> os.stat_result:
+        return os.stat(state / "temproots" / str(self.proc.pid))
+
+    def release(self) -> str:
+        self.hold.unlink(missing_ok=True)
+        out, err = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, err
+        return out.decode().strip()
+
+
+def test_a_root_nix_build_during_our_collection_is_no_error(scratch, users, pipelines):
+    """A Nix process that root starts while we collect keeps its temp roots
+    in a file gcrootsd cannot read (root's, 0600).  It announced each of
+    them on gc-socket before writing it -- Nix does so while a collector
+    holds gc.lock -- so the collection knows them: it must neither fail on
+    that file (PermissionError, whenever a batch began while such a process
+    lived) nor delete what the build uses."""
+    top, store, state, nix_env = same_dir_store(scratch, 83)
+    layout_args = ("--store-dir", str(store), "--state-dir", str(state))
+    p = Pipeline(top, scratch / "run", layout_args=layout_args)
+    pipelines.append(p)
+    p.start()
+    collector = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
+                                  "--throttle", "0.3"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+    build = None
+    try:
+        deadline = time.monotonic() + 60
+        while not any(e.get("event") == "gc_planned" for e in p.daemon_events()):
+            assert time.monotonic() < deadline and collector.poll() is None
+            time.sleep(0.05)
+        build = HeldBuild(scratch, nix_env, "during")
+        st = build.temproots_file(state)
+        assert (st.st_uid, st.st_mode & 0o777) == (0, 0o600)  # the cause, present
+        # Each batch begins by re-reading the temp roots files: let four
+        # batches (64 paths with --throttle) go by while the build runs.
+        left = len(os.listdir(store))
+        while len(os.listdir(store)) > left - 4 * 64 and collector.poll() is None:
+            time.sleep(0.05)
+        built = build.release()
+        build = None
+    finally:
+        if build is not None:
+            build.release()
+        _, err = collector.communicate(timeout=300)
+    assert collector.returncode == 0, err
+    announced = {e["path"] for e in p.daemon_events() if e.get("event") == "gc_socket_root"}
+    assert built in announced and os.path.exists(built) and built.encode() in valid_in(state)
+
+
+def test_temp_roots_we_cannot_read_stop_a_collection(scratch, users, pipelines):
+    """A Nix process that root started *before* our collection took gc.lock
+    may use paths listed only in its temp roots file, which gcrootsd cannot
+    read: there is no complete root set, so nothing is deleted and the error
+    says why -- for queries as for collections -- until the process ends."""
+    top, store, state, nix_env = same_dir_store(scratch, 84)
+    layout_args = ("--store-dir", str(store), "--state-dir", str(state))
+    p = Pipeline(top, scratch / "run", layout_args=layout_args)
+    pipelines.append(p)
+    p.start()
+    build = HeldBuild(scratch, nix_env, "before")
+    try:
+        # gcrootsd made gc.lock when it started: root's Nix, the first Nix
+        # here, did not make it root's (0600, for good: Nix never re-owns it).
+        assert (state / "gc.lock").stat().st_uid == pwd.getpwnam(support.DAEMON_USER).pw_uid
+        valid, on_disk = valid_in(state), set(os.listdir(store))
+        for args in (("dead",), ("gc", "--yes")):
+            out = p.query(*args)
+            assert out.returncode == 1, out
+            assert f"cannot read the temporary roots file {state}/temproots/{build.proc.pid} " \
+                   "(owner uid 0, mode 0600)".encode() in out.stderr, out.stderr
+            assert b"internal error" not in out.stderr
+        assert valid_in(state) == valid and set(os.listdir(store)) >= on_disk
+    finally:
+        build.release()
+    out = p.query("dead")
+    assert out.returncode == 0 and out.stdout, out.stderr
+
+
+def test_gc_lock_belongs_to_the_state_dir_s_owner(scratch, users):
+    """Root collecting (--standalone) gives gc.lock to the state dir's owner,
+    also one a root Nix process made: else gcrootsd could never lock it."""
+    support.tiny_store(scratch, ["a", "b"], refs=[], derivers={}, roots=[0])
+    state = scratch / "nix/var/nix"
+    support.chown_tree(scratch / "nix", support.DAEMON_USER)
+    owner = pwd.getpwnam(support.DAEMON_USER).pw_uid
+    for made_by_root in (False, True):
+        if made_by_root:
+            (state / "gc.lock").unlink()
+            os.close(os.open(state / "gc.lock", os.O_CREAT | os.O_RDWR, 0o600))  # as Nix does
+        standalone(scratch, "gc", "--yes")
+        st = (state / "gc.lock").stat()
+        assert (st.st_uid, st.st_mode & 0o777) == (owner, 0o600)
 
 
 def test_a_live_referrer_stops_the_collection(scratch):

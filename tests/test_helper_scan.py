@@ -420,8 +420,8 @@ def test_hidden_home_directories_fail_the_scan(scratch):
     root = scratch / "store"
     support.make_store(root, paths=100, seed=12, roots=5, indirect=0, stale=0, quirks=0)
     scan = f"exec {HELPER} scan --root {root} --no-runtime"
-    hidden = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                             f"mount -t tmpfs none /home && {scan}"], capture_output=True)
+    hidden = subprocess.run([*hiding("/home", root), HELPER, "scan", "--root", str(root),
+                             "--no-runtime"], capture_output=True)
     assert hidden.returncode == 1, hidden.stderr
     assert b"directories are hidden from the helper (/home" in hidden.stderr
     read_only = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -431,11 +431,30 @@ def test_hidden_home_directories_fail_the_scan(scratch):
     assert read_only.stdout == our_roots(root)
 
 
-# In a mount namespace of its own: a tmpfs over /tmp (what systemd's
-# PrivateTmp=yes amounts to), then the store (which lives in /tmp) bound back
-# in -- so that only the `result` link in /tmp is out of sight.
-HIDE_TMP = ('exec 9<"$1"; mount -t tmpfs tmpfs /tmp && mkdir -p "$1" && '
-            'mount --no-canonicalize --bind /proc/self/fd/9 "$1" && exec 9<&- && shift && exec "$@"')
+# DIR KEEP... -- COMMAND...: in a mount namespace of its own, a fresh tmpfs
+# over DIR (what systemd's PrivateTmp=yes or ProtectHome=tmpfs amount to),
+# then each KEEP that lived in DIR bound back in (through an fd opened
+# before: its path is gone by then) -- so that only the rest is out of sight.
+_HIDE = r"""
+dir=$1; shift; kept=()
+while [ "$1" != -- ]; do exec {fd}<"$1"; kept+=("$fd:$1"); shift; done; shift
+mount -t tmpfs tmpfs "$dir" || exit
+for k in "${kept[@]}"; do
+  fd=${k%%:*}; mkdir -p "${k#*:}" && mount --no-canonicalize --bind "/proc/self/fd/$fd" "${k#*:}" || exit
+  exec {fd}<&-
+done
+exec "$@"
+"""
+
+
+def hiding(directory: str, *keep: Path) -> list[str]:
+    """The command prefix that runs a command with `directory` hidden but
+    for `keep` and this checkout (its venv runs the helper), wherever the
+    checkout lives -- under /tmp or /home too."""
+    inside = sorted({str(k) for k in (*keep, support.REPO)
+                     if str(k).startswith(directory.rstrip("/") + "/")}, key=len)
+    return ["unshare", "-m", "--propagation", "private", "bash", "-c", _HIDE, "bash", directory,
+            *inside, "--"]
 
 
 def test_hidden_tmp_fails_the_scan(scratch):
@@ -453,8 +472,7 @@ def test_hidden_tmp_fails_the_scan(scratch):
     auto.mkdir(exist_ok=True)
     os.symlink(job / "result", auto / ("0" * 32))
     scan = [HELPER, "scan", "--root", str(root), "--no-runtime"]
-    hidden = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", HIDE_TMP,
-                             "sh", str(root), *scan], capture_output=True)
+    hidden = subprocess.run([*hiding("/tmp", root), *scan], capture_output=True)
     assert hidden.returncode == 1, hidden.stderr
     assert b"directories are hidden from the helper (/tmp:" in hidden.stderr
     assert b"PrivateTmp" in hidden.stderr and b"stale link" not in hidden.stderr

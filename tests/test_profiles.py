@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from gcroots.client import profiles as prof
 
-from . import support
+from . import storegen, support
 from .support import QUERY, oracle, tree_snapshot
 
 NOW = time.time()
@@ -41,8 +41,7 @@ FAKE_ENV = "/nix/store/{:0>32}-user-environment"
 def nix_store():
     """A small chroot store for nix-env to open (the profiles under test
     live elsewhere; --delete-generations never looks at the store)."""
-    d = Path(tempfile.mkdtemp(prefix="gcroots-profiles-", dir="/tmp"))
-    os.chmod(d, 0o755)
+    d = support.scratch_dir()
     support.make_store(d / "store", paths=200, seed=71, roots=5, indirect=0, stale=0, quirks=0,
                        profiles=1, generations=2, users=1)
     yield d
@@ -520,7 +519,7 @@ def test_user_manages_own_profiles_and_is_refused_on_others(scratch, users):
     assert {Path(e["profile"]).name for e in json.loads(listed.stdout)} >= {"profile", "channels"}
     r = _as(support.ALICE, "profiles", "delete-generations", str(bobs), "old")
     assert r.returncode == 3
-    assert b"permission denied" in r.stderr and b"owned by gcr-bob" in r.stderr
+    assert b"permission denied" in r.stderr and f"owned by {support.BOB}".encode() in r.stderr
     assert b"nothing was changed" in r.stderr
     r = _as(support.ALICE, "profiles", "delete-generations", str(mine), "+2")
     assert r.returncode == 0, r.stderr
@@ -860,10 +859,7 @@ def test_plan_prune_keep_since_boundary():
 
 def _auto_link(root: Path, link: Path) -> Path:
     """Register `link` as an indirect root, as Nix's addIndirectRoot does."""
-    import base64
-    import hashlib
-    name = base64.b32encode(hashlib.sha1(str(link).encode()).digest()).decode().lower()[:32]
-    entry = root / "nix/var/nix/gcroots/auto" / name
+    entry = root / "nix/var/nix/gcroots/auto" / storegen.auto_root_name(str(link))
     os.symlink(link, entry)
     return entry
 

@@ -17,7 +17,6 @@ import stat
 import subprocess
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from . import support
 from .support import HELPER, lines, nix_roots, read_root_stream, roots_of
 from .test_helper_scan import HOLDER, private_homes, valid_paths
 
-HELPER_USER = "gcr-helper"
+HELPER_USER = support.HELPER_USER
 TWO_CAPS = "0000000000080004"   # CAP_DAC_READ_SEARCH | CAP_SYS_PTRACE
 NO_CAPS = "0000000000000000"
 AS_USER = ["setpriv", f"--reuid={HELPER_USER}", f"--regid={HELPER_USER}", "--clear-groups",
@@ -42,8 +41,7 @@ BOUNDING = ["--bounding-set=-all,+dac_read_search,+sys_ptrace"]
 def store(users):
     """A store with indirect roots in real users' 0700 homes (shared by the
     module: the sandbox tests only read it, or clean up after themselves)."""
-    top = Path(tempfile.mkdtemp(prefix="gcroots-test-sandbox-", dir="/tmp"))
-    os.chmod(top, 0o755)
+    top = support.scratch_dir()
     root = top / "store"
     support.make_store(root, paths=600, seed=41, roots=40, indirect=12, stale=2, quirks=2)
     private_homes(root)

@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("GCROOTS_CONTAINER_CACHE", REPO / ".cache" / "container"))
+# A cache, not part of the checkout: shared by every checkout on the machine
+# (one preparation at a time: cache_lock), kept between runs, safe to delete.
+CACHE = Path(os.environ.get("GCROOTS_CONTAINER_CACHE", "/var/cache/gcroots-tests/container"))
 SUITE = "bookworm"
 MIRROR = os.environ.get("GCROOTS_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # debootstrap resolves Depends, not virtual packages: libdbi-perl provides
@@ -346,7 +348,7 @@ class Boot:
 
     def cleanup(self) -> None:
         """The container's file system goes; its results stay (until the next
-        run) and are copied to .cache/container/last-results for people."""
+        run) and are copied to CACHE/last-results for people."""
         last = CACHE / "last-results"
         rm_rf(last)
         shutil.copytree(self.results, last, symlinks=True)
