@@ -297,7 +297,8 @@ def stats(a: Analysis, db: StoreDB) -> list[tuple[str, str]]:
             ("scan_warnings", str(len(a.rootset.warnings))),
             ("temp_root_files_stale", str(len(a.temp.stale_files))),
             ("keep_derivations", str(a.settings.keep_derivations).lower()),
-            ("keep_outputs", str(a.settings.keep_outputs).lower())]
+            ("keep_outputs", str(a.settings.keep_outputs).lower()),
+            ("ca_derivations", str(a.settings.ca_derivations).lower())]
     out += [(f"seconds_{k}", f"{v:.4f}") for k, v in a.timings.items()]
     return out
 

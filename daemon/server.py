@@ -431,7 +431,8 @@ class Daemon:
             self.notifier.ready("serving")
             _log.info("daemon_ready", helper_socket=self.helper_socket,
                       keep_derivations=self.settings.keep_derivations,
-                      keep_outputs=self.settings.keep_outputs)
+                      keep_outputs=self.settings.keep_outputs,
+                      ca_derivations=self.settings.ca_derivations)
             task_status.started()
 
     async def _watchdog(self) -> None:
