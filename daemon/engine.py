@@ -24,6 +24,7 @@ from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
 from gcroots.storepath import HASH_LEN, is_store_basename, parse_store_path
 
+from .derivation import DerivationError
 from .graph import LiveGraph, StoreGraph
 from .nixconf import GCSettings
 from .store import Snapshot, StoreDB, list_store
@@ -62,6 +63,15 @@ class RootSet:
             elif isinstance(rec, ScanWarning):
                 out.warnings.append(rec)
         return out
+
+
+def store_graph(db: StoreDB, settings: GCSettings) -> StoreGraph:
+    """The in-memory graph, cached or read now (call inside a snapshot)."""
+    try:
+        return (db.cached_graph(settings.ca_derivations)
+                or db.load_graph(settings.ca_derivations))
+    except DerivationError as e:  # Nix's collector stops there too
+        raise IncompleteRoots(f"cannot follow the Realisations of ca-derivations: {e}") from None
 
 
 def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
@@ -137,7 +147,9 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                                                      b"{temp}"), p) for p in temp_valid]
         root_paths = valid_roots | temp_valid
         t1 = time.perf_counter()
-        graph = db.cached_graph()
+        graph = db.cached_graph(settings.ca_derivations)
+        if graph is None and settings.ca_derivations and db.has_realisations():
+            graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
         if graph is not None:  # warm: walk the live part in memory
             nodes = graph.closure((graph.index[p] for p in root_paths), settings)
             live = {graph.paths[n] for n in nodes}
@@ -247,7 +259,7 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
 
 def live_graph(a: Analysis, db: StoreDB) -> LiveGraph:
     with db.snapshot():
-        g = db.cached_graph() or db.load_graph()
+        g = store_graph(db, a.settings)
     return LiveGraph.from_store_graph(g, a.live, a.root_paths, a.settings)
 
 

@@ -13,8 +13,9 @@ One collection, in this order (gc.cc collectGarbage):
 4. Compute the dead set (engine.analyze) and an order: referrers before
    references.
 5. In batches: re-check temp roots; invalidate the batch in the DB in one
-   transaction (SQLite's foreign keys refuse to invalidate a path that a
-   still-valid path refers to: a last guard); then delete the batch from
+   transaction, with what the DB's foreign keys do to the rows that
+   belong to it (Refs, DerivationOutputs, Realisations...; a still-valid
+   path that refers to one refuses it: a last guard); then delete the batch from
    disk, in parallel.  A crash between the two leaves unregistered paths on
    disk, which the next collection removes; never a valid path without its
    files.
@@ -482,7 +483,7 @@ class Collection:
     def plan(self, rootset: RootSet, db: StoreDB) -> Analysis:
         self.progress("computing the live set")
         with db.snapshot():  # the daemon's graph if it is still current
-            graph = db.cached_graph() or db.load_graph()
+            graph = engine.store_graph(db, self.settings)
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=True)
         with self._cond:
             self._graph = graph
@@ -673,14 +674,13 @@ class Collection:
 
     def _invalidate(self, writer: sqlite3.Connection, batch: list[bytes],
                     valid: set[bytes]) -> list[bytes]:
-        """One transaction: refuse if any path outside the batch still
-        refers into it, then drop the batch's Refs, DerivationOutputs and
-        ValidPaths rows.  That is what Nix's foreign keys do row by row
-        (Refs.reference ON DELETE RESTRICT, the cascades); done in bulk
-        inside our write transaction -- no other writer can slip in -- it is
-        the same guarantee at half the cost.  Entries that were unregistered
-        when we planned but are valid now (registered meanwhile) are not ours
-        to delete: returns the batch without them."""
+        """One transaction: drop the batch's ValidPaths rows and do what
+        the DB's foreign keys make Nix's row-by-row invalidation do (see
+        _delete_cascading), in bulk inside our write transaction -- no
+        other writer can slip in -- the same guarantee at half the cost.
+        Entries that were unregistered when we planned but are valid now
+        (registered meanwhile) are not ours to delete: returns the batch
+        without them."""
         try:
             writer.execute("BEGIN IMMEDIATE")
             rows = _valid_rows(writer, batch)
@@ -690,23 +690,7 @@ class Collection:
             writer.execute("DELETE FROM temp.gc_batch")
             writer.executemany("INSERT INTO temp.gc_batch VALUES (?)",
                                [(i,) for i, p in rows if p in valid])
-            # CROSS JOIN: walk the batch and look up its referrers by index
-            # (left to itself the planner scans all of Refs).
-            bad = writer.execute(
-                "SELECT (SELECT path FROM ValidPaths WHERE id = r.referrer), "
-                "(SELECT path FROM ValidPaths WHERE id = r.reference), r.referrer "
-                "FROM temp.gc_batch b CROSS JOIN Refs r ON r.reference = b.id "
-                "WHERE r.referrer NOT IN temp.gc_batch LIMIT 1").fetchone()
-            if bad is not None:
-                referrer = (bad[0].decode(errors="replace") if bad[0] is not None
-                            else f"a Refs row of id {bad[2]}, which is not a valid path,")
-                raise SafetyError(f"the Nix DB says {referrer} refers to "
-                                  f"{bad[1].decode(errors='replace')}, which we were about to "
-                                  "delete (registered during this collection, or a damaged DB); "
-                                  "stopping")
-            writer.execute("DELETE FROM Refs WHERE referrer IN temp.gc_batch")
-            writer.execute("DELETE FROM DerivationOutputs WHERE drv IN temp.gc_batch")
-            writer.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
+            _delete_cascading(writer, dict(rows))
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -743,10 +727,86 @@ def _valid_rows(conn: sqlite3.Connection, paths: list[bytes]) -> list[tuple[int,
     return rows
 
 
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _foreign_keys(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str, bool]]]:
+    """parent table -> [(child table, column, cascade?)] for every foreign
+    key of the DB: in Nix 2.8 through today's schemas Refs and
+    DerivationOutputs on ValidPaths, and with ca-derivations Realisations
+    on ValidPaths and RealisationsRefs on Realisations (tables that stay
+    when a newer Nix moves on).  Read from the DB itself, inside the
+    transaction: a Nix that first runs with ca-derivations creates its
+    tables whenever it likes.  A kind of key no Nix schema has stops the
+    collection: we would not know what deleting a row must do."""
+    fks: dict[str, list[tuple[str, str, bool]]] = {}
+    for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        child = table.decode()
+        for row in conn.execute(f"PRAGMA foreign_key_list({_ident(child)})"):
+            parent, column, to, on_delete = row[2].decode(), row[3].decode(), row[4], row[6]
+            if to not in (None, b"id") or on_delete not in (b"CASCADE", b"RESTRICT", b"NO ACTION"):
+                raise SafetyError(f"the Nix DB's table {child} has a foreign key ({column} -> "
+                                  f"{parent}.{to}, ON DELETE {on_delete.decode()}) that no Nix "
+                                  "schema has; refusing to collect")
+            fks.setdefault(parent.lower(), []).append((child, column, on_delete == b"CASCADE"))
+    return fks
+
+
+def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes]) -> None:
+    """Delete the ValidPaths rows whose ids are in temp.gc_batch, then
+    what their foreign keys say, as SQLite does for Nix's deletions
+    (foreign keys on): ON DELETE CASCADE rows go too (and theirs, and so
+    on); a RESTRICT row left pointing at a deleted row refuses the whole
+    transaction.  The schema's triggers fire as for Nix (DeleteSelfRefs,
+    and DeleteSelfRefsViaRealisations of Nix >= 2.9, which turns a
+    restricting RealisationsRefs row into a deleted one).  `paths`: id ->
+    path of the rows, for messages."""
+    fks = _foreign_keys(conn)
+    conn.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
+    gone = {"validpaths": "temp.gc_batch"}  # table -> temp table of its deleted ids
+    todo, restrict, rounds = ["validpaths"], [], 0
+    while todo:
+        parent = todo.pop(0)
+        rounds += 1
+        if rounds > 64:  # Nix's keys are two levels deep
+            raise SafetyError("the Nix DB's foreign keys form a cycle; refusing to collect")
+        for child, column, cascade in fks.get(parent, ()):
+            if not cascade:
+                restrict.append((child, column, parent))
+                continue
+            where = f"FROM {_ident(child)} WHERE {_ident(column)} IN {gone[parent]}"
+            if child.lower() in fks:  # its own children follow: remember which ids go
+                tmp = gone.setdefault(child.lower(), f"temp.gc_gone_{len(gone)}")
+                conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp[5:]} (id INTEGER PRIMARY KEY)")
+                conn.execute(f"INSERT OR IGNORE INTO {tmp} SELECT id {where}")
+                todo.append(child.lower())
+            conn.execute(f"DELETE {where}")
+    for child, column, parent in restrict:
+        bad = conn.execute(f"SELECT rowid, {_ident(column)} FROM {_ident(child)} "
+                           f"WHERE {_ident(column)} IN {gone[parent]} LIMIT 1").fetchone()
+        if bad is None:
+            continue
+        if child.lower() == "refs":
+            (referrer,) = conn.execute("SELECT referrer FROM Refs WHERE rowid = ?", (bad[0],)).fetchone()
+            path = conn.execute("SELECT path FROM ValidPaths WHERE id = ?", (referrer,)).fetchone()
+            who = (path[0].decode(errors="replace") if path is not None
+                   else f"a Refs row of id {referrer}, which is not a valid path,")
+            raise SafetyError(f"the Nix DB says {who} refers to "
+                              f"{paths[bad[1]].decode(errors='replace')}, which we were about to "
+                              "delete (registered during this collection, or a damaged DB); stopping")
+        raise SafetyError(f"the Nix DB's table {child} still refers ({column} = {bad[1]}) to a "
+                          f"row of {parent} that goes with the paths we were about to delete; "
+                          "stopping")
+    for tmp in gone.values():
+        if tmp != "temp.gc_batch":
+            conn.execute(f"DELETE FROM {tmp}")
+
+
 def _writer(db_path: bytes) -> sqlite3.Connection:
     conn = sqlite3.connect(os.fsdecode(db_path), timeout=60, isolation_level=None,
                            check_same_thread=False)
-    # Foreign keys off: _invalidate() enforces what they would, in bulk.
+    # Foreign keys off: _delete_cascading() does what they would, in bulk.
     conn.text_factory = bytes  # paths as bytes, like every other read
     conn.execute("PRAGMA foreign_keys = OFF")
     conn.execute("PRAGMA synchronous = NORMAL")  # as Nix (WAL: durable at checkpoints)
