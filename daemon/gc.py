@@ -2,7 +2,8 @@
 
 One collection, in this order (gc.cc collectGarbage):
 
-1. Take <state>/gc.lock exclusively (flock, as Nix).  From now on a Nix
+1. Remove <state>/db/reserved (as Nix: room to work on a full disk).
+   Take <state>/gc.lock exclusively (flock, as Nix).  From now on a Nix
    process that wants a new temporary root cannot take its shared lock and
    tells us over <state>/gc-socket/socket instead.
 2. Serve that socket: a client sends `path\\n`; we protect the path's hash
@@ -435,6 +436,13 @@ class Collection:
         if self.options.dry_run:
             return  # a dry run is a query: no lock, no socket, nothing removed
         self._check_writable()
+        # As Nix: free the space kept in reserve for a full disk, so that the
+        # collection has room to work; the next Nix to open the store (any
+        # Nix command, a nix-daemon connection) reserves it again.
+        try:
+            os.unlink(self.layout.reserved_path)
+        except FileNotFoundError:
+            pass
         self.lock.acquire()
         self.server = RootsServer(self.layout, self._announced)
         self.server.start()

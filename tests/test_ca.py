@@ -76,15 +76,32 @@ def test_ca_store_collected_as_nix_collects_it(ca_world, kd, ko):
                                     config=config).stdout.split())
             assert ours == nix, (what, sorted(ours ^ nix))
         assert s.db_rows()["Realisations"], "the store has no realisations to test with"
+        assert (s.state / "db/reserved").stat().st_size == 8 << 20  # Nix made it
         done = json.loads(s.query("gc", "--yes", "--json", config=config).stdout)
         s.nix_on_copy(twin, "nix-store", "--gc", config=config)
         assert done["paths"] > 0
         assert s.entries() == twin.entries()
         assert s.db_rows() == twin.db_rows()
+        assert not (s.state / "db/reserved").exists() and not (twin.state / "db/reserved").exists()
         assert s.foreign_key_problems() == [] == twin.foreign_key_problems()
         s.verify()
     finally:
         subprocess.run(["rm", "-rf", str(twin.top)], check=True)
+
+
+def test_reserved_space_freed_as_nix_frees_it(ca_world):
+    """<state>/db/reserved (gc-reserved-space): a deleting collection
+    removes it first, as Nix's does, a dry run does not; the next Nix that
+    opens the store reserves it again."""
+    s, pristine, _ = ca_world
+    s.restore(pristine)
+    reserved = s.state / "db/reserved"
+    s.query("gc", "--dry-run", config=CA)
+    assert reserved.stat().st_size == 8 << 20
+    s.query("gc", "--yes", config=CA)
+    assert not reserved.exists()
+    s.nix("nix-store", "-q", "--hash", os.readlink(s.top / "result-d"), config=CA)
+    assert reserved.stat().st_size == 8 << 20
 
 
 def test_realisations_go_with_their_paths(ca_world):
