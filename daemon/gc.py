@@ -291,6 +291,7 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
             os.unlink(path)
             os.write(fd, b"d")
             removed += 1
+            _log.info("stale_temproots_removed", file=path)
         finally:
             os.close(fd)
     return removed
