@@ -56,7 +56,7 @@ from .temproots import read_temp_roots
 
 LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
-MAX_FREED_BATCH = 16      # ... when stopping at --max-freed (checked after each)
+MAX_FREED_BATCH = 256     # ... when stopping at --max-freed (each cut where it stops)
 _log = log.get("gcroots.gc")
 
 
@@ -83,8 +83,9 @@ class GCOptions:
 class GCResult:
     dry_run: bool
     paths: int = 0
-    bytes_freed: int = 0
+    bytes_freed: int = 0              # du-style: blocks of files whose last link went, dirs
     links_freed: int = 0              # bytes freed in .links
+    nix_bytes_freed: int = 0          # as Nix counts (and stops --max-freed): see deleter.py
     stale_links_removed: int = 0
     temproots_removed: int = 0
     stopped_at_limit: bool = False
@@ -427,7 +428,6 @@ class Collection:
         self._protected: set[bytes] = set()      # must not be deleted (live + announced)
         self._temp_hashes: set[bytes] = set()
         self._pending: set[bytes] = set()        # hash parts being deleted right now
-        self._likely_freed = 0                   # in .links twins, freed at the end
         self._graph: StoreGraph | None = None
         self._analysis: Analysis | None = None
         self._t0 = time.monotonic()
@@ -540,8 +540,9 @@ class Collection:
         order = self._order()
         real = self.layout.real_path
         if self.options.dry_run:
-            if self.options.max_freed is not None:
-                order = self._within_limit(order)
+            everything = order
+            order, self.result.nix_bytes_freed = self._within_limit(order, 0, {})
+            self.result.stopped_at_limit = len(order) < len(everything)
             freed, links = predict_freed([real(p) for p in order], self.layout.links_dir)
             self.result.paths = len(order)
             self.result.bytes_freed, self.result.links_freed = freed, links
@@ -552,7 +553,8 @@ class Collection:
         writer = _writer(db_path)
         worker = DeleterProcess()
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
-        # Small batches when stopping at a size or pacing the I/O; big ones
+        unlinked: dict[tuple[int, int], int] = {}  # links the --max-freed forecast saw go
+        # Smaller batches when stopping at a size or pacing the I/O; big ones
         # otherwise (each commit rewrites the DB's index pages).
         batch_size = (MAX_FREED_BATCH if self.options.max_freed is not None
                       else 64 if self.options.throttle else BATCH)
@@ -563,12 +565,23 @@ class Collection:
         deleter.start()
         batch: list[bytes] = []  # claimed, not yet handed to the deleter
         try:
-            for start in range(0, len(order), batch_size):
+            start = 0
+            while start < len(order):
                 if failure or self._limit_reached():
                     break
-                batch = self._claim(order[start:start + batch_size])
+                chunk = order[start:start + batch_size]
+                start += len(chunk)
+                batch = self._claim(chunk)
                 if not batch:
                     continue
+                if self.options.max_freed is not None:
+                    # Nix stops right after the path that frees more than the
+                    # limit: invalidate nothing beyond it (the rest comes back).
+                    cut, _ = self._within_limit(batch, self.result.nix_bytes_freed, unlinked)
+                    if len(cut) < len(batch):
+                        start -= len(chunk) - chunk.index(cut[-1]) - 1
+                        self._release(batch[len(cut):])
+                        batch = cut
                 self._check_referrers(batch, done)
                 kept = self._invalidate(writer, batch, valid)
                 if len(kept) < len(batch):
@@ -598,24 +611,28 @@ class Collection:
         return self.result
 
     def _limit_reached(self) -> bool:
-        """Counting, as Nix does, files left with one link as freed: in an
-        optimised store that is their .links entry, removed at the end."""
+        """More than --max-freed freed, as Nix counts (and checks after each
+        path); --max-freed 0 collects nothing, as with Nix."""
+        limit = self.options.max_freed
         with self._cond:
-            return (self.options.max_freed is not None
-                    and self.result.bytes_freed + self._likely_freed >= self.options.max_freed)
+            return limit is not None and (limit == 0 or self.result.nix_bytes_freed > limit)
 
-    def _within_limit(self, order: list[bytes]) -> list[bytes]:
-        """The dry run's forecast of where --max-freed stops the real run:
-        whole batches, each counted the way the deleter counts."""
-        total, size = 0, MAX_FREED_BATCH
-        for start in range(0, len(order), size):
-            if total >= self.options.max_freed:
-                return order[:start]
+    def _within_limit(self, paths: list[bytes], total: int,
+                      unlinked: dict[tuple[int, int], int]) -> tuple[list[bytes], int]:
+        """Where --max-freed stops when deleting `paths` in order with
+        `total` bytes freed so far (Nix's count, forecast from the files):
+        after the path that passes the limit.  Returns those paths and the
+        total after them (all of them without a limit)."""
+        limit = self.options.max_freed
+        if limit == 0:
+            return [], total
+        for i, p in enumerate(paths):
+            if limit is not None and total > limit:
+                return paths[:i], total
             freed = Freed()
-            for p in order[start:start + size]:
-                estimate_tree(self.layout.real_path(p), freed)
-            total += freed.sure + freed.likely
-        return order
+            estimate_tree(self.layout.real_path(p), freed, unlinked)
+            total += freed.nix
+        return paths, total
 
     def _deleter(self, work: "queue.Queue[list[bytes] | None]", failure: list,
                  worker: DeleterProcess) -> None:
@@ -634,14 +651,14 @@ class Collection:
             self._release(batch)
             return
         try:
-            freed, likely = worker.delete([self.layout.real_path(p) for p in batch])
+            freed, nix = worker.delete([self.layout.real_path(p) for p in batch])
         except BaseException as e:  # reported by execute(); nothing more is deleted
             failure.append(e)
-            freed = likely = 0
+            freed = nix = 0
         with self._cond:
             self.result.paths += len(batch)
             self.result.bytes_freed += freed
-            self._likely_freed += likely
+            self.result.nix_bytes_freed += nix
             self.result.deleted += batch
             self._pending -= {hash_part(p) for p in batch}
             self._cond.notify_all()
