@@ -22,7 +22,7 @@ from typing import Iterator, KeysView
 
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
-from gcroots.storepath import HASH_LEN, is_store_basename, parse_store_path
+from gcroots.storepath import HASH_LEN, hash_part, is_store_basename, parse_store_path
 
 from .derivation import DerivationError
 from .graph import LiveGraph, StoreGraph
@@ -235,8 +235,9 @@ class NotAlive(Exception):
 
 
 def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
-             censor: bool) -> Iterator[tuple[bytes, ...]]:
-    """Each row: (root label, root path, ..., target)."""
+             censor: bool, g: LiveGraph | None = None) -> Iterator[tuple[bytes, ...]]:
+    """Each row: (root label, root path, ..., target).  `g`: the live graph,
+    if the caller has it already."""
     store_path = parse_store_path(target, a.layout.store_dir)
     if store_path is None:
         raise NotAlive(f"{target.decode(errors='replace')} is not a store path")
@@ -248,13 +249,52 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
     if store_path not in a.live:
         raise NotAlive(f"{store_path.decode(errors='replace')} is not alive: "
                        "no root keeps it (it is garbage, or not in the store)")
-    g = live_graph(a, db)
+    g = g or live_graph(a, db)
     if store_path not in g.index:
         raise NotAlive(f"{store_path.decode(errors='replace')} left the store meanwhile")
     labels = a.labels_by_path(censor)
     for chain in g.chains_to(g.index[store_path], all_roots):
         root = g.paths[chain[0]]
         yield (labels.get(root, [b"?"])[0], *(g.paths[n] for n in chain))
+
+
+EXPLAINED_REFUSALS = 20
+
+
+def delete_refusals(a: Analysis, db: StoreDB, graph: StoreGraph,
+                    paths: list[bytes]) -> list[str]:
+    """Why each of `paths` may not be deleted, as `nix-store --delete`
+    decides (gcDeleteSpecific): a path that is alive (a root, a temp
+    root's, or kept by one: shown with the chain that keeps it), or that
+    Nix's referrer search leads from to a path not being deleted -- garbage
+    or not.  Empty: all of them may go."""
+    wanted = set(paths)
+    out: list[str] = []
+    g = None
+    for p in sorted(wanted):
+        if len(out) == EXPLAINED_REFUSALS:
+            out.append("...")
+            break
+        name = p.decode(errors="replace")
+        if p in a.all_live or hash_part(p) in a.temp.hashes:
+            try:
+                g = g or live_graph(a, db)
+                label, *chain = next(rows_why(a, db, p, False, False, g))
+                why = " -> ".join(x.decode(errors="replace") for x in (label, *chain))
+            except (NotAlive, StopIteration):
+                why = "a running Nix process uses it (temporary root)"
+            out.append(f"{name} is alive: {why}")
+            continue
+        node = graph.index.get(p)
+        if node is None:
+            continue  # not valid: nothing in the DB refers to it
+        outside = sorted(graph.paths[n] for n in graph.referrer_closure([node], a.settings)
+                         if graph.paths[n] not in wanted)
+        if outside:
+            out.append(f"{name} is still needed by {outside[0].decode(errors='replace')}"
+                       + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else "")
+                       + ", which is not being deleted")
+    return out
 
 
 def live_graph(a: Analysis, db: StoreDB) -> LiveGraph:

@@ -72,11 +72,17 @@ class SafetyError(GCError):
     """A check that must never fail did: stop before deleting anything more."""
 
 
+class Refused(GCError):
+    """Paths asked for by name may not be deleted (nix-store --delete
+    would refuse too): nothing is deleted."""
+
+
 @dataclass
 class GCOptions:
     dry_run: bool = False
     max_freed: int | None = None      # stop once this many bytes are freed
     throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
+    paths: tuple[bytes, ...] | None = None  # delete exactly these (nix-store --delete)
 
 
 @dataclass
@@ -430,6 +436,8 @@ class Collection:
         self._pending: set[bytes] = set()        # hash parts being deleted right now
         self._graph: StoreGraph | None = None
         self._analysis: Analysis | None = None
+        self._dead: list[bytes] = []             # what goes: the dead set, or the paths asked for
+        self._dead_valid: set[bytes] = set()     # ... those of them registered
         self._t0 = time.monotonic()
 
     # phase 1
@@ -493,7 +501,17 @@ class Collection:
         self.progress("computing the live set")
         with db.snapshot():  # the daemon's graph if it is still current
             graph = engine.store_graph(db, self.settings)
-        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=True)
+        asked = self.options.paths
+        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=asked is None)
+        if asked is None:
+            self._dead, self._dead_valid = a.dead, a.dead_valid
+        else:
+            refusals = engine.delete_refusals(a, db, graph, list(asked))
+            if refusals:
+                raise Refused(f"refusing to delete ({len(set(asked))} paths asked for; nothing "
+                              "was deleted):\n  " + "\n  ".join(refusals))
+            self._dead = sorted(set(asked))
+            self._dead_valid = {p for p in self._dead if p in graph.index}
         with self._cond:
             self._graph = graph
             self._analysis = a
@@ -504,11 +522,12 @@ class Collection:
         return a
 
     def _order(self) -> list[bytes]:
-        """Dead paths, referrers before references; then the rest."""
-        a, g = self._analysis, self._graph
-        dead = set(a.dead)
-        dead_nodes = {g.index[p] for p in a.dead_valid if p in g.index}
-        unknown = {p for p in a.dead_valid if p not in g.index}  # registered after our graph
+        """What goes: unregistered entries first, then the dead paths,
+        referrers before references."""
+        g = self._graph
+        dead = set(self._dead)
+        dead_nodes = {g.index[p] for p in self._dead_valid if p in g.index}
+        unknown = {p for p in self._dead_valid if p not in g.index}  # registered after our graph
         if unknown:
             _log.info("gc_skipping_new_paths", count=len(unknown))
         pending = {n: 0 for n in dead_nodes}
@@ -528,7 +547,7 @@ class Collection:
                         ready.append(m)
         if len(order) != len(dead_nodes):
             raise SafetyError("the dead paths' references form a cycle; refusing to collect")
-        others = sorted(dead - a.dead_valid)  # unregistered entries and junk: no DB rows
+        others = sorted(dead - self._dead_valid)  # unregistered entries and junk: no DB rows
         return others + order
 
     # phase 3
@@ -536,7 +555,6 @@ class Collection:
         """The DB work for batch k+1 overlaps with deleting batch k from disk,
         which a worker process does (daemon/deleter.py): in this process the
         two would fight over the GIL."""
-        a = self._analysis
         order = self._order()
         real = self.layout.real_path
         if self.options.dry_run:
@@ -549,7 +567,7 @@ class Collection:
             self.result.deleted = order
             self.result.seconds = time.monotonic() - self._t0
             return self.result
-        valid = a.dead_valid
+        valid = self._dead_valid
         writer = _writer(db_path)
         worker = DeleterProcess()
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order

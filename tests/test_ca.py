@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -282,3 +283,26 @@ def test_kill_9_during_a_ca_collection(users):
         assert killed >= 3, "the kills never hit a running collection"
     finally:
         subprocess.run(["rm", "-rf", str(top)], check=True)
+
+
+def test_delete_in_a_ca_store_equals_nix_store_delete(ca_world):
+    """Through Realisations a resolved .drv and its output belong together
+    (keep-derivations): the .drv alone is refused, as by Nix; the output
+    alone, or both, go -- and their Realisations rows with them."""
+    s, pristine, _ = ca_world
+    db = sqlite3.connect(f"file:{pristine.state}/db/db.sqlite?mode=ro", uri=True)
+    g_out, g_drv = db.execute("SELECT path, deriver FROM ValidPaths WHERE path LIKE '%-g'").fetchone()
+    live_drv = db.execute("SELECT deriver FROM ValidPaths WHERE path = ?",
+                          (os.readlink(pristine.top / "result-d"),)).fetchone()[0]
+    db.close()
+    for paths, code in (([g_drv], 1), ([live_drv], 1), ([g_out], 0), ([g_out, g_drv], 0)):
+        s.restore(pristine)
+        twin = pristine.copy(s.top.parent / "twin")
+        try:
+            ours = s.query("delete", *paths, config=CA, check=False)
+            nix = s.nix_on_copy(twin, "nix-store", "--delete", *paths, config=CA, check=False)
+            assert ours.returncode == nix.returncode == code, (paths, ours.stderr, nix.stderr)
+            assert s.entries() == twin.entries() and s.db_rows() == twin.db_rows()
+            assert s.foreign_key_problems() == []
+        finally:
+            subprocess.run(["rm", "-rf", str(twin.top)], check=True)
