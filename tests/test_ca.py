@@ -306,3 +306,28 @@ def test_delete_in_a_ca_store_equals_nix_store_delete(ca_world):
             assert s.foreign_key_problems() == []
         finally:
             subprocess.run(["rm", "-rf", str(twin.top)], check=True)
+
+
+def test_an_unreadable_derivation_stops_us_as_it_stops_nix(ca_world):
+    """With ca-derivations, the outputs of a derivation without
+    DerivationOutputs rows are known only by reading it: when it cannot be
+    read, Nix's collector fails, and we answer nothing and delete nothing."""
+    s, pristine, _ = ca_world
+    s.restore(pristine)
+    drv = Path(subprocess.run(["sqlite3", f"{s.state}/db/db.sqlite", "SELECT deriver FROM "
+                               "ValidPaths WHERE path LIKE '%-c'"], capture_output=True,
+                              check=True).stdout.decode().strip())
+    drv.chmod(0o644)
+    drv.write_text("Derive([garbage")
+    twin = s.copy(s.top.parent / "twin")
+    try:
+        before = s.db_rows(), s.entries()
+        for args in (("dead",), ("gc", "--yes")):
+            out = s.query(*args, config=CA, check=False)
+            assert out.returncode == 1 and b"cannot parse the derivation" in out.stderr, out.stderr
+            assert out.stdout == b""
+        nix = s.nix_on_copy(twin, "nix-store", "--gc", config=CA, check=False)
+        assert nix.returncode == 1, nix.stderr
+        assert (s.db_rows(), s.entries()) == before
+    finally:
+        subprocess.run(["rm", "-rf", str(twin.top)], check=True)
