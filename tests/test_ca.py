@@ -331,3 +331,32 @@ def test_an_unreadable_derivation_stops_us_as_it_stops_nix(ca_world):
         assert (s.db_rows(), s.entries()) == before
     finally:
         subprocess.run(["rm", "-rf", str(twin.top)], check=True)
+
+
+def test_one_output_of_two_derivations_one_needing_the_other(scratch):
+    """Nix issue #5320: two content-addressed derivations, the one built
+    from the other, with the same (self-referencing) output: its two
+    realisations refer to each other.  Nix 2.8 cannot delete that path (a
+    foreign key refuses, 2.9 added a trigger); we delete it as 2.9 does,
+    leaving no row behind (README, Differences)."""
+    s = BuiltStore.create(scratch / "s")
+    expr = scratch / "same.nix"
+    ca = '__contentAddressed = true; outputHashMode = "recursive"; outputHashAlgo = "sha256";'
+    expr.write_text(
+        "rec {\n"
+        f'  bar = derivation {{ name = "same"; system = builtins.currentSystem; builder = "/bin/sh"; '
+        f'args = [ "-c" "echo $out > $out" ]; {ca} }};\n'
+        f'  foo = derivation {{ name = "same"; system = builtins.currentSystem; builder = "/bin/sh"; '
+        f'args = [ "-c" "test -e ${{bar}}; echo $out > $out" ]; {ca} }};\n'
+        "}\n")
+    s.build(expr, "foo", s.top / "result", CA)
+    remove(s.top / "result")
+    assert s.db_rows()["RealisationsRefs"]
+    twin = s.copy(scratch / "twin")
+    nix = s.nix_on_copy(twin, "nix-store", "--gc", config=CA, check=False)
+    assert nix.returncode == 1 and b"constraint failed" in nix.stderr
+    s.query("gc", "--yes", config=CA)
+    rows = s.db_rows()
+    assert rows["ValidPaths"] == rows["Realisations"] == rows["RealisationsRefs"] == []
+    assert s.foreign_key_problems() == [] and s.entries() == set()
+    s.verify()
