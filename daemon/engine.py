@@ -68,8 +68,8 @@ class RootSet:
 def store_graph(db: StoreDB, settings: GCSettings) -> StoreGraph:
     """The in-memory graph, cached or read now (call inside a snapshot)."""
     try:
-        return (db.cached_graph(settings.ca_derivations)
-                or db.load_graph(settings.ca_derivations))
+        return (db.cached_graph(settings.follows_realisations)
+                or db.load_graph(settings.follows_realisations))
     except DerivationError as e:  # Nix's collector stops there too
         raise IncompleteRoots(f"cannot follow the Realisations of ca-derivations: {e}") from None
 
@@ -147,8 +147,8 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                                                      b"{temp}"), p) for p in temp_valid]
         root_paths = valid_roots | temp_valid
         t1 = time.perf_counter()
-        graph = db.cached_graph(settings.ca_derivations)
-        if graph is None and settings.ca_derivations and db.has_realisations():
+        graph = db.cached_graph(settings.follows_realisations)
+        if graph is None and settings.follows_realisations and db.has_realisations():
             graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
         if graph is not None:  # warm: walk the live part in memory
             nodes = graph.closure((graph.index[p] for p in root_paths), settings)

@@ -39,6 +39,12 @@ class GCSettings:
     keep_outputs: bool = False      # Nix's default
     ca_derivations: bool = False    # experimental-features has ca-derivations
 
+    @property
+    def follows_realisations(self) -> bool:
+        """Nix reads Realisations (and .drv files, to find their rows) only
+        for the keep-derivations and keep-outputs edges."""
+        return self.ca_derivations and (self.keep_derivations or self.keep_outputs)
+
 
 def _parse(text: str, origin: str, settings: dict[str, str], depth: int) -> None:
     if depth > 10:

@@ -225,7 +225,7 @@ class Daemon:
             def load() -> StoreDB:
                 fresh = StoreDB.open(self.layout)
                 with fresh.snapshot():
-                    fresh.load_graph(self.settings.ca_derivations)
+                    fresh.load_graph(self.settings.follows_realisations)
                 return fresh
             fresh = await trio.to_thread.run_sync(load)
             async with self.work_lock:

@@ -329,6 +329,14 @@ def test_an_unreadable_derivation_stops_us_as_it_stops_nix(ca_world):
         nix = s.nix_on_copy(twin, "nix-store", "--gc", config=CA, check=False)
         assert nix.returncode == 1, nix.stderr
         assert (s.db_rows(), s.entries()) == before
+        # (Nix deleted what it met before.)  Without keep-derivations and
+        # keep-outputs neither reads a .drv.
+        subprocess.run(["rm", "-rf", str(twin.top)], check=True)
+        twin = s.copy(s.top.parent / "twin")
+        off = settings(False, False)
+        ours = set(s.query("dead", config=off).stdout.split())
+        assert ours == set(s.nix_on_copy(twin, "nix-store", "--gc", "--print-dead",
+                                         config=off).stdout.split())
     finally:
         subprocess.run(["rm", "-rf", str(twin.top)], check=True)
 
