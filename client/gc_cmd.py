@@ -119,11 +119,12 @@ def follow_links_to_store_path(arg: str, store_dir: bytes) -> bytes:
             raise ValueError(f"{arg}: {e.strerror}") from None
     else:
         raise ValueError(f"{arg}: too many levels of symbolic links")
+    if not is_in_dir(path, store_dir):
+        raise ValueError(f"path '{os.fsdecode(path)}' is not in the Nix store "
+                         f"{os.fsdecode(store_dir)}")
     store_path = to_store_path(path, store_dir)
     if store_path is None:
-        raise ValueError(f"path '{os.fsdecode(path)}' is not in the Nix store "
-                         f"{os.fsdecode(store_dir)}" if not is_in_dir(path, store_dir)
-                         else f"path '{os.fsdecode(path)}' is not a valid store path")
+        raise ValueError(f"path '{os.fsdecode(path)}' is not a valid store path")
     return store_path
 
 

@@ -185,8 +185,8 @@ class ModuloHashes:
             with open(self.layout.real_path(drv_path), "rb") as f:
                 return parse_derivation(f.read())
         except OSError as e:
-            raise DerivationError(f"cannot read the derivation {drv_path.decode(errors='replace')}: "
-                                  f"{e.strerror}") from None
+            raise DerivationError(f"cannot read the derivation "
+                                  f"{drv_path.decode(errors='replace')}: {e.strerror}") from None
         except DerivationError as e:
             raise DerivationError(f"cannot parse the derivation "
                                   f"{drv_path.decode(errors='replace')}: {e}") from None

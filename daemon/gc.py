@@ -832,13 +832,15 @@ def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes]) -> None
         if bad is None:
             continue
         if child.lower() == "refs":
-            (referrer,) = conn.execute("SELECT referrer FROM Refs WHERE rowid = ?", (bad[0],)).fetchone()
+            (referrer,) = conn.execute("SELECT referrer FROM Refs WHERE rowid = ?",
+                                       (bad[0],)).fetchone()
             path = conn.execute("SELECT path FROM ValidPaths WHERE id = ?", (referrer,)).fetchone()
             who = (path[0].decode(errors="replace") if path is not None
                    else f"a Refs row of id {referrer}, which is not a valid path,")
             raise SafetyError(f"the Nix DB says {who} refers to "
-                              f"{paths[bad[1]].decode(errors='replace')}, which we were about to "
-                              "delete (registered during this collection, or a damaged DB); stopping")
+                              f"{paths[bad[1]].decode(errors='replace')}, which we were about "
+                              "to delete (registered during this collection, or a damaged DB); "
+                              "stopping")
         raise SafetyError(f"the Nix DB's table {child} still refers ({column} = {bad[1]}) to a "
                           f"row of {parent} that goes with the paths we were about to delete; "
                           "stopping")

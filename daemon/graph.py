@@ -34,14 +34,15 @@ class StoreGraph:
     outputs: dict[int, list[int]]     # drv node -> valid output nodes (DerivationOutputs)
     index: dict[bytes, int]
     realised: dict[int, list[int]] = field(default_factory=dict)  # ... through Realisations
-    ca: bool = False                  # loaded with ca-derivations (realised filled in)
+    ca: bool = False                  # loaded following Realisations (realised filled in)
     _referrers: list[list[int]] | None = field(default=None, repr=False)
     _by_hash: dict[bytes, list[int]] | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, conn, version: int, realised_pairs: list[tuple[int, int]] | None = None) -> "StoreGraph":
+    def load(cls, conn, version: int,
+             realised_pairs: list[tuple[int, int]] | None = None) -> "StoreGraph":
         """`realised_pairs`: (drv id, output id) from Realisations, given
-        when ca-derivations is on."""
+        when Nix would follow them (GCSettings.follows_realisations)."""
         rows = conn.execute("SELECT id, path, narSize, deriver FROM ValidPaths").fetchall()
         node_of_id: dict[int, int] = {}
         paths: list[bytes] = []

@@ -22,6 +22,12 @@ def _bytes_to_text(_logger, _name, event_dict):
     return event_dict
 
 
+def _stderr_logger(*_args) -> structlog.PrintLogger:
+    # sys.stderr as it is when the event is written, not when configured:
+    # whoever replaces it later (a test capturing output) gets the events.
+    return structlog.PrintLogger(sys.stderr)
+
+
 def configure(component: str, level: str = "info", json: bool | None = None) -> None:
     if json is None:
         json = not sys.stderr.isatty()
@@ -36,7 +42,7 @@ def configure(component: str, level: str = "info", json: bool | None = None) -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(component=component)

@@ -89,8 +89,7 @@ def test_random_stores_collected_as_nix_collects_them(world):
         s = BuiltStore.create(top / "s")
         expr = top / "world.nix"
         expr.write_text("rec {\n" + "".join(
-            f"  d{i} = {derivation(f'd{i}', ca=d['ca'], refs=d['refs'], build_only=d['build_only'], outputs=d['outputs'])};\n"
-            for i, d in enumerate(drvs)) + "}\n")
+            f"  d{i} = {derivation(f'd{i}', **d)};\n" for i, d in enumerate(drvs)) + "}\n")
         config = nix_config(ca, kd, ko)
         built = [i for i, f in enumerate(fate) if f in ("garbage", "result")]
         if built:
