@@ -80,7 +80,7 @@ def ours(s: BuiltStore, gc_settings: GCSettings, collect: bool):
 
 
 @given(worlds())
-@settings(max_examples=60, deadline=None, derandomize=False,
+@settings(max_examples=40, deadline=None, derandomize=False,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 def test_random_stores_collected_as_nix_collects_them(world):
     ca, drvs, fate, kd, ko = world
