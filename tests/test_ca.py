@@ -310,12 +310,14 @@ def test_delete_in_a_ca_store_equals_nix_store_delete(ca_world):
 
 def test_an_unreadable_derivation_stops_us_as_it_stops_nix(ca_world):
     """With ca-derivations, the outputs of a derivation without
-    DerivationOutputs rows are known only by reading it: when it cannot be
-    read, Nix's collector fails, and we answer nothing and delete nothing."""
+    DerivationOutputs rows are known only by reading it: when one cannot be
+    read, Nix's collector fails when it visits it (it visits every dead one:
+    here the resolved .drv of g, which is garbage), and we answer nothing
+    and delete nothing."""
     s, pristine, _ = ca_world
     s.restore(pristine)
     drv = Path(subprocess.run(["sqlite3", f"{s.state}/db/db.sqlite", "SELECT deriver FROM "
-                               "ValidPaths WHERE path LIKE '%-c'"], capture_output=True,
+                               "ValidPaths WHERE path LIKE '%-g'"], capture_output=True,
                               check=True).stdout.decode().strip())
     drv.chmod(0o644)
     drv.write_text("Derive([garbage")
