@@ -18,7 +18,7 @@ import os
 import select
 import sys
 
-from gcroots import cliargs
+from gcroots import cliargs, log
 from gcroots.protocol.admin import Status
 
 from . import conn
@@ -89,6 +89,9 @@ def run_standalone(args, options: dict, pargs: tuple[bytes, ...]) -> conn.Answer
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # stdout carries only the answer: what the in-process work (--standalone)
+    # logs goes to stderr, never to structlog's default, stdout.
+    log.configure("gcroots-query")
     handler = getattr(args, "handler", None)
     if handler is not None:  # client-side commands (profiles) and gc's own flow
         return handler(args)

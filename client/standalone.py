@@ -52,19 +52,21 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
     return Answer(Status.OK, "", rows)
 
 
-def collect(args, opts: dict) -> Answer:
-    """gc --standalone: the same collection, in this process."""
+def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None) -> Answer:
+    """gc --standalone: the same collection, in this process; with `paths`,
+    delete --standalone."""
     import json
     import sys
 
     from gcroots.daemon.gc import Collection, GCError, GCOptions
 
     if os.geteuid() != 0 and not args.allow_unprivileged_scan:
-        return Answer(Status.REFUSED, "--standalone gc needs root: an unprivileged scan cannot "
-                      "read other users' indirect roots or processes, so it would delete live "
-                      "paths (use the daemon, or --allow-unprivileged-scan)")
+        return Answer(Status.REFUSED, f"--standalone {args.command} needs root: an unprivileged "
+                      "scan cannot read other users' indirect roots or processes, so it would "
+                      "delete live paths (use the daemon, or --allow-unprivileged-scan)")
     layout = layout_of(args)
     options = GCOptions.from_request(opts)
+    options.paths = paths
     show = (lambda m: sys.stderr.write(f"\r\033[K{m}...")) if sys.stderr.isatty() else None
     c = Collection(layout, settings_from(args), options, progress=show)
     try:

@@ -87,7 +87,8 @@ def settings_from(args) -> GCSettings:
         raise SystemExit(f"gcrootsd: {e}") from None
     return GCSettings(
         keep_derivations=base.keep_derivations if args.keep_derivations is None else args.keep_derivations,
-        keep_outputs=base.keep_outputs if args.keep_outputs is None else args.keep_outputs)
+        keep_outputs=base.keep_outputs if args.keep_outputs is None else args.keep_outputs,
+        ca_derivations=base.ca_derivations)
 
 
 def main(argv: list[str] | None = None) -> int:

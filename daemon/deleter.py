@@ -6,13 +6,14 @@ collector starts `python -m gcroots.daemon.deleter` (fork+exec, safe from a
 threaded daemon) and hands it batches over a pipe:
 
     request:  u32 count, then count x (u32 length, path bytes); count 0 = exit
-    reply:    u64 bytes freed, u64 bytes likely freed, u32 error length,
-              error text (UTF-8)
+    reply:    u64 bytes freed, u64 bytes freed as Nix counts them,
+              u32 error length, error text (UTF-8)
 
-"Freed" counts a file's blocks when its last link went; "likely freed"
-counts files left with one link, which in an optimised store is their
-`.links` twin: those bytes are freed when the collector cleans `.links` at
-the end.  Nix counts them the same way for --max-freed.
+"Freed" counts blocks (du-style): a file's when its last link went, and
+directories'.  Nix's deletePath counts the apparent size of every file
+that had one or two links -- two: most likely an optimised file, whose
+`.links` twin goes when the collector cleans `.links` at the end -- and
+stops --max-freed on that count; so do we.
 
 The worker only ever removes the paths it is given (already invalidated in
 the DB by the collector), and only what is inside them: it walks by
@@ -46,17 +47,18 @@ def _count(st: os.stat_result) -> int:
 
 
 class Freed:
-    """Bytes freed for sure, and bytes of files left with one link."""
+    """Bytes freed for sure (du-style), and as Nix counts them."""
 
     def __init__(self) -> None:
         self.sure = 0
-        self.likely = 0
+        self.nix = 0
 
-    def file(self, st: os.stat_result) -> None:
-        if st.st_nlink == 1:
+    def file(self, st: os.stat_result, nlink: int | None = None) -> None:
+        nlink = st.st_nlink if nlink is None else nlink
+        if nlink == 1:
             self.sure += _count(st)
-        elif st.st_nlink == 2:
-            self.likely += _count(st)
+        if nlink <= 2:
+            self.nix += st.st_size
 
 
 def open_dir(path: bytes) -> int:
@@ -228,14 +230,19 @@ def _entries(fd: int, files: bool) -> Iterator[bytes]:
         return iter([os.fsencode(e.name) for e in it if files or e.is_dir(follow_symlinks=False)])
 
 
-def estimate_tree(path: bytes, freed: Freed) -> None:
-    """What delete_tree() would add to `freed`, without deleting."""
+def estimate_tree(path: bytes, freed: Freed, unlinked: dict[tuple[int, int], int]) -> None:
+    """What delete_tree() would add to `freed`, without deleting, after the
+    links counted in `unlinked` (inode -> links) went (and counting ours).
+    Walked like delete_tree(): by directory fds, following no link."""
     parent, name = path.rsplit(b"/", 1)
     for _, st, _, _ in walk_trees(parent, [name]):
         if stat.S_ISDIR(st.st_mode):
             freed.sure += _count(st)
-        else:
-            freed.file(st)
+            continue
+        key = (st.st_dev, st.st_ino)
+        gone = unlinked.get(key, 0)
+        freed.file(st, st.st_nlink - gone)
+        unlinked[key] = gone + 1
 
 
 # -- whether the worker can delete it: checked before anything is deleted --------
@@ -378,20 +385,20 @@ class DeleterProcess:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd="/")
 
     def delete(self, paths: list[bytes]) -> tuple[int, int]:
-        """(bytes freed, bytes likely freed by cleaning .links)."""
+        """(bytes freed, bytes freed as Nix counts them)."""
         msg = [_U32.pack(len(paths))]
         for p in paths:
             msg += (_U32.pack(len(p)), p)
         self.proc.stdin.write(b"".join(msg))
         self.proc.stdin.flush()
         try:
-            freed, likely, errlen = _REPLY.unpack(_read_exact(self.proc.stdout, _REPLY.size))
+            freed, nix, errlen = _REPLY.unpack(_read_exact(self.proc.stdout, _REPLY.size))
             error = _read_exact(self.proc.stdout, errlen).decode("utf-8", "replace")
         except EOFError:
             raise OSError(f"the deletion worker died (exit status {self.proc.poll()})") from None
         if error:
             raise OSError(f"deleting from the store failed: {error}")
-        return freed, likely
+        return freed, nix
 
     def close(self) -> None:
         try:
@@ -434,7 +441,7 @@ def main() -> int:
                 code = errno.errorcode.get(e.errno or 0, "")
                 error = f"{e.filename or os.fsdecode(p)}: {e.strerror or e}" + (f" ({code})" if code else "")
                 break
-        stdout.write(_REPLY.pack(freed.sure, freed.likely, len(error.encode())) + error.encode())
+        stdout.write(_REPLY.pack(freed.sure, freed.nix, len(error.encode())) + error.encode())
         stdout.flush()
         if error:
             return 1

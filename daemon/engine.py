@@ -25,8 +25,9 @@ from typing import Iterator, KeysView
 
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
-from gcroots.storepath import HASH_LEN, is_store_basename, parse_store_path
+from gcroots.storepath import HASH_LEN, hash_part, is_store_basename, parse_store_path
 
+from .derivation import DerivationError
 from .graph import LiveGraph, StoreGraph
 from .nixconf import GCSettings
 from .store import Snapshot, StoreDB, list_store
@@ -82,6 +83,15 @@ class RootSet:
             elif isinstance(rec, ScanWarning):
                 out.warnings.append(rec)
         return out
+
+
+def store_graph(db: StoreDB, settings: GCSettings) -> StoreGraph:
+    """The in-memory graph, cached or read now (call inside a snapshot)."""
+    try:
+        return (db.cached_graph(settings.follows_realisations)
+                or db.load_graph(settings.follows_realisations))
+    except DerivationError as e:  # Nix's collector stops there too
+        raise IncompleteRoots(f"cannot follow the Realisations of ca-derivations: {e}") from None
 
 
 def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
@@ -168,7 +178,9 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                                                      b"{temp}"), p) for p in temp_valid]
         root_paths = valid_roots | temp_valid
         t1 = time.perf_counter()
-        graph = db.cached_graph()
+        graph = db.cached_graph(settings.follows_realisations)
+        if graph is None and settings.follows_realisations and db.has_realisations():
+            graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
         if graph is not None:  # warm: walk the live part in memory
             nodes = graph.closure((graph.index[p] for p in root_paths), settings)
             live = {graph.paths[n] for n in nodes}
@@ -254,8 +266,9 @@ class NotAlive(Exception):
 
 
 def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
-             censor: bool) -> Iterator[tuple[bytes, ...]]:
-    """Each row: (root label, root path, ..., target)."""
+             censor: bool, g: LiveGraph | None = None) -> Iterator[tuple[bytes, ...]]:
+    """Each row: (root label, root path, ..., target).  `g`: the live graph,
+    if the caller has it already."""
     store_path = parse_store_path(target, a.layout.store_dir)
     if store_path is None:
         raise NotAlive(f"{target.decode(errors='replace')} is not a store path")
@@ -267,7 +280,7 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
     if store_path not in a.live:
         raise NotAlive(f"{store_path.decode(errors='replace')} is not alive: "
                        "no root keeps it (it is garbage, or not in the store)")
-    g = live_graph(a, db)
+    g = g or live_graph(a, db)
     if store_path not in g.index:
         raise NotAlive(f"{store_path.decode(errors='replace')} left the store meanwhile")
     labels = a.labels_by_path(censor)
@@ -276,9 +289,48 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
         yield (labels.get(root, [b"?"])[0], *(g.paths[n] for n in chain))
 
 
+EXPLAINED_REFUSALS = 20
+
+
+def delete_refusals(a: Analysis, db: StoreDB, graph: StoreGraph,
+                    paths: list[bytes]) -> list[str]:
+    """Why each of `paths` may not be deleted, as `nix-store --delete`
+    decides (gcDeleteSpecific): a path that is alive (a root, a temp
+    root's, or kept by one: shown with the chain that keeps it), or that
+    Nix's referrer search leads from to a path not being deleted -- garbage
+    or not.  Empty: all of them may go."""
+    wanted = set(paths)
+    out: list[str] = []
+    g = None
+    for p in sorted(wanted):
+        if len(out) == EXPLAINED_REFUSALS:
+            out.append("...")
+            break
+        name = p.decode(errors="replace")
+        if p in a.all_live or hash_part(p) in a.temp.hashes:
+            try:
+                g = g or live_graph(a, db)
+                label, *chain = next(rows_why(a, db, p, False, False, g))
+                why = " -> ".join(x.decode(errors="replace") for x in (label, *chain))
+            except (NotAlive, StopIteration):
+                why = "a running Nix process uses it (temporary root)"
+            out.append(f"{name} is alive: {why}")
+            continue
+        node = graph.index.get(p)
+        if node is None:
+            continue  # not valid: nothing in the DB refers to it
+        outside = sorted(graph.paths[n] for n in graph.referrer_closure([node], a.settings)
+                         if graph.paths[n] not in wanted)
+        if outside:
+            out.append(f"{name} is still needed by {outside[0].decode(errors='replace')}"
+                       + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else "")
+                       + ", which is not being deleted")
+    return out
+
+
 def live_graph(a: Analysis, db: StoreDB) -> LiveGraph:
     with db.snapshot():
-        g = db.cached_graph() or db.load_graph()
+        g = store_graph(db, a.settings)
     return LiveGraph.from_store_graph(g, a.live, a.root_paths, a.settings)
 
 
@@ -328,7 +380,8 @@ def stats(a: Analysis, db: StoreDB) -> list[tuple[str, str]]:
             ("scan_warnings", str(len(a.rootset.warnings))),
             ("temp_root_files_stale", str(len(a.temp.stale_files))),
             ("keep_derivations", str(a.settings.keep_derivations).lower()),
-            ("keep_outputs", str(a.settings.keep_outputs).lower())]
+            ("keep_outputs", str(a.settings.keep_outputs).lower()),
+            ("ca_derivations", str(a.settings.ca_derivations).lower())]
     out += [(f"seconds_{k}", f"{v:.4f}") for k, v in a.timings.items()]
     return out
 

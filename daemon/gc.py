@@ -2,7 +2,8 @@
 
 One collection, in this order (gc.cc collectGarbage):
 
-1. Take <state>/gc.lock exclusively (flock, as Nix).  From now on a Nix
+1. Remove <state>/db/reserved (as Nix: room to work on a full disk).
+   Take <state>/gc.lock exclusively (flock, as Nix).  From now on a Nix
    process that wants a new temporary root cannot take its shared lock and
    tells us over <state>/gc-socket/socket instead.
 2. Serve that socket: a client sends `path\\n`; we protect the path's hash
@@ -13,8 +14,9 @@ One collection, in this order (gc.cc collectGarbage):
 4. Compute the dead set (engine.analyze) and an order: referrers before
    references.
 5. In batches: re-check temp roots; invalidate the batch in the DB in one
-   transaction (SQLite's foreign keys refuse to invalidate a path that a
-   still-valid path refers to: a last guard); then delete the batch from
+   transaction, with what the DB's foreign keys do to the rows that
+   belong to it (Refs, DerivationOutputs, Realisations...; a still-valid
+   path that refers to one refuses it: a last guard); then delete the batch from
    disk, in parallel.  A crash between the two leaves unregistered paths on
    disk, which the next collection removes; never a valid path without its
    files.
@@ -64,7 +66,7 @@ LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 # as it takes; we hold gc.lock meanwhile, so not for ever).
 DB_BUSY_TIMEOUT = 600.0
 BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
-MAX_FREED_BATCH = 16      # ... when stopping at --max-freed (checked after each)
+MAX_FREED_BATCH = 256     # ... when stopping at --max-freed (each cut where it stops)
 _log = log.get("gcroots.gc")
 
 
@@ -90,11 +92,17 @@ class DeletionError(GCError):
     --verify` accepts and the next collection removes."""
 
 
+class Refused(GCError):
+    """Paths asked for by name may not be deleted (nix-store --delete
+    would refuse too): nothing is deleted."""
+
+
 @dataclass
 class GCOptions:
     dry_run: bool = False
     max_freed: int | None = None      # stop once this many bytes are freed
     throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
+    paths: tuple[bytes, ...] | None = None  # delete exactly these (nix-store --delete)
 
     @classmethod
     def from_request(cls, opts: dict) -> "GCOptions":
@@ -105,8 +113,8 @@ class GCOptions:
         if not isinstance(dry_run, bool):
             raise ValueError("dry_run must be true or false")
         if max_freed is not None and (type(max_freed) is not int
-                                      or not 1 <= max_freed <= cliargs.MAX_SIZE):
-            raise ValueError(f"max_freed must be a number of bytes from 1 to {cliargs.MAX_SIZE}")
+                                      or not 0 <= max_freed <= cliargs.MAX_SIZE):
+            raise ValueError(f"max_freed must be a number of bytes from 0 to {cliargs.MAX_SIZE}")
         if (type(throttle) not in (int, float) or not math.isfinite(throttle)
                 or not 0 <= throttle <= cliargs.MAX_THROTTLE):
             raise ValueError(f"throttle must be a number of seconds from 0 to "
@@ -118,8 +126,9 @@ class GCOptions:
 class GCResult:
     dry_run: bool
     paths: int = 0
-    bytes_freed: int = 0
+    bytes_freed: int = 0              # du-style: blocks of files whose last link went, dirs
     links_freed: int = 0              # bytes freed in .links
+    nix_bytes_freed: int = 0          # as Nix counts (and stops --max-freed): see deleter.py
     stale_links_removed: int = 0
     temproots_removed: int = 0
     stopped_at_limit: bool = False
@@ -365,6 +374,7 @@ def remove_stale_temproots(layout: StoreLayout) -> int:
                 continue  # its process removed it on exit, after our open
             os.write(fd, b"d")
             removed += 1
+            _log.info("stale_temproots_removed", file=path)
         finally:
             os.close(fd)
     return removed
@@ -577,10 +587,11 @@ class Collection:
         self._protected: set[bytes] = set()      # must not be deleted (live + announced)
         self._temp_hashes: set[bytes] = set()
         self._pending: set[bytes] = set()        # hash parts being deleted right now
-        self._likely_freed = 0                   # in .links twins, freed at the end
         self._graph: StoreGraph | None = None
         self._analysis: Analysis | None = None
         self._temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None
+        self._dead: list[bytes] = []             # what goes: the dead set, or the paths asked for
+        self._dead_valid: set[bytes] = set()     # ... those of them registered
         self._t0 = time.monotonic()
 
     # phase 1
@@ -588,6 +599,13 @@ class Collection:
         if self.options.dry_run:
             return  # a dry run is a query: no lock, no socket, nothing removed
         self._check_writable()
+        # As Nix: free the space kept in reserve for a full disk, so that the
+        # collection has room to work; the next Nix to open the store (any
+        # Nix command, a nix-daemon connection) reserves it again.
+        try:
+            os.unlink(self.layout.reserved_path)
+        except FileNotFoundError:
+            pass
         self.lock.acquire()
         self._temp_files_at_lock = temp_root_files(self.layout)
         self.server = RootsServer(self.layout, self._announced)
@@ -644,9 +662,19 @@ class Collection:
     def plan(self, rootset: RootSet, db: StoreDB) -> Analysis:
         self.progress("computing the live set")
         with db.snapshot():  # the daemon's graph if it is still current
-            graph = db.cached_graph() or db.load_graph()
-        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=True,
+            graph = engine.store_graph(db, self.settings)
+        asked = self.options.paths
+        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=asked is None,
                            temp_files_at_lock=self._temp_files_at_lock)
+        if asked is None:
+            self._dead, self._dead_valid = a.dead, a.dead_valid
+        else:
+            refusals = engine.delete_refusals(a, db, graph, list(asked))
+            if refusals:
+                raise Refused(f"refusing to delete ({len(set(asked))} paths asked for; nothing "
+                              "was deleted):\n  " + "\n  ".join(refusals))
+            self._dead = sorted(set(asked))
+            self._dead_valid = {p for p in self._dead if p in graph.index}
         with self._cond:
             self._graph = graph
             self._analysis = a
@@ -657,11 +685,12 @@ class Collection:
         return a
 
     def _order(self) -> list[bytes]:
-        """Dead paths, referrers before references; then the rest."""
-        a, g = self._analysis, self._graph
-        dead = set(a.dead)
-        dead_nodes = {g.index[p] for p in a.dead_valid if p in g.index}
-        unknown = {p for p in a.dead_valid if p not in g.index}  # registered after our graph
+        """What goes: unregistered entries first, then the dead paths,
+        referrers before references."""
+        g = self._graph
+        dead = set(self._dead)
+        dead_nodes = {g.index[p] for p in self._dead_valid if p in g.index}
+        unknown = {p for p in self._dead_valid if p not in g.index}  # registered after our graph
         if unknown:
             _log.info("gc_skipping_new_paths", count=len(unknown))
         pending = {n: 0 for n in dead_nodes}
@@ -681,7 +710,7 @@ class Collection:
                         ready.append(m)
         if len(order) != len(dead_nodes):
             raise SafetyError("the dead paths' references form a cycle; refusing to collect")
-        others = sorted(dead - a.dead_valid)  # unregistered entries and junk: no DB rows
+        others = sorted(dead - self._dead_valid)  # unregistered entries and junk: no DB rows
         return others + order
 
     # phase 3
@@ -689,12 +718,12 @@ class Collection:
         """The DB work for batch k+1 overlaps with deleting batch k from disk,
         which a worker process does (daemon/deleter.py): in this process the
         two would fight over the GIL."""
-        a = self._analysis
         order = self._order()
         self._check_deletable(order)
         if self.options.dry_run:
-            if self.options.max_freed is not None:
-                order = self._within_limit(order)
+            everything = order
+            order, self.result.nix_bytes_freed = self._within_limit(order, 0, {})
+            self.result.stopped_at_limit = len(order) < len(everything)
             freed, links = predict_freed(self.layout.real_store_dir, self._names(order),
                                          self.layout.links_dir)
             self.result.paths = len(order)
@@ -702,14 +731,15 @@ class Collection:
             self.result.deleted = order
             self.result.seconds = time.monotonic() - self._t0
             return self.result
-        valid = a.dead_valid
+        valid = self._dead_valid
         try:
             writer = _writer(db_path)
         except sqlite3.Error as e:
             raise DBError(f"nothing was deleted: {describe_error(e, db_path)}") from None
         worker = DeleterProcess()
         done: set[bytes] = set()   # invalidated (in the DB) or unregistered, in order
-        # Small batches when stopping at a size or pacing the I/O; big ones
+        unlinked: dict[tuple[int, int], int] = {}  # links the --max-freed forecast saw go
+        # Smaller batches when stopping at a size or pacing the I/O; big ones
         # otherwise (each commit rewrites the DB's index pages).
         batch_size = (MAX_FREED_BATCH if self.options.max_freed is not None
                       else 64 if self.options.throttle else BATCH)
@@ -720,12 +750,23 @@ class Collection:
         deleter.start()
         batch: list[bytes] = []  # claimed, not yet handed to the deleter
         try:
-            for start in range(0, len(order), batch_size):
+            start = 0
+            while start < len(order):
                 if failure or self._limit_reached():
                     break
-                batch = self._claim(order[start:start + batch_size])
+                chunk = order[start:start + batch_size]
+                start += len(chunk)
+                batch = self._claim(chunk)
                 if not batch:
                     continue
+                if self.options.max_freed is not None:
+                    # Nix stops right after the path that frees more than the
+                    # limit: invalidate nothing beyond it (the rest comes back).
+                    cut, _ = self._within_limit(batch, self.result.nix_bytes_freed, unlinked)
+                    if len(cut) < len(batch):
+                        start -= len(chunk) - chunk.index(cut[-1]) - 1
+                        self._release(batch[len(cut):])
+                        batch = cut
                 self._check_referrers(batch, done)
                 kept = self._invalidate(writer, batch, valid)
                 if len(kept) < len(batch):
@@ -773,24 +814,28 @@ class Collection:
         return [p[skip:] for p in paths]
 
     def _limit_reached(self) -> bool:
-        """Counting, as Nix does, files left with one link as freed: in an
-        optimised store that is their .links entry, removed at the end."""
+        """More than --max-freed freed, as Nix counts (and checks after each
+        path); --max-freed 0 collects nothing, as with Nix."""
+        limit = self.options.max_freed
         with self._cond:
-            return (self.options.max_freed is not None
-                    and self.result.bytes_freed + self._likely_freed >= self.options.max_freed)
+            return limit is not None and (limit == 0 or self.result.nix_bytes_freed > limit)
 
-    def _within_limit(self, order: list[bytes]) -> list[bytes]:
-        """The dry run's forecast of where --max-freed stops the real run:
-        whole batches, each counted the way the deleter counts."""
-        total, size = 0, MAX_FREED_BATCH
-        for start in range(0, len(order), size):
-            if total >= self.options.max_freed:
-                return order[:start]
+    def _within_limit(self, paths: list[bytes], total: int,
+                      unlinked: dict[tuple[int, int], int]) -> tuple[list[bytes], int]:
+        """Where --max-freed stops when deleting `paths` in order with
+        `total` bytes freed so far (Nix's count, forecast from the files):
+        after the path that passes the limit.  Returns those paths and the
+        total after them (all of them without a limit)."""
+        limit = self.options.max_freed
+        if limit == 0:
+            return [], total
+        for i, p in enumerate(paths):
+            if limit is not None and total > limit:
+                return paths[:i], total
             freed = Freed()
-            for p in order[start:start + size]:
-                estimate_tree(self.layout.real_path(p), freed)
-            total += freed.sure + freed.likely
-        return order
+            estimate_tree(self.layout.real_path(p), freed, unlinked)
+            total += freed.nix
+        return paths, total
 
     def _deleter(self, work: "queue.Queue[list[bytes] | None]", failure: list,
                  worker: DeleterProcess) -> None:
@@ -809,7 +854,7 @@ class Collection:
             self._release(batch)
             return
         try:
-            freed, likely = worker.delete([self.layout.real_path(p) for p in batch])
+            freed, nix = worker.delete([self.layout.real_path(p) for p in batch])
         except BaseException as e:  # reported by execute(); nothing more is deleted
             if isinstance(e, OSError):
                 e = DeletionError(f"{e}. The collection stopped there: the paths it was deleting "
@@ -817,11 +862,11 @@ class Collection:
                                   "them on disk is garbage that the next collection removes once "
                                   "the cause is fixed")
             failure.append(e)
-            freed = likely = 0
+            freed = nix = 0
         with self._cond:
             self.result.paths += len(batch)
             self.result.bytes_freed += freed
-            self._likely_freed += likely
+            self.result.nix_bytes_freed += nix
             self.result.deleted += batch
             self._pending -= {hash_part(p) for p in batch}
             self._cond.notify_all()
@@ -866,14 +911,13 @@ class Collection:
 
     def _invalidate(self, writer: sqlite3.Connection, batch: list[bytes],
                     valid: set[bytes]) -> list[bytes]:
-        """One transaction: refuse if any path outside the batch still
-        refers into it, then drop the batch's Refs, DerivationOutputs and
-        ValidPaths rows.  That is what Nix's foreign keys do row by row
-        (Refs.reference ON DELETE RESTRICT, the cascades); done in bulk
-        inside our write transaction -- no other writer can slip in -- it is
-        the same guarantee at half the cost.  Entries that were unregistered
-        when we planned but are valid now (registered meanwhile) are not ours
-        to delete: returns the batch without them."""
+        """One transaction: drop the batch's ValidPaths rows and do what
+        the DB's foreign keys make Nix's row-by-row invalidation do (see
+        _delete_cascading), in bulk inside our write transaction -- no
+        other writer can slip in -- the same guarantee at half the cost.
+        Entries that were unregistered when we planned but are valid now
+        (registered meanwhile) are not ours to delete: returns the batch
+        without them."""
         try:
             writer.execute("BEGIN IMMEDIATE")
             rows = _valid_rows(writer, batch)
@@ -883,23 +927,7 @@ class Collection:
             writer.execute("DELETE FROM temp.gc_batch")
             writer.executemany("INSERT INTO temp.gc_batch VALUES (?)",
                                [(i,) for i, p in rows if p in valid])
-            # CROSS JOIN: walk the batch and look up its referrers by index
-            # (left to itself the planner scans all of Refs).
-            bad = writer.execute(
-                "SELECT (SELECT path FROM ValidPaths WHERE id = r.referrer), "
-                "(SELECT path FROM ValidPaths WHERE id = r.reference), r.referrer "
-                "FROM temp.gc_batch b CROSS JOIN Refs r ON r.reference = b.id "
-                "WHERE r.referrer NOT IN temp.gc_batch LIMIT 1").fetchone()
-            if bad is not None:
-                referrer = (bad[0].decode(errors="replace") if bad[0] is not None
-                            else f"a Refs row of id {bad[2]}, which is not a valid path,")
-                raise SafetyError(f"the Nix DB says {referrer} refers to "
-                                  f"{bad[1].decode(errors='replace')}, which we were about to "
-                                  "delete (registered during this collection, or a damaged DB); "
-                                  "stopping")
-            writer.execute("DELETE FROM Refs WHERE referrer IN temp.gc_batch")
-            writer.execute("DELETE FROM DerivationOutputs WHERE drv IN temp.gc_batch")
-            writer.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
+            _delete_cascading(writer, dict(rows))
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -938,11 +966,89 @@ def _valid_rows(conn: sqlite3.Connection, paths: list[bytes]) -> list[tuple[int,
     return rows
 
 
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _foreign_keys(conn: sqlite3.Connection) -> dict[str, list[tuple[str, str, bool]]]:
+    """parent table -> [(child table, column, cascade?)] for every foreign
+    key of the DB: in Nix 2.8 through today's schemas Refs and
+    DerivationOutputs on ValidPaths, and with ca-derivations Realisations
+    on ValidPaths and RealisationsRefs on Realisations (tables that stay
+    when a newer Nix moves on).  Read from the DB itself, inside the
+    transaction: a Nix that first runs with ca-derivations creates its
+    tables whenever it likes.  A kind of key no Nix schema has stops the
+    collection: we would not know what deleting a row must do."""
+    fks: dict[str, list[tuple[str, str, bool]]] = {}
+    for (table,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        child = table.decode()
+        for row in conn.execute(f"PRAGMA foreign_key_list({_ident(child)})"):
+            parent, column, to, on_delete = row[2].decode(), row[3].decode(), row[4], row[6]
+            if to not in (None, b"id") or on_delete not in (b"CASCADE", b"RESTRICT", b"NO ACTION"):
+                raise SafetyError(f"the Nix DB's table {child} has a foreign key ({column} -> "
+                                  f"{parent}.{to}, ON DELETE {on_delete.decode()}) that no Nix "
+                                  "schema has; refusing to collect")
+            fks.setdefault(parent.lower(), []).append((child, column, on_delete == b"CASCADE"))
+    return fks
+
+
+def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes]) -> None:
+    """Delete the ValidPaths rows whose ids are in temp.gc_batch, then
+    what their foreign keys say, as SQLite does for Nix's deletions
+    (foreign keys on): ON DELETE CASCADE rows go too (and theirs, and so
+    on); a RESTRICT row left pointing at a deleted row refuses the whole
+    transaction.  The schema's triggers fire as for Nix (DeleteSelfRefs,
+    and DeleteSelfRefsViaRealisations of Nix >= 2.9, which turns a
+    restricting RealisationsRefs row into a deleted one).  `paths`: id ->
+    path of the rows, for messages."""
+    fks = _foreign_keys(conn)
+    conn.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
+    gone = {"validpaths": "temp.gc_batch"}  # table -> temp table of its deleted ids
+    todo, restrict, rounds = ["validpaths"], [], 0
+    while todo:
+        parent = todo.pop(0)
+        rounds += 1
+        if rounds > 64:  # Nix's keys are two levels deep
+            raise SafetyError("the Nix DB's foreign keys form a cycle; refusing to collect")
+        for child, column, cascade in fks.get(parent, ()):
+            if not cascade:
+                restrict.append((child, column, parent))
+                continue
+            where = f"FROM {_ident(child)} WHERE {_ident(column)} IN {gone[parent]}"
+            if child.lower() in fks:  # its own children follow: remember which ids go
+                tmp = gone.setdefault(child.lower(), f"temp.gc_gone_{len(gone)}")
+                conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp[5:]} (id INTEGER PRIMARY KEY)")
+                conn.execute(f"INSERT OR IGNORE INTO {tmp} SELECT id {where}")
+                todo.append(child.lower())
+            conn.execute(f"DELETE {where}")
+    for child, column, parent in restrict:
+        bad = conn.execute(f"SELECT rowid, {_ident(column)} FROM {_ident(child)} "
+                           f"WHERE {_ident(column)} IN {gone[parent]} LIMIT 1").fetchone()
+        if bad is None:
+            continue
+        if child.lower() == "refs":
+            (referrer,) = conn.execute("SELECT referrer FROM Refs WHERE rowid = ?",
+                                       (bad[0],)).fetchone()
+            path = conn.execute("SELECT path FROM ValidPaths WHERE id = ?", (referrer,)).fetchone()
+            who = (path[0].decode(errors="replace") if path is not None
+                   else f"a Refs row of id {referrer}, which is not a valid path,")
+            raise SafetyError(f"the Nix DB says {who} refers to "
+                              f"{paths[bad[1]].decode(errors='replace')}, which we were about "
+                              "to delete (registered during this collection, or a damaged DB); "
+                              "stopping")
+        raise SafetyError(f"the Nix DB's table {child} still refers ({column} = {bad[1]}) to a "
+                          f"row of {parent} that goes with the paths we were about to delete; "
+                          "stopping")
+    for tmp in gone.values():
+        if tmp != "temp.gc_batch":
+            conn.execute(f"DELETE FROM {tmp}")
+
+
 def _writer(db_path: bytes) -> sqlite3.Connection:
     _mend_wal_modes(db_path)
     conn = sqlite3.connect(os.fsdecode(db_path), timeout=DB_BUSY_TIMEOUT, isolation_level=None,
                            check_same_thread=False)
-    # Foreign keys off: _invalidate() enforces what they would, in bulk.
+    # Foreign keys off: _delete_cascading() does what they would, in bulk.
     conn.text_factory = bytes  # paths as bytes, like every other read
     conn.execute("PRAGMA foreign_keys = OFF")
     conn.execute("PRAGMA synchronous = NORMAL")  # as Nix (WAL: durable at checkpoints)

@@ -3,7 +3,10 @@
 `StoreGraph` holds all of ValidPaths/Refs/DerivationOutputs as int lists,
 loaded in one pass and kept by gcrootsd until the DB changes.  Its edges
 are those of liveness (see daemon/store.py): references, deriver
-(keep-derivations), outputs (keep-outputs).
+(keep-derivations), outputs (keep-outputs).  With ca-derivations, the
+outputs Nix finds through Realisations (daemon/derivation.py) are kept
+apart in `realised`: Nix's closure follows them, its referrer search only
+for keep-derivations.
 
 `LiveGraph` is the live part of it, renumbered, for `why` and `cost`.
 """
@@ -28,13 +31,18 @@ class StoreGraph:
     sizes: list[int]                  # node -> narSize
     refs: list[tuple[int, ...]]       # node -> referenced nodes (no self)
     deriver: list[int]                # node -> its valid deriver node that lists it, or -1
-    outputs: dict[int, list[int]]     # drv node -> valid output nodes
+    outputs: dict[int, list[int]]     # drv node -> valid output nodes (DerivationOutputs)
     index: dict[bytes, int]
+    realised: dict[int, list[int]] = field(default_factory=dict)  # ... through Realisations
+    ca: bool = False                  # loaded following Realisations (realised filled in)
     _referrers: list[list[int]] | None = field(default=None, repr=False)
     _by_hash: dict[bytes, list[int]] | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, conn, version: int) -> "StoreGraph":
+    def load(cls, conn, version: int,
+             realised_pairs: list[tuple[int, int]] | None = None) -> "StoreGraph":
+        """`realised_pairs`: (drv id, output id) from Realisations, given
+        when Nix would follow them (GCSettings.follows_realisations)."""
         rows = conn.execute("SELECT id, path, narSize, deriver FROM ValidPaths").fetchall()
         node_of_id: dict[int, int] = {}
         paths: list[bytes] = []
@@ -56,11 +64,12 @@ class StoreGraph:
                     dangling += 1
         get = index.get
         # keep-derivations keeps a .drv for an output that names it as its
-        # deriver and that the .drv lists in DerivationOutputs (both, as
-        # Nix's referrer search checks); keep-outputs keeps every output a
-        # .drv lists.
+        # deriver and that the .drv lists in DerivationOutputs or, with
+        # ca-derivations, in Realisations (both, as Nix's referrer search
+        # checks); keep-outputs keeps every output a .drv lists.
         deriver = [-1] * len(paths)
         outputs: dict[int, list[int]] = {}
+        realised: dict[int, list[int]] = {}
         for drv, out in conn.execute("SELECT drv, path FROM DerivationOutputs"):
             o, d = get(out), node_of_id.get(drv)
             if o is not None and d is not None:
@@ -69,10 +78,16 @@ class StoreGraph:
                     deriver[o] = d
             elif d is None:
                 dangling += 1
+        for drv, out in realised_pairs or ():
+            d, o = node_of_id[drv], node_of_id[out]
+            realised.setdefault(d, []).append(o)
+            if rows[o][3] == paths[d]:
+                deriver[o] = d
         if dangling:
             _log.warning("db_dangling_rows", count=dangling)
         # Tuples: a third smaller than lists, which matters at a million paths.
-        return cls(version, paths, sizes, [tuple(r) for r in refs], deriver, outputs, index)
+        return cls(version, paths, sizes, [tuple(r) for r in refs], deriver, outputs, index,
+                   realised, realised_pairs is not None)
 
     def successors(self, node: int, settings: GCSettings) -> Iterable[int]:
         yield from self.refs[node]
@@ -80,9 +95,10 @@ class StoreGraph:
             yield self.deriver[node]
         if settings.keep_outputs:
             yield from self.outputs.get(node, ())
+            yield from self.realised.get(node, ())
 
     def closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
-        refs, deriver, outputs = self.refs, self.deriver, self.outputs
+        refs, deriver, outputs, realised = self.refs, self.deriver, self.outputs, self.realised
         kd, ko = settings.keep_derivations, settings.keep_outputs
         seen = set(start)
         todo = list(seen)
@@ -99,7 +115,7 @@ class StoreGraph:
                     add(d)
                     push(d)
             if ko:
-                for m in outputs.get(n, ()):
+                for m in (*outputs.get(n, ()), *realised.get(n, ())):
                     if m not in seen:
                         add(m)
                         push(m)
@@ -128,7 +144,8 @@ class StoreGraph:
     def referrer_closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         """What Nix's referrer search visits: referrers; for a .drv, its
         outputs whose deriver is that .drv (keep-derivations); the .drvs
-        that list a path as output (keep-outputs)."""
+        that list a path as output in DerivationOutputs (keep-outputs:
+        queryValidDerivers, which does not look at Realisations)."""
         referrers = self.referrers()
         derivers_of: dict[int, list[int]] = {}
         if settings.keep_outputs:
@@ -141,7 +158,8 @@ class StoreGraph:
             n = todo.pop()
             nxt = list(referrers[n])
             if settings.keep_derivations:
-                nxt += [o for o in self.outputs.get(n, ()) if self.deriver[o] == n]
+                nxt += [o for o in (*self.outputs.get(n, ()), *self.realised.get(n, ()))
+                        if self.deriver[o] == n]
             if settings.keep_outputs:
                 nxt += derivers_of.get(n, ())
             for m in nxt:

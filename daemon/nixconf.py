@@ -4,12 +4,19 @@ then the user's files -- $NIX_USER_CONF_FILES (colon-separated) or else
 nix/nix.conf under $XDG_CONFIG_HOME (default ~/.config) and each of
 $XDG_CONFIG_DIRS (default /etc/xdg), the first of those winning -- then
 $NIX_CONFIG (newline-separated `key = value` lines) on top.  Files may
-`include`/`!include` others; bytes that are not UTF-8 are kept as they are."""
+`include`/`!include` others; bytes that are not UTF-8 are kept as they are.
+
+A line is whitespace-separated tokens, `name = value...` (applyConfig: the
+second token must be `=`, the value is the rest joined by single spaces);
+`extra-NAME` appends to a list setting (experimental-features) instead of
+replacing it.  Settings we do not use are read and ignored, as Nix ignores
+unknown ones."""
 
 from __future__ import annotations
 
 import os
 import pwd
+import re
 from dataclasses import dataclass
 
 from gcroots import log
@@ -18,6 +25,8 @@ _log = log.get("gcroots.nixconf")
 
 _ALIASES = {"gc-keep-derivations": "keep-derivations", "gc-keep-outputs": "keep-outputs"}
 _BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_LISTS = frozenset({"experimental-features"})   # the ones `extra-` appends to
+_TOKEN = re.compile(r"[^ \t\n\r]+")           # tokenizeString's separators
 
 
 class NixConfError(Exception):
@@ -28,40 +37,57 @@ class NixConfError(Exception):
 class GCSettings:
     keep_derivations: bool = True   # Nix's default
     keep_outputs: bool = False      # Nix's default
+    ca_derivations: bool = False    # experimental-features has ca-derivations
+
+    @property
+    def follows_realisations(self) -> bool:
+        """Nix reads Realisations (and .drv files, to find their rows) only
+        for the keep-derivations and keep-outputs edges."""
+        return self.ca_derivations and (self.keep_derivations or self.keep_outputs)
 
 
 def _parse(text: str, origin: str, settings: dict[str, str], depth: int) -> None:
     if depth > 10:
         raise NixConfError(f"{origin}: includes nested too deeply")
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
+    for lineno, line in enumerate(text.split("\n"), 1):
+        tokens = _TOKEN.findall(line.split("#", 1)[0])
+        if not tokens:
             continue
-        words = line.split()
-        if words[0] in ("include", "!include") and len(words) == 2:
-            path = words[1]
-            if not os.path.isabs(path) and origin != "NIX_CONFIG":
-                path = os.path.join(os.path.dirname(origin), path)
+        where = f"{origin}:{lineno}"
+        if tokens[0] in ("include", "!include"):
+            if len(tokens) != 2:
+                raise NixConfError(f"{where}: illegal configuration line {line.strip()!r}")
+            path = tokens[1]
+            if not path.startswith("/"):
+                if origin == "NIX_CONFIG":  # Nix: relative to ".", which is not absolute
+                    raise NixConfError(f"{where}: include of a relative path {path!r}")
+                path = os.path.normpath(os.path.join(os.path.dirname(origin), path))
             if not os.path.exists(path):
-                if words[0] == "include":
-                    raise NixConfError(f"{origin}:{lineno}: included file {path} does not exist")
+                if tokens[0] == "include":
+                    raise NixConfError(f"{where}: included file {path} does not exist")
             elif (text := _read(path)) is not None:
                 _parse(text, path, settings, depth + 1)
             continue
-        if "=" not in line:
-            raise NixConfError(f"{origin}:{lineno}: expected 'key = value', got {line!r}")
-        key, value = (x.strip() for x in line.split("=", 1))
-        settings[_ALIASES.get(key, key)] = value
+        if len(tokens) < 2 or tokens[1] != "=":
+            raise NixConfError(f"{where}: expected 'key = value', got {line.strip()!r}")
+        _set(settings, _ALIASES.get(tokens[0], tokens[0]), " ".join(tokens[2:]), where)
+
+
+def _set(settings: dict[str, str], key: str, value: str, where: str) -> None:
+    """Config::set: `extra-` appends to a list setting (an unknown or
+    non-list one is ignored, as Nix ignores unknown settings); a boolean
+    is checked when set, as Nix checks it, even if set again later."""
+    if key.startswith("extra-") and key[6:] in _LISTS:
+        key = key[6:]
+        value = f"{settings.get(key, '')} {value}"
+    elif key in ("keep-derivations", "keep-outputs") and value not in _BOOLS:
+        raise NixConfError(f"{where}: setting {key!r}: expected true or false "
+                           f"(or yes/no, 1/0), got {value!r}")
+    settings[key] = value
 
 
 def _bool(settings: dict[str, str], key: str, default: bool) -> bool:
-    if key not in settings:
-        return default
-    value = settings[key]
-    if value not in _BOOLS:
-        raise NixConfError(f"setting {key!r}: expected true or false (or yes/no, 1/0), "
-                           f"got {value!r}")
-    return _BOOLS[value]
+    return _BOOLS[settings[key]] if key in settings else default
 
 
 def _read(path: str) -> str | None:
@@ -105,5 +131,7 @@ def load_gc_settings(environ: dict[str, str] | None = None) -> GCSettings:
             _parse(text, path, settings, 0)
     if env.get("NIX_CONFIG"):
         _parse(env["NIX_CONFIG"], "NIX_CONFIG", settings, 0)
+    features = settings.get("experimental-features", "").split()
     return GCSettings(keep_derivations=_bool(settings, "keep-derivations", True),
-                      keep_outputs=_bool(settings, "keep-outputs", False))
+                      keep_outputs=_bool(settings, "keep-outputs", False),
+                      ca_derivations="ca-derivations" in features)

@@ -34,6 +34,7 @@ from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credential
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
+from gcroots.storepath import parse_store_path
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, NotAlive, RootSet
@@ -56,7 +57,7 @@ GRAPH_RELOAD_MIN_INTERVAL = 10.0
 SEND_TIMEOUT = 60.0
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 READ_ONLY = {"roots", "live", "dead", "why", "cost", "stats", "ping"}
-MUTATING = {"gc"}
+MUTATING = {"gc", "delete"}
 
 _log = log.get("gcroots.daemon")
 
@@ -231,7 +232,7 @@ class Daemon:
             def load() -> StoreDB:
                 fresh = StoreDB.open(self.layout)
                 with fresh.snapshot():
-                    fresh.load_graph()
+                    fresh.load_graph(self.settings.follows_realisations)
                 return fresh
             fresh = await trio.to_thread.run_sync(load)
             async with self.work_lock:
@@ -266,7 +267,9 @@ class Daemon:
                 db = self.open_db()
                 a = await trio.to_thread.run_sync(c.plan, rootset, db)
             _log.info("gc_planned", by=by, dry_run=options.dry_run, roots=len(a.roots),
-                      live=len(a.all_live), dead=len(a.dead), stale_links=len(rootset.stale),
+                      live=len(a.all_live), dead=None if a.dead is None else len(a.dead),
+                      asked=None if options.paths is None else len(options.paths),
+                      stale_links=len(rootset.stale),
                       scan_warnings=len(rootset.warnings),
                       **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
             # Deletion uses its own DB connection: queries go on meanwhile.
@@ -344,11 +347,18 @@ class Daemon:
                                retry_factor=2 ** failures)
 
     async def _gc_command(self, stream, conn, request: admin.Request, peer: Peer) -> None:
+        """gc, and delete (the paths given: a collection of just those)."""
         opts = request.options
         try:
             options = GCOptions.from_request(opts)
         except ValueError as e:
             raise RequestError(admin.Status.BAD_REQUEST, f"gc: {e}") from None
+        if request.command == "delete":
+            bad = [p for p in request.args if parse_store_path(p, self.layout.store_dir) != p]
+            if not request.args or bad:
+                raise RequestError(admin.Status.BAD_REQUEST, "delete: " + (
+                    f"not a store path: {bad[0][:300]!r}" if bad else "no paths given"))
+            options.paths = request.args
         if self.gc_lock.locked():
             since = time.strftime("%H:%M:%S", time.localtime(self.gc_running.get("since", 0)))
             raise RequestError(admin.Status.BUSY, f"a garbage collection is already running "
@@ -438,7 +448,8 @@ class Daemon:
             self.notifier.ready("serving")
             _log.info("daemon_ready", helper_socket=self.helper_socket,
                       keep_derivations=self.settings.keep_derivations,
-                      keep_outputs=self.settings.keep_outputs)
+                      keep_outputs=self.settings.keep_outputs,
+                      ca_derivations=self.settings.ca_derivations)
             task_status.started()
 
     async def _watchdog(self) -> None:
@@ -580,7 +591,7 @@ class Daemon:
         if cmd == "ping":
             await self._send(stream, conn.end(admin.Status.OK, "pong"))
             return
-        if cmd == "gc":
+        if cmd in MUTATING:
             await self._gc_command(stream, conn, request, peer)
             return
         try:  # refuse a bad request before the scan, not after

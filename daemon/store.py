@@ -11,6 +11,10 @@ exactly those of Nix's computeFSClosure as the GC uses it:
 - keep-outputs (default off): a .drv keeps its valid outputs
   (DerivationOutputs).
 
+With ca-derivations on and rows in Realisations, Nix also finds outputs
+there, which takes reading derivation files: then the in-memory graph
+(daemon/graph.py, daemon/derivation.py) answers, never these queries.
+
 Every query of one analysis runs inside one read transaction, so it sees
 one consistent snapshot of the DB even while Nix writes to it.
 """
@@ -102,22 +106,31 @@ class StoreDB:
         """Changes whenever another connection commits (cache invalidation)."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
-    def cached_graph(self) -> "StoreGraph | None":
+    def cached_graph(self, ca: bool = False) -> "StoreGraph | None":
         """The in-memory graph if it still matches the DB (call inside a
         snapshot, so that it matches the snapshot too)."""
         g = self._graph
-        return g if g is not None and g.version == self.data_version() else None
+        return g if g is not None and g.version == self.data_version() and g.ca == ca else None
 
-    def load_graph(self) -> "StoreGraph":
-        """Read the whole graph (inside a snapshot) and keep it."""
+    def load_graph(self, ca: bool = False) -> "StoreGraph":
+        """Read the whole graph (inside a snapshot) and keep it; with `ca`
+        (ca-derivations on) the outputs found through Realisations too."""
+        from .derivation import realised_outputs
         from .graph import StoreGraph
-        self._graph = StoreGraph.load(self.conn, self.data_version())
+        pairs = realised_outputs(self.conn, self.layout) if ca else None
+        self._graph = StoreGraph.load(self.conn, self.data_version(), pairs)
         self._valid_cache = None
         # Millions of long-lived objects: keep the cyclic GC from walking them
         # on every collection of young objects (they hold no cycles and are
         # freed by reference counting when replaced).
         gc.freeze()
         return self._graph
+
+    def has_realisations(self) -> bool:
+        try:
+            return self.conn.execute("SELECT 1 FROM Realisations LIMIT 1").fetchone() is not None
+        except sqlite3.OperationalError:  # no such table
+            return False
 
     def all_valid(self) -> "frozenset[bytes] | KeysView[bytes]":
         """Every valid path (a set-like); cached until the DB changes.  Call

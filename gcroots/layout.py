@@ -79,6 +79,11 @@ class StoreLayout:
         return self.real_state_dir + b"/db/db.sqlite"
 
     @property
+    def reserved_path(self) -> bytes:
+        """Space Nix keeps for a full disk (gc-reserved-space)."""
+        return self.real_state_dir + b"/db/reserved"
+
+    @property
     def gc_lock_path(self) -> bytes:
         return self.real_state_dir + b"/gc.lock"
 

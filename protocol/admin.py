@@ -31,7 +31,7 @@ from .rootstream import NEED_DATA, VersionMismatch, _NeedData
 MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
 MAX_VERSION = 1
-MAX_ARGS = 64
+MAX_ARGS = 1024         # `delete` takes store paths (a frame bounds them anyway)
 MAX_OPTIONS_DEPTH = 16
 
 _HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS = 1, 2, 3, 4, 5, 6

@@ -317,6 +317,47 @@ def test_nix_conf_user_files_as_nix_reads_them(tmp_path):
     assert load_gc_settings(env | only | {"NIX_CONFIG": "keep-outputs = false"}) == GCSettings(False, False)
 
 
+CA_DRV = ('(derivation { name = "x"; system = "x"; builder = "/bin/sh"; __contentAddressed = true; '
+          'outputHashMode = "recursive"; outputHashAlgo = "sha256"; }).drvPath')
+
+
+@pytest.mark.parametrize("system,user,nix_config", [
+    ("experimental-features = nix-command", "", None),
+    ("experimental-features = nix-command   ca-derivations  # two", "", None),
+    ("include extra.conf\n!include missing.conf", "", None),  # extra.conf: extra-... ca
+    ("experimental-features = ca-derivations", "experimental-features = nix-command", None),
+    ("experimental-features = ca-derivations", "", "experimental-features ="),
+    ("experimental-features = nix-command", "", "extra-experimental-features = ca-derivations"),
+    ("extra-experimental-features = ca-derivations\nexperimental-features = nix-command", "", None),
+    ("experimental-features = nix-command", "extra-experimental-features = ca-derivations", None),
+    ("extra-experimental-features = ca-derivations", "extra-experimental-features = flakes", None),
+    ("experimental-features = ca-derivations\r", "", None),
+    ("experimental-features=ca-derivations", "", None),          # not a Nix config line
+    ("gc-keep-outputs = maybe", "", None),                        # a bad boolean, as Nix reads it
+])
+def test_experimental_features_read_as_nix_reads_them(tmp_path, system, user, nix_config):
+    """Whether ca-derivations is on, for the same files and environment,
+    is what Debian's Nix 2.8 says (it refuses a CA derivation when off);
+    a file Nix rejects is rejected."""
+    etc, home = tmp_path / "etc", tmp_path / "home"
+    (home / ".config/nix").mkdir(parents=True)
+    etc.mkdir()
+    (etc / "nix.conf").write_text(system + "\n")
+    (etc / "extra.conf").write_text("extra-experimental-features = ca-derivations\n")
+    (home / ".config/nix/nix.conf").write_text(user + "\n")
+    env = {"NIX_CONF_DIR": str(etc), "HOME": str(home), "XDG_CONFIG_DIRS": str(tmp_path / "none")}
+    if nix_config is not None:
+        env["NIX_CONFIG"] = nix_config
+    nix = subprocess.run(["nix-instantiate", "--store", "dummy://", "--eval", "-E", CA_DRV],
+                         env=dict(env, PATH=os.environ["PATH"]), capture_output=True)
+    try:
+        ours = load_gc_settings(env).ca_derivations
+    except NixConfError:
+        assert nix.returncode == 1 and b"feature 'ca-derivations' is disabled" not in nix.stderr
+        return
+    assert ours == (nix.returncode == 0), nix.stderr
+
+
 def test_temp_roots_reading(tmp_path):
     layout = StoreLayout.make(root=os.fsencode(tmp_path))
     d = tmp_path / "nix/var/nix/temproots"

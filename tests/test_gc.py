@@ -32,6 +32,14 @@ def disk_set(root: Path) -> set[str]:
     return set(os.listdir(root / "nix/store")) - {".links"}
 
 
+def foreign_key_problems(root: Path) -> list:
+    db = sqlite3.connect(f"file:{root}/nix/var/nix/db/db.sqlite?mode=ro", uri=True)
+    try:
+        return db.execute("PRAGMA foreign_key_check").fetchall()
+    finally:
+        db.close()
+
+
 def gc_json(p: Pipeline, *args: str, user: str | None = None) -> tuple[int, dict | None, bytes]:
     out = p.query("gc", "--json", *args, user=user)
     return out.returncode, (json.loads(out.stdout) if out.returncode == 0 else None), out.stderr
@@ -185,6 +193,7 @@ def test_kill_9_at_random_points_is_safe(scratch, users):
             killed_mid_way += client.returncode != 0
             valid = valid_set(root)
             assert live <= valid, f"run {run}: live paths lost"
+            assert foreign_key_problems(root) == [], f"run {run}"
             on_disk = {b"/nix/store/" + os.fsencode(n) for n in disk_set(root)}
             assert valid <= on_disk, f"run {run}: valid paths without files"
             p.daemon = None
@@ -193,7 +202,7 @@ def test_kill_9_at_random_points_is_safe(scratch, users):
             assert out.returncode == 0, out.stderr
         finally:
             p.stop()
-        assert valid_set(root) == live
+        assert valid_set(root) == live and foreign_key_problems(root) == []
         assert {b"/nix/store/" + os.fsencode(n) for n in disk_set(root)} == live
         if run % 5 == 0:
             support.chown_tree(root / "nix", "root")
