@@ -106,10 +106,10 @@ def read_temp_roots(layout: StoreLayout,
             if at_lock is not None and (name, st.st_ino) not in at_lock:
                 continue  # made under our gc.lock: all of it came over gc-socket first
             raise UnreadableTempRoots(
-                f"cannot read the temporary roots file {os.fsdecode(path)} (owner "
-                f"{user_name(st.st_uid)}, mode {stat.S_IMODE(st.st_mode):04o}): the paths a Nix process of "
-                "another user is using are unknown, so no complete root set until it ends "
-                "(Nix must run as the store's owner, as gcrootsd does)") from None
+                f"cannot read the temporary roots file {os.fsdecode(path)}: a Nix process of "
+                f"{user_name(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o}) uses paths we "
+                "cannot know, so there is no complete root set until it ends (Nix must run as "
+                "the store's owner, as gcrootsd does)") from None
         try:
             if not owner_alive(fd):
                 out.stale_files.append(path)

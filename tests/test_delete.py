@@ -46,21 +46,30 @@ def world(tmp_path_factory):
     for a, b in db.execute("SELECT x.path, y.path FROM Refs r JOIN ValidPaths x ON x.id = "
                            "r.referrer JOIN ValidPaths y ON y.id = r.reference WHERE x.id != y.id"):
         referrers.setdefault(b, set()).add(a)
+    # keep-derivations (on by default): Nix's referrer search goes from a
+    # .drv on to each valid output it lists that names it as deriver.
+    built: dict[bytes, set[bytes]] = {}
+    for drv, out in db.execute("SELECT d.path, o.path FROM DerivationOutputs x JOIN ValidPaths d "
+                               "ON d.id = x.drv JOIN ValidPaths o ON o.path = x.path "
+                               "AND o.deriver = d.path"):
+        built.setdefault(drv, set()).add(out)
     db.close()
     outputs = sorted(p for p in dead & valid if not p.endswith(b".drv"))
     lonely = [p for p in outputs if p not in referrers]
     needed = [p for p in outputs if referrers.get(p, set()) and referrers[p] <= dead]
     unregistered = sorted(p for p in dead - valid if not p.endswith(b"junkfile"))
     return dict(top=top, base=base, dead=dead, live=live, lonely=lonely, needed=needed,
-                unregistered=unregistered, referrers=referrers)
+                unregistered=unregistered, referrers=referrers, built=built)
 
 
 def referrer_closure(world, p: bytes) -> set[bytes]:
-    """p and everything that refers to it, transitively (the store's
-    outputs here have no valid .drv that lists them, so nothing more)."""
+    """What Nix's referrer search visits from p: everything that refers to
+    it, and a .drv's outputs that name it as deriver, transitively.
+    `nix-store --delete` refuses p unless all of it is asked for too."""
     out, todo = {p}, [p]
     while todo:
-        for r in world["referrers"].get(todo.pop(), ()):
+        n = todo.pop()
+        for r in world["referrers"].get(n, set()) | world["built"].get(n, set()):
             if r not in out:
                 out.add(r)
                 todo.append(r)
