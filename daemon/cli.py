@@ -38,11 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-derivations", action=argparse.BooleanOptionalAction, default=None,
                    help="override nix.conf's keep-derivations")
     g = p.add_argument_group("automatic collection")
-    g.add_argument("--min-free", metavar="SIZE", type=cliargs.size(minimum=1),
+    g.add_argument("--min-free", metavar="SIZE|N%", type=cliargs.size(minimum=1, percent=True),
                    help="collect when the store's file system has less free space than this "
-                        "(e.g. 10G)")
-    g.add_argument("--max-free", metavar="SIZE", type=cliargs.size(minimum=1),
-                   help="...until this much is free (default: --min-free; not below it)")
+                        "(e.g. 10G, or 5%% of its size)")
+    g.add_argument("--max-free", metavar="SIZE|N%", type=cliargs.size(minimum=1, percent=True),
+                   help="...until this much is free (default: --min-free; not below it; "
+                        "bytes or a percentage, as --min-free)")
     g.add_argument("--gc-interval", metavar="DURATION", type=cliargs.duration(),
                    help="also collect on this schedule (e.g. 1d, 12h; the systemd timer is the "
                         "usual way)")
@@ -63,12 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.max_free is not None and (args.min_free is None or args.max_free < args.min_free):
-        p.error(f"argument --max-free: must not be below --min-free ({args.max_free} < "
-                f"{args.min_free} bytes): collection starts below --min-free and stops once "
-                "--max-free is free" if args.min_free else
-                "argument --max-free: needs --min-free (collection starts below --min-free "
+    lo, hi = args.min_free, args.max_free
+    if hi is None:
+        return args
+    if lo is None:
+        p.error("argument --max-free: needs --min-free (collection starts below --min-free "
                 "and stops once --max-free is free)")
+    if isinstance(lo, cliargs.Percent) != isinstance(hi, cliargs.Percent):
+        p.error("argument --max-free: give it as --min-free is given (both sizes, or both "
+                "percentages of the file system)")
+    shown = (lambda v: f"{v.value:g}%") if isinstance(lo, cliargs.Percent) else (
+        lambda v: f"{v} bytes")
+    if (hi.value < lo.value) if isinstance(lo, cliargs.Percent) else hi < lo:
+        p.error(f"argument --max-free: must not be below --min-free ({shown(hi)} < "
+                f"{shown(lo)}): collection starts below --min-free and stops once "
+                "--max-free is free")
     return args
 
 

@@ -168,3 +168,41 @@ def _port(text: str) -> str:
 file_mode = _type("mode", _mode)
 uid = _type("uid", lambda t: _integer(t, "a numeric uid", 0, MAX_UID))
 host_port = _type("address", _port)   # [HOST:]PORT, returned as given
+
+
+# -- help and --version: the same for the three commands ----------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples (epilogs) as written; every flag's help
+    says its default, unless there is none to say (None, False) or the help
+    already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or "default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def describe(text: str) -> str:
+    """A description paragraph wrapped for --help (the formatter keeps
+    descriptions as written, for lists like the exit codes)."""
+    import textwrap
+    return textwrap.fill(" ".join(text.split()), 79)
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata), as --version says it."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gcroots")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version",
+                        version=f"{parser.prog} {package_version()}",
+                        help="print the version and exit")
