@@ -33,8 +33,8 @@ EXIT = {Status.OK: 0, Status.ERROR: 1, Status.BAD_REQUEST: 2, Status.REFUSED: 3,
         Status.BUSY: 4, Status.NEGATIVE: 5}
 # Commands answered by gcrootsd (or --standalone): they work on the store
 # gcrootsd serves, so the chroot/layout flags make sense only standalone.
-DAEMON_COMMANDS = frozenset({"roots", "live", "dead", "why", "cost", "stats", "gc", "delete",
-                             "clean"})
+# (`clean` and `roots prune` also work on the store --root names, client-side.)
+DAEMON_COMMANDS = frozenset({"roots", "live", "dead", "why", "cost", "stats", "gc", "delete"})
 STANDALONE_ONLY = ("root", "store_dir", "state_dir", "no_runtime", "keep_outputs",
                    "keep_derivations", "allow_unprivileged_scan")
 

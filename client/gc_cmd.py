@@ -28,6 +28,14 @@ from .format import error, human, mib, plural, table, write_json
 EXIT = {Status.REFUSED: 3, Status.BUSY: 4, Status.BAD_REQUEST: 2}
 
 
+class Failed(Exception):
+    """A collection (or its dry run) did not happen: why, and the exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 def add_collection_options(p) -> None:
     """What limits a collection: gc's, and clean's for the collection it ends with."""
     p.add_argument("--max-freed", metavar="SIZE", type=cliargs.size(),
@@ -105,8 +113,8 @@ def options_of(args) -> dict:
 
 
 def request(args, opts: dict, paths: tuple[bytes, ...] | None = None):
-    """(summary, rows) of a collection (or with `paths`, a delete), or an
-    exit code after reporting the error."""
+    """(summary, rows) of a collection (or with `paths`, a delete); Failed
+    if there was none."""
     command = "gc" if paths is None else "delete"
     with term.ProgressBar() as progress:
         try:
@@ -117,10 +125,9 @@ def request(args, opts: dict, paths: tuple[bytes, ...] | None = None):
                 answer = conn.request(args.socket or conn.default_socket(), command, opts,
                                       paths or (), on_progress=progress)
         except conn.DaemonError as e:
-            progress.close()
-            return error(args, str(e), 1)
+            raise Failed(str(e), 1) from None
     if answer.status != Status.OK:
-        return error(args, f"{command}: {answer.message}", EXIT.get(answer.status, 1))
+        raise Failed(f"{command}: {answer.message}", EXIT.get(answer.status, 1))
     return labelled(json.loads(answer.message)), answer.rows
 
 
@@ -148,14 +155,18 @@ def may_ask(args, what: str) -> int | None:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except Failed as e:
+        return error(args, str(e), e.code)
+
+
+def _run(args) -> int:
     opts = options_of(args)
     if (refused := may_ask(args, "gc")) is not None:
         return refused
     if not args.dry_run and not args.yes:
-        got = request(args, dict(opts, dry_run=True))
-        if isinstance(got, int):
-            return got
-        plan = got[0]
+        plan = request(args, dict(opts, dry_run=True))[0]
         sys.stderr.write(sizes_text(plan, "garbage collection plan:"))
         if plan["paths"] == 0:
             print("nothing to delete", file=sys.stderr)
@@ -164,8 +175,7 @@ def run(args) -> int:
                             f"{human(plan['disk_bytes_freed'])} on disk?"):
             print("nothing deleted", file=sys.stderr)
             return 0
-    got = request(args, opts)
-    return got if isinstance(got, int) else show(args, *got)
+    return show(args, *request(args, opts))
 
 
 def sizes_text(summary: dict, title: str) -> str:
@@ -288,5 +298,7 @@ def run_delete(args) -> int:
         return error(args, f"delete: {e}", 1)
     if len(paths) > MAX_ARGS or sum(len(p) + 4 for p in paths) > 60 * 1024:
         return error(args, f"delete: at most {MAX_ARGS} paths (and 60 KiB of them) at once", 2)
-    got = request(args, {"dry_run": args.dry_run}, paths)
-    return got if isinstance(got, int) else show(args, *got)
+    try:
+        return show(args, *request(args, {"dry_run": args.dry_run}, paths))
+    except Failed as e:
+        return error(args, str(e), e.code)

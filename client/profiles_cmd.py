@@ -258,27 +258,35 @@ def runtime_roots(args, layout: StoreLayout) -> dict[bytes, list[bytes]] | None:
     check is switched off; an error when we cannot get a complete answer."""
     if args.no_runtime_check:
         return None
-    skip = "use --no-runtime-check to go ahead without this check"
+    return prof.runtime_paths(root_rows(args, "use --no-runtime-check to go ahead without "
+                                              "this check"))
+
+
+def root_rows(args, skip: str = "") -> list[tuple[bytes, ...]]:
+    """Every root, (label, store path, kind), from gcrootsd (or, with
+    --standalone and root, from an in-process scan); CmdError without a
+    complete answer (`skip`: how to do without)."""
+    skip = f"; {skip}" if skip else ""
     if args.standalone:
         if os.geteuid() != 0:
             raise CmdError("--standalone cannot see other users' processes without root, so it "
-                           f"cannot tell which generations are running; {skip}")
+                           f"cannot tell which generations are running or what they use{skip}")
         from . import standalone
         ns = argparse.Namespace(**{**vars(args), "no_runtime": False})
         try:
             answer = standalone.answer(ns, "roots", {}, ())
         except conn.DaemonError as e:
-            raise CmdError(f"cannot scan for runtime roots: {e}; {skip}") from None
+            raise CmdError(f"cannot scan for runtime roots: {e}{skip}") from None
     else:
         try:
             answer = conn.request(args.socket or conn.default_socket(), "roots")
         except conn.DaemonError as e:
             raise CmdError(f"cannot ask gcrootsd which store paths are in use: {e}; refusing to "
-                           f"delete anything; {skip}") from None
+                           f"delete anything{skip}") from None
     if answer.status != Status.OK:
         raise CmdError(f"gcrootsd could not list the runtime roots ({answer.message or answer.status.name}); "
-                       f"refusing to delete anything; {skip}")
-    return prof.runtime_paths(answer.rows)
+                       f"refusing to delete anything{skip}")
+    return answer.rows
 
 
 # -- profiles list ------------------------------------------------------------------
@@ -515,14 +523,15 @@ def _prune_json(planned, layout, protected, args, gc) -> None:
 
 
 def _collect(args, opts: dict | None = None) -> dict:
-    """A collection after deleting generations (gc_cmd's, summary on stderr)."""
-    from .gc_cmd import request, summary_lines
-    quiet = argparse.Namespace(**{**vars(args), "json": False})
-    got = request(quiet, dict(opts or {"dry_run": False}))
-    if isinstance(got, int):
-        return {"ok": False, "error": "the collection failed (see above); what was pruned stays "
-                                      "pruned: run the collection again"}
-    summary, rows = got
+    """The collection after pruning (gc_cmd's), its summary on stderr; for
+    --json {"ok": ..., the summary or "error" and "exit"}."""
+    from .gc_cmd import Failed, request, summary_lines
+    try:
+        summary, rows = request(args, dict(opts or {"dry_run": False}))
+    except Failed as e:
+        _stderr(f"gcroots-query: the collection failed: {e}; what was pruned stays pruned "
+                "(its garbage goes with the next collection)")
+        return {"ok": False, "error": str(e), "exit": e.code}
     for line in summary_lines(summary):
         _stderr(line)
     return {"ok": True, **summary, "paths_list": [s(r[0]) for r in rows]}

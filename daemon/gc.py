@@ -163,6 +163,18 @@ def resolve_size(value: int | cliargs.Percent, size: int) -> int:
     return int(size * value.value / 100) if isinstance(value, cliargs.Percent) else value
 
 
+def recent_closure(db: StoreDB, graph: StoreGraph, settings: GCSettings,
+                   seconds: float) -> set[bytes]:
+    """The valid paths registered within `seconds` (ValidPaths'
+    registrationTime, as fast-nix-gc's --keep-recent) and their closure."""
+    cutoff = int(time.time() - seconds)
+    with db.snapshot():
+        recent = [r[0] for r in db.conn.execute(
+            "SELECT path FROM ValidPaths WHERE registrationTime >= ?", (cutoff,))]
+    nodes = graph.closure([graph.index[p] for p in recent if p in graph.index], settings)
+    return {graph.paths[n] for n in nodes}
+
+
 @dataclass
 class GCResult:
     """Sizes, one meaning each (README: "Sizes")."""
@@ -762,12 +774,7 @@ class Collection:
 
     def _keep_recent(self, db: StoreDB, graph: StoreGraph) -> None:
         """Keep what was registered within --keep-recent, and its closure."""
-        cutoff = int(time.time() - self.options.keep_recent)
-        with db.snapshot():
-            recent = [r[0] for r in db.conn.execute(
-                "SELECT path FROM ValidPaths WHERE registrationTime >= ?", (cutoff,))]
-        nodes = graph.closure([graph.index[p] for p in recent if p in graph.index], self.settings)
-        kept = {graph.paths[n] for n in nodes}
+        kept = recent_closure(db, graph, self.settings, self.options.keep_recent)
         dead = len(self._dead)
         self._dead = [p for p in self._dead if p not in kept]
         self._dead_valid = self._dead_valid - kept
