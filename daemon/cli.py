@@ -21,18 +21,29 @@ DEFAULT_HELPER_SOCKET = "/run/gcroots/helper.sock"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gcrootsd", description="Unprivileged Nix GC daemon.")
-    p.add_argument("--helper-socket", default=DEFAULT_HELPER_SOCKET,
-                   help=f"gcroots-helper's socket (default {DEFAULT_HELPER_SOCKET})")
-    p.add_argument("--socket", default=None,
+    p = argparse.ArgumentParser(
+        prog="gcrootsd", formatter_class=cliargs.HelpFormatter,
+        description=cliargs.describe(
+            "Unprivileged Nix GC daemon: takes complete root sets from gcroots-helper, reads "
+            "the Nix DB, answers gcroots-query (roots, live, dead, why, cost, stats) and "
+            "collects garbage with Nix's locking protocol, as the store's owner."),
+        epilog="examples:\n"
+               "  gcrootsd --helper-socket /run/gcroots/helper.sock --admin-group gcroots-admin\n"
+               "  gcrootsd --min-free 5% --max-free 15%      collect by itself on a full disk\n"
+               "  gcrootsd --metrics-address 127.0.0.1:9847")
+    cliargs.add_version(p)
+    p.add_argument("--helper-socket", default=DEFAULT_HELPER_SOCKET, metavar="PATH",
+                   help="gcroots-helper's socket")
+    p.add_argument("--socket", default=None, metavar="PATH",
                    help=f"admin socket to create (default {DEFAULT_SOCKET}; "
                         "ignored under socket activation)")
-    p.add_argument("--socket-mode", default="0666", type=cliargs.file_mode,
-                   help="mode of the admin socket (authorization is per peer); default 0666")
-    p.add_argument("--root", help="physical root of a chroot store")
-    p.add_argument("--store-dir")
-    p.add_argument("--state-dir")
-    p.add_argument("--admin-group", help="members get full answers and may collect garbage")
+    p.add_argument("--socket-mode", default="0666", type=cliargs.file_mode, metavar="MODE",
+                   help="mode of the admin socket (authorization is per peer)")
+    p.add_argument("--root", metavar="DIR", help="physical root of a chroot store")
+    p.add_argument("--store-dir", metavar="DIR", help="logical store dir (default /nix/store)")
+    p.add_argument("--state-dir", metavar="DIR", help="logical state dir (default /nix/var/nix)")
+    p.add_argument("--admin-group", metavar="GROUP",
+                   help="members get full answers and may collect garbage")
     p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="override nix.conf's keep-outputs")
     p.add_argument("--keep-derivations", action=argparse.BooleanOptionalAction, default=None,
@@ -48,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also collect on this schedule (e.g. 1d, 12h; the systemd timer is the "
                         "usual way)")
     g.add_argument("--free-check-interval", metavar="DURATION", default="5min",
-                   type=cliargs.duration(), help="how often to look at free space (default 5min)")
+                   type=cliargs.duration(), help="how often to look at free space")
     m = p.add_argument_group("metrics (Prometheus)")
     m.add_argument("--metrics-file", metavar="PATH",
                    help="write metrics here for node_exporter's textfile collector")
@@ -56,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve metrics over HTTP here (default host 127.0.0.1)")
     m.add_argument("--metrics-interval", metavar="DURATION", default="5min",
                    type=cliargs.duration(),
-                   help="refresh them this often even without queries (default 5min)")
-    p.add_argument("--log-level", default="info")
+                   help="refresh them this often even without queries")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="what to log (JSON lines on stderr, the journal)")
     return p
 
 
