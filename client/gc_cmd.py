@@ -272,19 +272,14 @@ def follow_links_to_store_path(arg: str, store_dir: bytes) -> bytes:
 def store_path_argument(args, arg: str) -> bytes:
     """What `nix-store -q --roots` accepts: a store path, a link into the
     store (`result`), a file or directory inside a store path -- and a
-    bare `<hash>-<name>`, as `dead` and `why` print names.  ValueError
-    (a usage error) if it names nothing in the store."""
+    bare `<hash>-<name>`.  ValueError (a usage error) if it is no path into
+    the store (whether that store path exists, the answer says)."""
     store_dir = store_dir_of(args)
     name = os.fsencode(arg)
     if b"/" not in name and is_store_basename(name) and not os.path.lexists(name):
         store_path = store_dir + b"/" + name
     else:
         store_path = follow_links_to_store_path(arg, store_dir)
-    from gcroots.layout import StoreLayout
-    real = StoreLayout.make(args.store_dir, args.state_dir, args.root).real_path(store_path) \
-        if args.standalone else store_path
-    if not os.path.lexists(real):
-        raise ValueError(f"{os.fsdecode(store_path)} is not in the store")
     args.path = os.fsdecode(store_path)
     return store_path
 
