@@ -480,11 +480,12 @@ def test_python_level_referrer_check():
     c._check_referrers([b"/nix/store/a", b"/nix/store/b"], done=set())  # referrer first: fine
 
 
-def test_automatic_collection_when_space_is_low(scratch, users, pipelines):
+@pytest.mark.parametrize("min_free", ["1000T", "100%"])  # bytes, or a share of the file system
+def test_automatic_collection_when_space_is_low(scratch, users, pipelines, min_free):
     root = scratch / "store"
     support.make_store(root, paths=600, seed=80, quirks=0, roots=20, indirect=3, stale=0)
     dead = standalone(root, "dead").stdout.split()
-    p = Pipeline(root, scratch / "run", daemon_args=("--min-free", "1000T",
+    p = Pipeline(root, scratch / "run", daemon_args=("--min-free", min_free,
                                                      "--free-check-interval", "0.5s"))
     pipelines.append(p)
     p.start()
