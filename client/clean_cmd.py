@@ -112,14 +112,14 @@ def cmd_clean(args) -> int:
         else:
             sys.stdout.write(plan_text(args, planned, verdicts, forecast, now))
         return 0
-    if not args.json:
+    if args.yes and not args.json:  # for the log: what it was about to do
         sys.stderr.write(plan_text(args, planned, verdicts, forecast, now))
     if not args.yes:
         what = [plural(doomed_gens, "generation") if doomed_gens else "",
                 plural(len(doomed_links), "link") if doomed_links else ""]
         question = (f"Delete {' and '.join(w for w in what if w)} and collect garbage?"
                     if any(what) else "Collect garbage?")
-        if not term.confirm(question):
+        if not term.confirm(question, plan_text(args, planned, verdicts, forecast, now)):
             print("nothing was deleted", file=sys.stderr)
             return 0
     rc = prune(args, layout, policy, protected, planned, now)

@@ -167,12 +167,12 @@ def _run(args) -> int:
         return refused
     if not args.dry_run and not args.yes:
         plan = request(args, dict(opts, dry_run=True))[0]
-        sys.stderr.write(sizes_text(plan, "garbage collection plan:"))
         if plan["paths"] == 0:
             print("nothing to delete", file=sys.stderr)
             return 0
         if not term.confirm(f"Delete {plural(plan['paths'], 'store path')}, freeing "
-                            f"{human(plan['disk_bytes_freed'])} on disk?"):
+                            f"{human(plan['disk_bytes_freed'])} on disk?",
+                            sizes_text(plan, "garbage collection plan:")):
             print("nothing deleted", file=sys.stderr)
             return 0
     return show(args, *request(args, opts))

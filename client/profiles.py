@@ -749,9 +749,13 @@ def discover(profiles_dir: bytes, *, home: bytes | None) -> Found:
         walk_profiles(os.path.join(xdg, b"nix/profiles"), found)
         link = os.path.join(home, b".nix-profile")
         try:
-            found.profiles.append(abs_path(os.readlink(link), home))
+            target = abs_path(os.readlink(link), home)
         except OSError:
-            pass
+            target = None
+        # Nix makes ~/.nix-profile point at a profile before there is one
+        # (root's at profiles/default): no profile, nothing to list.
+        if target is not None and os.path.lexists(target):
+            found.profiles.append(target)
     found.profiles = dedupe(found.profiles, found.identity)
     return found
 

@@ -186,7 +186,7 @@ def _guard(fn):
         except CmdError as e:
             return error(args, str(e), e.code)
         except prof.ProfileError as e:
-            return error(args, str(e), e.exit_code, **({"deleted": e.deleted} if e.deleted else {}))
+            return error(args, str(e), e.exit_code, deleted=e.deleted)
         except KeyboardInterrupt:
             return error(args, "interrupted", 130)
     return handler

@@ -1,10 +1,12 @@
 """The person at the terminal: prompts and progress bars.  Both go to the
-terminal (stderr, or /dev/tty), never to stdout, which carries only the
-answer: `gcroots-query gc > deleted.txt` asks on the terminal and leaves
-the file with the answer alone."""
+terminal (the prompt to the one stdin reads from, the bars to stderr when it
+is one), never to stdout, which carries only the answer: `gcroots-query gc >
+deleted.txt` asks on the terminal and leaves the file with the answer
+alone."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 
@@ -23,20 +25,23 @@ def interactive() -> bool:
     return sys.stdin.isatty()
 
 
-def confirm(question: str, progress: "ProgressBar | None" = None) -> bool:
-    """Ask `question [y/N]` on the terminal (/dev/tty; stderr and stdin if
-    there is none); True only for y or yes."""
-    if progress is not None:
-        progress.close()
+def confirm(question: str, context: str = "") -> bool:
+    """Ask `question [y/N]`, after `context` (the plan it is about), on the
+    terminal that answers: stdin's (written through its own device, so
+    that neither a redirected stdout nor a redirected stderr gets it); True
+    only for y or yes."""
+    prompt = f"{context}{question} [y/N] ".encode()
     try:
-        tty = open("/dev/tty", "r+", encoding="utf-8", errors="replace")
-    except OSError:
+        tty = open(os.ttyname(sys.stdin.fileno()), "wb", buffering=0)
+    except (OSError, ValueError):
         tty = None
-    out, answer_from = (tty, tty) if tty is not None else (sys.stderr, sys.stdin)
     try:
-        out.write(f"{question} [y/N] ")
-        out.flush()
-        answer = answer_from.readline()
+        if tty is not None:
+            tty.write(prompt)
+        else:
+            sys.stderr.buffer.write(prompt)
+            sys.stderr.flush()
+        answer = sys.stdin.readline()
     finally:
         if tty is not None:
             tty.close()
