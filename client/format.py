@@ -91,7 +91,7 @@ def _why_text(rows, args, out):
 
 
 def _cost_text(rows, args, out):
-    out.write(b"%12s %7s  %s\n" % (b"FREES", b"PATHS", b"ROOT"))
+    out.write(b"%12s %7s  %s\n" % (b"FREES (NAR)", b"PATHS", b"ROOT"))
     for nbytes, npaths, path, *labels in rows:
         out.write(b"%12s %7s  %s\n" % (human(int(nbytes)).encode(), npaths, path))
         for label in labels:
@@ -120,7 +120,7 @@ FORMATTERS = {
     "why": Formatter(_why_text, lambda rows, a: {
         "path": a.path, "chains": [{"root": s(r[0]), "chain": [s(p) for p in r[1:]]} for r in rows]}),
     "cost": Formatter(_cost_text, lambda rows, a: [
-        {"bytes": int(r[0]), "paths": int(r[1]), "store_path": s(r[2]),
+        {"nar_bytes": int(r[0]), "paths": int(r[1]), "store_path": s(r[2]),
          "labels": [s(x) for x in r[3:]]} for r in rows]),
     "stats": Formatter(_stats_text, lambda rows, a: {s(k): _num(v) for k, v in rows}),
 }

@@ -177,8 +177,8 @@ def test_cost_equals_brute_force(scratch, seed, keep_outputs):
     for r in root_paths:
         freed = everything - g.closure(root_paths - {r})
         assert costs[r]["paths"] == len(freed), r
-        assert costs[r]["bytes"] == sum(g.size[p] for p in freed), r
+        assert costs[r]["nar_bytes"] == sum(g.size[p] for p in freed), r
         nonzero += bool(freed)
     assert nonzero > 5
-    ranked = [c["bytes"] for c in query_json(root, "cost", "--top", "5", env=env)]
-    assert ranked == sorted((c["bytes"] for c in costs.values()), reverse=True)[:5]
+    ranked = [c["nar_bytes"] for c in query_json(root, "cost", "--top", "5", env=env)]
+    assert ranked == sorted((c["nar_bytes"] for c in costs.values()), reverse=True)[:5]
