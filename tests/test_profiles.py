@@ -955,6 +955,10 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
         assert not os.path.lexists(links["old-direnv/.direnv/flake-profile-1-link"])
         assert os.path.lexists(links["old"])
         assert b"not yours to change" in r.stdout and b"gcrootsd" in r.stdout
+        # Counts in words (issue 15: "entr(y/ies)", "link(s)").
+        assert re.search(rb"removed 1 link; 0 gcroots/auto entries removed with them\n1 entry "
+                         rb"in \S+ now points nowhere", r.stdout), r.stdout
+        assert b"(s)" not in r.stdout and b"(y/ies)" not in r.stdout
         r = _as(support.ALICE, "--socket", str(pipe.sock), "--root", str(root), "roots", "prune",
                 "--older-than", "30d")
         assert r.returncode == 0, r.stderr
