@@ -64,7 +64,7 @@ class ProgressBar:
         if not self.enabled:
             return
         with self._lock:
-            if self._key != (p.phase, p.message if not p.phase else ""):
+            if self._key != self._key_of(p):
                 self._close()
                 self._open(p)
             bar = self._bar
@@ -77,13 +77,19 @@ class ProgressBar:
             else:
                 bar.refresh()
 
+    @staticmethod
+    def _key_of(p: Progress) -> tuple:
+        """A new bar for a new phase, and when numbers first come (a phase
+        without any -- scanning -- shows its time only)."""
+        return p.phase, p.message if not p.phase else "", bool(p.total or p.done)
+
     def _open(self, p: Progress) -> None:
         from tqdm import tqdm  # the client's alone: the helper never imports it
-        self._key = (p.phase, p.message if not p.phase else "")
+        self._key = self._key_of(p)
         self._bar = tqdm(total=p.total or None, desc=p.message or p.phase,
                          unit=" " + _UNITS.get(p.phase, "items"), file=sys.stderr, leave=False,
                          dynamic_ncols=True, mininterval=0.2, smoothing=0.1,
-                         bar_format=None if p.phase else "{desc} ({elapsed})")
+                         bar_format=None if self._key[2] else "{desc}... ({elapsed})")
 
     def _close(self) -> None:
         if self._bar is not None:

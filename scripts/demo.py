@@ -70,7 +70,9 @@ class Demo:
         cmd = [str(BIN / "gcroots-query"), "--socket", str(self.run / "gcrootsd.sock"), *args]
         if user:
             cmd = ["runuser", "-u", user, "--", *cmd]
-        out = subprocess.run(cmd, capture_output=True)
+        # Arguments (why's) are store paths of this store, as for Nix's commands.
+        out = subprocess.run(cmd, capture_output=True,
+                             env=dict(os.environ, NIX_STORE_DIR=str(self.store)))
         if check and out.returncode != 0:
             raise SystemExit(f"demo: gcroots-query {' '.join(args)} failed: {out.stderr.decode()}")
         return out.stdout

@@ -82,6 +82,9 @@ def test_max_freed_stops_where_nix_stops(scratch, users, pipelines, optimise):
         check_stop(base, copies["standalone"], done, limit)
     assert plan["paths_list"] == done["paths_list"]
     assert plan["nix_bytes_freed"] == done["nix_bytes_freed"]
+    # The dry run says the limit cut it (issue 15: it said false), and where.
+    assert plan["stopped_at_limit"] and plan["limit"] == "max-freed" == done["limit"]
+    assert plan["paths_over_limit"] == done["paths_over_limit"] > 0
     assert limit < done["nix_bytes_freed"] <= limit + biggest
     # Nix's figure and ours: both within one path of the limit.
     assert abs(done["nix_bytes_freed"] - mib * 2**20) <= biggest + 0.005 * 2**20
