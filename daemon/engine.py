@@ -278,8 +278,10 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
             yield label, store_path
         return
     if store_path not in a.live:
+        if not os.path.lexists(a.layout.real_path(store_path)):  # a usage error, not a "no"
+            raise BadRequest(f"{store_path.decode(errors='replace')} is not in the store")
         raise NotAlive(f"{store_path.decode(errors='replace')} is not alive: "
-                       "no root keeps it (it is garbage, or not in the store)")
+                       "no root keeps it (it is garbage)")
     g = g or live_graph(a, db)
     if store_path not in g.index:
         raise NotAlive(f"{store_path.decode(errors='replace')} left the store meanwhile")

@@ -27,6 +27,13 @@ One collection, in this order (gc.cc collectGarbage):
 
 A dry run only computes: what would go and exactly how many bytes that
 frees, counting a file only if all of its hard links go.
+
+Limits, as Nix's: --max-freed (bytes) and --ensure-free (bytes or N% of
+the store's file system, free space wanted: the bytes still missing when
+the collection plans become the limit) stop right after the path that
+passes them, counted as Nix counts (nix_bytes_freed); --keep-recent keeps
+the paths registered within a duration and their closure.  Progress is
+reported as admin.Progress: phase, done, total, bytes freed.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from typing import Callable, Iterator
 from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
+from gcroots.protocol.admin import Progress
 from gcroots.protocol.rootstream import StaleLink, link_identity
 from gcroots.sockets import listen_unix
 from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
@@ -67,6 +75,7 @@ LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 DB_BUSY_TIMEOUT = 600.0
 BATCH = 2048              # paths per invalidation transaction (few commits: each rewrites index pages)
 MAX_FREED_BATCH = 256     # ... when stopping at --max-freed (each cut where it stops)
+DELETE_CHUNK = 256        # paths per deletion request to the worker: progress this often
 _log = log.get("gcroots.gc")
 
 
@@ -97,41 +106,92 @@ class Refused(GCError):
     would refuse too): nothing is deleted."""
 
 
+def _number(opts: dict, name: str, lo: float, hi: float, what: str, *, integer: bool = False,
+            low_open: bool = False):
+    """opts[name]: None, or a number in range (ValueError saying which)."""
+    value = opts.get(name)
+    if value is None:
+        return None
+    ok = type(value) is int or not integer and type(value) is float and math.isfinite(value)
+    if not ok or not lo <= value <= hi or low_open and value == lo:
+        raise ValueError(f"{name} must be {what}")
+    return value
+
+
 @dataclass
 class GCOptions:
     dry_run: bool = False
-    max_freed: int | None = None      # stop once this many bytes are freed
+    max_freed: int | None = None      # stop once this many bytes are freed (Nix's count)
     throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
     paths: tuple[bytes, ...] | None = None  # delete exactly these (nix-store --delete)
+    keep_recent: float | None = None  # seconds: keep paths registered this recently (+ closure)
+    ensure_free: int | cliargs.Percent | None = None  # free space wanted on the store's fs
 
     @classmethod
     def from_request(cls, opts: dict) -> "GCOptions":
         """A client's options (the CLI checked them, but anyone may send
         anything): ValueError unless each is of its type and in range."""
-        dry_run, max_freed = opts.get("dry_run", False), opts.get("max_freed")
-        throttle = opts.get("throttle") or 0.0
+        dry_run = opts.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise ValueError("dry_run must be true or false")
-        if max_freed is not None and (type(max_freed) is not int
-                                      or not 0 <= max_freed <= cliargs.MAX_SIZE):
-            raise ValueError(f"max_freed must be a number of bytes from 0 to {cliargs.MAX_SIZE}")
-        if (type(throttle) not in (int, float) or not math.isfinite(throttle)
-                or not 0 <= throttle <= cliargs.MAX_THROTTLE):
-            raise ValueError(f"throttle must be a number of seconds from 0 to "
-                             f"{cliargs.MAX_THROTTLE:g}")
-        return cls(dry_run, max_freed, float(throttle))
+        max_freed = _number(opts, "max_freed", 0, cliargs.MAX_SIZE,
+                            f"a number of bytes from 0 to {cliargs.MAX_SIZE}", integer=True)
+        throttle = _number(opts, "throttle", 0, cliargs.MAX_THROTTLE,
+                           f"a number of seconds from 0 to {cliargs.MAX_THROTTLE:g}") or 0.0
+        keep_recent = _number(opts, "keep_recent", 0, cliargs.MAX_DURATION,
+                              "a number of seconds above 0 (at most 100 years)", low_open=True)
+        ensure_free = _number(opts, "ensure_free", 1, cliargs.MAX_SIZE,
+                              f"a number of bytes from 1 to {cliargs.MAX_SIZE}", integer=True)
+        percent = _number(opts, "ensure_free_percent", 0, 100,
+                          "a percentage above 0, at most 100", low_open=True)
+        if ensure_free is not None and percent is not None:
+            raise ValueError("ensure_free and ensure_free_percent exclude each other")
+        return cls(dry_run, max_freed, float(throttle), None,
+                   None if keep_recent is None else float(keep_recent),
+                   cliargs.Percent(float(percent)) if percent is not None else ensure_free)
+
+
+def free_space(path: bytes) -> tuple[int, int]:
+    """(bytes free for unprivileged users, size) of the file system of
+    `path`, as Nix's auto-GC measures free space."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def resolve_size(value: int | cliargs.Percent, size: int) -> int:
+    """Bytes, or a percentage of a file system of `size` bytes."""
+    return int(size * value.value / 100) if isinstance(value, cliargs.Percent) else value
+
+
+def recent_closure(db: StoreDB, graph: StoreGraph, settings: GCSettings,
+                   seconds: float) -> set[bytes]:
+    """The valid paths registered within `seconds` (ValidPaths'
+    registrationTime, as fast-nix-gc's --keep-recent) and their closure."""
+    cutoff = int(time.time() - seconds)
+    with db.snapshot():
+        recent = [r[0] for r in db.conn.execute(
+            "SELECT path FROM ValidPaths WHERE registrationTime >= ?", (cutoff,))]
+    nodes = graph.closure([graph.index[p] for p in recent if p in graph.index], settings)
+    return {graph.paths[n] for n in nodes}
 
 
 @dataclass
 class GCResult:
+    """Sizes, one meaning each (README: "Sizes")."""
     dry_run: bool
     paths: int = 0
-    bytes_freed: int = 0              # du-style: blocks of files whose last link went, dirs
-    links_freed: int = 0              # bytes freed in .links
+    disk_bytes_freed: int = 0         # blocks freed on disk, du-style: a file's once its last
+                                      # hard link went, directories', .links included
+    nar_bytes_freed: int = 0          # the DB's narSize of the deleted valid paths
     nix_bytes_freed: int = 0          # as Nix counts (and stops --max-freed): see deleter.py
     stale_links_removed: int = 0
     temproots_removed: int = 0
-    stopped_at_limit: bool = False
+    stopped_at_limit: bool = False    # a limit left dead paths (a dry run: would leave)
+    limit: str | None = None          # the limit in force: "max-freed" or "ensure-free"
+    limit_bytes: int | None = None    # ... in bytes as Nix counts them
+    paths_over_limit: int = 0         # dead paths the limit left
+    free_bytes: int | None = None     # --ensure-free: the file system's free space at planning
+    kept_recent: int = 0              # dead paths --keep-recent kept
     protected_during_gc: int = 0      # paths kept because a client announced them
     seconds: float = 0.0
     deleted: list[bytes] = field(default_factory=list)
@@ -386,16 +446,23 @@ from .deleter import (CAP_SYS_ADMIN, DeleterProcess, Freed, _count, effective_ca
                       estimate_tree, open_dir, walk_trees, why_undeletable)
 
 
-def predict_freed(store: bytes, names: list[bytes], links_dir: bytes) -> tuple[int, int]:
+def predict_freed(store: bytes, names: list[bytes], links_dir: bytes,
+                  progress: Callable[[int], None] | None = None) -> tuple[int, int]:
     """What deleting these entries of the store dir (and then the .links
     entries left with one link) would free: (bytes in the trees, bytes in
     .links).  A file counts once, and only if every one of its links goes.
-    Walked by directory fds, like the deletion: nothing followed."""
+    Walked by directory fds, like the deletion: nothing followed.
+    `progress(n)`: n of the entries walked."""
     with _links_dir(links_dir) as entries:
         links = {(st.st_dev, st.st_ino): st for _, _, st in entries}
     seen: dict[tuple[int, int], list] = {}  # inode -> [stat, links found in the trees]
     freed = 0
-    for _, st, _, _ in walk_trees(store, names):
+    top = 0
+    for _, st, _, depth in walk_trees(store, names):
+        if depth == 0:
+            top += 1
+            if progress is not None and top % 64 == 0:
+                progress(top)
         if stat.S_ISDIR(st.st_mode):
             freed += _count(st)
         elif (key := (st.st_dev, st.st_ino)) in seen:
@@ -573,7 +640,7 @@ class Collection:
     """begin() -> plan(rootset) -> execute() -> end(); see the module doc."""
 
     def __init__(self, layout: StoreLayout, settings: GCSettings, options: GCOptions,
-                 progress: Callable[[str], None] | None = None,
+                 progress: Callable[[Progress], None] | None = None,
                  on_deleted: Callable[[list[bytes]], None] | None = None) -> None:
         self.layout = layout
         self.settings = settings
@@ -592,6 +659,7 @@ class Collection:
         self._temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None
         self._dead: list[bytes] = []             # what goes: the dead set, or the paths asked for
         self._dead_valid: set[bytes] = set()     # ... those of them registered
+        self._total = 0                          # paths the deletion goes through
         self._t0 = time.monotonic()
 
     # phase 1
@@ -660,14 +728,19 @@ class Collection:
 
     # phase 2
     def plan(self, rootset: RootSet, db: StoreDB) -> Analysis:
-        self.progress("computing the live set")
         with db.snapshot():  # the daemon's graph if it is still current
+            if db.cached_graph(self.settings.follows_realisations) is None:
+                self.progress(Progress("loading the store graph", "load"))
             graph = engine.store_graph(db, self.settings)
+        self.progress(Progress("computing the live set", "plan"))
         asked = self.options.paths
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=asked is None,
                            temp_files_at_lock=self._temp_files_at_lock)
+        self._set_limit()
         if asked is None:
             self._dead, self._dead_valid = a.dead, a.dead_valid
+            if self.options.keep_recent is not None:
+                self._keep_recent(db, graph)
         else:
             refusals = engine.delete_refusals(a, db, graph, list(asked))
             if refusals:
@@ -683,6 +756,31 @@ class Collection:
             # closures could not be computed without the graph.
             self._protect_hashes(self._temp_hashes | a.temp.hashes)
         return a
+
+    def _set_limit(self) -> None:
+        """--max-freed and --ensure-free as one limit, in bytes as Nix counts
+        them (the tighter one); --ensure-free from the free space now, under
+        gc.lock, as Nix's auto-GC computes its max-freed."""
+        limits = []
+        if self.options.max_freed is not None:
+            limits.append((self.options.max_freed, "max-freed"))
+        if self.options.ensure_free is not None:
+            free, size = free_space(self.layout.real_store_dir)
+            want = resolve_size(self.options.ensure_free, size)
+            self.result.free_bytes = free
+            limits.append((max(0, want - free), "ensure-free"))
+        if limits:
+            self.result.limit_bytes, self.result.limit = min(limits)
+
+    def _keep_recent(self, db: StoreDB, graph: StoreGraph) -> None:
+        """Keep what was registered within --keep-recent, and its closure."""
+        kept = recent_closure(db, graph, self.settings, self.options.keep_recent)
+        dead = len(self._dead)
+        self._dead = [p for p in self._dead if p not in kept]
+        self._dead_valid = self._dead_valid - kept
+        self.result.kept_recent = dead - len(self._dead)
+        with self._cond:
+            self._protected |= kept
 
     def _order(self) -> list[bytes]:
         """What goes: unregistered entries first, then the dead paths,
@@ -719,15 +817,21 @@ class Collection:
         which a worker process does (daemon/deleter.py): in this process the
         two would fight over the GIL."""
         order = self._order()
+        self._total = len(order)
         self._check_deletable(order)
         if self.options.dry_run:
             everything = order
-            order, self.result.nix_bytes_freed = self._within_limit(order, 0, {})
-            self.result.stopped_at_limit = len(order) < len(everything)
-            freed, links = predict_freed(self.layout.real_store_dir, self._names(order),
-                                         self.layout.links_dir)
+            order, self.result.nix_bytes_freed = self._within_limit(
+                order, 0, {}, Progress("measuring what would be freed", "measure",
+                                       total=len(order)))
+            self._stopped(len(everything) - len(order))
+            freed, links = predict_freed(
+                self.layout.real_store_dir, self._names(order), self.layout.links_dir,
+                lambda n: self.progress(Progress("measuring the disk space freed", "measure",
+                                                 n, len(order))))
             self.result.paths = len(order)
-            self.result.bytes_freed, self.result.links_freed = freed, links
+            self.result.disk_bytes_freed = freed + links
+            self.result.nar_bytes_freed = self._nar_bytes(order)
             self.result.deleted = order
             self.result.seconds = time.monotonic() - self._t0
             return self.result
@@ -741,8 +845,9 @@ class Collection:
         unlinked: dict[tuple[int, int], int] = {}  # links the --max-freed forecast saw go
         # Smaller batches when stopping at a size or pacing the I/O; big ones
         # otherwise (each commit rewrites the DB's index pages).
-        batch_size = (MAX_FREED_BATCH if self.options.max_freed is not None
-                      else 64 if self.options.throttle else BATCH)
+        limited = self.result.limit_bytes is not None
+        batch_size = MAX_FREED_BATCH if limited else 64 if self.options.throttle else BATCH
+        self.progress(Progress("deleting", "delete", 0, len(order)))
         work: queue.Queue = queue.Queue(maxsize=2)
         failure: list[BaseException] = []
         deleter = threading.Thread(target=self._deleter, args=(work, failure, worker),
@@ -759,7 +864,7 @@ class Collection:
                 batch = self._claim(chunk)
                 if not batch:
                     continue
-                if self.options.max_freed is not None:
+                if limited:
                     # Nix stops right after the path that frees more than the
                     # limit: invalidate nothing beyond it (the rest comes back).
                     cut, _ = self._within_limit(batch, self.result.nix_bytes_freed, unlinked)
@@ -775,10 +880,8 @@ class Collection:
                 done.update(batch)
                 work.put(batch)
                 batch = []
-                if self.options.max_freed is not None:
+                if limited:
                     work.join()  # the limit is checked on what is really gone
-                self.progress(f"deleting: {len(done)} of {len(order)} paths, "
-                              f"{self.result.bytes_freed / 2**20:.1f} MiB freed")
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
         except sqlite3.Error as e:  # that transaction rolled back: nothing of it is deleted
@@ -793,10 +896,22 @@ class Collection:
             writer.close()
         if failure:
             raise failure[0]
-        self.result.stopped_at_limit = self._limit_reached() and len(done) < len(order)
-        self.result.links_freed = clean_links(self.layout.links_dir)
+        if self._limit_reached():
+            self._stopped(len(order) - start)
+        self.progress(Progress("cleaning .links", "links"))
+        self.result.disk_bytes_freed += clean_links(self.layout.links_dir)
+        self.result.nar_bytes_freed = self._nar_bytes(self.result.deleted)
         self.result.seconds = time.monotonic() - self._t0
         return self.result
+
+    def _stopped(self, left: int) -> None:
+        self.result.stopped_at_limit = left > 0
+        self.result.paths_over_limit = left
+
+    def _nar_bytes(self, paths: list[bytes]) -> int:
+        """The DB's NAR sizes of those of `paths` that were valid."""
+        g = self._graph
+        return sum(g.sizes[g.index[p]] for p in paths if p in self._dead_valid and p in g.index)
 
     def _check_deletable(self, order: list[bytes]) -> None:
         """Collection never starts what it cannot finish: before the plan is
@@ -804,7 +919,8 @@ class Collection:
         if the worker could not delete one of these paths (why_undeletable)."""
         if self.options.dry_run:
             self._check_writable(remount=False)  # begin() checked a real run's
-        why = why_undeletable(self.layout.real_store_dir, self._names(order))
+        why = why_undeletable(self.layout.real_store_dir, self._names(order), lambda n: self.progress(
+            Progress("checking that it can be deleted", "check", n, len(order))))
         if why is not None:
             raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
 
@@ -814,24 +930,27 @@ class Collection:
         return [p[skip:] for p in paths]
 
     def _limit_reached(self) -> bool:
-        """More than --max-freed freed, as Nix counts (and checks after each
-        path); --max-freed 0 collects nothing, as with Nix."""
-        limit = self.options.max_freed
+        """More than the limit freed, as Nix counts (and checks after each
+        path); a limit of 0 collects nothing, as --max-freed 0 with Nix."""
+        limit = self.result.limit_bytes
         with self._cond:
             return limit is not None and (limit == 0 or self.result.nix_bytes_freed > limit)
 
     def _within_limit(self, paths: list[bytes], total: int,
-                      unlinked: dict[tuple[int, int], int]) -> tuple[list[bytes], int]:
-        """Where --max-freed stops when deleting `paths` in order with
+                      unlinked: dict[tuple[int, int], int],
+                      progress: Progress | None = None) -> tuple[list[bytes], int]:
+        """Where the limit stops when deleting `paths` in order with
         `total` bytes freed so far (Nix's count, forecast from the files):
         after the path that passes the limit.  Returns those paths and the
         total after them (all of them without a limit)."""
-        limit = self.options.max_freed
+        limit = self.result.limit_bytes
         if limit == 0:
             return [], total
         for i, p in enumerate(paths):
             if limit is not None and total > limit:
                 return paths[:i], total
+            if progress is not None and i % 64 == 0:
+                self.progress(Progress(progress.message, progress.phase, i, progress.total))
             freed = Freed()
             estimate_tree(self.layout.real_path(p), freed, unlinked)
             total += freed.nix
@@ -853,23 +972,31 @@ class Collection:
             # time); a Nix process waiting for one may go on.
             self._release(batch)
             return
-        try:
-            freed, nix = worker.delete([self.layout.real_path(p) for p in batch])
-        except BaseException as e:  # reported by execute(); nothing more is deleted
-            if isinstance(e, OSError):
-                e = DeletionError(f"{e}. The collection stopped there: the paths it was deleting "
-                                  "are no longer registered in the Nix DB, and what is left of "
-                                  "them on disk is garbage that the next collection removes once "
-                                  "the cause is fixed")
-            failure.append(e)
-            freed = nix = 0
-        with self._cond:
-            self.result.paths += len(batch)
-            self.result.bytes_freed += freed
-            self.result.nix_bytes_freed += nix
-            self.result.deleted += batch
-            self._pending -= {hash_part(p) for p in batch}
-            self._cond.notify_all()
+        # In chunks, so that progress follows what is really gone.
+        for i in range(0, len(batch), DELETE_CHUNK):
+            chunk = batch[i:i + DELETE_CHUNK]
+            try:
+                freed, nix = worker.delete([self.layout.real_path(p) for p in chunk])
+            except BaseException as e:  # reported by execute(); nothing more is deleted
+                if isinstance(e, OSError):
+                    e = DeletionError(f"{e}. The collection stopped there: the paths it was "
+                                      "deleting are no longer registered in the Nix DB, and what "
+                                      "is left of them on disk is garbage that the next "
+                                      "collection removes once the cause is fixed")
+                failure.append(e)
+                freed = nix = 0
+                chunk = batch[i:]  # invalidated, not deleted: counted as before
+            with self._cond:
+                self.result.paths += len(chunk)
+                self.result.disk_bytes_freed += freed
+                self.result.nix_bytes_freed += nix
+                self.result.deleted += chunk
+                self._pending -= {hash_part(p) for p in chunk}
+                self._cond.notify_all()
+                done = self.result.paths, self.result.disk_bytes_freed
+            self.progress(Progress("deleting", "delete", done[0], self._total, done[1]))
+            if failure:
+                break
         self.on_deleted(batch)
 
     def _release(self, batch: list[bytes]) -> None:

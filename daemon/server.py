@@ -13,6 +13,7 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 import trio
 
-from gcroots import log
+from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
 from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credentials
@@ -38,7 +39,7 @@ from gcroots.storepath import parse_store_path
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, NotAlive, RootSet
-from .gc import Collection, GCError, GCOptions, GCResult
+from .gc import Collection, GCError, GCOptions, GCResult, free_space, resolve_size
 from .nixconf import GCSettings
 from .notify import Notifier
 from .rootsource import SharedScans, fetch_roots_retrying
@@ -87,8 +88,8 @@ def peer_of(sock: socket.socket, admin_gid: int | None) -> Peer:
 
 @dataclass(frozen=True)
 class AutoGC:
-    min_free: int | None = None       # collect when free space drops below this...
-    max_free: int | None = None       # ...until this much is free
+    min_free: "int | cliargs.Percent | None" = None   # collect when free space drops below this...
+    max_free: "int | cliargs.Percent | None" = None   # ...until this much is free
     interval: float | None = None     # and/or every this many seconds
     check_interval: float = 300.0
 
@@ -251,17 +252,20 @@ class Daemon:
     # -- garbage collection ------------------------------------------------------
 
     async def collect(self, options: GCOptions, *, by: str,
-                      progress: Callable[[str], None] | None = None) -> GCResult:
-        """One collection (one at a time: the caller holds gc_lock)."""
-        self.gc_running = {"since": time.time(), "by": by}
-        c = Collection(self.layout, self.settings, options,
-                       progress=progress or (lambda m: None))
-        self.notifier.status("collecting garbage")
+                      progress: Callable[[admin.Progress], None] | None = None) -> GCResult:
+        """One collection (one at a time: the caller holds gc_lock), or a
+        dry run (read-only: any number, without gc_lock)."""
+        progress = progress or (lambda p: None)
+        if not options.dry_run:
+            self.gc_running = {"since": time.time(), "by": by}
+            self.notifier.status("collecting garbage")
+        c = Collection(self.layout, self.settings, options, progress=progress)
         t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(c.begin)
             # gc.lock is ours: only a scan that starts from now on counts
             # (one from before could miss a root a Nix build made meanwhile).
+            progress(admin.Progress("scanning roots", "scan"))
             rootset = await self.root_set(started_after=trio.current_time())
             async with self.work_lock:
                 db = self.open_db()
@@ -289,8 +293,9 @@ class Daemon:
             raise
         finally:
             await trio.to_thread.run_sync(c.end)
-            self.gc_running = {}
-            self.notifier.status("serving")
+            if not options.dry_run:
+                self.gc_running = {}
+                self.notifier.status("serving")
         _log.info("gc_finished", by=by, **result.summary())
         if self.metrics:
             self.metrics.collection(result)
@@ -315,18 +320,19 @@ class Daemon:
         while True:
             await trio.sleep(min(cfg.check_interval * 2 ** failures, 3600))
             try:
-                st = os.statvfs(self.layout.real_store_dir)
+                free, size = free_space(self.layout.real_store_dir)
             except Exception as e:  # keep serving; never collect without knowing
                 failures = min(failures + 1, 6)
                 _log.error("auto_gc_statvfs_failed", error=f"{type(e).__name__}: {e}",
                            retry_factor=2 ** failures)
                 continue
-            free = st.f_bavail * st.f_frsize
             options = None
-            if cfg.min_free is not None and free < cfg.min_free:
+            if cfg.min_free is not None and free < (min_free := resolve_size(cfg.min_free, size)):
+                # Until max-free is free, decided again under gc.lock (as Nix's
+                # auto-GC's max-freed: what is missing, at least one byte).
                 target = cfg.max_free if cfg.max_free is not None else cfg.min_free
-                options = GCOptions(max_freed=max(target - free, 1))
-                why = f"free space {free} < min-free {cfg.min_free}"
+                options = GCOptions(ensure_free=max(resolve_size(target, size), free + 1))
+                why = f"free space {free} < min-free {min_free}"
             elif cfg.interval is not None and trio.current_time() - last_scheduled >= cfg.interval:
                 options = GCOptions()
                 why = "schedule"
@@ -353,20 +359,24 @@ class Daemon:
             options = GCOptions.from_request(opts)
         except ValueError as e:
             raise RequestError(admin.Status.BAD_REQUEST, f"gc: {e}") from None
+        if request.command == "delete" and (options.keep_recent is not None or
+                                            options.ensure_free is not None):
+            raise RequestError(admin.Status.BAD_REQUEST,
+                               "delete: keep_recent and ensure_free are gc's options")
         if request.command == "delete":
             bad = [p for p in request.args if parse_store_path(p, self.layout.store_dir) != p]
             if not request.args or bad:
                 raise RequestError(admin.Status.BAD_REQUEST, "delete: " + (
                     f"not a store path: {bad[0][:300]!r}" if bad else "no paths given"))
             options.paths = request.args
-        if self.gc_lock.locked():
+        if self.gc_lock.locked() and not options.dry_run:
             since = time.strftime("%H:%M:%S", time.localtime(self.gc_running.get("since", 0)))
             raise RequestError(admin.Status.BUSY, f"a garbage collection is already running "
                                                   f"(since {since}, {self.gc_running.get('by')})")
-        latest = [""]
+        latest: list = [admin.Progress("")]
 
         async def forward_progress() -> None:
-            sent = ""
+            sent = latest[0]
             while True:
                 await trio.sleep(0.5)
                 if latest[0] != sent:
@@ -390,7 +400,8 @@ class Daemon:
             finally:
                 cancel.cancel()
 
-        async with self.gc_lock:
+        # A dry run only reads: it neither waits for nor blocks a collection.
+        async with (contextlib.nullcontext() if options.dry_run else self.gc_lock):
             # The exceptions are taken out of the nursery (which would wrap
             # them in a group) and raised below.
             async with trio.open_nursery() as nursery:
@@ -405,7 +416,10 @@ class Daemon:
             raise RequestError(admin.Status.ERROR, "the collection did not finish")
         data = await self.build(conn, lambda: conn.rows(result.deleted))
         await self._send(stream, data)
-        await self._send(stream, conn.end(admin.Status.OK, json.dumps(result.summary())))
+        summary = result.summary()
+        if conn.version < 2:  # its clients add these two up for the bytes freed on disk
+            summary.update(bytes_freed=result.disk_bytes_freed, links_freed=0)
+        await self._send(stream, conn.end(admin.Status.OK, json.dumps(summary)))
 
     async def in_worker(self, fn):
         async with self.work_lock:
@@ -584,7 +598,9 @@ class Daemon:
         cmd = request.command
         if cmd not in READ_ONLY and cmd not in MUTATING:
             raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd!r}")
-        if cmd not in READ_ONLY and not peer.privileged:
+        # A dry run of gc is read-only, like `dead`: anyone may ask.
+        dry_gc = cmd == "gc" and request.options.get("dry_run") is True
+        if cmd not in READ_ONLY and not peer.privileged and not dry_gc:
             raise RequestError(admin.Status.REFUSED,
                                f"{cmd!r} needs root or membership in the admin group")
         censor = not peer.privileged
@@ -598,10 +614,10 @@ class Daemon:
             engine.check_request(cmd, request.options, request.args)
         except engine.BadRequest as e:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
-        await self._send(stream, conn.progress("scanning roots"))
+        await self._send(stream, conn.progress(admin.Progress("scanning roots", "scan")))
         a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD)
         db = self.open_db()
-        await self._send(stream, conn.progress("answering"))
+        await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
 
         def answer() -> bytes:
             if cmd == "dead":  # the big answers skip per-row tuples

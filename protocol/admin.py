@@ -5,8 +5,13 @@ One request per connection:
     client -> daemon   HELLO(magic, min_version, max_version)
     client -> daemon   REQUEST(command, options as JSON text, bytes args...)
     daemon -> client   HELLO(magic, min_version, max_version)
-    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PROGRESS(text)
+    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PROGRESS...
     daemon -> client   END(status, row_count, message)
+
+PROGRESS is PROGRESS(text) in version 1; from version 2 on it is
+PROGRESS_NUMBERS(phase, text, done, total, bytes), so that the client can
+draw a bar with a percentage, rate and ETA.  The daemon sends what the
+version both sides speak allows.
 
 ROWS packs many one-field rows (a list of store paths) into one frame: a
 100k-path `dead` answer is ~30 frames, not 100k.
@@ -30,12 +35,13 @@ from .rootstream import NEED_DATA, VersionMismatch, _NeedData
 
 MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
-MAX_VERSION = 1
+MAX_VERSION = 2         # 2: PROGRESS_NUMBERS
 MAX_ARGS = 1024         # `delete` takes store paths (a frame bounds them anyway)
 MAX_OPTIONS_DEPTH = 16
 
-_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS = 1, 2, 3, 4, 5, 6
-_SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*"}
+_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PROGRESS_NUMBERS = 1, 2, 3, 4, 5, 6, 7
+_SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*",
+            _PROGRESS_NUMBERS: "ssQQQ"}
 _LEN = struct.Struct(">I")
 _ROWS_HEADER = struct.Struct(">IB")
 
@@ -75,7 +81,14 @@ class Rows:
 
 @dataclass(frozen=True)
 class Progress:
+    """Where long work is: its phase (scan, load, plan, check, measure,
+    delete, links), `done` of `total` items (0: not known), bytes freed so
+    far.  A version-1 peer sends (and gets) only the message."""
     message: str
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,11 @@ def _parse_hello(payload: bytes, ours: tuple[int, int], peer: str) -> Hello:
     if max(lo, ours[0]) > min(hi, ours[1]):
         raise VersionMismatch(ours, (lo, hi), peer)
     return Hello(lo, hi)
+
+
+def _common_version(hello: Hello | None, ours: tuple[int, int]) -> int:
+    """The highest version both speak (the lowest before the peer's HELLO)."""
+    return ours[0] if hello is None else min(hello.max_version, ours[1])
 
 
 def _nesting(text: str) -> int:
@@ -231,8 +249,18 @@ class ServerConnection:
     def _rows_frame(parts: list[bytes], size: int) -> bytes:
         return _ROWS_HEADER.pack(size, _ROWS) + b"".join(parts)
 
-    def progress(self, message: str) -> bytes:
-        return encode_frame(_PROGRESS, _SCHEMAS[_PROGRESS], [message[:1024]])
+    @property
+    def version(self) -> int:
+        return _common_version(self._hello, self._versions)
+
+    def progress(self, p: Progress | str) -> bytes:
+        if isinstance(p, str):
+            p = Progress(p)
+        if self.version < 2:
+            return encode_frame(_PROGRESS, _SCHEMAS[_PROGRESS], [p.message[:1024]])
+        return encode_frame(_PROGRESS_NUMBERS, _SCHEMAS[_PROGRESS_NUMBERS],
+                            [p.phase[:64], p.message[:1024], *(max(0, min(n, 2**64 - 1)) for n in
+                                                               (p.done, p.total, p.bytes))])
 
     def end(self, status: Status, message: str = "") -> bytes:
         if self._ended:
@@ -290,6 +318,9 @@ class ClientConnection:
             return Rows(values)
         if ftype == _PROGRESS:
             return Progress(*decode_fields(_PROGRESS, schema, payload))
+        if ftype == _PROGRESS_NUMBERS and _common_version(self._hello, self._versions) >= 2:
+            phase, message, done, total, nbytes = decode_fields(ftype, schema, payload)
+            return Progress(message, phase, done, total, nbytes)
         if ftype == _END:
             status, rows, message = decode_fields(_END, schema, payload)
             try:

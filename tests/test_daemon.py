@@ -189,7 +189,7 @@ def test_json_on_every_query_and_exit_codes(scratch, users, pipelines):
     assert all(x.startswith("/nix/store/") for x in data["live"] + data["dead"])
     assert data["stats"]["live_paths"] == len(data["live"])
     assert data["stats"]["dead_paths"] == len(data["dead"])
-    assert {"bytes", "paths", "store_path", "labels"} == set(data["cost"][0])
+    assert {"nar_bytes", "paths", "store_path", "labels"} == set(data["cost"][0])
     why = json.loads(p.query("why", "--json", data["live"][0]).stdout)
     assert why["chains"][0]["chain"][-1] == data["live"][0]
     assert p.query("why", data["dead"][0]).returncode == 5
