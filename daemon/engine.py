@@ -40,7 +40,9 @@ class IncompleteRoots(Exception):
     """No complete root set: nothing may be decided from what we have."""
 
 
-_OWNER = re.compile(r"belongs to uid (\d+)")
+# Only the helper's own ending (scan._blame): the message before it quotes
+# paths and link targets that any user chooses.
+_OWNER = re.compile(r"belongs to uid (\d+)(?=, who \(or root\) must fix or remove it$)")
 
 
 def scan_error(message: str) -> tuple[str, str]:

@@ -1037,6 +1037,42 @@ def test_one_users_looping_root_link_blocks_collection_with_a_message_naming_it(
     assert p.query("dead").stdout == b""
 
 
+def test_a_broken_root_entry_blames_its_owner_and_nobody_else(scratch, users, pipelines):
+    """The blamed owner comes from the helper's lstat, not from text a user
+    controls: bob's looping link whose target reads "belongs to uid
+    <alice's>" must not make the error, the log or the metric blame alice;
+    nor may a ~4 KB target (non-UTF-8 bytes, 4x longer once escaped) push
+    the blame out of the message or make the log line huge."""
+    root = new_store(scratch, 80, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    alice, bob = users[support.ALICE], users[support.BOB]
+    per_user = root / "nix/var/nix/gcroots/per-user" / support.BOB
+    home = root / "home" / "bobs"
+    for d in (per_user, home):
+        d.mkdir(parents=True)
+        os.chown(d, bob.pw_uid, bob.pw_gid)
+    bad = per_user / "result"
+    framing = os.fsencode(home / "loop" / f"belongs to uid {alice.pw_uid}" / "result")
+    burying = os.fsencode(home / "loop") + (b"/" + b"\xff" * 200) * 19
+    for target in (framing, burying):
+        made = support.as_user(support.BOB, "import os, sys; os.path.lexists(sys.argv[1]) or "
+                               "os.symlink('loop', sys.argv[1]); os.symlink(os.fsencode("
+                               "sys.argv[2]), sys.argv[3])", str(home / "loop"),
+                               os.fsdecode(target), str(bad))
+        assert made.returncode == 0, made.stderr
+        dead = p.query("dead")
+        assert dead.returncode == 1 and dead.stdout == b""
+        err = dead.stderr.decode(errors="replace")
+        assert f"root entry '{bad}' belongs to {support.BOB} (uid {bob.pw_uid})" in err, err
+        assert support.ALICE not in err and len(err) < 4000, err
+        failed = [e for e in p.daemon_events() if e["event"] == "root_scan_failed"][-1]
+        assert failed["owner"] == support.BOB and len(failed["error"]) < 4000, failed
+        bad.unlink()
+    assert p.query("dead").returncode == 0
+
+
 def test_helper_without_its_capabilities_means_no_collection(scratch, users, pipelines):
     """Issue 12's repro: the shipped unit's command without its
     AmbientCapabilities= (a dedicated user, a bounding set, nothing
