@@ -44,6 +44,9 @@ from .store import StoreDB
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
 REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
 DROPPED_LOG_INTERVAL = 10.0   # dropped connections: one summary line at most this often
+# Request lines an unprivileged uid may cause per DROPPED_LOG_INTERVAL; the
+# rest are counted in one summary line (any user can send ~1,000 a second).
+REQUEST_LINES_PER_USER = 20
 # Concurrent connections: each holds an fd (and, while its request is read, up
 # to REQUEST_TIMEOUT), so no user may hold many.  Unprivileged users share a
 # total; root, the daemon's user and the admin group are not refused by it.
@@ -158,6 +161,8 @@ class Daemon:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     _dropped: dict = field(default_factory=dict)     # reason -> count since the last summary
     _dropped_last: tuple = ()
+    _request_lines: dict = field(default_factory=dict)   # uid -> request lines this interval
+    _not_logged: dict = field(default_factory=dict)      # uid -> requests beyond those
 
     def __post_init__(self) -> None:
         self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout),
@@ -492,6 +497,10 @@ class Daemon:
                              seconds=DROPPED_LOG_INTERVAL, last_peer_uid=peer.uid,
                              last_peer_pid=peer.pid, last_reason=message)
                 self._dropped = {}
+            if self._not_logged:
+                _log.warning("requests_not_logged", counts=self._not_logged,
+                             seconds=DROPPED_LOG_INTERVAL, logged_per_user=REQUEST_LINES_PER_USER)
+            self._request_lines, self._not_logged = {}, {}
 
     async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
@@ -546,9 +555,15 @@ class Daemon:
             _log.exception("request_internal_error", command=command)
             status, message = admin.Status.ERROR, f"internal error: {e!r}"
         finally:
-            _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
-                      privileged=peer.privileged, status=status.name.lower(),
-                      error=logged or message or None, seconds=round(time.perf_counter() - t0, 4))
+            lines = self._request_lines.get(peer.uid, 0)
+            if peer.privileged or lines < REQUEST_LINES_PER_USER:
+                self._request_lines[peer.uid] = lines + 1
+                _log.info("request", command=command[:64], peer_uid=peer.uid, peer_pid=peer.pid,
+                          privileged=peer.privileged, status=status.name.lower(),
+                          error=logged or message or None,
+                          seconds=round(time.perf_counter() - t0, 4))
+            else:
+                self._not_logged[peer.uid] = self._not_logged.get(peer.uid, 0) + 1
 
     async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request | None:
         """The request; None if the peer hangs up first."""
@@ -569,7 +584,7 @@ class Daemon:
     async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer) -> None:
         cmd = request.command
         if cmd not in READ_ONLY and cmd not in MUTATING:
-            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd!r}")
+            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd[:64]!r}")
         if cmd not in READ_ONLY and not peer.privileged:
             raise RequestError(admin.Status.REFUSED,
                                f"{cmd!r} needs root or membership in the admin group")

@@ -882,6 +882,51 @@ def test_junk_connections_are_counted_and_summarised_not_logged_each(scratch, us
     assert 'gcroots_connections_dropped_total{reason="hangup"} 401.0' in text
 
 
+ANSWERED = r"""
+import socket, sys
+from gcroots.protocol import admin
+path, n, command = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+for i in range(n):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(admin.ClientConnection().request(command))
+        while s.recv(65536):
+            pass
+"""
+
+
+def test_a_flood_of_answered_requests_cannot_flood_the_log(scratch, users, pipelines):
+    """Requests that are answered (pings; unknown commands of 60 KB, echoed
+    back) bypassed the junk summary: one user wrote ~930 lines/s (past
+    journald's default 10,000 per 30 s, which then drops gcrootsd's gc
+    events too) or 120 KB per request (~34 MB/s).  Now each unprivileged uid
+    gets a few request lines per interval, the rest counted in one
+    `requests_not_logged` line; whatever a user sends is shown bounded; and
+    other users' requests are still logged."""
+    root = new_store(scratch, 81, paths=200)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    size = p.daemon_log_path.stat().st_size
+    for n, command in ((400, "ping"), (100, "x" * 60000)):
+        out = support.as_user(support.ALICE, ANSWERED, str(p.sock), str(n), command)
+        assert out.returncode == 0, out.stderr
+    assert p.query("stats", user=support.BOB).returncode == 0
+    assert p.query("stats").returncode == 0
+    time.sleep(11)   # one summary interval
+    added = p.daemon_log_path.read_bytes()[size:]
+    events = [json.loads(line) for line in added.splitlines()]
+    assert len(added) < 20000, len(added)
+    requests = [e for e in events if e["event"] == "request"]
+    alice = users[support.ALICE].pw_uid
+    assert [e["command"] for e in requests if e["peer_uid"] == users[support.BOB].pw_uid] == ["stats"]
+    assert [e["command"] for e in requests if e["peer_uid"] == 0] == ["stats"]
+    assert all(len(json.dumps(e)) < 1000 for e in requests)
+    logged = sum(e["peer_uid"] == alice for e in requests)
+    summary = [e for e in events if e["event"] == "requests_not_logged"]
+    assert logged + sum(e["counts"][str(alice)] for e in summary) == 500, summary
+
+
 # -- process hygiene -----------------------------------------------------------
 
 async def test_internal_error_log_lines_carry_the_traceback(tmp_path, capsys):
