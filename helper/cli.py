@@ -11,6 +11,7 @@ import sys
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
+from gcroots.storepath import canon_path
 
 
 def _absolute(value: str) -> str:
@@ -32,7 +33,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmdline", action="store_true",
                    help="also find store paths in /proc/PID/cmdline (Nix does not)")
     p.add_argument("--accept-unreadable", action="append", default=[], metavar="PREFIX",
-                   type=lambda v: os.fsencode(os.path.normpath(_absolute(v))),
+                   type=lambda v: canon_path(os.fsencode(_absolute(v))),
                    help="skip (warn) instead of failing the scan on EACCES below PREFIX, e.g. "
                         "NFS homes with root_squash: roots there may be missed (repeatable)")
 
