@@ -89,7 +89,7 @@ def cmd_scan(args) -> int:
 
     layout = _layout(args)
     _raise_fd_limit()
-    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
         box = _sandbox(args, layout, read_db=not args.all_candidates)
@@ -165,7 +165,7 @@ def cmd_serve(args) -> int:
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
     sockets.remove_when_gone(files)   # the sandbox will not let us unlink them
-    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     if why := check():
         log.get("gcroots.helper").error("scans_will_fail", reason=why)
     stop_on_signals()

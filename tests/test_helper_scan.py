@@ -108,6 +108,37 @@ def test_unreadable_root_fails_the_scan_unless_accepted(scratch, users):
     assert b"warning: " in both.stderr and b"Permission denied" in both.stderr
 
 
+def test_helper_in_a_user_namespace_refuses_a_runtime_scan(scratch, users):
+    """Root in a user namespace (systemd PrivateUsers=yes, unshare --user)
+    holds every capability by capget, yet none over other users'
+    processes: their /proc/PID/environ, maps, exe were EACCES and skipped
+    silently (fd with a warning), and the scan reported complete without
+    their runtime roots -- here a path alice's process names in its
+    environment, which gc would then delete.  Now the runtime scan refuses
+    up front; a scan without runtime roots still works (files that are
+    EACCES there fail it, see above)."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=5, roots=5)
+    sp = [p for p in valid_paths(root) if p not in our_roots(root).decode()][0]
+    pw = users[support.ALICE]
+    alice = subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                              "--clear-groups", "env", f"GCROOTS_TEST={sp}", "sleep", "120"])
+    try:
+        while open(f"/proc/{alice.pid}/comm").read().strip() != "sleep":
+            pass   # setpriv and env exec: then it is the sleep holding the environment
+        cmd = [HELPER, "scan", "--root", str(root), "--all-candidates"]
+        assert sp.encode() in subprocess.run(cmd, capture_output=True, check=True).stdout
+        squashed = subprocess.run([*SQUASHED, *cmd], capture_output=True)
+        assert squashed.returncode == 1 and squashed.stdout == b"", squashed
+        assert squashed.stderr.count(b"\n") == 1, squashed.stderr
+        assert b"runs in a user namespace (e.g. systemd PrivateUsers=yes" in squashed.stderr
+        static = subprocess.run([*SQUASHED, *cmd, "--no-runtime"], capture_output=True)
+        assert static.returncode == 0 and static.stdout == our_roots(root, "--all-candidates")
+    finally:
+        alice.kill()
+        alice.wait()
+
+
 def test_stale_links_reported_not_removed(scratch):
     root = scratch / "store"
     support.make_store(root, paths=300, seed=6, indirect=5, stale=4, quirks=0)
