@@ -106,25 +106,30 @@ def _open_parent(parent: bytes, trusted: tuple[int, ...]) -> int:
     described at the top; OSError saying what is wrong and where."""
     fd = os.open(b"/", _DIR_FLAGS)
     walked = b""
+
+    def untrusted(st: os.stat_result) -> OSError:
+        return OSError(f"{os.fsdecode(walked or b'/')} is writable by others (owner uid "
+                       f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); use a directory "
+                       "that only this user (or root) can change")
     try:
         for part in [p for p in parent.split(b"/") if p not in (b"", b".")]:
             if part == b"..":   # resolved physically by the kernel, lexically by clients
                 raise OSError("'..' in its path")
-            walked += b"/" + part
+            up = os.fstat(fd)   # checked before we make anything in it
+            if up.st_uid not in trusted or up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX:
+                raise untrusted(up)
             try:
-                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked)
+                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked + b"/" + part)
             except FileNotFoundError:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(part, 0o755, dir_fd=fd)
-                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked)
-            up, st = os.fstat(fd), os.fstat(nxt)
+                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked + b"/" + part)
+            owner = os.fstat(nxt).st_uid
             os.close(fd)
             fd = nxt
-            if up.st_uid not in trusted or up.st_mode & 0o022 and not (
-                    up.st_mode & stat.S_ISVTX and st.st_uid in trusted):
-                raise OSError(f"{os.fsdecode(os.path.dirname(walked))} is writable by others "
-                              f"(owner uid {up.st_uid}, mode {stat.S_IMODE(up.st_mode):04o}); use "
-                              "a directory that only this user (or root) can change")
+            if up.st_mode & 0o022 and owner not in trusted:   # sticky: only its owner moves it
+                raise untrusted(up)
+            walked += b"/" + part
     except nofollow.SymlinkInPath as e:
         os.close(fd)
         raise OSError(f"its directory path goes through a symbolic link "
@@ -133,7 +138,7 @@ def _open_parent(parent: bytes, trusted: tuple[int, ...]) -> int:
         os.close(fd)
         if e.errno is None:
             raise
-        raise OSError(e.errno, e.strerror, os.fsdecode(walked)) from None
+        raise OSError(e.errno, e.strerror, e.filename and os.fsdecode(walked + b"/" + part)) from None
     except BaseException:
         os.close(fd)
         raise

@@ -220,6 +220,8 @@ def test_helper_socket_below_a_directory_others_can_write_is_refused(scratch, us
     (scratch / "lnk").symlink_to(scratch / "real")
     for sock, why in ((hers / "run" / "helper.sock",
                        f"{hers} is writable by others (owner uid {alice.pw_uid}, mode 0755)"),
+                      (hers / "new" / "helper.sock",   # not made there first
+                       f"{hers} is writable by others (owner uid {alice.pw_uid}, mode 0755)"),
                       (scratch / "lnk" / "helper.sock",
                        f"its directory path goes through a symbolic link ({scratch}/lnk)")):
         out = subprocess.run([HELPER, "serve", "--root", str(scratch), "--no-runtime", "--socket",
@@ -229,7 +231,8 @@ def test_helper_socket_below_a_directory_others_can_write_is_refused(scratch, us
         assert out.stderr.decode().startswith(
             f"gcroots-helper serve: refusing to create socket {sock}: {why}"), out.stderr
         assert out.stderr.count(b"\n") == 1
-    assert os.listdir(hers / "run") == [] and os.listdir(scratch / "real") == []
+    assert sorted(os.listdir(hers)) == ["run"] and os.listdir(hers / "run") == []
+    assert os.listdir(scratch / "real") == []
 
 
 def test_removal_never_takes_a_socket_a_second_instance_put_there(scratch, monkeypatch):
