@@ -41,7 +41,9 @@ class IncompleteRoots(Exception):
     """No complete root set: nothing may be decided from what we have."""
 
 
-_OWNER = re.compile(r"belongs to uid (\d+)")
+# Only the helper's own ending (scan._blame): the message before it quotes
+# paths and link targets that any user chooses.
+_OWNER = re.compile(r"belongs to uid (\d+)(?=, who \(or root\) must fix or remove it$)")
 
 
 def scan_error(message: str) -> tuple[str, str]:
@@ -106,7 +108,7 @@ def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
     full = os.geteuid() == 0
     try:
         records = list(Scanner(layout, runtime=runtime,
-                               preflight=preflight(hidden_dirs(), caps=full),
+                               preflight=preflight(hidden_dirs(), caps=full, runtime=runtime),
                                accept_unreadable=() if full else (b"/",)).scan())
     except ScanError as e:
         raise IncompleteRoots(f"the root scan failed: {scan_error(str(e))[0]}") from None

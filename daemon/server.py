@@ -48,6 +48,9 @@ from .store import StoreDB
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
 REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
 DROPPED_LOG_INTERVAL = 10.0   # dropped connections: one summary line at most this often
+# Requests of an unprivileged uid whose lines are logged, per
+# DROPPED_LOG_INTERVAL (see Daemon.in_log).
+REQUEST_LINES_PER_USER = 20
 # Concurrent connections: each holds an fd (and, while its request is read, up
 # to REQUEST_TIMEOUT), so no user may hold many.  Unprivileged users share a
 # total; root, the daemon's user and the admin group are not refused by it.
@@ -162,25 +165,42 @@ class Daemon:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     _dropped: dict = field(default_factory=dict)     # reason -> count since the last summary
     _dropped_last: tuple = ()
+    _request_lines: dict = field(default_factory=dict)   # uid -> request lines this interval
+    _not_logged: dict = field(default_factory=dict)      # uid -> requests beyond those
 
     def __post_init__(self) -> None:
         self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout),
                                  on_failure=self._scan_failed)
 
-    def _scan_failed(self, error: str, owner: str) -> None:
+    def _scan_failed(self, error: str, owner: str, logged: bool) -> None:
         """Once per failed scan, however many queries shared it: every one
         of them gets the same error (one user's broken root link fails
-        everyone's), so the journal and the metric say it here, not per query."""
-        _log.error("root_scan_failed", error=error, owner=owner or None)
+        everyone's), so the journal and the metric say it here, not per query
+        (the journal only if a waiter's lines are logged: see in_log)."""
+        if logged:
+            _log.error("root_scan_failed", error=error, owner=owner or None)
         if self.metrics:
             self.metrics.scan_failed(owner)
 
-    async def root_set(self, *, started_after: float | None = None) -> RootSet:
+    async def root_set(self, *, started_after: float | None = None,
+                       logged: bool = True) -> RootSet:
         """A complete root set from the helper, from the one scan in flight
         (see SharedScans), or IncompleteRoots."""
         if self._nursery is None:  # not serving (yet): nobody to share with
             return await fetch_roots_retrying(self.helper_socket, self.layout)
-        return await self.scans.get(self._nursery, started_after=started_after)
+        return await self.scans.get(self._nursery, started_after=started_after, logged=logged)
+
+    def in_log(self, peer: Peer) -> bool:
+        """Whether the lines a request of `peer` causes (request, analysis,
+        scan) go to the log: always for privileged peers, for others up to
+        REQUEST_LINES_PER_USER requests per interval (any user can send
+        ~1,000 a second); beyond that the request is counted instead."""
+        n = self._request_lines.get(peer.uid, 0)
+        if peer.privileged or n < REQUEST_LINES_PER_USER:
+            self._request_lines[peer.uid] = n + 1
+            return True
+        self._not_logged[peer.uid] = self._not_logged.get(peer.uid, 0) + 1
+        return False
 
     def open_db(self) -> StoreDB:
         if self.db is None:
@@ -189,8 +209,8 @@ class Daemon:
 
     # -- the analysis every query starts from ---------------------------------
 
-    async def analysis(self, *, want_dead: bool) -> Analysis:
-        rootset = await self.root_set()
+    async def analysis(self, *, want_dead: bool, logged: bool = True) -> Analysis:
+        rootset = await self.root_set(logged=logged)
         async with self.work_lock:
             db = self.open_db()
             a = await trio.to_thread.run_sync(
@@ -200,12 +220,13 @@ class Daemon:
             self.metrics.analysis(a, *_nar_bytes(a))
         self.last = {"time": time.time(), "roots": len(a.roots), "live": len(a.all_live),
                      "dead": None if a.dead is None else len(a.dead)}
-        _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
-                  live=len(a.all_live), dead=None if a.dead is None else len(a.dead),
-                  stale_links=len(rootset.stale), scan_warnings=len(rootset.warnings),
-                  **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
-        for w in rootset.warnings[:20]:
-            _log.warning("scan_warning", path=w.path, errno=w.errno, message=w.message)
+        if logged:
+            _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
+                      live=len(a.all_live), dead=None if a.dead is None else len(a.dead),
+                      stale_links=len(rootset.stale), scan_warnings=len(rootset.warnings),
+                      **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
+            for w in rootset.warnings[:20]:
+                _log.warning("scan_warning", path=w.path, errno=w.errno, message=w.message)
         self.notifier.status(f"last analysis: {len(a.roots)} roots, {len(a.all_live)} live"
                              + ("" if a.dead is None else f", {len(a.dead)} dead"))
         if a.graph is None:
@@ -518,6 +539,10 @@ class Daemon:
                              seconds=DROPPED_LOG_INTERVAL, last_peer_uid=peer.uid,
                              last_peer_pid=peer.pid, last_reason=message)
                 self._dropped = {}
+            if self._not_logged:
+                _log.warning("requests_not_logged", counts=self._not_logged,
+                             seconds=DROPPED_LOG_INTERVAL, logged_per_user=REQUEST_LINES_PER_USER)
+            self._request_lines, self._not_logged = {}, {}
 
     async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
@@ -539,6 +564,7 @@ class Daemon:
                              *(drop or ("hangup", None, "hung up before its request")))
             return
         command, status, message, logged = request.command, admin.Status.OK, "", ""
+        in_log = self.in_log(peer)
         try:
             async with stream:
                 # Everything that goes wrong while answering is told to the
@@ -548,7 +574,7 @@ class Daemon:
                 try:
                     await self._send(stream, conn.hello())
                     hello_sent = True
-                    await self._dispatch(stream, conn, request, peer)
+                    await self._dispatch(stream, conn, request, peer, in_log)
                     return
                 except RequestError as e:
                     status, message = e.status, str(e)
@@ -574,9 +600,11 @@ class Daemon:
             _log.exception("request_internal_error", command=command)
             status, message = admin.Status.ERROR, f"internal error: {e!r}"
         finally:
-            _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
-                      privileged=peer.privileged, status=status.name.lower(),
-                      error=logged or message or None, seconds=round(time.perf_counter() - t0, 4))
+            if in_log:
+                _log.info("request", command=command[:64], peer_uid=peer.uid, peer_pid=peer.pid,
+                          privileged=peer.privileged, status=status.name.lower(),
+                          error=logged or message or None,
+                          seconds=round(time.perf_counter() - t0, 4))
 
     async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request | None:
         """The request; None if the peer hangs up first."""
@@ -594,10 +622,11 @@ class Daemon:
         with trio.fail_after(SEND_TIMEOUT):
             await stream.send_all(data)
 
-    async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer) -> None:
+    async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer,
+                        in_log: bool = True) -> None:
         cmd = request.command
         if cmd not in READ_ONLY and cmd not in MUTATING:
-            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd!r}")
+            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd[:64]!r}")
         # A dry run of gc is read-only, like `dead`: anyone may ask.
         dry_gc = cmd == "gc" and request.options.get("dry_run") is True
         if cmd not in READ_ONLY and not peer.privileged and not dry_gc:
@@ -615,7 +644,7 @@ class Daemon:
         except engine.BadRequest as e:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
         await self._send(stream, conn.progress(admin.Progress("scanning roots", "scan")))
-        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD)
+        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log)
         db = self.open_db()
         await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
 

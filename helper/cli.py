@@ -12,6 +12,7 @@ from gcroots import cliargs
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
+from gcroots.storepath import canon_path
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -39,7 +40,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmdline", action="store_true",
                    help="also find store paths in /proc/PID/cmdline (Nix does not)")
     p.add_argument("--accept-unreadable", action="append", default=[], metavar="PREFIX",
-                   type=lambda v: os.fsencode(os.path.normpath(_absolute(v))),
+                   type=lambda v: canon_path(os.fsencode(_absolute(v))),
                    help="skip (warn) instead of failing the scan on EACCES below PREFIX, e.g. "
                         "NFS homes with root_squash: roots there may be missed (repeatable)")
 
@@ -95,7 +96,7 @@ def cmd_scan(args) -> int:
 
     layout = _layout(args)
     _raise_fd_limit()
-    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
         box = _sandbox(args, layout, read_db=not args.all_candidates)
@@ -171,7 +172,7 @@ def cmd_serve(args) -> int:
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
     sockets.remove_when_gone(files)   # the sandbox will not let us unlink them
-    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     if why := check():
         log.get("gcroots.helper").error("scans_will_fail", reason=why)
     stop_on_signals()
