@@ -200,7 +200,7 @@ def test_gc_socket_directory_swapped_for_a_link_is_refused(scratch, users):
     store_before = sorted(os.listdir(root / "nix/store"))
     out = support.standalone(root, "gc", "--yes", check=False)
     assert out.returncode == 1 and out.stdout == b"", out
-    assert out.stderr.decode() == (f"gcroots-query gc: refusing to create socket {gc_socket}/socket: "
+    assert out.stderr.decode() == (f"gcroots-query: gc: refusing to create socket {gc_socket}/socket: "
                                    "its directory path goes through a symbolic link "
                                    f"({gc_socket}); give its real path\n")
     assert os.listdir(victim) == [] and sorted(os.listdir(root / "nix/store")) == store_before
