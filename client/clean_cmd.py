@@ -78,8 +78,12 @@ def cmd_clean(args) -> int:
     everyone = os.geteuid() == 0
     rows = root_rows(args)
     runtime = prof.runtime_paths(rows)
-    found = prof.discover_everyone(layout.profiles_dir) if everyone and layout.root == b"/" \
-        else prof.discover(layout.profiles_dir, home=_home(layout))
+    if args.keep is None and args.keep_since is None and args.older_than is None:
+        found = prof.Found()  # nothing to prune or age: no profile is looked at
+    elif everyone and layout.root == b"/":
+        found = prof.discover_everyone(layout.profiles_dir)
+    else:
+        found = prof.discover(layout.profiles_dir, home=_home(layout))
     if not everyone:  # yours: the profiles you may modify
         found.profiles = [p for p in found.profiles if prof.may_modify(p)]
     for w in found.warnings:

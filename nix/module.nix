@@ -770,6 +770,8 @@ in
           # run; clean asks gcrootsd which paths running processes use and
           # deletes nothing without that answer.
           ExecStart = utils.escapeSystemdExecArgs gcArgs;
+          # Nix settings from /etc/nix/nix.conf only, as gcrootsd reads them.
+          Environment = "NIX_USER_CONF_FILES=";
           User = cfg.user;
           Group = cfg.group;
           UMask = "0077";

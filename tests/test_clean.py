@@ -185,3 +185,32 @@ def test_discovery_never_follows_a_symlink_below_a_home(scratch, users):
         assert not [p for p in found.profiles if home.name.encode() in p or b"roots-own" in p]
     finally:
         subprocess.run(["rm", "-rf", str(home / ".local")], check=True)
+
+
+def test_clean_without_a_policy_only_collects(scratch, users, pipelines):
+    """The timer's default (`clean --yes`, no GC_ARGS) as root without
+    capabilities, as the stock unit runs it: no profile and no home is
+    looked at (no "cannot read" warning for a profile directory it may not
+    read), and it collects what gc would."""
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=113, roots=5, indirect=3, stale=0, quirks=0,
+                       profiles=3, generations=3, users=1)
+    per_user = root / "nix/var/nix/profiles/per-user"
+    support.chown_tree(per_user / "alice", support.ALICE)
+    os.chmod(per_user / "alice", 0o700)   # root without CAP_DAC_READ_SEARCH cannot list it
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    profiles = tree_snapshot(root / "nix/var/nix/profiles")
+    dead = set(p.query("dead").stdout.split())
+    assert dead
+    cmd = [QUERY, "--socket", str(p.sock), "--root", str(root), "clean", "--yes"]
+    out = subprocess.run(["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--", *cmd],
+                         capture_output=True, timeout=300, stdin=subprocess.DEVNULL,
+                         env=dict(os.environ, **ENV))
+    assert out.returncode == 0, out.stderr
+    assert b"warning" not in out.stderr and b"cannot read" not in out.stderr, out.stderr
+    assert tree_snapshot(root / "nix/var/nix/profiles") == profiles
+    assert not dead & {os.fsencode(root) + b"/nix/store/" + n.encode()
+                       for n in disk_set(root)}
+    assert re.search(rb"^%d store paths deleted" % len(dead), out.stdout, re.M), out.stdout
