@@ -43,7 +43,7 @@ class IncompleteRoots(Exception):
 
 # Only the helper's own ending (scan._blame): the message before it quotes
 # paths and link targets that any user chooses.
-_OWNER = re.compile(r"belongs to uid (\d+)(?=, who \(or root\) must fix or remove it$)")
+_OWNER = re.compile(r"belongs to uid (\d+)(?=, who \(or root\) must [^;]+$)")
 
 
 def scan_error(message: str) -> tuple[str, str]:

@@ -77,16 +77,17 @@ def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
                      "refusing to report an incomplete root set")
 
 
-def _blame(e: ScanError, entry: bytes, stat_entry) -> ScanError:
-    """Name the entry that fails the scan and its owner's uid (gcrootsd adds
-    the name): one user's broken link fails everyone's scans."""
+def _blame(e: ScanError, entry: bytes, stat_entry, what: str = "root entry",
+           remedy: str = "fix or remove it") -> ScanError:
+    """Name the entry (or process) that fails the scan and its owner's uid
+    (gcrootsd adds the name): one user's broken link fails everyone's scans."""
     try:
         owner = f"uid {stat_entry().st_uid}"
     except OSError:
         owner = "an unknown user"
     # gcrootsd reads the owner from this ending (engine.scan_error): keep it last.
-    return ScanError(f"{e}; root entry {_shown(entry)} belongs to {owner}, who (or "
-                     "root) must fix or remove it")
+    return ScanError(f"{e}; {what} {_shown(entry)} belongs to {owner}, who (or "
+                     f"root) must {remedy}")
 
 
 def read_filtered(path: bytes, sep: bytes, needle: bytes, from_needle: bool) -> bytes:
@@ -368,8 +369,10 @@ class Scanner:
         for name, value in items:
             path = pid_dir + b"/" + name
             if isinstance(value, OSError):
-                if value.errno not in PROC_SKIPPABLE:
-                    raise _fatal(path, value, "cannot read") from None
+                if value.errno not in PROC_SKIPPABLE:  # e.g. a cwd or fd deeper than PATH_MAX
+                    raise _blame(_fatal(path, value, "cannot read"), pid_dir,
+                                 lambda: os.stat(pid_dir), "process",
+                                 "end it (or move it out of that directory)") from None
                 if name == b"fd" and value.errno == errno.EACCES:
                     yield ScanWarning(path, value.errno, "cannot read runtime roots: permission "
                                       "denied (does the helper have CAP_SYS_PTRACE?)")

@@ -1090,6 +1090,49 @@ def test_closed_log_pipe_stops_the_daemon(scratch, users, pipelines):
 
 # -- a scan that cannot be complete: refused, said clearly, nothing deleted ----
 
+DEEP_CWD = r"""
+import os, sys, time
+os.chdir(sys.argv[1])
+depth = len(sys.argv[1])
+while depth <= 4200:           # deeper than PATH_MAX: made and entered one level at a time
+    os.mkdir("d" * 200)
+    os.chdir("d" * 200)
+    depth += 201
+print(os.getpid(), flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_process_deeper_than_path_max_blocks_collection_naming_it(scratch, users, pipelines):
+    """A process whose cwd is deeper than PATH_MAX: readlink of
+    /proc/PID/cwd fails (ENAMETOOLONG), the process's runtime roots are
+    unknown, so the scan fails, as Nix 2.8's does -- and every client is
+    told which process and whose, so the operator knows what to end."""
+    root = new_store(scratch, 81, paths=200)
+    p = Pipeline(root, scratch / "run", helper_args=())
+    pipelines.append(p)
+    p.start()
+    alice = users[support.ALICE]
+    top = scratch / "deep"
+    top.mkdir()
+    os.chown(top, alice.pw_uid, alice.pw_gid)
+    holder = subprocess.Popen([sys.executable, "-c", DEEP_CWD, str(top)], user=alice.pw_uid,
+                              group=alice.pw_gid, extra_groups=[], stdout=subprocess.PIPE)
+    try:
+        pid = int(holder.stdout.readline())
+        store_before = sorted(os.listdir(root / "nix/store"))
+        gc = p.query("gc", "--yes")
+        err = gc.stderr.decode()
+        assert gc.returncode == 1 and gc.stdout == b"", err
+        assert (f"cannot read '/proc/{pid}/cwd': File name too long" in err
+                and f"process '/proc/{pid}' belongs to {support.ALICE} (uid {alice.pw_uid}), "
+                "who (or root) must end it" in err), err
+        assert sorted(os.listdir(root / "nix/store")) == store_before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.query("gc", "--yes").returncode == 0
+
 def test_one_users_looping_root_link_blocks_collection_with_a_message_naming_it(scratch, users,
                                                                                  pipelines):
     """A link in gcroots/per-user/<user> whose target loops (ELOOP) fails
