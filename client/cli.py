@@ -8,6 +8,7 @@ Exit codes:
   3  refused: this command needs root or the admin group
   4  busy: a garbage collection is running, or too many connections of yours
   5  negative answer: `why` -- the path is not alive
+  130 interrupted (^C)
 
 With --json every answer, and every error, is one JSON document on stdout
 (an error: {"error": MESSAGE, "exit": CODE}); logs, prompts and progress go
@@ -237,6 +238,12 @@ def entry() -> int:
         except OSError:
             pass
         return 1
+    except KeyboardInterrupt:
+        # ^C at a question or while waiting: one line and the status a shell
+        # gives SIGINT, never a traceback (the ^C echo ends the prompt's line).
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        return error(argparse.Namespace(json=Parser.json_errors), "interrupted", 130)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,27 @@ def test_gc_on_a_terminal_asks_and_shows_progress_there_never_in_stdout(scratch,
     errors = (work / "errors.txt").read_text()
     assert SENTENCE.search(errors) and "%|" not in errors and "Delete" not in errors, errors
     assert "plan" not in errors
+
+
+def test_interrupt_at_the_prompt_is_one_line_and_deletes_nothing(scratch):
+    """^C at gc's question: one line on the terminal, exit 130 (as a shell
+    counts SIGINT), no traceback, nothing deleted, nothing in the answer."""
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=123, quirks=0, roots=5, indirect=0, stale=0)
+    before = support.valid_set(root)
+    work = scratch / "work"
+    work.mkdir()
+    # The shell survives the ^C (its trap) to report the exit status.
+    term = Terminal(f"gcrt-{os.getpid()}-c", f"trap true INT; {QUERY} --standalone --root "
+                    f"{root} --no-runtime gc > answer.txt; echo EXIT=$?", work)
+    try:
+        term.wait_for(r"Delete \d+ store paths, freeing .* on disk\? \[y/N\]")
+        term.type("C-c")
+        _, screens = term.wait_for(r"EXIT=(\d+)")
+    finally:
+        term.close()
+    screen = screens[-1]
+    assert "EXIT=130" in screen and "Traceback" not in screen, screen
+    assert "gcroots-query: interrupted" in screen, screen
+    assert (work / "answer.txt").read_bytes() == b""
+    assert support.valid_set(root) == before
