@@ -24,6 +24,7 @@ import select
 import sys
 
 from gcroots import cliargs, log
+from gcroots.layout import StoreLayout
 from gcroots.protocol.admin import Status
 
 from . import conn
@@ -52,6 +53,26 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def path_arg(layout_field: str | None = None):
+    """An argparse type for a path flag: never empty (`--root "$MNT"` with
+    MNT unset must not mean the host's /nix); with `layout_field`, one that
+    StoreLayout takes there (absolute store and state dirs, a store dir
+    that is not /)."""
+    def parse(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError("an empty path (an unset variable?); leave the "
+                                             "flag out for its default")
+        if layout_field in ("store_dir", "state_dir") and not value.startswith("/"):
+            raise argparse.ArgumentTypeError(f"{value!r} is not an absolute path")
+        if layout_field is not None:
+            try:
+                StoreLayout.make(**{layout_field: value})
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
+        return value
+    return parse
+
+
 def subcommand(sub, name: str, help: str, description: str, examples: str = "",
                **kwargs) -> argparse.ArgumentParser:
     """A subcommand with a one-line help (in the list of commands), a
@@ -74,15 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
   gcroots-query --standalone --root /mnt stats     a store of another system, no daemons""")
     cliargs.add_version(p)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", default=None, metavar="PATH",
+    where.add_argument("--socket", default=None, metavar="PATH", type=path_arg(),
                        help="gcrootsd's socket (default $GCROOTS_SOCKET or /run/gcroots/gcrootsd.sock)")
     where.add_argument("--standalone", action="store_true",
                        help="no daemons: scan and analyse in this process, with your own rights")
-    p.add_argument("--root", metavar="DIR",
+    p.add_argument("--root", metavar="DIR", type=path_arg("root"),
                    help="--standalone: physical root of a chroot store (like nix-store --store DIR)")
-    p.add_argument("--store-dir", metavar="DIR",
+    p.add_argument("--store-dir", metavar="DIR", type=path_arg("store_dir"),
                    help="--standalone: logical store dir (default /nix/store)")
-    p.add_argument("--state-dir", metavar="DIR",
+    p.add_argument("--state-dir", metavar="DIR", type=path_arg("state_dir"),
                    help="--standalone: logical state dir (default /nix/var/nix)")
     p.add_argument("--no-runtime", action="store_true",
                    help="--standalone: skip /proc (running processes are no roots then)")

@@ -44,13 +44,14 @@ class CmdError(Exception):
 def layout_options() -> argparse.ArgumentParser:
     """Accepted after the subcommand too; without them the top-level
     options apply (SUPPRESS keeps those)."""
+    from .cli import path_arg
     opts = argparse.ArgumentParser(add_help=False)
-    opts.add_argument("--root", default=argparse.SUPPRESS, metavar="DIR",
+    opts.add_argument("--root", default=argparse.SUPPRESS, metavar="DIR", type=path_arg("root"),
                       help="physical root of a chroot store (like nix-store --store DIR)")
     opts.add_argument("--store-dir", default=argparse.SUPPRESS, metavar="DIR",
-                      help="logical store dir (default /nix/store)")
+                      type=path_arg("store_dir"), help="logical store dir (default /nix/store)")
     opts.add_argument("--state-dir", default=argparse.SUPPRESS, metavar="DIR",
-                      help="logical state dir (default /nix/var/nix)")
+                      type=path_arg("state_dir"), help="logical state dir (default /nix/var/nix)")
     return opts
 
 
