@@ -791,7 +791,9 @@ class Collection:
         unknown = {p for p in self._dead_valid if p not in g.index}  # registered after our graph
         if unknown:
             _log.info("gc_skipping_new_paths", count=len(unknown))
-        pending = {n: 0 for n in dead_nodes}
+        # In node order (the DB's): the same order in every process, so a
+        # dry run forecasts where a limit stops a later collection.
+        pending = {n: 0 for n in sorted(dead_nodes)}
         for n in dead_nodes:
             for m in g.refs[n]:
                 if m in pending:
