@@ -214,3 +214,22 @@ def test_clean_without_a_policy_only_collects(scratch, users, pipelines):
     assert not dead & {os.fsencode(root) + b"/nix/store/" + n.encode()
                        for n in disk_set(root)}
     assert re.search(rb"^%d store paths deleted" % len(dead), out.stdout, re.M), out.stdout
+
+
+def test_the_plan_counts_unregistered_entries_the_collection_deletes(scratch):
+    """A store entry the DB does not know (an interrupted build's output)
+    is garbage the collection deletes, and Nix's sentence counts it: the
+    plan's total counts it too (it said one path fewer than went)."""
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=1, users=2)  # quirks: an unregistered entry
+    unregistered = disk_set(root) - {p.decode().rsplit("/", 1)[1] for p in valid_set(root)}
+    assert unregistered
+    q = ("clean", "--keep", "1")
+    plan = json.loads(support.standalone(root, *q, "--dry-run", "--json", env=ENV).stdout)
+    text = support.standalone(root, *q, "--dry-run", env=ENV).stdout.decode()
+    done = json.loads(support.standalone(root, *q, "--yes", "--json", env=ENV).stdout)
+    assert plan["total"]["paths"] == done["gc"]["paths"] > len(unregistered)
+    assert plan["garbage"]["unregistered"] == len(unregistered)
+    assert re.search(rf"^total: {done['gc']['paths']} store paths\s", text, re.M), text
+    assert re.search(rf"^garbage already \(\d+ valid paths, {len(unregistered)} unregistered "
+                     r"entr(y|ies)\)", text, re.M), text
