@@ -185,6 +185,8 @@ def sizes_text(summary: dict, title: str) -> str:
             ("freed as Nix counts it", mib(summary["nix_bytes_freed"])),
             ("freed on disk", human(summary["disk_bytes_freed"])),
             ("NAR size of those paths", human(summary.get("nar_bytes_freed", 0)))]
+    if stale := summary.get("stale_links_removed"):
+        rows.append((f"stale gcroots/auto links {verb}removed", str(stale)))
     return title + "\n" + table(rows, right=(1,), indent="  ")
 
 
@@ -210,7 +212,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  {plural(summary['kept_recent'], 'dead path')} kept by --keep-recent")
     if summary.get("stale_links_removed"):
         lines.append(f"  {plural(summary['stale_links_removed'], 'stale gcroots/auto link')} "
-                     "removed")
+                     f"{'would be ' if summary['dry_run'] else ''}removed")
     if summary.get("protected_during_gc"):
         lines.append(f"  {plural(summary['protected_during_gc'], 'path')} kept for running Nix "
                      "processes")

@@ -184,7 +184,7 @@ class GCResult:
                                       # hard link went, directories', .links included
     nar_bytes_freed: int = 0          # the DB's narSize of the deleted valid paths
     nix_bytes_freed: int = 0          # as Nix counts (and stops --max-freed): see deleter.py
-    stale_links_removed: int = 0
+    stale_links_removed: int = 0      # a dry run: found stale (would be removed)
     temproots_removed: int = 0
     stopped_at_limit: bool = False    # a limit left dead paths (a dry run: would leave)
     limit: str | None = None          # the limit in force: "max-freed" or "ensure-free"
@@ -835,6 +835,7 @@ class Collection:
             self.result.disk_bytes_freed = freed + links
             self.result.nar_bytes_freed = self._nar_bytes(order)
             self.result.deleted = order
+            self.result.stale_links_removed = len(self._analysis.rootset.stale)
             self.result.seconds = time.monotonic() - self._t0
             return self.result
         valid = self._dead_valid

@@ -752,3 +752,19 @@ def test_entry_registered_after_planning_is_not_deleted(scratch):
     _collect(root, before_execute=register)
     assert (root / late.lstrip("/")).is_dir() and late.encode() in valid_set(root)
     assert full[1].encode() not in valid_set(root)
+
+
+def test_dry_run_says_which_stale_links_would_go(scratch):
+    """A collection removes the stale gcroots/auto links; its plan (dry run,
+    and the question on a terminal) says so, with the same count."""
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=131, quirks=0, roots=5, indirect=3, stale=3)
+    auto = root / "nix/var/nix/gcroots/auto"
+    before = set(os.listdir(auto))
+    plan = json.loads(standalone(root, "gc", "--dry-run", "--json").stdout)
+    text = standalone(root, "gc", "--dry-run").stdout.decode()
+    assert set(os.listdir(auto)) == before
+    done = json.loads(standalone(root, "gc", "--yes", "--json").stdout)
+    assert done["stale_links_removed"] == 3 == len(before - set(os.listdir(auto)))
+    assert plan["stale_links_removed"] == 3, plan
+    assert "  3 stale gcroots/auto links would be removed\n" in text, text
