@@ -498,7 +498,7 @@ def _prune_text(planned, layout, protected, policy) -> None:
             _out(f"  {g.number:>5}  {_date(g.mtime)}  {'DELETE' if v.delete else 'KEEP':6}  "
                  f"{reason:34}  {s(v.store_path) if v.store_path else '-'}\n")
     n = sum(1 for p in planned for v in p.verdicts if v.delete)
-    _out(f"\nplan: delete {n} of {sum(len(p.verdicts) for p in planned)} generation(s)\n")
+    _out(f"\nplan: delete {n} of {plural(sum(len(p.verdicts) for p in planned), 'generation')}\n")
     sys.stdout.flush()
 
 
@@ -605,7 +605,7 @@ def _age(seconds: float) -> str:
         return f"{seconds // prof.DAY}d"
     if seconds >= 3600:
         return f"{seconds // 3600}h"
-    return f"{seconds // 60}m"
+    return f"{seconds // 60}min"  # as durations are written: a bare m is refused
 
 
 def _roots_text(verdicts, now) -> None:

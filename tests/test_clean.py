@@ -233,3 +233,22 @@ def test_the_plan_counts_unregistered_entries_the_collection_deletes(scratch):
     assert re.search(rf"^total: {done['gc']['paths']} store paths\s", text, re.M), text
     assert re.search(rf"^garbage already \(\d+ valid paths, {len(unregistered)} unregistered "
                      r"entr(y|ies)\)", text, re.M), text
+
+
+def test_the_plan_speaks_the_command_line_s_units(scratch):
+    """Ages and counts in the plans read as the flags take them: an age is
+    a duration `--roots-older-than` accepts (not `5m`, which it refuses as
+    minutes-or-months), and a count has its noun in the right number."""
+    from gcroots.cliargs import parse_duration
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=132, quirks=0, roots=5, indirect=4, stale=0)
+    text = support.standalone(root, "clean", "--roots-older-than", "1d", "--dry-run",
+                              env=ENV).stdout.decode()
+    ages = re.findall(r"  (\S+) ago \(result\)", text)
+    assert ages, text
+    for age in ages:
+        parse_duration(age)
+    prune = support.standalone(root, "profiles", "prune", "--all", "--keep", "1", "--dry-run",
+                               env=ENV).stdout.decode()
+    assert re.search(r"^plan: delete \d+ of \d+ generations$", prune, re.M), prune
+    assert "(s)" not in prune
