@@ -74,6 +74,9 @@ class Forecast:
 
 
 def cmd_clean(args) -> int:
+    if args.match is not None and args.older_than is None:
+        raise CmdError("clean --match needs --roots-older-than DURATION (it picks among the "
+                       "links that removes)", 2)
     if (refused := gc_cmd.may_ask(args, "clean")) is not None:
         return refused
     layout = _layout(args)

@@ -252,3 +252,19 @@ def test_the_plan_speaks_the_command_line_s_units(scratch):
                                env=ENV).stdout.decode()
     assert re.search(r"^plan: delete \d+ of \d+ generations$", prune, re.M), prune
     assert "(s)" not in prune
+
+
+def test_match_without_an_age_is_a_usage_error(scratch):
+    """`clean --match '*/.direnv/*'` alone used to be ignored without a word
+    (and then collected): --match picks among the links --roots-older-than
+    removes, as with `roots prune`."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=133, quirks=0, roots=3, indirect=2, stale=0)
+    before = valid_set(root)
+    for extra in ((), ("--json",)):
+        out = support.standalone(root, *extra, "clean", "--match", "*/.direnv/*", "--yes",
+                                 env=ENV, check=False)
+        assert out.returncode == 2, out
+        said = json.loads(out.stdout)["error"] if extra else out.stderr.decode()
+        assert "--match" in said and "--roots-older-than" in said, said
+    assert valid_set(root) == before
