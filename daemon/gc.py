@@ -232,15 +232,20 @@ class GCLock:
             _log.warning("gc_lock_unusable", path=self.path, error=e.strerror,
                          hint="collecting needs gc.lock to belong to gcrootsd's user")
 
-    def acquire(self, wait: float = LOCK_WAIT) -> None:
+    def acquire(self, wait: float | None = None,
+                on_wait: Callable[[], None] | None = None) -> None:
+        """`on_wait` is called once if another process holds it."""
         fd = self._open()
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.fd = fd
                 return
             except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
                 if time.monotonic() > deadline:
                     os.close(fd)
                     raise Busy(f"{os.fsdecode(self.path)} is held by another process "
@@ -674,7 +679,9 @@ class Collection:
             os.unlink(self.layout.reserved_path)
         except FileNotFoundError:
             pass
-        self.lock.acquire()
+        self.lock.acquire(on_wait=lambda: self.progress(Progress(
+            f"waiting for {os.fsdecode(self.lock.path)} (another garbage collection holds it)",
+            "lock")))
         self._temp_files_at_lock = temp_root_files(self.layout)
         self.server = RootsServer(self.layout, self._announced)
         self.server.start()
