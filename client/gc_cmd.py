@@ -206,7 +206,7 @@ def summary_lines(summary: dict) -> list[str]:
         lines.append(f"  NAR size of those paths: {human(summary['nar_bytes_freed'])}")
     if summary.get("stopped_at_limit"):
         lines.append(f"  stopped at --{summary.get('limit') or 'max-freed'} "
-                     f"({mib(summary.get('limit_bytes') or 0)} as Nix counts): "
+                     f"{human(summary.get('limit_bytes') or 0)} (bytes as Nix counts them): "
                      f"{plural(summary.get('paths_over_limit', 0), 'more dead path')} left")
     if summary.get("kept_recent"):
         lines.append(f"  {plural(summary['kept_recent'], 'dead path')} kept by --keep-recent")

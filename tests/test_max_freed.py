@@ -130,6 +130,10 @@ def test_dry_run_forecasts_the_collection_whatever_the_process(scratch):
     done = json.loads(support.standalone(root, *q, "--yes", env={"PYTHONHASHSEED": "6"}).stdout)
     assert done["paths_list"] == plans[0]["paths_list"]
     assert done["nix_bytes_freed"] == plans[0]["nix_bytes_freed"]
+    # The limit as given, not "stopped at --max-freed (0.00 MiB as Nix counts)".
+    text = support.standalone(root, "gc", "--max-freed", "5K", "--dry-run").stdout.decode()
+    assert re.search(r"^  stopped at --max-freed 5\.0 KiB \(bytes as Nix counts them\): "
+                     r"\d+ more dead paths left$", text, re.M), text
 
 # -- --keep-recent and --ensure-free (issue 15) ----------------------------------------
 
