@@ -18,6 +18,7 @@ to stderr or the terminal.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
@@ -258,6 +259,15 @@ def entry() -> int:
             print(f"gcroots-query: broken pipe: {e}", file=sys.stderr)
         except OSError:
             pass
+        return 1
+    except OSError as e:
+        # Writing the answer failed (`> report.txt` on a full disk): a write
+        # to stdout names no file; anything else is a bug, with its traceback.
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO,
+                                                     errno.EFBIG):
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no retry at exit
+        print(f"gcroots-query: cannot write the answer to stdout: {e.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # ^C at a question or while waiting: one line and the status a shell
