@@ -205,8 +205,16 @@ def summary_lines(summary: dict) -> list[str]:
     if "nar_bytes_freed" in summary:
         lines.append(f"  NAR size of those paths: {human(summary['nar_bytes_freed'])}")
     if summary.get("stopped_at_limit"):
-        lines.append(f"  stopped at --{summary.get('limit') or 'max-freed'} "
-                     f"{human(summary.get('limit_bytes') or 0)} (bytes as Nix counts them): "
+        limit = summary.get("limit_bytes") or 0
+        if summary.get("limit") == "ensure-free" and summary.get("free_bytes") is not None:
+            # Its limit is what was missing: say that, beside what was free.
+            where = (f"--ensure-free: {human(summary['free_bytes'])} free, " +
+                     (f"{human(limit)} more needed (bytes as Nix counts them)" if limit else
+                      "nothing more needed"))
+        else:
+            where = (f"--{summary.get('limit') or 'max-freed'} {human(limit)} (bytes as Nix "
+                     "counts them)")
+        lines.append(f"  stopped at {where}: "
                      f"{plural(summary.get('paths_over_limit', 0), 'more dead path')} left")
     if summary.get("kept_recent"):
         lines.append(f"  {plural(summary['kept_recent'], 'dead path')} kept by --keep-recent")

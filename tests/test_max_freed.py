@@ -198,6 +198,15 @@ def test_ensure_free_stops_when_the_file_system_has_that_much_free(scratch):
         plan = json.loads(support.standalone(root, "gc", "--dry-run", "--json",
                                              "--ensure-free", "1K").stdout)
         assert plan["paths"] == 0 and plan["limit_bytes"] == 0 and plan["stopped_at_limit"]
+        # ... in words: the free space, not "stopped at --ensure-free (0.00 MiB ...)".
+        from gcroots.client.format import human
+        text = support.standalone(root, "gc", "--dry-run", "--ensure-free", "1K").stdout.decode()
+        assert (f"  stopped at --ensure-free: {human(free)} free, nothing more needed: "
+                f"{everything['paths']} more dead paths left\n") in text, text
+        text = support.standalone(root, "gc", "--dry-run", "--ensure-free",
+                                  f"{free + 100_000}").stdout.decode()
+        assert (f"  stopped at --ensure-free: {human(free)} free, 97.7 KiB more needed (bytes "
+                "as Nix counts them): ") in text, text
         # The tighter of --max-freed and --ensure-free wins.
         plan = json.loads(support.standalone(root, "gc", "--dry-run", "--json", "--max-freed",
                                              "50000", "--ensure-free", "100%").stdout)
