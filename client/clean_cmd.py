@@ -58,10 +58,13 @@ def register(sub, common) -> None:
 @dataclass
 class Forecast:
     """NAR bytes (and paths) that become garbage: per group (a profile's
-    deleted generations, one link), shared by several, garbage already."""
+    deleted generations, one link), shared by several, garbage already
+    (`garbage` counts the `unregistered` store entries too: no NAR size, but
+    the collection deletes them and Nix's sentence counts them)."""
     frees: dict[tuple[str, bytes], tuple[int, int]] = field(default_factory=dict)
     shared: tuple[int, int] = (0, 0)
     garbage: tuple[int, int] = (0, 0)
+    unregistered: int = 0
     kept_recent: int = 0
 
     @property
@@ -71,6 +74,9 @@ class Forecast:
 
 
 def cmd_clean(args) -> int:
+    if args.match is not None and args.older_than is None:
+        raise CmdError("clean --match needs --roots-older-than DURATION (it picks among the "
+                       "links that removes)", 2)
     if (refused := gc_cmd.may_ask(args, "clean")) is not None:
         return refused
     layout = _layout(args)
@@ -184,7 +190,7 @@ def predict(args, layout, rows, planned: list[_Planned], verdicts) -> Forecast:
     from gcroots.daemon import engine
     from gcroots.daemon.cli import settings_from
     from gcroots.daemon.gc import recent_closure
-    from gcroots.daemon.store import StoreDB
+    from gcroots.daemon.store import StoreDB, list_store
 
     groups: dict[tuple[str, bytes], tuple[set[bytes], set[bytes]]] = {}  # -> (labels, paths)
     def labels(path: bytes) -> set[bytes]:  # as the helper names it: logical in a chroot
@@ -233,7 +239,13 @@ def predict(args, layout, rows, planned: list[_Planned], verdicts) -> Forecast:
         out.frees[key] = size({n for n in ns if reach[n] == 1})
     out.shared = size({n for n, k in reach.items() if k > 1} | (newly - set(reach)))
     garbage = set(range(len(g.paths))) - live_now
-    out.garbage = size(garbage - recent)
+    # Entries the DB does not know go too (unless a temp root names them).
+    rooted = {path for _, path, _ in rows}
+    out.unregistered = sum(1 for name in list_store(layout)
+                           if (path := layout.store_dir + b"/" + name) not in g.index
+                           and path not in rooted)
+    n, nbytes = size(garbage - recent)
+    out.garbage = (n + out.unregistered, nbytes)
     out.kept_recent = len(garbage & recent)
     return out
 
@@ -274,7 +286,10 @@ def plan_text(args, planned, verdicts, f: Forecast, now: float) -> str:
     if f.shared[0]:
         rows.append(("freed only by several of the above together", "", "", "",
                      human(f.shared[1])))
-    rows.append((f"garbage already ({plural(f.garbage[0], 'valid path')})", "", "",
+    unregistered = (f", {plural(f.unregistered, 'unregistered entry', 'unregistered entries')}"
+                    if f.unregistered else "")
+    rows.append((f"garbage already ({plural(f.garbage[0] - f.unregistered, 'valid path')}"
+                 f"{unregistered})", "", "",
                  f"{plural(f.kept_recent, 'more')} kept by --keep-recent" if f.kept_recent
                  else "", human(f.garbage[1])))
     total = f.total
@@ -292,7 +307,7 @@ def plan_text(args, planned, verdicts, f: Forecast, now: float) -> str:
 def plan_json(args, planned, verdicts, f: Forecast, removals, gc) -> dict:
     done = {r.root.link: r for r in removals}
     out = {"dry_run": bool(args.dry_run), "everyone": os.geteuid() == 0, "profiles": [],
-           "links": [], "shared": _sizes(f.shared), "garbage": _sizes(f.garbage),
+           "links": [], "shared": _sizes(f.shared), "garbage": dict(_sizes(f.garbage), unregistered=f.unregistered),
            "kept_recent": f.kept_recent, "total": _sizes(f.total), "gc": gc}
     for p in planned:
         out["profiles"].append({

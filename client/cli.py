@@ -8,6 +8,7 @@ Exit codes:
   3  refused: this command needs root or the admin group
   4  busy: a garbage collection is running, or too many connections of yours
   5  negative answer: `why` -- the path is not alive
+  130 interrupted (^C)
 
 With --json every answer, and every error, is one JSON document on stdout
 (an error: {"error": MESSAGE, "exit": CODE}); logs, prompts and progress go
@@ -17,12 +18,14 @@ to stderr or the terminal.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import select
 import sys
 
 from gcroots import cliargs, log
+from gcroots.layout import StoreLayout
 from gcroots.protocol.admin import Status
 
 from . import conn
@@ -51,6 +54,26 @@ class Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def path_arg(layout_field: str | None = None):
+    """An argparse type for a path flag: never empty (`--root "$MNT"` with
+    MNT unset must not mean the host's /nix); with `layout_field`, one that
+    StoreLayout takes there (absolute store and state dirs, a store dir
+    that is not /)."""
+    def parse(value: str) -> str:
+        if not value:
+            raise argparse.ArgumentTypeError("an empty path (an unset variable?); leave the "
+                                             "flag out for its default")
+        if layout_field in ("store_dir", "state_dir") and not value.startswith("/"):
+            raise argparse.ArgumentTypeError(f"{value!r} is not an absolute path")
+        if layout_field is not None:
+            try:
+                StoreLayout.make(**{layout_field: value})
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{value!r}: {e}") from None
+        return value
+    return parse
+
+
 def subcommand(sub, name: str, help: str, description: str, examples: str = "",
                **kwargs) -> argparse.ArgumentParser:
     """A subcommand with a one-line help (in the list of commands), a
@@ -73,15 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
   gcroots-query --standalone --root /mnt stats     a store of another system, no daemons""")
     cliargs.add_version(p)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", default=None, metavar="PATH",
+    where.add_argument("--socket", default=None, metavar="PATH", type=path_arg(),
                        help="gcrootsd's socket (default $GCROOTS_SOCKET or /run/gcroots/gcrootsd.sock)")
     where.add_argument("--standalone", action="store_true",
                        help="no daemons: scan and analyse in this process, with your own rights")
-    p.add_argument("--root", metavar="DIR",
+    p.add_argument("--root", metavar="DIR", type=path_arg("root"),
                    help="--standalone: physical root of a chroot store (like nix-store --store DIR)")
-    p.add_argument("--store-dir", metavar="DIR",
+    p.add_argument("--store-dir", metavar="DIR", type=path_arg("store_dir"),
                    help="--standalone: logical store dir (default /nix/store)")
-    p.add_argument("--state-dir", metavar="DIR",
+    p.add_argument("--state-dir", metavar="DIR", type=path_arg("state_dir"),
                    help="--standalone: logical state dir (default /nix/var/nix)")
     p.add_argument("--no-runtime", action="store_true",
                    help="--standalone: skip /proc (running processes are no roots then)")
@@ -237,6 +260,21 @@ def entry() -> int:
         except OSError:
             pass
         return 1
+    except OSError as e:
+        # Writing the answer failed (`> report.txt` on a full disk): a write
+        # to stdout names no file; anything else is a bug, with its traceback.
+        if e.filename is not None or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO,
+                                                     errno.EFBIG):
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no retry at exit
+        print(f"gcroots-query: cannot write the answer to stdout: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # ^C at a question or while waiting: one line and the status a shell
+        # gives SIGINT, never a traceback (the ^C echo ends the prompt's line).
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
+        return error(argparse.Namespace(json=Parser.json_errors), "interrupted", 130)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,8 @@ def sizes_text(summary: dict, title: str) -> str:
             ("freed as Nix counts it", mib(summary["nix_bytes_freed"])),
             ("freed on disk", human(summary["disk_bytes_freed"])),
             ("NAR size of those paths", human(summary.get("nar_bytes_freed", 0)))]
+    if stale := summary.get("stale_links_removed"):
+        rows.append((f"stale gcroots/auto links {verb}removed", str(stale)))
     return title + "\n" + table(rows, right=(1,), indent="  ")
 
 
@@ -203,14 +205,22 @@ def summary_lines(summary: dict) -> list[str]:
     if "nar_bytes_freed" in summary:
         lines.append(f"  NAR size of those paths: {human(summary['nar_bytes_freed'])}")
     if summary.get("stopped_at_limit"):
-        lines.append(f"  stopped at --{summary.get('limit') or 'max-freed'} "
-                     f"({mib(summary.get('limit_bytes') or 0)} as Nix counts): "
+        limit = summary.get("limit_bytes") or 0
+        if summary.get("limit") == "ensure-free" and summary.get("free_bytes") is not None:
+            # Its limit is what was missing: say that, beside what was free.
+            where = (f"--ensure-free: {human(summary['free_bytes'])} free, " +
+                     (f"{human(limit)} more needed (bytes as Nix counts them)" if limit else
+                      "nothing more needed"))
+        else:
+            where = (f"--{summary.get('limit') or 'max-freed'} {human(limit)} (bytes as Nix "
+                     "counts them)")
+        lines.append(f"  stopped at {where}: "
                      f"{plural(summary.get('paths_over_limit', 0), 'more dead path')} left")
     if summary.get("kept_recent"):
         lines.append(f"  {plural(summary['kept_recent'], 'dead path')} kept by --keep-recent")
     if summary.get("stale_links_removed"):
         lines.append(f"  {plural(summary['stale_links_removed'], 'stale gcroots/auto link')} "
-                     "removed")
+                     f"{'would be ' if summary['dry_run'] else ''}removed")
     if summary.get("protected_during_gc"):
         lines.append(f"  {plural(summary['protected_during_gc'], 'path')} kept for running Nix "
                      "processes")

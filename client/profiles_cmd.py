@@ -44,13 +44,14 @@ class CmdError(Exception):
 def layout_options() -> argparse.ArgumentParser:
     """Accepted after the subcommand too; without them the top-level
     options apply (SUPPRESS keeps those)."""
+    from .cli import path_arg
     opts = argparse.ArgumentParser(add_help=False)
-    opts.add_argument("--root", default=argparse.SUPPRESS, metavar="DIR",
+    opts.add_argument("--root", default=argparse.SUPPRESS, metavar="DIR", type=path_arg("root"),
                       help="physical root of a chroot store (like nix-store --store DIR)")
     opts.add_argument("--store-dir", default=argparse.SUPPRESS, metavar="DIR",
-                      help="logical store dir (default /nix/store)")
+                      type=path_arg("store_dir"), help="logical store dir (default /nix/store)")
     opts.add_argument("--state-dir", default=argparse.SUPPRESS, metavar="DIR",
-                      help="logical state dir (default /nix/var/nix)")
+                      type=path_arg("state_dir"), help="logical state dir (default /nix/var/nix)")
     return opts
 
 
@@ -497,7 +498,7 @@ def _prune_text(planned, layout, protected, policy) -> None:
             _out(f"  {g.number:>5}  {_date(g.mtime)}  {'DELETE' if v.delete else 'KEEP':6}  "
                  f"{reason:34}  {s(v.store_path) if v.store_path else '-'}\n")
     n = sum(1 for p in planned for v in p.verdicts if v.delete)
-    _out(f"\nplan: delete {n} of {sum(len(p.verdicts) for p in planned)} generation(s)\n")
+    _out(f"\nplan: delete {n} of {plural(sum(len(p.verdicts) for p in planned), 'generation')}\n")
     sys.stdout.flush()
 
 
@@ -604,7 +605,7 @@ def _age(seconds: float) -> str:
         return f"{seconds // prof.DAY}d"
     if seconds >= 3600:
         return f"{seconds // 3600}h"
-    return f"{seconds // 60}m"
+    return f"{seconds // 60}min"  # as durations are written: a bare m is refused
 
 
 def _roots_text(verdicts, now) -> None:

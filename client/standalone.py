@@ -61,7 +61,7 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
     delete --standalone."""
     import json
 
-    from gcroots.daemon.gc import Collection, GCError, GCOptions
+    from gcroots.daemon.gc import Busy, Collection, GCError, GCOptions
 
     if os.geteuid() != 0 and not args.allow_unprivileged_scan:
         return Answer(Status.REFUSED, f"--standalone {args.command} needs root: an unprivileged "
@@ -84,6 +84,8 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
         c.remove_stale_links(lambda: engine.scan_in_process(layout, runtime=False))
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")
+    except Busy as e:
+        return Answer(Status.BUSY, str(e))
     except GCError as e:
         return Answer(Status.ERROR, str(e))
     except sqlite3.Error as e:  # reading the DB (writing it is a GCError)

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import os
 import resource
+import signal
 import stat
 import struct
 import subprocess
@@ -419,6 +420,9 @@ class DeleterProcess:
 
 
 def main() -> int:
+    # ^C on a terminal reaches the whole process group: the collector
+    # decides (it stops, and we at the EOF that follows), not a traceback here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)

@@ -184,7 +184,7 @@ class GCResult:
                                       # hard link went, directories', .links included
     nar_bytes_freed: int = 0          # the DB's narSize of the deleted valid paths
     nix_bytes_freed: int = 0          # as Nix counts (and stops --max-freed): see deleter.py
-    stale_links_removed: int = 0
+    stale_links_removed: int = 0      # a dry run: found stale (would be removed)
     temproots_removed: int = 0
     stopped_at_limit: bool = False    # a limit left dead paths (a dry run: would leave)
     limit: str | None = None          # the limit in force: "max-freed" or "ensure-free"
@@ -232,15 +232,20 @@ class GCLock:
             _log.warning("gc_lock_unusable", path=self.path, error=e.strerror,
                          hint="collecting needs gc.lock to belong to gcrootsd's user")
 
-    def acquire(self, wait: float = LOCK_WAIT) -> None:
+    def acquire(self, wait: float | None = None,
+                on_wait: Callable[[], None] | None = None) -> None:
+        """`on_wait` is called once if another process holds it."""
         fd = self._open()
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.fd = fd
                 return
             except BlockingIOError:
+                if on_wait is not None:
+                    on_wait()
+                    on_wait = None
                 if time.monotonic() > deadline:
                     os.close(fd)
                     raise Busy(f"{os.fsdecode(self.path)} is held by another process "
@@ -674,7 +679,9 @@ class Collection:
             os.unlink(self.layout.reserved_path)
         except FileNotFoundError:
             pass
-        self.lock.acquire()
+        self.lock.acquire(on_wait=lambda: self.progress(Progress(
+            f"waiting for {os.fsdecode(self.lock.path)} (another garbage collection holds it)",
+            "lock")))
         self._temp_files_at_lock = temp_root_files(self.layout)
         self.server = RootsServer(self.layout, self._announced)
         self.server.start()
@@ -791,7 +798,9 @@ class Collection:
         unknown = {p for p in self._dead_valid if p not in g.index}  # registered after our graph
         if unknown:
             _log.info("gc_skipping_new_paths", count=len(unknown))
-        pending = {n: 0 for n in dead_nodes}
+        # In node order (the DB's): the same order in every process, so a
+        # dry run forecasts where a limit stops a later collection.
+        pending = {n: 0 for n in sorted(dead_nodes)}
         for n in dead_nodes:
             for m in g.refs[n]:
                 if m in pending:
@@ -833,6 +842,7 @@ class Collection:
             self.result.disk_bytes_freed = freed + links
             self.result.nar_bytes_freed = self._nar_bytes(order)
             self.result.deleted = order
+            self.result.stale_links_removed = len(self._analysis.rootset.stale)
             self.result.seconds = time.monotonic() - self._t0
             return self.result
         valid = self._dead_valid

@@ -39,7 +39,7 @@ from gcroots.storepath import parse_store_path
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, NotAlive, RootSet
-from .gc import Collection, GCError, GCOptions, GCResult, free_space, resolve_size
+from .gc import Busy, Collection, GCError, GCOptions, GCResult, free_space, resolve_size
 from .nixconf import GCSettings
 from .notify import Notifier
 from .rootsource import SharedScans, fetch_roots_retrying
@@ -431,8 +431,9 @@ class Daemon:
         result = outcome[0] if outcome else None
         if isinstance(result, IncompleteRoots):
             raise result
-        if isinstance(result, GCError):
-            raise RequestError(admin.Status.ERROR, str(result))
+        if isinstance(result, GCError):  # Busy: gc.lock held by another collector (Nix's)
+            raise RequestError(admin.Status.BUSY if isinstance(result, Busy) else
+                               admin.Status.ERROR, str(result))
         if result is None:
             raise RequestError(admin.Status.ERROR, "the collection did not finish")
         data = await self.build(conn, lambda: conn.rows(result.deleted))

@@ -214,3 +214,57 @@ def test_clean_without_a_policy_only_collects(scratch, users, pipelines):
     assert not dead & {os.fsencode(root) + b"/nix/store/" + n.encode()
                        for n in disk_set(root)}
     assert re.search(rb"^%d store paths deleted" % len(dead), out.stdout, re.M), out.stdout
+
+
+def test_the_plan_counts_unregistered_entries_the_collection_deletes(scratch):
+    """A store entry the DB does not know (an interrupted build's output)
+    is garbage the collection deletes, and Nix's sentence counts it: the
+    plan's total counts it too (it said one path fewer than went)."""
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=1, users=2)  # quirks: an unregistered entry
+    unregistered = disk_set(root) - {p.decode().rsplit("/", 1)[1] for p in valid_set(root)}
+    assert unregistered
+    q = ("clean", "--keep", "1")
+    plan = json.loads(support.standalone(root, *q, "--dry-run", "--json", env=ENV).stdout)
+    text = support.standalone(root, *q, "--dry-run", env=ENV).stdout.decode()
+    done = json.loads(support.standalone(root, *q, "--yes", "--json", env=ENV).stdout)
+    assert plan["total"]["paths"] == done["gc"]["paths"] > len(unregistered)
+    assert plan["garbage"]["unregistered"] == len(unregistered)
+    assert re.search(rf"^total: {done['gc']['paths']} store paths\s", text, re.M), text
+    assert re.search(rf"^garbage already \(\d+ valid paths, {len(unregistered)} unregistered "
+                     r"entr(y|ies)\)", text, re.M), text
+
+
+def test_the_plan_speaks_the_command_line_s_units(scratch):
+    """Ages and counts in the plans read as the flags take them: an age is
+    a duration `--roots-older-than` accepts (not `5m`, which it refuses as
+    minutes-or-months), and a count has its noun in the right number."""
+    from gcroots.cliargs import parse_duration
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=132, quirks=0, roots=5, indirect=4, stale=0)
+    text = support.standalone(root, "clean", "--roots-older-than", "1d", "--dry-run",
+                              env=ENV).stdout.decode()
+    ages = re.findall(r"  (\S+) ago \(result\)", text)
+    assert ages, text
+    for age in ages:
+        parse_duration(age)
+    prune = support.standalone(root, "profiles", "prune", "--all", "--keep", "1", "--dry-run",
+                               env=ENV).stdout.decode()
+    assert re.search(r"^plan: delete \d+ of \d+ generations$", prune, re.M), prune
+    assert "(s)" not in prune
+
+
+def test_match_without_an_age_is_a_usage_error(scratch):
+    """`clean --match '*/.direnv/*'` alone used to be ignored without a word
+    (and then collected): --match picks among the links --roots-older-than
+    removes, as with `roots prune`."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=133, quirks=0, roots=3, indirect=2, stale=0)
+    before = valid_set(root)
+    for extra in ((), ("--json",)):
+        out = support.standalone(root, *extra, "clean", "--match", "*/.direnv/*", "--yes",
+                                 env=ENV, check=False)
+        assert out.returncode == 2, out
+        said = json.loads(out.stdout)["error"] if extra else out.stderr.decode()
+        assert "--match" in said and "--roots-older-than" in said, said
+    assert valid_set(root) == before

@@ -109,3 +109,24 @@ def test_json_errors_are_json_objects_for_every_command(scratch):
         doc = json.loads(out.stdout)
         assert doc["exit"] == code and doc["error"], (argv, doc)
         assert plain.stdout == b"" and doc["error"].split(": ")[-1] in plain.stderr.decode(), argv
+
+
+def test_an_answer_that_cannot_be_written_is_one_line(scratch):
+    """stdout on a full disk (`> report.txt` where the collection was to
+    make room): one line naming the failure, exit 1, never a traceback (a
+    collection that happened stays done)."""
+    root = scratch / "store"
+    support.make_store(root, paths=150, seed=135, quirks=0, roots=3, indirect=2, stale=0)
+    base = [support.QUERY, "--standalone", "--root", str(root)]
+    for argv in (["--no-runtime", "stats"], ["--no-runtime", "--json", "stats"],
+                 ["--no-runtime", "gc", "--dry-run"], ["profiles", "list"],
+                 ["clean", "--dry-run"], ["--no-runtime", "gc", "--yes"]):
+        with open("/dev/full", "wb") as full:
+            out = subprocess.run(base + argv, stdout=full, stderr=subprocess.PIPE, timeout=120,
+                                 env=dict(os.environ, GCROOTS_SYSTEM_LINKS=""))
+        err = out.stderr.decode()
+        assert out.returncode == 1 and "Traceback" not in err, (argv, err)
+        lines = [x for x in err.splitlines() if not x.startswith("{")]  # not the log's
+        assert lines == ["gcroots-query: cannot write the answer to stdout: No space left on "
+                         "device"], (argv, err)
+    assert not support.standalone(root, "dead").stdout  # gc --yes did collect

@@ -217,3 +217,27 @@ def test_locked_db_is_waited_for_then_said(scratch, monkeypatch):
     assert time.monotonic() - t0 > 1.0  # it waited for the other writer
     holder.wait()
     assert len(valid_set(root)) == 1
+
+
+# -- paths on the command line ---------------------------------------------------------
+
+BAD_PATHS = [
+    # An empty value (`--root "$MNT"` with MNT unset) used to mean the
+    # default: the host's /nix, collected by `--root "" gc --yes`.
+    ([QUERY, "--standalone", "--root", "", "--no-runtime", "dead"], "--root"),
+    ([QUERY, "--standalone", "--store-dir", "", "--no-runtime", "dead"], "--store-dir"),
+    ([QUERY, "--socket", "", "stats"], "--socket"),
+    ([QUERY, "profiles", "list", "--root", ""], "--root"),
+    # Used to be a traceback.
+    ([QUERY, "--standalone", "--state-dir", "var/nix", "stats"], "--state-dir"),
+    ([QUERY, "--standalone", "--store-dir", "/", "stats"], "--store-dir"),
+    ([QUERY, "profiles", "list", "--store-dir", "nix/store"], "--store-dir"),
+]
+
+
+@pytest.mark.parametrize("argv,flag", BAD_PATHS, ids=[" ".join(a[1:]) for a, _ in BAD_PATHS])
+def test_bad_paths_are_usage_errors_naming_the_flag(argv, flag):
+    out = subprocess.run(argv, capture_output=True, timeout=60)
+    err = out.stderr.decode()
+    assert out.returncode == 2 and out.stdout == b"", err
+    assert f"error: argument {flag}:" in err and "Traceback" not in err, err

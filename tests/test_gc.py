@@ -752,3 +752,68 @@ def test_entry_registered_after_planning_is_not_deleted(scratch):
     _collect(root, before_execute=register)
     assert (root / late.lstrip("/")).is_dir() and late.encode() in valid_set(root)
     assert full[1].encode() not in valid_set(root)
+
+
+def test_dry_run_says_which_stale_links_would_go(scratch):
+    """A collection removes the stale gcroots/auto links; its plan (dry run,
+    and the question on a terminal) says so, with the same count."""
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=131, quirks=0, roots=5, indirect=3, stale=3)
+    auto = root / "nix/var/nix/gcroots/auto"
+    before = set(os.listdir(auto))
+    plan = json.loads(standalone(root, "gc", "--dry-run", "--json").stdout)
+    text = standalone(root, "gc", "--dry-run").stdout.decode()
+    assert set(os.listdir(auto)) == before
+    done = json.loads(standalone(root, "gc", "--yes", "--json").stdout)
+    assert done["stale_links_removed"] == 3 == len(before - set(os.listdir(auto)))
+    assert plan["stale_links_removed"] == 3, plan
+    assert "  3 stale gcroots/auto links would be removed\n" in text, text
+
+
+_HOLD_GC_LOCK = ("import fcntl, os, sys, time\n"
+                 "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+                 "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                 "print('locked', flush=True)\n"
+                 "time.sleep(float(sys.argv[2]))\n")
+
+
+def test_gc_lock_held_by_another_collection_is_busy(scratch, users, pipelines, monkeypatch,
+                                                    capsys):
+    """Another collector (Nix's) holds gc.lock for longer than we wait: the
+    terminal is told we wait, then it is `busy` (exit 4, as the README's
+    table says; it was 1, "the collection stopped: Busy"), naming the lock;
+    nothing deleted.  --standalone and through gcrootsd."""
+    from gcroots.client import cli
+    from gcroots.daemon import gc
+    from gcroots.protocol.admin import Progress
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=134, quirks=0, roots=3, indirect=0, stale=0)
+    before = valid_set(root)
+    lock = root / "nix/var/nix/gc.lock"
+    holder = subprocess.Popen([support.sys.executable, "-c", _HOLD_GC_LOCK, str(lock), "300"],
+                              stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        monkeypatch.setattr(gc, "LOCK_WAIT", 1.0)
+        seen: list[Progress] = []
+        c = Collection(StoreLayout.make(root=os.fsencode(root)), GCSettings(), GCOptions(),
+                       progress=seen.append)
+        with pytest.raises(gc.Busy):
+            c.begin()
+        c.end()
+        assert any("waiting for" in p.message and "gc.lock" in p.message for p in seen), seen
+        assert cli.main(["--standalone", "--root", str(root), "--no-runtime", "gc", "--yes"]) == 4
+        err = capsys.readouterr().err
+        assert f"{lock} is held by another process" in err and "stopped" not in err, err
+        assert valid_set(root) == before
+        monkeypatch.undo()
+        p = Pipeline(root, scratch / "run")
+        pipelines.append(p)
+        p.start()
+        out = p.query("gc", "--yes")   # gcrootsd waits LOCK_WAIT (60 s) first
+        assert out.returncode == 4, out.stderr
+        assert b"gc.lock is held by another process" in out.stderr, out.stderr
+        assert valid_set(root) == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -108,3 +108,54 @@ def test_gc_on_a_terminal_asks_and_shows_progress_there_never_in_stdout(scratch,
     errors = (work / "errors.txt").read_text()
     assert SENTENCE.search(errors) and "%|" not in errors and "Delete" not in errors, errors
     assert "plan" not in errors
+
+
+def test_interrupt_at_the_prompt_is_one_line_and_deletes_nothing(scratch):
+    """^C at gc's question: one line on the terminal, exit 130 (as a shell
+    counts SIGINT), no traceback, nothing deleted, nothing in the answer."""
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=123, quirks=0, roots=5, indirect=0, stale=0)
+    before = support.valid_set(root)
+    work = scratch / "work"
+    work.mkdir()
+    # The shell survives the ^C (its trap) to report the exit status.
+    term = Terminal(f"gcrt-{os.getpid()}-c", f"trap true INT; {QUERY} --standalone --root "
+                    f"{root} --no-runtime gc > answer.txt; echo EXIT=$?", work)
+    try:
+        term.wait_for(r"Delete \d+ store paths, freeing .* on disk\? \[y/N\]")
+        term.type("C-c")
+        _, screens = term.wait_for(r"EXIT=(\d+)")
+    finally:
+        term.close()
+    screen = screens[-1]
+    assert "EXIT=130" in screen and "Traceback" not in screen, screen
+    assert "gcroots-query: interrupted" in screen, screen
+    assert (work / "answer.txt").read_bytes() == b""
+    assert support.valid_set(root) == before
+
+
+def test_interrupt_while_deleting_is_one_line_and_leaves_the_store_sound(scratch):
+    """^C in the middle of a collection reaches the whole process group:
+    one line, exit 130, no traceback from the deletion worker either, and a
+    store Nix verifies; the next collection finishes the job."""
+    root = scratch / "store"
+    support.make_store(root, paths=1500, seed=124, quirks=0, roots=5, indirect=0, stale=0)
+    work = scratch / "work"
+    work.mkdir()
+    term = Terminal(f"gcrt-{os.getpid()}-d", f"trap true INT; {QUERY} --standalone --root "
+                    f"{root} --no-runtime gc --yes --throttle 0.3 > answer.txt; echo EXIT=$?",
+                    work)
+    try:
+        term.wait_for(r"deleting:\s+\d+%\|.*\| [1-9]\d*/\d+")
+        term.type("C-c")
+        _, screens = term.wait_for(r"EXIT=(\d+)")
+    finally:
+        term.close()
+    screen = screens[-1]
+    assert "EXIT=130" in screen and "Traceback" not in screen, screen
+    assert "gcroots-query: interrupted" in screen, screen
+    support.verify_clean(root)
+    assert support.standalone(root, "dead").stdout  # garbage left: it stopped part-way
+    support.standalone(root, "gc", "--yes")
+    assert not support.standalone(root, "dead").stdout
+    support.verify_clean(root)
