@@ -167,10 +167,10 @@ def _run(args) -> int:
         return refused
     if not args.dry_run and not args.yes:
         plan = request(args, dict(opts, dry_run=True))[0]
-        if plan["paths"] == 0:
-            print("nothing to delete", file=sys.stderr)
-            return 0
-        if not term.confirm(f"Delete {plural(plan['paths'], 'store path')}, freeing "
+        if plan.get("may_collect") is False:  # refused before asking, not after a "y"
+            return error(args, "gc: collecting needs root or membership in the admin group "
+                         "(what it would delete: gc --dry-run)", 3)
+        if plan["paths"] and not term.confirm(f"Delete {plural(plan['paths'], 'store path')}, freeing "
                             f"{human(plan['disk_bytes_freed'])} on disk?",
                             sizes_text(plan, "garbage collection plan:")):
             print("nothing deleted", file=sys.stderr)

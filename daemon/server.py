@@ -439,6 +439,8 @@ class Daemon:
         data = await self.build(conn, lambda: conn.rows(result.deleted))
         await self._send(stream, data)
         summary = result.summary()
+        if options.dry_run:  # so that a client asks only someone whose "yes" would be obeyed
+            summary["may_collect"] = peer.privileged
         if conn.version < 2:  # its clients add these two up for the bytes freed on disk
             summary.update(bytes_freed=result.disk_bytes_freed, links_freed=0)
         await self._send(stream, conn.end(admin.Status.OK, json.dumps(summary)))

@@ -159,3 +159,28 @@ def test_interrupt_while_deleting_is_one_line_and_leaves_the_store_sound(scratch
     support.standalone(root, "gc", "--yes")
     assert not support.standalone(root, "dead").stdout
     support.verify_clean(root)
+
+
+def test_a_user_who_may_not_collect_is_told_before_being_asked(scratch, users, pipelines):
+    """bob (not root, not in the admin group) runs `gc` on a terminal: he
+    is told at once that collecting is not his (exit 3), never asked a
+    question whose "y" gcrootsd would then refuse; nothing deleted."""
+    root = scratch / "store"
+    support.make_store(root, paths=200, seed=124, quirks=0, roots=5, indirect=0, stale=0)
+    p = Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    before = support.valid_set(root)
+    work = scratch / "work"
+    work.mkdir(mode=0o777)
+    term = Terminal(f"gcrt-{os.getpid()}-e", f"runuser -u {support.BOB} -- {QUERY} --socket "
+                    f"{p.sock} gc > answer.txt; echo EXIT=$?", work)
+    try:
+        _, screens = term.wait_for(r"EXIT=(\d+)")
+    finally:
+        term.close()
+    screen = screens[-1]
+    assert "EXIT=3" in screen and "admin group" in screen, screen
+    assert not any("[y/N]" in s for s in screens), screen
+    assert (work / "answer.txt").read_bytes() == b""
+    assert support.valid_set(root) == before
