@@ -194,9 +194,9 @@ def cmd_sandbox_check(args) -> int:
     """Exit 0 iff every escape is blocked and every needed operation works."""
     from gcroots import log
 
-    from . import sandbox
+    from . import sandbox_check
     log.configure("gcroots-helper", "info")
-    return sandbox.check(_layout(args), skip=_skip(args), log=log.get("gcroots.helper.sandbox"),
+    return sandbox_check.check(_layout(args), skip=_skip(args), log=log.get("gcroots.helper.sandbox"),
                          readlinks=[os.fsencode(p) for p in args.readlink])
 
 
