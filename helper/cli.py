@@ -60,7 +60,7 @@ def _sandbox(args, layout: StoreLayout, *, read_db: bool = False):
     from gcroots import log
 
     from . import sandbox
-    log.configure("gcroots-helper", getattr(args, "log_level", "info"))
+    log.configure("gcroots-helper", getattr(args, "log_level", "info"), plain=True)
     try:
         return sandbox.apply_for_serving(layout, require=args.require_sandbox, log=log.get(
             "gcroots.helper.sandbox"), skip=_skip(args), runtime=not args.no_runtime,
@@ -144,12 +144,12 @@ def _uids(args) -> frozenset[int]:
 
 
 def cmd_serve(args) -> int:
-    from gcroots import log, sockets  # structlog: only the long-running server logs
+    from gcroots import log, sockets
 
     from . import serve
     from .sandbox import hidden_dirs, lacking_caps, preflight
 
-    log.configure("gcroots-helper", args.log_level)
+    log.configure("gcroots-helper", args.log_level, plain=True)
     if why := lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     _raise_fd_limit()
@@ -195,7 +195,7 @@ def cmd_sandbox_check(args) -> int:
     from gcroots import log
 
     from . import sandbox_check
-    log.configure("gcroots-helper", "info")
+    log.configure("gcroots-helper", "info", plain=True)
     return sandbox_check.check(_layout(args), skip=_skip(args), log=log.get("gcroots.helper.sandbox"),
                          readlinks=[os.fsencode(p) for p in args.readlink])
 

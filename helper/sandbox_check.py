@@ -7,6 +7,7 @@ itself (helper/sandbox.py), not this prober.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import mmap
@@ -20,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 
 from gcroots.layout import StoreLayout
 
-from .sandbox import (CAP_SYS_ADMIN, SandboxError, _ffi, apply_for_serving, capget, capset,
+from .sandbox import (CAP_SYS_ADMIN, SandboxError, apply_for_serving, capget, capset,
                       syscall)
 
 # -- sandbox-check ---------------------------------------------------------------------------
@@ -295,7 +296,7 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
 
     def alias_mapping() -> None:  # a second view of shared memory (then: write + exec)
         shared = mmap.mmap(-1, 4096)
-        addr = int(_ffi.cast("uintptr_t", _ffi.from_buffer(shared)))
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
         syscall("munmap", syscall("mremap", addr, 0, 4096, 1, 0), 4096)  # MREMAP_MAYMOVE
     escape("mremap alias", alias_mapping)
     # Last: if it works, this process is gone.  /bin/sh, not /bin/true, so

@@ -64,6 +64,7 @@ let
     "busybox"
     "installShellFiles"
     "iproute2"
+    "libseccomp"
     "nixfmt-rfc-style"
     "python3"
     "socat"
