@@ -5,7 +5,7 @@ TTY (journald, tests), human-readable when it is.
 The daemon and the client render through structlog (exceptions as data).
 The privileged helper does not import structlog (7,500 lines run as root
 for what it needs of it): configure(..., plain=True) writes the same lines
-with _Logger._plain_line below; the helper logs no exceptions.
+with Logger._plain_line below; the helper logs no exceptions.
 """
 
 from __future__ import annotations
@@ -35,12 +35,6 @@ def _text(value):
     if isinstance(value, str) and len(value) > MAX_FIELD:
         return f"{value[:MAX_FIELD]}... ({len(value)} characters)"
     return value
-
-
-def _bytes_to_text(_logger, _name, event_dict):
-    for key, value in event_dict.items():
-        event_dict[key] = _text(value)
-    return event_dict
 
 
 class _Stderr:
@@ -77,30 +71,11 @@ def configure(component: str, level: str = "info", json: bool | None = None,
     if plain:
         _plain.update(component=component, level=_LEVELS.get(level, logging.INFO), json=json)
         return
-    import structlog
-    renderer = [structlog.dev.ConsoleRenderer(colors=False)]
-    if json:  # exceptions as data (type, message, frames), not just "exc_info": true;
-        # no local variables (the helper's hold other users' paths and environments)
-        exceptions = structlog.tracebacks.ExceptionDictTransformer(show_locals=False,
-                                                                   use_rich=False)
-        renderer = [structlog.processors.ExceptionRenderer(exceptions),
-                    structlog.processors.JSONRenderer()]
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _bytes_to_text,
-            *renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
-        cache_logger_on_first_use=False,
-    )
-    structlog.contextvars.bind_contextvars(component=component)
+    from . import structlogging   # gcrootsd's and gcroots-query's, not the helper's
+    structlogging.configure(component, _LEVELS.get(level, logging.INFO), json, _Stderr(), _text)
 
 
-class _Logger:
+class Logger:
     """log.get()'s: structlog's logger, or after configure(plain=True) the
     helper's plain line writer."""
 
@@ -143,5 +118,5 @@ class _Logger:
         self._log("exception" if not _plain else "error", event, **fields)
 
 
-def get(name: str | None = None) -> _Logger:
-    return _Logger(name)
+def get(name: str | None = None) -> Logger:
+    return Logger(name)

@@ -91,7 +91,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from gcroots.layout import StoreLayout
+from gcroots.log import Logger
 from gcroots.storepath import is_in_dir
+
+from .scan import Items
 
 LAYERS = ("netns", "caps", "no_new_privs", "landlock", "seccomp")
 
@@ -121,7 +124,7 @@ def syscall_number(name: str) -> int:
     return nr
 
 
-def syscall(name: str, *args) -> int:
+def syscall(name: str, *args: object) -> int:
     """Raw syscall by name; ints are passed as longs, anything else (None,
     ctypes.byref, arrays) as it is.  Raises OSError on failure."""
     ret = _libc.syscall(ctypes.c_long(syscall_number(name)),
@@ -129,7 +132,7 @@ def syscall(name: str, *args) -> int:
     if ret == -1:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-    return ret
+    return int(ret)
 
 
 # -- prctl / capabilities --------------------------------------------------------
@@ -153,8 +156,9 @@ class _CapData(ctypes.Structure):
     _fields_ = [(f, ctypes.c_uint32) for f in ("effective", "permitted", "inheritable")]
 
 
-def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
-    return syscall("prctl", option, a2, a3, a4, a5)
+def prctl(option: int, *args: object) -> int:
+    args += (0,) * (4 - len(args))
+    return syscall("prctl", option, *args)
 
 
 def capget() -> tuple[int, int, int]:
@@ -162,7 +166,7 @@ def capget() -> tuple[int, int, int]:
     data = (_CapData * 2)()
     syscall("capget", ctypes.byref(_CapHeader(_CAP_V3, 0)), data)
     return tuple((getattr(data[1], f) << 32) | getattr(data[0], f)
-                 for f in ("effective", "permitted", "inheritable"))  # type: ignore[return-value]
+                 for f in ("effective", "permitted", "inheritable"))
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
@@ -204,7 +208,7 @@ class LayerResult:
     name: str
     active: bool
     reason: str = ""
-    details: dict = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
 
 
 class _Missing(Exception):
@@ -263,14 +267,14 @@ def _netns_not_the_hosts() -> bool:
     return False
 
 
-def _layer_netns() -> dict:
+def _layer_netns() -> dict[str, object]:
     try:
         syscall("unshare", CLONE_NEWNET)
         how = "unshared"
     except OSError as e:
         # Without CAP_SYS_ADMIN, or RestrictNamespaces=: the namespace must
         # already be empty (PrivateNetwork=yes).
-        how = f"inherited (unshare: {errno.errorcode.get(e.errno, e.errno)})"
+        how = f"inherited (unshare: {errno.errorcode.get(e.errno or 0, e.errno)})"
     links = network_links()
     if links == [("lo", False)]:
         return {"how": how, "links": "lo(down)"}
@@ -304,7 +308,7 @@ def _mounts(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
     return out
 
 
-def _backing(mounts: list, path: bytes) -> tuple[bytes, bytes, bytes] | None:
+def _backing(mounts: list[tuple[bytes, bytes, bytes, bytes]], path: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(device, directory on that device, fs type) that `path` shows: the
     longest mount point above it, the topmost (last) mount there."""
     best = None
@@ -345,7 +349,7 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
 
 # -- layer: capabilities --------------------------------------------------------------
 
-def _layer_caps() -> dict:
+def _layer_caps() -> dict[str, object]:
     eff, prm, _ = capget()
     bounding = _bounding_set()
     extra = bounding & ~KEEP_CAPS
@@ -438,7 +442,7 @@ def preflight(hidden: Sequence[bytes], *, caps: bool = True,
     return check
 
 
-def _layer_nnp() -> dict:
+def _layer_nnp() -> dict[str, object]:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     if prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise _Missing("PR_GET_NO_NEW_PRIVS does not report 1")
@@ -497,7 +501,9 @@ def loaded_code_dirs() -> list[bytes]:
     for module in list(sys.modules.values()):
         f = getattr(module, "__file__", None)
         if isinstance(f, str) and os.path.isabs(f):
-            dirs.add(os.path.dirname(os.fsencode(f)))
+            # Real paths: a rule holds beneath a directory, not beneath a
+            # link to it (a checkout's gcroots/protocol -> ../protocol).
+            dirs.add(os.path.dirname(os.path.realpath(os.fsencode(f))))
     exe = os.readlink(b"/proc/self/exe")
     with open(b"/proc/self/maps", "rb") as f:
         for line in f.read().splitlines():
@@ -530,7 +536,7 @@ def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]
 _USED_UNDER_SANDBOX = ("gcroots.helper.scan", "traceback", "linecache")
 
 
-def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
+def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
     for name in _USED_UNDER_SANDBOX:
         importlib.import_module(name)
     abi = landlock_abi()
@@ -615,11 +621,13 @@ class _ArgCmp(ctypes.Structure):   # struct scmp_arg_cmp
 
 # A rule: None (allow), an action, or alternatives (any one allows), each a
 # tuple of comparisons (all must hold) (arg, op, datum_a, datum_b).
-def _allow_unless_bits(arg, mask):
+Rule = list[tuple[tuple[int, int, int, int], ...]]
+Rules = dict[str, Rule | int | None]
+def _allow_unless_bits(arg: int, mask: int) -> Rule:
     return [((arg, _MASKED_EQ, mask, 0),)]
 
 
-def _allow_if_in(arg, values):
+def _allow_if_in(arg: int, values: Iterable[int]) -> Rule:
     return [((arg, _MASKED_EQ, LOW, v),) for v in values]
 
 
@@ -637,7 +645,7 @@ _ALWAYS = ("read", "write", "readv", "writev", "pread64", "close", "fstat", "new
            "capget", "restart_syscall", "dup", "dup2", "dup3", "getrlimit", "getcpu")
 
 
-def _memory_rules() -> dict:
+def _memory_rules() -> Rules:
     # W^X: no mapping both writable and executable, no page made executable
     # later (dlopen maps code read+exec directly, so lazy imports still work).
     wx = PROT_WRITE | PROT_EXEC
@@ -649,10 +657,10 @@ def _memory_rules() -> dict:
             "mremap": [((1, _NE, 0, 0),)]}
 
 
-def main_rules(pid: int) -> dict:
+def main_rules(pid: int) -> Rules:
     """The serving/scanning process: everything the scan, sqlite3 (for
     `scan`), logging, threads and accept()ed sockets need."""
-    rules: dict = {name: None for name in _ALWAYS}
+    rules: Rules = {name: None for name in _ALWAYS}
     rules.update(_memory_rules())
     rules.update({
         "openat": _allow_unless_bits(2, OPEN_WRITE),   # read-only opens (Landlock agrees)
@@ -671,10 +679,10 @@ def main_rules(pid: int) -> dict:
     return rules
 
 
-def reader_rules() -> dict:
+def reader_rules() -> Rules:
     """The /proc reader: a request in, readlink/read-only opens of
     /proc/PID/*, the answer out.  No threads, no accept, no ioctl."""
-    rules: dict = {name: None for name in (
+    rules: Rules = {name: None for name in (
         "read", "write", "close", "fstat", "newfstatat", "lseek", "getdents64", "readlink",
         "readlinkat", "recvfrom", "sendto", "poll", "ppoll", "brk", "munmap", "madvise", "futex",
         "exit", "exit_group", "getpid", "gettid", "rt_sigaction", "rt_sigprocmask",
@@ -691,7 +699,7 @@ def _scmp(rc: int, what: str) -> None:
         raise OSError(-rc, f"libseccomp {what}: {os.strerror(-rc)}")
 
 
-def build_filter(rules: dict, default: int = EPERM) -> bytes:
+def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     """The classic BPF program (8 bytes an instruction) for `rules`, names
     this architecture lacks left out, `default` for every other call."""
     if _seccomp is None:
@@ -741,7 +749,7 @@ def install_filter(prog: bytes) -> None:
     prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_SockFprog(len(prog) // 8, prog)))
 
 
-def _layer_seccomp(rules: dict, reader: "ProcReader | None") -> dict:
+def _layer_seccomp(rules: Rules, reader: "ProcReader | None") -> dict[str, object]:
     prog = build_filter(rules)
     install_filter(prog)
     if prctl(PR_GET_SECCOMP) != 2:
@@ -788,11 +796,11 @@ def _send_frame(sock: socket.socket, payload: bytes) -> None:
 _SAME_AS = -1  # in place of an errno: "the same bytes as item <length>"
 
 
-def _encode_items(items: list[tuple[bytes, bytes | OSError]]) -> bytes:
+def _encode_items(items: Items) -> bytes:
     """Each target once: a process may hold half a million fds on one long
     store path, and every fd/N label is kept (Nix prints them all), so a
     repeated value is sent as a reference to its first item."""
-    parts, first = [struct.pack("=I", len(items))], {}
+    parts, first = [struct.pack("=I", len(items))], dict[bytes, int]()
     for i, (name, value) in enumerate(items):
         if isinstance(value, OSError):
             err, data = value.errno or errno.EIO, b""
@@ -805,8 +813,8 @@ def _encode_items(items: list[tuple[bytes, bytes | OSError]]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_items(payload: bytes, pid_dir: bytes) -> list[tuple[bytes, bytes | OSError]]:
-    (count,), pos, items = struct.unpack_from("=I", payload), 4, []
+def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
+    (count,), pos, items = struct.unpack_from("=I", payload), 4, Items()
     for _ in range(count):
         (size,) = struct.unpack_from("=H", payload, pos)
         name = payload[pos + 2:pos + 2 + size]
@@ -861,7 +869,7 @@ class ProcReader:
         reader.seccomp = _recv_frame(ours).decode(errors="replace")
         return reader
 
-    def __call__(self, pid_dir: bytes, cmdline: bool = False) -> list[tuple[bytes, bytes | OSError]]:
+    def __call__(self, pid_dir: bytes, cmdline: bool = False) -> Items:
         with self._lock:
             if self._broken is not None:
                 raise OSError(errno.EIO, f"the /proc reader is gone: {self._broken}")
@@ -920,7 +928,7 @@ def _selftest(reader: ProcReader | None) -> None:
     for name in (b"exe", b"cwd", b"maps", b"environ"):
         # exe and cwd are left out (not errors) when they are not in the store.
         if isinstance(items.get(name), OSError) or (name not in items and name in (b"maps", b"environ")):
-            raise OSError(errno.EACCES, f"/proc/{os.getpid()}/{os.fsdecode(name)}: {items.get(name)}")
+            raise OSError(errno.EACCES, f"/proc/{os.getpid()}/{os.fsdecode(name)}: {items.get(name)!r}")
 
 
 # -- putting it together -------------------------------------------------------------------
@@ -929,7 +937,7 @@ def _threads() -> int:
     return len(os.listdir(b"/proc/self/task"))
 
 
-def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable[str] = (),
+def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: Iterable[str] = (),
                       runtime: bool = True, read_db: bool = False) -> Sandbox:
     """Apply every layer (see the module docstring); return what is active.
 
@@ -947,7 +955,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
     results: list[LayerResult] = []
     box = Sandbox(results)
 
-    def layer(name: str, fn, *args) -> bool:
+    def layer(name: str, fn: Callable[..., dict[str, object]], *args: object) -> bool:
         if name in skip:
             result = LayerResult(name, False, "skipped on request (--sandbox-skip)")
         elif NO_SYSCALLS:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from gcroots.layout import StoreLayout
+from gcroots.log import Logger
 
 from .sandbox import (CAP_SYS_ADMIN, SandboxError, apply_for_serving, capget, capset,
                       syscall)
@@ -52,8 +53,11 @@ _KEEP = b"the sandbox must keep this\n"
 _TARGETS = (b"write", b"unlink", b"rename", b"truncate", b"chmod")   # one file per attempt
 
 
-def _snapshot(top: bytes, names: Iterable[bytes] | None = None) -> dict:
-    out = {}
+Snapshot = dict[bytes, tuple[int, int, bytes | None] | None]
+
+
+def _snapshot(top: bytes, names: Iterable[bytes] | None = None) -> Snapshot:
+    out: Snapshot = {}
     for name in sorted(os.listdir(top)) if names is None else names:
         try:
             st = os.lstat(top + b"/" + name)
@@ -68,7 +72,7 @@ def _snapshot(top: bytes, names: Iterable[bytes] | None = None) -> dict:
     return out
 
 
-def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[bytes] = ()) -> int:
+def check(layout: StoreLayout, *, skip: Iterable[str], log: Logger, readlinks: Sequence[bytes] = ()) -> int:
     import shutil
     import subprocess
     import tempfile
@@ -157,7 +161,7 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[
     return 0
 
 
-def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
+def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger) -> int:
     try:
         box = apply_for_serving(dataclasses.replace(layout, store_dir=p.tmp), require=False,
                                 log=log, skip=skip, runtime=True)
@@ -251,12 +255,15 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
     works("readlink_private_link", lambda: os.readlink(p.private_link) == p.private_target)
     works("lstat_private_link", lambda: stat.S_ISLNK(os.lstat(p.private_link).st_mode))
     for path in p.readlinks:
-        works(f"readlink {os.fsdecode(path)}", lambda path=path: bool(os.readlink(path)))
+        def readable(path: bytes = path) -> bool:
+            return bool(os.readlink(path))
+        works(f"readlink {os.fsdecode(path)}", readable)
     works("read_proc_self_status", lambda: b"\nSeccomp:" in read(b"/proc/self/status"))
     works("list_gcroots", lambda: os.listdir(layout.gcroots_dir) is not None)
     for name in (b"exe", b"cwd", b"fd/", b"maps", b"environ"):
-        works(f"read_process_{os.fsdecode(name).strip('/')} victim",
-              lambda name=name: victim_reads(name))
+        def read_victim(name: bytes = name) -> bool:
+            return victim_reads(name)
+        works(f"read_process_{os.fsdecode(name).strip('/')} victim", read_victim)
     # ... and nothing else.
     t = p.tmp + b"/"
     refer = _DENIED + (errno.EXDEV,)   # Landlock may say EXDEV for a rename

@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterator
+from typing import Callable, Iterator
 
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
@@ -77,7 +77,7 @@ def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
                      "refusing to report an incomplete root set")
 
 
-def _blame(e: ScanError, entry: bytes, stat_entry) -> ScanError:
+def _blame(e: ScanError, entry: bytes, stat_entry: Callable[[], os.stat_result]) -> ScanError:
     """Name the entry that fails the scan and its owner's uid (gcrootsd adds
     the name): one user's broken link fails everyone's scans."""
     try:
@@ -117,18 +117,26 @@ def read_filtered(path: bytes, sep: bytes, needle: bytes, from_needle: bool) -> 
         os.close(fd)
 
 
-def _attempt(fn, *args) -> bytes | OSError:
+def _attempt(fn: Callable[..., bytes], *args: object) -> bytes | OSError:
     try:
         return fn(*args)
     except OSError as e:
         return e
 
 
-def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSError]]:
+# What is read of one process: (b"fd/3", its target) or the error reading it.
+Items = list[tuple[bytes, bytes | OSError]]
+# read_process, or the sandbox's /proc reader: (b"/proc/PID", cmdline?) -> Items
+ProcReader = Callable[[bytes, bool], Items]
+
+
+def _fd_targets(pid_dir: bytes, prefix: bytes) -> Items:
     """(b"fd/N", target) of every fd into the store (a process may hold a
     million fds; a target is stored once), or the error that ends the
     listing; skippable errors of single fds dropped."""
-    out, seen, size = [], {}, 0
+    out: Items = []
+    seen: dict[bytes, bytes] = {}
+    size = 0
     try:
         with os.scandir(pid_dir + b"/fd") as it:
             for e in it:
@@ -146,7 +154,7 @@ def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSEr
     return out
 
 
-def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> list[tuple[bytes, bytes | OSError]]:
+def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> Items:
     """What the runtime scan needs of one process, errors returned: the link
     targets of exe, cwd and each fd/N into the store, then of maps, environ
     (and cmdline) what names the store.  A failed fd listing ends that part
@@ -174,14 +182,15 @@ class Scanner:
     prefix is skipped with a warning, as Nix skips it everywhere."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc", proc_reader=None, preflight=None,
+                 proc: bytes = b"/proc", proc_reader: ProcReader | None = None,
+                 preflight: Callable[[], str] | None = None,
                  accept_unreadable: tuple[bytes, ...] = ()) -> None:
         self.layout, self.runtime, self.cmdline, self.proc = layout, runtime, cmdline, proc
         self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
         self.preflight, self.accept_unreadable = preflight, accept_unreadable
         self._env_re = environ_regex(layout.store_dir)
 
-    def _skip(self, path: bytes, e: OSError, what: str, also: tuple = (),
+    def _skip(self, path: bytes, e: OSError, what: str, also: tuple[int, ...] = (),
               at: bytes | None = None) -> ScanWarning:
         """Like Nix, skip SKIPPABLE errors (and `also`) with a warning, and
         EACCES at (`at` or `path`) under an accepted prefix; fail on any other."""

@@ -28,6 +28,7 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from .framing import (MAX_FRAME, FrameDecoder, LocalProtocolError, RemoteProtocolError,
                       decode_fields, encode_frame)
@@ -64,7 +65,7 @@ class Hello:
 @dataclass(frozen=True)
 class Request:
     command: str
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     args: tuple[bytes, ...] = ()
 
 
@@ -281,7 +282,7 @@ class ClientConnection:
         self._eof = False
         self._finished = False
 
-    def request(self, command: str, options: dict | None = None, args: tuple[bytes, ...] = ()) -> bytes:
+    def request(self, command: str, options: dict[str, Any] | None = None, args: tuple[bytes, ...] = ()) -> bytes:
         return _hello_frame(self._versions) + encode_frame(
             _REQUEST, _SCHEMAS[_REQUEST], [command, json.dumps(options or {}), *args])
 
@@ -308,7 +309,7 @@ class ClientConnection:
             return self._hello
         if self.end is not None:
             raise RemoteProtocolError("the daemon sent data after END")
-        schema = _SCHEMAS.get(ftype)
+        schema = _SCHEMAS.get(ftype, "")
         if ftype == _ROW:
             self.rows_received += 1
             return Row(tuple(decode_fields(_ROW, schema, payload)))

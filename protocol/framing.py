@@ -18,7 +18,7 @@ raises RemoteProtocolError with a sentence a person can act on.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from typing import Any, Sequence
 
 MAX_FRAME = 64 * 1024
 _HEADER = struct.Struct(">I")
@@ -69,10 +69,11 @@ def encode_frame(ftype: int, schema: str, values: Sequence[object],
     return _HEADER.pack(len(body)) + body
 
 
-def decode_fields(ftype: int, schema: str, payload: bytes) -> list[object]:
+def decode_fields(ftype: int, schema: str, payload: bytes) -> list[Any]:
     """Split a payload by its schema.  Trailing or missing bytes are errors;
-    a schema ending in '*' takes any number of further bytes fields."""
-    out: list[object] = []
+    a schema ending in '*' takes any number of further bytes fields.  (Any:
+    each field's type is the schema's, checked here, not the caller's.)"""
+    out: list[Any] = []
     pos = 0
     end = len(payload)
     repeat = schema.endswith("*")

@@ -25,6 +25,7 @@ RemoteProtocolError; the receiver then stays broken.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from typing import Union
 
@@ -69,7 +70,7 @@ class StaleLink:
     identity: tuple[int, int, int] | None = None  # link_identity(lstat(link)), taken first
 
 
-def link_identity(st) -> tuple[int, int, int]:
+def link_identity(st: os.stat_result) -> tuple[int, int, int]:
     """(st_dev, st_ino, st_ctime_ns) of an lstat: a link replaced by Nix
     (a new link renamed over it) or changed in any way has another."""
     return st.st_dev, st.st_ino, st.st_ctime_ns % 2**64

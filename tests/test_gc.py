@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gcroots.daemon import engine
-from gcroots.daemon.engine import RootSet
 from gcroots.daemon.gc import Collection, GCOptions, SafetyError
 from gcroots.daemon.nixconf import GCSettings
 from gcroots.daemon.store import StoreDB
@@ -727,7 +726,7 @@ def test_odd_rows_in_the_db_do_not_crash_the_collection(scratch):
     db.close()
     dead = set(standalone(root, "dead").stdout.split())
     assert dead == {full[1].encode(), full[2].encode()}
-    out = standalone(root, "gc", "--yes")
+    standalone(root, "gc", "--yes")
     assert valid_set(root) == {full[0].encode()}
     assert os.listdir(root / "nix/store") == [full[0].split("/")[-1]]
 

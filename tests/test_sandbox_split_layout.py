@@ -91,8 +91,11 @@ def layout():
     dirs = tomllib.loads((support.REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"]
     for package in ("gcroots", "gcroots.protocol", "gcroots.helper"):
+        # (gcroots/'s links to the sub-packages' folders left out: they are
+        # copied from where pyproject.toml maps them, as the wheel has them)
         shutil.copytree(support.REPO / dirs[package], site["gcroots"] / package.replace(".", "/"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "protocol", "helper",
+                                                      "daemon", "client"))
     (site["gcroots"] / "gcroots" / "secret.txt").write_text(SECRET)
     site["audit"].mkdir(parents=True)
     (site["audit"] / "sitecustomize.py").write_text(AUDIT)
