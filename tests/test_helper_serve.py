@@ -21,8 +21,8 @@ from gcroots.helper import serve
 from gcroots.helper.scan import ScanError
 from gcroots.layout import StoreLayout
 from gcroots.protocol import nixcompat
-from gcroots.protocol.rootstream import (NEED_DATA, Root, RootKind, RootStreamReceiver,
-                                         StreamEnd, VersionMismatch)
+from gcroots.protocol.framing import VersionMismatch
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootKind, RootStreamReceiver, StreamEnd
 
 from . import support
 from .support import HELPER, lines, read_root_stream, roots_of, stale_of
