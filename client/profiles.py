@@ -659,27 +659,18 @@ def walk_profiles(top: bytes, found: Found, *, trusted: bytes | None = None) -> 
         if e.errno != errno.ENOTDIR:
             found.warnings.append(f"cannot read {os.fsdecode(top)}: {e.strerror}")
         return
-    # Depth first, holding only the fds of the directories being listed
-    # and their ancestors (not one per pending directory).
-    stack = [(top, top_fd, iter(_walk_one(top, top_fd, found)))]
-    while stack:
-        path, fd, subdirs = stack[-1]
-        name = next(subdirs, None)
-        if name is None:
-            os.close(fd)
-            stack.pop()
-            continue
-        sub = os.path.join(path, name)
-        try:
-            sub_fd = nofollow.open_at(fd, name, nofollow.READ_FLAGS, sub)
-        except nofollow.SymlinkInPath:
-            continue  # became a symlink since the listing: not entered
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            found.warnings.append(f"cannot read {os.fsdecode(sub)}: {e.strerror}")
-            continue
-        stack.append((sub, sub_fd, iter(_walk_one(sub, sub_fd, found))))
+
+    def list_dir(fd: int, path: bytes, subdirs: list[bytes]) -> Iterator[None]:
+        subdirs += _walk_one(path, fd, found)
+        return iter(())
+
+    def cannot_enter(path: bytes, e: OSError) -> Iterator[None]:
+        # A symlink now (swapped since the listing) is not entered.
+        if not isinstance(e, (nofollow.SymlinkInPath, FileNotFoundError)):
+            found.warnings.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
+        return iter(())
+    for _ in nofollow.walk(top_fd, top, list_dir, cannot_enter):
+        pass
 
 
 def _open_below(top: bytes, trusted: bytes | None) -> int:

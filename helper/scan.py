@@ -20,6 +20,7 @@ import os
 import stat
 from typing import Callable, Iterator
 
+from gcroots import nofollow
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
 from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
@@ -44,7 +45,6 @@ CHUNK = 1 << 20
 KERNEL_ROOT_FILES = (b"/proc/sys/kernel/modprobe", b"/proc/sys/kernel/fbsplash",
                      b"/proc/sys/kernel/poweroff_cmd")
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
@@ -216,7 +216,7 @@ class Scanner:
         try:
             st = os.lstat(top)
             if stat.S_ISDIR(st.st_mode):
-                fd = os.open(top, _DIR_FLAGS)
+                fd = os.open(top, nofollow.READ_FLAGS)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(top)
         except OSError as e:
@@ -230,38 +230,17 @@ class Scanner:
             yield from self._regular_file(top, kind)
 
     def _walk_dir(self, fd: int, path: bytes, kind: RootKind) -> Iterator[Record]:
-        """Depth-first with an explicit stack (no recursion): each directory
-        is listed once -- links and files handled as they come, names of
-        subdirectories kept -- and its listing closed before we descend, so
-        a walk holds one fd per level.  Depth is bounded only as in Nix, by
-        PATH_MAX (~2000 levels at most)."""
-        stack: list[tuple[int, bytes, list[bytes]]] = []   # (fd, path, subdirs to enter)
-        try:
-            while True:
-                if fd >= 0:
-                    stack.append((fd, path, []))
-                    fd = -1
-                    yield from self._list_dir(*stack[-1], kind)
-                if not stack:
-                    return
-                parent, parent_path, names = stack[-1]
-                if not names:
-                    os.close(stack.pop()[0])
-                    continue
-                name = names.pop()
-                path = parent_path + b"/" + name
-                try:
-                    _bounded(path)
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-                except OSError as e:
-                    # ELOOP/ENOTDIR: swapped for a link or file since the
-                    # listing; like Nix, skip it with a warning.
-                    yield self._skip(path, e, "open directory", (errno.ELOOP,))
-                except ScanError as e:
-                    raise _blame(e, path, lambda: os.lstat(name, dir_fd=parent)) from None
-        finally:
-            for parent, _, _ in stack:
-                os.close(parent)
+        """Every directory below, each listed once (nofollow.walk: one fd
+        per level).  Depth is bounded only as in Nix, by PATH_MAX (~2000
+        levels at most)."""
+        def cannot_enter(path: bytes, e: OSError) -> Iterator[Record]:
+            # ELOOP/ENOTDIR: swapped for a link or file since the listing;
+            # like Nix, skip it with a warning.
+            yield self._skip(path, e, "open directory", (errno.ELOOP,))
+
+        def list_dir(fd: int, path: bytes, subdirs: list[bytes]) -> Iterator[Record]:
+            return self._list_dir(fd, path, subdirs, kind)
+        yield from nofollow.walk(fd, path, list_dir, cannot_enter)
 
     def _list_dir(self, fd: int, path: bytes, subdirs: list[bytes],
                   kind: RootKind) -> Iterator[Record]:
@@ -284,6 +263,7 @@ class Scanner:
                 child = path + b"/" + name
                 try:
                     if entry.is_dir(follow_symlinks=False):
+                        _bounded(child)
                         subdirs.append(name)
                     elif entry.is_symlink():
                         _bounded(child)
