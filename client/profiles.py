@@ -652,7 +652,7 @@ def walk_profiles(top: bytes, found: Found, *, trusted: bytes | None = None) -> 
     from it down to `top` no symlink is followed either (a home: its
     owner may make `.local` a link to anywhere)."""
     try:
-        top_fd = _open_below(top, trusted)
+        top_fd = nofollow.open_dir(top, nofollow.READ_FLAGS, trusted=trusted or top)
     except (FileNotFoundError, nofollow.SymlinkInPath):
         return
     except OSError as e:
@@ -671,24 +671,6 @@ def walk_profiles(top: bytes, found: Found, *, trusted: bytes | None = None) -> 
         return iter(())
     for _ in nofollow.walk(top_fd, top, list_dir, cannot_enter):
         pass
-
-
-def _open_below(top: bytes, trusted: bytes | None) -> int:
-    if trusted is None:
-        return os.open(top, nofollow.READ_FLAGS & ~os.O_NOFOLLOW)
-    fd = os.open(trusted, nofollow.PATH_FLAGS & ~os.O_NOFOLLOW)
-    where = trusted
-    try:
-        for part in [p for p in top[len(trusted):].split(b"/") if p]:
-            where = os.path.join(where, part)
-            nxt = nofollow.open_at(fd, part, nofollow.READ_FLAGS if where == top
-                                   else nofollow.PATH_FLAGS, where)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _walk_one(path: bytes, fd: int, found: Found) -> list[bytes]:

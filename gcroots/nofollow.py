@@ -58,20 +58,22 @@ def open_at(dir_fd: int, name: bytes, flags: int, where: bytes) -> int:
         raise
 
 
-def open_dir(path: bytes, flags: int = PATH_FLAGS) -> int:
-    """An fd of the directory `path` (absolute, lexically canonical: no `.`
-    or `..`), reached from "/" without following any symlink.  Raises
-    SymlinkInPath if one of its components is a symlink, else the OSError
-    of the component that failed."""
-    if not path.startswith(b"/"):
-        raise ValueError(f"not an absolute path: {path!r}")
-    parts = [p for p in path.split(b"/") if p]
+def open_dir(path: bytes, flags: int = PATH_FLAGS, trusted: bytes = b"/") -> int:
+    """An fd of the directory `path` (lexically canonical below `trusted`:
+    no `.` or `..`), reached from `trusted` (opened as its path says; "/" by
+    default, when `path` must be absolute) without following any symlink
+    below it.  Raises SymlinkInPath if one of those components is a symlink,
+    else the OSError of the component that failed."""
+    if path != trusted and not path.startswith(trusted.rstrip(b"/") + b"/"):
+        raise ValueError(f"not an absolute path: {path!r}" if trusted == b"/" else
+                         f"{path!r} is not below {trusted!r}")
+    parts = [p for p in path[len(trusted):].split(b"/") if p]
     if any(p in (b".", b"..") for p in parts):
         # `..` after a symlink would be resolved physically by the kernel
         # but lexically by our callers: never mix the two.
         raise ValueError(f"not a canonical path: {path!r}")
-    fd = os.open(b"/", flags if not parts else PATH_FLAGS)
-    walked = b""
+    fd = os.open(trusted, (flags if not parts else PATH_FLAGS) & ~os.O_NOFOLLOW)
+    walked = trusted.rstrip(b"/")
     try:
         for i, part in enumerate(parts):
             walked += b"/" + part

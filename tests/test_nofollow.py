@@ -51,3 +51,27 @@ def test_walk_closes_its_fds_when_the_caller_stops(tmp_path):
     assert next(walk) == top and next(walk) == top + b"/a" and next(walk) == top + b"/a/b"
     walk.close()
     assert _fds() == before
+
+
+def test_open_dir_below_a_trusted_directory(tmp_path):
+    """From `trusted` down, no link is followed; `trusted` itself is opened
+    as its path says (a home may be a link: its owner's own .local may not)."""
+    home = tmp_path / "home"
+    (tmp_path / "real-home/.local/state").mkdir(parents=True)
+    home.symlink_to(tmp_path / "real-home")
+    top = os.fsencode(home / ".local/state")
+    os.close(nofollow.open_dir(top, trusted=os.fsencode(home)))
+    (tmp_path / "real-home/.local").rename(tmp_path / "real-home/elsewhere")
+    (tmp_path / "real-home/.local").symlink_to(tmp_path / "real-home/elsewhere")
+    try:
+        nofollow.open_dir(top, trusted=os.fsencode(home))
+    except nofollow.SymlinkInPath as e:
+        assert e.path == os.fsencode(home / ".local")
+    else:
+        raise AssertionError("followed .local")
+    for bad, trusted in ((top, os.fsencode(tmp_path / "hom")), (b"rel/x", b"/")):
+        try:
+            nofollow.open_dir(bad, trusted=trusted)
+        except ValueError:
+            continue
+        raise AssertionError((bad, trusted))
