@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from gcroots import cliargs, nofollow
+from gcroots.flock import lock_exclusive
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
 from gcroots.users import user_name
 
@@ -403,11 +404,11 @@ class ProfileLock:
                 if not stat.S_ISREG(st.st_mode):
                     raise ProfileError(f"{os.fsdecode(os.path.join(d.path, name))} is not a regular "
                                        "file; refusing to use it as the profile's lock")
-                if not _flock(fd, deadline):
+                if not lock_exclusive(fd, time.monotonic()):   # free: no word said
                     if not told and on_wait is not None:
                         on_wait(f"waiting for lock on profile '{os.fsdecode(d.profile_path)}'")
                         told = True
-                    if not _flock(fd, deadline, wait=True):
+                    if not lock_exclusive(fd, deadline):
                         raise LockTimeout(
                             f"timed out after {timeout:g} s waiting for the lock on profile "
                             f"'{os.fsdecode(d.profile_path)}' ({os.fsdecode(name)} is held by "
@@ -465,25 +466,6 @@ def _still_named(d: ProfileDir, name: bytes, held: os.stat_result) -> bool:
     except FileNotFoundError:
         return False
     return (cur.st_dev, cur.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _flock(fd: int, deadline: float | None, wait: bool = False) -> bool:
-    """flock(LOCK_EX) like Nix's lockFile; polls when there is a deadline
-    (flock has no timeout of its own)."""
-    import fcntl
-    if wait and deadline is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return True
-    pause = 0.01
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if not wait or time.monotonic() >= deadline:
-                return False
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.2)
 
 
 def refused(path: bytes, st: os.stat_result | None, detail: str = "",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gcroots.daemon.nixconf import GCSettings, NixConfError, load_gc_settings
-from gcroots.daemon.temproots import read_temp_roots
+from gcroots.daemon.temproots import read_temp_roots, remove_stale
 from gcroots.layout import StoreLayout
 
 from . import support
@@ -381,6 +381,14 @@ def test_temp_roots_reading(tmp_path):
         assert [os.path.basename(f) for f in t.stale_files] == [b"12345"]
         assert any("notapid" in w for w in t.warnings)
         assert (d / "12345").exists()  # reading never deletes
+        # The collector (holding gc.lock) removes what the reader calls
+        # stale, and only that: a live owner's file, hidden and misnamed
+        # files stay.
+        with open(d / "12345", "rb") as old_fd:
+            assert remove_stale(layout) == 1
+            assert old_fd.read() == b"dnix/store/" + b"d" * 32 + b"-dead-owner\0"  # (as Nix)
+        assert sorted(os.listdir(d)) == sorted([".keepme", "notapid", str(holder.pid)])
+        assert remove_stale(layout) == 0
     finally:
         holder.kill()
         holder.wait()
