@@ -56,6 +56,17 @@ def test_private_root_in_third_users_home(scratch, users, pipelines):
                             "--standalone", "--root", str(root), "--no-runtime",
                             "--allow-unprivileged-scan", "dead"], capture_output=True)
     assert victim in blind.stdout.split()
+    # ... which is why, without being told to, it refuses both to answer
+    # `dead` and to collect (one refusal, client/standalone.py _refused).
+    for command, consequence in ((["dead"], b"call live paths dead"),
+                                 (["gc", "--yes"], b"delete live paths")):
+        refused = subprocess.run(["runuser", "-u", support.DAEMON_USER, "--", support.QUERY,
+                                  "--standalone", "--root", str(root), "--no-runtime", *command],
+                                 capture_output=True)
+        assert refused.returncode == 3 and refused.stdout == b"", refused
+        assert b"--standalone " + command[0].encode() + b" needs root" in refused.stderr
+        assert consequence in refused.stderr
+    assert os.path.lexists(os.fsencode(root) + victim)
     # Without the helper, the daemon refuses instead of answering with less.
     p.stop_helper()
     out = p.query("dead")
