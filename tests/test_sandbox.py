@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import pwd
 import re
@@ -187,13 +186,7 @@ class Served:
         self.proc, self.log_path, self.sock = proc, log, sock
 
     def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return support.json_lines(self.log_path)
 
     def event(self, name: str) -> dict:
         return next(e for e in self.events() if e.get("event") == name)
@@ -229,12 +222,7 @@ def serve_helper(tmp_path):
 
     yield start
     for h in started:
-        h.proc.terminate()
-        try:
-            h.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            h.proc.wait()
+        support.stop_process(h.proc)
 
 
 def status(pid: int) -> dict[str, str]:
