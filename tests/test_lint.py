@@ -4,6 +4,7 @@ pyproject.toml) over the tree, mypy --strict on the protocols and the helper
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tomllib
 
@@ -58,3 +59,12 @@ def test_a_checkout_is_the_package():
         assert file == str(REPO / "gcroots" / package / "__init__.py")
         # ... which is the folder pyproject.toml builds the wheel from
         assert (REPO / "gcroots" / package).resolve() == REPO / dirs[f"gcroots.{package}"]
+
+
+def test_architecture_names_only_files_there_are():
+    """ARCHITECTURE.md's map of who owns what stays true to the tree."""
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"`((?:gcroots|protocol|helper|daemon|client|tests|nix|scripts|systemd)"
+                           r"/[\w./-]*)`", text))
+    assert len(named) > 30
+    assert [name for name in sorted(named) if not (REPO / name).exists()] == []
