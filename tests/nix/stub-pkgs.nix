@@ -15,9 +15,7 @@ let
   python3Packages =
     lib.genAttrs [
       "argparse-manpage"
-      "cffi"
       "prometheus-client"
-      "pyroute2"
       "setuptools"
       "shtab"
       "structlog"
