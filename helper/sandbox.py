@@ -119,8 +119,7 @@ def syscall_number(name: str) -> int:
     table; its negative pseudo-numbers stand for calls the arch lacks)."""
     nr = _seccomp.seccomp_syscall_resolve_name(name.encode()) if _seccomp else -1
     if nr < 0:
-        raise OSError(errno.ENOSYS, f"{name}: no such system call on {ARCH} "
-                      f"{'(' + NO_SYSCALLS + ')' if NO_SYSCALLS else ''}")
+        raise OSError(errno.ENOSYS, f"{name}: {NO_SYSCALLS or 'no such system call on ' + ARCH}")
     return nr
 
 
