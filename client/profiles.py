@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from gcroots import cliargs, nofollow
+from gcroots.flock import lock_exclusive
 from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
 from gcroots.users import user_name
 
@@ -403,11 +404,11 @@ class ProfileLock:
                 if not stat.S_ISREG(st.st_mode):
                     raise ProfileError(f"{os.fsdecode(os.path.join(d.path, name))} is not a regular "
                                        "file; refusing to use it as the profile's lock")
-                if not _flock(fd, deadline):
+                if not lock_exclusive(fd, time.monotonic()):   # free: no word said
                     if not told and on_wait is not None:
                         on_wait(f"waiting for lock on profile '{os.fsdecode(d.profile_path)}'")
                         told = True
-                    if not _flock(fd, deadline, wait=True):
+                    if not lock_exclusive(fd, deadline):
                         raise LockTimeout(
                             f"timed out after {timeout:g} s waiting for the lock on profile "
                             f"'{os.fsdecode(d.profile_path)}' ({os.fsdecode(name)} is held by "
@@ -465,25 +466,6 @@ def _still_named(d: ProfileDir, name: bytes, held: os.stat_result) -> bool:
     except FileNotFoundError:
         return False
     return (cur.st_dev, cur.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _flock(fd: int, deadline: float | None, wait: bool = False) -> bool:
-    """flock(LOCK_EX) like Nix's lockFile; polls when there is a deadline
-    (flock has no timeout of its own)."""
-    import fcntl
-    if wait and deadline is None:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return True
-    pause = 0.01
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if not wait or time.monotonic() >= deadline:
-                return False
-        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
-        pause = min(pause * 2, 0.2)
 
 
 def refused(path: bytes, st: os.stat_result | None, detail: str = "",
@@ -652,52 +634,25 @@ def walk_profiles(top: bytes, found: Found, *, trusted: bytes | None = None) -> 
     from it down to `top` no symlink is followed either (a home: its
     owner may make `.local` a link to anywhere)."""
     try:
-        top_fd = _open_below(top, trusted)
+        top_fd = nofollow.open_dir(top, nofollow.READ_FLAGS, trusted=trusted or top)
     except (FileNotFoundError, nofollow.SymlinkInPath):
         return
     except OSError as e:
         if e.errno != errno.ENOTDIR:
             found.warnings.append(f"cannot read {os.fsdecode(top)}: {e.strerror}")
         return
-    # Depth first, holding only the fds of the directories being listed
-    # and their ancestors (not one per pending directory).
-    stack = [(top, top_fd, iter(_walk_one(top, top_fd, found)))]
-    while stack:
-        path, fd, subdirs = stack[-1]
-        name = next(subdirs, None)
-        if name is None:
-            os.close(fd)
-            stack.pop()
-            continue
-        sub = os.path.join(path, name)
-        try:
-            sub_fd = nofollow.open_at(fd, name, nofollow.READ_FLAGS, sub)
-        except nofollow.SymlinkInPath:
-            continue  # became a symlink since the listing: not entered
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            found.warnings.append(f"cannot read {os.fsdecode(sub)}: {e.strerror}")
-            continue
-        stack.append((sub, sub_fd, iter(_walk_one(sub, sub_fd, found))))
 
+    def list_dir(fd: int, path: bytes, subdirs: list[bytes]) -> Iterator[None]:
+        subdirs += _walk_one(path, fd, found)
+        return iter(())
 
-def _open_below(top: bytes, trusted: bytes | None) -> int:
-    if trusted is None:
-        return os.open(top, nofollow.READ_FLAGS & ~os.O_NOFOLLOW)
-    fd = os.open(trusted, nofollow.PATH_FLAGS & ~os.O_NOFOLLOW)
-    where = trusted
-    try:
-        for part in [p for p in top[len(trusted):].split(b"/") if p]:
-            where = os.path.join(where, part)
-            nxt = nofollow.open_at(fd, part, nofollow.READ_FLAGS if where == top
-                                   else nofollow.PATH_FLAGS, where)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    def cannot_enter(path: bytes, e: OSError) -> Iterator[None]:
+        # A symlink now (swapped since the listing) is not entered.
+        if not isinstance(e, (nofollow.SymlinkInPath, FileNotFoundError)):
+            found.warnings.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
+        return iter(())
+    for _ in nofollow.walk(top_fd, top, list_dir, cannot_enter):
+        pass
 
 
 def _walk_one(path: bytes, fd: int, found: Found) -> list[bytes]:

@@ -546,16 +546,21 @@ def cmd_roots_prune(args) -> int:
     _check_ask(args)
     layout = _layout(args)
     now = time.time()
-    runtime = runtime_roots(args, layout)
     in_profiles = _current_generation_closure(layout)
     scanned = indirect.scan(layout)
-    older = cliargs.format_duration(args.older_than)
-    verdicts = indirect.plan(scanned, older_than=args.older_than, now=now,
+
+    def plan(runtime: dict[bytes, list[bytes]]) -> list[indirect.Verdict]:
+        return indirect.plan(scanned, older_than=args.older_than, now=now,
                              match=None if args.match is None else os.fsencode(args.match),
-                             uid=os.geteuid(), runtime=runtime or {}, in_profiles=in_profiles,
-                             older_text=older)
+                             uid=os.geteuid(), runtime=runtime, in_profiles=in_profiles,
+                             older_text=cliargs.format_duration(args.older_than))
+    # What running processes use can only keep more: gcrootsd (a full scan)
+    # is asked only when there is something to remove.
+    verdicts, runtime = plan({}), None
+    if any(v.delete for v in verdicts) and (runtime := runtime_roots(args, layout)) is not None:
+        verdicts = plan(runtime)
     doomed = [v for v in verdicts if v.delete]
-    if runtime is None and not args.json:
+    if args.no_runtime_check and not args.json:
         _stderr("gcroots-query: warning: runtime roots not checked (--no-runtime-check)")
     if not args.json:
         _roots_text(verdicts, now)

@@ -24,12 +24,20 @@ def layout_of(args) -> StoreLayout:
     return StoreLayout.make(args.store_dir, args.state_dir, args.root)
 
 
+def _refused(args, command: str, consequence: str) -> Answer | None:
+    """Refuses an unprivileged scan to a command that would act on it,
+    unless the caller accepts that (--allow-unprivileged-scan)."""
+    if os.geteuid() == 0 or args.allow_unprivileged_scan:
+        return None
+    return Answer(Status.REFUSED, f"--standalone {command} needs root: an unprivileged scan "
+                  "cannot read other users' indirect roots or processes, so it would "
+                  f"{consequence} (use the daemon, or --allow-unprivileged-scan)")
+
+
 def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
            progress=lambda p: None) -> Answer:
-    if command in NEEDS_FULL_SCAN and os.geteuid() != 0 and not args.allow_unprivileged_scan:
-        return Answer(Status.REFUSED, f"--standalone {command} needs root: an unprivileged scan "
-                      "cannot read other users' indirect roots or processes, so it would call "
-                      "live paths dead (use the daemon, or --allow-unprivileged-scan)")
+    if command in NEEDS_FULL_SCAN and (refusal := _refused(args, command, "call live paths dead")):
+        return refusal
     layout = layout_of(args)
     try:
         db = StoreDB.open(layout, create_files=False)
@@ -63,10 +71,8 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
 
     from gcroots.daemon.gc import Busy, Collection, GCError, GCOptions
 
-    if os.geteuid() != 0 and not args.allow_unprivileged_scan:
-        return Answer(Status.REFUSED, f"--standalone {args.command} needs root: an unprivileged "
-                      "scan cannot read other users' indirect roots or processes, so it would "
-                      "delete live paths (use the daemon, or --allow-unprivileged-scan)")
+    if refusal := _refused(args, args.command, "delete live paths"):
+        return refusal
     layout = layout_of(args)
     options = GCOptions.from_request(opts)
     options.paths = paths

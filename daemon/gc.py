@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import math
 import os
@@ -55,6 +54,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from gcroots import cliargs, log
+from gcroots.flock import lock_exclusive
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
 from gcroots.protocol.admin import Progress
@@ -67,7 +67,7 @@ from .engine import Analysis, IncompleteRoots, RootSet
 from .graph import StoreGraph
 from .nixconf import GCSettings
 from .store import StoreDB
-from .temproots import UnreadableTempRoots, read_temp_roots, temp_root_files
+from .temproots import UnreadableTempRoots, read_temp_roots, remove_stale, temp_root_files
 
 LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 # SQLite retries a locked DB this long (Nix retries SQLITE_BUSY for as long
@@ -237,20 +237,14 @@ class GCLock:
         """`on_wait` is called once if another process holds it."""
         fd = self._open()
         deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.fd = fd
-                return
-            except BlockingIOError:
-                if on_wait is not None:
-                    on_wait()
-                    on_wait = None
-                if time.monotonic() > deadline:
-                    os.close(fd)
-                    raise Busy(f"{os.fsdecode(self.path)} is held by another process "
-                               "(a Nix garbage collection?); try again later") from None
-                time.sleep(0.1)
+        held = lock_exclusive(fd, time.monotonic())  # one try first, to say we wait
+        if not held and on_wait is not None:
+            on_wait()
+        if not (held or lock_exclusive(fd, deadline)):
+            os.close(fd)
+            raise Busy(f"{os.fsdecode(self.path)} is held by another process "
+                       "(a Nix garbage collection?); try again later")
+        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -410,39 +404,6 @@ def make_store_writable(store: bytes) -> None:
     if os.statvfs(store).f_flag & os.ST_RDONLY:
         raise GCError(f"{os.fsdecode(store)} is still read-only after remounting")
     _log.info("store_remounted_read_write", store=store)
-
-
-def remove_stale_temproots(layout: StoreLayout) -> int:
-    """Temp roots files whose owner is dead: taken exclusively, unlinked, and
-    marked with "d" for a process that might still hold the old fd (Nix)."""
-    removed = 0
-    try:
-        names = os.listdir(layout.temproots_dir)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        if name.startswith(b".") or not name.isdigit():
-            continue
-        path = layout.temproots_dir + b"/" + name
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except (FileNotFoundError, PermissionError):
-            continue  # gone; or not ours (read_temp_roots then refuses to go on)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # alive
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                continue  # its process removed it on exit, after our open
-            os.write(fd, b"d")
-            removed += 1
-            _log.info("stale_temproots_removed", file=path)
-        finally:
-            os.close(fd)
-    return removed
 
 
 # -- deleting ------------------------------------------------------------------------
@@ -685,7 +646,7 @@ class Collection:
         self._temp_files_at_lock = temp_root_files(self.layout)
         self.server = RootsServer(self.layout, self._announced)
         self.server.start()
-        self.result.temproots_removed = remove_stale_temproots(self.layout)
+        self.result.temproots_removed = remove_stale(self.layout)
 
     def _check_writable(self, *, remount: bool = True) -> None:
         store = self.layout.real_store_dir

@@ -28,12 +28,16 @@ import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
+from typing import Iterator
 
+from gcroots import log
+from gcroots.flock import lock_exclusive
 from gcroots.layout import StoreLayout
 from gcroots.storepath import BASE32_CHARS, HASH_LEN, hash_part, parse_store_path
 from gcroots.users import user_name
 
 _MAX_FILE = 64 << 20
+_log = log.get("gcroots.gc")
 
 
 @dataclass
@@ -77,23 +81,53 @@ def _hash_of(raw: bytes, store_dir: bytes) -> bytes | None:
     return None
 
 
+def _files(layout: StoreLayout, warnings: list[str] | None = None) -> Iterator[tuple[bytes, bytes]]:
+    """(name, path) of each temp roots file, by name: those named after a
+    process id (others are said in `warnings`); hidden ones are Nix's to
+    ignore (portage keeps the dir alive with one)."""
+    try:
+        names = os.listdir(layout.temproots_dir)
+    except FileNotFoundError:
+        return
+    for name in sorted(names):
+        path = layout.temproots_dir + b"/" + name
+        if name.isdigit():
+            yield name, path
+        elif warnings is not None and not name.startswith(b"."):
+            warnings.append(f"ignoring {os.fsdecode(path)}: not named after a process id")
+
+
+def remove_stale(layout: StoreLayout) -> int:
+    """The collector's (holding gc.lock): the files whose owner is dead,
+    taken exclusively, unlinked, and marked with "d" for a process that
+    might still hold the old fd (Nix).  How many."""
+    removed = 0
+    for _, path in _files(layout):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, PermissionError):
+            continue  # gone; or not ours (read_temp_roots then refuses to go on)
+        try:
+            if not lock_exclusive(fd, 0.0):
+                continue  # alive
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue  # its process removed it on exit, after our open
+            os.write(fd, b"d")
+            removed += 1
+            _log.info("stale_temproots_removed", file=path)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def read_temp_roots(layout: StoreLayout,
                     at_lock: frozenset[tuple[bytes, int]] | None = None) -> TempRoots:
     """Every temp roots file must be readable, but with `at_lock` (the files
     there when our collection took gc.lock) those made since may not be."""
     out = TempRoots()
-    directory = layout.temproots_dir
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return out
-    for name in sorted(names):
-        if name.startswith(b"."):
-            continue  # Nix ignores hidden files (portage keeps the dir alive with one)
-        path = directory + b"/" + name
-        if not name.isdigit():
-            out.warnings.append(f"ignoring {os.fsdecode(path)}: not named after a process id")
-            continue
+    for name, path in _files(layout, out.warnings):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:

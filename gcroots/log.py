@@ -1,16 +1,22 @@
-"""structlog set-up shared by the helper and the daemon: one event per line,
-snake_case event names with keyword fields; JSON when stderr is not a TTY
-(journald, tests), human-readable when it is."""
+"""Logging shared by the helper, the daemon and the client: one event per
+line, snake_case event names with keyword fields; JSON when stderr is not a
+TTY (journald, tests), human-readable when it is.
+
+The daemon and the client render through structlog (exceptions as data).
+The privileged helper does not import structlog (7,500 lines run as root
+for what it needs of it): configure(..., plain=True) writes the same lines
+with Logger._plain_line below; the helper logs no exceptions.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json as jsonlib
 import logging
 import os
 import signal
 import sys
 import threading
-
-import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -21,16 +27,14 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 MAX_FIELD = 2000
 
 
-def _bytes_to_text(_logger, _name, event_dict):
+def _text(value):
     # Paths are bytes end to end; in a log line show them losslessly (up to
     # MAX_FIELD characters, as every text field).
-    for key, value in event_dict.items():
-        if isinstance(value, (bytes, bytearray)):
-            value = event_dict[key] = os.fsdecode(bytes(value)).encode(
-                "utf-8", "backslashreplace").decode()
-        if isinstance(value, str) and len(value) > MAX_FIELD:
-            event_dict[key] = f"{value[:MAX_FIELD]}... ({len(value)} characters)"
-    return event_dict
+    if isinstance(value, (bytes, bytearray)):
+        value = os.fsdecode(bytes(value)).encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, str) and len(value) > MAX_FIELD:
+        return f"{value[:MAX_FIELD]}... ({len(value)} characters)"
+    return value
 
 
 class _Stderr:
@@ -57,30 +61,62 @@ def output_broken() -> bool:
     return _Stderr.broken
 
 
-def configure(component: str, level: str = "info", json: bool | None = None) -> None:
+_plain: dict = {}   # the helper's: {"component", "level", "json"}
+
+
+def configure(component: str, level: str = "info", json: bool | None = None,
+              plain: bool = False) -> None:
     if json is None:
         json = not sys.stderr.isatty()
-    renderer = [structlog.dev.ConsoleRenderer(colors=False)]
-    if json:  # exceptions as data (type, message, frames), not just "exc_info": true;
-        # no local variables (the helper's hold other users' paths and environments)
-        exceptions = structlog.tracebacks.ExceptionDictTransformer(show_locals=False,
-                                                                   use_rich=False)
-        renderer = [structlog.processors.ExceptionRenderer(exceptions),
-                    structlog.processors.JSONRenderer()]
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _bytes_to_text,
-            *renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
-        cache_logger_on_first_use=False,
-    )
-    structlog.contextvars.bind_contextvars(component=component)
+    if plain:
+        _plain.update(component=component, level=_LEVELS.get(level, logging.INFO), json=json)
+        return
+    from . import structlogging   # gcrootsd's and gcroots-query's, not the helper's
+    structlogging.configure(component, _LEVELS.get(level, logging.INFO), json, _Stderr(), _text)
 
 
-def get(name: str | None = None):
-    return structlog.get_logger(name)
+class Logger:
+    """log.get()'s: structlog's logger, or after configure(plain=True) the
+    helper's plain line writer."""
+
+    def __init__(self, name: str | None) -> None:
+        self._name, self._structlog = name, None
+
+    def _log(self, level: str, event: str, **fields) -> None:
+        if not _plain:
+            if self._structlog is None:
+                import structlog
+                self._structlog = structlog.get_logger(self._name)
+            getattr(self._structlog, level)(event, **fields)
+        elif _LEVELS.get(level, logging.ERROR) >= _plain["level"]:
+            _Stderr().write(self._plain_line(level, event, fields) + "\n")
+
+    @staticmethod
+    def _plain_line(level: str, event: str, fields: dict) -> str:
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        fields = {k: _text(v) for k, v in fields.items()}
+        if not _plain["json"]:
+            return f"{now} [{level:<9}] {event:<30} " + " ".join(
+                f"{k}={v}" for k, v in {**fields, "component": _plain["component"]}.items())
+        line = {**fields, "event": event, "component": _plain["component"], "level": level,
+                "timestamp": now}
+        return jsonlib.dumps(line, default=lambda v: _text(v) if isinstance(v, bytes) else repr(v))
+
+    def debug(self, event: str, **fields) -> None:
+        self._log("debug", event, **fields)
+
+    def info(self, event: str, **fields) -> None:
+        self._log("info", event, **fields)
+
+    def warning(self, event: str, **fields) -> None:
+        self._log("warning", event, **fields)
+
+    def error(self, event: str, **fields) -> None:
+        self._log("error", event, **fields)
+
+    def exception(self, event: str, **fields) -> None:
+        self._log("exception" if not _plain else "error", event, **fields)
+
+
+def get(name: str | None = None) -> Logger:
+    return Logger(name)

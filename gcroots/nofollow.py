@@ -1,11 +1,13 @@
-"""Opening a directory by path without following a symbolic link anywhere
-on the way.
+"""Opening a directory by path, and walking a tree, without following a
+symbolic link anywhere on the way.
 
 The client deletes links named by paths that other users control (an
 indirect root's `~/x/result`, a profile under `per-user/<user>/`): a
 directory component they swap for a symlink must not move the deletion
 somewhere else.  Walking from "/" one component at a time with O_NOFOLLOW
 and doing every later step relative to the resulting fd closes that.
+walk() is the one tree walk of that kind (the helper's scan of gcroots/ and
+profiles/, the client's search for profiles).
 
 Standard library only; every path is bytes.
 """
@@ -15,6 +17,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 # O_PATH: search permission on each directory is all the walk needs, so an
 # execute-only home (0711) still works; such an fd is good as dir_fd for
@@ -53,20 +58,22 @@ def open_at(dir_fd: int, name: bytes, flags: int, where: bytes) -> int:
         raise
 
 
-def open_dir(path: bytes, flags: int = PATH_FLAGS) -> int:
-    """An fd of the directory `path` (absolute, lexically canonical: no `.`
-    or `..`), reached from "/" without following any symlink.  Raises
-    SymlinkInPath if one of its components is a symlink, else the OSError
-    of the component that failed."""
-    if not path.startswith(b"/"):
-        raise ValueError(f"not an absolute path: {path!r}")
-    parts = [p for p in path.split(b"/") if p]
+def open_dir(path: bytes, flags: int = PATH_FLAGS, trusted: bytes = b"/") -> int:
+    """An fd of the directory `path` (lexically canonical below `trusted`:
+    no `.` or `..`), reached from `trusted` (opened as its path says; "/" by
+    default, when `path` must be absolute) without following any symlink
+    below it.  Raises SymlinkInPath if one of those components is a symlink,
+    else the OSError of the component that failed."""
+    if path != trusted and not path.startswith(trusted.rstrip(b"/") + b"/"):
+        raise ValueError(f"not an absolute path: {path!r}" if trusted == b"/" else
+                         f"{path!r} is not below {trusted!r}")
+    parts = [p for p in path[len(trusted):].split(b"/") if p]
     if any(p in (b".", b"..") for p in parts):
         # `..` after a symlink would be resolved physically by the kernel
         # but lexically by our callers: never mix the two.
         raise ValueError(f"not a canonical path: {path!r}")
-    fd = os.open(b"/", flags if not parts else PATH_FLAGS)
-    walked = b""
+    fd = os.open(trusted, (flags if not parts else PATH_FLAGS) & ~os.O_NOFOLLOW)
+    walked = trusted.rstrip(b"/")
     try:
         for i, part in enumerate(parts):
             walked += b"/" + part
@@ -78,6 +85,43 @@ def open_dir(path: bytes, flags: int = PATH_FLAGS) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def walk(fd: int, path: bytes, list_dir: Callable[[int, bytes, list[bytes]], Iterator[T]],
+         cannot_enter: Callable[[bytes, OSError], Iterator[T]]) -> Iterator[T]:
+    """Depth first through the directory `fd` (at `path`; closed here) and
+    every directory below it, yielding what list_dir() yields.
+
+    list_dir(fd, path, subdirs) lists one directory by its fd and appends
+    the names of its subdirectories (not links) to `subdirs`; each is then
+    opened relative to its parent with O_NOFOLLOW, so one swapped for a link
+    since the listing is not entered: cannot_enter(its path, error) says
+    what that (SymlinkInPath) or any other failure to open one means.  No
+    recursion, and a directory's listing is over before the walk descends:
+    it holds one fd per level."""
+    stack: list[tuple[int, bytes, list[bytes]]] = []   # (fd, path, subdirs to enter, last first)
+    try:
+        while True:
+            if fd >= 0:
+                stack.append((fd, path, []))
+                fd = -1
+                yield from list_dir(*stack[-1])
+                stack[-1][2].reverse()
+            if not stack:
+                return
+            parent, parent_path, names = stack[-1]
+            if not names:
+                os.close(stack.pop()[0])
+                continue
+            name = names.pop()
+            path = os.path.join(parent_path, name)
+            try:
+                fd = open_at(parent, name, READ_FLAGS, path)
+            except OSError as e:
+                yield from cannot_enter(path, e)
+    finally:
+        for parent, _, _ in stack:
+            os.close(parent)
 
 
 def identity(fd: int) -> tuple[int, int]:

@@ -7,12 +7,15 @@ import os
 import pwd
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 from gcroots import cliargs
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
-from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 from gcroots.storepath import canon_path
+
+if TYPE_CHECKING:
+    from .sandbox import Sandbox
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -51,16 +54,17 @@ def _sandbox_args(p: argparse.ArgumentParser) -> None:
                         "landlock, seccomp; repeatable or comma-separated); it counts as missing")
 
 
-def _skip(args) -> set[str]:
+def _skip(args: argparse.Namespace) -> set[str]:
     return {x for arg in args.sandbox_skip for x in arg.split(",") if x}
 
 
-def _sandbox(args, layout: StoreLayout, *, read_db: bool = False):
+def _sandbox(args: argparse.Namespace, layout: StoreLayout, *,
+             read_db: bool = False) -> Sandbox:
     """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
     from gcroots import log
 
     from . import sandbox
-    log.configure("gcroots-helper", getattr(args, "log_level", "info"))
+    log.configure("gcroots-helper", getattr(args, "log_level", "info"), plain=True)
     try:
         return sandbox.apply_for_serving(layout, require=args.require_sandbox, log=log.get(
             "gcroots.helper.sandbox"), skip=_skip(args), runtime=not args.no_runtime,
@@ -69,11 +73,12 @@ def _sandbox(args, layout: StoreLayout, *, read_db: bool = False):
         raise SystemExit(f"gcroots-helper {args.command}: {e}") from None
 
 
-def _layout(args) -> StoreLayout:
+def _layout(args: argparse.Namespace) -> StoreLayout:
     try:
         return StoreLayout.make(args.store_dir, args.state_dir, args.root)
     except ValueError as e:   # e.g. --store-dir /: a usage error (exit 2)
-        args.parser.error(str(e))
+        args.parser.error(str(e))   # (exits)
+        raise
 
 
 def _raise_fd_limit() -> None:
@@ -87,53 +92,12 @@ def _raise_fd_limit() -> None:
             pass  # seccomp'd (systemd ~@resources sets LimitNOFILE= instead)
 
 
-def cmd_scan(args) -> int:
-    """One-shot scan printing `LINK -> STOREPATH` like nix-store --gc --print-roots."""
-    from gcroots.nixdb import NixDBError, connect_ro, valid_subset
-
-    from .sandbox import hidden_dirs, preflight
-    from .scan import ScanError, Scanner
-
-    layout = _layout(args)
-    _raise_fd_limit()
-    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
-    box = None
-    if args.sandbox or args.require_sandbox:
-        box = _sandbox(args, layout, read_db=not args.all_candidates)
-    err = sys.stderr
-    roots: set[tuple[bytes, bytes]] = set()
-    try:
-        for rec in Scanner(layout, runtime=not args.no_runtime, cmdline=args.cmdline,
-                           proc_reader=box and box.proc_reader, preflight=check,
-                           accept_unreadable=tuple(args.accept_unreadable)).scan():
-            if isinstance(rec, Root):
-                roots.add((rec.label, rec.store_path))
-            elif isinstance(rec, StaleLink):
-                err.write(f"stale link: {os.fsdecode(rec.link)} -> {os.fsdecode(rec.target)}\n")
-            elif isinstance(rec, ScanWarning):
-                err.write(f"warning: {os.fsdecode(rec.path)}: {rec.message}\n")
-    except ScanError as e:
-        err.write(f"gcroots-helper: scan failed: {e}\n")
-        return 1
-    if not args.all_candidates:
-        try:
-            conn = connect_ro(layout.db_path, create_files=False)
-            valid = valid_subset(conn, {sp for _, sp in roots})
-        except NixDBError as e:
-            err.write(f"gcroots-helper: {e} (use --all-candidates to skip the validity check)\n")
-            return 1
-        for label, sp in sorted(roots):
-            if sp not in valid:
-                err.write(f"skipping invalid root from '{os.fsdecode(label)}' to '{os.fsdecode(sp)}'\n")
-        roots = {r for r in roots if r[1] in valid}
-    out = sys.stdout.buffer
-    for label, sp in sorted(roots):
-        out.write(label + b" -> " + sp + b"\n")
-    out.flush()
-    return 0
+def cmd_scan(args: argparse.Namespace) -> int:
+    from . import print_roots   # its own module: `serve` does not load it
+    return print_roots.main(args)
 
 
-def _uids(args) -> frozenset[int]:
+def _uids(args: argparse.Namespace) -> frozenset[int]:
     uids = set(args.allow_uid or [])
     for name in args.allow_user or []:
         try:
@@ -143,13 +107,13 @@ def _uids(args) -> frozenset[int]:
     return frozenset(uids)
 
 
-def cmd_serve(args) -> int:
-    from gcroots import log, sockets  # structlog: only the long-running server logs
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gcroots import log, sockets
 
     from . import serve
     from .sandbox import hidden_dirs, lacking_caps, preflight
 
-    log.configure("gcroots-helper", args.log_level)
+    log.configure("gcroots-helper", args.log_level, plain=True)
     if why := lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     _raise_fd_limit()
@@ -190,13 +154,13 @@ def cmd_serve(args) -> int:
     os._exit(1 if log.output_broken() else 0)
 
 
-def cmd_sandbox_check(args) -> int:
+def cmd_sandbox_check(args: argparse.Namespace) -> int:
     """Exit 0 iff every escape is blocked and every needed operation works."""
     from gcroots import log
 
-    from . import sandbox
-    log.configure("gcroots-helper", "info")
-    return sandbox.check(_layout(args), skip=_skip(args), log=log.get("gcroots.helper.sandbox"),
+    from . import sandbox_check
+    log.configure("gcroots-helper", "info", plain=True)
+    return sandbox_check.check(_layout(args), skip=_skip(args), log=log.get("gcroots.helper.sandbox"),
                          readlinks=[os.fsencode(p) for p in args.readlink])
 
 
@@ -213,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     cliargs.add_version(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help: str, description: str, examples: str):
+    def command(name: str, help: str, description: str,
+                examples: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=cliargs.describe(description),
                               epilog="examples:\n" + examples,
                               formatter_class=cliargs.HelpFormatter)

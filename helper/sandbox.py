@@ -67,17 +67,18 @@ loud `sandbox_incomplete` warning naming what is missing.  For tests, layers
 can be switched off with `skip` (the CLI's `--sandbox-skip LAYER`); a
 skipped layer counts as missing.
 
-cffi ABI mode only (no compiler; no ffi.callback, whose trampolines need
-W+X memory).  Syscall numbers for x86_64 and aarch64 are below; any other
-architecture gets no syscall-based layer (and says so).
+Foreign calls through ctypes (standard library: nothing parses C at run
+time; no callbacks, whose trampolines need W+X memory).  System call
+numbers and the seccomp filter come from libseccomp (libseccomp.so.2, on
+every systemd host), for whatever architecture it knows.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import ctypes
 import errno
+import fcntl
 import importlib
-import mmap
 import os
 import re
 import signal
@@ -89,88 +90,48 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import cffi
-
 from gcroots.layout import StoreLayout
+from gcroots.log import Logger
 from gcroots.storepath import is_in_dir
+
+from .scan import Items
 
 LAYERS = ("netns", "caps", "no_new_privs", "landlock", "seccomp")
 
-_ffi = cffi.FFI()
-_ffi.cdef("""
-long syscall(long number, ...);
-struct gcr_cap_header { uint32_t version; int pid; };
-struct gcr_cap_data { uint32_t effective; uint32_t permitted; uint32_t inheritable; };
-struct gcr_sock_filter { uint16_t code; uint8_t jt; uint8_t jf; uint32_t k; };
-struct gcr_sock_fprog { unsigned short len; struct gcr_sock_filter *filter; };
-struct gcr_ruleset_attr { uint64_t handled_access_fs; uint64_t handled_access_net; uint64_t scoped; };
-""")
-# The kernel's landlock_path_beneath_attr is packed (12 bytes, not 16).
-_ffi.cdef("struct gcr_path_beneath_attr { uint64_t allowed_access; int32_t parent_fd; };",
-          packed=True)
-_libc = _ffi.dlopen(None)
-
-# -- syscall numbers -----------------------------------------------------------
-# (x86_64, aarch64); None where the arch has no such call.  Checked against
-# the kernel headers by tests/test_sandbox.py.
-_SYSCALLS: dict[str, tuple[int | None, int | None]] = {
-    "read": (0, 63), "write": (1, 64), "readv": (19, 65), "writev": (20, 66),
-    "pread64": (17, 67), "close": (3, 57), "fstat": (5, 80), "newfstatat": (262, 79),
-    "statx": (332, 291), "lstat": (6, None), "stat": (4, None), "lseek": (8, 62),
-    "getdents64": (217, 61), "readlink": (89, None), "readlinkat": (267, 78),
-    "access": (21, None), "faccessat": (269, 48), "faccessat2": (439, 439),
-    "getcwd": (79, 17), "brk": (12, 214), "munmap": (11, 215), "mremap": (25, 216),
-    "madvise": (28, 233), "futex": (202, 98), "set_robust_list": (273, 99),
-    "rseq": (334, 293), "set_tid_address": (218, 96), "exit": (60, 93),
-    "exit_group": (231, 94), "gettid": (186, 178), "getpid": (39, 172),
-    "getppid": (110, 173), "getuid": (102, 174), "geteuid": (107, 175),
-    "getgid": (104, 176), "getegid": (108, 177), "getresuid": (118, 148),
-    "getresgid": (120, 150), "getgroups": (115, 158), "rt_sigaction": (13, 134),
-    "rt_sigprocmask": (14, 135), "rt_sigreturn": (15, 139), "sigaltstack": (131, 132),
-    "sched_yield": (24, 124), "sched_getaffinity": (204, 123), "nanosleep": (35, 101),
-    "clock_nanosleep": (230, 115), "clock_gettime": (228, 113), "clock_getres": (229, 114),
-    "gettimeofday": (96, 169), "time": (201, None), "getrandom": (318, 278),
-    "poll": (7, None), "ppoll": (271, 73), "select": (23, None), "pselect6": (270, 72),
-    "epoll_create1": (291, 20), "epoll_ctl": (233, 21), "epoll_wait": (232, None),
-    "epoll_pwait": (281, 22), "epoll_pwait2": (441, 441), "accept4": (288, 242),
-    "accept": (43, 202), "recvfrom": (45, 207), "sendto": (44, 206),
-    "shutdown": (48, 210), "getsockopt": (55, 209), "getsockname": (51, 204),
-    "getpeername": (52, 205), "uname": (63, 160), "sysinfo": (99, 179),
-    "capget": (125, 90), "restart_syscall": (219, 128), "dup": (32, 23),
-    "dup2": (33, None), "dup3": (292, 24), "getrlimit": (97, 163), "getcpu": (309, 168),
-    "openat": (257, 56), "open": (2, None), "fcntl": (72, 25), "ioctl": (16, 29),
-    "mmap": (9, 222), "mprotect": (10, 226), "pkey_mprotect": (329, 288),
-    "clone": (56, 220), "clone3": (435, 435), "tgkill": (234, 131),
-    "prlimit64": (302, 261), "prctl": (157, 167),
-    # Used for set-up and by sandbox-check; never allowed after set-up.
-    "capset": (126, 91), "ptrace": (101, 117), "unshare": (272, 97),
-    "landlock_create_ruleset": (444, 444),
-    "landlock_add_rule": (445, 445), "landlock_restrict_self": (446, 446),
-}
-_ARCHES = {"x86_64": (0, 0xC000003E), "aarch64": (1, 0xC00000B7)}  # column, AUDIT_ARCH_*
+# The Nix package writes libseccomp's absolute path here.
+LIBSECCOMP = "libseccomp.so.2"
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+try:
+    _seccomp: ctypes.CDLL | None = ctypes.CDLL(LIBSECCOMP, use_errno=True)
+    NO_SYSCALLS = ""
+except OSError as e:
+    _seccomp, NO_SYSCALLS = None, f"cannot load {LIBSECCOMP} (install libseccomp2): {e}"
 ARCH = os.uname().machine
-_col, AUDIT_ARCH = _ARCHES.get(ARCH, (None, None))
-_NR = {} if _col is None else {n: v[_col] for n, v in _SYSCALLS.items() if v[_col] is not None}
 
 
 class SandboxError(Exception):
     """The sandbox cannot be applied as required; do not serve."""
 
 
-def _arg(value) -> object:
-    return value if isinstance(value, _ffi.CData) else _ffi.cast("long", value)
+def syscall_number(name: str) -> int:
+    """This architecture's number for the system call `name` (libseccomp's
+    table; its negative pseudo-numbers stand for calls the arch lacks)."""
+    nr = _seccomp.seccomp_syscall_resolve_name(name.encode()) if _seccomp else -1
+    if nr < 0:
+        raise OSError(errno.ENOSYS, f"{name}: {NO_SYSCALLS or 'no such system call on ' + ARCH}")
+    return nr
 
 
-def syscall(name: str, *args) -> int:
-    """Raw syscall by name; raises OSError on failure."""
-    nr = _NR.get(name)
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"{name}: no syscall number for {ARCH}")
-    ret = _libc.syscall(_ffi.cast("long", nr), *[_arg(a) for a in args])
+def syscall(name: str, *args: object) -> int:
+    """Raw syscall by name; ints are passed as longs, anything else (None,
+    ctypes.byref, arrays) as it is.  Raises OSError on failure."""
+    ret = _libc.syscall(ctypes.c_long(syscall_number(name)),
+                        *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
     if ret == -1:
-        e = _ffi.errno
+        e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-    return ret
+    return int(ret)
 
 
 # -- prctl / capabilities --------------------------------------------------------
@@ -186,27 +147,34 @@ KEEP_CAPS = (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_PTRACE)   # 0x80004
 _CAP_V3 = 0x20080522
 
 
-def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> int:
-    return syscall("prctl", option, a2, a3, a4, a5)
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint32) for f in ("effective", "permitted", "inheritable")]
+
+
+def prctl(option: int, *args: object) -> int:
+    args += (0,) * (4 - len(args))
+    return syscall("prctl", option, *args)
 
 
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
-    hdr = _ffi.new("struct gcr_cap_header *", {"version": _CAP_V3, "pid": 0})
-    data = _ffi.new("struct gcr_cap_data[2]")
-    syscall("capget", hdr, data)
+    data = (_CapData * 2)()
+    syscall("capget", ctypes.byref(_CapHeader(_CAP_V3, 0)), data)
     return tuple((getattr(data[1], f) << 32) | getattr(data[0], f)
-                 for f in ("effective", "permitted", "inheritable"))  # type: ignore[return-value]
+                 for f in ("effective", "permitted", "inheritable"))
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
-    hdr = _ffi.new("struct gcr_cap_header *", {"version": _CAP_V3, "pid": 0})
-    data = _ffi.new("struct gcr_cap_data[2]")
+    data = (_CapData * 2)()
     for i in (0, 1):
         data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
         data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    syscall("capset", hdr, data)
+    syscall("capset", ctypes.byref(_CapHeader(_CAP_V3, 0)), data)
 
 
 def _capability_mask(*prctl_args: int) -> int:
@@ -239,7 +207,7 @@ class LayerResult:
     name: str
     active: bool
     reason: str = ""
-    details: dict = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
 
 
 class _Missing(Exception):
@@ -263,42 +231,20 @@ _IFF_UP = 0x1
 _SIOCGIFFLAGS = 0x8913
 
 
-def _links_pyroute2() -> list[tuple[str, bool]]:
-    from pyroute2 import IPRoute  # late: heavy, and only needed here
-    with IPRoute() as ipr:
-        return [(str(link.get_attr("IFLA_IFNAME")), bool(link["flags"] & _IFF_UP))
-                for link in ipr.get_links()]
-
-
-def _links_procfs() -> list[tuple[str, bool]]:
-    """Fallback where netlink sockets are refused (systemd
-    RestrictAddressFamilies=AF_UNIX): /proc/self/net/dev lists the links of
-    our namespace, SIOCGIFFLAGS on a Unix socket tells whether one is up."""
+def network_links() -> list[tuple[str, bool]]:
+    """(name, is_up) of every link in our network namespace:
+    /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
+    whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
+    refuses it, and a netlink library would be more code run as root)."""
     with open("/proc/self/net/dev", "rb") as f:
-        names = [line.split(b":", 1)[0].strip().decode() for line in f.read().splitlines()[2:]]
+        names = [line.split(b":", 1)[0].strip() for line in f.read().splitlines()[2:]]
     out = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        import fcntl
         for name in names:
-            req = struct.pack("16sH14x", name.encode(), 0)
+            req = struct.pack("16sH14x", name, 0)
             flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
-            out.append((name, bool(flags & _IFF_UP)))
+            out.append((name.decode(), bool(flags & _IFF_UP)))
     return out
-
-
-def network_links() -> list[tuple[str, bool]]:
-    """(name, is_up) of every link in our network namespace."""
-    try:
-        return _links_pyroute2()
-    except OSError as e:
-        if e.errno not in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES, errno.EPROTONOSUPPORT):
-            raise
-    # pyroute2 leaves its asyncio loop behind in a reference cycle: collect it
-    # now, while its fds are ours.  Otherwise a later collection in the /proc
-    # reader (which closes every inherited fd) prints a traceback to stderr.
-    import gc
-    gc.collect()
-    return _links_procfs()
 
 
 def _netns_not_the_hosts() -> bool:
@@ -320,14 +266,14 @@ def _netns_not_the_hosts() -> bool:
     return False
 
 
-def _layer_netns() -> dict:
+def _layer_netns() -> dict[str, object]:
     try:
         syscall("unshare", CLONE_NEWNET)
         how = "unshared"
     except OSError as e:
         # Without CAP_SYS_ADMIN, or RestrictNamespaces=: the namespace must
         # already be empty (PrivateNetwork=yes).
-        how = f"inherited (unshare: {errno.errorcode.get(e.errno, e.errno)})"
+        how = f"inherited (unshare: {errno.errorcode.get(e.errno or 0, e.errno)})"
     links = network_links()
     if links == [("lo", False)]:
         return {"how": how, "links": "lo(down)"}
@@ -361,7 +307,7 @@ def _mounts(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
     return out
 
 
-def _backing(mounts: list, path: bytes) -> tuple[bytes, bytes, bytes] | None:
+def _backing(mounts: list[tuple[bytes, bytes, bytes, bytes]], path: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(device, directory on that device, fs type) that `path` shows: the
     longest mount point above it, the topmost (last) mount there."""
     best = None
@@ -402,7 +348,7 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
 
 # -- layer: capabilities --------------------------------------------------------------
 
-def _layer_caps() -> dict:
+def _layer_caps() -> dict[str, object]:
     eff, prm, _ = capget()
     bounding = _bounding_set()
     extra = bounding & ~KEEP_CAPS
@@ -495,7 +441,7 @@ def preflight(hidden: Sequence[bytes], *, caps: bool = True,
     return check
 
 
-def _layer_nnp() -> dict:
+def _layer_nnp() -> dict[str, object]:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     if prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise _Missing("PR_GET_NO_NEW_PRIVS does not report 1")
@@ -511,10 +457,19 @@ LL_SCOPE_ABSTRACT_UNIX, LL_SCOPE_SIGNAL = 1 << 0, 1 << 1
 _LL_RULE_PATH_BENEATH, _LL_CREATE_RULESET_VERSION = 1, 1 << 0
 
 
+class RulesetAttr(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint64) for f in ("handled_access_fs", "handled_access_net", "scoped")]
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1   # the kernel's is packed: 12 bytes, not 16
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (0: none)."""
     try:
-        return syscall("landlock_create_ruleset", _ffi.NULL, 0, _LL_CREATE_RULESET_VERSION)
+        return syscall("landlock_create_ruleset", None, 0, _LL_CREATE_RULESET_VERSION)
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
             return 0
@@ -545,7 +500,9 @@ def loaded_code_dirs() -> list[bytes]:
     for module in list(sys.modules.values()):
         f = getattr(module, "__file__", None)
         if isinstance(f, str) and os.path.isabs(f):
-            dirs.add(os.path.dirname(os.fsencode(f)))
+            # Real paths: a rule holds beneath a directory, not beneath a
+            # link to it (a checkout's gcroots/protocol -> ../protocol).
+            dirs.add(os.path.dirname(os.path.realpath(os.fsencode(f))))
     exe = os.readlink(b"/proc/self/exe")
     with open(b"/proc/self/maps", "rb") as f:
         for line in f.read().splitlines():
@@ -578,14 +535,14 @@ def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]
 _USED_UNDER_SANDBOX = ("gcroots.helper.scan", "traceback", "linecache")
 
 
-def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
+def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
     for name in _USED_UNDER_SANDBOX:
         importlib.import_module(name)
     abi = landlock_abi()
     if abi < 1:
         raise _Missing("Landlock is not available in this kernel (ENOSYS/EOPNOTSUPP)")
     abi = min(abi, LANDLOCK_KNOWN_ABI)
-    attr = _ffi.new("struct gcr_ruleset_attr *")
+    attr = RulesetAttr()
     attr.handled_access_fs = landlock_fs_rights(abi)
     size = 8
     if abi >= 4:
@@ -595,7 +552,7 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
         attr.scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL
         size = 24
     rules = read_paths(layout, read_db=read_db)
-    ruleset = syscall("landlock_create_ruleset", attr, size, 0)
+    ruleset = syscall("landlock_create_ruleset", ctypes.byref(attr), size, 0)
     granted = []
     try:
         for path, access in rules:
@@ -608,9 +565,8 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
-                rule = _ffi.new("struct gcr_path_beneath_attr *",
-                                {"allowed_access": access, "parent_fd": fd})
-                syscall("landlock_add_rule", ruleset, _LL_RULE_PATH_BENEATH, rule, 0)
+                rule = _PathBeneathAttr(access, fd)
+                syscall("landlock_add_rule", ruleset, _LL_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
             finally:
                 os.close(fd)
             granted.append(os.fsdecode(path) + (" (dir)" if access == LL_READ_DIR else ""))
@@ -629,12 +585,19 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict:
 
 
 # -- layer: seccomp ----------------------------------------------------------------------
+# libseccomp builds the filter (the arch check, a foreign arch or x32 number
+# killing the process, the syscall numbers); we export it and install it
+# ourselves with prctl(PR_SET_SECCOMP): systemd's @system-service allows
+# prctl but not seccomp(2).  Argument filters are libseccomp comparisons;
+# an int argument is compared on its low 32 bits (mask LOW), as the kernel
+# reads it.
 
 SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
 _SECCOMP_MODE_FILTER = 2
-_LD_ABS, _JEQ, _JGE, _JSET, _AND, _RET = 0x20, 0x15, 0x35, 0x45, 0x54, 0x06
 ALLOW, EPERM = SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno.EPERM
-_X32_SYSCALL_BIT = 0x40000000
+_ATTR_NNP, _BPF_RET_K = 3, 0x06   # SCMP_FLTATR_CTL_NNP; BPF_RET | BPF_K
+_NE, _EQ, _MASKED_EQ = 1, 4, 7    # SCMP_CMP_*
+LOW = 0xFFFFFFFF
 
 CLONE_THREAD = 0x10000
 # Namespace flags; CLONE_THREAD excludes most of them already, but say it.
@@ -650,32 +613,21 @@ PRCTL_OK = (PR_GET_DUMPABLE, PR_GET_NAME, PR_GET_SECCOMP, PR_CAPBSET_READ, PR_GE
             PR_GET_NO_NEW_PRIVS)
 
 
-def _ld(off):
-    return (_LD_ABS, 0, 0, off)
+class _ArgCmp(ctypes.Structure):   # struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
 
 
-def _ret(action):
-    return (_RET, 0, 0, action)
+# A rule: None (allow), an action, or alternatives (any one allows), each a
+# tuple of comparisons (all must hold) (arg, op, datum_a, datum_b).
+Rule = list[tuple[tuple[int, int, int, int], ...]]
+Rules = dict[str, Rule | int | None]
+def _allow_unless_bits(arg: int, mask: int) -> Rule:
+    return [((arg, _MASKED_EQ, mask, 0),)]
 
 
-def _arg_lo(i):
-    return 16 + 8 * i      # seccomp_data.args[i], low word (little-endian)
-
-
-def _allow_unless_bits(arg, mask):
-    return [_ld(_arg_lo(arg)), (_JSET, 0, 1, mask), _ret(EPERM), _ret(ALLOW)]
-
-
-def _allow_if_in(arg, values):
-    out = [_ld(_arg_lo(arg))]
-    for v in values:
-        out += [(_JEQ, 0, 1, v), _ret(ALLOW)]
-    return out + [_ret(EPERM)]
-
-
-def _allow_if_null(arg):
-    return [_ld(_arg_lo(arg)), (_JEQ, 0, 3, 0), _ld(_arg_lo(arg) + 4), (_JEQ, 0, 1, 0),
-            _ret(ALLOW), _ret(EPERM)]
+def _allow_if_in(arg: int, values: Iterable[int]) -> Rule:
+    return [((arg, _MASKED_EQ, LOW, v),) for v in values]
 
 
 _ALWAYS = ("read", "write", "readv", "writev", "pread64", "close", "fstat", "newfstatat", "statx",
@@ -692,24 +644,22 @@ _ALWAYS = ("read", "write", "readv", "writev", "pread64", "close", "fstat", "new
            "capget", "restart_syscall", "dup", "dup2", "dup3", "getrlimit", "getcpu")
 
 
-def _memory_rules() -> dict:
+def _memory_rules() -> Rules:
     # W^X: no mapping both writable and executable, no page made executable
     # later (dlopen maps code read+exec directly, so lazy imports still work).
     wx = PROT_WRITE | PROT_EXEC
-    return {"mmap": [_ld(_arg_lo(2)), (_AND, 0, 0, wx), (_JEQ, 0, 1, wx), _ret(EPERM),
-                     _ret(ALLOW)],
+    return {"mmap": [((2, _MASKED_EQ, wx, v),) for v in (0, PROT_WRITE, PROT_EXEC)],
             "mprotect": _allow_unless_bits(2, PROT_EXEC),
             "pkey_mprotect": _allow_unless_bits(2, PROT_EXEC),
             # mremap(old, 0, ...) makes a second view of a shared mapping: an
             # executable one could then be written through a writable alias.
-            "mremap": [_ld(_arg_lo(1)), (_JEQ, 0, 3, 0), _ld(_arg_lo(1) + 4), (_JEQ, 0, 1, 0),
-                       _ret(EPERM), _ret(ALLOW)]}
+            "mremap": [((1, _NE, 0, 0),)]}
 
 
-def main_rules(pid: int) -> dict:
+def main_rules(pid: int) -> Rules:
     """The serving/scanning process: everything the scan, sqlite3 (for
-    `scan`), structlog, threads and accept()ed sockets need."""
-    rules: dict = {name: None for name in _ALWAYS}
+    `scan`), logging, threads and accept()ed sockets need."""
+    rules: Rules = {name: None for name in _ALWAYS}
     rules.update(_memory_rules())
     rules.update({
         "openat": _allow_unless_bits(2, OPEN_WRITE),   # read-only opens (Landlock agrees)
@@ -717,69 +667,95 @@ def main_rules(pid: int) -> dict:
         "fcntl": _allow_if_in(1, FCNTL_OK),
         "ioctl": _allow_if_in(1, IOCTL_OK),            # not TIOCSTI & co.
         "prctl": _allow_if_in(0, PRCTL_OK),
-        "prlimit64": _allow_if_null(2),                # read limits only
+        "prlimit64": [((2, _EQ, 0, 0),)],              # read limits only (new limit NULL)
         "tgkill": _allow_if_in(0, (pid,)),             # raise() in our own process only
         # Threads only (no fork), and no namespaces with them.  glibc tries
         # clone3 first, whose flags live in memory we cannot inspect: ENOSYS
         # makes it fall back to clone.
-        "clone": [_ld(_arg_lo(0)), (_JSET, 0, 1, CLONE_NS), _ret(EPERM),
-                  (_JSET, 0, 1, CLONE_THREAD), _ret(ALLOW), _ret(EPERM)],
+        "clone": [((0, _MASKED_EQ, CLONE_NS | CLONE_THREAD, CLONE_THREAD),)],
         "clone3": SECCOMP_RET_ERRNO | errno.ENOSYS,
     })
     return rules
 
 
-def reader_rules() -> dict:
+def reader_rules() -> Rules:
     """The /proc reader: a request in, readlink/read-only opens of
     /proc/PID/*, the answer out.  No threads, no accept, no ioctl."""
-    rules: dict = {name: None for name in (
+    rules: Rules = {name: None for name in (
         "read", "write", "close", "fstat", "newfstatat", "lseek", "getdents64", "readlink",
-        "readlinkat", "recvfrom", "sendto", "poll", "ppoll", "brk", "munmap", "madvise", "futex", "exit", "exit_group", "getpid", "gettid", "rt_sigaction",
-        "rt_sigprocmask", "rt_sigreturn", "sigaltstack", "clock_gettime", "gettimeofday",
-        "getrandom", "restart_syscall")}
+        "readlinkat", "recvfrom", "sendto", "poll", "ppoll", "brk", "munmap", "madvise", "futex",
+        "exit", "exit_group", "getpid", "gettid", "rt_sigaction", "rt_sigprocmask",
+        "rt_sigreturn", "sigaltstack", "clock_gettime", "gettimeofday", "getrandom",
+        "restart_syscall")}
     rules.update(_memory_rules())
     rules["openat"] = _allow_unless_bits(2, OPEN_WRITE)
     rules["open"] = _allow_unless_bits(1, OPEN_WRITE)
     return rules
 
 
-def build_filter(rules: dict, default: int = EPERM) -> list[tuple[int, int, int, int]]:
-    """Classic BPF: check the arch first (a foreign-arch or x32 syscall
-    number would mean something else), then one block per allowed syscall
-    (absent names are skipped), default action last."""
-    if AUDIT_ARCH is None:
-        raise _Missing(f"no seccomp syscall table for {ARCH}")
-    prog = [_ld(4), (_JEQ, 1, 0, AUDIT_ARCH), _ret(SECCOMP_RET_KILL_PROCESS), _ld(0)]
-    if ARCH == "x86_64":
-        prog += [(_JGE, 0, 1, _X32_SYSCALL_BIT), _ret(SECCOMP_RET_KILL_PROCESS)]
-    for name, rule in rules.items():
-        nr = _NR.get(name)
-        if nr is None:
-            continue
-        body = [_ret(ALLOW)] if rule is None else [_ret(rule)] if isinstance(rule, int) else rule
-        assert len(body) < 256
-        prog += [(_JEQ, 0, len(body), nr)] + body
-    return prog + [_ret(default)]
+def _scmp(rc: int, what: str) -> None:
+    if rc < 0:
+        raise OSError(-rc, f"libseccomp {what}: {os.strerror(-rc)}")
 
 
-def install_filter(prog: list[tuple[int, int, int, int]]) -> None:
-    insns = _ffi.new("struct gcr_sock_filter[]", len(prog))
-    for i, (code, jt, jf, k) in enumerate(prog):
-        insns[i].code, insns[i].jt, insns[i].jf, insns[i].k = code, jt, jf, k
-    fprog = _ffi.new("struct gcr_sock_fprog *", {"len": len(prog), "filter": insns})
-    # prctl, not seccomp(2): systemd's @system-service allows prctl but not
-    # seccomp.  (No TSYNC needed: we are single-threaded, checked first.)
-    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, fprog)
+def build_filter(rules: Rules, default: int = EPERM) -> bytes:
+    """The classic BPF program (8 bytes an instruction) for `rules`, names
+    this architecture lacks left out, `default` for every other call."""
+    if _seccomp is None:
+        raise _Missing(NO_SYSCALLS)
+    _seccomp.seccomp_init.restype = ctypes.c_void_p
+    ctx = ctypes.c_void_p(_seccomp.seccomp_init(ctypes.c_uint32(default)))
+    if not ctx:
+        raise OSError(errno.ENOMEM, "libseccomp seccomp_init failed")
+    try:
+        _scmp(_seccomp.seccomp_attr_set(ctx, _ATTR_NNP, 0), "attr_set")   # no_new_privs is a layer of its own
+        for name, rule in rules.items():
+            nr = _seccomp.seccomp_syscall_resolve_name(name.encode())
+            if nr < 0:
+                continue   # not on this architecture
+            alternatives = [()] if rule is None or isinstance(rule, int) else rule
+            action = rule if isinstance(rule, int) else ALLOW
+            for cmps in alternatives:
+                array = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
+                _scmp(_seccomp.seccomp_rule_add_array(ctx, ctypes.c_uint32(action), nr, len(cmps),
+                                                      array), f"rule for {name}")
+        fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
+        try:
+            _scmp(_seccomp.seccomp_export_bpf(ctx, fd), "export_bpf")
+            prog = bytearray(os.pread(fd, os.fstat(fd).st_size, 0))
+        finally:
+            os.close(fd)
+    finally:
+        _seccomp.seccomp_release(ctx)
+    # The one part libseccomp cannot say here: a foreign arch's (or x32's)
+    # call must kill the process, but libseccomp accepts KILL_PROCESS only
+    # after asking the kernel through seccomp(2), which systemd's
+    # @system-service denies.  Its default for them is KILL_THREAD (0),
+    # which nothing else of ours returns: those returns become KILL_PROCESS.
+    for i in range(0, len(prog), 8):
+        code, _, _, k = struct.unpack_from("=HBBI", prog, i)
+        if code == _BPF_RET_K and k == 0:
+            struct.pack_into("=I", prog, i + 4, SECCOMP_RET_KILL_PROCESS)
+    return bytes(prog)
 
 
-def _layer_seccomp(rules: dict, reader: "ProcReader | None") -> dict:
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+def install_filter(prog: bytes) -> None:
+    # (No TSYNC needed: we are single-threaded, checked first.)
+    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_SockFprog(len(prog) // 8, prog)))
+
+
+def _layer_seccomp(rules: Rules, reader: "ProcReader | None") -> dict[str, object]:
     prog = build_filter(rules)
     install_filter(prog)
     if prctl(PR_GET_SECCOMP) != 2:
         raise _Missing("PR_GET_SECCOMP does not report filter mode")
     if reader is not None and reader.seccomp != "ok":
         raise _Missing(f"the /proc reader has no filter: {reader.seccomp}")
-    return {"arch": ARCH, "instructions": len(prog), "default": "EPERM"}
+    return {"arch": ARCH, "instructions": len(prog) // 8, "default": "EPERM"}
 
 
 # -- the /proc reader -----------------------------------------------------------------------
@@ -819,11 +795,11 @@ def _send_frame(sock: socket.socket, payload: bytes) -> None:
 _SAME_AS = -1  # in place of an errno: "the same bytes as item <length>"
 
 
-def _encode_items(items: list[tuple[bytes, bytes | OSError]]) -> bytes:
+def _encode_items(items: Items) -> bytes:
     """Each target once: a process may hold half a million fds on one long
     store path, and every fd/N label is kept (Nix prints them all), so a
     repeated value is sent as a reference to its first item."""
-    parts, first = [struct.pack("=I", len(items))], {}
+    parts, first = [struct.pack("=I", len(items))], dict[bytes, int]()
     for i, (name, value) in enumerate(items):
         if isinstance(value, OSError):
             err, data = value.errno or errno.EIO, b""
@@ -836,8 +812,8 @@ def _encode_items(items: list[tuple[bytes, bytes | OSError]]) -> bytes:
     return b"".join(parts)
 
 
-def _decode_items(payload: bytes, pid_dir: bytes) -> list[tuple[bytes, bytes | OSError]]:
-    (count,), pos, items = struct.unpack_from("=I", payload), 4, []
+def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
+    (count,), pos, items = struct.unpack_from("=I", payload), 4, Items()
     for _ in range(count):
         (size,) = struct.unpack_from("=H", payload, pos)
         name = payload[pos + 2:pos + 2 + size]
@@ -892,7 +868,7 @@ class ProcReader:
         reader.seccomp = _recv_frame(ours).decode(errors="replace")
         return reader
 
-    def __call__(self, pid_dir: bytes, cmdline: bool = False) -> list[tuple[bytes, bytes | OSError]]:
+    def __call__(self, pid_dir: bytes, cmdline: bool = False) -> Items:
         with self._lock:
             if self._broken is not None:
                 raise OSError(errno.EIO, f"the /proc reader is gone: {self._broken}")
@@ -951,7 +927,7 @@ def _selftest(reader: ProcReader | None) -> None:
     for name in (b"exe", b"cwd", b"maps", b"environ"):
         # exe and cwd are left out (not errors) when they are not in the store.
         if isinstance(items.get(name), OSError) or (name not in items and name in (b"maps", b"environ")):
-            raise OSError(errno.EACCES, f"/proc/{os.getpid()}/{os.fsdecode(name)}: {items.get(name)}")
+            raise OSError(errno.EACCES, f"/proc/{os.getpid()}/{os.fsdecode(name)}: {items.get(name)!r}")
 
 
 # -- putting it together -------------------------------------------------------------------
@@ -960,7 +936,7 @@ def _threads() -> int:
     return len(os.listdir(b"/proc/self/task"))
 
 
-def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable[str] = (),
+def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: Iterable[str] = (),
                       runtime: bool = True, read_db: bool = False) -> Sandbox:
     """Apply every layer (see the module docstring); return what is active.
 
@@ -978,11 +954,11 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
     results: list[LayerResult] = []
     box = Sandbox(results)
 
-    def layer(name: str, fn, *args) -> bool:
+    def layer(name: str, fn: Callable[..., dict[str, object]], *args: object) -> bool:
         if name in skip:
             result = LayerResult(name, False, "skipped on request (--sandbox-skip)")
-        elif AUDIT_ARCH is None:
-            result = LayerResult(name, False, f"unsupported architecture {ARCH}")
+        elif NO_SYSCALLS:
+            result = LayerResult(name, False, NO_SYSCALLS)
         else:
             try:
                 result = LayerResult(name, True, details=fn(*args) or {})
@@ -1006,7 +982,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
     layer("netns", _layer_netns)            # needs CAP_SYS_ADMIN (and netlink): first
     layer("caps", _layer_caps)
     layer("no_new_privs", _layer_nnp)
-    if runtime and AUDIT_ARCH is not None:   # (elsewhere no Landlock, so no need)
+    if runtime and not NO_SYSCALLS:   # (else no Landlock, so no need)
         try:
             box.proc_reader = ProcReader.start(skip, layout.store_dir)
         except OSError as e:
@@ -1032,286 +1008,3 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log, skip: Iterable
                     message="RUNNING WITH A WEAKER SANDBOX: " + ", ".join(r.name for r in missing),
                     missing={r.name: r.reason for r in missing})
     return box
-
-
-# -- sandbox-check ---------------------------------------------------------------------------
-# A harness process prepares probes, forks a child that applies the sandbox
-# and tries to escape, then checks from outside that nothing changed and
-# cleans up (the sandboxed child could not).  The child prints one line per
-# attempt:  "escape NAME: blocked ERRNO (...)" | "escape NAME: ESCAPED" |
-# "escape NAME: UNEXPECTED ERRNO (...)" | "works NAME: ok" | "works NAME: FAILED ..."
-
-PTRACE_SEIZE, CLONE_NEWUSER = 0x4206, 0x10000000
-_DENIED = (errno.EPERM, errno.EACCES)
-
-
-@dataclass
-class _Probes:
-    tmp: bytes
-    private_link: bytes
-    private_target: bytes
-    private_secret: bytes
-    state_probe: bytes | None     # prefix of our own files in gcroots/
-    state_note: str
-    victim_pid: int
-    tcp_port: int
-    readlinks: list[bytes]
-
-
-_KEEP = b"the sandbox must keep this\n"
-_TARGETS = (b"write", b"unlink", b"rename", b"truncate", b"chmod")   # one file per attempt
-
-
-def _snapshot(top: bytes, names: Iterable[bytes] | None = None) -> dict:
-    out = {}
-    for name in sorted(os.listdir(top)) if names is None else names:
-        try:
-            st = os.lstat(top + b"/" + name)
-        except FileNotFoundError:
-            out[name] = None
-            continue
-        data = None
-        if stat.S_ISREG(st.st_mode):
-            with open(top + b"/" + name, "rb") as f:
-                data = f.read()
-        out[name] = (st.st_mode, st.st_uid, data)
-    return out
-
-
-def check(layout: StoreLayout, *, skip: Iterable[str], log, readlinks: Sequence[bytes] = ()) -> int:
-    import shutil
-    import subprocess
-    import tempfile
-    out = sys.stdout
-    tmp = os.fsencode(tempfile.mkdtemp(prefix="gcroots-sandbox-check-"))
-    for name in _TARGETS:
-        with open(tmp + b"/" + name, "wb") as f:
-            f.write(_KEEP)
-    private = tmp + b"/private"
-    os.mkdir(private, 0o700)
-    target = b"/nix/store/" + b"0" * 32 + b"-sandbox-check"
-    os.symlink(target, private + b"/link")
-    with open(private + b"/secret", "wb") as f:
-        f.write(b"not for the helper\n")
-    if os.geteuid() == 0:  # make it someone else's 0700 dir, like a home
-        for p in (private + b"/link", private + b"/secret", private):
-            os.lchown(p, 65534, 65534)
-    gcroots, note = layout.gcroots_dir, ""
-    prefix = b".gcroots-sandbox-check.%d." % os.getpid()
-    state_names = [prefix + n for n in (b"write", b"unlink", b"rename", b"new", b"renamed")]
-    try:
-        for name in state_names[:3]:
-            with open(gcroots + b"/" + name, "xb") as f:
-                f.write(_KEEP)
-        state_probe = gcroots + b"/" + prefix
-    except OSError as e:
-        state_probe, note = None, f"cannot prepare probes in {os.fsdecode(gcroots)}: {e}"
-    # The /proc reader keeps only fds into the store; the prober takes our
-    # temp dir for the store, so that this fd shows fds being read.
-    with open(tmp + b"/victim-fd", "wb") as f:
-        f.write(_KEEP)
-    with open(tmp + b"/victim-fd", "rb") as f:
-        os.mkdir(tmp + b"/victim-cwd")  # in the "store", so that the reader hands it over
-        victim = subprocess.Popen(["sleep", "600"], stdin=f, stdout=subprocess.DEVNULL,
-                                  cwd=tmp + b"/victim-cwd")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    probes = _Probes(tmp, private + b"/link", target, private + b"/secret", state_probe, note,
-                     victim.pid, listener.getsockname()[1], list(readlinks))
-    before = _snapshot(tmp), _snapshot(gcroots, state_names)
-    out.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the sandboxed prober
-        code = 2
-        try:
-            listener.close()
-            code = _prober(layout, probes, frozenset(skip), log)
-        except BaseException as e:
-            print(f"sandbox-check: prober failed: {e!r}", flush=True)
-        finally:
-            sys.stdout.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    problems = []
-    code = os.waitstatus_to_exitcode(status)
-    if code == 111:
-        problems.append("execve succeeded")
-    elif code != 0:
-        problems.append(f"prober exited with {code}")
-    try:
-        if _snapshot(tmp) != before[0]:
-            problems.append("the temp dir was modified")
-        if _snapshot(gcroots, state_names) != before[1]:
-            problems.append("the probes in the state dir were modified")
-    finally:
-        victim.kill()
-        victim.wait()
-        listener.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name in state_names:
-            if not os.path.lexists(gcroots + b"/" + name):
-                continue  # never made (e.g. a read-only state dir: unlink says EROFS)
-            try:
-                os.unlink(gcroots + b"/" + name)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                problems.append(f"cannot remove our probe {os.fsdecode(name)}: {e}")
-    if problems:
-        print(f"sandbox-check: FAIL: {'; '.join(problems)}", flush=True)
-        return 1
-    print("sandbox-check: PASS: every escape was blocked, every needed operation works",
-          flush=True)
-    return 0
-
-
-def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log) -> int:
-    try:
-        box = apply_for_serving(dataclasses.replace(layout, store_dir=p.tmp), require=False,
-                                log=log, skip=skip, runtime=True)
-    except SandboxError as e:
-        print(f"sandbox-check: cannot apply the sandbox: {e}", flush=True)
-        return 1
-    for r in box.layers:
-        print(f"layer {r.name}: " + ("active" if r.active else f"MISSING ({r.reason})"))
-    failures = 0
-
-    def say(line: str) -> None:
-        print(line, flush=True)
-
-    def works(name: str, fn: Callable[[], object]) -> None:
-        nonlocal failures
-        try:
-            ok = fn()
-        except OSError as e:
-            failures += 1
-            say(f"works {name}: FAILED {errno.errorcode.get(e.errno or 0, e.errno)} ({e.strerror})")
-            return
-        if ok is False:
-            failures += 1
-            say(f"works {name}: FAILED (wrong result)")
-        else:
-            say(f"works {name}: ok")
-
-    def escape(name: str, fn: Callable[[], object], blocked: tuple[int, ...] = _DENIED) -> None:
-        nonlocal failures
-        try:
-            fn()
-        except OSError as e:
-            code = errno.errorcode.get(e.errno or 0, str(e.errno))
-            if e.errno in blocked:
-                say(f"escape {name}: blocked {code} ({e.strerror})")
-            else:
-                failures += 1
-                say(f"escape {name}: UNEXPECTED {code} ({e.strerror})")
-        else:
-            failures += 1
-            say(f"escape {name}: ESCAPED")
-
-    def read(path: bytes, size: int = 1 << 16) -> bytes:
-        with open(path, "rb") as f:
-            return f.read(size)
-
-    def write(path: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"x")
-        finally:
-            os.close(fd)
-
-    def create(path: bytes) -> None:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-
-    def sock(family: int, kind: int = socket.SOCK_STREAM, proto: int = 0) -> None:
-        socket.socket(family, kind, proto).close()
-
-    def tcp_connect() -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(("127.0.0.1", p.tcp_port))
-
-    def fork() -> None:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the escaped child just leaves
-            os._exit(0)
-        os.waitpid(pid, 0)
-
-    def gain_cap() -> None:
-        eff, prm, inh = capget()
-        capset(eff | 1 << CAP_SYS_ADMIN, prm | 1 << CAP_SYS_ADMIN, inh)
-
-    from .scan import read_process
-    victim = b"/proc/%d" % p.victim_pid
-    reader = box.proc_reader or (lambda pid_dir, cmdline: read_process(pid_dir, cmdline, p.tmp))
-
-    def victim_reads(name: bytes) -> bool:
-        """What the runtime scan reads of another process, read its way."""
-        items = reader(victim, False)
-        values = [v for n, v in items if n == name or name == b"fd/" and n.startswith(name)]
-        for v in values:
-            if isinstance(v, OSError):
-                raise v
-        # Its exe (/usr/bin/sleep) is read but, being outside the store, not
-        # handed over; a failed read would have come back as an error.
-        return bool(values) or name == b"exe"
-
-    # What the scan needs must still work ...
-    works("readlink_private_link", lambda: os.readlink(p.private_link) == p.private_target)
-    works("lstat_private_link", lambda: stat.S_ISLNK(os.lstat(p.private_link).st_mode))
-    for path in p.readlinks:
-        works(f"readlink {os.fsdecode(path)}", lambda path=path: bool(os.readlink(path)))
-    works("read_proc_self_status", lambda: b"\nSeccomp:" in read(b"/proc/self/status"))
-    works("list_gcroots", lambda: os.listdir(layout.gcroots_dir) is not None)
-    for name in (b"exe", b"cwd", b"fd/", b"maps", b"environ"):
-        works(f"read_process_{os.fsdecode(name).strip('/')} victim",
-              lambda name=name: victim_reads(name))
-    # ... and nothing else.
-    t = p.tmp + b"/"
-    refer = _DENIED + (errno.EXDEV,)   # Landlock may say EXDEV for a rename
-    escape("write_file tmp", lambda: write(t + b"write"))
-    escape("create_file tmp", lambda: create(t + b"new"))
-    escape("unlink tmp", lambda: os.unlink(t + b"unlink"))
-    escape("rename tmp", lambda: os.rename(t + b"rename", t + b"renamed"), refer)
-    escape("mkdir tmp", lambda: os.mkdir(t + b"dir"))
-    escape("symlink tmp", lambda: os.symlink(b"x", t + b"symlink"))
-    escape("truncate tmp", lambda: os.truncate(t + b"truncate", 0))
-    escape("chmod tmp", lambda: os.chmod(t + b"chmod", 0o666))
-    if p.state_probe is None:
-        say(f"skip state dir escapes: {p.state_note}")
-    else:
-        sp = p.state_probe
-        escape("write_file state", lambda: write(sp + b"write"))
-        escape("create_file state", lambda: create(sp + b"new"))
-        escape("unlink state", lambda: os.unlink(sp + b"unlink"))
-        escape("rename state", lambda: os.rename(sp + b"rename", sp + b"renamed"), refer)
-    escape("socket AF_INET", lambda: sock(socket.AF_INET))
-    escape("socket AF_INET6", lambda: sock(socket.AF_INET6))
-    escape("socket AF_NETLINK", lambda: sock(socket.AF_NETLINK, socket.SOCK_RAW, 0))
-    escape("socket AF_UNIX", lambda: sock(socket.AF_UNIX))
-    escape("tcp_connect 127.0.0.1", tcp_connect, _DENIED + (errno.ENETUNREACH,))
-    escape("read /etc/shadow", lambda: read(b"/etc/shadow", 1))
-    escape("read /proc/PID/root/etc/shadow", lambda: read(victim + b"/root/etc/shadow", 1))
-    escape("read_private_file", lambda: read(p.private_secret, 1))
-    # The Python install is readable, not its whole prefix (/usr for Debian's).
-    escape("read python binary", lambda: read(os.fsencode(os.path.realpath(sys.executable)), 1))
-    escape("capset +cap_sys_admin", gain_cap)
-    escape("ptrace_attach victim", lambda: syscall("ptrace", PTRACE_SEIZE, p.victim_pid, 0, 0))
-    escape("signal victim", lambda: os.kill(p.victim_pid, signal.SIGCONT))
-    escape("unshare CLONE_NEWUSER", lambda: syscall("unshare", CLONE_NEWUSER))
-    escape("fork", fork)
-    escape("mmap W+X", lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE
-                                         | mmap.PROT_EXEC).close())
-
-    def alias_mapping() -> None:  # a second view of shared memory (then: write + exec)
-        shared = mmap.mmap(-1, 4096)
-        addr = int(_ffi.cast("uintptr_t", _ffi.from_buffer(shared)))
-        syscall("munmap", syscall("mremap", addr, 0, 4096, 1, 0), 4096)  # MREMAP_MAYMOVE
-    escape("mremap alias", alias_mapping)
-    # Last: if it works, this process is gone.  /bin/sh, not /bin/true, so
-    # that a successful exec says so and exits non-zero.
-    sys.stdout.flush()
-    escape("execve /bin/sh", lambda: os.execv(b"/bin/sh", [b"sh", b"-c",
-           b"echo 'escape execve /bin/sh: ESCAPED'; exit 111"]))
-    return 1 if failures else 0

@@ -18,8 +18,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Iterator
+from typing import Callable, Iterator
 
+from gcroots import nofollow
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
 from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
@@ -44,7 +45,6 @@ CHUNK = 1 << 20
 KERNEL_ROOT_FILES = (b"/proc/sys/kernel/modprobe", b"/proc/sys/kernel/fbsplash",
                      b"/proc/sys/kernel/poweroff_cmd")
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
@@ -77,8 +77,8 @@ def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
                      "refusing to report an incomplete root set")
 
 
-def _blame(e: ScanError, entry: bytes, stat_entry, what: str = "root entry",
-           remedy: str = "fix or remove it") -> ScanError:
+def _blame(e: ScanError, entry: bytes, stat_entry: Callable[[], os.stat_result],
+           what: str = "root entry", remedy: str = "fix or remove it") -> ScanError:
     """Name the entry (or process) that fails the scan and its owner's uid
     (gcrootsd adds the name): one user's broken link fails everyone's scans."""
     try:
@@ -118,18 +118,26 @@ def read_filtered(path: bytes, sep: bytes, needle: bytes, from_needle: bool) -> 
         os.close(fd)
 
 
-def _attempt(fn, *args) -> bytes | OSError:
+def _attempt(fn: Callable[..., bytes], *args: object) -> bytes | OSError:
     try:
         return fn(*args)
     except OSError as e:
         return e
 
 
-def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSError]]:
+# What is read of one process: (b"fd/3", its target) or the error reading it.
+Items = list[tuple[bytes, bytes | OSError]]
+# read_process, or the sandbox's /proc reader: (b"/proc/PID", cmdline?) -> Items
+ProcReader = Callable[[bytes, bool], Items]
+
+
+def _fd_targets(pid_dir: bytes, prefix: bytes) -> Items:
     """(b"fd/N", target) of every fd into the store (a process may hold a
     million fds; a target is stored once), or the error that ends the
     listing; skippable errors of single fds dropped."""
-    out, seen, size = [], {}, 0
+    out: Items = []
+    seen: dict[bytes, bytes] = {}
+    size = 0
     try:
         with os.scandir(pid_dir + b"/fd") as it:
             for e in it:
@@ -147,7 +155,7 @@ def _fd_targets(pid_dir: bytes, prefix: bytes) -> list[tuple[bytes, bytes | OSEr
     return out
 
 
-def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> list[tuple[bytes, bytes | OSError]]:
+def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> Items:
     """What the runtime scan needs of one process, errors returned: the link
     targets of exe, cwd and each fd/N into the store, then of maps, environ
     (and cmdline) what names the store.  A failed fd listing ends that part
@@ -175,14 +183,15 @@ class Scanner:
     prefix is skipped with a warning, as Nix skips it everywhere."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc", proc_reader=None, preflight=None,
+                 proc: bytes = b"/proc", proc_reader: ProcReader | None = None,
+                 preflight: Callable[[], str] | None = None,
                  accept_unreadable: tuple[bytes, ...] = ()) -> None:
         self.layout, self.runtime, self.cmdline, self.proc = layout, runtime, cmdline, proc
         self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
         self.preflight, self.accept_unreadable = preflight, accept_unreadable
         self._env_re = environ_regex(layout.store_dir)
 
-    def _skip(self, path: bytes, e: OSError, what: str, also: tuple = (),
+    def _skip(self, path: bytes, e: OSError, what: str, also: tuple[int, ...] = (),
               at: bytes | None = None) -> ScanWarning:
         """Like Nix, skip SKIPPABLE errors (and `also`) with a warning, and
         EACCES at (`at` or `path`) under an accepted prefix; fail on any other."""
@@ -208,7 +217,7 @@ class Scanner:
         try:
             st = os.lstat(top)
             if stat.S_ISDIR(st.st_mode):
-                fd = os.open(top, _DIR_FLAGS)
+                fd = os.open(top, nofollow.READ_FLAGS)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(top)
         except OSError as e:
@@ -222,38 +231,17 @@ class Scanner:
             yield from self._regular_file(top, kind)
 
     def _walk_dir(self, fd: int, path: bytes, kind: RootKind) -> Iterator[Record]:
-        """Depth-first with an explicit stack (no recursion): each directory
-        is listed once -- links and files handled as they come, names of
-        subdirectories kept -- and its listing closed before we descend, so
-        a walk holds one fd per level.  Depth is bounded only as in Nix, by
-        PATH_MAX (~2000 levels at most)."""
-        stack: list[tuple[int, bytes, list[bytes]]] = []   # (fd, path, subdirs to enter)
-        try:
-            while True:
-                if fd >= 0:
-                    stack.append((fd, path, []))
-                    fd = -1
-                    yield from self._list_dir(*stack[-1], kind)
-                if not stack:
-                    return
-                parent, parent_path, names = stack[-1]
-                if not names:
-                    os.close(stack.pop()[0])
-                    continue
-                name = names.pop()
-                path = parent_path + b"/" + name
-                try:
-                    _bounded(path)
-                    fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
-                except OSError as e:
-                    # ELOOP/ENOTDIR: swapped for a link or file since the
-                    # listing; like Nix, skip it with a warning.
-                    yield self._skip(path, e, "open directory", (errno.ELOOP,))
-                except ScanError as e:
-                    raise _blame(e, path, lambda: os.lstat(name, dir_fd=parent)) from None
-        finally:
-            for parent, _, _ in stack:
-                os.close(parent)
+        """Every directory below, each listed once (nofollow.walk: one fd
+        per level).  Depth is bounded only as in Nix, by PATH_MAX (~2000
+        levels at most)."""
+        def cannot_enter(path: bytes, e: OSError) -> Iterator[Record]:
+            # ELOOP/ENOTDIR: swapped for a link or file since the listing;
+            # like Nix, skip it with a warning.
+            yield self._skip(path, e, "open directory", (errno.ELOOP,))
+
+        def list_dir(fd: int, path: bytes, subdirs: list[bytes]) -> Iterator[Record]:
+            return self._list_dir(fd, path, subdirs, kind)
+        yield from nofollow.walk(fd, path, list_dir, cannot_enter)
 
     def _list_dir(self, fd: int, path: bytes, subdirs: list[bytes],
                   kind: RootKind) -> Iterator[Record]:
@@ -276,6 +264,7 @@ class Scanner:
                 child = path + b"/" + name
                 try:
                     if entry.is_dir(follow_symlinks=False):
+                        _bounded(child)
                         subdirs.append(name)
                     elif entry.is_symlink():
                         _bounded(child)

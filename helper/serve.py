@@ -15,16 +15,17 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from gcroots import log
 from gcroots.sockets import listen_fds, peer_credentials
 from gcroots.layout import StoreLayout
 from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.nixcompat import encode_nix_roots
-from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamSender, ScanWarning,
+from gcroots.protocol.rootstream import (NEED_DATA, Record, Root, RootStreamSender, ScanWarning,
                                          StaleLink)
 
-from .scan import ScanError, Scanner
+from .scan import ProcReader, ScanError, Scanner
 
 IO_TIMEOUT = 30.0        # per send/recv on a peer
 HELLO_TIMEOUT = 10.0     # for the whole hello, however slowly it trickles in
@@ -105,13 +106,14 @@ class HelperServer:
     listeners: list[tuple[socket.socket, str]]
     runtime: bool = True
     cmdline: bool = False
-    proc_reader: object = None   # the sandbox's /proc reader (see sandbox.py)
-    preflight: object = None     # why every scan must fail, if it must (sandbox.preflight)
-    accept_unreadable: tuple = ()
-    paths: dict = field(default_factory=dict)   # our sockets' (getsockname: where bound privately)
+    proc_reader: ProcReader | None = None   # the sandbox's /proc reader (see sandbox.py)
+    preflight: Callable[[], str] | None = None   # why every scan must fail (sandbox.preflight)
+    accept_unreadable: tuple[bytes, ...] = ()
+    # our sockets' (getsockname: where bound privately)
+    paths: dict[socket.socket, bytes] = field(default_factory=dict)
     max_connections: int = MAX_CONNECTIONS
     _slots: threading.BoundedSemaphore = field(init=False)
-    _idle: dict = field(default_factory=dict)   # connection -> uid until its hello, oldest first
+    _idle: dict[socket.socket, int] = field(default_factory=dict)   # connection -> uid until its hello, oldest first
     _idle_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -134,6 +136,7 @@ class HelperServer:
 
     def serve_forever(self) -> None:
         sel = selectors.DefaultSelector()
+        socks = {sock.fileno(): sock for sock, _ in self.listeners}
         for sock, kind in self.listeners:
             sel.register(sock, selectors.EVENT_READ, kind)
         _log.info("helper_listening", sockets=[(self.paths.get(s) or s.getsockname(), k)
@@ -142,7 +145,7 @@ class HelperServer:
         while True:
             for key, _ in sel.select():
                 try:
-                    conn, _ = key.fileobj.accept()
+                    conn, _ = socks[key.fd].accept()
                 except OSError as e:
                     _log.warning("accept_failed", error=str(e))
                     continue
@@ -192,12 +195,12 @@ class HelperServer:
                        preflight=self.preflight, accept_unreadable=self.accept_unreadable,
                        proc_reader=self.proc_reader)
 
-    def _count(self, rec, stats) -> None:
+    def _count(self, rec: Record, stats: dict[str, int]) -> None:
         key = {Root: "roots", StaleLink: "stale", ScanWarning: "warnings"}.get(type(rec))
         if key:
             stats[key] += 1
 
-    def _serve_roots(self, conn: socket.socket, stats: dict) -> tuple[str, str]:
+    def _serve_roots(self, conn: socket.socket, stats: dict[str, int]) -> tuple[str, str]:
         sender = RootStreamSender()
         # State our versions first, so that on a mismatch the daemon can
         # name both sides'.
@@ -229,7 +232,7 @@ class HelperServer:
         conn.shutdown(socket.SHUT_WR)
         return ("ok", "") if ok else ("scan_failed", message)
 
-    def _serve_nix(self, conn: socket.socket, stats: dict) -> tuple[str, str]:
+    def _serve_nix(self, conn: socket.socket, stats: dict[str, int]) -> tuple[str, str]:
         # Collect first, answer after: the format cannot express "incomplete".
         paths: set[bytes] = set()
         try:

@@ -239,7 +239,10 @@ in
         helper's own dependencies (not trio nor the daemon).  Inside its
         Landlock sandbox the helper can read only the store paths its code
         was loaded from: the interpreter's standard library, the Python
-        packages it imports, libffi and the other shared objects it maps.
+        packages it imports, libffi, libseccomp and the other shared objects
+        it maps.  libseccomp (its seccomp filter and syscall numbers) comes
+        with the package: nix/package.nix writes its absolute path into the
+        helper, so it is in the closure of whatever build is named here.
       '';
     };
 

@@ -16,6 +16,8 @@
   lib,
   python3Packages,
   installShellFiles,
+  # The helper's seccomp filter (and syscall numbers) come from libseccomp.
+  libseccomp,
   # gcrootsd writes Prometheus metrics (the NixOS module asks for a textfile by
   # default); without prometheus-client `--metrics-*` exit with a clear error.
   withMetrics ? true,
@@ -52,6 +54,14 @@ let
       wheel
     ];
 
+    # The helper dlopens libseccomp by this absolute path (no search path
+    # in a NixOS closure); it is what its Landlock rules then let it read.
+    postPatch = ''
+      substituteInPlace helper/sandbox.py --replace-fail \
+        'LIBSECCOMP = "libseccomp.so.2"' \
+        'LIBSECCOMP = "${lib.getLib libseccomp}/lib/libseccomp.so.2"'
+    '';
+
     # The test suite needs root, real users, a real Nix (2.8, as the oracle),
     # systemd and a kernel with Landlock; it cannot run in the build sandbox.
     # It runs in the project's CI, and the NixOS VM test
@@ -72,17 +82,16 @@ let
     // {
       pname = "gcroots-helper";
 
-      dependencies = with python3Packages; [
-        cffi # Landlock, seccomp and prctl calls
-        pyroute2 # the sandbox's network namespace check
-        structlog # logging
-      ];
-      # pyproject.toml lists the daemon's and the client's dependencies too;
-      # the helper never imports them (a test in tests/ guards that), so drop
-      # them from the metadata instead of carrying them.
+      # No Python package beyond the standard library (ctypes for Landlock,
+      # seccomp and prctl; its own log lines): README, "What runs as root".
+      dependencies = [ ];
+      # pyproject.toml lists the daemon's and the client's dependencies;
+      # the helper never imports them (tests/test_helper_small.py guards
+      # that), so drop them from the metadata instead of carrying them.
       pythonRemoveDeps = [
         "trio"
         "tqdm"
+        "structlog"
       ];
 
       # Only the helper: the other commands need trio.
@@ -107,8 +116,6 @@ python3Packages.buildPythonApplication (
     dependencies =
       (with python3Packages; [
         trio
-        pyroute2
-        cffi
         structlog
         tqdm # gcroots-query's progress bars
       ])

@@ -28,10 +28,11 @@ import enum
 import json
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
-from .framing import (MAX_FRAME, FrameDecoder, LocalProtocolError, RemoteProtocolError,
-                      decode_fields, encode_frame)
-from .rootstream import NEED_DATA, VersionMismatch, _NeedData
+from .framing import (HELLO, MAX_FRAME, FrameDecoder, Hello, LocalProtocolError,
+                      RemoteProtocolError, decode_fields, encode_frame, hello_frame, parse_hello)
+from .rootstream import NEED_DATA, _NeedData
 
 MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
@@ -39,8 +40,8 @@ MAX_VERSION = 2         # 2: PROGRESS_NUMBERS
 MAX_ARGS = 1024         # `delete` takes store paths (a frame bounds them anyway)
 MAX_OPTIONS_DEPTH = 16
 
-_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PROGRESS_NUMBERS = 1, 2, 3, 4, 5, 6, 7
-_SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*",
+_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PROGRESS_NUMBERS = HELLO, 2, 3, 4, 5, 6, 7
+_SCHEMAS = {_REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*",
             _PROGRESS_NUMBERS: "ssQQQ"}
 _LEN = struct.Struct(">I")
 _ROWS_HEADER = struct.Struct(">IB")
@@ -56,15 +57,9 @@ class Status(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class Hello:
-    min_version: int
-    max_version: int
-
-
-@dataclass(frozen=True)
 class Request:
     command: str
-    options: dict = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
     args: tuple[bytes, ...] = ()
 
 
@@ -111,18 +106,8 @@ class InvalidRequest(RemoteProtocolError):
     object, nested too deeply, too many arguments): answered BAD_REQUEST."""
 
 
-def _hello_frame(versions: tuple[int, int]) -> bytes:
-    return encode_frame(_HELLO, _SCHEMAS[_HELLO], [MAGIC, *versions])
-
-
 def _parse_hello(payload: bytes, ours: tuple[int, int], peer: str) -> Hello:
-    magic, lo, hi = decode_fields(_HELLO, _SCHEMAS[_HELLO], payload)
-    if magic != MAGIC:
-        raise RemoteProtocolError(
-            f"the peer is not a gcroots admin endpoint (magic {magic[:32]!r}); wrong socket?")
-    if max(lo, ours[0]) > min(hi, ours[1]):
-        raise VersionMismatch(ours, (lo, hi), peer)
-    return Hello(lo, hi)
+    return parse_hello(payload, MAGIC, "admin", ours, peer)[0]
 
 
 def _common_version(hello: Hello | None, ours: tuple[int, int]) -> int:
@@ -213,7 +198,7 @@ class ServerConnection:
         return self.request
 
     def hello(self) -> bytes:
-        return _hello_frame(self._versions)
+        return hello_frame(MAGIC, self._versions)
 
     def row(self, *fields: bytes) -> bytes:
         if self._ended:
@@ -281,8 +266,8 @@ class ClientConnection:
         self._eof = False
         self._finished = False
 
-    def request(self, command: str, options: dict | None = None, args: tuple[bytes, ...] = ()) -> bytes:
-        return _hello_frame(self._versions) + encode_frame(
+    def request(self, command: str, options: dict[str, Any] | None = None, args: tuple[bytes, ...] = ()) -> bytes:
+        return hello_frame(MAGIC, self._versions) + encode_frame(
             _REQUEST, _SCHEMAS[_REQUEST], [command, json.dumps(options or {}), *args])
 
     def receive_data(self, data: bytes) -> None:
@@ -308,7 +293,7 @@ class ClientConnection:
             return self._hello
         if self.end is not None:
             raise RemoteProtocolError("the daemon sent data after END")
-        schema = _SCHEMAS.get(ftype)
+        schema = _SCHEMAS.get(ftype, "")
         if ftype == _ROW:
             self.rows_received += 1
             return Row(tuple(decode_fields(_ROW, schema, payload)))

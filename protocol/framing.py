@@ -18,7 +18,8 @@ raises RemoteProtocolError with a sentence a person can act on.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 MAX_FRAME = 64 * 1024
 _HEADER = struct.Struct(">I")
@@ -36,6 +37,44 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow."""
+
+
+# Every protocol's first frame, from each side: its magic and the range of
+# versions it speaks; both then use the highest version they share.
+HELLO, _HELLO_SCHEMA = 1, "bHH"
+
+
+@dataclass(frozen=True)
+class Hello:
+    min_version: int
+    max_version: int
+
+
+class VersionMismatch(RemoteProtocolError):
+    def __init__(self, protocol: str, ours: tuple[int, int], theirs: tuple[int, int],
+                 peer: str) -> None:
+        super().__init__(
+            f"protocol version mismatch: we speak {protocol} versions {ours[0]}..{ours[1]}, "
+            f"the {peer} speaks {theirs[0]}..{theirs[1]}; upgrade the older side")
+        self.ours, self.theirs = ours, theirs
+
+
+def hello_frame(magic: bytes, versions: tuple[int, int]) -> bytes:
+    return encode_frame(HELLO, _HELLO_SCHEMA, [magic, *versions])
+
+
+def parse_hello(payload: bytes, magic: bytes, protocol: str, ours: tuple[int, int],
+                peer: str) -> tuple[Hello, int]:
+    """The peer's HELLO and the highest version both sides speak."""
+    theirs, lo, hi = decode_fields(HELLO, _HELLO_SCHEMA, payload)
+    if theirs != magic:
+        raise RemoteProtocolError(f"the peer is not a gcroots {protocol} endpoint (magic "
+                                  f"{theirs[:32]!r}, expected {magic!r}); wrong socket?")
+    if lo > hi:
+        raise RemoteProtocolError(f"the peer announced an empty version range {lo}..{hi}")
+    if max(lo, ours[0]) > min(hi, ours[1]):
+        raise VersionMismatch(protocol, ours, (lo, hi), peer)
+    return Hello(lo, hi), min(hi, ours[1])
 
 
 def encode_frame(ftype: int, schema: str, values: Sequence[object],
@@ -69,10 +108,11 @@ def encode_frame(ftype: int, schema: str, values: Sequence[object],
     return _HEADER.pack(len(body)) + body
 
 
-def decode_fields(ftype: int, schema: str, payload: bytes) -> list[object]:
+def decode_fields(ftype: int, schema: str, payload: bytes) -> list[Any]:
     """Split a payload by its schema.  Trailing or missing bytes are errors;
-    a schema ending in '*' takes any number of further bytes fields."""
-    out: list[object] = []
+    a schema ending in '*' takes any number of further bytes fields.  (Any:
+    each field's type is the schema's, checked here, not the caller's.)"""
+    out: list[Any] = []
     pos = 0
     end = len(payload)
     repeat = schema.endswith("*")

@@ -25,18 +25,20 @@ RemoteProtocolError; the receiver then stays broken.
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass
 from typing import Union
 
-from .framing import (MAX_FRAME, FrameDecoder, LocalProtocolError,
-                      RemoteProtocolError, decode_fields, encode_frame)
+from .framing import (HELLO, MAX_FRAME, FrameDecoder, Hello, LocalProtocolError,
+                      RemoteProtocolError, decode_fields, encode_frame,
+                      hello_frame, parse_hello)
 
 MAGIC = b"gcroots/roots"
 MIN_VERSION = 1
 MAX_VERSION = 2
 
-_HELLO, _ROOT, _STALE, _WARNING, _TRAILER = 1, 2, 3, 4, 5
-_SCHEMAS = {_HELLO: "bHH", _ROOT: "Bbb", _STALE: "bb", _WARNING: "bIs", _TRAILER: "BQs"}
+_HELLO, _ROOT, _STALE, _WARNING, _TRAILER = HELLO, 2, 3, 4, 5
+_SCHEMAS = {_ROOT: "Bbb", _STALE: "bb", _WARNING: "bIs", _TRAILER: "BQs"}
 _STALE_V2 = "bbQQQ"   # + link_identity; all zeros: none (no inode is number 0)
 _STATUS_OK, _STATUS_ERROR = 0, 1
 
@@ -47,12 +49,6 @@ class RootKind(enum.IntEnum):
     PROFILE = 3    # under profiles/
     RUNTIME = 4    # /proc and kernel sysctls
     TEMP = 5       # temproots/<pid> (the daemon reads these itself)
-
-
-@dataclass(frozen=True)
-class Hello:
-    min_version: int
-    max_version: int
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,7 @@ class StaleLink:
     identity: tuple[int, int, int] | None = None  # link_identity(lstat(link)), taken first
 
 
-def link_identity(st) -> tuple[int, int, int]:
+def link_identity(st: os.stat_result) -> tuple[int, int, int]:
     """(st_dev, st_ino, st_ctime_ns) of an lstat: a link replaced by Nix
     (a new link renamed over it) or changed in any way has another."""
     return st.st_dev, st.st_ino, st.st_ctime_ns % 2**64
@@ -105,36 +101,11 @@ Record = Union[Root, StaleLink, ScanWarning]
 Event = Union[Hello, Root, StaleLink, ScanWarning, Trailer, StreamEnd]
 
 
-class VersionMismatch(RemoteProtocolError):
-    def __init__(self, ours: tuple[int, int], theirs: tuple[int, int], peer: str) -> None:
-        super().__init__(
-            f"protocol version mismatch: we speak root-stream versions {ours[0]}..{ours[1]}, "
-            f"the {peer} speaks {theirs[0]}..{theirs[1]}; upgrade the older side")
-        self.ours, self.theirs = ours, theirs
-
-
 def _check_path(what: str, value: bytes, error: type[Exception]) -> None:
     if not value:
         raise error(f"{what} is empty")
     if b"\0" in value:
         raise error(f"{what} contains a NUL byte, which no path can")
-
-
-def _negotiate(ours: tuple[int, int], hello: Hello, peer: str) -> int:
-    lo, hi = max(ours[0], hello.min_version), min(ours[1], hello.max_version)
-    if lo > hi:
-        raise VersionMismatch(ours, (hello.min_version, hello.max_version), peer)
-    return hi
-
-
-def _decode_hello(payload: bytes) -> Hello:
-    magic, lo, hi = decode_fields(_HELLO, _SCHEMAS[_HELLO], payload)
-    if magic != MAGIC:
-        raise RemoteProtocolError(
-            f"the peer is not a gcroots root stream (magic {magic[:32]!r}, expected {MAGIC!r})")
-    if lo > hi:
-        raise RemoteProtocolError(f"the peer announced an empty version range {lo}..{hi}")
-    return Hello(lo, hi)
 
 
 class RootStreamSender:
@@ -150,7 +121,7 @@ class RootStreamSender:
         self._finished = False
 
     def hello(self) -> bytes:
-        return encode_frame(_HELLO, _SCHEMAS[_HELLO], [MAGIC, *self._versions])
+        return hello_frame(MAGIC, self._versions)
 
     def receive_data(self, data: bytes) -> None:
         if not data and self.version is None:
@@ -164,8 +135,7 @@ class RootStreamSender:
         ftype, payload = frame
         if ftype != _HELLO or self.version is not None:
             raise RemoteProtocolError(f"unexpected frame type {ftype} from the daemon")
-        hello = _decode_hello(payload)
-        self.version = _negotiate(self._versions, hello, "daemon")
+        hello, self.version = parse_hello(payload, MAGIC, "root-stream", self._versions, "daemon")
         return hello
 
     def send(self, record: Record) -> bytes:
@@ -220,7 +190,7 @@ class RootStreamReceiver:
         self._error: RemoteProtocolError | None = None
 
     def hello(self) -> bytes:
-        return encode_frame(_HELLO, _SCHEMAS[_HELLO], [MAGIC, *self._versions])
+        return hello_frame(MAGIC, self._versions)
 
     def receive_data(self, data: bytes) -> None:
         """Bytes from the helper; b"" means the connection ended."""
@@ -262,11 +232,11 @@ class RootStreamReceiver:
             if ftype != _HELLO:
                 raise RemoteProtocolError(
                     f"expected HELLO from the helper, got frame type {ftype}")
-            hello = _decode_hello(payload)
-            self.version = _negotiate(self._versions, hello, "helper")
+            hello, self.version = parse_hello(payload, MAGIC, "root-stream", self._versions,
+                                              "helper")
             return hello
         schema = _SCHEMAS.get(ftype)
-        if schema is None or ftype == _HELLO:
+        if schema is None:
             raise RemoteProtocolError(f"unknown or unexpected frame type {ftype} from the helper")
         if ftype == _STALE and self.version >= 2:
             schema = _STALE_V2

@@ -446,7 +446,8 @@ class Graph:
         srcs = [self.builder_sh] + ([self.setup] if pkg.pname == "stdenv-linux" else [])
         while not core and rng.random() < 0.15 and len(srcs) < 4:
             patch = f"{pkg.pname}-fix-{len(srcs)}.patch"
-            srcs.append(self.source(patch, ("f", f"--- a/{patch}\n+++ b/{patch}\n@@ {rng.getrandbits(32)} @@\n".encode())))
+            diff = f"--- a/{patch}\n+++ b/{patch}\n@@ {rng.getrandbits(32)} @@\n"
+            srcs.append(self.source(patch, ("f", diff.encode())))
         if not self.pkgs:
             builder = "/bin/sh"
         else:

@@ -219,6 +219,27 @@ def copy_store(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, symlinks=True)
 
 
+def json_lines(path: Path) -> list[dict]:
+    """The JSON log lines of a log file (anything else in it skipped)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Pipeline:
     """gcroots-helper (as root) + gcrootsd (as an unprivileged user) on a store.
 
@@ -286,22 +307,11 @@ class Pipeline:
     def stop(self) -> None:
         self.stop_helper()
         if self.daemon is not None:
-            self.daemon.terminate()
-            try:
-                self.daemon.wait(10)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+            stop_process(self.daemon)
             self.daemon = None
 
     def daemon_events(self) -> list[dict]:
-        out = []
-        for line in self.daemon_log_path.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return json_lines(self.daemon_log_path)
 
     def query(self, *args: str, user: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
         cmd = [QUERY, "--socket", str(self.sock), *args]

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from gcroots import cliargs
 from gcroots.cliargs import Percent, format_duration, parse_duration, parse_size
 
 from . import support

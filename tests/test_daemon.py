@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gcroots.daemon.nixconf import GCSettings, NixConfError, load_gc_settings
-from gcroots.daemon.temproots import read_temp_roots
+from gcroots.daemon.temproots import read_temp_roots, remove_stale
 from gcroots.layout import StoreLayout
 
 from . import support
@@ -56,6 +56,17 @@ def test_private_root_in_third_users_home(scratch, users, pipelines):
                             "--standalone", "--root", str(root), "--no-runtime",
                             "--allow-unprivileged-scan", "dead"], capture_output=True)
     assert victim in blind.stdout.split()
+    # ... which is why, without being told to, it refuses both to answer
+    # `dead` and to collect (one refusal, client/standalone.py _refused).
+    for command, consequence in ((["dead"], b"call live paths dead"),
+                                 (["gc", "--yes"], b"delete live paths")):
+        refused = subprocess.run(["runuser", "-u", support.DAEMON_USER, "--", support.QUERY,
+                                  "--standalone", "--root", str(root), "--no-runtime", *command],
+                                 capture_output=True)
+        assert refused.returncode == 3 and refused.stdout == b"", refused
+        assert b"--standalone " + command[0].encode() + b" needs root" in refused.stderr
+        assert consequence in refused.stderr
+    assert os.path.lexists(os.fsencode(root) + victim)
     # Without the helper, the daemon refuses instead of answering with less.
     p.stop_helper()
     out = p.query("dead")
@@ -381,6 +392,14 @@ def test_temp_roots_reading(tmp_path):
         assert [os.path.basename(f) for f in t.stale_files] == [b"12345"]
         assert any("notapid" in w for w in t.warnings)
         assert (d / "12345").exists()  # reading never deletes
+        # The collector (holding gc.lock) removes what the reader calls
+        # stale, and only that: a live owner's file, hidden and misnamed
+        # files stay.
+        with open(d / "12345", "rb") as old_fd:
+            assert remove_stale(layout) == 1
+            assert old_fd.read() == b"dnix/store/" + b"d" * 32 + b"-dead-owner\0"  # (as Nix)
+        assert sorted(os.listdir(d)) == sorted([".keepme", "notapid", str(holder.pid)])
+        assert remove_stale(layout) == 0
     finally:
         holder.kill()
         holder.wait()

@@ -54,7 +54,7 @@ def worlds(draw):
 
 
 def nix_config(ca: bool, kd: bool, ko: bool) -> str:
-    return ((f"experimental-features = ca-derivations\n" if ca else "")
+    return (("experimental-features = ca-derivations\n" if ca else "")
             + f"keep-derivations = {str(kd).lower()}\nkeep-outputs = {str(ko).lower()}")
 
 

@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gcroots.daemon import engine
-from gcroots.daemon.engine import RootSet
 from gcroots.daemon.gc import Collection, GCOptions, SafetyError
 from gcroots.daemon.nixconf import GCSettings
 from gcroots.daemon.store import StoreDB
@@ -307,7 +306,7 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
     assert added == src
     announced = {e["path"] for e in p.daemon_events() if e.get("event") == "gc_socket_root"}
     assert {src, drv, built} <= announced, "Nix did not go through gc-socket"
-    assert re.search(rb"\n  [1-9][0-9]* paths? kept for running Nix processes\n", summary), summary  # gc's answer, stdout
+    assert re.search(rb"\n  [1-9][0-9]* paths? kept for running Nix processes\n", summary), summary
     db = sqlite3.connect(f"file:{state}/db/db.sqlite?mode=ro", uri=True)
     valid = {r[0] for r in db.execute("SELECT path FROM ValidPaths")}
     db.close()
@@ -727,7 +726,7 @@ def test_odd_rows_in_the_db_do_not_crash_the_collection(scratch):
     db.close()
     dead = set(standalone(root, "dead").stdout.split())
     assert dead == {full[1].encode(), full[2].encode()}
-    out = standalone(root, "gc", "--yes")
+    standalone(root, "gc", "--yes")
     assert valid_set(root) == {full[0].encode()}
     assert os.listdir(root / "nix/store") == [full[0].split("/")[-1]]
 

@@ -221,7 +221,7 @@ def test_hostile_tree_equals_nix(scratch, users):
     assert b"dir-link" not in ours and b"loop" not in ours
 
 
-def _nest(root: Path, levels: int) -> None:
+def nest(root: Path, levels: int) -> None:
     """gcroots/d/d/.../d (`levels` deep), a root at the bottom; made fd by fd
     (the full path may be longer than PATH_MAX)."""
     d = os.open(root / "nix/var/nix/gcroots", os.O_RDONLY)
@@ -250,7 +250,7 @@ def test_a_thousand_levels_deep_is_walked_like_nix(scratch, sandbox):
     recursion limit, one fd per level under a low soft fd limit)."""
     root = scratch / "store"
     support.make_store(root, paths=100, seed=8, roots=5, indirect=0, stale=0, quirks=0)
-    _nest(root, 1000)
+    nest(root, 1000)
     out = subprocess.run([HELPER, "scan", "--root", str(root), "--no-runtime", *sandbox],
                          capture_output=True, preexec_fn=_low_fd_limit)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -265,7 +265,7 @@ def test_deep_nesting_past_path_max_fails_closed(scratch, sandbox):
     fails (ENAMETOOLONG)."""
     root = scratch / "store"
     support.make_store(root, paths=100, seed=8, roots=5, indirect=0, stale=0, quirks=0)
-    _nest(root, 10_000)
+    nest(root, 10_000)
     out = helper_scan(root, "--no-runtime", *sandbox, check=False)
     assert out.returncode == 1
     assert b"scan failed: path " in out.stderr and b"longer than PATH_MAX" in out.stderr

@@ -21,11 +21,12 @@ from gcroots.helper import serve
 from gcroots.helper.scan import ScanError
 from gcroots.layout import StoreLayout
 from gcroots.protocol import nixcompat
-from gcroots.protocol.rootstream import (NEED_DATA, Root, RootKind, RootStreamReceiver,
-                                         StreamEnd, VersionMismatch)
+from gcroots.protocol.framing import VersionMismatch
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootKind, RootStreamReceiver, StreamEnd
 
 from . import support
 from .support import HELPER, lines, read_root_stream, roots_of, stale_of
+from .test_helper_scan import nest
 
 
 @pytest.fixture
@@ -42,21 +43,10 @@ class Helper:
         self.proc, self.log_path = proc, log
 
     def log(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return support.json_lines(self.log_path)
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        support.stop_process(self.proc)
 
 
 @pytest.fixture
@@ -214,18 +204,8 @@ def test_nix_roots_daemon_endpoint(store, scratch, start_helper):
     assert any(b"user-environment" in p for p in paths)
 
 
-def deepen(root: Path, levels: int) -> None:
-    d = os.open(root / "nix/var/nix/gcroots", os.O_RDONLY)
-    for _ in range(levels):
-        os.mkdir("d", dir_fd=d)
-        nd = os.open("d", os.O_RDONLY, dir_fd=d)
-        os.close(d)
-        d = nd
-    os.close(d)
-
-
 def test_scan_failure_fails_closed_on_both_endpoints(store, scratch, start_helper):
-    deepen(store, 2100)   # past PATH_MAX: Nix fails too
+    nest(store, 2100)   # past PATH_MAX: Nix fails too
     sock, nix = scratch / "helper.sock", scratch / "nix.sock"
     h = start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix),
                      wait=str(nix))

@@ -144,13 +144,25 @@ def test_package_source_has_every_python_package(package):
     assert not files & {"tests", "nix", "bench", "systemd", "scripts"}
 
 
+def test_both_builds_give_the_helper_libseccomps_path(package):
+    """The helper dlopens libseccomp.so.2 by the path the build writes in;
+    the line the build replaces is in helper/sandbox.py (--replace-fail)."""
+    line = 'LIBSECCOMP = "libseccomp.so.2"'
+    assert line in (REPO / "helper/sandbox.py").read_text().splitlines()
+    for build in (package["gcroots"], package["helper"]):
+        assert "substituteInPlace helper/sandbox.py --replace-fail" in build["postPatch"]
+        assert f"'{line}'" in build["postPatch"]
+        assert "-libseccomp/lib/libseccomp.so.2" in build["postPatch"]
+
+
 def test_helper_build_carries_only_the_helpers_dependencies(package):
     helper = package["helper"]
     required = {_dist_name(r) for r in PYPROJECT["project"]["dependencies"]}
     # nixpkgs' runtime-deps check fails the build on a declared dependency
     # that is neither provided nor removed: every one must be one or the other.
     assert set(helper["dependencies"]) | set(helper["pythonRemoveDeps"]) == required
-    assert {"trio", "tqdm"} <= set(helper["pythonRemoveDeps"])
+    assert {"trio", "tqdm", "structlog"} <= set(helper["pythonRemoveDeps"])
+    assert helper["dependencies"] == []   # the standard library only
     assert "prometheus-client" not in helper["dependencies"]
     assert helper["mainProgram"] == "gcroots-helper"
     assert helper["pythonImportsCheck"] == ["gcroots.helper.cli"]

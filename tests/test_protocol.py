@@ -9,9 +9,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gcroots.protocol import framing, nixcompat
+from gcroots.protocol.framing import Hello, RemoteProtocolError, VersionMismatch
 from gcroots.protocol.rootstream import (
-    NEED_DATA, Hello, RemoteProtocolError, Root, RootKind, RootStreamReceiver,
-    RootStreamSender, ScanWarning, StaleLink, StreamEnd, Trailer, VersionMismatch)
+    NEED_DATA, Root, RootKind, RootStreamReceiver, RootStreamSender, ScanWarning, StaleLink,
+    StreamEnd, Trailer)
 
 paths = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b)
 records = st.one_of(
@@ -208,7 +209,7 @@ def test_stale_link_identity_needs_version_2_on_both_sides(helper, daemon):
 
 def test_wrong_magic_is_a_clear_error():
     bogus = framing.encode_frame(1, "bHH", [b"HTTP/1.1", 1, 1])
-    with pytest.raises(RemoteProtocolError, match="not a gcroots root stream"):
+    with pytest.raises(RemoteProtocolError, match="not a gcroots root-stream endpoint"):
         decode([bogus])
 
 
@@ -302,9 +303,32 @@ def test_a_version_1_client_refuses_numbered_progress():
     from gcroots.protocol import admin
     client = admin.ClientConnection(versions=(1, 1))
     server = admin.ServerConnection(versions=(2, 2))
-    client.receive_data(admin._hello_frame((1, 2)) + framing.encode_frame(
+    client.receive_data(framing.hello_frame(admin.MAGIC, (1, 2)) + framing.encode_frame(
         7, "ssQQQ", ["delete", "deleting", 1, 2, 3]))
     assert isinstance(client.next_event(), admin.Hello)
     with pytest.raises(framing.RemoteProtocolError, match="unexpected frame type 7"):
         client.next_event()
     assert server.version == 2  # before HELLO: its lowest
+
+
+def test_both_protocols_say_hello_alike():
+    """One hello for both protocols (framing.parse_hello): a version
+    mismatch names the protocol it is about (the admin protocol's used to
+    say "root-stream"), a wrong magic the endpoint expected, and an empty
+    range is refused as such by either."""
+    from gcroots.protocol import admin
+    server = admin.ServerConnection(versions=(3, 4))
+    server.receive_data(admin.ClientConnection(versions=(1, 2)).request("stats"))
+    with pytest.raises(VersionMismatch, match=r"we speak admin versions 3\.\.4, the client "
+                                              r"speaks 1\.\.2"):
+        server.next_event()
+    client = admin.ClientConnection()
+    client.receive_data(RootStreamReceiver().hello())
+    with pytest.raises(RemoteProtocolError, match=r"not a gcroots admin endpoint \(magic "
+                                                  r"b'gcroots/roots'"):
+        client.next_event()
+    for receiver, magic in ((admin.ClientConnection(), admin.MAGIC),
+                            (RootStreamReceiver(), b"gcroots/roots")):
+        receiver.receive_data(framing.hello_frame(magic, (2, 1)))
+        with pytest.raises(RemoteProtocolError, match=r"empty version range 2\.\.1"):
+            receiver.next_event()

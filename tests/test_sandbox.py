@@ -5,8 +5,8 @@ the layer behind it is missing."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import json
 import os
 import pwd
 import re
@@ -186,13 +186,7 @@ class Served:
         self.proc, self.log_path, self.sock = proc, log, sock
 
     def events(self) -> list[dict]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return support.json_lines(self.log_path)
 
     def event(self, name: str) -> dict:
         return next(e for e in self.events() if e.get("event") == name)
@@ -228,12 +222,7 @@ def serve_helper(tmp_path):
 
     yield start
     for h in started:
-        h.proc.terminate()
-        try:
-            h.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            h.proc.kill()
-            h.proc.wait()
+        support.stop_process(h.proc)
 
 
 def status(pid: int) -> dict[str, str]:
@@ -487,16 +476,62 @@ def _header_numbers(path: str) -> dict[str, int]:
     return nums
 
 
-def test_syscall_numbers_match_the_kernel_headers():
-    """x86_64 from asm/unistd_64.h; aarch64 uses the generic table."""
+def test_filtered_syscalls_are_the_kernel_headers_names():
+    """libseccomp resolves each name of our filters (and of the set-up calls)
+    to the number in this architecture's kernel headers; a misspelt name,
+    which the filter would silently leave out, is known to no table."""
     x86 = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"
     generic = "/usr/include/asm-generic/unistd.h"
     if not (os.path.exists(x86) and os.path.exists(generic)):
         pytest.skip("kernel headers (linux-libc-dev) not installed")
     tables = _header_numbers(x86), _header_numbers(generic)
-    for name, numbers in sandbox._SYSCALLS.items():
-        for table, nr in zip(tables, numbers):
-            assert table.get(name) == nr, (name, numbers)
+    native = tables[0] if sandbox.ARCH == "x86_64" else tables[1]
+    names = {*sandbox.main_rules(1), *sandbox.reader_rules(), "capset", "ptrace", "unshare",
+             "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"}
+    for name in sorted(names):
+        assert any(name in t for t in tables), name
+        if name in native:
+            assert sandbox.syscall_number(name) == native[name], name
+
+
+# Runs argv[1:] as systemd's SystemCallFilter=@system-service would: with
+# seccomp(2) denied (EPERM), which makes libseccomp refuse KILL_PROCESS.
+AS_UNDER_SYSTEMD = r"""
+import ctypes, os, sys
+from gcroots.helper import sandbox as s
+lib = s._seccomp
+lib.seccomp_init.restype = ctypes.c_void_p
+ctx = ctypes.c_void_p(lib.seccomp_init(ctypes.c_uint32(s.ALLOW)))
+assert lib.seccomp_rule_add_array(ctx, ctypes.c_uint32(s.EPERM), s.syscall_number("seccomp"),
+                                  0, None) == 0
+s.prctl(s.PR_SET_NO_NEW_PRIVS, 1)
+assert lib.seccomp_load(ctx) == 0
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("under_systemd", [False, True], ids=["plain", "seccomp2_denied"])
+def test_foreign_arch_and_x32_syscalls_kill_the_process(under_systemd):
+    """libseccomp's arch check, with its bad-arch returns made KILL_PROCESS:
+    an x32 call on x86_64 kills the whole process -- also where seccomp(2)
+    is denied (systemd's unit), so that libseccomp cannot offer it."""
+    if sandbox.ARCH != "x86_64":
+        pytest.skip("x32 is an x86_64 matter")
+    prog = sandbox.build_filter(sandbox.main_rules(1))
+    insns = [struct.unpack_from("=HBBI", prog, i) for i in range(0, len(prog), 8)]
+    assert (0x06, 0, 0, sandbox.SECCOMP_RET_KILL_PROCESS) in insns
+    assert not [i for i in insns if i[0] == 0x06 and i[3] == 0]   # no KILL_THREAD
+    code = ("import ctypes, os, threading\n"
+            "from gcroots.helper import sandbox as s\n"
+            "s.prctl(s.PR_SET_NO_NEW_PRIVS, 1)\n"
+            "s.install_filter(s.build_filter(s.main_rules(os.getpid())))\n"
+            "print('filtered', flush=True)\n"
+            "t = threading.Thread(target=ctypes.CDLL(None).syscall, args=(0x40000000 | 39,))\n"
+            "t.start(); t.join()\n"   # x32 getpid, in a thread: the process must die
+            "print('survived', flush=True)\n")
+    prefix = [sys.executable, "-c", AS_UNDER_SYSTEMD] if under_systemd else []
+    out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == -signal.SIGSYS and out.stdout == "filtered\n", out
 
 
 def test_landlock_rights_are_all_the_kernel_knows():
@@ -505,12 +540,12 @@ def test_landlock_rights_are_all_the_kernel_knows():
     abi = sandbox.landlock_abi()
     if abi < 7:
         pytest.skip(f"Landlock ABI {abi}")
-    attr = sandbox._ffi.new("struct gcr_ruleset_attr *")
+    attr = sandbox.RulesetAttr()
 
     def create(fs: int, net: int, scoped: int) -> int:
         attr.handled_access_fs, attr.handled_access_net, attr.scoped = fs, net, scoped
         try:
-            fd = sandbox.syscall("landlock_create_ruleset", attr, 24, 0)
+            fd = sandbox.syscall("landlock_create_ruleset", ctypes.byref(attr), 24, 0)
         except OSError as e:
             return e.errno
         os.close(fd)
@@ -525,16 +560,19 @@ def test_landlock_rights_are_all_the_kernel_knows():
         [0x1FFF, 0x3FFF, 0x7FFF, 0x7FFF, 0xFFFF, 0xFFFF, 0xFFFF]
 
 
-def test_netns_check_without_netlink_agrees_with_pyroute2():
-    code = ("from gcroots.helper import sandbox as s; "
-            "print(s._links_pyroute2() == s._links_procfs(), s._links_procfs())")
+def test_network_links_agree_with_ip_link():
+    """The netns check's view of the links (no netlink) is `ip link`'s."""
+    code = "from gcroots.helper import sandbox as s; print(sorted(s.network_links()))"
+    ip = "ip -o link | awk '{sub(/:$/, \"\", $2); sub(/@.*/, \"\", $2); print $2, ($3 ~ /[<,]UP[,>]/)}'"
     for setup in ("", "ip link set lo up && "):
         out = subprocess.run(["unshare", "-n", "sh", "-c", setup + f'exec "{sys.executable}" -c '
                               f'"{code}"'], capture_output=True, text=True, check=True).stdout
-        assert out.strip() == f"True [('lo', {bool(setup)})]"
+        assert out.strip() == f"[('lo', {bool(setup)})]"
+    links = subprocess.run(["sh", "-c", ip], capture_output=True, text=True, check=True).stdout
+    want = sorted((name, up == "1") for name, up in (line.split() for line in links.splitlines()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert out.startswith("True ")
+    assert out.strip() == str(want)
 
 
 OVERSIZED = r"""

@@ -4,10 +4,10 @@ prefixes of their own, none under /usr, found through PYTHONHOME,
 PYTHONPATH and LD_LIBRARY_PATH as NixOS's wrappers and RUNPATHs find them.
 
 Built under a temp dir from copies (distinct inodes, so a rule on a copy
-grants nothing of the original): Debian's python3.11 and its stdlib, Debian's
-cffi (and the pycparser and ply it uses), whose backend links the shared
-libffi.so.8 (copied to a prefix of its own), structlog and pyroute2 from the venv, the gcroots sources, and trio,
-which the helper never imports (as a full gcroots package would have it on
+grants nothing of the original): Debian's python3.11 and its stdlib, whose
+_ctypes links the shared libffi.so.8, and libseccomp.so.2 (each copied to a
+prefix of its own), the gcroots sources, and trio, which the helper never
+imports (as a full gcroots package would have it on
 the path).  The helper must serve and scan there with --require-sandbox,
 import nothing after restrict_self, and be able to read exactly where its
 code came from: not trio, not the interpreter."""
@@ -29,11 +29,12 @@ from pathlib import Path
 
 import pytest
 
+from gcroots.helper import sandbox
+
 from . import support
 from .support import HELPER, lines, read_root_stream, roots_of
 from .test_helper_scan import private_homes
 
-DEBIAN_DIST = Path("/usr/lib/python3/dist-packages")   # python3-cffi (scripts/bootstrap)
 PY = f"python{sys.version_info.major}.{sys.version_info.minor}"
 SECRET = "only-for-code-that-was-loaded\n"
 
@@ -49,8 +50,8 @@ if os.environ.get("GCROOTS_TEST_AUDIT_IMPORTS"):
 
 
 def _copy_package(name: str, dest: Path) -> None:
-    """A top-level package or module of the running venv (or of Debian's
-    dist-packages for cffi), copied with its files into dest."""
+    """A top-level package or module of the running venv, copied with its
+    files into dest."""
     dest.mkdir(parents=True, exist_ok=True)
     spec = importlib.util.find_spec(name)
     if spec.submodule_search_locations:
@@ -64,8 +65,8 @@ def _copy_package(name: str, dest: Path) -> None:
 def layout():
     top = Path(tempfile.mkdtemp(prefix="gcroots-test-split-", dir="/tmp"))
     os.chmod(top, 0o755)
-    t = {name: top / name for name in ("python", "stdlib", "libffi", "cffi", "pycparser",
-                                       "ply", "structlog", "pyroute2", "gcroots", "trio", "audit")}
+    t = {name: top / name for name in ("python", "stdlib", "libffi", "libseccomp", "gcroots",
+                                       "trio", "audit")}
     base_exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     (t["python"] / "bin").mkdir(parents=True)
     shutil.copy2(base_exe, t["python"] / "bin" / PY)
@@ -73,33 +74,28 @@ def layout():
     shutil.copytree(stdlib, t["stdlib"] / "lib" / PY, symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__", "site-packages", "dist-packages",
                                                   "test", "idlelib", "tkinter", "turtledemo"))
-    backend = next(DEBIAN_DIST.glob("_cffi_backend.*.so"))
-    libffi = subprocess.run(["ldd", str(backend)], capture_output=True, text=True,
-                            check=True).stdout
-    libffi = next(line.split("=>")[1].split()[0] for line in libffi.splitlines()
+    import _ctypes
+    libs = subprocess.run(["ldd", _ctypes.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    libffi = next(line.split("=>")[1].split()[0] for line in libs.splitlines()
                   if "libffi.so" in line)
-    (t["libffi"] / "lib").mkdir(parents=True)
-    shutil.copy2(libffi, t["libffi"] / "lib")
-    site = {name: t[name] / "lib" / PY / "site-packages"
-            for name in ("cffi", "pycparser", "ply", "structlog", "pyroute2", "gcroots", "trio",
-                         "audit")}
-    site["cffi"].mkdir(parents=True)
-    shutil.copy2(backend, site["cffi"])
-    shutil.copytree(DEBIAN_DIST / "cffi", site["cffi"] / "cffi",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pycparser", "ply"):   # Debian's pycparser uses Debian's ply
-        shutil.copytree(DEBIAN_DIST / name, site[name] / name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("structlog", "pyroute2", "trio"):
-        _copy_package(name, site[name])
+    for name, lib in (("libffi", libffi), ("libseccomp", sandbox._seccomp._name)):
+        (t[name] / "lib").mkdir(parents=True)
+        found = lib if "/" in lib else next(m for m in _mapped(os.getpid()) if "/" + lib in m)
+        shutil.copy2(found, t[name] / "lib" / Path(lib).name)
+    site = {name: t[name] / "lib" / PY / "site-packages" for name in ("gcroots", "trio", "audit")}
+    _copy_package("trio", site["trio"])
     (site["trio"] / "trio" / "secret.txt").write_text(SECRET)
     # The helper's build (nix/package.nix's passthru.helper): the packages
     # it imports, from the sources, as pyproject.toml maps them.
     dirs = tomllib.loads((support.REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"]
     for package in ("gcroots", "gcroots.protocol", "gcroots.helper"):
+        # (gcroots/'s links to the sub-packages' folders left out: they are
+        # copied from where pyproject.toml maps them, as the wheel has them)
         shutil.copytree(support.REPO / dirs[package], site["gcroots"] / package.replace(".", "/"),
-                        ignore=shutil.ignore_patterns("__pycache__"))
+                        ignore=shutil.ignore_patterns("__pycache__", "protocol", "helper",
+                                                      "daemon", "client"))
     (site["gcroots"] / "gcroots" / "secret.txt").write_text(SECRET)
     site["audit"].mkdir(parents=True)
     (site["audit"] / "sitecustomize.py").write_text(AUDIT)
@@ -110,7 +106,8 @@ def layout():
     helper.chmod(0o755)
     env = {"PATH": "/usr/bin:/bin", "PYTHONHOME": str(t["stdlib"]),
            "PYTHONPATH": ":".join(str(p) for p in site.values()),
-           "LD_LIBRARY_PATH": str(t["libffi"] / "lib"), "PYTHONNOUSERSITE": "1",
+           "LD_LIBRARY_PATH": f"{t['libffi'] / 'lib'}:{t['libseccomp'] / 'lib'}",
+           "PYTHONNOUSERSITE": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
     yield {"top": top, "helper": helper, "env": env, "python": t["python"] / "bin" / PY,
            "prefixes": t, "site": site}
@@ -134,23 +131,24 @@ def _mapped(pid: int) -> set[str]:
 
 
 def test_the_layout_is_split(layout):
-    """Faithful: nothing of the helper's Python comes from /usr, libffi
-    comes from its own prefix (this is what a NixOS closure looks like)."""
-    code = ("import cffi, _cffi_backend, structlog, pyroute2, gcroots.helper.sandbox, os, sys\n"
+    """Faithful: nothing of the helper's Python comes from /usr, libffi and
+    libseccomp come from prefixes of their own (as in a NixOS closure)."""
+    code = ("import _ctypes, gcroots.helper.sandbox, os, sys\n"
             "print(sys.prefix)\n"
-            "for m in (cffi, _cffi_backend, structlog, pyroute2, gcroots.helper.sandbox, os):\n"
+            "for m in (_ctypes, gcroots.helper.sandbox, os):\n"
             "    print(m.__file__)\n"
             "print(open('/proc/self/maps').read())\n")
     out = subprocess.run([layout["python"], "-P", "-c", code], env=layout["env"], capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
     out, p = out.stdout, layout["prefixes"]
-    prefix, *files = out.splitlines()[:7]
+    prefix, *files = out.splitlines()[:4]
     assert prefix == str(p["stdlib"])
-    for f, where in zip(files, ("cffi", "cffi", "structlog", "pyroute2", "gcroots", "stdlib")):
+    for f, where in zip(files, ("stdlib", "gcroots", "stdlib")):
         assert f.startswith(str(p[where]) + "/"), (f, where)
-    libffi = [line.split()[-1] for line in out.splitlines() if "libffi.so" in line]
-    assert libffi and all(f.startswith(str(p["libffi"]) + "/") for f in libffi), libffi
+    for lib in ("libffi", "libseccomp"):
+        mapped = [line.split()[-1] for line in out.splitlines() if f"{lib}.so" in line]
+        assert mapped and all(f.startswith(str(p[lib]) + "/") for f in mapped), mapped
 
 
 def test_reads_only_where_its_code_came_from(layout, store):
@@ -164,7 +162,7 @@ def test_reads_only_where_its_code_came_from(layout, store):
         "from gcroots import log\n"
         "from gcroots.helper import sandbox\n"
         "from gcroots.layout import StoreLayout\n"
-        "log.configure('test', json=True)\n"
+        "log.configure('test', json=True, plain=True)\n"
         f"box = sandbox.apply_for_serving(StoreLayout.make(None, None, {str(store)!r}),\n"
         "                                 require=True, log=log.get('t'))\n"
         "def read(path):\n"
@@ -185,9 +183,8 @@ def test_reads_only_where_its_code_came_from(layout, store):
     ours = {g for g in granted if g.startswith(top)}
     site = layout["site"]
     assert ours == {str(layout["prefixes"]["libffi"] / "lib"),
+                    str(layout["prefixes"]["libseccomp"] / "lib"),
                     str(layout["prefixes"]["stdlib"] / "lib" / PY),
-                    str(site["cffi"]), str(site["pycparser"] / "pycparser"), str(site["ply"] / "ply"),
-                    str(site["structlog"] / "structlog"), str(site["pyroute2"] / "pyroute2"),
                     str(site["gcroots"] / "gcroots"), str(site["audit"])}, granted
 
 
@@ -231,7 +228,9 @@ def test_serves_and_scans_with_the_full_sandbox(layout, store, tmp_path):
                                      str(sock), "--require-sandbox"], env=env, stderr=f)
         try:
             _wait_for(log, proc, "helper_listening")
-            assert str(layout["prefixes"]["libffi"] / "lib" / "libffi.so.8") in _mapped(proc.pid)
+            mapped = _mapped(proc.pid)
+            assert str(layout["prefixes"]["libffi"] / "lib" / "libffi.so.8") in mapped
+            assert str(layout["prefixes"]["libseccomp"] / "lib" / "libseccomp.so.2") in mapped
             events, end, _ = read_root_stream(sock)
             assert end.complete, end.reason
             _send_junk(sock)

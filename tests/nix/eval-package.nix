@@ -21,6 +21,7 @@ let
       optional-dependencies = builtins.mapAttrs (_: map (p: p.pname)) (a.optional-dependencies or { });
       pythonRemoveDeps = a.pythonRemoveDeps or [ ];
       postInstall = a.postInstall or "";
+      postPatch = a.postPatch or "";
       pythonImportsCheck = a.pythonImportsCheck or [ ];
       srcRoot = relative a.src.root;
       srcFiles = map relative a.src.fileset;

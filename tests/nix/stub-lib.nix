@@ -146,6 +146,7 @@ in
   # nixpkgs: "${lib.getBin x}/bin/${y}"; the stand-in packages have one output.
   getExe' = pkg: name: "${pkg}/bin/${name}";
   getExe = pkg: "${pkg}/bin/${pkg.meta.mainProgram}";
+  getLib = pkg: pkg;
 
   importTOML = path: builtins.fromTOML (builtins.readFile path);
 

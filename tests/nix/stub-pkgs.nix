@@ -15,9 +15,7 @@ let
   python3Packages =
     lib.genAttrs [
       "argparse-manpage"
-      "cffi"
       "prometheus-client"
-      "pyroute2"
       "setuptools"
       "shtab"
       "structlog"
@@ -64,6 +62,7 @@ let
     "busybox"
     "installShellFiles"
     "iproute2"
+    "libseccomp"
     "nixfmt-rfc-style"
     "python3"
     "socat"
