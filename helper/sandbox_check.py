@@ -7,7 +7,6 @@ itself (helper/sandbox.py), not this prober.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import mmap
@@ -22,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 from gcroots.layout import StoreLayout
 from gcroots.log import Logger
 
+from ._ffi import ffi
 from .sandbox import (CAP_SYS_ADMIN, SandboxError, apply_for_serving, capget, capset,
                       syscall)
 
@@ -303,7 +303,7 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger) 
 
     def alias_mapping() -> None:  # a second view of shared memory (then: write + exec)
         shared = mmap.mmap(-1, 4096)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(shared)))
         syscall("munmap", syscall("mremap", addr, 0, 4096, 1, 0), 4096)  # MREMAP_MAYMOVE
     escape("mremap alias", alias_mapping)
     # Last: if it works, this process is gone.  /bin/sh, not /bin/true, so

@@ -15,6 +15,7 @@ let
   python3Packages =
     lib.genAttrs [
       "argparse-manpage"
+      "cffi"
       "prometheus-client"
       "setuptools"
       "shtab"
