@@ -17,6 +17,7 @@ let
       "argparse-manpage"
       "cffi"
       "prometheus-client"
+      "pyroute2"
       "setuptools"
       "shtab"
       "structlog"
