@@ -67,15 +67,16 @@ loud `sandbox_incomplete` warning naming what is missing.  For tests, layers
 can be switched off with `skip` (the CLI's `--sandbox-skip LAYER`); a
 skipped layer counts as missing.
 
-Foreign calls through ctypes (standard library: nothing parses C at run
-time; no callbacks, whose trampolines need W+X memory).  System call
+Foreign calls through cffi in precompiled ABI mode: the declarations live
+in helper/ffi_build.py, which generated helper/_ffi.py; at run time only
+cffi's `_cffi_backend` extension is loaded, nothing parses C (no pycparser
+as root).  No callbacks, whose trampolines need W+X memory.  System call
 numbers and the seccomp filter come from libseccomp (libseccomp.so.2, on
 every systemd host), for whatever architecture it knows.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import importlib
@@ -94,16 +95,16 @@ from gcroots.layout import StoreLayout
 from gcroots.log import Logger
 from gcroots.storepath import is_in_dir
 
+from ._ffi import ffi
 from .scan import Items
 
 LAYERS = ("netns", "caps", "no_new_privs", "landlock", "seccomp")
 
 # The Nix package writes libseccomp's absolute path here.
 LIBSECCOMP = "libseccomp.so.2"
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_libc = ffi.dlopen(None)
 try:
-    _seccomp: ctypes.CDLL | None = ctypes.CDLL(LIBSECCOMP, use_errno=True)
+    _seccomp = ffi.dlopen(LIBSECCOMP)
     NO_SYSCALLS = ""
 except OSError as e:
     _seccomp, NO_SYSCALLS = None, f"cannot load {LIBSECCOMP} (install libseccomp2): {e}"
@@ -117,21 +118,21 @@ class SandboxError(Exception):
 def syscall_number(name: str) -> int:
     """This architecture's number for the system call `name` (libseccomp's
     table; its negative pseudo-numbers stand for calls the arch lacks)."""
-    nr = _seccomp.seccomp_syscall_resolve_name(name.encode()) if _seccomp else -1
+    nr = int(_seccomp.seccomp_syscall_resolve_name(name.encode())) if _seccomp else -1
     if nr < 0:
         raise OSError(errno.ENOSYS, f"{name}: {NO_SYSCALLS or 'no such system call on ' + ARCH}")
     return nr
 
 
 def syscall(name: str, *args: object) -> int:
-    """Raw syscall by name; ints are passed as longs, anything else (None,
-    ctypes.byref, arrays) as it is.  Raises OSError on failure."""
-    ret = _libc.syscall(ctypes.c_long(syscall_number(name)),
-                        *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    """Raw syscall by name; ints are passed as longs, None as NULL, cdata
+    (pointers, arrays) as they are.  Raises OSError on failure."""
+    ret = int(_libc.syscall(syscall_number(name), *[
+        ffi.cast("long", a) if isinstance(a, int) else ffi.NULL if a is None else a for a in args]))
     if ret == -1:
-        e = ctypes.get_errno()
+        e = ffi.errno
         raise OSError(e, os.strerror(e))
-    return int(ret)
+    return ret
 
 
 # -- prctl / capabilities --------------------------------------------------------
@@ -147,14 +148,6 @@ KEEP_CAPS = (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_PTRACE)   # 0x80004
 _CAP_V3 = 0x20080522
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_uint32) for f in ("effective", "permitted", "inheritable")]
-
-
 def prctl(option: int, *args: object) -> int:
     args += (0,) * (4 - len(args))
     return syscall("prctl", option, *args)
@@ -162,19 +155,19 @@ def prctl(option: int, *args: object) -> int:
 
 def capget() -> tuple[int, int, int]:
     """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
-    data = (_CapData * 2)()
-    syscall("capget", ctypes.byref(_CapHeader(_CAP_V3, 0)), data)
+    data = ffi.new("struct cap_data[2]")
+    syscall("capget", ffi.new("struct cap_header *", (_CAP_V3, 0)), data)
     return tuple((getattr(data[1], f) << 32) | getattr(data[0], f)
                  for f in ("effective", "permitted", "inheritable"))
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
-    data = (_CapData * 2)()
+    data = ffi.new("struct cap_data[2]")
     for i in (0, 1):
         data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
         data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
         data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    syscall("capset", ctypes.byref(_CapHeader(_CAP_V3, 0)), data)
+    syscall("capset", ffi.new("struct cap_header *", (_CAP_V3, 0)), data)
 
 
 def _capability_mask(*prctl_args: int) -> int:
@@ -457,15 +450,6 @@ LL_SCOPE_ABSTRACT_UNIX, LL_SCOPE_SIGNAL = 1 << 0, 1 << 1
 _LL_RULE_PATH_BENEATH, _LL_CREATE_RULESET_VERSION = 1, 1 << 0
 
 
-class RulesetAttr(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_uint64) for f in ("handled_access_fs", "handled_access_net", "scoped")]
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1   # the kernel's is packed: 12 bytes, not 16
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (0: none)."""
     try:
@@ -542,7 +526,7 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
     if abi < 1:
         raise _Missing("Landlock is not available in this kernel (ENOSYS/EOPNOTSUPP)")
     abi = min(abi, LANDLOCK_KNOWN_ABI)
-    attr = RulesetAttr()
+    attr = ffi.new("struct landlock_ruleset_attr *")
     attr.handled_access_fs = landlock_fs_rights(abi)
     size = 8
     if abi >= 4:
@@ -552,7 +536,7 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
         attr.scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL
         size = 24
     rules = read_paths(layout, read_db=read_db)
-    ruleset = syscall("landlock_create_ruleset", ctypes.byref(attr), size, 0)
+    ruleset = syscall("landlock_create_ruleset", attr, size, 0)
     granted = []
     try:
         for path, access in rules:
@@ -565,8 +549,8 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
             try:
                 if not stat.S_ISDIR(os.fstat(fd).st_mode):
                     access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
-                rule = _PathBeneathAttr(access, fd)
-                syscall("landlock_add_rule", ruleset, _LL_RULE_PATH_BENEATH, ctypes.byref(rule), 0)
+                rule = ffi.new("struct landlock_path_beneath_attr *", (access, fd))
+                syscall("landlock_add_rule", ruleset, _LL_RULE_PATH_BENEATH, rule, 0)
             finally:
                 os.close(fd)
             granted.append(os.fsdecode(path) + (" (dir)" if access == LL_READ_DIR else ""))
@@ -611,11 +595,6 @@ FCNTL_OK = (0, 1, 2, 3, 4, 5, 6, 7, 36, 37, 38, 1030)   # dup/fd flags/fl flags/
 IOCTL_OK = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)  # TCGETS TIOCGWINSZ FIONREAD FIONBIO FION/CLEX
 PRCTL_OK = (PR_GET_DUMPABLE, PR_GET_NAME, PR_GET_SECCOMP, PR_CAPBSET_READ, PR_GET_SECUREBITS,
             PR_GET_NO_NEW_PRIVS)
-
-
-class _ArgCmp(ctypes.Structure):   # struct scmp_arg_cmp
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]
 
 
 # A rule: None (allow), an action, or alternatives (any one allows), each a
@@ -703,22 +682,21 @@ def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     this architecture lacks left out, `default` for every other call."""
     if _seccomp is None:
         raise _Missing(NO_SYSCALLS)
-    _seccomp.seccomp_init.restype = ctypes.c_void_p
-    ctx = ctypes.c_void_p(_seccomp.seccomp_init(ctypes.c_uint32(default)))
-    if not ctx:
+    ctx = _seccomp.seccomp_init(default)
+    if ctx == ffi.NULL:
         raise OSError(errno.ENOMEM, "libseccomp seccomp_init failed")
     try:
         _scmp(_seccomp.seccomp_attr_set(ctx, _ATTR_NNP, 0), "attr_set")   # no_new_privs is a layer of its own
         for name, rule in rules.items():
-            nr = _seccomp.seccomp_syscall_resolve_name(name.encode())
+            nr = int(_seccomp.seccomp_syscall_resolve_name(name.encode()))
             if nr < 0:
                 continue   # not on this architecture
             alternatives = [()] if rule is None or isinstance(rule, int) else rule
             action = rule if isinstance(rule, int) else ALLOW
             for cmps in alternatives:
-                array = (_ArgCmp * max(1, len(cmps)))(*[_ArgCmp(*c) for c in cmps])
-                _scmp(_seccomp.seccomp_rule_add_array(ctx, ctypes.c_uint32(action), nr, len(cmps),
-                                                      array), f"rule for {name}")
+                array = ffi.new("struct scmp_arg_cmp[]", list(cmps) or 1)
+                _scmp(_seccomp.seccomp_rule_add_array(ctx, action, nr, len(cmps), array),
+                      f"rule for {name}")
         fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
         try:
             _scmp(_seccomp.seccomp_export_bpf(ctx, fd), "export_bpf")
@@ -739,13 +717,10 @@ def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     return bytes(prog)
 
 
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
-
-
 def install_filter(prog: bytes) -> None:
     # (No TSYNC needed: we are single-threaded, checked first.)
-    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(_SockFprog(len(prog) // 8, prog)))
+    code = ffi.from_buffer(prog)   # (kept alive until the call returns)
+    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ffi.new("struct sock_fprog *", (len(prog) // 8, code)))
 
 
 def _layer_seccomp(rules: Rules, reader: "ProcReader | None") -> dict[str, object]:

@@ -7,7 +7,6 @@ itself (helper/sandbox.py), not this prober.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
 import mmap
@@ -22,8 +21,9 @@ from typing import Callable, Iterable, Sequence
 from gcroots.layout import StoreLayout
 from gcroots.log import Logger
 
-from .sandbox import (CAP_SYS_ADMIN, SandboxError, apply_for_serving, capget, capset,
-                      syscall)
+from ._ffi import ffi
+from .sandbox import (CAP_SYS_ADMIN, CLONE_NEWNET, SandboxError, apply_for_serving, capget,
+                      capset, syscall)
 
 # -- sandbox-check ---------------------------------------------------------------------------
 # A harness process prepares probes, forks a child that applies the sandbox
@@ -116,19 +116,28 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log: Logger, readlinks: S
     before = _snapshot(tmp), _snapshot(gcroots, state_names)
     out.flush()
     sys.stderr.flush()
+    ready_r, ready_w = os.pipe()   # prober: sandboxed; what its netns layer saw
+    go_r, go_w = os.pipe()         # harness (closed): looked, carry on
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the sandboxed prober
         code = 2
         try:
             listener.close()
-            code = _prober(layout, probes, frozenset(skip), log)
+            os.close(ready_r)
+            os.close(go_w)
+            code = _prober(layout, probes, frozenset(skip), log, (ready_w, go_r))
         except BaseException as e:
             print(f"sandbox-check: prober failed: {e!r}", flush=True)
         finally:
             sys.stdout.flush()
             os._exit(code)
+    os.close(ready_w)
+    os.close(go_r)
+    seen = os.read(ready_r, 4096).decode()   # "" if the prober failed first
+    problems = _netns_by_netlink(pid, seen) if seen else []
+    os.close(go_w)
+    os.close(ready_r)
     _, status = os.waitpid(pid, 0)
-    problems = []
     code = os.waitstatus_to_exitcode(status)
     if code == 111:
         problems.append("execve succeeded")
@@ -161,7 +170,46 @@ def check(layout: StoreLayout, *, skip: Iterable[str], log: Logger, readlinks: S
     return 0
 
 
-def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger) -> int:
+def _netns_by_netlink(pid: int, seen: str) -> list[str]:
+    """What the serving check saw of the prober's network namespace (its
+    netns layer's links, from /proc/self/net/dev and SIOCGIFFLAGS) against
+    what netlink lists there: pyroute2, in a child that enters the namespace
+    (the sandboxed prober may open no socket; serve never imports pyroute2)."""
+    if seen == "-":
+        print("netns links: not compared (the netns layer is missing)", flush=True)
+        return []
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the lister
+        try:
+            os.close(r)
+            syscall("setns", os.open(b"/proc/%d/ns/net" % pid, os.O_RDONLY | os.O_CLOEXEC),
+                    CLONE_NEWNET)
+            from pyroute2 import IPRoute
+            with IPRoute() as ip:
+                os.write(w, ", ".join(f"{m.get_attr('IFLA_IFNAME')}({'up' if m['flags'] & 1 else 'down'})"
+                                      for m in ip.get_links()).encode())
+        except BaseException as e:
+            os.write(w, f"!{e}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    listed = b""
+    while chunk := os.read(r, 1 << 16):
+        listed += chunk
+    os.close(r)
+    os.waitpid(child, 0)
+    shown, netlink = seen.split(", not the host's")[0], listed.decode()
+    if netlink.startswith("!"):   # e.g. setns without CAP_SYS_ADMIN: cannot verify, not an escape
+        print(f"netns links: not compared (netlink: {netlink[1:]})", flush=True)
+        return []
+    print(f"netns links: the serving check saw {shown}; netlink (pyroute2) lists {netlink}",
+          flush=True)
+    return [] if netlink == shown else [f"netlink lists links {netlink!r}, the serving check saw {shown!r}"]
+
+
+def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger,
+            sync: tuple[int, int]) -> int:
     try:
         box = apply_for_serving(dataclasses.replace(layout, store_dir=p.tmp), require=False,
                                 log=log, skip=skip, runtime=True)
@@ -170,6 +218,12 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger) 
         return 1
     for r in box.layers:
         print(f"layer {r.name}: " + ("active" if r.active else f"MISSING ({r.reason})"))
+    sys.stdout.flush()
+    netns = box.layers[0]
+    os.write(sync[0], str(netns.details["links"] if netns.active else "-").encode())
+    os.close(sync[0])
+    os.read(sync[1], 1)   # end of file: the harness has listed our links with netlink
+    os.close(sync[1])
     failures = 0
 
     def say(line: str) -> None:
@@ -303,7 +357,7 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger) 
 
     def alias_mapping() -> None:  # a second view of shared memory (then: write + exec)
         shared = mmap.mmap(-1, 4096)
-        addr = ctypes.addressof(ctypes.c_char.from_buffer(shared))
+        addr = int(ffi.cast("uintptr_t", ffi.from_buffer(shared)))
         syscall("munmap", syscall("mremap", addr, 0, 4096, 1, 0), 4096)  # MREMAP_MAYMOVE
     escape("mremap alias", alias_mapping)
     # Last: if it works, this process is gone.  /bin/sh, not /bin/true, so

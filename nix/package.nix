@@ -82,9 +82,14 @@ let
     // {
       pname = "gcroots-helper";
 
-      # No Python package beyond the standard library (ctypes for Landlock,
-      # seccomp and prctl; its own log lines): README, "What runs as root".
-      dependencies = [ ];
+      # cffi's _cffi_backend only (Landlock, seccomp and prctl, declared in
+      # the generated helper/_ffi.py: no C parser at run time; its own log
+      # lines): README, "What runs as root".
+      # pyroute2: `sandbox-check` only, never imported by serve.
+      dependencies = [
+        python3Packages.cffi
+        python3Packages.pyroute2
+      ];
       # pyproject.toml lists the daemon's and the client's dependencies;
       # the helper never imports them (tests/test_helper_small.py guards
       # that), so drop them from the metadata instead of carrying them.
@@ -116,6 +121,8 @@ python3Packages.buildPythonApplication (
     dependencies =
       (with python3Packages; [
         trio
+        cffi # the helper's foreign calls (helper/_ffi.py)
+        pyroute2 # gcroots-helper sandbox-check's netlink view
         structlog
         tqdm # gcroots-query's progress bars
       ])

@@ -5,7 +5,6 @@ the layer behind it is missing."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import pwd
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from gcroots.helper import sandbox
+from gcroots.helper._ffi import ffi
 
 from . import support
 from .support import HELPER, lines, nix_roots, read_root_stream, roots_of
@@ -127,6 +127,9 @@ def test_sandbox_check_every_escape_blocked_for_its_reason(store, users):
     assert res["layer"] == {name: "active" for name in sandbox.LAYERS}
     assert res["works"] == {**{n: "ok" for n in NEEDED}, f"readlink {alice_link}": "ok"}
     assert res["escape"] == ALL_LAYERS
+    # netlink (pyroute2, from outside the sandbox) lists what the netns layer saw.
+    assert "netns links: the serving check saw lo(down); netlink (pyroute2) lists lo(down)\n" \
+        in res["stdout"]
     assert res["stdout"].endswith("sandbox-check: PASS: every escape was blocked, "
                                   "every needed operation works\n")
 
@@ -497,13 +500,15 @@ def test_filtered_syscalls_are_the_kernel_headers_names():
 # Runs argv[1:] as systemd's SystemCallFilter=@system-service would: with
 # seccomp(2) denied (EPERM), which makes libseccomp refuse KILL_PROCESS.
 AS_UNDER_SYSTEMD = r"""
-import ctypes, os, sys
+import os, sys
+from cffi import FFI
 from gcroots.helper import sandbox as s
-lib = s._seccomp
-lib.seccomp_init.restype = ctypes.c_void_p
-ctx = ctypes.c_void_p(lib.seccomp_init(ctypes.c_uint32(s.ALLOW)))
-assert lib.seccomp_rule_add_array(ctx, ctypes.c_uint32(s.EPERM), s.syscall_number("seccomp"),
-                                  0, None) == 0
+ffi = FFI()
+ffi.cdef("void *seccomp_init(uint32_t); int seccomp_load(void *);"
+         "int seccomp_rule_add_array(void *, uint32_t, int, unsigned int, void *);")
+lib = ffi.dlopen(s.LIBSECCOMP)
+ctx = lib.seccomp_init(s.ALLOW)
+assert lib.seccomp_rule_add_array(ctx, s.EPERM, s.syscall_number("seccomp"), 0, ffi.NULL) == 0
 s.prctl(s.PR_SET_NO_NEW_PRIVS, 1)
 assert lib.seccomp_load(ctx) == 0
 os.execv(sys.argv[1], sys.argv[1:])
@@ -540,12 +545,12 @@ def test_landlock_rights_are_all_the_kernel_knows():
     abi = sandbox.landlock_abi()
     if abi < 7:
         pytest.skip(f"Landlock ABI {abi}")
-    attr = sandbox.RulesetAttr()
+    attr = ffi.new("struct landlock_ruleset_attr *")
 
     def create(fs: int, net: int, scoped: int) -> int:
         attr.handled_access_fs, attr.handled_access_net, attr.scoped = fs, net, scoped
         try:
-            fd = sandbox.syscall("landlock_create_ruleset", ctypes.byref(attr), 24, 0)
+            fd = sandbox.syscall("landlock_create_ruleset", attr, 24, 0)
         except OSError as e:
             return e.errno
         os.close(fd)
@@ -578,6 +583,7 @@ def test_network_links_agree_with_ip_link():
 OVERSIZED = r"""
 import errno, os
 from gcroots.helper import sandbox
+from gcroots.helper._ffi import ffi
 from gcroots.helper.scan import ScanError, Scanner
 from gcroots.layout import StoreLayout
 sandbox.MAX_ANSWER = 100      # the reader (forked below) answers nothing bigger

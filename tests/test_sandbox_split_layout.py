@@ -1,12 +1,14 @@
 """The helper's Landlock read set on a NixOS-like installation: the
-interpreter, the standard library, each Python package and libffi in
+interpreter, the standard library, each Python package (cffi's backend too)
+and libseccomp in
 prefixes of their own, none under /usr, found through PYTHONHOME,
 PYTHONPATH and LD_LIBRARY_PATH as NixOS's wrappers and RUNPATHs find them.
 
 Built under a temp dir from copies (distinct inodes, so a rule on a copy
-grants nothing of the original): Debian's python3.11 and its stdlib, whose
-_ctypes links the shared libffi.so.8, and libseccomp.so.2 (each copied to a
-prefix of its own), the gcroots sources, and trio, which the helper never
+grants nothing of the original): Debian's python3.11 and its stdlib, cffi's
+_cffi_backend extension (with the libffi it links, if it links one: the
+wheel's has it built in, NixOS's links libffi.so.8) and libseccomp.so.2 (each
+copied to a prefix of its own), the gcroots sources, and trio, which the helper never
 imports (as a full gcroots package would have it on
 the path).  The helper must serve and scan there with --require-sandbox,
 import nothing after restrict_self, and be able to read exactly where its
@@ -65,8 +67,8 @@ def _copy_package(name: str, dest: Path) -> None:
 def layout():
     top = Path(tempfile.mkdtemp(prefix="gcroots-test-split-", dir="/tmp"))
     os.chmod(top, 0o755)
-    t = {name: top / name for name in ("python", "stdlib", "libffi", "libseccomp", "gcroots",
-                                       "trio", "audit")}
+    t = {name: top / name for name in ("python", "stdlib", "libffi", "libseccomp", "cffi",
+                                       "gcroots", "trio", "audit")}
     base_exe = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     (t["python"] / "bin").mkdir(parents=True)
     shutil.copy2(base_exe, t["python"] / "bin" / PY)
@@ -74,16 +76,13 @@ def layout():
     shutil.copytree(stdlib, t["stdlib"] / "lib" / PY, symlinks=True,
                     ignore=shutil.ignore_patterns("__pycache__", "site-packages", "dist-packages",
                                                   "test", "idlelib", "tkinter", "turtledemo"))
-    import _ctypes
-    libs = subprocess.run(["ldd", _ctypes.__file__], capture_output=True, text=True,
-                          check=True).stdout
-    libffi = next(line.split("=>")[1].split()[0] for line in libs.splitlines()
-                  if "libffi.so" in line)
-    for name, lib in (("libffi", libffi), ("libseccomp", sandbox._seccomp._name)):
+    for name, lib in LIBS.items():
         (t[name] / "lib").mkdir(parents=True)
         found = lib if "/" in lib else next(m for m in _mapped(os.getpid()) if "/" + lib in m)
         shutil.copy2(found, t[name] / "lib" / Path(lib).name)
-    site = {name: t[name] / "lib" / PY / "site-packages" for name in ("gcroots", "trio", "audit")}
+    site = {name: t[name] / "lib" / PY / "site-packages"
+            for name in ("cffi", "gcroots", "trio", "audit")}
+    _copy_package("_cffi_backend", site["cffi"])
     _copy_package("trio", site["trio"])
     (site["trio"] / "trio" / "secret.txt").write_text(SECRET)
     # The helper's build (nix/package.nix's passthru.helper): the packages
@@ -125,17 +124,31 @@ def store(users):
     subprocess.run(["rm", "-rf", "--one-file-system", str(top)], check=True)
 
 
+def _libffi() -> str | None:
+    """The libffi that cffi's backend links, or None: built in (the wheel's)."""
+    import _cffi_backend
+    libs = subprocess.run(["ldd", _cffi_backend.__file__], capture_output=True, text=True,
+                          check=True).stdout
+    return next((line.split("=>")[1].split()[0] for line in libs.splitlines()
+                 if "libffi.so" in line), None)
+
+
+# The shared libraries the helper loads from prefixes of their own.
+LIBS = {name: lib for name, lib in (("libffi", _libffi()), ("libseccomp", sandbox.LIBSECCOMP)) if lib}
+
+
 def _mapped(pid: int) -> set[str]:
     with open(f"/proc/{pid}/maps") as f:
         return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split()) == 6}
 
 
 def test_the_layout_is_split(layout):
-    """Faithful: nothing of the helper's Python comes from /usr, libffi and
-    libseccomp come from prefixes of their own (as in a NixOS closure)."""
-    code = ("import _ctypes, gcroots.helper.sandbox, os, sys\n"
+    """Faithful: nothing of the helper's Python comes from /usr, cffi's
+    backend, libffi (if linked) and libseccomp come from prefixes of their
+    own (as in a NixOS closure)."""
+    code = ("import _cffi_backend, gcroots.helper.sandbox, os, sys\n"
             "print(sys.prefix)\n"
-            "for m in (_ctypes, gcroots.helper.sandbox, os):\n"
+            "for m in (_cffi_backend, gcroots.helper.sandbox, os):\n"
             "    print(m.__file__)\n"
             "print(open('/proc/self/maps').read())\n")
     out = subprocess.run([layout["python"], "-P", "-c", code], env=layout["env"], capture_output=True,
@@ -144,9 +157,9 @@ def test_the_layout_is_split(layout):
     out, p = out.stdout, layout["prefixes"]
     prefix, *files = out.splitlines()[:4]
     assert prefix == str(p["stdlib"])
-    for f, where in zip(files, ("stdlib", "gcroots", "stdlib")):
+    for f, where in zip(files, ("cffi", "gcroots", "stdlib")):
         assert f.startswith(str(p[where]) + "/"), (f, where)
-    for lib in ("libffi", "libseccomp"):
+    for lib in LIBS:
         mapped = [line.split()[-1] for line in out.splitlines() if f"{lib}.so" in line]
         assert mapped and all(f.startswith(str(p[lib]) + "/") for f in mapped), mapped
 
@@ -182,9 +195,9 @@ def test_reads_only_where_its_code_came_from(layout, store):
     top = str(layout["top"])
     ours = {g for g in granted if g.startswith(top)}
     site = layout["site"]
-    assert ours == {str(layout["prefixes"]["libffi"] / "lib"),
-                    str(layout["prefixes"]["libseccomp"] / "lib"),
-                    str(layout["prefixes"]["stdlib"] / "lib" / PY),
+    # cffi's backend sits at the top of its site-packages: that directory.
+    assert ours == {*(str(layout["prefixes"][lib] / "lib") for lib in LIBS),
+                    str(layout["prefixes"]["stdlib"] / "lib" / PY), str(site["cffi"]),
                     str(site["gcroots"] / "gcroots"), str(site["audit"])}, granted
 
 
@@ -229,8 +242,10 @@ def test_serves_and_scans_with_the_full_sandbox(layout, store, tmp_path):
         try:
             _wait_for(log, proc, "helper_listening")
             mapped = _mapped(proc.pid)
-            assert str(layout["prefixes"]["libffi"] / "lib" / "libffi.so.8") in mapped
-            assert str(layout["prefixes"]["libseccomp"] / "lib" / "libseccomp.so.2") in mapped
+            for name, lib in LIBS.items():
+                assert str(layout["prefixes"][name] / "lib" / Path(lib).name) in mapped
+            backend = Path(importlib.util.find_spec("_cffi_backend").origin).name
+            assert str(layout["site"]["cffi"] / backend) in mapped
             events, end, _ = read_root_stream(sock)
             assert end.complete, end.reason
             _send_junk(sock)

@@ -15,7 +15,9 @@ let
   python3Packages =
     lib.genAttrs [
       "argparse-manpage"
+      "cffi"
       "prometheus-client"
+      "pyroute2"
       "setuptools"
       "shtab"
       "structlog"
