@@ -4,6 +4,9 @@ side-by-side timing.  Benchmarks print ratios; they never assert timings."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
 import resource
 import shutil
@@ -22,14 +25,35 @@ BIN = Path(sys.executable).parent
 BENCH_DIR = Path(os.environ.get("GCROOTS_BENCH_DIR", "/dev/shm/gcroots-bench"))
 
 
+CACHE_DIR = Path(os.environ.get("GCROOTS_BENCH_CACHE", "/var/cache/gcroots-bench"))
+
+
 def make_store(name: str, paths: int, roots: int, *, seed: int = 1, indirect: int = 100,
                stale: int = 0, profiles: int = 4, generations: int = 5) -> Path:
+    """A fresh generated store at BENCH_DIR/name.  Generating takes minutes
+    at a million paths, so each one is cached (outside the checkout, keyed by
+    the parameters, its physical root -- gcroots/auto names and links depend
+    on it -- and the generator's source) and copied into place."""
     root = BENCH_DIR / name
+    params = dict(paths=paths, roots=roots, seed=seed, indirect=indirect, stale=stale, quirks=0,
+                  profiles=profiles, generations=generations, users=3)
+    key = hashlib.sha256(json.dumps([str(root), params]).encode()
+                         + Path(storegen.__file__).read_bytes()).hexdigest()[:16]
+    cached = CACHE_DIR / f"{paths}-{key}"
     if root.exists():
         subprocess.run(["rm", "-rf", str(root)], check=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    storegen.generate(root, paths, seed, roots=roots, indirect=indirect, stale=stale, quirks=0,
-                      profiles=profiles, generations=generations, users=3)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one generator per store at a time
+        if not cached.exists():
+            storegen.generate(root, **params)
+            tmp = cached.with_suffix(".tmp")
+            subprocess.run(["rm", "-rf", str(tmp)], check=True)
+            subprocess.run(["cp", "-a", str(root), str(tmp)], check=True)
+            tmp.rename(cached)
+            return root
+    subprocess.run(["cp", "-a", str(cached), str(root)], check=True)
     return root
 
 

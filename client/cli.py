@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # stdout carries only the answer: what the in-process work (--standalone)
     # logs goes to stderr, never to structlog's default, stdout.
-    log.configure("gcroots-query")
+    log.configure("gcroots-query", lazy=True)
     handler = getattr(args, "handler", None)
     if handler is not None:  # client-side commands (profiles) and gc's own flow
         return handler(args)

@@ -7,7 +7,7 @@ import os
 import sqlite3
 
 from gcroots.daemon import engine
-from gcroots.daemon.cli import settings_from
+from gcroots.daemon.nixconf import settings_from
 from gcroots.daemon.store import StoreDB
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
