@@ -111,8 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gcroots-query: {answer.message or answer.status.name.lower()}", file=sys.stderr)
         return EXIT.get(answer.status, 1)
     out = sys.stdout.buffer
-    if args.json:
-        out.write(json.dumps(FORMATTERS[args.command].json(answer.rows, args), indent=1,
+    if answer.paths is not None and not args.json:  # one path a line, as nix-store
+        for chunk in answer.paths:
+            out.write(chunk.replace(b"\0", b"\n"))
+    elif args.json:
+        out.write(json.dumps(FORMATTERS[args.command].json(answer.all_rows(), args), indent=1,
                              ensure_ascii=True).encode() + b"\n")
     else:
         FORMATTERS[args.command].text(answer.rows, args, out)

@@ -27,6 +27,15 @@ class Answer:
     status: admin.Status
     message: str
     rows: list[tuple[bytes, ...]] = field(default_factory=list)
+    # `live`/`dead`: the paths as NUL-terminated chunks instead of rows (a
+    # million paths need no object each on their way to stdout)
+    paths: list[bytes] | None = None
+
+    def all_rows(self) -> list[tuple[bytes, ...]]:
+        if self.paths is None:
+            return self.rows
+        joined = b"".join(self.paths)
+        return [(p,) for p in joined.split(b"\0")[:-1]] if joined else []
 
 
 def request(socket_path: str, command: str, options: dict | None = None,

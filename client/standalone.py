@@ -29,6 +29,10 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
         return Answer(Status.REFUSED, f"--standalone {command} needs root: an unprivileged scan "
                       "cannot read other users' indirect roots or processes, so it would call "
                       "live paths dead (use the daemon, or --allow-unprivileged-scan)")
+    try:  # before the scan
+        engine.check_request(command, options, pargs)
+    except engine.BadRequest as e:
+        return Answer(Status.BAD_REQUEST, str(e))
     layout = layout_of(args)
     try:
         db = StoreDB.open(layout, create_files=False)
@@ -38,6 +42,8 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         a = engine.analyze(layout, db, rootset, settings_from(args),
                            want_dead=command in engine.NEEDS_DEAD)
+        if command in ("live", "dead"):
+            return Answer(Status.OK, "", paths=list(engine.path_chunks(a, command)))
         rows = engine.query_rows(a, db, command, options, pargs, censor=False)
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to answer: {e}")
