@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 from gcroots.layout import StoreLayout
+from gcroots.protocol.admin import PATHS_PAYLOAD
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
 from gcroots.storepath import HASH_LEN, hash_part, is_store_basename, parse_store_path
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # numpy and the graph are imported when a graph is used:
     from .listing import StoreListing
 
 CENSORED = b"{censored}"
+PIECE = PATHS_PAYLOAD
 _PRIVATE_KINDS = (RootKind.RUNTIME, RootKind.TEMP)
 
 
@@ -147,6 +149,7 @@ class Analysis:
     _dead_valid: set[bytes] | None = None
     _live_unregistered: set[bytes] | None = None
     _db: StoreDB | None = None
+    _frames: dict = field(default_factory=dict)     # see path_frames
 
     @property
     def live(self) -> set[bytes]:
@@ -192,14 +195,18 @@ class Analysis:
         return len(self._dead_names) if self._dead is None else len(self._dead)
 
     def dead_chunks(self) -> Iterator[bytes]:
-        """The dead set, sorted, as NUL-terminated paths in chunks: with a
+        return (bytes(piece) for piece, _ in self.dead_pieces())
+
+    def dead_pieces(self) -> Iterator[tuple[bytes | memoryview, int]]:
+        """The dead set, sorted, as NUL-terminated paths in pieces: with a
         graph, slices of its path table -- a run of dead paths that sort
         together is one slice -- with the other entries merged in."""
         if self.dead_mask is None:
             prefix = self.layout.store_dir + b"/"
             glue, names = b"\0" + prefix, self._dead_names
-            for i in range(0, len(names), 4096):
-                yield prefix + glue.join(names[i:i + 4096]) + b"\0"
+            for i in range(0, len(names), 512):  # 512 paths: well within a frame
+                part = names[i:i + 512]
+                yield prefix + glue.join(part) + b"\0", len(part)
             return
         yield from _merged_runs(self.graph, self.dead_mask, self.dead_extra)
 
@@ -235,9 +242,11 @@ class Analysis:
         return {p: sorted(ls) for p, ls in out.items()}
 
 
-def _merged_runs(g: StoreGraph, mask: "np.ndarray", extra: list[bytes]) -> Iterator[bytes]:
-    """The paths of the nodes in `mask` and `extra` (sorted), merged in
-    order, NUL-terminated, in chunks."""
+def _merged_runs(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
+                 limit: int = PIECE) -> Iterator[tuple[bytes | memoryview, int]]:
+    """The paths of the nodes in `mask` and of `extra` (sorted), merged in
+    order, NUL-terminated: (piece, paths in it), each piece at most
+    `limit` bytes -- views of the path table's runs, not copies."""
     import numpy as np
     t = g.paths
     base = mask[:t.base][t.order]               # in sorted order
@@ -247,20 +256,28 @@ def _merged_runs(g: StoreGraph, mask: "np.ndarray", extra: list[bytes]) -> Itera
     # placed between the runs by its position among the sorted paths.
     others = sorted(extra + [t[n] for n in np.flatnonzero(mask[t.base:]) + t.base])
     seq = _SortedPaths(t)
-    blob, offsets, i = t.blob, t.offsets, 0
+    view, offsets, i = memoryview(t.blob), t.offsets, 0
+
+    def run(lo: int, hi: int) -> Iterator[tuple[memoryview, int]]:
+        while lo < hi:
+            cut = min(hi, int(np.searchsorted(offsets, offsets[lo] + limit, "right")) - 1)
+            cut = max(cut, lo + 1)
+            yield view[offsets[lo]:offsets[cut]], cut - lo
+            lo = cut
+
     for lo, hi in runs:
         while i < len(others) and bisect.bisect_left(seq, others[i], 0, t.base) <= lo:
-            yield others[i] + b"\0"
+            yield others[i] + b"\0", 1
             i += 1
         # An other path that sorts inside this run splits it.
         while i < len(others) and (r := bisect.bisect_left(seq, others[i], lo, hi)) < hi:
-            yield blob[offsets[lo]:offsets[r]]
-            yield others[i] + b"\0"
+            yield from run(lo, r)
+            yield others[i] + b"\0", 1
             lo = r
             i += 1
-        yield blob[offsets[lo]:offsets[hi]]
+        yield from run(lo, hi)
     for p in others[i:]:
-        yield p + b"\0"
+        yield p + b"\0", 1
 
 
 class _SortedPaths:
@@ -429,16 +446,42 @@ def rows_roots(a: Analysis, censor: bool) -> Iterator[tuple[bytes, ...]]:
         yield label, path, kind.name.lower().encode()
 
 
-def path_chunks(a: Analysis, command: str) -> Iterator[bytes]:
+def path_pieces(a: Analysis, command: str) -> Iterator[tuple[bytes | memoryview, int]]:
     """The answer to `live` or `dead`: sorted store paths, NUL-terminated,
-    in chunks (see Analysis.dead_chunks); gcrootsd sends them as they are,
-    --standalone splits them."""
+    in (piece, count) of at most PIECE bytes (see Analysis.dead_pieces)."""
     if command == "dead":
-        yield from a.dead_chunks()
+        yield from a.dead_pieces()
     elif a.live_mask is not None:
         yield from _merged_runs(a.graph, a.live_mask, sorted(a.live_unregistered))
     else:
-        yield b"".join(p + b"\0" for p in sorted(a.all_live))
+        paths = sorted(a.all_live)
+        for i in range(0, len(paths), 512):
+            yield b"".join(p + b"\0" for p in paths[i:i + 512]), len(paths[i:i + 512])
+
+
+def path_chunks(a: Analysis, command: str) -> Iterator[bytes]:
+    return (bytes(piece) for piece, _ in path_pieces(a, command))
+
+
+def path_frames(a: Analysis, command: str) -> list[tuple[list, int]]:
+    """path_pieces grouped into frames of at most PIECE bytes: (pieces,
+    count).  Computed once per analysis and kept with it: every client's
+    answer is sent from these (views of the graph's path table), none
+    holds a copy of its own."""
+    frames = a._frames.get(command)
+    if frames is None:
+        frames, group, size, count = [], [], 0, 0
+        for piece, n in path_pieces(a, command):
+            if size + len(piece) > PIECE and group:
+                frames.append((group, count))
+                group, size, count = [], 0, 0
+            group.append(piece)
+            size += len(piece)
+            count += n
+        if group:
+            frames.append((group, count))
+        a._frames[command] = frames
+    return frames
 
 
 def path_rows(a: Analysis, command: str) -> list[tuple[bytes, ...]]:

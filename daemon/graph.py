@@ -361,16 +361,17 @@ class StoreGraph:
         keep = a != b
         return a[keep], b[keep]
 
-    def _add_outputs(self, conn, rows: str, args=()) -> None:
+    def _add_outputs(self, conn, rows: str, where: str = "", args=()) -> None:
         """The DerivationOutputs rows of `rows` (a FROM clause naming the
-        table x, joined with the output's row v): keep-derivations keeps a
+        table x, joined with the output's row v) and `where`: keep-derivations keeps a
         .drv for an output that names it as its deriver and that the .drv
         lists (DerivationOutputs or, with ca-derivations, Realisations:
         both, as Nix's referrer search checks); keep-outputs keeps every
         valid output a .drv lists."""
         found = _ints(conn, "SELECT group_concat(x.drv || ',' || v.id || ',' || "
                             "(v.deriver IS NOT NULL AND v.deriver = d.path)) "
-                            f"{rows} JOIN ValidPaths d ON d.id = x.drv", args).reshape(-1, 3)
+                            f"{rows} JOIN ValidPaths d ON d.id = x.drv {where}",
+                       args).reshape(-1, 3)
         if not len(found):
             return
         d, o = self.nodes_of(found[:, 0]), self.nodes_of(found[:, 1])
@@ -456,12 +457,12 @@ class StoreGraph:
             src, dst = g._ref_pairs(conn, "WHERE referrer > ?", (old.max_id,))
             g.refs = g.refs.with_pairs(n, src, dst)
         if new_do:  # new .drvs: their outputs, old or new
-            g._add_outputs(conn, "FROM DerivationOutputs x JOIN ValidPaths v ON v.path = x.path "
-                                 "WHERE x.drv > ?", (old.max_id,))
+            g._add_outputs(conn, "FROM DerivationOutputs x JOIN ValidPaths v ON v.path = x.path",
+                           "WHERE x.drv > ?", (old.max_id,))
             g._count_do_rows(conn, old.max_id)
         if rows:    # new outputs of old .drvs (registered after them)
-            g._add_outputs(conn, "FROM ValidPaths v JOIN DerivationOutputs x ON x.path = v.path "
-                                 "WHERE v.id > ? AND x.drv <= ?", (old.max_id, old.max_id))
+            g._add_outputs(conn, "FROM ValidPaths v JOIN DerivationOutputs x ON x.path = v.path",
+                           "WHERE v.id > ? AND x.drv <= ?", (old.max_id, old.max_id))
         g.index = PathIndex(g)
         return g
 

@@ -75,10 +75,13 @@ let
         pyroute2 # the sandbox's network namespace check
         structlog # logging
       ];
-      # pyproject.toml lists the daemon's dependency too; the helper never
+      # pyproject.toml lists the daemon's dependencies too; the helper never
       # imports it (a test in tests/ guards that), so drop it from the
       # metadata instead of carrying it.
-      pythonRemoveDeps = [ "trio" ];
+      pythonRemoveDeps = [
+        "trio"
+        "numpy"
+      ];
 
       # Only the helper: the other commands need trio.
       postInstall = ''
@@ -102,6 +105,7 @@ python3Packages.buildPythonApplication (
     dependencies =
       (with python3Packages; [
         trio
+        numpy # gcrootsd's compact store graph
         pyroute2
         cffi
         structlog

@@ -5,11 +5,14 @@ One request per connection:
     client -> daemon   HELLO(magic, min_version, max_version)
     client -> daemon   REQUEST(command, options as JSON text, bytes args...)
     daemon -> client   HELLO(magic, min_version, max_version)
-    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PROGRESS(text)
+    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PATHS(...) | PROGRESS(text)
     daemon -> client   END(status, row_count, message)
 
 ROWS packs many one-field rows (a list of store paths) into one frame: a
-100k-path `dead` answer is ~30 frames, not 100k.
+100k-path `dead` answer is ~90 frames, not 100k.  PATHS (version 2) does
+the same with each value NUL-terminated (no store path or store entry
+holds a NUL): the daemon sends slices of its sorted path table as they
+are, and the client writes them out without an object per path.
 
 Answers stream: `dead` on a big store is a long list, sent as it is produced.
 As with the root stream, an answer is complete only if END arrived, says how
@@ -30,12 +33,14 @@ from .rootstream import NEED_DATA, VersionMismatch, _NeedData
 
 MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
-MAX_VERSION = 1
+MAX_VERSION = 2
 MAX_ARGS = 1024         # `delete` takes store paths (a frame bounds them anyway)
 MAX_OPTIONS_DEPTH = 16
 
-_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS = 1, 2, 3, 4, 5, 6
-_SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*"}
+_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PATHS = 1, 2, 3, 4, 5, 6, 7
+_SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*",
+            _PATHS: "*"}
+PATHS_PAYLOAD = MAX_FRAME - 16   # the most a PATHS frame carries
 _LEN = struct.Struct(">I")
 _ROWS_HEADER = struct.Struct(">IB")
 
@@ -71,6 +76,13 @@ class Row:
 class Rows:
     """Several one-field rows."""
     values: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Several one-field rows, each NUL-terminated in `payload`."""
+    payload: bytes
+    count: int
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,21 @@ class ServerConnection:
     def _rows_frame(parts: list[bytes], size: int) -> bytes:
         return _ROWS_HEADER.pack(size, _ROWS) + b"".join(parts)
 
+    @property
+    def paths_frames(self) -> bool:
+        """Whether the client reads PATHS frames (protocol version 2)."""
+        return self._hello is not None and min(self._hello.max_version, self._versions[1]) >= 2
+
+    def paths(self, payload, count: int) -> bytes:
+        """One PATHS frame: `payload` (bytes-like, at most PATHS_PAYLOAD) is
+        `count` values, each NUL-terminated.  Version 2 clients only."""
+        if self._ended:
+            raise LocalProtocolError("answer already ended")
+        if not self.paths_frames or len(payload) > PATHS_PAYLOAD:
+            raise LocalProtocolError("PATHS frame not for this client, or too large")
+        self.rows_sent += count
+        return _ROWS_HEADER.pack(len(payload) + 1, _PATHS) + payload
+
     def progress(self, message: str) -> bytes:
         return encode_frame(_PROGRESS, _SCHEMAS[_PROGRESS], [message[:1024]])
 
@@ -263,7 +290,7 @@ class ClientConnection:
             return
         self._frames.feed(data)
 
-    def next_event(self) -> Hello | Row | Rows | Progress | End | AnswerEnd | _NeedData:
+    def next_event(self) -> Hello | Row | Rows | Paths | Progress | End | AnswerEnd | _NeedData:
         if self._finished:
             raise LocalProtocolError("next_event() after AnswerEnd")
         frame = self._frames.next_frame()
@@ -288,6 +315,13 @@ class ClientConnection:
             values = _split_rows(payload)
             self.rows_received += len(values)
             return Rows(values)
+        if ftype == _PATHS:
+            if self._hello.max_version < 2 or payload[-1:] not in (b"\0", b""):
+                raise RemoteProtocolError("PATHS frame from a version 1 daemon, or not "
+                                          "NUL-terminated")
+            count = payload.count(b"\0")
+            self.rows_received += count
+            return Paths(payload, count)
         if ftype == _PROGRESS:
             return Progress(*decode_fields(_PROGRESS, schema, payload))
         if ftype == _END:
