@@ -691,6 +691,7 @@ class Collection:
         self._dead_nodes = None                  # what goes: valid paths (nodes)...
         self._dead_other: list[bytes] = []       # ... and entries that are no valid path
         self._fks = ForeignKeys()
+        self._deleted_rows: dict[str, int] = {}
         self._t0 = time.monotonic()
 
     # phase 1
@@ -873,7 +874,8 @@ class Collection:
                 done[valid] = True
                 done_count += len(batch)
                 if self._db is not None:
-                    self._db.forget(int(i) for i in g.ids[valid])
+                    self._db.forget((int(i) for i in g.ids[valid]),
+                                    self._deleted_rows.get("realisations", 0))
                 pool.submit(batch)
                 batch = []
                 if self.options.max_freed is not None:
@@ -1019,8 +1021,9 @@ class Collection:
                 _log.warning("gc_skipping_newly_registered", count=len(newly))
             writer.execute("DELETE FROM temp.gc_batch")
             writer.executemany("INSERT INTO temp.gc_batch VALUES (?)", [(i,) for i in ids])
-            _delete_cascading(writer, dict(zip(ids, (p for p, n in zip(batch, nodes.tolist())
-                                                     if n >= 0))), self._fks)
+            self._deleted_rows = _delete_cascading(
+                writer, dict(zip(ids, (p for p, n in zip(batch, nodes.tolist()) if n >= 0))),
+                self._fks)
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -1101,7 +1104,7 @@ class ForeignKeys:
 
 
 def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes],
-                      fks: ForeignKeys | None = None) -> None:
+                      fks: ForeignKeys | None = None) -> dict[str, int]:
     """Delete the ValidPaths rows whose ids are in temp.gc_batch, then
     what their foreign keys say, as SQLite does for Nix's deletions
     (foreign keys on): ON DELETE CASCADE rows go too (and theirs, and so
@@ -1109,8 +1112,10 @@ def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes],
     transaction.  The schema's triggers fire as for Nix (DeleteSelfRefs,
     and DeleteSelfRefsViaRealisations of Nix >= 2.9, which turns a
     restricting RealisationsRefs row into a deleted one).  `paths`: id ->
-    path of the rows, for messages.  `fks`: a collection's cache."""
+    path of the rows, for messages.  `fks`: a collection's cache.
+    Returns how many rows of each table (but ValidPaths) went."""
     fks = (fks or ForeignKeys()).get(conn)
+    deleted: dict[str, int] = {}  # table -> rows (for StoreDB.forget)
     conn.execute("DELETE FROM ValidPaths WHERE id IN temp.gc_batch")
     gone = {"validpaths": "temp.gc_batch"}  # table -> temp table of its deleted ids
     todo, restrict, rounds = ["validpaths"], [], 0
@@ -1129,7 +1134,8 @@ def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes],
                 conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {tmp[5:]} (id INTEGER PRIMARY KEY)")
                 conn.execute(f"INSERT OR IGNORE INTO {tmp} SELECT id {where}")
                 todo.append(child.lower())
-            conn.execute(f"DELETE {where}")
+            deleted[child.lower()] = deleted.get(child.lower(), 0) + \
+                conn.execute(f"DELETE {where}").rowcount
     for child, column, parent in restrict:
         bad = conn.execute(f"SELECT rowid, {_ident(column)} FROM {_ident(child)} "
                            f"WHERE {_ident(column)} IN {gone[parent]} LIMIT 1").fetchone()
@@ -1151,6 +1157,7 @@ def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes],
     for tmp in gone.values():
         if tmp != "temp.gc_batch":
             conn.execute(f"DELETE FROM {tmp}")
+    return deleted
 
 
 def _writer(db_path: bytes) -> sqlite3.Connection:

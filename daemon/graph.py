@@ -222,6 +222,10 @@ class PathIndex:
         return self.get(path) is not None
 
 
+class Stale(Exception):
+    """The DB changed in a way only a full load follows."""
+
+
 @dataclass(frozen=True)
 class Marks:
     """What the DB held when the graph last looked (see follow())."""
@@ -229,18 +233,19 @@ class Marks:
     paths: int            # rows of ValidPaths
     refs: int             # ... of Refs
     outputs: int          # ... of DerivationOutputs
-    realisations: tuple   # (rows, max id) of Realisations if followed, else ()
+    realisations: tuple   # (rows, highest id) of Realisations if followed, else ()
     schema: int           # PRAGMA schema_version
 
 
 def _marks(conn, ca: bool) -> Marks:
     """count(*) is cheap (SQLite counts b-tree cells: ~5 ms at a million rows)."""
     one = lambda q: conn.execute(q).fetchone()[0] or 0  # noqa: E731
-    realisations = ()
-    if ca:
+    realisations: tuple = ()
+    if ca:  # rows, and the highest id ever given (AUTOINCREMENT): grows with every row added
         try:
-            realisations = tuple(conn.execute("SELECT count(*), max(id) FROM Realisations")
-                                 .fetchone())
+            realisations = (one("SELECT count(*) FROM Realisations"),
+                            one("SELECT max(seq) FROM sqlite_sequence WHERE name = 'Realisations'")
+                            or one("SELECT max(id) FROM Realisations"))
         except Exception:  # no such table (yet)
             realisations = ("none",)
     return Marks(one("SELECT max(id) FROM ValidPaths"), one("SELECT count(*) FROM ValidPaths"),
@@ -400,10 +405,11 @@ class StoreGraph:
 
     # -- following the DB ------------------------------------------------------------
 
-    def forget(self, ids: Iterable[int]) -> "StoreGraph":
+    def forget(self, ids: Iterable[int], realisations: int = 0) -> "StoreGraph":
         """Our own collection invalidated these paths, and with them what
-        the DB's foreign keys delete (daemon/gc.py): the graph without them,
-        and the DB's counts as they must now be, which follow() checks."""
+        the DB's foreign keys delete (daemon/gc.py; `realisations`: rows of
+        Realisations): the graph without them, and the DB's counts as they
+        must now be, which follow() checks."""
         ids = np.fromiter(ids, dtype=np.int64)
         nodes = self.nodes_of(ids[self._known(ids)])
         nodes = nodes[~self.gone[nodes]]
@@ -414,32 +420,39 @@ class StoreGraph:
         m = self.marks
         # Their Refs rows all have one of them as referrer: a path still
         # valid that refers to one stops the collection (RESTRICT).
+        rs = m.realisations
+        if realisations and len(rs) == 2:
+            rs = (rs[0] - realisations, rs[1])
         return _replace(self, gone=gone, _referrers=None, marks=Marks(
             m.max_id, m.paths - len(nodes), m.refs - int(self.ref_rows[nodes].sum()),
-            m.outputs - int(self.do_rows[nodes].sum()), m.realisations, m.schema))
+            m.outputs - int(self.do_rows[nodes].sum()), rs, m.schema))
 
-    def follow(self, conn, version: int) -> "StoreGraph | None":
+    def follow(self, conn, version: int) -> "StoreGraph":
         """This graph brought up to date with the DB (inside a read
-        transaction), or None if that takes a full load: anything but rows
+        transaction); Stale if that takes a full load: anything but rows
         added since we looked (and the deletions of forget())."""
         if version == self.version:
             return self
         old, n0 = self.marks, len(self)
         now = _marks(conn, self.ca)
-        if now.schema != old.schema or now.realisations != old.realisations:
-            return None  # Realisations are found by hashing .drv files: load anew
+        if now.schema != old.schema:
+            raise Stale("the DB's schema changed")
+        if now.realisations != old.realisations:  # found by hashing .drv files
+            raise Stale("Realisations changed")
         rows = conn.execute("SELECT id, path, coalesce(narSize, 0) FROM ValidPaths WHERE id > ? "
                             "ORDER BY id", (old.max_id,)).fetchall()
         if now.paths != old.paths + len(rows):
-            return None  # a path we knew went away (another collector, nix-store --delete)
+            raise Stale("a valid path went away (another collector, nix-store --delete)")
         # Rows of new paths (and .drvs) only: an old path's references or
         # outputs are registered with it, and registering it again replaces
         # them with the same; anything else changes a count below.
         new_refs, new_do = conn.execute(
             "SELECT (SELECT count(*) FROM Refs WHERE referrer > ?1), "
             "(SELECT count(*) FROM DerivationOutputs WHERE drv > ?1)", (old.max_id,)).fetchone()
-        if now.refs != old.refs + new_refs or now.outputs != old.outputs + new_do:
-            return None
+        if now.refs != old.refs + new_refs:
+            raise Stale("references of a path registered before changed")
+        if now.outputs != old.outputs + new_do:
+            raise Stale("outputs of a derivation registered before changed")
         g = _replace(self, version=version, marks=now, _referrers=None)
         if rows:
             k = len(rows)
@@ -471,8 +484,11 @@ class StoreGraph:
     def closure_mask(self, start: Iterable[int], settings: GCSettings) -> np.ndarray:
         """The nodes reachable from `start` over the GC's edges, as a mask;
         breadth first, one array operation per level."""
-        seen = np.zeros(len(self), dtype=bool)
+        # Paths we invalidated are seen from the start: edges to them (a
+        # .drv's outputs) lead nowhere.
+        seen = self.gone.copy()
         frontier = np.unique(np.fromiter(start, dtype=np.int64))
+        frontier = frontier[~seen[frontier]]
         seen[frontier] = True
         kd, ko = settings.keep_derivations, settings.keep_outputs
         while len(frontier):
@@ -486,7 +502,7 @@ class StoreGraph:
             cand = np.unique(cand[~seen[cand]])
             seen[cand] = True
             frontier = cand
-        return seen
+        return seen & ~self.gone
 
     def closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         return set(np.flatnonzero(self.closure_mask(start, settings)).tolist())
@@ -497,7 +513,7 @@ class StoreGraph:
             out.append(int(self.deriver[node]))
         if settings.keep_outputs:
             out += self.outputs[node].tolist() + self.realised[node].tolist()
-        return out
+        return [m for m in out if not self.gone[m]]
 
     def referrers(self) -> CSR:
         """node -> the nodes that reference it (built on first use)."""
@@ -516,8 +532,9 @@ class StoreGraph:
         queryValidDerivers, which does not look at Realisations)."""
         referrers = self.referrers()
         derivers_of = self.outputs.reversed(len(self)) if settings.keep_outputs else None
-        seen = np.zeros(len(self), dtype=bool)
+        seen = self.gone.copy()
         frontier = np.unique(np.fromiter(start, dtype=np.int64))
+        frontier = frontier[~seen[frontier]]
         seen[frontier] = True
         while len(frontier):
             nxt = [referrers.gather(frontier)]
@@ -532,7 +549,7 @@ class StoreGraph:
             cand = np.unique(cand[~seen[cand]])
             seen[cand] = True
             frontier = cand
-        return seen
+        return seen & ~self.gone
 
     def referrer_closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         return set(np.flatnonzero(self.referrer_closure_mask(start, settings)).tolist())

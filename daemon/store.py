@@ -117,13 +117,13 @@ class StoreDB:
             g = self._graph
             if g is None or g.ca != ca:
                 return None
-            followed = g.follow(self.conn, self.data_version())
-            if followed is None:
-                _log.info("graph_stale", reason="the DB changed in a way only a full load follows")
+            from .graph import Stale
+            try:
+                self._graph = g.follow(self.conn, self.data_version())
+            except Stale as e:
+                _log.info("graph_stale", reason=str(e))
                 self._graph = None
-            else:
-                self._graph = followed
-            return followed
+            return self._graph
 
     def load_graph(self, ca: bool = False) -> "StoreGraph":
         """Read the whole graph (inside a snapshot) and keep it; with `ca`
@@ -139,11 +139,12 @@ class StoreDB:
         gc.freeze()
         return graph
 
-    def forget(self, ids: Iterable[int]) -> None:
-        """Our collection invalidated these ValidPaths ids (and committed)."""
+    def forget(self, ids: Iterable[int], realisations: int = 0) -> None:
+        """Our collection invalidated these ValidPaths ids, and with them
+        `realisations` rows of Realisations (committed)."""
         with self._graph_lock:
             if self._graph is not None:
-                self._graph = self._graph.forget(ids)
+                self._graph = self._graph.forget(ids, realisations)
 
     def has_realisations(self) -> bool:
         try:
