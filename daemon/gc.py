@@ -476,11 +476,29 @@ class DeleterPool:
         self.queue: queue.Queue[list[bytes] | None] = queue.Queue()
         self.failure: list[BaseException] = []
         self.threads: list[threading.Thread] = []
+        self.workers: list[DeleterProcess] = []
         for _ in range(max(1, _cores() - 1)):
             self._add()
 
+    def check(self, store: bytes, names: list[bytes]) -> str | None:
+        """why_undeletable, a share of `names` to each worker (the collector
+        waits meanwhile, so one more worker takes its core); the first
+        share's first reason, so the same path as in one process."""
+        if not names:
+            return None
+        if len(self.workers) < _cores():
+            self._add()
+        helpers = self.workers
+        step = -(-len(names) // len(helpers))
+        shares = [names[i:i + step] for i in range(0, len(names), step)] or [[]]
+        for w, share in zip(helpers, shares):
+            w.start_check(store, share)
+        reasons = [w.check_result() for w, _ in zip(helpers, shares)]
+        return next((r for r in reasons if r), None)
+
     def _add(self) -> None:
         worker = DeleterProcess()
+        self.workers.append(worker)
         t = threading.Thread(target=self._feed, args=(worker,), name="gc-delete", daemon=True)
         t.start()
         self.threads.append(t)
@@ -821,8 +839,8 @@ class Collection:
         that deletion starts at once, the later ones big (each commit
         rewrites the DB's index pages)."""
         order, nodes = self._order()
-        self._check_deletable(order)
         if self.options.dry_run:
+            self._check_deletable(order)
             names, self.result.bytes_freed, self.result.links_freed, self.result.nix_bytes_freed = \
                 predict_freed(self.layout.real_store_dir, self._names(order),
                               self.layout.links_dir, self.options.max_freed)
@@ -831,10 +849,16 @@ class Collection:
             self.result.deleted = order[:len(names)]
             self.result.seconds = time.monotonic() - self._t0
             return self.result
+        pool = DeleterPool(self)
         try:
+            self._check_deletable(order, pool)
             writer = _writer(db_path)
         except sqlite3.Error as e:
+            pool.close()
             raise DBError(f"nothing was deleted: {describe_error(e, db_path)}") from None
+        except BaseException:
+            pool.close()
+            raise
         g = self._graph
         done = np.zeros(len(g), dtype=bool)  # invalidated, in order
         done_count = 0
@@ -843,7 +867,6 @@ class Collection:
         fixed = (MAX_FREED_BATCH if self.options.max_freed is not None
                  else 64 if self.options.throttle else None)
         size = fixed or FIRST_BATCH
-        pool = DeleterPool(self)
         batch: list[bytes] = []  # claimed, not yet handed to the deleters
         try:
             start = 0
@@ -900,13 +923,18 @@ class Collection:
         self.result.seconds = time.monotonic() - self._t0
         return self.result
 
-    def _check_deletable(self, order: list[bytes]) -> None:
+    def _check_deletable(self, order: list[bytes], pool: "DeleterPool | None" = None) -> None:
         """Collection never starts what it cannot finish: before the plan is
         shown (a dry run) and before the first row is invalidated, refuse
-        if the worker could not delete one of these paths (why_undeletable)."""
+        if the worker could not delete one of these paths (why_undeletable;
+        in the deleter processes, a share each, when there are some)."""
         if self.options.dry_run:
             self._check_writable(remount=False)  # begin() checked a real run's
-        why = why_undeletable(self.layout.real_store_dir, self._names(order))
+        names = self._names(order)
+        if pool is None:
+            why = why_undeletable(self.layout.real_store_dir, names)
+        else:
+            why = pool.check(self.layout.real_store_dir, names)
         if why is not None:
             raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
 
