@@ -87,6 +87,11 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def summary(xs: list[float]) -> str:
+    """median [min-max] over the runs"""
+    return f"{median(xs):7.3f}s [{min(xs):.3f}-{max(xs):.3f}]"
+
+
 def fmt_ratio(ours: float, theirs: float) -> str:
     return f"{theirs / ours:.1f}x faster" if ours <= theirs else f"{ours / theirs:.2f}x slower"
 

@@ -631,6 +631,18 @@ def stats(a: Analysis, db: StoreDB) -> list[tuple[str, str]]:
             ("keep_outputs", str(a.settings.keep_outputs).lower()),
             ("ca_derivations", str(a.settings.ca_derivations).lower())]
     out += [(f"seconds_{k}", f"{v:.4f}") for k, v in a.timings.items()]
+    # The answering process's memory (gcrootsd keeps the graph resident).
+    out += [(f"resident_{k}bytes", str(v)) for k, v in resident_memory().items()]
+    return out
+
+
+def resident_memory() -> dict[str, int]:
+    """{"": resident bytes now, "peak_": the most so far} of this process."""
+    out = {}
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith((b"VmRSS:", b"VmHWM:")):
+                out["" if line.startswith(b"VmRSS") else "peak_"] = int(line.split()[1]) * 1024
     return out
 
 
