@@ -1,13 +1,17 @@
 """gcroots-query: ask gcrootsd (or, with --standalone, this process) about the
-store's roots and garbage.
+store's roots and garbage, and collect it.
 
 Exit codes:
   0  success
   1  error: daemon or helper unreachable, no complete root set, bad answer
-  2  usage error
+  2  usage error (a bad argument, a path that is not in the store)
   3  refused: this command needs root or the admin group
   4  busy: a garbage collection is running, or too many connections of yours
   5  negative answer: `why` -- the path is not alive
+
+With --json every answer, and every error, is one JSON document on stdout
+(an error: {"error": MESSAGE, "exit": CODE}); logs, prompts and progress go
+to stderr or the terminal.
 """
 
 from __future__ import annotations
@@ -22,94 +26,182 @@ from gcroots import cliargs, log
 from gcroots.protocol.admin import Status
 
 from . import conn
-from .format import FORMATTERS
+from .format import FORMATTERS, error, write_json
+from .term import ProgressBar
 
 EXIT = {Status.OK: 0, Status.ERROR: 1, Status.BAD_REQUEST: 2, Status.REFUSED: 3,
         Status.BUSY: 4, Status.NEGATIVE: 5}
+# Commands answered by gcrootsd (or --standalone): they work on the store
+# gcrootsd serves, so the chroot/layout flags make sense only standalone.
+# (`clean` and `roots prune` also work on the store --root names, client-side.)
+DAEMON_COMMANDS = frozenset({"roots", "live", "dead", "why", "cost", "stats", "gc", "delete"})
+STANDALONE_ONLY = ("root", "store_dir", "state_dir", "no_runtime", "keep_outputs",
+                   "keep_derivations", "allow_unprivileged_scan")
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors exit 2, as one line; with --json as a JSON object on
+    stdout (the subcommands' parsers are of this class too)."""
+    json_errors = False
+
+    def error(self, message: str):
+        if Parser.json_errors:
+            write_json({"error": f"{self.prog}: {message}", "exit": 2})
+            sys.exit(2)
+        super().error(message)
+
+
+def subcommand(sub, name: str, help: str, description: str, examples: str = "",
+               **kwargs) -> argparse.ArgumentParser:
+    """A subcommand with a one-line help (in the list of commands), a
+    description and examples (in its own --help)."""
+    return sub.add_parser(name, help=help, description=cliargs.describe(description),
+                          epilog=("examples:\n" + examples) if examples else None,
+                          formatter_class=cliargs.HelpFormatter, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: argparse (3.11) matches every argument, also those
     # after the subcommand, against the top-level options' prefixes, so
     # `profiles prune --keep 1` would be "ambiguous" with --keep-outputs.
-    p = argparse.ArgumentParser(prog="gcroots-query", description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="gcroots-query", description=__doc__, allow_abbrev=False,
+               formatter_class=cliargs.HelpFormatter, epilog="""examples:
+  gcroots-query dead | wc -l               how many store paths are garbage
+  gcroots-query why ./result               which root keeps this alive
+  gcroots-query clean --keep 5 --roots-older-than 30d --dry-run
+  gcroots-query gc --ask --print-deleted > deleted.txt
+  gcroots-query --standalone --root /mnt stats     a store of another system, no daemons""")
+    cliargs.add_version(p)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", default=None,
+    where.add_argument("--socket", default=None, metavar="PATH",
                        help="gcrootsd's socket (default $GCROOTS_SOCKET or /run/gcroots/gcrootsd.sock)")
     where.add_argument("--standalone", action="store_true",
                        help="no daemons: scan and analyse in this process, with your own rights")
-    p.add_argument("--root", help="--standalone: physical root of a chroot store")
-    p.add_argument("--store-dir", help="--standalone: logical store dir")
-    p.add_argument("--state-dir", help="--standalone: logical state dir")
-    p.add_argument("--no-runtime", action="store_true", help="--standalone: skip /proc")
+    p.add_argument("--root", metavar="DIR",
+                   help="--standalone: physical root of a chroot store (like nix-store --store DIR)")
+    p.add_argument("--store-dir", metavar="DIR",
+                   help="--standalone: logical store dir (default /nix/store)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="--standalone: logical state dir (default /nix/var/nix)")
+    p.add_argument("--no-runtime", action="store_true",
+                   help="--standalone: skip /proc (running processes are no roots then)")
     p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
-                   help="--standalone: override nix.conf")
+                   help="--standalone: override nix.conf's keep-outputs")
     p.add_argument("--keep-derivations", action=argparse.BooleanOptionalAction, default=None,
-                   help="--standalone: override nix.conf")
+                   help="--standalone: override nix.conf's keep-derivations")
     p.add_argument("--allow-unprivileged-scan", action="store_true",
                    help="--standalone: answer dead/gc even when not root (other users' "
                         "private roots are then invisible to the scan)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: one JSON document on stdout (errors too)")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("roots", parents=[common], help="GC roots, like nix-store --gc --print-roots")
-    sub.add_parser("live", parents=[common], help="live store paths, like --print-live")
-    sub.add_parser("dead", parents=[common], help="garbage, like --print-dead")
-    w = sub.add_parser("why", parents=[common], help="a shortest chain from a root to PATH")
-    w.add_argument("path")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output: one JSON document on stdout (errors too)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           parser_class=Parser)
+    subcommand(sub, "roots", "GC roots, like nix-store --gc --print-roots",
+               "The GC roots, one `LINK -> STORE PATH` line each, as `nix-store --gc "
+               "--print-roots` prints them. Runtime and temporary roots' labels are "
+               "{censored} unless you are root or in the admin group.",
+               "  gcroots-query roots\n  gcroots-query roots --json | jq '.[].kind'\n"
+               "  gcroots-query roots prune --older-than 30d --dry-run", parents=[common])
+    subcommand(sub, "live", "live store paths, like --print-live",
+               "Every store path a root keeps alive, one per line (nix-store --gc --print-live).",
+               "  gcroots-query live | grep firefox", parents=[common])
+    subcommand(sub, "dead", "garbage, like --print-dead",
+               "Every store entry a collection would delete now, one per line "
+               "(nix-store --gc --print-dead). Deletes nothing.",
+               "  gcroots-query dead | wc -l", parents=[common])
+    w = subcommand(sub, "why", "a shortest chain from a root to PATH",
+                   "Why PATH is alive: a shortest chain root -> ... -> PATH. PATH may be a "
+                   "store path, a link into the store (a `result`, followed as nix-store -q "
+                   "--roots does), any file or directory inside a store path, or a bare "
+                   "<hash>-<name>. Exit 5 when nothing keeps it alive, 2 when it is not in "
+                   "the store.",
+                   "  gcroots-query why ./result\n"
+                   "  gcroots-query why /nix/store/...-openssl-3.0.8/lib/libssl.so\n"
+                   "  gcroots-query why 0a1b...-hello-2.12 --all", parents=[common])
+    w.add_argument("path", metavar="PATH",
+                   help="a store path, a link to one, a file inside one, or <hash>-<name>")
     w.add_argument("--all", action="store_true", help="one chain per root that keeps PATH alive")
-    c = sub.add_parser("cost", parents=[common],
-                       help="per root: bytes freed if only that root went away")
-    c.add_argument("--top", type=cliargs.count(), default=20, help="show the N biggest (0: all)")
-    sub.add_parser("stats", parents=[common], help="counts, sizes, timings")
+    c = subcommand(sub, "cost", "per root: bytes freed if only that root went away",
+                   "Per root, what removing only that root would free: the NAR bytes and the "
+                   "number of paths only it keeps alive, biggest first.",
+                   "  gcroots-query cost --top 10\n  gcroots-query cost --top 0 --json",
+                   parents=[common])
+    c.add_argument("--top", type=cliargs.count(), default=20, metavar="N",
+                   help="show the N biggest (0: all)")
+    subcommand(sub, "stats", "counts, sizes, timings",
+               "Counts and sizes of the store, its roots, live and dead paths (NAR bytes: "
+               "the sizes the Nix DB records), and how long the analysis took.",
+               "  gcroots-query stats\n  gcroots-query stats --json | jq .dead_nar_bytes",
+               parents=[common])
     for extra in _extra_commands():
         extra.register(sub, common)
     return p
 
 
 def _extra_commands():
-    from . import gc_cmd, profiles_cmd
-    return [gc_cmd, profiles_cmd]
+    from . import clean_cmd, gc_cmd, profiles_cmd
+    return [gc_cmd, clean_cmd, profiles_cmd]
 
 
 def request_spec(args) -> tuple[dict, tuple[bytes, ...]]:
     if args.command == "why":
-        return {"all": args.all}, (os.fsencode(args.path),)
+        from .gc_cmd import store_path_argument
+        return {"all": args.all}, (store_path_argument(args, args.path),)
     if args.command == "cost":
         return {"top": args.top}, ()
     return {}, ()
 
 
-def run_standalone(args, options: dict, pargs: tuple[bytes, ...]) -> conn.Answer:
+def run_standalone(args, options: dict, pargs: tuple[bytes, ...], progress) -> conn.Answer:
     from . import standalone
-    return standalone.answer(args, args.command, options, pargs)
+    return standalone.answer(args, args.command, options, pargs, progress)
+
+
+def check_standalone_flags(parser: argparse.ArgumentParser, args) -> None:
+    """The chroot and scan flags describe the store --standalone works on;
+    gcrootsd answers about the store it serves, so there they are an error
+    (not silently ignored)."""
+    if args.standalone or args.command not in DAEMON_COMMANDS:
+        return
+    if args.command == "roots" and getattr(args, "roots_action", None) == "prune":
+        return  # client-side: runs on the store --root names
+    for name in STANDALONE_ONLY:
+        if getattr(args, name, None) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} needs --standalone: gcrootsd answers about the store it serves")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    Parser.json_errors = "--json" in argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_standalone_flags(parser, args)
     # stdout carries only the answer: what the in-process work (--standalone)
     # logs goes to stderr, never to structlog's default, stdout.
     log.configure("gcroots-query", lazy=True)
     handler = getattr(args, "handler", None)
     if handler is not None:  # client-side commands (profiles) and gc's own flow
         return handler(args)
-    options, pargs = request_spec(args)
     try:
-        if args.standalone:
-            answer = run_standalone(args, options, pargs)
-        else:
-            answer = conn.request(args.socket or conn.default_socket(), args.command, options,
-                                  pargs, on_progress=conn.progress_printer())
-    except conn.DaemonError as e:
-        print(f"gcroots-query: {e}", file=sys.stderr)
-        return 1
-    if sys.stderr.isatty() and not args.standalone:
-        sys.stderr.write("\r\033[K")
+        options, pargs = request_spec(args)
+    except ValueError as e:
+        return error(args, f"{args.command}: {e}", 2)
+    with ProgressBar() as progress:
+        try:
+            if args.standalone:
+                answer = run_standalone(args, options, pargs, progress)
+            else:
+                answer = conn.request(args.socket or conn.default_socket(), args.command,
+                                      options, pargs, on_progress=progress)
+        except conn.DaemonError as e:
+            progress.close()
+            return error(args, str(e), 1)
     if answer.status != Status.OK:
-        print(f"gcroots-query: {answer.message or answer.status.name.lower()}", file=sys.stderr)
-        return EXIT.get(answer.status, 1)
+        return error(args, answer.message or answer.status.name.lower(), EXIT.get(answer.status, 1))
     out = sys.stdout.buffer
     if answer.paths is not None and not args.json:  # one path a line, as nix-store
         for chunk in answer.paths:

@@ -6,7 +6,6 @@ import errno
 import os
 import socket
 import struct
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,9 +39,10 @@ class Answer:
 
 def request(socket_path: str, command: str, options: dict | None = None,
             args: tuple[bytes, ...] = (), *,
-            on_progress: Callable[[str], None] | None = None) -> Answer:
+            on_progress: Callable[[admin.Progress], None] | None = None) -> Answer:
     """Rows are buffered and the answer returned only once it is known to be
-    complete."""
+    complete.  `on_progress` gets the daemon's progress (client/term.py
+    draws it)."""
     conn = admin.ClientConnection()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     # A blocking connect: on a Unix socket whose listen backlog is full a
@@ -88,7 +88,7 @@ def request(socket_path: str, command: str, options: dict | None = None,
                     paths.append(event.payload)
                 elif isinstance(event, admin.Progress):
                     if on_progress:
-                        on_progress(event.message)
+                        on_progress(event)
                 elif isinstance(event, admin.AnswerEnd):
                     if not event.complete:
                         if send_error is not None and conn.end is None and not conn.rows_received:
@@ -104,16 +104,6 @@ def request(socket_path: str, command: str, options: dict | None = None,
         raise DaemonError(f"gcrootsd broke the protocol: {e}") from None
     except OSError as e:  # never a bare BrokenPipeError: that would look like `| head`
         raise DaemonError(f"connection to gcrootsd failed: {e.strerror or e!r}") from None
-
-
-def progress_printer() -> Callable[[str], None] | None:
-    if not sys.stderr.isatty():
-        return None
-
-    def show(message: str) -> None:
-        sys.stderr.write(f"\r\033[K{message}...")
-        sys.stderr.flush()
-    return show
 
 
 def default_socket() -> str:

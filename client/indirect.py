@@ -137,16 +137,16 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-def plan(scan: Scan, *, older_than: float, now: float, match: bytes | None, uid: int,
+def plan(scan: Scan, *, older_than: float, now: float, match: bytes | None, uid: int | None,
          runtime: dict[bytes, list[bytes]], in_profiles: set[bytes],
          older_text: str) -> list[Verdict]:
-    """Only the caller's own links are candidates (others' are not listed at
-    all); of those, every old one goes unless it is running or part of a
-    current profile generation."""
+    """Only the links of `uid` are candidates (others' are not listed at
+    all; None: everyone's, for root); of those, every old one goes unless
+    it is running or part of a current profile generation."""
     out = []
     cutoff = now - older_than
     for r in scan.roots:
-        if r.uid != uid:
+        if uid is not None and r.uid != uid:
             continue
         if match is not None and not fnmatch.fnmatchcase(r.link, match):
             continue

@@ -641,19 +641,23 @@ def _profiles_in_dir(dirpath: bytes, names: list[bytes], links: dict[bytes, byte
     return {p for p in out if not any(parse_generation_name(q, p) is not None for q in out)}
 
 
-def walk_profiles(top: bytes, found: Found) -> None:
+def walk_profiles(top: bytes, found: Found, *, trusted: bytes | None = None) -> None:
     """Profiles under `top`, recursively; symlinked directories are not
     entered (as Nix's GC does not).  Each subdirectory is opened relative
     to its parent's fd with O_NOFOLLOW and listed by that fd, and every
     profile found carries the identity of the directory actually listed:
     whoever owns a subdirectory may swap it for a symlink at any moment,
-    and whoever acts on the profile later checks it is still that one."""
+    and whoever acts on the profile later checks it is still that one.
+    `trusted`: a directory above `top` that is opened as the path says;
+    from it down to `top` no symlink is followed either (a home: its
+    owner may make `.local` a link to anywhere)."""
     try:
-        top_fd = os.open(top, nofollow.READ_FLAGS & ~os.O_NOFOLLOW)
-    except FileNotFoundError:
+        top_fd = _open_below(top, trusted)
+    except (FileNotFoundError, nofollow.SymlinkInPath):
         return
     except OSError as e:
-        found.warnings.append(f"cannot read {os.fsdecode(top)}: {e.strerror}")
+        if e.errno != errno.ENOTDIR:
+            found.warnings.append(f"cannot read {os.fsdecode(top)}: {e.strerror}")
         return
     # Depth first, holding only the fds of the directories being listed
     # and their ancestors (not one per pending directory).
@@ -676,6 +680,24 @@ def walk_profiles(top: bytes, found: Found) -> None:
             found.warnings.append(f"cannot read {os.fsdecode(sub)}: {e.strerror}")
             continue
         stack.append((sub, sub_fd, iter(_walk_one(sub, sub_fd, found))))
+
+
+def _open_below(top: bytes, trusted: bytes | None) -> int:
+    if trusted is None:
+        return os.open(top, nofollow.READ_FLAGS & ~os.O_NOFOLLOW)
+    fd = os.open(trusted, nofollow.PATH_FLAGS & ~os.O_NOFOLLOW)
+    where = trusted
+    try:
+        for part in [p for p in top[len(trusted):].split(b"/") if p]:
+            where = os.path.join(where, part)
+            nxt = nofollow.open_at(fd, part, nofollow.READ_FLAGS if where == top
+                                   else nofollow.PATH_FLAGS, where)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _walk_one(path: bytes, fd: int, found: Found) -> list[bytes]:
@@ -727,9 +749,30 @@ def discover(profiles_dir: bytes, *, home: bytes | None) -> Found:
         walk_profiles(os.path.join(xdg, b"nix/profiles"), found)
         link = os.path.join(home, b".nix-profile")
         try:
-            found.profiles.append(abs_path(os.readlink(link), home))
+            target = abs_path(os.readlink(link), home)
         except OSError:
-            pass
+            target = None
+        # Nix makes ~/.nix-profile point at a profile before there is one
+        # (root's at profiles/default): no profile, nothing to list.
+        if target is not None and os.path.lexists(target):
+            found.profiles.append(target)
+    found.profiles = dedupe(found.profiles, found.identity)
+    return found
+
+
+def discover_everyone(profiles_dir: bytes) -> Found:
+    """As root: every user's profiles -- those under the state dir, then
+    each home's ~/.local/state/nix/profiles.  A home is its user's, who may
+    make anything below it a symlink: nothing below the home directory is
+    followed (a profile found there is acted on only while its directory
+    is the one listed), nor ~/.nix-profile (it leads to a profile found
+    anyway, or somewhere its owner chose)."""
+    found = Found()
+    walk_profiles(profiles_dir, found)
+    homes = sorted({os.fsencode(pw.pw_dir) for pw in pwd.getpwall()
+                    if pw.pw_dir.startswith("/") and pw.pw_dir.rstrip("/")})
+    for home in homes:
+        walk_profiles(os.path.join(home, b".local/state/nix/profiles"), found, trusted=home)
     found.profiles = dedupe(found.profiles, found.identity)
     return found
 

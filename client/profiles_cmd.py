@@ -4,7 +4,9 @@ with the caller's own rights (never through the privileged helper).
   profiles list [PROFILE…]                      generations, sizes, current marker
   profiles delete-generations PROFILE SPEC…     exactly nix-env --delete-generations
   profiles prune [--keep N] [--keep-since D] (PROFILE… | --all)
-  roots prune --older-than D [--match GLOB]     the caller's own stale result links
+  roots prune --older-than D [--match GLOB]     the caller's own old result links
+
+(`clean`, client/clean_cmd.py, plans with the same pieces for every user.)
 
 Exit codes: 0 done, 1 error, 2 usage, 3 permission refused, 4 lock busy.
 """
@@ -12,7 +14,6 @@ Exit codes: 0 done, 1 error, 2 usage, 3 permission refused, 4 lock busy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,9 +25,9 @@ from gcroots.nixdb import NixDBError, connect_ro
 from gcroots.protocol.admin import Status
 from gcroots.storepath import abs_path
 
-from . import conn, indirect
+from . import conn, indirect, term
 from . import profiles as prof
-from .format import human, s
+from .format import error, human, plural, s, write_json
 
 DEFAULT_LOCK_TIMEOUT = 30.0
 MAX_LOCK_TIMEOUT = 86400.0
@@ -40,125 +41,154 @@ class CmdError(Exception):
 
 # -- argument parsing -------------------------------------------------------------
 
-def register(sub, common) -> None:
-    # Accepted after the subcommand too; without them the top-level
-    # options apply (SUPPRESS keeps those).
-    layout_opts = argparse.ArgumentParser(add_help=False)
-    layout_opts.add_argument("--root", default=argparse.SUPPRESS,
-                             help="physical root of a chroot store (like nix-store --store DIR)")
-    layout_opts.add_argument("--store-dir", default=argparse.SUPPRESS, help="logical store dir")
-    layout_opts.add_argument("--state-dir", default=argparse.SUPPRESS, help="logical state dir")
-    lock_opts = argparse.ArgumentParser(add_help=False)
-    lock_opts.add_argument("--lock-timeout", type=cliargs.seconds(maximum=MAX_LOCK_TIMEOUT),
-                           default=DEFAULT_LOCK_TIMEOUT,
-                           metavar="SECONDS",
-                           help="wait at most this long for a profile's lock held by another "
-                                f"process, e.g. nix-env (default {DEFAULT_LOCK_TIMEOUT:g})")
-    safety_opts = argparse.ArgumentParser(add_help=False)
-    safety_opts.add_argument("--no-runtime-check", action="store_true",
-                             help="do not ask gcrootsd for runtime roots (otherwise, without "
-                                  "it, nothing is deleted)")
-    mode = safety_opts.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
-    mode.add_argument("--ask", action="store_true", help="print the plan and ask before deleting")
+def layout_options() -> argparse.ArgumentParser:
+    """Accepted after the subcommand too; without them the top-level
+    options apply (SUPPRESS keeps those)."""
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("--root", default=argparse.SUPPRESS, metavar="DIR",
+                      help="physical root of a chroot store (like nix-store --store DIR)")
+    opts.add_argument("--store-dir", default=argparse.SUPPRESS, metavar="DIR",
+                      help="logical store dir (default /nix/store)")
+    opts.add_argument("--state-dir", default=argparse.SUPPRESS, metavar="DIR",
+                      help="logical state dir (default /nix/var/nix)")
+    return opts
 
-    p = sub.add_parser("profiles", help="Nix profiles and their generations (your own rights)")
+
+def lock_options() -> argparse.ArgumentParser:
+    opts = argparse.ArgumentParser(add_help=False)
+    opts.add_argument("--lock-timeout", type=cliargs.seconds(maximum=MAX_LOCK_TIMEOUT),
+                      default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
+                      help="wait at most this long for a profile's lock held by another "
+                           "process, e.g. nix-env")
+    return opts
+
+
+def runtime_check_option(p) -> None:
+    p.add_argument("--no-runtime-check", action="store_true",
+                   help="do not ask gcrootsd which store paths running processes use (without "
+                        "that answer nothing is deleted)")
+
+
+def policy_options(p, *, keep_flag: str = "--keep") -> None:
+    """What profile pruning keeps: profiles prune's and clean's."""
+    p.add_argument(keep_flag, dest="keep", type=cliargs.count(), metavar="N",
+                   help="keep the N highest-numbered generations of each profile")
+    p.add_argument("--keep-since", type=cliargs.duration(positive=False), metavar="DURATION",
+                   help="keep generations newer than this (e.g. 14d, 2w, 1w2d, 12h, 3mo)")
+    p.add_argument("--system-link", action="append", metavar="PATH",
+                   help="a link whose generation is never deleted (default: /run/current-system "
+                        "and /run/booted-system, or $GCROOTS_SYSTEM_LINKS, colon-separated; "
+                        "repeatable)")
+
+
+def roots_age_options(p, *, flag: str = "--older-than") -> None:
+    """Which indirect roots go: roots prune's and clean's."""
+    p.add_argument(flag, dest="older_than", type=cliargs.duration(positive=False),
+                   metavar="DURATION",
+                   help="result/direnv links (re)made longer ago than this (e.g. 30d)")
+    p.add_argument("--match", metavar="GLOB",
+                   help="only links whose path matches (fnmatch, e.g. '*/.direnv/*')")
+
+
+def register(sub, common) -> None:
+    from .cli import subcommand
+    layout_opts, lock_opts = layout_options(), lock_options()
+    p = subcommand(sub, "profiles", "Nix profiles and their generations (your own rights)",
+                   "List and prune Nix profiles' generations, with your own rights (never "
+                   "through the privileged helper).",
+                   "  gcroots-query profiles list\n"
+                   "  gcroots-query profiles prune --keep 5 --keep-since 30d --all --dry-run")
     psub = p.add_subparsers(dest="profiles_command", required=True, metavar="ACTION")
 
-    ls = psub.add_parser("list", parents=[common, layout_opts],
-                         help="generations: number, date, current, store path, closure size")
+    ls = subcommand(psub, "list", "generations: number, date, current, store path, closure size",
+                    "Every generation of each profile: its number, date, whether it is the "
+                    "current one, its store path and the closure's NAR size. Without PROFILE, "
+                    "every profile you can see (those under the state dir, "
+                    "~/.local/state/nix/profiles and ~/.nix-profile's).",
+                    "  gcroots-query profiles list\n"
+                    "  gcroots-query profiles list /nix/var/nix/profiles/system --json",
+                    parents=[common, layout_opts])
     ls.add_argument("profiles", nargs="*", metavar="PROFILE",
-                    help="default: every profile you can see")
+                    help="profiles to list (default: every profile you can see)")
     ls.add_argument("--no-size", action="store_true", help="skip closure sizes (no DB reads)")
     ls.set_defaults(handler=_guard(cmd_list))
 
-    dg = psub.add_parser("delete-generations", parents=[common, layout_opts, lock_opts],
-                         help="exactly nix-env -p PROFILE --delete-generations SPEC…")
-    dg.add_argument("profile", metavar="PROFILE")
-    dg.add_argument("spec", nargs="+", metavar="SPEC", help="old | <N>d | +<N> | <N>…")
+    dg = subcommand(psub, "delete-generations", "exactly nix-env -p PROFILE --delete-generations",
+                    "Delete generations exactly as `nix-env -p PROFILE --delete-generations "
+                    "SPEC...` does (old, <N>d, +<N>, numbers; never the current one), under "
+                    "the profile's lock; where Nix 2.8 would go wrong it refuses first.",
+                    "  gcroots-query profiles delete-generations ~/.local/state/nix/profiles/profile +5\n"
+                    "  gcroots-query profiles delete-generations /nix/var/nix/profiles/system 30d",
+                    parents=[common, layout_opts, lock_opts])
+    dg.add_argument("profile", metavar="PROFILE", help="the profile (its link, as nix-env -p)")
+    dg.add_argument("spec", nargs="+", metavar="SPEC",
+                    help="old | <N>d | +<N> | <N>... (nix-env's forms)")
     dg.add_argument("--dry-run", action="store_true", help="say what would go, delete nothing")
     dg.set_defaults(handler=_guard(cmd_delete_generations))
 
-    pr = psub.add_parser("prune", parents=[common, layout_opts, lock_opts, safety_opts],
-                         help="keep the last N and/or those newer than D; never the current, "
-                              "booted or running generation")
-    pr.add_argument("profiles", nargs="*", metavar="PROFILE")
+    pr = subcommand(psub, "prune", "keep the last N and/or those newer than D; never the "
+                    "current, booted or running generation",
+                    "Delete the generations no rule keeps: the union of the last N and those "
+                    "newer than DURATION stays, and always the current generation, those "
+                    "/run/current-system and /run/booted-system point at, and any a running "
+                    "process uses (asked from gcrootsd).",
+                    "  gcroots-query profiles prune --keep 5 --keep-since 30d --all --dry-run\n"
+                    "  gcroots-query profiles prune --keep 3 /nix/var/nix/profiles/system --ask --gc",
+                    parents=[common, layout_opts, lock_opts])
+    pr.add_argument("profiles", nargs="*", metavar="PROFILE", help="profiles to prune (or --all)")
     pr.add_argument("--all", action="store_true",
                     help="every profile you may modify (others are reported as skipped)")
-    pr.add_argument("--keep", type=cliargs.count(), metavar="N",
-                    help="keep the N highest-numbered")
-    pr.add_argument("--keep-since", type=cliargs.duration(positive=False), metavar="DURATION",
-                    help="keep those newer than this (e.g. 14d, 2w, 1w2d, 12h, 3mo)")
+    policy_options(pr)
+    runtime_check_option(pr)
+    mode = pr.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    mode.add_argument("--ask", action="store_true", help="print the plan and ask before deleting")
     pr.add_argument("--gc", action="store_true", help="then collect garbage through gcrootsd")
-    pr.add_argument("--system-link", action="append", metavar="PATH",
-                    help="a link whose generation is never deleted (default: /run/current-system "
-                         "and /run/booted-system, or $GCROOTS_SYSTEM_LINKS, colon-separated)")
     pr.set_defaults(handler=_guard(cmd_prune))
 
-    _extend_roots(sub.choices["roots"], layout_opts, safety_opts)
-
-
-def _extend_roots(roots: argparse.ArgumentParser, layout_opts, safety_opts) -> None:
-    """`roots` stays the query it is; `roots prune …` is ours.  The handler
-    is only set when the action word is given, so plain `roots` still goes
-    to gcrootsd exactly as before."""
-    roots.add_argument("roots_action", nargs="?", choices=["prune"], action=_RootsAction,
-                       metavar="prune", help="remove your own stale indirect roots (see below)")
-    g = roots.add_argument_group("roots prune")
-    g.add_argument("--older-than", type=cliargs.duration(positive=False), action=_PruneOnly,
-                   metavar="DURATION",
-                   help="links (re)made longer ago than this (e.g. 30d)")
-    g.add_argument("--match", action=_PruneOnly, metavar="GLOB",
-                   help="only links whose path matches (fnmatch, e.g. '*/.direnv/*')")
-    for a in safety_opts._actions:
-        if a.option_strings:  # --no-runtime-check, --dry-run, --ask
-            g.add_argument(*a.option_strings, action=_PruneOnlyFlag, nargs=0, default=False,
-                           help=a.help)
-    for a in layout_opts._actions:
-        if a.option_strings:
-            g.add_argument(*a.option_strings, default=argparse.SUPPRESS, help=a.help)
-
-
-class _RootsAction(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        if values == "prune":
-            namespace.handler = _guard(cmd_roots_prune)
+    # `roots` stays the query it is; `roots prune ...` is client-side.
+    roots = sub.choices["roots"]
+    for flag, nargs in (("--older-than", 1), ("--match", 1), ("--dry-run", 0), ("--ask", 0),
+                        ("--no-runtime-check", 0)):
+        roots.add_argument(flag, nargs=nargs, action=_PruneOnly, help=argparse.SUPPRESS)
+    rsub = roots.add_subparsers(dest="roots_action", metavar="[ACTION]")
+    rp = subcommand(rsub, "prune", "remove your own old result/direnv links",
+                    "Remove your own indirect roots (result and direnv links) older than "
+                    "DURATION: never one a running process or a current profile generation "
+                    "needs, nor one whose directory path goes through a symbolic link. The "
+                    "gcroots/auto entry left dangling is a stale link the next collection "
+                    "removes.",
+                    "  gcroots-query roots prune --older-than 30d --dry-run\n"
+                    "  gcroots-query roots prune --older-than 90d --match '*/.direnv/*' --ask",
+                    parents=[common, layout_opts])
+    roots_age_options(rp)
+    runtime_check_option(rp)
+    mode = rp.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan, delete nothing")
+    mode.add_argument("--ask", action="store_true", help="print the plan and ask before deleting")
+    rp.set_defaults(handler=_guard(cmd_roots_prune))
 
 
 class _PruneOnly(argparse.Action):
+    """`roots --older-than 30d`: said to be prune's, not taken for an action."""
+
     def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, values)
-        if getattr(namespace, "roots_action", None) != "prune":
-            namespace.handler = _misuse(option_string)
-
-
-class _PruneOnlyFlag(_PruneOnly):
-    def __call__(self, parser, namespace, values, option_string=None):
-        super().__call__(parser, namespace, True, option_string)
-
-
-def _misuse(option: str):
-    def handler(args) -> int:
-        print(f"gcroots-query: {option} belongs to `roots prune`", file=sys.stderr)
-        return 2
-    return handler
+        parser.error(f"{option_string} belongs to `roots prune` (gcroots-query roots prune "
+                     f"{option_string} ...)")
 
 
 def _guard(fn):
-    """Errors become one clear line and an exit code, never a traceback."""
+    """Errors become one clear line (a JSON object with --json) and an exit
+    code, never a traceback."""
     def handler(args) -> int:
         try:
             return fn(args)
         except CmdError as e:
-            print(f"gcroots-query: {e}", file=sys.stderr)
-            return e.code
+            return error(args, str(e), e.code)
         except prof.ProfileError as e:
-            print(f"gcroots-query: {e}", file=sys.stderr)
-            return e.exit_code
+            return error(args, str(e), e.exit_code, deleted=e.deleted)
         except KeyboardInterrupt:
-            print("gcroots-query: interrupted", file=sys.stderr)
-            return 130
+            return error(args, "interrupted", 130)
     return handler
 
 
@@ -195,11 +225,6 @@ def _out(text: str) -> None:
     sys.stdout.buffer.write(os.fsencode(text))
 
 
-def _json(obj) -> None:
-    sys.stdout.buffer.write(json.dumps(obj, indent=1, ensure_ascii=True).encode() + b"\n")
-    sys.stdout.buffer.flush()
-
-
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -220,16 +245,10 @@ def _hint_linked_profile(profile: prof.Profile) -> None:
                 f"profile {s(other)}, which has {len(target.generations)}")
 
 
-def _confirm(question: str) -> bool:
-    sys.stderr.write(f"{question} [y/N] ")
-    sys.stderr.flush()
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
-
-
 def _check_ask(args) -> None:
     if args.ask and args.json:
         raise CmdError("--ask shows the plan to a person; use --dry-run --json for scripts", 2)
-    if args.ask and not sys.stdin.isatty():
+    if args.ask and not term.interactive():
         raise CmdError("--ask needs a terminal to ask on; nothing was changed", 2)
 
 
@@ -239,27 +258,35 @@ def runtime_roots(args, layout: StoreLayout) -> dict[bytes, list[bytes]] | None:
     check is switched off; an error when we cannot get a complete answer."""
     if args.no_runtime_check:
         return None
-    skip = "use --no-runtime-check to go ahead without this check"
+    return prof.runtime_paths(root_rows(args, "use --no-runtime-check to go ahead without "
+                                              "this check"))
+
+
+def root_rows(args, skip: str = "") -> list[tuple[bytes, ...]]:
+    """Every root, (label, store path, kind), from gcrootsd (or, with
+    --standalone and root, from an in-process scan); CmdError without a
+    complete answer (`skip`: how to do without)."""
+    skip = f"; {skip}" if skip else ""
     if args.standalone:
         if os.geteuid() != 0:
             raise CmdError("--standalone cannot see other users' processes without root, so it "
-                           f"cannot tell which generations are running; {skip}")
+                           f"cannot tell which generations are running or what they use{skip}")
         from . import standalone
         ns = argparse.Namespace(**{**vars(args), "no_runtime": False})
         try:
             answer = standalone.answer(ns, "roots", {}, ())
         except conn.DaemonError as e:
-            raise CmdError(f"cannot scan for runtime roots: {e}; {skip}") from None
+            raise CmdError(f"cannot scan for runtime roots: {e}{skip}") from None
     else:
         try:
             answer = conn.request(args.socket or conn.default_socket(), "roots")
         except conn.DaemonError as e:
             raise CmdError(f"cannot ask gcrootsd which store paths are in use: {e}; refusing to "
-                           f"delete anything; {skip}") from None
+                           f"delete anything{skip}") from None
     if answer.status != Status.OK:
         raise CmdError(f"gcrootsd could not list the runtime roots ({answer.message or answer.status.name}); "
-                       f"refusing to delete anything; {skip}")
-    return prof.runtime_paths(answer.rows)
+                       f"refusing to delete anything{skip}")
+    return answer.rows
 
 
 # -- profiles list ------------------------------------------------------------------
@@ -275,11 +302,11 @@ def cmd_list(args) -> int:
             _stderr(f"gcroots-query: warning: no closure sizes: {e}")
     rc, listing = 0, []
     try:
-        for path, profile, error in prof.generations_of(found.profiles, found.identity):
-            if error is not None:
-                _stderr(f"gcroots-query: {error}")
+        for path, profile, err in prof.generations_of(found.profiles, found.identity):
+            if err is not None:
+                _stderr(f"gcroots-query: {err}")
                 rc = 1
-                listing.append({"profile": s(path), "error": error})
+                listing.append({"profile": s(path), "error": err})
                 continue
             if args.profiles:
                 _hint_linked_profile(profile)
@@ -288,7 +315,7 @@ def cmd_list(args) -> int:
         if db is not None:
             db.close()
     if args.json:
-        _json(listing)
+        write_json(listing)
     else:
         _list_text(listing)
     return rc
@@ -340,16 +367,13 @@ def cmd_delete_generations(args) -> int:
             path, spec, dry_run=args.dry_run, lock_timeout=args.lock_timeout,
             on_wait=_stderr, on_delete=lambda n, dry: _stderr(f"{verb} profile version {n}"))
     except prof.ProfileError as e:
-        if e.deleted:
+        if e.deleted and not args.json:  # with --json: the error's "deleted"
             _stderr(f"gcroots-query: generations {', '.join(map(str, e.deleted))} of "
                     f"{s(path)} were deleted before the error")
-        if args.json:
-            _json({"profile": s(path), "deleted": e.deleted, "dry_run": args.dry_run,
-                   "error": str(e)})
         raise
     _hint_linked_profile(result.profile)
     if args.json:
-        _json({"profile": s(path), "deleted": result.deleted, "dry_run": args.dry_run})
+        write_json({"profile": s(path), "deleted": result.deleted, "dry_run": args.dry_run})
     return 0
 
 
@@ -394,7 +418,7 @@ def cmd_prune(args) -> int:
         elif doomed == 0:
             _out("nothing to delete\n")
         return 1 if gc is not None and not gc["ok"] else 0
-    if args.ask and not _confirm(f"Delete {doomed} generation(s)?"):
+    if args.ask and not term.confirm(f"Delete {plural(doomed, 'generation')}?"):
         _stderr("nothing was deleted")
         return 0
     rc = 0
@@ -418,17 +442,19 @@ def cmd_prune(args) -> int:
     if args.json:
         _prune_json(planned, layout, protected, args, gc)
     else:
-        _out(f"deleted {total} generation(s) in "
-             f"{sum(1 for p in planned if p.deleted)} profile(s)\n")
+        _out(f"deleted {plural(total, 'generation')} in "
+             f"{plural(sum(1 for p in planned if p.deleted), 'profile')}\n")
     return rc
 
 
-def _plan_profiles(args, layout, policy, protected, now) -> list[_Planned]:
+def _plan_profiles(args, layout, policy, protected, now,
+                   found: prof.Found | None = None) -> list[_Planned]:
     """Plan every profile first; an explicitly named profile we cannot read
-    or modify stops everything before anything is deleted."""
+    or modify stops everything before anything is deleted.  `found`: the
+    profiles to plan (default: those named, or every one the caller sees)."""
     out = []
-    explicit = bool(args.profiles)
-    found = _profile_paths(args, layout)
+    explicit = bool(getattr(args, "profiles", None))
+    found = found or _profile_paths(args, layout)
     for path in found.profiles:
         if not explicit and not prof.may_modify(path):
             out.append(_Planned(path, [], [], skipped="not yours to modify"))
@@ -493,31 +519,22 @@ def _prune_json(planned, layout, protected, args, gc) -> None:
                 "store_path": None if v.store_path is None else s(v.store_path),
                 "deleted": g.number in p.deleted})
         out["profiles"].append(entry)
-    _json(out)
+    write_json(out)
 
 
-def _collect(args) -> dict:
-    """A collection through gcrootsd's `gc` command."""
+def _collect(args, opts: dict | None = None) -> dict:
+    """The collection after pruning (gc_cmd's), its summary on stderr; for
+    --json {"ok": ..., the summary or "error" and "exit"}."""
+    from .gc_cmd import Failed, request, summary_lines
     try:
-        answer = conn.request(args.socket or conn.default_socket(), "gc",
-                              on_progress=conn.progress_printer())
-    except conn.DaemonError as e:
-        _stderr(f"gcroots-query: the generations are deleted, but no collection ran: {e}")
-        return {"ok": False, "error": str(e)}
-    if answer.status == Status.OK:
-        summary = json.loads(answer.message)
-        _stderr(f"{summary['paths']} store paths deleted, "
-                f"{(summary['bytes_freed'] + summary['links_freed']) / 2**20:.2f} MiB freed")
-        return {"ok": True, **summary}
-    if answer.status == Status.BAD_REQUEST and "unknown command" in answer.message:
-        msg = (f"this gcrootsd cannot collect garbage yet (it answered: {answer.message}); "
-               "the generations are deleted: run `nix-store --gc` to free their space")
-    elif answer.status == Status.REFUSED:
-        msg = f"gcrootsd refused to collect ({answer.message}); the generations are deleted"
-    else:
-        msg = f"the collection failed: {answer.message or answer.status.name}"
-    _stderr(f"gcroots-query: {msg}")
-    return {"ok": False, "error": msg}
+        summary, rows = request(args, dict(opts or {"dry_run": False}))
+    except Failed as e:
+        _stderr(f"gcroots-query: the collection failed: {e}; what was pruned stays pruned "
+                "(its garbage goes with the next collection)")
+        return {"ok": False, "error": str(e), "exit": e.code}
+    for line in summary_lines(summary):
+        _stderr(line)
+    return {"ok": True, **summary, "paths_list": [s(r[0]) for r in rows]}
 
 
 # -- roots prune ---------------------------------------------------------------------
@@ -547,7 +564,7 @@ def cmd_roots_prune(args) -> int:
         elif not doomed:
             _out("nothing to remove\n")
         return 0
-    if args.ask and not _confirm(f"Remove {len(doomed)} link(s)?"):
+    if args.ask and not term.confirm(f"Remove {plural(len(doomed), 'link')}?"):
         _stderr("nothing was removed")
         return 0
     removals = [indirect.remove(v) for v in doomed]
@@ -558,10 +575,10 @@ def cmd_roots_prune(args) -> int:
     return 0 if all(r.removed or r.changed for r in removals) else 1
 
 
-def _current_generation_closure(layout: StoreLayout) -> set[bytes]:
+def _current_generation_closure(layout: StoreLayout, found: prof.Found | None = None) -> set[bytes]:
     """Everything a current generation of a visible profile needs: a result
     link to one of those paths is never called stale."""
-    found = prof.discover(layout.profiles_dir, home=_home(layout))
+    found = found or prof.discover(layout.profiles_dir, home=_home(layout))
     current = set()
     for _, profile, _err in prof.generations_of(found.profiles, found.identity):
         if profile is None or profile.current is None:
@@ -605,14 +622,16 @@ def _roots_text(verdicts, now) -> None:
 def _roots_summary(removals, layout) -> None:
     removed = [r for r in removals if r.removed]
     dangling = [r for r in removed if not r.auto_removed]
-    _out(f"removed {len(removed)} link(s)")
+    _out(f"removed {plural(len(removed), 'link')}")
     if removed:
-        _out(f"; {len(removed) - len(dangling)} gcroots/auto entr(y/ies) removed with them")
+        _out(f"; {plural(len(removed) - len(dangling), 'gcroots/auto entry', 'gcroots/auto entries')}"
+             " removed with them")
     _out("\n")
     if dangling:
-        _out(f"{len(dangling)} entr(y/ies) in {s(layout.auto_dir)} now point(s) nowhere: that "
-             "directory is not yours to change; gcrootsd (or Nix's GC) removes such stale "
-             "links\n")
+        n = len(dangling)
+        _out(f"{plural(n, 'entry', 'entries')} in {s(layout.auto_dir)} now "
+             f"{'points' if n == 1 else 'point'} nowhere: that directory is not yours to change; "
+             "gcrootsd (or Nix's GC) removes such stale links\n")
     for r in removals:
         if r.error:
             _stderr(f"gcroots-query: {s(r.root.link)}: {r.error}")
@@ -630,4 +649,4 @@ def _roots_json(verdicts, removals, args, scanned, runtime_checked) -> None:
             "action": "delete" if v.delete else "keep", "reasons": list(v.reasons),
             "removed": bool(rem and rem.removed), "auto_entry_removed": bool(rem and rem.auto_removed),
             "error": rem.error if rem else None})
-    _json(out)
+    write_json(out)

@@ -11,7 +11,7 @@ from gcroots.daemon.nixconf import settings_from
 from gcroots.daemon.store import StoreDB
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
-from gcroots.protocol.admin import Status
+from gcroots.protocol.admin import Progress, Status
 
 from .conn import Answer, DaemonError
 
@@ -24,7 +24,8 @@ def layout_of(args) -> StoreLayout:
     return StoreLayout.make(args.store_dir, args.state_dir, args.root)
 
 
-def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answer:
+def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
+           progress=lambda p: None) -> Answer:
     if command in NEEDS_FULL_SCAN and os.geteuid() != 0 and not args.allow_unprivileged_scan:
         return Answer(Status.REFUSED, f"--standalone {command} needs root: an unprivileged scan "
                       "cannot read other users' indirect roots or processes, so it would call "
@@ -39,7 +40,9 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
     except Exception as e:
         raise DaemonError(str(e)) from None
     try:
+        progress(Progress("scanning roots", "scan"))
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
+        progress(Progress("computing the live set", "plan"))
         a = engine.analyze(layout, db, rootset, settings_from(args),
                            want_dead=command in engine.NEEDS_DEAD)
         if command in ("live", "dead"):
@@ -58,11 +61,11 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...]) -> Answe
     return Answer(Status.OK, "", rows)
 
 
-def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None) -> Answer:
+def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
+            progress=lambda p: None) -> Answer:
     """gc --standalone: the same collection, in this process; with `paths`,
     delete --standalone."""
     import json
-    import sys
 
     from gcroots.daemon.gc import Collection, GCError, GCOptions
 
@@ -73,14 +76,14 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None) -> Answer:
     layout = layout_of(args)
     options = GCOptions.from_request(opts)
     options.paths = paths
-    show = (lambda m: sys.stderr.write(f"\r\033[K{m}...")) if sys.stderr.isatty() else None
-    c = Collection(layout, settings_from(args), options, progress=show)
+    c = Collection(layout, settings_from(args), options, progress=progress)
     try:
         db = StoreDB.open(layout, create_files=not options.dry_run)
     except Exception as e:
         raise DaemonError(str(e)) from None
     try:
         c.begin()
+        progress(Progress("scanning roots", "scan"))
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         c.plan(rootset, db)
         result = c.execute(layout.db_path)

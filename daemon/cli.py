@@ -21,33 +21,45 @@ DEFAULT_HELPER_SOCKET = "/run/gcroots/helper.sock"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gcrootsd", description="Unprivileged Nix GC daemon.")
-    p.add_argument("--helper-socket", default=DEFAULT_HELPER_SOCKET,
-                   help=f"gcroots-helper's socket (default {DEFAULT_HELPER_SOCKET})")
-    p.add_argument("--socket", default=None,
+    p = argparse.ArgumentParser(
+        prog="gcrootsd", formatter_class=cliargs.HelpFormatter,
+        description=cliargs.describe(
+            "Unprivileged Nix GC daemon: takes complete root sets from gcroots-helper, reads "
+            "the Nix DB, answers gcroots-query (roots, live, dead, why, cost, stats) and "
+            "collects garbage with Nix's locking protocol, as the store's owner."),
+        epilog="examples:\n"
+               "  gcrootsd --helper-socket /run/gcroots/helper.sock --admin-group gcroots-admin\n"
+               "  gcrootsd --min-free 5% --max-free 15%      collect by itself on a full disk\n"
+               "  gcrootsd --metrics-address 127.0.0.1:9847")
+    cliargs.add_version(p)
+    p.add_argument("--helper-socket", default=DEFAULT_HELPER_SOCKET, metavar="PATH",
+                   help="gcroots-helper's socket")
+    p.add_argument("--socket", default=None, metavar="PATH",
                    help=f"admin socket to create (default {DEFAULT_SOCKET}; "
                         "ignored under socket activation)")
-    p.add_argument("--socket-mode", default="0666", type=cliargs.file_mode,
-                   help="mode of the admin socket (authorization is per peer); default 0666")
-    p.add_argument("--root", help="physical root of a chroot store")
-    p.add_argument("--store-dir")
-    p.add_argument("--state-dir")
-    p.add_argument("--admin-group", help="members get full answers and may collect garbage")
+    p.add_argument("--socket-mode", default="0666", type=cliargs.file_mode, metavar="MODE",
+                   help="mode of the admin socket (authorization is per peer)")
+    p.add_argument("--root", metavar="DIR", help="physical root of a chroot store")
+    p.add_argument("--store-dir", metavar="DIR", help="logical store dir (default /nix/store)")
+    p.add_argument("--state-dir", metavar="DIR", help="logical state dir (default /nix/var/nix)")
+    p.add_argument("--admin-group", metavar="GROUP",
+                   help="members get full answers and may collect garbage")
     p.add_argument("--keep-outputs", action=argparse.BooleanOptionalAction, default=None,
                    help="override nix.conf's keep-outputs")
     p.add_argument("--keep-derivations", action=argparse.BooleanOptionalAction, default=None,
                    help="override nix.conf's keep-derivations")
     g = p.add_argument_group("automatic collection")
-    g.add_argument("--min-free", metavar="SIZE", type=cliargs.size(minimum=1),
+    g.add_argument("--min-free", metavar="SIZE|N%", type=cliargs.size(minimum=1, percent=True),
                    help="collect when the store's file system has less free space than this "
-                        "(e.g. 10G)")
-    g.add_argument("--max-free", metavar="SIZE", type=cliargs.size(minimum=1),
-                   help="...until this much is free (default: --min-free; not below it)")
+                        "(e.g. 10G, or 5%% of its size)")
+    g.add_argument("--max-free", metavar="SIZE|N%", type=cliargs.size(minimum=1, percent=True),
+                   help="...until this much is free (default: --min-free; not below it; "
+                        "bytes or a percentage, as --min-free)")
     g.add_argument("--gc-interval", metavar="DURATION", type=cliargs.duration(),
                    help="also collect on this schedule (e.g. 1d, 12h; the systemd timer is the "
                         "usual way)")
     g.add_argument("--free-check-interval", metavar="DURATION", default="5min",
-                   type=cliargs.duration(), help="how often to look at free space (default 5min)")
+                   type=cliargs.duration(), help="how often to look at free space")
     m = p.add_argument_group("metrics (Prometheus)")
     m.add_argument("--metrics-file", metavar="PATH",
                    help="write metrics here for node_exporter's textfile collector")
@@ -55,20 +67,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve metrics over HTTP here (default host 127.0.0.1)")
     m.add_argument("--metrics-interval", metavar="DURATION", default="5min",
                    type=cliargs.duration(),
-                   help="refresh them this often even without queries (default 5min)")
-    p.add_argument("--log-level", default="info")
+                   help="refresh them this often even without queries")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="what to log (JSON lines on stderr, the journal)")
     return p
 
 
 def parse_args(argv: list[str] | None = None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.max_free is not None and (args.min_free is None or args.max_free < args.min_free):
-        p.error(f"argument --max-free: must not be below --min-free ({args.max_free} < "
-                f"{args.min_free} bytes): collection starts below --min-free and stops once "
-                "--max-free is free" if args.min_free else
-                "argument --max-free: needs --min-free (collection starts below --min-free "
+    lo, hi = args.min_free, args.max_free
+    if hi is None:
+        return args
+    if lo is None:
+        p.error("argument --max-free: needs --min-free (collection starts below --min-free "
                 "and stops once --max-free is free)")
+    if isinstance(lo, cliargs.Percent) != isinstance(hi, cliargs.Percent):
+        p.error("argument --max-free: give it as --min-free is given (both sizes, or both "
+                "percentages of the file system)")
+    shown = (lambda v: f"{v.value:g}%") if isinstance(lo, cliargs.Percent) else (
+        lambda v: f"{v} bytes")
+    if (hi.value < lo.value) if isinstance(lo, cliargs.Percent) else hi < lo:
+        p.error(f"argument --max-free: must not be below --min-free ({shown(hi)} < "
+                f"{shown(lo)}): collection starts below --min-free and stops once "
+                "--max-free is free")
     return args
 
 

@@ -39,7 +39,7 @@ import stat
 import struct
 import subprocess
 import sys
-from typing import Iterator
+from typing import Callable, Iterator
 
 _U32 = struct.Struct(">I")
 _CHECK = 0xFFFFFFFF
@@ -271,7 +271,8 @@ def effective_caps() -> int:
     return 0
 
 
-def why_undeletable(store: bytes, names: list[bytes]) -> str | None:
+def why_undeletable(store: bytes, names: list[bytes],
+                    progress: "Callable[[int], None] | None" = None) -> str | None:
     """The first reason the worker would fail to delete one of these entries
     of the store dir -- "PATH: why" -- or None.  Checked without changing
     anything, in one walk of the directories (files are not stat'ed): each
@@ -284,15 +285,19 @@ def why_undeletable(store: bytes, names: list[bytes]) -> str | None:
     lists).  Not looked at: a flag on a file below the top or on a
     directory without subdirectories, a disk that fails, a change made
     meanwhile -- they still stop the deletion, with an error naming the
-    path."""
+    path.  `progress(n)`: n of the entries checked."""
     from gcroots.users import user_name
     caps, euid = effective_caps(), os.geteuid()
     mine = lambda st: st.st_uid == euid or caps >> CAP_FOWNER & 1  # noqa: E731  may chmod it
     mounts = _mount_points(os.path.realpath(store))
     sst = os.stat(store)
     sticky = sst.st_mode & stat.S_ISVTX and not mine(sst)
+    top = 0
     for path, st, fd, depth in walk_trees(store, names, files=False):
         if depth == 0:
+            top += 1
+            if progress is not None and top % 256 == 0:
+                progress(top)
             if sticky and st.st_uid != euid:
                 return (f"{os.fsdecode(path)}: it belongs to {user_name(st.st_uid)}, and the store dir "
                         f"{os.fsdecode(store)} (mode {stat.S_IMODE(sst.st_mode):o}, owner "

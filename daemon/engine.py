@@ -49,7 +49,9 @@ class IncompleteRoots(Exception):
     """No complete root set: nothing may be decided from what we have."""
 
 
-_OWNER = re.compile(r"belongs to uid (\d+)")
+# Only the helper's own ending (scan._blame): the message before it quotes
+# paths and link targets that any user chooses.
+_OWNER = re.compile(r"belongs to uid (\d+)(?=, who \(or root\) must fix or remove it$)")
 
 
 def scan_error(message: str) -> tuple[str, str]:
@@ -114,7 +116,7 @@ def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
     full = os.geteuid() == 0
     try:
         records = list(Scanner(layout, runtime=runtime,
-                               preflight=preflight(hidden_dirs(), caps=full),
+                               preflight=preflight(hidden_dirs(), caps=full, runtime=runtime),
                                accept_unreadable=() if full else (b"/",)).scan())
     except ScanError as e:
         raise IncompleteRoots(f"the root scan failed: {scan_error(str(e))[0]}") from None
@@ -506,8 +508,10 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
             yield label, store_path
         return
     if store_path not in a.live:
+        if not os.path.lexists(a.layout.real_path(store_path)):  # a usage error, not a "no"
+            raise BadRequest(f"{store_path.decode(errors='replace')} is not in the store")
         raise NotAlive(f"{store_path.decode(errors='replace')} is not alive: "
-                       "no root keeps it (it is garbage, or not in the store)")
+                       "no root keeps it (it is garbage)")
     g = g or live_graph(a, db)
     if store_path not in g.index:
         raise NotAlive(f"{store_path.decode(errors='replace')} left the store meanwhile")

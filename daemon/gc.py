@@ -27,6 +27,13 @@ One collection, in this order (gc.cc collectGarbage):
 
 A dry run only computes: what would go and exactly how many bytes that
 frees, counting a file only if all of its hard links go.
+
+Limits, as Nix's: --max-freed (bytes) and --ensure-free (bytes or N% of
+the store's file system, free space wanted: the bytes still missing when
+the collection plans become the limit) stop right after the path that
+passes them, counted as Nix counts (nix_bytes_freed); --keep-recent keeps
+the paths registered within a duration and their closure.  Progress is
+reported as admin.Progress: phase, done, total, bytes freed.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import numpy as np
 from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
+from gcroots.protocol.admin import Progress
 from gcroots.protocol.rootstream import StaleLink, link_identity
 from gcroots.sockets import listen_unix
 from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
@@ -74,8 +82,8 @@ DB_BUSY_TIMEOUT = 600.0
 # starts at once; then doubling to BATCH (few commits: each rewrites index pages).
 FIRST_BATCH = 64
 BATCH = 16384
-DELETE_CHUNK = 512        # paths a deleter takes at a time
-MAX_FREED_BATCH = 256     # ... when stopping at --max-freed (each cut where it stops)
+MAX_FREED_BATCH = 256     # ... when stopping at a limit (each cut where it stops)
+DELETE_CHUNK = 512        # paths a deleter takes at a time (progress this often)
 _log = log.get("gcroots.gc")
 
 
@@ -106,41 +114,92 @@ class Refused(GCError):
     would refuse too): nothing is deleted."""
 
 
+def _number(opts: dict, name: str, lo: float, hi: float, what: str, *, integer: bool = False,
+            low_open: bool = False):
+    """opts[name]: None, or a number in range (ValueError saying which)."""
+    value = opts.get(name)
+    if value is None:
+        return None
+    ok = type(value) is int or not integer and type(value) is float and math.isfinite(value)
+    if not ok or not lo <= value <= hi or low_open and value == lo:
+        raise ValueError(f"{name} must be {what}")
+    return value
+
+
 @dataclass
 class GCOptions:
     dry_run: bool = False
-    max_freed: int | None = None      # stop once this many bytes are freed
+    max_freed: int | None = None      # stop once this many bytes are freed (Nix's count)
     throttle: float = 0.0             # seconds to sleep between batches (I/O politeness)
     paths: tuple[bytes, ...] | None = None  # delete exactly these (nix-store --delete)
+    keep_recent: float | None = None  # seconds: keep paths registered this recently (+ closure)
+    ensure_free: int | cliargs.Percent | None = None  # free space wanted on the store's fs
 
     @classmethod
     def from_request(cls, opts: dict) -> "GCOptions":
         """A client's options (the CLI checked them, but anyone may send
         anything): ValueError unless each is of its type and in range."""
-        dry_run, max_freed = opts.get("dry_run", False), opts.get("max_freed")
-        throttle = opts.get("throttle") or 0.0
+        dry_run = opts.get("dry_run", False)
         if not isinstance(dry_run, bool):
             raise ValueError("dry_run must be true or false")
-        if max_freed is not None and (type(max_freed) is not int
-                                      or not 0 <= max_freed <= cliargs.MAX_SIZE):
-            raise ValueError(f"max_freed must be a number of bytes from 0 to {cliargs.MAX_SIZE}")
-        if (type(throttle) not in (int, float) or not math.isfinite(throttle)
-                or not 0 <= throttle <= cliargs.MAX_THROTTLE):
-            raise ValueError(f"throttle must be a number of seconds from 0 to "
-                             f"{cliargs.MAX_THROTTLE:g}")
-        return cls(dry_run, max_freed, float(throttle))
+        max_freed = _number(opts, "max_freed", 0, cliargs.MAX_SIZE,
+                            f"a number of bytes from 0 to {cliargs.MAX_SIZE}", integer=True)
+        throttle = _number(opts, "throttle", 0, cliargs.MAX_THROTTLE,
+                           f"a number of seconds from 0 to {cliargs.MAX_THROTTLE:g}") or 0.0
+        keep_recent = _number(opts, "keep_recent", 0, cliargs.MAX_DURATION,
+                              "a number of seconds above 0 (at most 100 years)", low_open=True)
+        ensure_free = _number(opts, "ensure_free", 1, cliargs.MAX_SIZE,
+                              f"a number of bytes from 1 to {cliargs.MAX_SIZE}", integer=True)
+        percent = _number(opts, "ensure_free_percent", 0, 100,
+                          "a percentage above 0, at most 100", low_open=True)
+        if ensure_free is not None and percent is not None:
+            raise ValueError("ensure_free and ensure_free_percent exclude each other")
+        return cls(dry_run, max_freed, float(throttle), None,
+                   None if keep_recent is None else float(keep_recent),
+                   cliargs.Percent(float(percent)) if percent is not None else ensure_free)
+
+
+def free_space(path: bytes) -> tuple[int, int]:
+    """(bytes free for unprivileged users, size) of the file system of
+    `path`, as Nix's auto-GC measures free space."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def resolve_size(value: int | cliargs.Percent, size: int) -> int:
+    """Bytes, or a percentage of a file system of `size` bytes."""
+    return int(size * value.value / 100) if isinstance(value, cliargs.Percent) else value
+
+
+def recent_closure(db: StoreDB, graph: StoreGraph, settings: GCSettings,
+                   seconds: float) -> np.ndarray:
+    """The valid paths registered within `seconds` (ValidPaths'
+    registrationTime, as fast-nix-gc's --keep-recent) and their closure,
+    as a mask of the graph's nodes."""
+    cutoff = int(time.time() - seconds)
+    with db.snapshot():
+        recent = [r[0] for r in db.conn.execute(
+            "SELECT path FROM ValidPaths WHERE registrationTime >= ?", (cutoff,))]
+    return graph.closure_mask([graph.index[p] for p in recent if p in graph.index], settings)
 
 
 @dataclass
 class GCResult:
+    """Sizes, one meaning each (README: "Sizes")."""
     dry_run: bool
     paths: int = 0
-    bytes_freed: int = 0              # du-style: blocks of files whose last link went, dirs
-    links_freed: int = 0              # bytes freed in .links
+    disk_bytes_freed: int = 0         # blocks freed on disk, du-style: a file's once its last
+                                      # hard link went, directories', .links included
+    nar_bytes_freed: int = 0          # the DB's narSize of the deleted valid paths
     nix_bytes_freed: int = 0          # as Nix counts (and stops --max-freed): see deleter.py
     stale_links_removed: int = 0
     temproots_removed: int = 0
-    stopped_at_limit: bool = False
+    stopped_at_limit: bool = False    # a limit left dead paths (a dry run: would leave)
+    limit: str | None = None          # the limit in force: "max-freed" or "ensure-free"
+    limit_bytes: int | None = None    # ... in bytes as Nix counts them
+    paths_over_limit: int = 0         # dead paths the limit left
+    free_bytes: int | None = None     # --ensure-free: the file system's free space at planning
+    kept_recent: int = 0              # dead paths --keep-recent kept
     protected_during_gc: int = 0      # paths kept because a client announced them
     seconds: float = 0.0
     deleted: list[bytes] = field(default_factory=list)
@@ -393,22 +452,28 @@ from .deleter import (CAP_SYS_ADMIN, DeleterProcess, Freed, _count, effective_ca
 
 
 def predict_freed(store: bytes, names: list[bytes], links_dir: bytes,
-                  limit: int | None = None) -> tuple[list[bytes], int, int, int]:
+                  limit: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[bytes], int, int, int]:
     """What deleting these entries of the store dir in order (and then the
-    .links entries left with one link) would free, stopping as --max-freed
+    .links entries left with one link) would free, stopping as a limit
     `limit` stops (after the entry that passes it; 0: none): (the entries
     that go, bytes in the trees, bytes in .links, bytes as Nix counts
     them).  A file counts once, and only if every one of its links goes.
-    One walk, by directory fds, like the deletion: nothing followed."""
+    One walk, by directory fds, like the deletion: nothing followed.
+    `progress(n)`: n of the entries walked."""
     with _links_dir(links_dir) as entries:
         links = {(st.st_dev, st.st_ino): st for _, _, st in entries}
     seen: dict[tuple[int, int], list] = {}  # inode -> [stat, links found in the trees]
-    freed = nix = 0
+    freed = nix = top = 0
     going = 0 if limit == 0 else len(names)
     for path, st, _, depth in walk_trees(store, names[:going]):
-        if depth == 0 and limit is not None and nix > limit:
-            going = names.index(path[len(store) + 1:])
-            break  # Nix stops after the entry that passed the limit
+        if depth == 0:
+            if limit is not None and nix > limit:
+                going = names.index(path[len(store) + 1:])
+                break  # Nix stops after the entry that passed the limit
+            top += 1
+            if progress is not None and top % 64 == 0:
+                progress(top)
         if stat.S_ISDIR(st.st_mode):
             freed += _count(st)
             continue
@@ -473,7 +538,7 @@ class DeleterPool:
 
     def __init__(self, c: "Collection") -> None:
         self.c = c
-        self.queue: queue.Queue[list[bytes] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[list[bytes], np.ndarray] | None] = queue.Queue()
         self.failure: list[BaseException] = []
         self.threads: list[threading.Thread] = []
         self.workers: list[DeleterProcess] = []
@@ -503,9 +568,10 @@ class DeleterPool:
         t.start()
         self.threads.append(t)
 
-    def submit(self, batch: list[bytes]) -> None:
+    def submit(self, batch: list[bytes], nodes: np.ndarray) -> None:
+        """`batch`, invalidated; `nodes`: their graph nodes (-1: no valid path)."""
         for i in range(0, len(batch), DELETE_CHUNK):
-            self.queue.put(batch[i:i + DELETE_CHUNK])
+            self.queue.put((batch[i:i + DELETE_CHUNK], nodes[i:i + DELETE_CHUNK]))
 
     def all_cores(self) -> None:
         if len(self.threads) < _cores() and self.queue.qsize() > 1 and not self.failure:
@@ -524,14 +590,14 @@ class DeleterPool:
         try:
             while (chunk := self.queue.get()) is not None:
                 try:
-                    self._delete(worker, chunk)
+                    self._delete(worker, *chunk)
                 finally:
                     self.queue.task_done()  # after the result is in: join() may return
             self.queue.task_done()
         finally:
             worker.close()
 
-    def _delete(self, worker: DeleterProcess, chunk: list[bytes]) -> None:
+    def _delete(self, worker: DeleterProcess, chunk: list[bytes], nodes: np.ndarray) -> None:
         c = self.c
         if self.failure:
             # Drain: the main thread stops at the next batch.  These were
@@ -549,7 +615,7 @@ class DeleterPool:
                                   "the cause is fixed")
             self.failure.append(e)
             freed = nix = 0
-        c._deleted(chunk, freed, nix)
+        c._deleted(chunk, nodes, freed, nix)
 
 
 def _cores() -> int:
@@ -684,7 +750,7 @@ class Collection:
     """begin() -> plan(rootset) -> execute() -> end(); see the module doc."""
 
     def __init__(self, layout: StoreLayout, settings: GCSettings, options: GCOptions,
-                 progress: Callable[[str], None] | None = None,
+                 progress: Callable[[Progress], None] | None = None,
                  on_deleted: Callable[[list[bytes]], None] | None = None) -> None:
         self.layout = layout
         self.settings = settings
@@ -710,6 +776,7 @@ class Collection:
         self._dead_other: list[bytes] = []       # ... and entries that are no valid path
         self._fks = ForeignKeys()
         self._deleted_rows: dict[str, int] = {}
+        self._total = 0                          # paths the deletion goes through
         self._t0 = time.monotonic()
 
     # phase 1
@@ -781,13 +848,23 @@ class Collection:
     # phase 2
     def plan(self, rootset: RootSet, db: StoreDB, listing: "StoreListing | None" = None) -> Analysis:
         """`listing`: gcrootsd's view of the store dir (else it is listed)."""
-        self.progress("computing the live set")
+        with db.snapshot():  # the daemon's graph if it is still current
+            if db.cached_graph(self.settings.follows_realisations) is None:
+                self.progress(Progress("loading the store graph", "load"))
+        self.progress(Progress("computing the live set", "plan"))
         asked = self.options.paths
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=asked is None,
                            temp_files_at_lock=self._temp_files_at_lock, listing=listing, load=True)
         g = a.graph
+        self._set_limit()
+        protected = a.live_mask
         if asked is None:
             dead, other = np.flatnonzero(a.dead_mask), list(a.dead_extra)
+            if self.options.keep_recent is not None:
+                kept = recent_closure(db, g, self.settings, self.options.keep_recent)
+                self.result.kept_recent = int(kept[dead].sum())
+                dead = dead[~kept[dead]]
+                protected = protected | kept
         else:
             refusals = engine.delete_refusals(a, db, g, list(asked))
             if refusals:
@@ -799,12 +876,27 @@ class Collection:
         with self._cond:
             self._graph, self._db, self._analysis = g, db, a
             self._dead_nodes, self._dead_other = dead, other
-            self._protected = a.live_mask.copy()
+            self._protected = protected.copy()
             self._protected_other = set(a.live_unregistered)
             # Including the paths announced on gc-socket since begin(), whose
             # closures could not be computed without the graph.
             self._protect_hashes(self._temp_hashes | a.temp.hashes)
         return a
+
+    def _set_limit(self) -> None:
+        """--max-freed and --ensure-free as one limit, in bytes as Nix counts
+        them (the tighter one); --ensure-free from the free space now, under
+        gc.lock, as Nix's auto-GC computes its max-freed."""
+        limits = []
+        if self.options.max_freed is not None:
+            limits.append((self.options.max_freed, "max-freed"))
+        if self.options.ensure_free is not None:
+            free, size = free_space(self.layout.real_store_dir)
+            want = resolve_size(self.options.ensure_free, size)
+            self.result.free_bytes = free
+            limits.append((max(0, want - free), "ensure-free"))
+        if limits:
+            self.result.limit_bytes, self.result.limit = min(limits)
 
     def _order(self) -> tuple[list[bytes], "np.ndarray"]:
         """What goes, in order: the entries that are no valid path (no DB
@@ -839,13 +931,17 @@ class Collection:
         that deletion starts at once, the later ones big (each commit
         rewrites the DB's index pages)."""
         order, nodes = self._order()
+        self._total = len(order)
         if self.options.dry_run:
             self._check_deletable(order)
-            names, self.result.bytes_freed, self.result.links_freed, self.result.nix_bytes_freed = \
-                predict_freed(self.layout.real_store_dir, self._names(order),
-                              self.layout.links_dir, self.options.max_freed)
-            self.result.stopped_at_limit = len(names) < len(order)
+            names, freed, links, self.result.nix_bytes_freed = predict_freed(
+                self.layout.real_store_dir, self._names(order), self.layout.links_dir,
+                self.result.limit_bytes, lambda n: self.progress(
+                    Progress("measuring what would be freed", "measure", n, len(order))))
+            self._stopped(len(order) - len(names))
             self.result.paths = len(names)
+            self.result.disk_bytes_freed = freed + links
+            self.result.nar_bytes_freed = self._nar_bytes(nodes[:len(names)])
             self.result.deleted = order[:len(names)]
             self.result.seconds = time.monotonic() - self._t0
             return self.result
@@ -864,9 +960,10 @@ class Collection:
         done_count = 0
         unlinked: dict[tuple[int, int], int] = {}  # links the --max-freed forecast saw go
         # Small batches when stopping at a size or pacing the I/O.
-        fixed = (MAX_FREED_BATCH if self.options.max_freed is not None
-                 else 64 if self.options.throttle else None)
+        limited = self.result.limit_bytes is not None
+        fixed = MAX_FREED_BATCH if limited else 64 if self.options.throttle else None
         size = fixed or FIRST_BATCH
+        self.progress(Progress("deleting", "delete", 0, len(order)))
         batch: list[bytes] = []  # claimed, not yet handed to the deleters
         try:
             start = 0
@@ -879,7 +976,7 @@ class Collection:
                 batch, batch_nodes = self._claim(chunk, chunk_nodes)
                 if not batch:
                     continue
-                if self.options.max_freed is not None:
+                if limited:
                     # Nix stops right after the path that frees more than the
                     # limit: invalidate nothing beyond it (the rest comes back).
                     cut, _ = self._within_limit(batch, self.result.nix_bytes_freed, unlinked)
@@ -899,12 +996,10 @@ class Collection:
                 if self._db is not None:
                     self._db.forget((int(i) for i in g.ids[valid]),
                                     self._deleted_rows.get("realisations", 0))
-                pool.submit(batch)
+                pool.submit(batch, batch_nodes)
                 batch = []
-                if self.options.max_freed is not None:
+                if limited:
                     pool.join()  # the limit is checked on what is really gone
-                self.progress(f"deleting: {done_count} of {len(order)} paths, "
-                              f"{self.result.bytes_freed / 2**20:.1f} MiB freed")
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
             pool.all_cores()  # no more DB work: the deletion may have this core too
@@ -918,10 +1013,20 @@ class Collection:
             writer.close()
         if pool.failure:
             raise pool.failure[0]
-        self.result.stopped_at_limit = self._limit_reached() and done_count < len(order)
-        self.result.links_freed = clean_links(self.layout.links_dir)
+        if self._limit_reached():
+            self._stopped(len(order) - start)
+        self.progress(Progress("cleaning .links", "links"))
+        self.result.disk_bytes_freed += clean_links(self.layout.links_dir)
         self.result.seconds = time.monotonic() - self._t0
         return self.result
+
+    def _stopped(self, left: int) -> None:
+        self.result.stopped_at_limit = left > 0
+        self.result.paths_over_limit = left
+
+    def _nar_bytes(self, nodes: "np.ndarray") -> int:
+        """The DB's NAR sizes of the valid paths among `nodes` (-1: none)."""
+        return int(self._graph.sizes[nodes[nodes >= 0]].sum())
 
     def _check_deletable(self, order: list[bytes], pool: "DeleterPool | None" = None) -> None:
         """Collection never starts what it cannot finish: before the plan is
@@ -932,8 +1037,10 @@ class Collection:
             self._check_writable(remount=False)  # begin() checked a real run's
         names = self._names(order)
         if pool is None:
-            why = why_undeletable(self.layout.real_store_dir, names)
+            why = why_undeletable(self.layout.real_store_dir, names, lambda n: self.progress(
+                Progress("checking that it can be deleted", "check", n, len(order))))
         else:
+            self.progress(Progress("checking that it can be deleted", "check", 0, len(order)))
             why = pool.check(self.layout.real_store_dir, names)
         if why is not None:
             raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
@@ -944,38 +1051,44 @@ class Collection:
         return [p[skip:] for p in paths]
 
     def _limit_reached(self) -> bool:
-        """More than --max-freed freed, as Nix counts (and checks after each
-        path); --max-freed 0 collects nothing, as with Nix."""
-        limit = self.options.max_freed
+        """More than the limit freed, as Nix counts (and checks after each
+        path); a limit of 0 collects nothing, as --max-freed 0 with Nix."""
+        limit = self.result.limit_bytes
         with self._cond:
             return limit is not None and (limit == 0 or self.result.nix_bytes_freed > limit)
 
     def _within_limit(self, paths: list[bytes], total: int,
-                      unlinked: dict[tuple[int, int], int]) -> tuple[list[bytes], int]:
-        """Where --max-freed stops when deleting `paths` in order with
+                      unlinked: dict[tuple[int, int], int],
+                      progress: Progress | None = None) -> tuple[list[bytes], int]:
+        """Where the limit stops when deleting `paths` in order with
         `total` bytes freed so far (Nix's count, forecast from the files):
         after the path that passes the limit.  Returns those paths and the
         total after them (all of them without a limit)."""
-        limit = self.options.max_freed
+        limit = self.result.limit_bytes
         if limit == 0:
             return [], total
         for i, p in enumerate(paths):
             if limit is not None and total > limit:
                 return paths[:i], total
+            if progress is not None and i % 64 == 0:
+                self.progress(Progress(progress.message, progress.phase, i, progress.total))
             freed = Freed()
             estimate_tree(self.layout.real_path(p), freed, unlinked)
             total += freed.nix
         return paths, total
 
-    def _deleted(self, batch: list[bytes], freed: int, nix: int) -> None:
+    def _deleted(self, batch: list[bytes], nodes: "np.ndarray", freed: int, nix: int) -> None:
         """A deleter finished (or, after a failure, skipped) `batch`."""
         with self._cond:
             self.result.paths += len(batch)
-            self.result.bytes_freed += freed
+            self.result.disk_bytes_freed += freed
             self.result.nix_bytes_freed += nix
+            self.result.nar_bytes_freed += self._nar_bytes(nodes)
             self.result.deleted += batch
             self._pending -= {hash_part(p) for p in batch}
             self._cond.notify_all()
+            done = self.result.paths, self.result.disk_bytes_freed
+        self.progress(Progress("deleting", "delete", done[0], self._total, done[1]))
         self.on_deleted(batch)
 
     def _release(self, batch: list[bytes]) -> None:

@@ -32,7 +32,7 @@ class Metrics:
         self.analysis_seconds = Gauge("gcroots_analysis_seconds",
                                       "Duration of the last analysis (scan included)", registry=r)
         self.gc_seconds = Gauge("gcroots_gc_seconds", "Duration of the last collection", registry=r)
-        self.gc_freed = Counter("gcroots_gc_freed_bytes", "Bytes freed by collections", registry=r)
+        self.gc_freed = Counter("gcroots_gc_freed_bytes", "Bytes freed on disk by collections (blocks; hard links counted once)", registry=r)
         self.gc_deleted = Counter("gcroots_gc_deleted_paths", "Store paths deleted", registry=r)
         self.failures = Counter("gcroots_failures", "Failed scans and collections", ["what"],
                                 registry=r)
@@ -76,7 +76,7 @@ class Metrics:
     def collection(self, result) -> None:
         self.gc_seconds.set(result.seconds)
         if not result.dry_run:
-            self.gc_freed.inc(result.bytes_freed + result.links_freed)
+            self.gc_freed.inc(result.disk_bytes_freed)
             self.gc_deleted.inc(result.paths)
             self.last_success.labels("gc").set(time.time())
         self.write()

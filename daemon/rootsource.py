@@ -109,6 +109,7 @@ class _Scan:
     rootset: RootSet | None = None
     error: str = "the root scan was cancelled"
     waiters: int = 0
+    logged: bool = False   # said in the log: some waiter's lines are (see Daemon.in_log)
 
 
 class SharedScans:
@@ -124,13 +125,14 @@ class SharedScans:
     scan."""
 
     def __init__(self, fetch: Callable[[], Awaitable[RootSet]],
-                 on_failure: Callable[[str, str], None] = lambda error, owner: None) -> None:
+                 on_failure: Callable[[str, str, bool], None] = lambda *_: None) -> None:
         self._fetch = fetch
         self._on_failure = on_failure   # once per failed scan, however many waited for it
         self._current: _Scan | None = None
         self.started = 0
 
-    async def get(self, nursery: trio.Nursery, *, started_after: float | None = None) -> RootSet:
+    async def get(self, nursery: trio.Nursery, *, started_after: float | None = None,
+                  logged: bool = True) -> RootSet:
         while True:
             scan = self._current
             if scan is None:
@@ -138,6 +140,7 @@ class SharedScans:
                 self.started += 1
                 nursery.start_soon(self._run, scan)
             scan.waiters += 1
+            scan.logged |= logged
             await scan.done.wait()
             if started_after is None or scan.started >= started_after:
                 if scan.rootset is None:
@@ -150,14 +153,15 @@ class SharedScans:
             scan.rootset = await self._fetch()
         except IncompleteRoots as e:
             scan.error, owner = scan_error(str(e))
-            self._on_failure(scan.error, owner)
+            self._on_failure(scan.error, owner, scan.logged)
         except Exception as e:  # fail closed, keep serving
             _log.exception("root_scan_internal_error")
             scan.error = f"the root scan failed: {type(e).__name__}: {e}"
-            self._on_failure(scan.error, "")
+            self._on_failure(scan.error, "", True)
         finally:
             if self._current is scan:
                 self._current = None
             scan.done.set()
-            _log.info("root_scan", ok=scan.rootset is not None, waiters=scan.waiters,
-                      seconds=round(trio.current_time() - scan.started, 4))
+            if scan.logged:
+                _log.info("root_scan", ok=scan.rootset is not None, waiters=scan.waiters,
+                          seconds=round(trio.current_time() - scan.started, 4))

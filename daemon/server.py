@@ -16,6 +16,7 @@ copy of the answer.  Every await on a peer has a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 import trio
 
-from gcroots import log
+from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
 from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credentials
@@ -42,7 +43,7 @@ from gcroots.storepath import parse_store_path
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, NotAlive, RootSet
-from .gc import Collection, GCError, GCOptions, GCResult
+from .gc import Collection, GCError, GCOptions, GCResult, free_space, resolve_size
 from .nixconf import GCSettings
 from .notify import Notifier
 from .rootsource import SharedScans, fetch_roots_retrying
@@ -51,6 +52,9 @@ from .store import StoreDB
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
 REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
 DROPPED_LOG_INTERVAL = 10.0   # dropped connections: one summary line at most this often
+# Requests of an unprivileged uid whose lines are logged, per
+# DROPPED_LOG_INTERVAL (see Daemon.in_log).
+REQUEST_LINES_PER_USER = 20
 # Concurrent connections: each holds an fd (and, while its request is read, up
 # to REQUEST_TIMEOUT), so no user may hold many.  Unprivileged users share a
 # total; root, the daemon's user and the admin group are not refused by it.
@@ -91,8 +95,8 @@ def peer_of(sock: socket.socket, admin_gid: int | None) -> Peer:
 
 @dataclass(frozen=True)
 class AutoGC:
-    min_free: int | None = None       # collect when free space drops below this...
-    max_free: int | None = None       # ...until this much is free
+    min_free: "int | cliargs.Percent | None" = None   # collect when free space drops below this...
+    max_free: "int | cliargs.Percent | None" = None   # ...until this much is free
     interval: float | None = None     # and/or every this many seconds
     check_interval: float = 300.0
 
@@ -168,25 +172,42 @@ class Daemon:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     _dropped: dict = field(default_factory=dict)     # reason -> count since the last summary
     _dropped_last: tuple = ()
+    _request_lines: dict = field(default_factory=dict)   # uid -> request lines this interval
+    _not_logged: dict = field(default_factory=dict)      # uid -> requests beyond those
 
     def __post_init__(self) -> None:
         self.scans = SharedScans(lambda: fetch_roots_retrying(self.helper_socket, self.layout),
                                  on_failure=self._scan_failed)
 
-    def _scan_failed(self, error: str, owner: str) -> None:
+    def _scan_failed(self, error: str, owner: str, logged: bool) -> None:
         """Once per failed scan, however many queries shared it: every one
         of them gets the same error (one user's broken root link fails
-        everyone's), so the journal and the metric say it here, not per query."""
-        _log.error("root_scan_failed", error=error, owner=owner or None)
+        everyone's), so the journal and the metric say it here, not per query
+        (the journal only if a waiter's lines are logged: see in_log)."""
+        if logged:
+            _log.error("root_scan_failed", error=error, owner=owner or None)
         if self.metrics:
             self.metrics.scan_failed(owner)
 
-    async def root_set(self, *, started_after: float | None = None) -> RootSet:
+    async def root_set(self, *, started_after: float | None = None,
+                       logged: bool = True) -> RootSet:
         """A complete root set from the helper, from the one scan in flight
         (see SharedScans), or IncompleteRoots."""
         if self._nursery is None:  # not serving (yet): nobody to share with
             return await fetch_roots_retrying(self.helper_socket, self.layout)
-        return await self.scans.get(self._nursery, started_after=started_after)
+        return await self.scans.get(self._nursery, started_after=started_after, logged=logged)
+
+    def in_log(self, peer: Peer) -> bool:
+        """Whether the lines a request of `peer` causes (request, analysis,
+        scan) go to the log: always for privileged peers, for others up to
+        REQUEST_LINES_PER_USER requests per interval (any user can send
+        ~1,000 a second); beyond that the request is counted instead."""
+        n = self._request_lines.get(peer.uid, 0)
+        if peer.privileged or n < REQUEST_LINES_PER_USER:
+            self._request_lines[peer.uid] = n + 1
+            return True
+        self._not_logged[peer.uid] = self._not_logged.get(peer.uid, 0) + 1
+        return False
 
     def open_db(self) -> StoreDB:
         if self.db is None:
@@ -195,11 +216,11 @@ class Daemon:
 
     # -- the analysis every query starts from ---------------------------------
 
-    async def analysis(self, *, want_dead: bool) -> Analysis:
+    async def analysis(self, *, want_dead: bool, logged: bool = True) -> Analysis:
         """The analysis of a complete root set: the one of the scan we
         share with the queries that arrived with us, if the DB is still at
         the same version; else made now."""
-        rootset = await self.root_set()
+        rootset = await self.root_set(logged=logged)
         async with self.work_lock:
             db = self.open_db()
             version = db.data_version()
@@ -216,12 +237,13 @@ class Daemon:
             self.metrics.analysis(a, *_nar_bytes(a))
         live, dead = a.live_count(), a.dead_count()
         self.last = {"time": time.time(), "roots": len(a.roots), "live": live, "dead": dead}
-        _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
-                  live=live, dead=dead, graph=a.graph is not None,
-                  stale_links=len(rootset.stale), scan_warnings=len(rootset.warnings),
-                  **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
-        for w in rootset.warnings[:20]:
-            _log.warning("scan_warning", path=w.path, errno=w.errno, message=w.message)
+        if logged:
+            _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
+                      live=live, dead=dead, graph=a.graph is not None,
+                      stale_links=len(rootset.stale), scan_warnings=len(rootset.warnings),
+                      **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
+            for w in rootset.warnings[:20]:
+                _log.warning("scan_warning", path=w.path, errno=w.errno, message=w.message)
         self.notifier.status(f"last analysis: {len(a.roots)} roots, {live} live"
                              + ("" if dead is None else f", {dead} dead"))
         if a.graph is None:
@@ -268,17 +290,20 @@ class Daemon:
     # -- garbage collection ------------------------------------------------------
 
     async def collect(self, options: GCOptions, *, by: str,
-                      progress: Callable[[str], None] | None = None) -> GCResult:
-        """One collection (one at a time: the caller holds gc_lock)."""
-        self.gc_running = {"since": time.time(), "by": by}
-        c = Collection(self.layout, self.settings, options,
-                       progress=progress or (lambda m: None))
-        self.notifier.status("collecting garbage")
+                      progress: Callable[[admin.Progress], None] | None = None) -> GCResult:
+        """One collection (one at a time: the caller holds gc_lock), or a
+        dry run (read-only: any number, without gc_lock)."""
+        progress = progress or (lambda p: None)
+        if not options.dry_run:
+            self.gc_running = {"since": time.time(), "by": by}
+            self.notifier.status("collecting garbage")
+        c = Collection(self.layout, self.settings, options, progress=progress)
         t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(c.begin)
             # gc.lock is ours: only a scan that starts from now on counts
             # (one from before could miss a root a Nix build made meanwhile).
+            progress(admin.Progress("scanning roots", "scan"))
             rootset = await self.root_set(started_after=trio.current_time())
             async with self.work_lock:
                 db = self.open_db()
@@ -306,8 +331,9 @@ class Daemon:
             raise
         finally:
             await trio.to_thread.run_sync(c.end)
-            self.gc_running = {}
-            self.notifier.status("serving")
+            if not options.dry_run:
+                self.gc_running = {}
+                self.notifier.status("serving")
         _log.info("gc_finished", by=by, **result.summary())
         if self.metrics:
             self.metrics.collection(result)
@@ -332,18 +358,19 @@ class Daemon:
         while True:
             await trio.sleep(min(cfg.check_interval * 2 ** failures, 3600))
             try:
-                st = os.statvfs(self.layout.real_store_dir)
+                free, size = free_space(self.layout.real_store_dir)
             except Exception as e:  # keep serving; never collect without knowing
                 failures = min(failures + 1, 6)
                 _log.error("auto_gc_statvfs_failed", error=f"{type(e).__name__}: {e}",
                            retry_factor=2 ** failures)
                 continue
-            free = st.f_bavail * st.f_frsize
             options = None
-            if cfg.min_free is not None and free < cfg.min_free:
+            if cfg.min_free is not None and free < (min_free := resolve_size(cfg.min_free, size)):
+                # Until max-free is free, decided again under gc.lock (as Nix's
+                # auto-GC's max-freed: what is missing, at least one byte).
                 target = cfg.max_free if cfg.max_free is not None else cfg.min_free
-                options = GCOptions(max_freed=max(target - free, 1))
-                why = f"free space {free} < min-free {cfg.min_free}"
+                options = GCOptions(ensure_free=max(resolve_size(target, size), free + 1))
+                why = f"free space {free} < min-free {min_free}"
             elif cfg.interval is not None and trio.current_time() - last_scheduled >= cfg.interval:
                 options = GCOptions()
                 why = "schedule"
@@ -370,20 +397,24 @@ class Daemon:
             options = GCOptions.from_request(opts)
         except ValueError as e:
             raise RequestError(admin.Status.BAD_REQUEST, f"gc: {e}") from None
+        if request.command == "delete" and (options.keep_recent is not None or
+                                            options.ensure_free is not None):
+            raise RequestError(admin.Status.BAD_REQUEST,
+                               "delete: keep_recent and ensure_free are gc's options")
         if request.command == "delete":
             bad = [p for p in request.args if parse_store_path(p, self.layout.store_dir) != p]
             if not request.args or bad:
                 raise RequestError(admin.Status.BAD_REQUEST, "delete: " + (
                     f"not a store path: {bad[0][:300]!r}" if bad else "no paths given"))
             options.paths = request.args
-        if self.gc_lock.locked():
+        if self.gc_lock.locked() and not options.dry_run:
             since = time.strftime("%H:%M:%S", time.localtime(self.gc_running.get("since", 0)))
             raise RequestError(admin.Status.BUSY, f"a garbage collection is already running "
                                                   f"(since {since}, {self.gc_running.get('by')})")
-        latest = [""]
+        latest: list = [admin.Progress("")]
 
         async def forward_progress() -> None:
-            sent = ""
+            sent = latest[0]
             while True:
                 await trio.sleep(0.5)
                 if latest[0] != sent:
@@ -407,7 +438,8 @@ class Daemon:
             finally:
                 cancel.cancel()
 
-        async with self.gc_lock:
+        # A dry run only reads: it neither waits for nor blocks a collection.
+        async with (contextlib.nullcontext() if options.dry_run else self.gc_lock):
             # The exceptions are taken out of the nursery (which would wrap
             # them in a group) and raised below.
             async with trio.open_nursery() as nursery:
@@ -422,7 +454,10 @@ class Daemon:
             raise RequestError(admin.Status.ERROR, "the collection did not finish")
         data = await self.build(conn, lambda: conn.rows(result.deleted))
         await self._send(stream, data)
-        await self._send(stream, conn.end(admin.Status.OK, json.dumps(result.summary())))
+        summary = result.summary()
+        if conn.version < 2:  # its clients add these two up for the bytes freed on disk
+            summary.update(bytes_freed=result.disk_bytes_freed, links_freed=0)
+        await self._send(stream, conn.end(admin.Status.OK, json.dumps(summary)))
 
     async def in_worker(self, fn):
         async with self.work_lock:
@@ -525,6 +560,10 @@ class Daemon:
                              seconds=DROPPED_LOG_INTERVAL, last_peer_uid=peer.uid,
                              last_peer_pid=peer.pid, last_reason=message)
                 self._dropped = {}
+            if self._not_logged:
+                _log.warning("requests_not_logged", counts=self._not_logged,
+                             seconds=DROPPED_LOG_INTERVAL, logged_per_user=REQUEST_LINES_PER_USER)
+            self._request_lines, self._not_logged = {}, {}
 
     async def _serve_one(self, stream: trio.SocketStream, peer: Peer) -> None:
         t0 = time.perf_counter()
@@ -546,6 +585,7 @@ class Daemon:
                              *(drop or ("hangup", None, "hung up before its request")))
             return
         command, status, message, logged = request.command, admin.Status.OK, "", ""
+        in_log = self.in_log(peer)
         try:
             async with stream:
                 # Everything that goes wrong while answering is told to the
@@ -555,7 +595,7 @@ class Daemon:
                 try:
                     await self._send(stream, conn.hello())
                     hello_sent = True
-                    await self._dispatch(stream, conn, request, peer)
+                    await self._dispatch(stream, conn, request, peer, in_log)
                     return
                 except RequestError as e:
                     status, message = e.status, str(e)
@@ -581,9 +621,11 @@ class Daemon:
             _log.exception("request_internal_error", command=command)
             status, message = admin.Status.ERROR, f"internal error: {e!r}"
         finally:
-            _log.info("request", command=command, peer_uid=peer.uid, peer_pid=peer.pid,
-                      privileged=peer.privileged, status=status.name.lower(),
-                      error=logged or message or None, seconds=round(time.perf_counter() - t0, 4))
+            if in_log:
+                _log.info("request", command=command[:64], peer_uid=peer.uid, peer_pid=peer.pid,
+                          privileged=peer.privileged, status=status.name.lower(),
+                          error=logged or message or None,
+                          seconds=round(time.perf_counter() - t0, 4))
 
     async def _read_request(self, stream, conn: admin.ServerConnection) -> admin.Request | None:
         """The request; None if the peer hangs up first."""
@@ -601,11 +643,14 @@ class Daemon:
         with trio.fail_after(SEND_TIMEOUT):
             await stream.send_all(data)
 
-    async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer) -> None:
+    async def _dispatch(self, stream, conn, request: admin.Request, peer: Peer,
+                        in_log: bool = True) -> None:
         cmd = request.command
         if cmd not in READ_ONLY and cmd not in MUTATING:
-            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd!r}")
-        if cmd not in READ_ONLY and not peer.privileged:
+            raise RequestError(admin.Status.BAD_REQUEST, f"unknown command {cmd[:64]!r}")
+        # A dry run of gc is read-only, like `dead`: anyone may ask.
+        dry_gc = cmd == "gc" and request.options.get("dry_run") is True
+        if cmd not in READ_ONLY and not peer.privileged and not dry_gc:
             raise RequestError(admin.Status.REFUSED,
                                f"{cmd!r} needs root or membership in the admin group")
         censor = not peer.privileged
@@ -619,10 +664,10 @@ class Daemon:
             engine.check_request(cmd, request.options, request.args)
         except engine.BadRequest as e:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
-        await self._send(stream, conn.progress("scanning roots"))
-        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD)
+        await self._send(stream, conn.progress(admin.Progress("scanning roots", "scan")))
+        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log)
         db = self.open_db()
-        await self._send(stream, conn.progress("answering"))
+        await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
         if cmd in ("live", "dead"):
             await self._send_paths(stream, conn, a, cmd)
             return

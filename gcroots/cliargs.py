@@ -168,3 +168,52 @@ def _port(text: str) -> str:
 file_mode = _type("mode", _mode)
 uid = _type("uid", lambda t: _integer(t, "a numeric uid", 0, MAX_UID))
 host_port = _type("address", _port)   # [HOST:]PORT, returned as given
+
+
+# -- help and --version: the same for the three commands ----------------------
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and examples (epilogs) as written; every flag's help
+    says its default, unless there is none to say (None, False) or the help
+    already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or "default" in text or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def describe(text: str) -> str:
+    """A description paragraph wrapped for --help (the formatter keeps
+    descriptions as written, for lists like the exit codes)."""
+    import textwrap
+    return textwrap.fill(" ".join(text.split()), 79)
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata), as --version says it."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gcroots")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked (importlib.metadata is not
+    cheap, and the helper starts often)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action=_Version, help="print the version and exit")

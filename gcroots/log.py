@@ -20,11 +20,20 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+# Of one field of one line: paths, commands, messages may be any user's
+# choice, of any length (a client's 60 KB command made 120 KB lines).
+MAX_FIELD = 2000
+
+
 def _bytes_to_text(_logger, _name, event_dict):
-    # Paths are bytes end to end; in a log line show them losslessly.
+    # Paths are bytes end to end; in a log line show them losslessly (up to
+    # MAX_FIELD characters, as every text field).
     for key, value in event_dict.items():
         if isinstance(value, (bytes, bytearray)):
-            event_dict[key] = os.fsdecode(bytes(value)).encode("utf-8", "backslashreplace").decode()
+            value = event_dict[key] = os.fsdecode(bytes(value)).encode(
+                "utf-8", "backslashreplace").decode()
+        if isinstance(value, str) and len(value) > MAX_FIELD:
+            event_dict[key] = f"{value[:MAX_FIELD]}... ({len(value)} characters)"
     return event_dict
 
 

@@ -4,6 +4,7 @@ Standard library only (the helper imports it)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -13,14 +14,19 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from . import nofollow
+
 # bind() then chmod()/chown() by path follows whatever the path holds by
 # then: whoever can write the directory swaps the socket for a link to any
 # file, and we hand that file over.  fchmod/fchown on a socket's fd return 0
 # but change nothing (measured on Linux 6.18: they act on the sockfs inode).
 # So a socket is bound in a fresh private directory (ours, 0700), given its
 # mode and owner there by name relative to that directory's fd, and renamed
-# into place; and the directory it goes to must be writable by nobody but
-# us (and root), or one that `dir_owners` trusts.
+# into place.  The directory it goes to is reached from "/" without
+# following a symlink, through directories that only we, root (or
+# `dir_owners`) can change -- or sticky ones (/tmp) whose entry on the way
+# is such a user's -- and must itself be writable by nobody else: nobody
+# else can move our socket, or put theirs where clients look for ours.
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -30,14 +36,32 @@ class SocketFile:
     path: bytes
     dev: int
     ino: int
+    dir_id: tuple[int, int]   # its directory's (st_dev, st_ino)
 
     def remove(self) -> None:
+        """Unlink it, if it is still ours, in the directory it was made in.
+        It is first taken aside (rename is atomic): a socket that another
+        instance put there meanwhile is put back, not removed."""
+        parent, name = os.path.split(self.path)
+        aside = b".%s.gone.%s" % (name, secrets.token_hex(6).encode())
         try:
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == (self.dev, self.ino):
-                os.unlink(self.path)
+            dfd = nofollow.open_dir(parent)
+        except (OSError, ValueError):
+            return
+        try:
+            if nofollow.identity(dfd) != self.dir_id:
+                return
+            os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+            st = os.lstat(aside, dir_fd=dfd)
+            if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                # Not ours: back, unless a newer one is there by now (link
+                # never replaces); then the one taken aside serves nobody.
+                os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            os.unlink(aside, dir_fd=dfd)
         except OSError:
             pass
+        finally:
+            os.close(dfd)
 
 
 def remove_when_gone(files: list[SocketFile]) -> None:
@@ -63,18 +87,62 @@ def remove_when_gone(files: list[SocketFile]) -> None:
         os._exit(0)
 
 
-def _is_live(path: bytes) -> bool:
-    """Does a process accept on the socket at `path`?  (Connecting is the
-    only way to tell a live socket from one its process left behind.)"""
+def _is_live(dfd: int, name: bytes) -> bool:
+    """Does a process accept on the socket `name` in `dfd`?  (Connecting is
+    the only way to tell a live socket from one its process left behind.)"""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
         s.setblocking(False)
         try:
-            s.connect(path)
+            s.connect(b"/proc/self/fd/%d/%s" % (dfd, name))
         except (ConnectionRefusedError, FileNotFoundError):
             return False
         except BlockingIOError:   # its backlog is full: very much alive
             pass
         return True
+
+
+def _open_parent(parent: bytes, trusted: tuple[int, ...]) -> int:
+    """An fd of `parent` (absolute), made (0755) where missing, reached as
+    described at the top; OSError saying what is wrong and where."""
+    fd = os.open(b"/", _DIR_FLAGS)
+    walked = b""
+
+    def untrusted(st: os.stat_result) -> OSError:
+        return OSError(f"{os.fsdecode(walked or b'/')} is writable by others (owner uid "
+                       f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); use a directory "
+                       "that only this user (or root) can change")
+    try:
+        for part in [p for p in parent.split(b"/") if p not in (b"", b".")]:
+            if part == b"..":   # resolved physically by the kernel, lexically by clients
+                raise OSError("'..' in its path")
+            up = os.fstat(fd)   # checked before we make anything in it
+            if up.st_uid not in trusted or up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX:
+                raise untrusted(up)
+            try:
+                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked + b"/" + part)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked + b"/" + part)
+            owner = os.fstat(nxt).st_uid
+            os.close(fd)
+            fd = nxt
+            if up.st_mode & 0o022 and owner not in trusted:   # sticky: only its owner moves it
+                raise untrusted(up)
+            walked += b"/" + part
+    except nofollow.SymlinkInPath as e:
+        os.close(fd)
+        raise OSError(f"its directory path goes through a symbolic link "
+                      f"({os.fsdecode(e.component)}); give its real path") from None
+    except OSError as e:
+        os.close(fd)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, e.filename and os.fsdecode(walked + b"/" + part)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
@@ -83,21 +151,24 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
     the first instant it is there, without a window for path tricks (see
     above).  Replaces only a socket nobody serves; refuses a live one (a
     second instance must not steal the first one's clients), anything that
-    is not a socket, and a directory others can write.  Raises OSError with
-    a one-line message naming the path."""
+    is not a socket, and a directory others can write or redirect.  Raises
+    OSError with a one-line message naming the path."""
+    path = os.path.join(os.getcwdb(), path)
     where = os.fsdecode(path)
     parent, name = os.path.split(path)
+    trusted = (0, os.geteuid(), *dir_owners)
     try:
         if len(path) > 107:   # sun_path: clients could not connect
             raise OSError(errno.ENAMETOOLONG, "longer than 107 bytes")
-        os.makedirs(parent or b".", mode=0o755, exist_ok=True)
-        dfd = os.open(parent or b".", _DIR_FLAGS)
+        dfd = _open_parent(parent, trusted)
     except OSError as e:
+        if e.errno is None:   # ours: what is wrong with the path
+            raise OSError(f"refusing to create socket {where}: {e}") from None
         raise OSError(f"cannot create socket {where}: {e.strerror}"
                       + (f" ({os.fsdecode(e.filename)})" if e.filename else "")) from None
     try:
         st = os.fstat(dfd)
-        if st.st_uid not in (0, os.geteuid(), *dir_owners) or st.st_mode & 0o022:
+        if st.st_uid not in trusted or st.st_mode & 0o022:
             raise OSError(f"refusing to create socket {where}: its directory is writable by "
                           f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
                           "use one that only this user (or root) can write")
@@ -108,7 +179,7 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
         else:
             if not stat.S_ISSOCK(old.st_mode):
                 raise OSError(f"{where} exists and is not a socket; refusing to replace it")
-            if _is_live(path):
+            if _is_live(dfd, name):
                 raise OSError(f"{where} is served by a running process; refusing to take it "
                               "over (stop that one first)")
         try:
@@ -116,7 +187,7 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
             st = os.lstat(name, dir_fd=dfd)
         except OSError as e:
             raise OSError(f"cannot create socket {where}: {e.strerror}") from None
-        return sock, SocketFile(path, st.st_dev, st.st_ino)
+        return sock, SocketFile(path, st.st_dev, st.st_ino, nofollow.identity(dfd))
     finally:
         os.close(dfd)
 

@@ -12,6 +12,10 @@ from gcroots import cliargs
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
+from gcroots.storepath import canon_path
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def _absolute(value: str) -> str:
@@ -22,9 +26,12 @@ def _absolute(value: str) -> str:
 
 def _layout_flags(p: argparse.ArgumentParser) -> None:
     # --root may be relative, like nix-store --store ./x; the logical dirs not.
-    p.add_argument("--root", help="physical root of a chroot store (like nix-store --store DIR)")
-    p.add_argument("--store-dir", type=_absolute, help="logical store dir (default /nix/store)")
-    p.add_argument("--state-dir", type=_absolute, help="logical state dir (default /nix/var/nix)")
+    p.add_argument("--root", metavar="DIR",
+                   help="physical root of a chroot store (like nix-store --store DIR)")
+    p.add_argument("--store-dir", type=_absolute, metavar="DIR",
+                   help="logical store dir (default /nix/store)")
+    p.add_argument("--state-dir", type=_absolute, metavar="DIR",
+                   help="logical state dir (default /nix/var/nix)")
 
 
 def _layout_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +40,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cmdline", action="store_true",
                    help="also find store paths in /proc/PID/cmdline (Nix does not)")
     p.add_argument("--accept-unreadable", action="append", default=[], metavar="PREFIX",
-                   type=lambda v: os.fsencode(os.path.normpath(_absolute(v))),
+                   type=lambda v: canon_path(os.fsencode(_absolute(v))),
                    help="skip (warn) instead of failing the scan on EACCES below PREFIX, e.g. "
                         "NFS homes with root_squash: roots there may be missed (repeatable)")
 
@@ -89,7 +96,7 @@ def cmd_scan(args) -> int:
 
     layout = _layout(args)
     _raise_fd_limit()
-    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
         box = _sandbox(args, layout, read_db=not args.all_candidates)
@@ -165,7 +172,7 @@ def cmd_serve(args) -> int:
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
     sockets.remove_when_gone(files)   # the sandbox will not let us unlink them
-    check = preflight(hidden_dirs())  # before the sandbox closes /proc/1
+    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     if why := check():
         log.get("gcroots.helper").error("scans_will_fail", reason=why)
     stop_on_signals()
@@ -193,12 +200,28 @@ def cmd_sandbox_check(args) -> int:
                          readlinks=[os.fsencode(p) for p in args.readlink])
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gcroots-helper",
-                                description="Privileged, read-only Nix GC root scanner.")
-    sub = p.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gcroots-helper", formatter_class=cliargs.HelpFormatter,
+        description=cliargs.describe(
+            "Privileged, read-only Nix GC root scanner: finds every GC root (links in "
+            "gcroots/ and profiles/, indirect roots in homes, running processes) with two "
+            "read capabilities, inside a sandbox, and streams them to gcrootsd."),
+        epilog="examples:\n  gcroots-helper scan --no-runtime\n"
+               "  gcroots-helper sandbox-check --readlink /home/alice/result\n"
+               "  gcroots-helper serve --socket /run/gcroots/helper.sock --allow-user gcroots")
+    cliargs.add_version(p)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("scan", help="scan once and print roots like nix-store --gc --print-roots")
+    def command(name: str, help: str, description: str, examples: str):
+        return sub.add_parser(name, help=help, description=cliargs.describe(description),
+                              epilog="examples:\n" + examples,
+                              formatter_class=cliargs.HelpFormatter)
+
+    s = command("scan", "scan once and print roots like nix-store --gc --print-roots",
+                "Scan once, with this process's rights, and print the roots as `nix-store "
+                "--gc --print-roots` does (LINK -> STORE PATH); stale links and warnings go to "
+                "stderr.", "  gcroots-helper scan\n  gcroots-helper scan --root /mnt --no-runtime")
     _layout_args(s)
     s.add_argument("--all-candidates", action="store_true",
                    help="do not read the Nix DB; print every candidate, valid or not")
@@ -209,31 +232,46 @@ def main(argv: list[str] | None = None) -> int:
     _sandbox_args(s)
     s.set_defaults(func=cmd_scan, parser=s)
 
-    v = sub.add_parser("serve", help="serve scans on Unix sockets (or systemd socket activation)")
+    v = command("serve", "serve scans on Unix sockets (or systemd socket activation)",
+                "Serve complete root scans to gcrootsd (the root-stream protocol) and, "
+                "optionally, Nix >= 2.34's roots-daemon format, to the allowed users only, "
+                "from inside the sandbox.",
+                "  gcroots-helper serve --socket /run/gcroots/helper.sock --allow-user gcroots "
+                "--require-sandbox")
     _layout_args(v)
-    v.add_argument("--socket", help="listen here for gcrootsd (root-stream protocol)")
-    v.add_argument("--nix-roots-daemon-socket",
+    v.add_argument("--socket", metavar="PATH",
+                   help="listen here for gcrootsd (root-stream protocol)")
+    v.add_argument("--nix-roots-daemon-socket", metavar="PATH",
                    help="also serve Nix >= 2.34's roots-daemon format here")
-    v.add_argument("--allow-user", action="append", help="user allowed to connect (repeatable)")
-    v.add_argument("--allow-uid", action="append", type=cliargs.uid, help="uid allowed to connect")
-    v.add_argument("--socket-mode", default="0600", type=cliargs.file_mode,
-                   help="mode of sockets we create (owner: the first allowed uid); default 0600")
-    v.add_argument("--log-level", default="info")
+    v.add_argument("--allow-user", action="append", metavar="USER",
+                   help="user allowed to connect (repeatable)")
+    v.add_argument("--allow-uid", action="append", type=cliargs.uid, metavar="UID",
+                   help="uid allowed to connect (repeatable)")
+    v.add_argument("--socket-mode", default="0600", type=cliargs.file_mode, metavar="MODE",
+                   help="mode of sockets we create (owner: the first allowed uid)")
+    v.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="what to log")
     v.add_argument("--require-sandbox", action=argparse.BooleanOptionalAction, default=False,
                    help="refuse to serve unless every sandbox layer is active "
                         "(the systemd unit turns this on)")
     _sandbox_args(v)
     v.set_defaults(func=cmd_serve, parser=v)
 
-    c = sub.add_parser("sandbox-check",
-                       help="apply the sandbox, try to escape it, print one line per attempt")
+    c = command("sandbox-check", "apply the sandbox, try to escape it, print one line per attempt",
+                "Apply the helper's sandbox, try each way out (writes, exec, network, other "
+                "processes, privileges) and each thing it must still do; one line per attempt; "
+                "exit 0 only if every escape is blocked and every needed operation works.",
+                "  gcroots-helper sandbox-check\n"
+                "  gcroots-helper sandbox-check --readlink /home/alice/result")
     _layout_flags(c)
     c.add_argument("--readlink", action="append", default=[], metavar="PATH",
                    help="also check that this link (e.g. in a 0700 home) is readable")
     _sandbox_args(c)
     c.set_defaults(func=cmd_sandbox_check, parser=c)
+    return p
 
-    args = p.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return run_main("gcroots-helper", lambda: args.func(args))
 
 

@@ -454,12 +454,37 @@ def lacking_caps() -> str:
             "AmbientCapabilities=)")
 
 
-def preflight(hidden: Sequence[bytes], *, caps: bool = True) -> Callable[[], str]:
+# The initial user namespace's inode number (the kernel's PROC_USER_INIT_INO).
+INITIAL_USER_NS = 0xEFFFFFFD
+
+
+def in_user_namespace() -> bool:
+    """Whether we run in a user namespace other than the initial one
+    (systemd PrivateUsers=yes, unshare --user): capget() then shows
+    capabilities that reach only that namespace's files and processes."""
+    try:
+        return os.stat("/proc/self/ns/user").st_ino != INITIAL_USER_NS
+    except OSError:
+        return True   # cannot tell: assume the worst
+
+
+def preflight(hidden: Sequence[bytes], *, caps: bool = True,
+              runtime: bool = True) -> Callable[[], str]:
     """Scanner(preflight=...): why every scan must fail before it starts,
     or "".  `hidden` from hidden_dirs() (taken before the sandbox closes
-    /proc/1); capabilities checked at each scan."""
+    /proc/1); capabilities checked at each scan.  In a user namespace the
+    runtime scan cannot work: other users' processes are EACCES, which
+    (as Nix does) skips them, or invisible (hidepid); a file is EACCES,
+    which fails the scan, so a scan without runtime roots is still sound."""
+    userns = caps and runtime and in_user_namespace()
+
     def check() -> str:
         why = [lacking_caps()] if caps else []
+        if userns:
+            why.append("the helper runs in a user namespace (e.g. systemd PrivateUsers=yes, "
+                       "unshare --user): its CAP_SYS_PTRACE does not reach other users' "
+                       "processes, whose runtime roots it would miss; run it in the initial "
+                       "user namespace (or without runtime roots: --no-runtime)")
         if hidden:
             why.append("directories are hidden from the helper ("
                        f"{', '.join(map(os.fsdecode, hidden))}: a mount over them that init "

@@ -52,9 +52,17 @@ class ScanError(Exception):
     """The scan cannot vouch for a complete root set."""
 
 
+def _shown(path: bytes, limit: int = 300) -> str:
+    """A path for a message: quoted, escaped, at most `limit` characters
+    (head...tail).  It may be any user's, of any length and bytes, and the
+    message must keep its end (the blame) within the trailer's 4096."""
+    text = repr(os.fsdecode(path))
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+
+
 def _bounded(path: bytes) -> bytes:
     if len(path) >= PATH_MAX:  # Nix fails here too (ENAMETOOLONG)
-        raise _fatal(path[:200] + b"...", OSError(errno.ENAMETOOLONG, "longer than PATH_MAX "
+        raise _fatal(path, OSError(errno.ENAMETOOLONG, "longer than PATH_MAX "
                      f"({PATH_MAX} bytes with its NUL)"), "path")
     return path
 
@@ -64,7 +72,7 @@ def _warn(path: bytes, e: OSError, what: str) -> ScanWarning:
 
 
 def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
-    return ScanError(f"{what} {os.fsdecode(path)!r}: {e.strerror} (errno {e.errno})"
+    return ScanError(f"{what} {_shown(path)}: {e.strerror} (errno {e.errno})"
                      f"{UNREADABLE if e.errno == errno.EACCES else ''}; "
                      "refusing to report an incomplete root set")
 
@@ -76,7 +84,8 @@ def _blame(e: ScanError, entry: bytes, stat_entry) -> ScanError:
         owner = f"uid {stat_entry().st_uid}"
     except OSError:
         owner = "an unknown user"
-    return ScanError(f"{e}; root entry {os.fsdecode(entry)!r} belongs to {owner}, who (or "
+    # gcrootsd reads the owner from this ending (engine.scan_error): keep it last.
+    return ScanError(f"{e}; root entry {_shown(entry)} belongs to {owner}, who (or "
                      "root) must fix or remove it")
 
 
@@ -240,7 +249,7 @@ class Scanner:
                     # listing; like Nix, skip it with a warning.
                     yield self._skip(path, e, "open directory", (errno.ELOOP,))
                 except ScanError as e:
-                    raise _blame(e, path[:200], lambda: os.lstat(name, dir_fd=parent)) from None
+                    raise _blame(e, path, lambda: os.lstat(name, dir_fd=parent)) from None
         finally:
             for parent, _, _ in stack:
                 os.close(parent)
@@ -276,7 +285,7 @@ class Scanner:
                 except OSError as e:
                     yield self._skip(child, e, "read")
                 except ScanError as e:
-                    raise _blame(e, child[:200],
+                    raise _blame(e, child,
                                  lambda: entry.stat(follow_symlinks=False)) from None
 
     def _regular_file(self, path: bytes, kind: RootKind) -> Iterator[Record]:
@@ -307,7 +316,7 @@ class Scanner:
                 if is_in_dir(link, self.layout.auto_dir):
                     yield StaleLink(link, resolved, identity)
                 return
-            yield self._skip(link, e, f"lstat its target {os.fsdecode(resolved)!r}", at=resolved)
+            yield self._skip(link, e, f"lstat its target {_shown(resolved)}", at=resolved)
             return
         if not stat.S_ISLNK(st.st_mode):
             return

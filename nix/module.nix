@@ -4,9 +4,10 @@
 # hardening and Type=notify/watchdog, with the configuration in options
 # instead of /etc/default/gcroots.  Differences, each explained where it is
 # made: no EnvironmentFile; the helper's socket for Nix's roots daemon only
-# when nixRootsDaemonCompat.enable; profile pruning before the scheduled
-# collection; gcrootsd's network opened to loopback only when it serves
-# metrics over HTTP.
+# when nixRootsDaemonCompat.enable; the scheduled `clean`'s policy from
+# gc.* options (write access to the profiles only when it prunes, to homes
+# and /tmp only when it ages out result links); gcrootsd's network opened to
+# loopback only when it serves metrics over HTTP.
 #
 # Untested here: the machine this was written on has no nixpkgs.
 # tests/test_nix_files.py evaluates this file with a stand-in for nixpkgs'
@@ -137,13 +138,17 @@ let
   ]
   ++ settingsToArgs cfg.settings;
 
-  pruneArgs = [
+  prunes = cfg.gc.keep != null || cfg.gc.keepSince != null;
+  agesRoots = cfg.gc.rootsOlderThan != null;
+
+  # One command, one plan: profiles pruned, old result links removed, then
+  # the collection (gcroots-query clean).
+  gcArgs = [
     queryExe
     "--socket"
     daemonSocket
-    "profiles"
-    "prune"
-    "--all"
+    "clean"
+    "--yes"
   ]
   ++ lib.optionals (cfg.gc.keep != null) [
     "--keep"
@@ -152,15 +157,10 @@ let
   ++ lib.optionals (cfg.gc.keepSince != null) [
     "--keep-since"
     cfg.gc.keepSince
-  ];
-  prunes = cfg.gc.keep != null || cfg.gc.keepSince != null;
-
-  gcArgs = [
-    queryExe
-    "--socket"
-    daemonSocket
-    "gc"
-    "--yes"
+  ]
+  ++ lib.optionals agesRoots [
+    "--roots-older-than"
+    cfg.gc.rootsOlderThan
   ]
   ++ lib.optionals (cfg.gc.maxFreed != null) [
     "--max-freed"
@@ -467,7 +467,7 @@ in
         example = 5;
         description = ''
           Before each scheduled collection, delete profile generations beyond
-          the newest N (`gcroots-query profiles prune --all --keep N`).  The
+          the newest N (`gcroots-query clean --keep N`).  The
           current generation, those /run/current-system and
           /run/booted-system point at, and any a running process uses are
           always kept.  Pruning runs as {option}`services.gcroots.user`, with
@@ -482,6 +482,24 @@ in
         default = null;
         example = "30d";
         description = "Also keep generations newer than this (`--keep-since`, e.g. 14d, 2w); with `keep`, the union of both is kept.";
+      };
+
+      rootsOlderThan = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "90d";
+        description = ''
+          Before each scheduled collection, remove `result` and direnv links
+          (indirect roots) made longer ago than this
+          (`gcroots-query clean --roots-older-than`), never one a running
+          process or a current profile generation needs, nor one whose
+          directory path goes through a symbolic link.  With
+          {option}`services.gcroots.user` = "root" (the stock model) every
+          user's: the collection's unit then sees the real homes and /tmp,
+          may write there and holds CAP_DAC_OVERRIDE and CAP_FOWNER (to enter
+          0700 homes and unlink in sticky /tmp).  Any other user removes
+          only its own links.
+        '';
       };
     };
 
@@ -547,8 +565,8 @@ in
         message = "services.gcroots.gc.maxFree needs gc.minFree: gcrootsd collects up to maxFree once free space falls below minFree.";
       }
       {
-        assertion = prunes -> cfg.gc.automatic;
-        message = "services.gcroots.gc.keep and gc.keepSince prune profiles before the scheduled collection: set services.gcroots.gc.automatic = true.";
+        assertion = (prunes || agesRoots) -> cfg.gc.automatic;
+        message = "services.gcroots.gc.keep, gc.keepSince and gc.rootsOlderThan prune profiles and links before the scheduled collection: set services.gcroots.gc.automatic = true.";
       }
       {
         assertion = cfg.helperUser != cfg.user;
@@ -747,18 +765,31 @@ in
         unprivileged
         // {
           Type = "oneshot";
-          # As gcrootsd's own user, which gcrootsd lets collect.
+          # As gcrootsd's own user, which gcrootsd lets collect.  Generations
+          # and links go first, so their closures are collected in the same
+          # run; clean asks gcrootsd which paths running processes use and
+          # deletes nothing without that answer.
           ExecStart = utils.escapeSystemdExecArgs gcArgs;
           User = cfg.user;
           Group = cfg.group;
           UMask = "0077";
         }
-        // lib.optionalAttrs prunes {
-          # Generations go first, so their closures are collected in the same
-          # run.  Pruning asks gcrootsd which generations running processes
-          # use and deletes nothing without that answer.
-          ExecStartPre = utils.escapeSystemdExecArgs pruneArgs;
-          ReadWritePaths = [ "/nix/var/nix/profiles" ];
+        // lib.optionalAttrs (prunes || agesRoots) {
+          ReadWritePaths =
+            lib.optional prunes "/nix/var/nix/profiles"
+            ++ lib.optionals agesRoots [
+              "-/home"
+              "-/root"
+              "-/tmp"
+              "-/var/tmp"
+            ];
+        }
+        // lib.optionalAttrs (agesRoots && cfg.user == "root") {
+          # Users' result links: in their (0700) homes and in the real,
+          # sticky /tmp.
+          ProtectHome = false;
+          PrivateTmp = false;
+          CapabilityBoundingSet = "CAP_DAC_OVERRIDE CAP_FOWNER";
         };
     };
 

@@ -15,6 +15,7 @@
 {
   lib,
   python3Packages,
+  installShellFiles,
   # gcrootsd writes Prometheus metrics (the NixOS module asks for a textfile by
   # default); without prometheus-client `--metrics-*` exit with a clear error.
   withMetrics ? true,
@@ -35,6 +36,7 @@ let
       ../helper
       ../daemon
       ../client
+      ../scripts/manpages # man pages and completions from the argparse definitions
     ];
   };
 
@@ -75,12 +77,13 @@ let
         pyroute2 # the sandbox's network namespace check
         structlog # logging
       ];
-      # pyproject.toml lists the daemon's dependencies too; the helper never
-      # imports it (a test in tests/ guards that), so drop it from the
-      # metadata instead of carrying it.
+      # pyproject.toml lists the daemon's and the client's dependencies too;
+      # the helper never imports them (a test in tests/ guards that), so drop
+      # them from the metadata instead of carrying them.
       pythonRemoveDeps = [
         "trio"
         "numpy"
+        "tqdm"
       ];
 
       # Only the helper: the other commands need trio.
@@ -109,8 +112,26 @@ python3Packages.buildPythonApplication (
         pyroute2
         cffi
         structlog
+        tqdm # gcroots-query's progress bars
       ])
       ++ lib.optionals withMetrics metricsDeps;
+
+    # Man pages and bash/zsh/fish completions, generated from the argparse
+    # definitions (pyproject.toml's `docs` extra).
+    nativeBuildInputs = [
+      installShellFiles
+      python3Packages.argparse-manpage
+      python3Packages.shtab
+    ];
+    postInstall = ''
+      PYTHONPATH=$out/${python3Packages.python.sitePackages}:$PYTHONPATH \
+        bash scripts/manpages docs ${python3Packages.python.interpreter}
+      installManPage docs/man/man1/*.1
+      for cmd in gcroots-query gcrootsd gcroots-helper; do
+        installShellCompletion --cmd $cmd --bash docs/completions/bash/$cmd \
+          --zsh docs/completions/zsh/_$cmd --fish docs/completions/fish/$cmd.fish
+      done
+    '';
 
     optional-dependencies.metrics = metricsDeps;
 

@@ -5,11 +5,16 @@ One request per connection:
     client -> daemon   HELLO(magic, min_version, max_version)
     client -> daemon   REQUEST(command, options as JSON text, bytes args...)
     daemon -> client   HELLO(magic, min_version, max_version)
-    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PATHS(...) | PROGRESS(text)
+    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PATHS(...) | PROGRESS...
     daemon -> client   END(status, row_count, message)
 
+PROGRESS is PROGRESS(text) in version 1; from version 2 on it is
+PROGRESS_NUMBERS(phase, text, done, total, bytes), so that the client can
+draw a bar with a percentage, rate and ETA.  The daemon sends what the
+version both sides speak allows.
+
 ROWS packs many one-field rows (a list of store paths) into one frame: a
-100k-path `dead` answer is ~90 frames, not 100k.  PATHS (version 2) does
+100k-path `dead` answer is ~90 frames, not 100k.  PATHS (version 3) does
 the same with each value NUL-terminated (no store path or store entry
 holds a NUL): the daemon sends slices of its sorted path table as they
 are, and the client writes them out without an object per path.
@@ -33,13 +38,13 @@ from .rootstream import NEED_DATA, VersionMismatch, _NeedData
 
 MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
-MAX_VERSION = 2
+MAX_VERSION = 3         # 2: PROGRESS_NUMBERS; 3: PATHS
 MAX_ARGS = 1024         # `delete` takes store paths (a frame bounds them anyway)
 MAX_OPTIONS_DEPTH = 16
 
-_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PATHS = 1, 2, 3, 4, 5, 6, 7
+_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PROGRESS_NUMBERS, _PATHS = 1, 2, 3, 4, 5, 6, 7, 8
 _SCHEMAS = {_HELLO: "bHH", _REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*",
-            _PATHS: "*"}
+            _PROGRESS_NUMBERS: "ssQQQ", _PATHS: "*"}
 PATHS_PAYLOAD = MAX_FRAME - 16   # the most a PATHS frame carries
 _LEN = struct.Struct(">I")
 _ROWS_HEADER = struct.Struct(">IB")
@@ -87,7 +92,14 @@ class Paths:
 
 @dataclass(frozen=True)
 class Progress:
+    """Where long work is: its phase (scan, load, plan, check, measure,
+    delete, links), `done` of `total` items (0: not known), bytes freed so
+    far.  A version-1 peer sends (and gets) only the message."""
     message: str
+    phase: str = ""
+    done: int = 0
+    total: int = 0
+    bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,11 @@ def _parse_hello(payload: bytes, ours: tuple[int, int], peer: str) -> Hello:
     if max(lo, ours[0]) > min(hi, ours[1]):
         raise VersionMismatch(ours, (lo, hi), peer)
     return Hello(lo, hi)
+
+
+def _common_version(hello: Hello | None, ours: tuple[int, int]) -> int:
+    """The highest version both speak (the lowest before the peer's HELLO)."""
+    return ours[0] if hello is None else min(hello.max_version, ours[1])
 
 
 def _nesting(text: str) -> int:
@@ -245,12 +262,12 @@ class ServerConnection:
 
     @property
     def paths_frames(self) -> bool:
-        """Whether the client reads PATHS frames (protocol version 2)."""
-        return self._hello is not None and min(self._hello.max_version, self._versions[1]) >= 2
+        """Whether the client reads PATHS frames (protocol version 3)."""
+        return self.version >= 3
 
     def paths(self, payload, count: int) -> bytes:
         """One PATHS frame: `payload` (bytes-like, at most PATHS_PAYLOAD) is
-        `count` values, each NUL-terminated.  Version 2 clients only."""
+        `count` values, each NUL-terminated.  Version 3 clients only."""
         if self._ended:
             raise LocalProtocolError("answer already ended")
         if not self.paths_frames or len(payload) > PATHS_PAYLOAD:
@@ -258,8 +275,18 @@ class ServerConnection:
         self.rows_sent += count
         return _ROWS_HEADER.pack(len(payload) + 1, _PATHS) + payload
 
-    def progress(self, message: str) -> bytes:
-        return encode_frame(_PROGRESS, _SCHEMAS[_PROGRESS], [message[:1024]])
+    @property
+    def version(self) -> int:
+        return _common_version(self._hello, self._versions)
+
+    def progress(self, p: Progress | str) -> bytes:
+        if isinstance(p, str):
+            p = Progress(p)
+        if self.version < 2:
+            return encode_frame(_PROGRESS, _SCHEMAS[_PROGRESS], [p.message[:1024]])
+        return encode_frame(_PROGRESS_NUMBERS, _SCHEMAS[_PROGRESS_NUMBERS],
+                            [p.phase[:64], p.message[:1024], *(max(0, min(n, 2**64 - 1)) for n in
+                                                               (p.done, p.total, p.bytes))])
 
     def end(self, status: Status, message: str = "") -> bytes:
         if self._ended:
@@ -316,14 +343,17 @@ class ClientConnection:
             self.rows_received += len(values)
             return Rows(values)
         if ftype == _PATHS:
-            if self._hello.max_version < 2 or payload[-1:] not in (b"\0", b""):
-                raise RemoteProtocolError("PATHS frame from a version 1 daemon, or not "
+            if _common_version(self._hello, self._versions) < 3 or payload[-1:] not in (b"\0", b""):
+                raise RemoteProtocolError("PATHS frame before protocol version 3, or not "
                                           "NUL-terminated")
             count = payload.count(b"\0")
             self.rows_received += count
             return Paths(payload, count)
         if ftype == _PROGRESS:
             return Progress(*decode_fields(_PROGRESS, schema, payload))
+        if ftype == _PROGRESS_NUMBERS and _common_version(self._hello, self._versions) >= 2:
+            phase, message, done, total, nbytes = decode_fields(ftype, schema, payload)
+            return Progress(message, phase, done, total, nbytes)
         if ftype == _END:
             status, rows, message = decode_fields(_END, schema, payload)
             try:

@@ -70,7 +70,9 @@ class Demo:
         cmd = [str(BIN / "gcroots-query"), "--socket", str(self.run / "gcrootsd.sock"), *args]
         if user:
             cmd = ["runuser", "-u", user, "--", *cmd]
-        out = subprocess.run(cmd, capture_output=True)
+        # Arguments (why's) are store paths of this store, as for Nix's commands.
+        out = subprocess.run(cmd, capture_output=True,
+                             env=dict(os.environ, NIX_STORE_DIR=str(self.store)))
         if check and out.returncode != 0:
             raise SystemExit(f"demo: gcroots-query {' '.join(args)} failed: {out.stderr.decode()}")
         return out.stdout
@@ -186,9 +188,9 @@ class Demo:
         # Nix ran as root just now; in a rootless set-up it runs as the store
         # owner, so hand back what it created in the state dir.
         subprocess.run(["chown", "-R", f"{DAEMON_USER}:", str(self.state)], check=True)
-        self.say("gcroots-query gc --dry-run")
+        self.say("gcroots-query gc --dry-run --print-deleted")
         out = subprocess.run([str(BIN / "gcroots-query"), "--socket", str(self.run / "gcrootsd.sock"),
-                              "gc", "--dry-run"], capture_output=True)
+                              "gc", "--dry-run", "--print-deleted"], capture_output=True)
         self.show(out.stdout, limit=6)
         self.show(out.stderr)
         self.say("gcroots-query gc --yes")
@@ -196,7 +198,7 @@ class Demo:
                               "gc", "--yes"], capture_output=True)
         if out.returncode != 0:
             raise SystemExit(f"demo: gc failed: {out.stderr.decode()}")
-        self.show(out.stderr)
+        self.show(out.stdout)  # the summary: Nix's sentence (Nix's count), disk and NAR bytes
         self.note("Collected by gcrootsd as user 'gcroots', under Nix's gc.lock, serving gc-socket "
                   "for any Nix process that needs a path meanwhile.")
         verify = subprocess.run(["nix-store", "--verify", "--check-contents"], env=self.nix_env,

@@ -82,3 +82,30 @@ def test_standalone_json_parses_after_every_log_event(scratch):
     assert full[7] not in done["paths_list"] and done["paths"] == 37
     answers["profiles list"] = run("profiles", "list", "--root", str(root))[0]
     assert answers["dead"] and answers["why"]["chains"]
+
+
+def test_json_errors_are_json_objects_for_every_command(scratch):
+    """With --json an error is one JSON object on stdout -- {"error", "exit"}
+    -- with the same exit code as without (issue 15: they were plain text)."""
+    nowhere = ["--socket", str(scratch / "no.sock")]
+    cases = {  # argv -> exit code
+        ("roots",): 1, ("live",): 1, ("dead",): 1, ("stats",): 1, ("cost",): 1,
+        ("why", "/nix/store/" + "a" * 32 + "-x"): 1, ("gc", "--dry-run"): 1,
+        ("gc", "--yes"): 1, ("delete", "/nix/store/" + "a" * 32 + "-x"): 1,
+        ("clean", "--dry-run"): 1,
+        ("why", ""): 2, ("cost", "--top", "-1"): 2, ("gc", "--max-freed", "10Q"): 2,
+        ("gc",): 2,   # not a terminal, no --yes
+        ("bogus",): 2, ("--root", "/x", "dead"): 2,
+        ("profiles", "prune", "--all"): 2, ("roots", "prune"): 2,
+        ("profiles", "delete-generations", "/nonexistent/p", "x"): 2,
+        ("profiles", "delete-generations", "/nonexistent/p", "old"): 1,
+    }
+    for argv, code in cases.items():
+        plain = subprocess.run([support.QUERY, *nowhere, *argv], capture_output=True,
+                               stdin=subprocess.DEVNULL, timeout=60)
+        out = subprocess.run([support.QUERY, *nowhere, "--json", *argv], capture_output=True,
+                             stdin=subprocess.DEVNULL, timeout=60)
+        assert plain.returncode == out.returncode == code, (argv, plain.stderr, out.stdout)
+        doc = json.loads(out.stdout)
+        assert doc["exit"] == code and doc["error"], (argv, doc)
+        assert plain.stdout == b"" and doc["error"].split(": ")[-1] in plain.stderr.decode(), argv

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pwd
 import random
 import signal
@@ -41,8 +42,14 @@ def foreign_key_problems(root: Path) -> list:
 
 
 def gc_json(p: Pipeline, *args: str, user: str | None = None) -> tuple[int, dict | None, bytes]:
+    """(exit code, the answer, the error): with --json an error is a JSON
+    object on stdout with the same exit code."""
     out = p.query("gc", "--json", *args, user=user)
-    return out.returncode, (json.loads(out.stdout) if out.returncode == 0 else None), out.stderr
+    doc = json.loads(out.stdout)
+    if out.returncode == 0:
+        return 0, doc, out.stderr
+    assert doc["exit"] == out.returncode and set(doc) == {"error", "exit"}, doc
+    return out.returncode, None, doc["error"].encode()
 
 
 @pytest.mark.parametrize("seed,paths,optimise", [(71, 1000, False), (72, 1000, True),
@@ -67,11 +74,15 @@ def test_gc_leaves_what_nix_leaves(scratch, users, pipelines, seed, paths, optim
     rc, done, err = gc_json(p, "--yes")
     assert rc == 0, err
     freed = before - du_bytes(root / "nix/store")
-    assert done["bytes_freed"] + done["links_freed"] == freed
-    assert plan["bytes_freed"] == done["bytes_freed"] and plan["links_freed"] == done["links_freed"]
+    assert done["disk_bytes_freed"] == freed
+    for key in ("disk_bytes_freed", "nar_bytes_freed", "nix_bytes_freed"):
+        assert plan[key] == done[key], key
     assert sorted(plan["paths_list"]) == sorted(done["paths_list"]) and done["paths"] > 100
     assert done["stale_links_removed"] == 4
-    oracle(twin, "nix-store", "--gc")
+    nix = oracle(twin, "nix-store", "--gc").stdout.decode().strip()
+    # Nix's sentence, with Nix's number (issue 15: it used to carry the disk figure).
+    assert nix == (f"{done['paths']} store paths deleted, "
+                   f"{done['nix_bytes_freed'] / 2**20:.2f} MiB freed"), nix
     assert valid_set(root) == valid_set(twin)
     assert disk_set(root) == disk_set(twin)
     if optimise:
@@ -104,6 +115,9 @@ def test_gc_authorization_busy_and_yes(scratch, users, pipelines):
     p.start()
     rc, _, err = gc_json(p, "--yes", user=support.BOB)
     assert rc == 3 and b"needs root or membership in the admin group" in err
+    # A dry run is read-only, like `dead`: every user may ask (issue 15: exit 3).
+    rc, plan, err = gc_json(p, "--dry-run", user=support.BOB)
+    assert rc == 0 and plan["paths"] > 0 and plan["dry_run"], err
     no_yes = p.query("gc")  # not a terminal, no --yes
     assert no_yes.returncode == 2 and b"--yes" in no_yes.stderr
     slow = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
@@ -111,15 +125,20 @@ def test_gc_authorization_busy_and_yes(scratch, users, pipelines):
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            if any(e.get("event") == "gc_planned" for e in p.daemon_events()):
+            if any(e.get("event") == "gc_planned" and not e["dry_run"]
+                   for e in p.daemon_events()):
                 break
             time.sleep(0.1)
         rc, _, err = gc_json(p, "--yes", user=support.CAROL)  # admin group: allowed, but busy
         assert rc == 4 and b"already running" in err
+        rc, _, err = gc_json(p, "--dry-run", user=support.BOB)  # reads: never busy
+        assert rc == 0, err
     finally:
         out, err = slow.communicate(timeout=120)
     assert slow.returncode == 0, err
-    assert b"store paths deleted" in err
+    # The answer on stdout: the summary, not 1500 paths (--print-deleted).
+    assert re.fullmatch(rb"\d+ store paths deleted, [\d.]+ MiB freed", out.split(b"\n")[0]), out
+    assert b"/nix/store/" not in out
 
 
 def test_max_freed_stops_early(scratch, users, pipelines):
@@ -131,7 +150,7 @@ def test_max_freed_stops_early(scratch, users, pipelines):
     _, plan, _ = gc_json(p, "--dry-run")
     rc, done, err = gc_json(p, "--yes", "--max-freed", "100K")
     assert rc == 0, err
-    assert done["stopped_at_limit"] and done["bytes_freed"] >= 100 * 1024
+    assert done["stopped_at_limit"] and done["nix_bytes_freed"] > 100 * 1024
     assert 0 < done["paths"] < plan["paths"]
     p.stop()
     support.chown_tree(root / "nix", "root")
@@ -271,7 +290,7 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
     pipelines.append(p)
     p.start()
     collector = subprocess.Popen([support.QUERY, "--socket", str(p.sock), "gc", "--yes",
-                                  "--throttle", "0.2"], stdout=subprocess.DEVNULL,
+                                  "--throttle", "0.2"], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 30
@@ -283,12 +302,12 @@ def test_nix_adding_paths_during_our_collection_survives(scratch, users, pipelin
         drv = nix("nix-instantiate", str(scratch / "trivial.nix"))
         built = nix("nix-store", "-r", drv)
     finally:
-        _, err = collector.communicate(timeout=300)
+        summary, err = collector.communicate(timeout=300)
     assert collector.returncode == 0, err
     assert added == src
     announced = {e["path"] for e in p.daemon_events() if e.get("event") == "gc_socket_root"}
     assert {src, drv, built} <= announced, "Nix did not go through gc-socket"
-    assert b"paths kept for running Nix processes" in err
+    assert b"paths kept for running Nix processes" in summary  # gc's answer, on stdout
     db = sqlite3.connect(f"file:{state}/db/db.sqlite?mode=ro", uri=True)
     valid = {r[0] for r in db.execute("SELECT path FROM ValidPaths")}
     db.close()
@@ -461,11 +480,12 @@ def test_python_level_referrer_check():
     c._check_referrers([b"/nix/store/a", b"/nix/store/b"], done=set())  # referrer first: fine
 
 
-def test_automatic_collection_when_space_is_low(scratch, users, pipelines):
+@pytest.mark.parametrize("min_free", ["1000T", "100%"])  # bytes, or a share of the file system
+def test_automatic_collection_when_space_is_low(scratch, users, pipelines, min_free):
     root = scratch / "store"
     support.make_store(root, paths=600, seed=80, quirks=0, roots=20, indirect=3, stale=0)
     dead = standalone(root, "dead").stdout.split()
-    p = Pipeline(root, scratch / "run", daemon_args=("--min-free", "1000T",
+    p = Pipeline(root, scratch / "run", daemon_args=("--min-free", min_free,
                                                      "--free-check-interval", "0.5s"))
     pipelines.append(p)
     p.start()
@@ -690,7 +710,7 @@ def test_max_freed_counts_optimised_files_like_nix(scratch):
     done = _collect(root, GCOptions(max_freed=limit)).result
     assert done.stopped_at_limit
     assert done.paths == plan.paths
-    assert limit <= done.bytes_freed + done.links_freed <= limit + 17 * 80 * 1024
+    assert limit <= done.disk_bytes_freed <= limit + 17 * 80 * 1024
     assert 1 + 39 - done.paths == len(valid_set(root))
 
 

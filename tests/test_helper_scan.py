@@ -98,12 +98,45 @@ def test_unreadable_root_fails_the_scan_unless_accepted(scratch, users):
     assert "Permission denied" in err and "/home/" in err and "NFS with root_squash" in err
     half = subprocess.run([*cmd, "--accept-unreadable", os.fsdecode(homes[0])], capture_output=True)
     assert half.returncode == 1 and b"/home/bob/" in half.stderr  # alice's accepted, not bob's
-    both = subprocess.run([*cmd, *(a for h in homes for a in ("--accept-unreadable",
-                                                               os.fsdecode(h) + "/"))],
+    # Spelled with a trailing slash, or a leading "//" (normpath keeps that:
+    # the prefix then matched nothing and the scan still failed).
+    both = subprocess.run([*cmd, "--accept-unreadable", os.fsdecode(homes[0]) + "/",
+                           "--accept-unreadable", "/" + os.fsdecode(homes[1])],
                           capture_output=True)
     assert both.returncode == 0, both.stderr
     assert lines(both.stdout) == {x for x in lines(full) if not any(h in x for h in homes)}
     assert b"warning: " in both.stderr and b"Permission denied" in both.stderr
+
+
+def test_helper_in_a_user_namespace_refuses_a_runtime_scan(scratch, users):
+    """Root in a user namespace (systemd PrivateUsers=yes, unshare --user)
+    holds every capability by capget, yet none over other users'
+    processes: their /proc/PID/environ, maps, exe were EACCES and skipped
+    silently (fd with a warning), and the scan reported complete without
+    their runtime roots -- here a path alice's process names in its
+    environment, which gc would then delete.  Now the runtime scan refuses
+    up front; a scan without runtime roots still works (files that are
+    EACCES there fail it, see above)."""
+    root = scratch / "store"
+    support.make_store(root, paths=100, seed=5, roots=5)
+    sp = [p for p in valid_paths(root) if p not in our_roots(root).decode()][0]
+    pw = users[support.ALICE]
+    alice = subprocess.Popen(["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                              "--clear-groups", "env", f"GCROOTS_TEST={sp}", "sleep", "120"])
+    try:
+        while open(f"/proc/{alice.pid}/comm").read().strip() != "sleep":
+            pass   # setpriv and env exec: then it is the sleep holding the environment
+        cmd = [HELPER, "scan", "--root", str(root), "--all-candidates"]
+        assert sp.encode() in subprocess.run(cmd, capture_output=True, check=True).stdout
+        squashed = subprocess.run([*SQUASHED, *cmd], capture_output=True)
+        assert squashed.returncode == 1 and squashed.stdout == b"", squashed
+        assert squashed.stderr.count(b"\n") == 1, squashed.stderr
+        assert b"runs in a user namespace (e.g. systemd PrivateUsers=yes" in squashed.stderr
+        static = subprocess.run([*SQUASHED, *cmd, "--no-runtime"], capture_output=True)
+        assert static.returncode == 0 and static.stdout == our_roots(root, "--all-candidates")
+    finally:
+        alice.kill()
+        alice.wait()
 
 
 def test_stale_links_reported_not_removed(scratch):

@@ -480,8 +480,11 @@ def test_idle_connections_of_the_allowed_user_cannot_starve_gcrootsd(scratch, us
     p = support.Pipeline(root, scratch / "run")
     pipelines.append(p)
     p.start()
-    idle = subprocess.Popen(["runuser", "-u", support.DAEMON_USER, "--", sys.executable, "-c",
-                             IDLE_CLIENTS, str(p.helper_sock), "16"], stdout=subprocess.PIPE)
+    pw = pwd.getpwnam(support.DAEMON_USER)
+    # Not through runuser: killing runuser would leave its child holding the user.
+    idle = subprocess.Popen([sys.executable, "-c", IDLE_CLIENTS, str(p.helper_sock), "16"],
+                            user=pw.pw_uid, group=pw.pw_gid, extra_groups=[],
+                            stdout=subprocess.PIPE)
     try:
         assert idle.stdout.readline() == b"ready\n"
         t0 = time.monotonic()

@@ -120,6 +120,19 @@ def test_package_follows_pyproject(package):
     assert full["doCheck"] is False and full["pyproject"] is True
 
 
+def test_package_installs_man_pages_and_completions(package):
+    """Generated at build time by scripts/manpages (in the source set) with
+    pyproject's `docs` extra, installed for man, bash, zsh and fish."""
+    full = package["gcroots"]
+    docs = {_dist_name(r) for r in PYPROJECT["project"]["optional-dependencies"]["docs"]}
+    assert docs | {"installShellFiles"} <= set(full["nativeBuildInputs"])
+    assert "scripts/manpages" in full["srcFiles"]
+    script = full["postInstall"]
+    assert "bash scripts/manpages docs" in script and "installManPage docs/man/man1/*.1" in script
+    for shell in ("bash", "zsh", "fish"):
+        assert f"--{shell} docs/completions/{shell}/" in script
+
+
 def test_package_source_has_every_python_package(package):
     """A folder added to pyproject.toml's package-dir but not to the
     package's file set would be missing from the wheel."""
@@ -137,7 +150,7 @@ def test_helper_build_carries_only_the_helpers_dependencies(package):
     # nixpkgs' runtime-deps check fails the build on a declared dependency
     # that is neither provided nor removed: every one must be one or the other.
     assert set(helper["dependencies"]) | set(helper["pythonRemoveDeps"]) == required
-    assert "trio" in helper["pythonRemoveDeps"]
+    assert {"trio", "tqdm"} <= set(helper["pythonRemoveDeps"])
     assert "prometheus-client" not in helper["dependencies"]
     assert helper["mainProgram"] == "gcroots-helper"
     assert helper["pythonImportsCheck"] == ["gcroots.helper.cli"]
@@ -209,7 +222,8 @@ def test_the_vm_test_configuration_is_accepted():
     (COLLECTING_ON_NIXOS, {}, "is mounted read-only"),
     (COLLECTING_ON_NIXOS, {**WRITABLE_STORE, "nix": {"gc": {"automatic": True}}}, "run one collector"),
     ({**COLLECTING_ON_NIXOS, "gc": {"automatic": True, "maxFree": "9G"}}, WRITABLE_STORE, "maxFree needs gc.minFree"),
-    ({"enable": True, "gc": {"keep": 3}}, {}, "prune profiles before the scheduled collection"),
+    ({"enable": True, "gc": {"keep": 3}}, {}, "prune profiles and links before the scheduled"),
+    ({"enable": True, "gc": {"rootsOlderThan": "9d"}}, {}, "gc.rootsOlderThan prune profiles"),
     ({"enable": True, "helperUser": "gcroots"}, {}, "helperUser must differ"),
     ({"enable": True, "settings": {"socket": "/tmp/x"}}, {}, "settings.socket: gcrootsd is socket-activated"),
     ({"enable": True, "settings": {"min-free": "1G"}}, {}, "use services.gcroots.gc.minFree"),
@@ -323,7 +337,7 @@ def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
 EVERYTHING_ON = {
     "enable": True, "user": "root",
     "gc": {"automatic": True, "keep": 5, "keepSince": "30d", "maxFreed": "50G",
-           "minFree": "10G", "maxFree": "20G"},
+           "minFree": "10G", "maxFree": "20G", "rootsOlderThan": "90d"},
     "settings": {"metrics-address": "127.0.0.1:9847", "keep-outputs": False,
                  "keep-derivations": True, "gc-interval": "1d", "metrics-interval": "1min",
                  "free-check-interval": "10min", "log-level": "debug"},
@@ -368,12 +382,14 @@ def exposure(path: Path) -> float:
 # (tests/test_systemd_units.py: 1.4, 0.4, 0.4 measured, the same as
 # systemd/).  gcrootsd as uid 0 without capabilities costs systemd's "runs as
 # root" items (0.7 measured); metrics over HTTP open its network to loopback
-# (1.5 measured).
+# (1.5 measured); ageing every user's result links (gc.rootsOlderThan as
+# root) gives the timer's unit the homes, /tmp, CAP_DAC_OVERRIDE and
+# CAP_FOWNER (1.2 measured).
 EXPOSURE = {
     "default": {"gcroots-helper.service": 1.4, "gcrootsd.service": 0.5, "gcroots-gc.service": 0.5},
     "collecting": {"gcroots-helper.service": 1.4, "gcrootsd.service": 1.0, "gcroots-gc.service": 1.0},
     "rootless": {"gcroots-helper.service": 1.4, "gcrootsd.service": 2.0, "gcroots-gc.service": 0.5},
-    "everything": {"gcroots-helper.service": 1.4, "gcrootsd.service": 2.0, "gcroots-gc.service": 1.0},
+    "everything": {"gcroots-helper.service": 1.4, "gcrootsd.service": 2.0, "gcroots-gc.service": 1.2},
 }
 
 
@@ -427,6 +443,8 @@ def test_units_mirror_systemd_dir(tmp_path):
 INTENDED_IN = {
     ("gcroots-helper.service", "Environment"): "the Debian unit takes gcrootsd's user from "
         "GCROOTSD_USER (a model's drop-in sets it); the module writes the user into ExecStart",
+    ("gcroots-gc.service", "ReadWritePaths"): "the Debian unit cannot know whether GC_ARGS "
+        "prunes profiles (it may write them, -optional); the module knows gc.keep/keepSince",
 }
 
 
@@ -519,7 +537,22 @@ def test_options_shape_the_units():
     assert systemd["timers"]["gcroots-gc"]["timerConfig"] == {
         "OnCalendar": "daily", "RandomizedDelaySec": "1h", "Persistent": True}
     gc = systemd["services"]["gcroots-gc"]["serviceConfig"]
-    assert gc["ReadWritePaths"] == ["/nix/var/nix/profiles"] and "ExecStartPre" in gc
+    # One command: clean with the whole policy (no separate prune step).
+    argv = shlex.split(gc["ExecStart"])
+    assert argv[3:] == ["clean", "--yes", "--keep", "5", "--keep-since", "30d",
+                        "--roots-older-than", "90d", "--max-freed", "50G"], argv
+    assert "ExecStartPre" not in gc
+    assert gc["ReadWritePaths"] == ["/nix/var/nix/profiles", "-/home", "-/root", "-/tmp",
+                                    "-/var/tmp"]
+    # Root ages every user's links: homes and the real /tmp, with the two
+    # capabilities that reach into them.
+    assert gc["ProtectHome"] is False and gc["PrivateTmp"] is False
+    assert gc["CapabilityBoundingSet"] == "CAP_DAC_OVERRIDE CAP_FOWNER"
+    plain = evaluate_module({**COLLECTING_ON_NIXOS, "gc": {"automatic": True, "keep": 3}},
+                            WRITABLE_STORE)["config"]["systemd"]["services"]["gcroots-gc"]
+    assert plain["serviceConfig"]["ReadWritePaths"] == ["/nix/var/nix/profiles"]
+    assert plain["serviceConfig"]["ProtectHome"] is True
+    assert plain["serviceConfig"]["CapabilityBoundingSet"] == ""
 
 
 def test_ip_address_allow_takes_a_configurations_own_entries():
@@ -620,7 +653,7 @@ def exec_lines(result: dict) -> list[str]:
 def test_exec_lines_are_valid_command_lines(configured):
     name, result, _, _ = configured
     lines = exec_lines(result)
-    assert len(lines) == (4 if name in ("collecting", "everything") else 3)
+    assert len(lines) == 3  # helper, gcrootsd, and the timer's one `clean`
     for line in lines:
         check_command_line(line)
 

@@ -287,8 +287,10 @@ def test_cli_delete_generations_equals_nix_env_on_a_generated_store(scratch):
     assert bad.returncode == 2 and b"invalid number of generations to keep '+0'" in bad.stderr
     cur = subprocess.run([QUERY, "--json", "profiles", "delete-generations", str(root / profile),
                           "7"], capture_output=True)
-    assert cur.returncode == 1 and b"cannot delete current version" in cur.stderr
-    assert json.loads(cur.stdout)["deleted"] == []
+    # --json: the error is a JSON object on stdout, with the same exit code.
+    doc = json.loads(cur.stdout)
+    assert cur.returncode == doc["exit"] == 1 and "cannot delete current version" in doc["error"]
+    assert doc["deleted"] == []
 
 
 def test_list_equals_nix_env_list_generations_with_closure_sizes(scratch):
@@ -953,6 +955,10 @@ def test_roots_prune_removes_only_the_callers_own_stale_links(scratch, users):
         assert not os.path.lexists(links["old-direnv/.direnv/flake-profile-1-link"])
         assert os.path.lexists(links["old"])
         assert b"not yours to change" in r.stdout and b"gcrootsd" in r.stdout
+        # Counts in words (issue 15: "entr(y/ies)", "link(s)").
+        assert re.search(rb"removed 1 link; 0 gcroots/auto entries removed with them\n1 entry "
+                         rb"in \S+ now points nowhere", r.stdout), r.stdout
+        assert b"(s)" not in r.stdout and b"(y/ies)" not in r.stdout
         r = _as(support.ALICE, "--socket", str(pipe.sock), "--root", str(root), "roots", "prune",
                 "--older-than", "30d")
         assert r.returncode == 0, r.stderr
@@ -1109,3 +1115,10 @@ def test_list_finds_home_profiles(scratch):
              for e in json.loads(r.stdout)}
     assert found == {str(xdg / "p"): [(1, False), (2, True)],
                      str(elsewhere): [(4, False), (5, True), (6, False)]}
+    # ~/.nix-profile pointing at a profile Nix has not made yet (root's
+    # profiles/default on a fresh install): not listed (issue 15).
+    os.unlink(home / ".nix-profile")
+    os.symlink(scratch / "empty-state/profiles/default", home / ".nix-profile")
+    r = subprocess.run([QUERY, "--json", "profiles", "list", "--no-size", "--state-dir",
+                        str(scratch / "empty-state")], capture_output=True, env=env)
+    assert [e["profile"] for e in json.loads(r.stdout)] == [str(xdg / "p")], r.stdout

@@ -259,3 +259,52 @@ def test_nix_roots_daemon_round_trip(ps):
 def test_nix_roots_daemon_truncated():
     with pytest.raises(RemoteProtocolError, match="truncated"):
         nixcompat.decode_nix_roots(b"/nix/store/abc")
+
+
+# -- admin protocol: progress with numbers (version 2), old peers kept working ------
+
+def _progress_events(client_versions, server_versions, progress) -> list:
+    """What a client speaking `client_versions` gets for `progress` from a
+    server speaking `server_versions`."""
+    from gcroots.protocol import admin
+    from gcroots.protocol.rootstream import NEED_DATA
+    client = admin.ClientConnection(versions=client_versions)
+    server = admin.ServerConnection(versions=server_versions)
+    server.receive_data(client.request("gc", {"dry_run": True}))
+    assert isinstance(server.next_event(), admin.Hello)
+    assert isinstance(server.next_event(), admin.Request)
+    client.receive_data(server.hello() + server.progress(progress) + server.end(admin.Status.OK))
+    client.receive_data(b"")
+    events = []
+    while not isinstance(ev := client.next_event(), admin.AnswerEnd):
+        assert ev is not NEED_DATA
+        events.append(ev)
+    assert ev.complete
+    return [e for e in events if isinstance(e, admin.Progress)]
+
+
+def test_progress_carries_numbers_between_version_2_peers():
+    from gcroots.protocol.admin import Progress
+    p = Progress("deleting", "delete", 2048, 4438, 12345678)
+    assert _progress_events((1, 2), (1, 2), p) == [p]
+
+
+@pytest.mark.parametrize("client,server", [((1, 1), (1, 2)), ((1, 2), (1, 1))])
+def test_a_version_1_peer_gets_and_sends_text_progress(client, server):
+    from gcroots.protocol.admin import Progress
+    got = _progress_events(client, server, Progress("deleting", "delete", 5, 9, 1))
+    assert got == [Progress("deleting")]
+
+
+def test_a_version_1_client_refuses_numbered_progress():
+    """The server must never send PROGRESS_NUMBERS to a version-1 client:
+    that client (as old gcroots-query is) would fail on it."""
+    from gcroots.protocol import admin
+    client = admin.ClientConnection(versions=(1, 1))
+    server = admin.ServerConnection(versions=(2, 2))
+    client.receive_data(admin._hello_frame((1, 2)) + framing.encode_frame(
+        7, "ssQQQ", ["delete", "deleting", 1, 2, 3]))
+    assert isinstance(client.next_event(), admin.Hello)
+    with pytest.raises(framing.RemoteProtocolError, match="unexpected frame type 7"):
+        client.next_event()
+    assert server.version == 2  # before HELLO: its lowest

@@ -171,11 +171,98 @@ def test_unwritable_socket_directory_is_one_line_naming_it(scratch, users, prog)
         (scratch / "file").write_text("")
         cmd = [HELPER, "serve", "--root", str(store), "--no-runtime", "--socket",
                str(scratch / "file" / "helper.sock")]
-        want = (f"gcroots-helper serve: cannot create socket {scratch}/file/helper.sock: File exists "
-                f"({scratch}/file)")
+        want = (f"gcroots-helper serve: cannot create socket {scratch}/file/helper.sock: Not a "
+                f"directory ({scratch}/file)")
     else:
         cmd = [*as_user, DAEMON, "--root", str(store), "--socket", str(run / "d.sock")]
         want = f"gcrootsd: cannot create socket {run}/d.sock: Permission denied"
     out = subprocess.run(cmd, capture_output=True, timeout=60, env=dict(os.environ, HOME="/"))
     assert out.returncode == 1
     assert out.stderr.decode().startswith(want) and out.stderr.count(b"\n") == 1, out.stderr
+
+
+def test_gc_socket_directory_swapped_for_a_link_is_refused(scratch, users):
+    """The store's owner (root collects with `--standalone gc`) replaces
+    <state>/gc-socket with a link to a directory of root's: root made its
+    0666 socket there (any directory, any dead socket named `socket`
+    replaced).  Now the collection refuses, in one line, before deleting
+    anything, and nothing appears in root's directory."""
+    root = scratch / "store"
+    support.make_store(root, paths=50, seed=3, roots=5)
+    support.chown_tree(root / "nix", support.ALICE)
+    victim = scratch / "root-only"
+    victim.mkdir(mode=0o755)
+    gc_socket = root / "nix/var/nix/gc-socket"
+    made = support.as_user(support.ALICE, "import os, shutil, sys; os.path.isdir(sys.argv[1]) "
+                           "and shutil.rmtree(sys.argv[1]); os.symlink(sys.argv[2], sys.argv[1])",
+                           str(gc_socket), str(victim))
+    assert made.returncode == 0, made.stderr
+    store_before = sorted(os.listdir(root / "nix/store"))
+    out = support.standalone(root, "gc", "--yes", check=False)
+    assert out.returncode == 1 and out.stdout == b"", out
+    assert out.stderr.decode() == (f"gcroots-query: gc: refusing to create socket {gc_socket}/socket: "
+                                   "its directory path goes through a symbolic link "
+                                   f"({gc_socket}); give its real path\n")
+    assert os.listdir(victim) == [] and sorted(os.listdir(root / "nix/store")) == store_before
+
+
+def test_helper_socket_below_a_directory_others_can_write_is_refused(scratch, users):
+    """A root-owned socket directory inside alice's directory: alice can
+    rename it away and put her own in its place, with her socket, which
+    gcrootsd would then take for the helper's.  Refused at start, like a
+    socket directory reached through a symbolic link."""
+    alice = users[support.ALICE]
+    hers = scratch / "alices"
+    hers.mkdir(mode=0o755)
+    os.chown(hers, alice.pw_uid, -1)
+    (hers / "run").mkdir(mode=0o755)
+    (scratch / "real").mkdir(mode=0o755)
+    (scratch / "lnk").symlink_to(scratch / "real")
+    for sock, why in ((hers / "run" / "helper.sock",
+                       f"{hers} is writable by others (owner uid {alice.pw_uid}, mode 0755)"),
+                      (hers / "new" / "helper.sock",   # not made there first
+                       f"{hers} is writable by others (owner uid {alice.pw_uid}, mode 0755)"),
+                      (scratch / "lnk" / "helper.sock",
+                       f"its directory path goes through a symbolic link ({scratch}/lnk)")):
+        out = subprocess.run([HELPER, "serve", "--root", str(scratch), "--no-runtime", "--socket",
+                              str(sock), "--allow-user", support.DAEMON_USER],
+                             capture_output=True, timeout=30)
+        assert out.returncode == 1 and out.stdout == b"", out
+        assert out.stderr.decode().startswith(
+            f"gcroots-helper serve: refusing to create socket {sock}: {why}"), out.stderr
+        assert out.stderr.count(b"\n") == 1
+    assert sorted(os.listdir(hers)) == ["run"] and os.listdir(hers / "run") == []
+    assert os.listdir(scratch / "real") == []
+
+
+def test_removal_never_takes_a_socket_a_second_instance_put_there(scratch, monkeypatch):
+    """Our process stopped; while its removal runs (its lstat slowed down
+    by 0.5 s), a second instance replaces the dead socket with its own
+    live one.  Removal must leave the second instance's socket in place."""
+    import threading
+    from gcroots import sockets
+    path = os.fsencode(scratch / "s.sock")
+    first, first_file = listen_unix(path, 0o600)
+    first.close()   # stopped: its socket is dead
+    checked, replaced = threading.Event(), threading.Event()
+    real_lstat = os.lstat
+
+    def slow_lstat(*a, **k):
+        st = real_lstat(*a, **k)
+        if threading.current_thread().name == "remover":
+            checked.set()
+            replaced.wait(5)
+        return st
+    monkeypatch.setattr(os, "lstat", slow_lstat)
+    remover = threading.Thread(target=first_file.remove, name="remover")
+    remover.start()
+    assert checked.wait(5)
+    second, second_file = sockets.listen_unix(path, 0o600)
+    replaced.set()
+    remover.join()
+    with second:
+        st = real_lstat(path)
+        assert (st.st_dev, st.st_ino) == (second_file.dev, second_file.ino)
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        c.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import subprocess
 from collections import deque
 from pathlib import Path
 
@@ -105,7 +106,60 @@ def test_why_dead_path_says_no(scratch):
     out = standalone(root, "why", dead[0].decode(), check=False)
     assert out.returncode == 5 and b"is not alive" in out.stderr and out.stdout == b""
     out = standalone(root, "why", "/etc/passwd", check=False)
-    assert out.returncode == 5 and b"not a store path" in out.stderr
+    assert out.returncode == 2 and b"is not in the Nix store" in out.stderr  # issue 15: was 5
+
+
+def test_why_accepts_what_nix_store_q_roots_accepts(scratch, users, pipelines):
+    """A `result` link (a chain of links into the store), a file or a
+    directory inside a store path, and a bare <hash>-<name> name the store
+    path, as `nix-store -q --roots` takes the first three; a malformed
+    argument or a path that is not in the store is a usage error (exit 2);
+    5 stays "in the store but not alive"; with --json errors are JSON."""
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=57, quirks=0, roots=10, indirect=0, stale=0)
+    live = standalone(root, "live").stdout.split()
+    target = next(p for p in live if (root / p.decode().lstrip("/")).is_dir()
+                  and any((root / p.decode().lstrip("/")).iterdir()))
+    inside = sorted((root / target.decode().lstrip("/")).iterdir())[0].name
+    links = scratch / "links"
+    links.mkdir()
+    (links / "result").symlink_to(links / "hop")
+    (links / "hop").symlink_to(target.decode())   # dangling on the host: never opened
+    name = target.decode().rsplit("/", 1)[1]
+    expected = query_json(root, "why", target.decode())
+    forms = {"link": str(links / "result"), "relative link": "result",
+             "file inside": f"{target.decode()}/{inside}", "dir inside": f"{target.decode()}/",
+             "bare name": name}
+    for what, form in forms.items():
+        out = subprocess.run([support.QUERY, "--standalone", "--root", str(root), "--no-runtime",
+                              "--json", "why", form], capture_output=True, cwd=links)
+        assert out.returncode == 0, (what, out.stderr)
+        assert json.loads(out.stdout) == expected, what
+    # Nix takes the link and the path inside too (its roots: the same root paths).
+    for form in (str(links / "result"), f"{target.decode()}/{inside}"):
+        nix = support.oracle(root, "nix-store", "-q", "--roots", form, check=False)
+        assert nix.returncode == 0, nix.stderr
+    absent = "/nix/store/" + "0" * 32 + "-never-there"
+    for bad, code, says in [("", 2, b"is not a path"), ("/etc/passwd", 2, b"not in the Nix store"),
+                            (absent, 2, b"is not in the store"),
+                            ("0" * 32 + "-never-there", 2, b"is not in the store"),
+                            ("/nix/store/tooshort", 2, b"not a valid store path"),
+                            (str(links / "nowhere"), 2, b"No such file")]:
+        out = standalone(root, "why", bad, check=False)
+        assert out.returncode == code and says in out.stderr, (bad, out.stderr)
+        doc = json.loads(standalone(root, "--json", "why", bad, check=False).stdout)
+        assert doc["exit"] == code and says.decode() in doc["error"], (bad, doc)
+
+    p = support.Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    out = p.query("--json", "why", str(links / "result"))
+    assert out.returncode == 0 and json.loads(out.stdout) == expected, out.stderr
+    assert p.query("why", absent).returncode == 2
+    dead = standalone(root, "dead").stdout.split()[0].decode()
+    assert p.query("why", dead).returncode == 5
+    out = p.query("--root", str(root), "why", target.decode())   # issue 15: answered about /nix
+    assert out.returncode == 2 and b"--root needs --standalone" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("seed,keep_outputs", [(54, False), (55, True), (56, False)])
@@ -123,8 +177,8 @@ def test_cost_equals_brute_force(scratch, seed, keep_outputs):
     for r in root_paths:
         freed = everything - g.closure(root_paths - {r})
         assert costs[r]["paths"] == len(freed), r
-        assert costs[r]["bytes"] == sum(g.size[p] for p in freed), r
+        assert costs[r]["nar_bytes"] == sum(g.size[p] for p in freed), r
         nonzero += bool(freed)
     assert nonzero > 5
-    ranked = [c["bytes"] for c in query_json(root, "cost", "--top", "5", env=env)]
-    assert ranked == sorted((c["bytes"] for c in costs.values()), reverse=True)[:5]
+    ranked = [c["nar_bytes"] for c in query_json(root, "cost", "--top", "5", env=env)]
+    assert ranked == sorted((c["nar_bytes"] for c in costs.values()), reverse=True)[:5]

@@ -17,6 +17,7 @@ let
       mainProgram = a.meta.mainProgram;
       build-system = map (p: p.pname) a.build-system;
       dependencies = map (p: p.pname) a.dependencies;
+      nativeBuildInputs = map (p: p.pname) (a.nativeBuildInputs or [ ]);
       optional-dependencies = builtins.mapAttrs (_: map (p: p.pname)) (a.optional-dependencies or { });
       pythonRemoveDeps = a.pythonRemoveDeps or [ ];
       postInstall = a.postInstall or "";

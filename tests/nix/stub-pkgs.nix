@@ -14,15 +14,22 @@ let
 
   python3Packages =
     lib.genAttrs [
+      "argparse-manpage"
       "cffi"
       "prometheus-client"
       "pyroute2"
       "setuptools"
+      "shtab"
       "structlog"
+      "tqdm"
       "trio"
       "wheel"
     ] fakePackage
     // {
+      python = {
+        sitePackages = "lib/python3.11/site-packages";
+        interpreter = "${fakeStorePath "python3"}/bin/python3.11";
+      };
       buildPythonApplication =
         attrs:
         (attrs.passthru or { })
@@ -55,6 +62,7 @@ let
   }
   // lib.genAttrs [
     "busybox"
+    "installShellFiles"
     "iproute2"
     "nixfmt-rfc-style"
     "python3"
