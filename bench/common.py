@@ -8,11 +8,11 @@ import fcntl
 import hashlib
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,15 +72,22 @@ def nix_env() -> dict:
 
 
 def run_timed(cmd: list[str], **kw) -> tuple[float, int, bytes]:
-    """Wall time, peak RSS (KiB) of the child, stdout."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
-    dt = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]}... failed ({out.returncode}): {out.stderr[-2000:]!r}")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dt, max(rss, before), out.stdout
+    """Wall time, peak RSS (KiB) of this child (and of those it waited for),
+    stdout."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, **kw)
+        with p.stdout:
+            out = p.stdout.read()
+        # wait4, not wait(): the rusage of this child alone (RUSAGE_CHILDREN
+        # would be the largest of all children so far, nix-store's included).
+        _, status, usage = os.wait4(p.pid, 0)
+        dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[:3]}... failed ({p.returncode}): {err.read()[-2000:]!r}")
+    return dt, usage.ru_maxrss, out
 
 
 def median(xs: list[float]) -> float:
@@ -90,6 +97,25 @@ def median(xs: list[float]) -> float:
 def summary(xs: list[float]) -> str:
     """median [min-max] over the runs"""
     return f"{median(xs):7.3f}s [{min(xs):.3f}-{max(xs):.3f}]"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} cores)"
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process: resident now, and the most so far."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line[:5]] = int(line.split()[1])
+    return out["VmRSS"], out["VmHWM"]
+
+
+def daemon_stats(sock: Path) -> dict[str, str]:
+    """gcrootsd's `stats` answer."""
+    from gcroots.client import conn
+    return {k.decode(): v.decode() for k, v in conn.request(str(sock), "stats").rows}
 
 
 def fmt_ratio(ours: float, theirs: float) -> str:

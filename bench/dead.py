@@ -16,14 +16,13 @@ ratios, gcrootsd's resident memory (now and peak) and the load average.
 
   ./.venv/bin/python bench/dead.py                        # 100k paths
   ./.venv/bin/python bench/dead.py --paths 1000000        # 1M: ours only, +1,000 nix-store --add
-  ./.venv/bin/python bench/dead.py --paths 1000000 --nix  # ... and Nix's answer (minutes)
+  ./.venv/bin/python bench/dead.py --paths 1000000 --nix  # ... checked against Nix's answer (minutes)
 
 Run as root.  Stores are generated once and cached (bench/common.py)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BENCH_DIR, BIN, NIX_ORACLE, cleanup, make_store, median,  # noqa: E402
-                    pipeline, run_timed, summary)
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line[:5]] = int(line.split()[1])
-    return out["VmRSS"], out["VmHWM"]
+from common import (BENCH_DIR, BIN, NIX_ORACLE, cleanup, daemon_stats, load_average, make_store,  # noqa: E402
+                    median, memory_kib, pipeline, run_timed, summary)
 
 
 def nix_dead(root: Path) -> tuple[float, bytes]:
@@ -84,13 +74,14 @@ def main() -> int:
     args = p.parse_args()
     n = args.paths
     big = n >= 1_000_000
-    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
-          f"{os.getloadavg()[2]:.2f}; {os.cpu_count()} cores", flush=True)
+    print(f"load average before: {load_average()}", flush=True)
     root = make_store(f"dead-{n}", paths=n, roots=1000, indirect=100, stale=0)
-    with_nix = not big or args.nix
+    # At 1M Nix takes minutes: its answer only where the target needs it
+    # (after the 1,000 additions), with --nix.
+    ratios = not big
     theirs_t, theirs = [], b""
-    if with_nix:  # first: Nix would delete junk entries (there are none here)
-        for _ in range(1 if big else args.runs):
+    if ratios:  # first: Nix would delete junk entries (there are none here)
+        for _ in range(args.runs):
             t, theirs = nix_dead(root)
             theirs_t.append(t)
     q = [str(BIN / "gcroots-query")]
@@ -99,14 +90,15 @@ def main() -> int:
         t, rss, ours = run_timed(q + ["--standalone", "--root", str(root), "dead"])
         standalone.append(t)
         rss_standalone = max(rss_standalone, rss)
-    def ratio(ts: list[float]) -> str:
-        return f"  {median(theirs_t) / median(ts):.1f}x nix-store" if with_nix else ""
 
-    lines = [f"{n} paths, {len(ours.splitlines())} dead"]
-    if with_nix:
+    def ratio(ts: list[float]) -> str:
+        return f"  {median(theirs_t) / median(ts):.1f}x nix-store" if ratios else ""
+
+    lines = [f"{n} paths, {len(ours.splitlines())} dead, {args.runs} runs each: median [min-max]"]
+    if ratios:
         lines.append(f"nix-store --print-dead  {summary(theirs_t)}")
     lines.append(f"standalone              {summary(standalone)}{ratio(standalone)}  "
-                 + (same(ours, theirs) + "  " if with_nix else "")
+                 + (same(ours, theirs) + "  " if ratios else "")
                  + f"peak RSS {rss_standalone / 1024:.0f} MiB")
     run = BENCH_DIR / f"dead-{n}-run"
     with pipeline(root, run) as (sock, daemon):
@@ -117,45 +109,46 @@ def main() -> int:
             t, _, out = run_timed(query)
             warm.append(t)
         rss_warm = memory_kib(daemon.pid)
-        stats = dict(line.split(": ", 1) for line in subprocess.run(
-            q + ["--socket", str(sock), "stats"], capture_output=True, check=True,
-            text=True).stdout.splitlines())
+        stats = daemon_stats(sock)
         # Nix registers paths (a build farm, all day): followed, still warm.
-        changed = []
+        first_added = 1000 if big else 10
+        changed, outs_changed = [], []
         for i in range(args.runs):
-            add_paths(root, 1000 if big and i == 0 else 10)
+            add_paths(root, first_added if i == 0 else 10)
             t, _, out_changed = run_timed(query)
             changed.append(t)
+            if i == 0 and (ratios or args.nix):
+                t_nix, nix_first = nix_dead(root)
+                outs_changed.append(f"first {t:.3f}s after {first_added} paths added: "
+                                    + same(out_changed, nix_first))
         rss_changed = memory_kib(daemon.pid)
-        nix_changed = nix_dead(root)[1] if with_nix else b""
+        nix_changed = nix_dead(root)[1] if ratios else b""
         # Another process deletes a path: SQLite answers while the graph reloads.
         cold = []
         for _ in range(1 if big else args.runs):
             delete_one_dead(root, out_changed)
             t, _, out_cold = run_timed(query)
             cold.append(t)
-            time.sleep(1 if not big else 15)  # the reload, done before the next change
+            time.sleep(15 if big else 2)  # the reload, done before the next change
         rss_after = memory_kib(daemon.pid)
-        nix_cold = nix_dead(root)[1] if with_nix else b""
+        nix_cold = nix_dead(root)[1] if ratios else b""
 
     lines.append(f"daemon warm             {summary(warm)}{ratio(warm)}  "
-                 + (same(out, theirs) if with_nix else ""))
+                 + (same(out, theirs) if ratios else ""))
     lines.append(f"daemon changed          {summary(changed)}{ratio(changed)}  "
-                 + (same(out_changed, nix_changed) if with_nix else "")
-                 + ("  (first: after 1,000 paths added by one nix-store --add)" if big else
-                    "  (after nix-store --add of 10 paths)"))
+                 + (same(out_changed, nix_changed) + "  " if ratios else "")
+                 + f"(each after a nix-store --add; {'; '.join(outs_changed)})")
     lines.append(f"daemon cold             {summary(cold)}{ratio(cold)}  "
-                 + (same(out_cold, nix_cold) if with_nix else "")
+                 + (same(out_cold, nix_cold) if ratios else "")
                  + "  (after nix-store --delete by another process)")
     lines.append(f"gcrootsd resident: {rss_warm[0] / 1024:.0f} MiB after answering (peak "
                  f"{rss_warm[1] / 1024:.0f}), {rss_changed[0] / 1024:.0f} MiB after the additions, "
                  f"{rss_after[0] / 1024:.0f} MiB after the reload (peak {rss_after[1] / 1024:.0f}); "
                  f"its stats: resident_bytes {int(stats['resident_bytes']) / 2**20:.0f} MiB")
-    lines.append(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    lines.append(f"load average after: {load_average()}")
     print("\n".join(lines), flush=True)
     cleanup(root, run)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BENCH_DIR, BIN, cleanup, make_store, median, pipeline, run_timed, summary  # noqa: E402
+from common import (BENCH_DIR, BIN, cleanup, daemon_stats, load_average, make_store,  # noqa: E402
+                    median, memory_kib, pipeline, run_timed, summary)
 
 from gcroots.protocol import admin  # noqa: E402
 
@@ -49,20 +50,6 @@ def flood(sock: Path, uid: int, count: int) -> int:
         os._exit(0)
 
 
-def memory_kib(pid: int) -> tuple[int, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            out[line[:5]] = int(line.split()[1])
-    return out["VmRSS"], out["VmHWM"]
-
-
-def counters(sock: Path) -> dict[str, str]:
-    from gcroots.client import conn
-    rows = conn.request(str(sock), "stats").rows
-    return {k.decode(): v.decode() for k, v in rows}
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths", type=int, default=100_000)
@@ -70,7 +57,7 @@ def main() -> int:
     p.add_argument("--per-user", type=int, default=8)
     p.add_argument("--runs", type=int, default=5)
     args = p.parse_args()
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(f"load average before: {load_average()}", flush=True)
     root = make_store(f"dead-{args.paths}", paths=args.paths, roots=1000, indirect=100, stale=0)
     run = BENCH_DIR / f"load-{args.paths}-run"
     query = [str(BIN / "gcroots-query")]
@@ -80,14 +67,14 @@ def main() -> int:
         run_timed(q)
         quiet = [run_timed(q)[0] for _ in range(args.runs)]
         rss_quiet = memory_kib(daemon.pid)
-        before = counters(sock)
+        before = daemon_stats(sock)
         try:
             for i in range(args.users):
                 children.append(flood(sock, FIRST_UID + i, args.per_user))
             time.sleep(2)  # all of them connected, asked, and wait on their answers
             loaded = [run_timed(q)[0] for _ in range(args.runs)]
             rss_loaded = memory_kib(daemon.pid)
-            after = counters(sock)
+            after = daemon_stats(sock)
         finally:
             for pid in children:
                 os.kill(pid, signal.SIGKILL)
@@ -100,7 +87,7 @@ def main() -> int:
           f"{rss_loaded[0] / 1024:.0f} MiB (peak {rss_loaded[1] / 1024:.0f} MiB)")
     print(f"analyses during the flood: {int(after['analyses']) - int(before['analyses'])}, "
           f"helper scans: {int(after['scans']) - int(before['scans'])}")
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after: {load_average()}")
     cleanup(run)
     return 0
 

@@ -674,6 +674,9 @@ class Daemon:
 
         def answer() -> bytes:
             rows = engine.query_rows(a, db, cmd, request.options, request.args, censor)
+            if cmd == "stats":  # what the queries cost so far: shared, or one each?
+                rows += [(b"analyses", b"%d" % self.analyses),
+                         (b"scans", b"%d" % self.scans.started)]
             return b"".join(conn.row(*r) for r in rows)
 
         try:
