@@ -184,8 +184,9 @@ def prepare_rootfs() -> Path:
 
 def requirements() -> list[str]:
     meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    extras = meta["project"]["optional-dependencies"]
     return [*meta["build-system"]["requires"], *meta["project"]["dependencies"],
-            *meta["project"]["optional-dependencies"]["metrics"]]
+            *extras["metrics"], *extras["docs"]]   # the extras scripts/install asks for
 
 
 def prepare_wheels(python: str = sys.executable) -> Path:
@@ -201,11 +202,13 @@ def prepare_wheels(python: str = sys.executable) -> Path:
         tmp = CACHE / f"wheels-{key}.tmp"
         rm_rf(tmp)
         log(f"downloading wheels for {', '.join(reqs)}")
-        out = subprocess.run([python, "-m", "pip", "download", "--disable-pip-version-check",
-                              "--only-binary=:all:", "--dest", str(tmp), *reqs],
+        # `pip wheel`, not `pip download --only-binary`: some (argparse-manpage)
+        # publish only an sdist, which the offline container could not build.
+        out = subprocess.run([python, "-m", "pip", "wheel", "--disable-pip-version-check",
+                              "--wheel-dir", str(tmp), *reqs],
                              capture_output=True, text=True, timeout=600)
         if out.returncode != 0:
-            raise RuntimeError(f"pip download failed:\n{out.stderr[-3000:]}")
+            raise RuntimeError(f"pip wheel failed:\n{out.stderr[-3000:]}")
         (tmp / ".complete").write_text("\n".join(reqs) + "\n")
         os.rename(tmp, wheels)
         for old in CACHE.glob("wheels-*"):
