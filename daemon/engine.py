@@ -19,10 +19,11 @@ import bisect
 import os
 import pwd
 import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 from gcroots.layout import StoreLayout
 from gcroots.protocol.admin import PATHS_PAYLOAD
@@ -33,6 +34,8 @@ from .derivation import DerivationError
 from .nixconf import GCSettings
 from .store import Snapshot, StoreDB, list_store
 from .temproots import TempRoots, UnreadableTempRoots, read_temp_roots
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # numpy and the graph are imported when a graph is used:
     import numpy as np  # a one-shot `--standalone dead` never needs them
@@ -156,8 +159,8 @@ class Analysis:
     @property
     def live(self) -> set[bytes]:
         """The closure of the roots (valid paths)."""
-        import numpy as np
         if self._live is None:
+            import numpy as np  # only here: a one-shot --standalone query never loads it
             self._live = {self.graph.paths[n] for n in np.flatnonzero(self.live_mask)}
         return self._live
 
@@ -189,7 +192,6 @@ class Analysis:
         return self._dead
 
     def dead_count(self) -> int | None:
-        import numpy as np
         if not self.computed_dead:
             return None
         if self._dead is None and self.dead_mask is not None:
@@ -215,9 +217,9 @@ class Analysis:
     @property
     def dead_valid(self) -> set[bytes]:
         """The dead paths that are registered (computed when first asked)."""
-        import numpy as np
         if self._dead_valid is None:
             if self.dead_mask is not None:
+                import numpy as np
                 g = self.graph
                 self._dead_valid = {g.paths[n] for n in np.flatnonzero(self.dead_mask)}
             elif self.dead:
@@ -232,7 +234,6 @@ class Analysis:
         return self.live | self.live_unregistered
 
     def live_count(self) -> int:
-        import numpy as np
         if self._live is None and self.live_mask is not None:
             return int(self.live_mask.sum()) + len(self.live_unregistered)
         return len(self.all_live)
@@ -336,6 +337,10 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                                                       count=len(root_ids)))
             a.live_mask = graph.closure_mask(a.root_nodes, settings)
         else:                  # cold: let SQLite walk it
+            # ... while a thread lists the store dir: SQLite's walk releases
+            # the GIL (a third of `--standalone dead` at 100k paths).
+            names = _in_thread(lambda: sorted(list_store(layout.real_store_dir))) \
+                if want_dead else None
             a._live = snap.live_closure(a.root_paths, settings)
         t2 = time.perf_counter()
         timings.update(validate=t1 - t0, closure=t2 - t1)
@@ -347,7 +352,7 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                 listing.sync(graph)
                 _dead_from_graph(a, listing)
             else:
-                _dead_from_sql(a, snap)
+                _dead_from_sql(a, snap, names())
             a.computed_dead = True
             timings["dead"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
@@ -390,14 +395,34 @@ def _dead_from_graph(a: Analysis, listing: StoreListing) -> None:
     a.dead_mask = dead
 
 
-def _dead_from_sql(a: Analysis, snap: Snapshot) -> None:
-    """The dead set without the graph: the store's entries (names, sorted)
-    less the live ones.  At a million entries every copy of them costs
-    ~90 MB, so the names are the only one: the dead set is a list of
+def _in_thread(fn: Callable[[], T]) -> Callable[[], T]:
+    """fn() started in a thread now; returns a function that waits for
+    its result (or raises what it raised)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:
+            box.append((False, e))
+    t = threading.Thread(target=run, name="gcroots-list-store", daemon=True)
+    t.start()
+
+    def result() -> T:
+        t.join()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+    return result
+
+
+def _dead_from_sql(a: Analysis, snap: Snapshot, names: list[bytes]) -> None:
+    """The dead set without the graph: the store's entries (`names`,
+    sorted) less the live ones.  At a million entries every copy of them
+    costs ~90 MB, so the names are the only one: the dead set is a list of
     them, and paths are made in chunks for the answer."""
     prefix = a.layout.store_dir + b"/"
-    names = list_store(a.layout.real_store_dir)
-    names.sort()
     skip = len(prefix)
     live_names = {p[skip:] for p in a.live}
     dead = [n for n in names if n not in live_names]
