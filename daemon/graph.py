@@ -474,7 +474,11 @@ class StoreGraph:
                            "WHERE x.drv > ?", (old.max_id,))
             g._count_do_rows(conn, old.max_id)
         if rows:    # new outputs of old .drvs (registered after them)
-            g._add_outputs(conn, "FROM ValidPaths v JOIN DerivationOutputs x ON x.path = v.path",
+            # CROSS JOIN: the new rows first.  Left to itself SQLite walks
+            # DerivationOutputs by drv <= max_id -- all of it, 1.8 s at a
+            # million paths, on every change.
+            g._add_outputs(conn, "FROM ValidPaths v CROSS JOIN DerivationOutputs x "
+                                 "ON x.path = v.path",
                            "WHERE v.id > ? AND x.drv <= ?", (old.max_id, old.max_id))
         g.index = PathIndex(g)
         return g

@@ -47,7 +47,7 @@ from .gc import Collection, GCError, GCOptions, GCResult, free_space, resolve_si
 from .nixconf import GCSettings
 from .notify import Notifier
 from .rootsource import SharedScans, fetch_roots_retrying
-from .store import StoreDB
+from .store import StoreDB, return_free_memory
 
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
 REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
@@ -216,6 +216,12 @@ class Daemon:
 
     # -- the analysis every query starts from ---------------------------------
 
+    def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool) -> Analysis:
+        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
+                           listing=self.listing)
+        return_free_memory()  # its temporaries: gcrootsd stays resident all day
+        return a
+
     async def analysis(self, *, want_dead: bool, logged: bool = True) -> Analysis:
         """The analysis of a complete root set: the one of the scan we
         share with the queries that arrived with us, if the DB is still at
@@ -228,9 +234,8 @@ class Daemon:
                 a = self._shared[2]
                 if a.computed_dead or not want_dead:
                     return a
-            a = await trio.to_thread.run_sync(
-                lambda: engine.analyze(self.layout, db, rootset, self.settings,
-                                       want_dead=want_dead, listing=self.listing))
+            self._shared = ()  # the old analysis (its graph, its answer) may go meanwhile
+            a = await trio.to_thread.run_sync(self._analyze, db, rootset, want_dead)
             self._shared = (rootset, version, a)
             self.analyses += 1
         if self.metrics:
