@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -271,7 +271,7 @@ class StoreGraph:
     refs: CSR                         # node -> referenced nodes (no self)
     deriver: np.ndarray               # node -> its valid deriver node that lists it, or -1
     outputs: CSR                      # drv node -> valid output nodes (DerivationOutputs)
-    index: PathIndex | None = None    # path -> node
+    given_index: InitVar[object] = None  # path -> node, as callers once gave it: see index
     realised: CSR | None = None       # ... through Realisations
     ca: bool = False                  # loaded following Realisations (realised filled in)
     ids: np.ndarray | None = None     # node -> ValidPaths.id, ascending
@@ -281,7 +281,7 @@ class StoreGraph:
     do_rows: np.ndarray | None = None   # node -> its DerivationOutputs rows as drv
     _referrers: CSR | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, given_index) -> None:
         # Small graphs may be given as lists (tests); the loader gives arrays.
         if isinstance(self.paths, list):
             self.paths = PathTable.from_list(self.paths)
@@ -300,7 +300,15 @@ class StoreGraph:
         for name in ("gone", "ref_rows", "do_rows"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(n, dtype=bool if name == "gone" else np.int32))
-        self.index = PathIndex(self)
+
+    @property
+    def index(self) -> PathIndex:
+        """path -> node.  Made on use, not kept: a graph and its index
+        pointing at each other would be a cycle, so a graph replaced by a
+        newer one (follow, forget, a reload) would wait for the cyclic GC --
+        for ever for the one loaded first, which gc.freeze() makes
+        permanent."""
+        return PathIndex(self)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -480,7 +488,6 @@ class StoreGraph:
             g._add_outputs(conn, "FROM ValidPaths v CROSS JOIN DerivationOutputs x "
                                  "ON x.path = v.path",
                            "WHERE v.id > ? AND x.drv <= ?", (old.max_id, old.max_id))
-        g.index = PathIndex(g)
         return g
 
     # -- walking ---------------------------------------------------------------------
