@@ -130,6 +130,7 @@ def main() -> int:
             t, _, out_cold = run_timed(query)
             cold.append(t)
             time.sleep(15 if big else 2)  # the reload, done before the next change
+        run_timed(query)  # answered from the reloaded graph
         rss_after = memory_kib(daemon.pid)
         nix_cold = nix_dead(root)[1] if ratios else b""
 
@@ -143,7 +144,7 @@ def main() -> int:
                  + "  (after nix-store --delete by another process)")
     lines.append(f"gcrootsd resident: {rss_warm[0] / 1024:.0f} MiB after answering (peak "
                  f"{rss_warm[1] / 1024:.0f}), {rss_changed[0] / 1024:.0f} MiB after the additions, "
-                 f"{rss_after[0] / 1024:.0f} MiB after the reload (peak {rss_after[1] / 1024:.0f}); "
+                 f"{rss_after[0] / 1024:.0f} MiB after the reload and an answer (peak {rss_after[1] / 1024:.0f}); "
                  f"its stats: resident_bytes {int(stats['resident_bytes']) / 2**20:.0f} MiB")
     lines.append(f"load average after: {load_average()}")
     print("\n".join(lines), flush=True)
