@@ -168,18 +168,14 @@ class Analysis:
     def live_unregistered(self) -> set[bytes]:
         """Entries on disk, not valid, whose hash part is a temp root's:
         alive too (a build in progress writes its outputs before
-        registering them).  Known after the dead set; else listed now."""
+        registering them).  Known after the dead set, or from gcrootsd's
+        listing; else listed now."""
         if self._live_unregistered is None:
-            self._live_unregistered = {p for p in self._entries_with_temp_hash()
-                                       if p not in self.live}
+            names = list_store(self.layout.real_store_dir) if self.temp.hashes else []
+            prefix = self.layout.store_dir + b"/"
+            _split_temp(self, (prefix + n for n in names if n[:HASH_LEN] in self.temp.hashes))
+            self._live_unregistered -= self.live
         return self._live_unregistered
-
-    def _entries_with_temp_hash(self) -> set[bytes]:
-        if not self.temp.hashes:
-            return set()
-        prefix = self.layout.store_dir + b"/"
-        return {prefix + name for name in list_store(self.layout.real_store_dir)
-                if name[:HASH_LEN] in self.temp.hashes and is_store_basename(name)}
 
     @property
     def dead(self) -> list[bytes] | None:
@@ -357,6 +353,12 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                 _dead_from_sql(a, snap, names())
             a.computed_dead = True
             timings["dead"] = time.perf_counter() - t2
+        elif graph is not None and listing is not None and a.temp.hashes:
+            # What a temp root keeps on disk unregistered, from the listing
+            # gcrootsd keeps: not a listing of the store dir per query
+            # whenever a build runs.
+            listing.sync(graph)
+            _split_temp(a, listing.extra)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
     return a
 
