@@ -4,12 +4,15 @@ side-by-side timing.  Benchmarks print ratios; they never assert timings."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,14 +25,35 @@ BIN = Path(sys.executable).parent
 BENCH_DIR = Path(os.environ.get("GCROOTS_BENCH_DIR", "/dev/shm/gcroots-bench"))
 
 
+CACHE_DIR = Path(os.environ.get("GCROOTS_BENCH_CACHE", "/var/cache/gcroots-bench"))
+
+
 def make_store(name: str, paths: int, roots: int, *, seed: int = 1, indirect: int = 100,
                stale: int = 0, profiles: int = 4, generations: int = 5) -> Path:
+    """A fresh generated store at BENCH_DIR/name.  Generating takes minutes
+    at a million paths, so each one is cached (outside the checkout, keyed by
+    the parameters, its physical root -- gcroots/auto names and links depend
+    on it -- and the generator's source) and copied into place."""
     root = BENCH_DIR / name
+    params = dict(paths=paths, roots=roots, seed=seed, indirect=indirect, stale=stale, quirks=0,
+                  profiles=profiles, generations=generations, users=3)
+    key = hashlib.sha256(json.dumps([str(root), params]).encode()
+                         + Path(storegen.__file__).read_bytes()).hexdigest()[:16]
+    cached = CACHE_DIR / f"{paths}-{key}"
     if root.exists():
         subprocess.run(["rm", "-rf", str(root)], check=True)
     root.parent.mkdir(parents=True, exist_ok=True)
-    storegen.generate(root, paths, seed, roots=roots, indirect=indirect, stale=stale, quirks=0,
-                      profiles=profiles, generations=generations, users=3)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one generator per store at a time
+        if not cached.exists():
+            storegen.generate(root, **params)
+            tmp = cached.with_suffix(".tmp")
+            subprocess.run(["rm", "-rf", str(tmp)], check=True)
+            subprocess.run(["cp", "-a", str(root), str(tmp)], check=True)
+            tmp.rename(cached)
+            return root
+    subprocess.run(["cp", "-a", str(cached), str(root)], check=True)
     return root
 
 
@@ -48,19 +72,50 @@ def nix_env() -> dict:
 
 
 def run_timed(cmd: list[str], **kw) -> tuple[float, int, bytes]:
-    """Wall time, peak RSS (KiB) of the child, stdout."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
-    dt = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]}... failed ({out.returncode}): {out.stderr[-2000:]!r}")
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return dt, max(rss, before), out.stdout
+    """Wall time, peak RSS (KiB) of this child (and of those it waited for),
+    stdout."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, **kw)
+        with p.stdout:
+            out = p.stdout.read()
+        # wait4, not wait(): the rusage of this child alone (RUSAGE_CHILDREN
+        # would be the largest of all children so far, nix-store's included).
+        _, status, usage = os.wait4(p.pid, 0)
+        dt = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[:3]}... failed ({p.returncode}): {err.read()[-2000:]!r}")
+    return dt, usage.ru_maxrss, out
 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def summary(xs: list[float]) -> str:
+    """median [min-max] over the runs"""
+    return f"{median(xs):7.3f}s [{min(xs):.3f}-{max(xs):.3f}]"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" ({os.cpu_count()} cores)"
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process: resident now, and the most so far."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line[:5]] = int(line.split()[1])
+    return out["VmRSS"], out["VmHWM"]
+
+
+def daemon_stats(sock: Path) -> dict[str, str]:
+    """gcrootsd's `stats` answer."""
+    from gcroots.client import conn
+    return {k.decode(): v.decode() for k, v in conn.request(str(sock), "stats").rows}
 
 
 def fmt_ratio(ours: float, theirs: float) -> str:

@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
-"""`gcroots-query gc` (helper + gcrootsd, real deletion) vs `nix-store --gc`
-on identical fresh copies of the same generated store, at 10k and 100k
-paths.  Prints the ratio (goal: >= 10x at 100k).  Run as root on tmpfs:
+"""A full collection, side by side in one run on identical fresh copies of
+one generated store (stale links included): `nix-store --gc` against
 
-  ./.venv/bin/python bench/gc.py [--sizes 10000,100000] [--runs 1]
+- daemon: `gcroots-query gc --yes` through the real pipeline (gcroots-helper
+  serving, gcrootsd collecting; gcrootsd started before, as it runs all day);
+- standalone: `gcroots-query --standalone gc --yes`, a fresh process
+  (start-up and the graph's load included), as nix-store is.
 
-Each run gets two fresh copies (cp -a keeps hard links); generation and
-copying are not timed.  The outcome is checked: both leave the same valid
-paths."""
+Every outcome is checked: all leave the same valid paths.  Prints medians
+and ranges, the ratios and the load average.  Run as root on tmpfs:
+
+  ./.venv/bin/python bench/gc.py [--paths 100000] [--runs 3]
+
+Generation and copying are not timed (cp -a keeps hard links)."""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BIN, NIX_ORACLE, clone_store, cleanup, make_store, median, pipeline  # noqa: E402
+from common import (BIN, NIX_ORACLE, cleanup, clone_store, load_average, make_store,  # noqa: E402
+                    median, memory_kib, pipeline, run_timed, summary)
 
 
 def valid(root: Path) -> set[str]:
@@ -31,45 +37,62 @@ def valid(root: Path) -> set[str]:
         db.close()
 
 
-def ours(root: Path) -> tuple[float, bytes]:
+def daemon_gc(root: Path) -> tuple[float, int, bytes]:
+    """(time, gcrootsd's peak RSS: the collector is in it, stdout)"""
     run = root.parent / (root.name + "-run")
     try:
-        with pipeline(root, run) as (sock, _):
-            t0 = time.perf_counter()
-            out = subprocess.run([str(BIN / "gcroots-query"), "--socket", str(sock), "gc",
-                                  "--yes"], capture_output=True, check=True)
-            return time.perf_counter() - t0, out.stderr.strip().splitlines()[-1]
+        with pipeline(root, run) as (sock, daemon):
+            t, _, out = run_timed([str(BIN / "gcroots-query"), "--socket", str(sock), "gc",
+                                   "--yes"])
+            return t, memory_kib(daemon.pid)[1], out
     finally:
         cleanup(run)
 
 
-def nix(root: Path) -> tuple[float, bytes]:
-    t0 = time.perf_counter()
-    out = subprocess.run([str(NIX_ORACLE), str(root), "nix-store", "--gc"], capture_output=True,
-                         check=True)
-    return time.perf_counter() - t0, out.stdout.strip()
+def standalone_gc(root: Path) -> tuple[float, int, bytes]:
+    return run_timed([str(BIN / "gcroots-query"), "--standalone", "--root", str(root), "gc",
+                      "--yes"])
+
+
+def nix_gc(root: Path) -> tuple[float, int, bytes]:
+    return run_timed([str(NIX_ORACLE), str(root), "nix-store", "--gc"])
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="10000,100000")
-    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--paths", type=int, default=100_000)
+    p.add_argument("--runs", type=int, default=3)
     args = p.parse_args()
-    for n in [int(x) for x in args.sizes.split(",")]:
-        base = make_store(f"gc-{n}", paths=n, roots=1000, indirect=100, stale=20)
-        t_ours, t_nix = [], []
-        for _ in range(args.runs):
-            a, b = clone_store(base, f"gc-{n}-ours"), clone_store(base, f"gc-{n}-nix")
-            dt, ours_summary = ours(a)
-            t_ours.append(dt)
-            dt, nix_summary = nix(b)
-            t_nix.append(dt)
-            same = "same result" if valid(a) == valid(b) else "RESULTS DIFFER"
-            cleanup(a, b)
-        o, t = median(t_ours), median(t_nix)
-        print(f"{n:>7} paths: gcroots {o:.2f}s ({ours_summary.decode()}) | nix-store --gc {t:.2f}s "
-              f"({nix_summary.decode()}) | {t / o:.1f}x faster, {same}", flush=True)
-        cleanup(base)
+    n = args.paths
+    print(f"load average before: {load_average()}", flush=True)
+    base = make_store(f"gc-{n}", paths=n, roots=1000, indirect=100, stale=20)
+    times: dict[str, list[float]] = {"nix-store --gc": [], "daemon": [], "standalone": []}
+    rss: dict[str, int] = {k: 0 for k in times}
+    said: dict[str, str] = {}
+    differ = []
+    for _ in range(args.runs):
+        results = {}
+        for name, collect in (("nix-store --gc", nix_gc), ("daemon", daemon_gc),
+                              ("standalone", standalone_gc)):
+            root = clone_store(base, f"gc-{n}-{name.split()[0]}")
+            t, peak, out = collect(root)
+            times[name].append(t)
+            rss[name] = max(rss[name], peak)
+            said[name] = out.decode().strip().splitlines()[0]
+            results[name] = valid(root)
+            cleanup(root)
+            time.sleep(1)
+        differ += [k for k, v in results.items() if v != results["nix-store --gc"]]
+    nix = median(times["nix-store --gc"])
+    print(f"{n} paths, {args.runs} runs each: median [min-max]")
+    for name, ts in times.items():
+        ratio = "" if name.startswith("nix") else f"  {nix / median(ts):.1f}x nix-store"
+        print(f"{name:<15} {summary(ts)}{ratio}  peak RSS {rss[name] / 1024:.0f} MiB  "
+              f"({said[name]})")
+    print("outcome: " + (f"DIFFERS FROM NIX for {sorted(set(differ))}" if differ else
+                         "the same valid paths as nix-store --gc in every run"))
+    print(f"load average after: {load_average()}")
+    cleanup(base)
     return 0
 
 

@@ -188,7 +188,7 @@ def predict(args, layout, rows, planned: list[_Planned], verdicts) -> Forecast:
     now against that of the roots left once the planned generations and
     links are gone (a root is a label: a generation link, a result link)."""
     from gcroots.daemon import engine
-    from gcroots.daemon.cli import settings_from
+    from gcroots.daemon.nixconf import settings_from
     from gcroots.daemon.gc import recent_closure
     from gcroots.daemon.store import StoreDB, list_store
 
@@ -216,8 +216,8 @@ def predict(args, layout, rows, planned: list[_Planned], verdicts) -> Forecast:
     try:
         with db.snapshot():
             g = engine.store_graph(db, settings)
-        recent = set() if args.keep_recent is None else {
-            g.index[p] for p in recent_closure(db, g, settings, args.keep_recent)}
+        recent = set() if args.keep_recent is None else set(
+            recent_closure(db, g, settings, args.keep_recent).nonzero()[0].tolist())
     except engine.IncompleteRoots as e:
         raise CmdError(f"{e}; nothing was deleted") from None
     finally:
@@ -233,7 +233,7 @@ def predict(args, layout, rows, planned: list[_Planned], verdicts) -> Forecast:
         per_group[key] = g.closure(nodes(paths), settings) & newly
         for n in per_group[key]:
             reach[n] = reach.get(n, 0) + 1
-    size = lambda ns: (len(ns), sum(g.sizes[n] for n in ns))  # noqa: E731
+    size = lambda ns: (len(ns), int(sum(g.sizes[n] for n in ns)))  # noqa: E731
     out = Forecast()
     for key, ns in per_group.items():
         out.frees[key] = size({n for n in ns if reach[n] == 1})

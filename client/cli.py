@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     check_standalone_flags(parser, args)
     # stdout carries only the answer: what the in-process work (--standalone)
     # logs goes to stderr, never to structlog's default, stdout.
-    log.configure("gcroots-query")
+    log.configure("gcroots-query", lazy=True)
     handler = getattr(args, "handler", None)
     if handler is not None:  # client-side commands (profiles) and gc's own flow
         return handler(args)
@@ -226,8 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     if answer.status != Status.OK:
         return error(args, answer.message or answer.status.name.lower(), EXIT.get(answer.status, 1))
     out = sys.stdout.buffer
-    if args.json:
-        out.write(json.dumps(FORMATTERS[args.command].json(answer.rows, args), indent=1,
+    if answer.paths is not None and not args.json:  # one path a line, as nix-store
+        for chunk in answer.paths:
+            out.write(chunk.replace(b"\0", b"\n"))
+    elif args.json:
+        out.write(json.dumps(FORMATTERS[args.command].json(answer.all_rows(), args), indent=1,
                              ensure_ascii=True).encode() + b"\n")
     else:
         FORMATTERS[args.command].text(answer.rows, args, out)

@@ -26,6 +26,15 @@ class Answer:
     status: admin.Status
     message: str
     rows: list[tuple[bytes, ...]] = field(default_factory=list)
+    # `live`/`dead`: the paths as NUL-terminated chunks instead of rows (a
+    # million paths need no object each on their way to stdout)
+    paths: list[bytes] | None = None
+
+    def all_rows(self) -> list[tuple[bytes, ...]]:
+        if self.paths is None:
+            return self.rows
+        joined = b"".join(self.paths)
+        return [(p,) for p in joined.split(b"\0")[:-1]] if joined else []
 
 
 def request(socket_path: str, command: str, options: dict | None = None,
@@ -51,6 +60,7 @@ def request(socket_path: str, command: str, options: dict | None = None,
         raise DaemonError(f"cannot connect to gcrootsd at {socket_path}: {e.strerror}{hint}") from None
     s.settimeout(IDLE_TIMEOUT)
     rows: list[tuple[bytes, ...]] = []
+    paths: list[bytes] | None = None
     send_error: OSError | None = None
     try:
         with s:
@@ -73,6 +83,9 @@ def request(socket_path: str, command: str, options: dict | None = None,
                     rows.extend(zip(event.values))
                 elif isinstance(event, admin.Row):
                     rows.append(event.fields)
+                elif isinstance(event, admin.Paths):
+                    paths = paths or []
+                    paths.append(event.payload)
                 elif isinstance(event, admin.Progress):
                     if on_progress:
                         on_progress(event)
@@ -82,7 +95,9 @@ def request(socket_path: str, command: str, options: dict | None = None,
                             raise DaemonError(f"gcrootsd closed the connection before reading "
                                               f"the request: {send_error.strerror or send_error}")
                         raise DaemonError(f"incomplete answer from gcrootsd: {event.message}")
-                    return Answer(event.status, event.message, rows)
+                    if paths is not None and rows:  # never both in one answer
+                        raise DaemonError("gcrootsd mixed ROWS and PATHS in one answer")
+                    return Answer(event.status, event.message, rows, paths)
     except socket.timeout:
         raise DaemonError(f"gcrootsd did not answer within {IDLE_TIMEOUT:.0f} s") from None
     except ProtocolError as e:

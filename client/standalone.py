@@ -7,7 +7,7 @@ import os
 import sqlite3
 
 from gcroots.daemon import engine
-from gcroots.daemon.cli import settings_from
+from gcroots.daemon.nixconf import settings_from
 from gcroots.daemon.store import StoreDB
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
@@ -38,6 +38,10 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
            progress=lambda p: None) -> Answer:
     if command in NEEDS_FULL_SCAN and (refusal := _refused(args, command, "call live paths dead")):
         return refusal
+    try:  # before the scan
+        engine.check_request(command, options, pargs)
+    except engine.BadRequest as e:
+        return Answer(Status.BAD_REQUEST, str(e))
     layout = layout_of(args)
     try:
         db = StoreDB.open(layout, create_files=False)
@@ -49,6 +53,8 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
         progress(Progress("computing the live set", "plan"))
         a = engine.analyze(layout, db, rootset, settings_from(args),
                            want_dead=command in engine.NEEDS_DEAD)
+        if command in ("live", "dead"):
+            return Answer(Status.OK, "", paths=list(engine.path_chunks(a, command)))
         rows = engine.query_rows(a, db, command, options, pargs, censor=False)
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to answer: {e}")

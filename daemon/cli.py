@@ -14,7 +14,7 @@ from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 
-from .nixconf import GCSettings, NixConfError, load_gc_settings
+from .nixconf import settings_from
 
 DEFAULT_SOCKET = "/run/gcroots/gcrootsd.sock"
 DEFAULT_HELPER_SOCKET = "/run/gcroots/helper.sock"
@@ -100,17 +100,6 @@ def auto_gc_from(args):
         return None
     return AutoGC(min_free=args.min_free, max_free=args.max_free, interval=args.gc_interval,
                   check_interval=args.free_check_interval)
-
-
-def settings_from(args) -> GCSettings:
-    try:
-        base = load_gc_settings()
-    except NixConfError as e:
-        raise SystemExit(f"gcrootsd: {e}") from None
-    return GCSettings(
-        keep_derivations=base.keep_derivations if args.keep_derivations is None else args.keep_derivations,
-        keep_outputs=base.keep_outputs if args.keep_outputs is None else args.keep_outputs,
-        ca_derivations=base.ca_derivations)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,13 @@ threaded daemon) and hands it batches over a pipe:
     reply:    u64 bytes freed, u64 bytes freed as Nix counts them,
               u32 error length, error text (UTF-8)
 
+or, to check before anything is deleted (why_undeletable, split across
+the workers):
+
+    request:  u32 0xFFFFFFFF, u32 count, count x (u32 length, bytes): the
+              store dir, then names in it
+    reply:    u32 length, the reason (UTF-8; empty: all can go)
+
 "Freed" counts blocks (du-style): a file's when its last link went, and
 directories'.  Nix's deletePath counts the apparent size of every file
 that had one or two links -- two: most likely an optimised file, whose
@@ -36,6 +43,7 @@ import sys
 from typing import Callable, Iterator
 
 _U32 = struct.Struct(">I")
+_CHECK = 0xFFFFFFFF
 _REPLY = struct.Struct(">QQI")
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -392,11 +400,7 @@ class DeleterProcess:
 
     def delete(self, paths: list[bytes]) -> tuple[int, int]:
         """(bytes freed, bytes freed as Nix counts them)."""
-        msg = [_U32.pack(len(paths))]
-        for p in paths:
-            msg += (_U32.pack(len(p)), p)
-        self.proc.stdin.write(b"".join(msg))
-        self.proc.stdin.flush()
+        self._send(_U32.pack(len(paths)), paths)
         try:
             freed, nix, errlen = _REPLY.unpack(_read_exact(self.proc.stdout, _REPLY.size))
             error = _read_exact(self.proc.stdout, errlen).decode("utf-8", "replace")
@@ -405,6 +409,24 @@ class DeleterProcess:
         if error:
             raise OSError(f"deleting from the store failed: {error}")
         return freed, nix
+
+    def start_check(self, store: bytes, names: list[bytes]) -> None:
+        """why_undeletable(store, names) in the worker; then check_result()."""
+        self._send(_U32.pack(_CHECK) + _U32.pack(len(names) + 1), [store, *names])
+
+    def check_result(self) -> str | None:
+        try:
+            (n,) = _U32.unpack(_read_exact(self.proc.stdout, 4))
+            return _read_exact(self.proc.stdout, n).decode("utf-8", "replace") or None
+        except EOFError:
+            raise OSError(f"the deletion worker died (exit status {self.proc.poll()})") from None
+
+    def _send(self, head: bytes, paths: list[bytes]) -> None:
+        msg = [head]
+        for p in paths:
+            msg += (_U32.pack(len(p)), p)
+        self.proc.stdin.write(b"".join(msg))
+        self.proc.stdin.flush()
 
     def close(self) -> None:
         try:
@@ -438,10 +460,18 @@ def main() -> int:
             return 0
         if count == 0:
             return 0
+        check = count == _CHECK
+        if check:
+            (count,) = _U32.unpack(_read_exact(stdin, 4))
         paths = []
         for _ in range(count):
             (n,) = _U32.unpack(_read_exact(stdin, 4))
             paths.append(_read_exact(stdin, n))
+        if check:
+            why = (why_undeletable(paths[0], paths[1:]) or "").encode()
+            stdout.write(_U32.pack(len(why)) + why)
+            stdout.flush()
+            continue
         freed, error = Freed(), ""
         for p in paths:
             try:

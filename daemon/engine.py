@@ -15,25 +15,36 @@ Queries never modify anything.
 
 from __future__ import annotations
 
+import bisect
 import os
 import pwd
 import re
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterator, KeysView
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 from gcroots.layout import StoreLayout
+from gcroots.protocol.admin import PATHS_PAYLOAD
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
 from gcroots.storepath import HASH_LEN, hash_part, is_store_basename, parse_store_path
 
 from .derivation import DerivationError
-from .graph import LiveGraph, StoreGraph
 from .nixconf import GCSettings
 from .store import Snapshot, StoreDB, list_store
 from .temproots import TempRoots, UnreadableTempRoots, read_temp_roots
 
+T = TypeVar("T")
+
+if TYPE_CHECKING:  # numpy and the graph are imported when a graph is used:
+    import numpy as np  # a one-shot `--standalone dead` never needs them
+
+    from .graph import LiveGraph, StoreGraph
+    from .listing import StoreListing
+
 CENSORED = b"{censored}"
+PIECE = PATHS_PAYLOAD
 _PRIVATE_KINDS = (RootKind.RUNTIME, RootKind.TEMP)
 
 
@@ -117,33 +128,111 @@ def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
 
 @dataclass
 class Analysis:
+    """One analysis.  The live and dead sets are kept as the in-memory
+    graph's node masks when it was current (gcrootsd, a collection), else
+    as sets of paths from SQLite (`--standalone` queries, gcrootsd while it
+    loads the graph); the properties give paths either way."""
     layout: StoreLayout
     settings: GCSettings
     roots: list[tuple[RootKind, bytes, bytes]]     # (kind, label, store path): valid + temp
     root_paths: set[bytes]                          # valid paths that are roots
     temp: TempRoots
-    live: set[bytes]                                # closure (valid paths)
-    live_unregistered: set[bytes]                   # on-disk temp-root entries, not valid
-    dead: list[bytes] | None                        # sorted; None if not computed
     rootset: RootSet
+    timings: dict[str, float] = field(default_factory=dict)
+    graph: StoreGraph | None = None                 # the in-memory graph, if it was current
+    hash_roots: list[tuple[RootKind, bytes, bytes]] = field(default_factory=list)
+    root_nodes: "np.ndarray | None" = None          # with a graph: the roots' nodes
+    live_mask: "np.ndarray | None" = None           # ... and the live nodes
+    dead_mask: "np.ndarray | None" = None           # ... the dead valid ones
+    dead_extra: list[bytes] = field(default_factory=list)  # ... dead entries no valid path, sorted
     store_entries: int = 0
     valid_paths: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    graph: StoreGraph | None = None                 # the in-memory graph, if it was fresh
-    hash_roots: list[tuple[RootKind, bytes, bytes]] = field(default_factory=list)
-    _valid: "frozenset[bytes] | KeysView[bytes]" = frozenset()
+    computed_dead: bool = False
+    _live: set[bytes] | None = None                 # without a graph: the paths
+    _dead: list[bytes] | None = None
+    _dead_names: list[bytes] | None = None         # without a graph: the dead names, sorted
     _dead_valid: set[bytes] | None = None
+    _live_unregistered: set[bytes] | None = None
+    _db: StoreDB | None = None
+    _frames: dict = field(default_factory=dict)     # see path_frames
+
+    @property
+    def live(self) -> set[bytes]:
+        """The closure of the roots (valid paths)."""
+        if self._live is None:
+            import numpy as np  # only here: a one-shot --standalone query never loads it
+            self._live = {self.graph.paths[n] for n in np.flatnonzero(self.live_mask)}
+        return self._live
+
+    @property
+    def live_unregistered(self) -> set[bytes]:
+        """Entries on disk, not valid, whose hash part is a temp root's:
+        alive too (a build in progress writes its outputs before
+        registering them).  Known after the dead set, or from gcrootsd's
+        listing; else listed now."""
+        if self._live_unregistered is None:
+            names = list_store(self.layout.real_store_dir) if self.temp.hashes else []
+            prefix = self.layout.store_dir + b"/"
+            _split_temp(self, (prefix + n for n in names if n[:HASH_LEN] in self.temp.hashes))
+            self._live_unregistered -= self.live
+        return self._live_unregistered
+
+    @property
+    def dead(self) -> list[bytes] | None:
+        """Sorted; None if not computed."""
+        if not self.computed_dead:
+            return None
+        if self._dead is None:
+            joined = b"".join(self.dead_chunks())
+            self._dead = joined.split(b"\0")[:-1] if joined else []
+        return self._dead
+
+    def dead_count(self) -> int | None:
+        if not self.computed_dead:
+            return None
+        if self._dead is None and self.dead_mask is not None:
+            return int(self.dead_mask.sum()) + len(self.dead_extra)
+        return len(self._dead_names) if self._dead is None else len(self._dead)
+
+    def dead_chunks(self) -> Iterator[bytes]:
+        return (bytes(piece) for piece, _ in self.dead_pieces())
+
+    def dead_pieces(self) -> Iterator[tuple[bytes | memoryview, int]]:
+        """The dead set, sorted, as NUL-terminated paths in pieces: with a
+        graph, slices of its path table -- a run of dead paths that sort
+        together is one slice -- with the other entries merged in."""
+        if self.dead_mask is None:
+            prefix = self.layout.store_dir + b"/"
+            glue, names = b"\0" + prefix, self._dead_names
+            for i in range(0, len(names), 512):  # 512 paths: well within a frame
+                part = names[i:i + 512]
+                yield prefix + glue.join(part) + b"\0", len(part)
+            return
+        yield from _merged_runs(self.graph, self.dead_mask, self.dead_extra)
 
     @property
     def dead_valid(self) -> set[bytes]:
         """The dead paths that are registered (computed when first asked)."""
         if self._dead_valid is None:
-            self._dead_valid = {p for p in self.dead or () if p in self._valid}
+            if self.dead_mask is not None:
+                import numpy as np
+                g = self.graph
+                self._dead_valid = {g.paths[n] for n in np.flatnonzero(self.dead_mask)}
+            elif self.dead:
+                with self._db.snapshot() as snap:
+                    self._dead_valid = snap.valid_among(self.dead)
+            else:
+                self._dead_valid = set()
         return self._dead_valid
 
     @property
     def all_live(self) -> set[bytes]:
         return self.live | self.live_unregistered
+
+    def live_count(self) -> int:
+        if self._live is None and self.live_mask is not None:
+            return int(self.live_mask.sum()) + len(self.live_unregistered)
+        return len(self.all_live)
 
     def labels_by_path(self, censor: bool) -> dict[bytes, list[bytes]]:
         out: dict[bytes, set[bytes]] = defaultdict(set)
@@ -152,15 +241,69 @@ class Analysis:
         return {p: sorted(ls) for p, ls in out.items()}
 
 
+def _merged_runs(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
+                 limit: int = PIECE) -> Iterator[tuple[bytes | memoryview, int]]:
+    """The paths of the nodes in `mask` and of `extra` (sorted), merged in
+    order, NUL-terminated: (piece, paths in it), each piece at most
+    `limit` bytes -- views of the path table's runs, not copies."""
+    import numpy as np
+    t = g.paths
+    base = mask[:t.base][t.order]               # in sorted order
+    edges = np.flatnonzero(np.diff(base.view(np.int8), prepend=0, append=0))
+    runs = edges.reshape(-1, 2).tolist()        # [first, end) sorted positions
+    # Paths added since the load, and entries no valid path: few; each is
+    # placed between the runs by its position among the sorted paths.
+    others = sorted(extra + [t[n] for n in np.flatnonzero(mask[t.base:]) + t.base])
+    seq = _SortedPaths(t)
+    view, offsets, i = memoryview(t.blob), t.offsets, 0
+
+    def run(lo: int, hi: int) -> Iterator[tuple[memoryview, int]]:
+        while lo < hi:
+            cut = min(hi, int(np.searchsorted(offsets, offsets[lo] + limit, "right")) - 1)
+            cut = max(cut, lo + 1)
+            yield view[offsets[lo]:offsets[cut]], cut - lo
+            lo = cut
+
+    # Each one's place, found once (not once per run: 50k runs at 1M paths).
+    pos = [bisect.bisect_left(seq, p, 0, t.base) for p in others]
+    for lo, hi in runs:
+        while i < len(others) and pos[i] <= lo:
+            yield others[i] + b"\0", 1
+            i += 1
+        # An other path that sorts inside this run splits it.
+        while i < len(others) and pos[i] < hi:
+            yield from run(lo, pos[i])
+            yield others[i] + b"\0", 1
+            lo = pos[i]
+            i += 1
+        yield from run(lo, hi)
+    for p in others[i:]:
+        yield p + b"\0", 1
+
+
+class _SortedPaths:
+    def __init__(self, t) -> None:
+        self.t = t
+
+    def __len__(self) -> int:
+        return self.t.base
+
+    def __getitem__(self, r: int) -> bytes:
+        return self.t.sorted_path(r)
+
+
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
             *, want_dead: bool = True,
-            temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None) -> Analysis:
-    """`temp_files_at_lock`: see read_temp_roots (a collection's)."""
+            temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None,
+            listing: "StoreListing | None" = None, load: bool = False) -> Analysis:
+    """`temp_files_at_lock`: see read_temp_roots (a collection's).  The
+    in-memory graph is used when it is current (or, with `load`, read
+    now); `listing` keeps the store dir's entries for it between calls."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
     with db.snapshot() as snap:
         candidates = {r.store_path for r in rootset.roots}
-        valid_roots = snap.valid_among(candidates)
+        valid_roots = snap.valid_ids(candidates)
         try:
             temp = read_temp_roots(layout, temp_files_at_lock)
         except UnreadableTempRoots as e:
@@ -178,64 +321,146 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         # not listed as roots (Nix lists the temp roots themselves).
         hash_roots = [(RootKind.TEMP, temp_labels.get(p[:len(layout.store_dir) + 1 + HASH_LEN],
                                                      b"{temp}"), p) for p in temp_valid]
-        root_paths = valid_roots | temp_valid
+        root_ids = {**valid_roots, **temp_valid}
         t1 = time.perf_counter()
-        graph = db.cached_graph(settings.follows_realisations)
-        if graph is None and settings.follows_realisations and db.has_realisations():
+        ca = settings.follows_realisations
+        graph = db.cached_graph(ca)
+        if graph is None and (load or ca and db.has_realisations()):
             graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
+        a = Analysis(layout, settings, sorted(set(roots)), set(root_ids), temp, rootset,
+                     timings, graph, hash_roots, _db=db)
         if graph is not None:  # warm: walk the live part in memory
-            nodes = graph.closure((graph.index[p] for p in root_paths), settings)
-            live = {graph.paths[n] for n in nodes}
+            import numpy as np
+            a.root_nodes = graph.nodes_of(np.fromiter(root_ids.values(), dtype=np.int64,
+                                                      count=len(root_ids)))
+            a.live_mask = graph.closure_mask(a.root_nodes, settings)
         else:                  # cold: let SQLite walk it
-            live = snap.live_closure(root_paths, settings)
+            # ... while a thread lists the store dir: SQLite's walk releases
+            # the GIL (a third of `--standalone dead` at 100k paths).
+            names = _in_thread(lambda: sorted(list_store(layout.real_store_dir))) \
+                if want_dead else None
+            a._live = snap.live_closure(a.root_paths, settings)
         t2 = time.perf_counter()
         timings.update(validate=t1 - t0, closure=t2 - t1)
-        analysis = Analysis(layout, settings, sorted(set(roots)), root_paths, temp, live, set(),
-                            None, rootset, timings=timings, graph=graph,
-                            hash_roots=hash_roots)
         if want_dead:
-            _dead(analysis, snap)
+            if graph is not None:
+                if listing is None:
+                    from .listing import StoreListing
+                    listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=False)
+                listing.sync(graph)
+                _dead_from_graph(a, listing)
+            else:
+                _dead_from_sql(a, snap, names())
+            a.computed_dead = True
             timings["dead"] = time.perf_counter() - t2
-        elif temp.hashes:
-            # Registered or not, an entry with a temp root's hash is alive.
-            analysis.live_unregistered = _temp_hash_entries(analysis) - live
+        elif graph is not None and listing is not None and a.temp.hashes:
+            # What a temp root keeps on disk unregistered, from the listing
+            # gcrootsd keeps: not a listing of the store dir per query
+            # whenever a build runs.
+            listing.sync(graph)
+            _split_temp(a, listing.extra)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
-    return analysis
+    return a
 
 
-def _temp_hash_entries(a: Analysis) -> set[bytes]:
-    prefix = a.layout.store_dir + b"/"
-    return {prefix + name for name in list_store(a.layout)
-            if name[:HASH_LEN] in a.temp.hashes and is_store_basename(name)}
+def _split_temp(a: Analysis, entries: Iterable[bytes]) -> list[bytes]:
+    """`entries` (not valid) without those a temp root keeps alive, which
+    go to live_unregistered."""
+    a._live_unregistered = set()
+    if not a.temp.hashes:
+        return list(entries)
+    skip = len(a.layout.store_dir) + 1
+    out = []
+    for p in entries:
+        name = p[skip:]
+        if name[:HASH_LEN] in a.temp.hashes and is_store_basename(name):
+            a._live_unregistered.add(p)
+        else:
+            out.append(p)
+    return out
 
 
-def _dead(a: Analysis, snap: Snapshot) -> None:
-    prefix = a.layout.store_dir + b"/"
-    on_disk = {prefix + name for name in list_store(a.layout)}
-    dead = on_disk - a.live
-    if a.temp.hashes:
-        for path in list(dead):
-            name = path[len(prefix):]
-            if name[:HASH_LEN] in a.temp.hashes and is_store_basename(name):
-                dead.discard(path)
-                a.live_unregistered.add(path)
-    valid = snap.db.all_valid()
-    a.store_entries, a.valid_paths = len(on_disk), len(valid)
-    a._valid = valid
+def _dead_from_graph(a: Analysis, listing: StoreListing) -> None:
+    import numpy as np
+    g = a.graph
+    valid = ~g.gone
+    on_disk = listing.on_disk
+    dead = on_disk & ~a.live_mask
+    a.dead_extra = sorted(_split_temp(a, listing.extra))
+    a.store_entries = int(on_disk.sum()) + len(listing.extra)
+    a.valid_paths = int(valid.sum())
     # Valid paths not on disk: Nix's referrer search from a dead entry visits
     # them and lists them dead; otherwise they are in neither list.  On a
-    # healthy store there are none, and one subset test says so.
-    if not valid <= on_disk:
-        missing = valid - on_disk - a.live
-        dead_valid = dead & valid
-        if a.graph is not None:
-            g = a.graph
-            reached = {g.paths[n] for n in
-                       g.referrer_closure((g.index[p] for p in dead_valid), a.settings)}
-        else:
-            reached = snap.referrer_closure(dead_valid, a.settings)
-        dead |= (reached & missing) - a.live
-    a.dead = sorted(dead)
+    # healthy store there are none.
+    missing = valid & ~on_disk & ~a.live_mask
+    if missing.any():
+        reached = g.referrer_closure_mask(np.flatnonzero(dead), a.settings)
+        dead |= reached & missing
+    a.dead_mask = dead
+
+
+def _in_thread(fn: Callable[[], T]) -> Callable[[], T]:
+    """fn() started in a thread now; returns a function that waits for
+    its result (or raises what it raised)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:
+            box.append((False, e))
+    t = threading.Thread(target=run, name="gcroots-list-store", daemon=True)
+    t.start()
+
+    def result() -> T:
+        t.join()
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+    return result
+
+
+def _dead_from_sql(a: Analysis, snap: Snapshot, names: list[bytes]) -> None:
+    """The dead set without the graph: the store's entries (`names`,
+    sorted) less the live ones.  At a million entries every copy of them
+    costs ~90 MB, so the names are the only one: the dead set is a list of
+    them, and paths are made in chunks for the answer."""
+    prefix = a.layout.store_dir + b"/"
+    skip = len(prefix)
+    live_names = {p[skip:] for p in a.live}
+    dead = [n for n in names if n not in live_names]
+    if a.temp.hashes:
+        kept = set(_split_temp(a, [prefix + n for n in dead if n[:HASH_LEN] in a.temp.hashes]))
+        dead = [n for n in dead if n[:HASH_LEN] not in a.temp.hashes or prefix + n in kept]
+    else:
+        a._live_unregistered = set()
+    a.store_entries, a.valid_paths = len(names), 0
+    missing = _valid_not_on_disk(a, snap, names)
+    if missing - a.live:
+        dead_valid = snap.valid_among(prefix + n for n in dead)
+        reached = snap.referrer_closure(dead_valid, a.settings) & (missing - a.live)
+        dead = sorted(set(dead) | {p[skip:] for p in reached})
+    a._dead_names = dead
+
+
+def _valid_not_on_disk(a: Analysis, snap: Snapshot, names: list[bytes]) -> set[bytes]:
+    """Valid paths without an entry (see _dead_from_graph): pages of the
+    valid paths, sorted, compared in C with the next entries -- equal on
+    the usual store -- and only after a difference, looked up one by one."""
+    prefix = a.layout.store_dir + b"/"
+    glue = b"\0" + prefix
+    pos, missing, entries = 0, set(), None
+    for page in snap.sorted_valid_pages():
+        count = page.count(b"\0")
+        a.valid_paths += count
+        if entries is None:
+            if page == prefix + glue.join(names[pos:pos + count]) + b"\0":
+                pos += count
+                continue
+            entries = set(names)
+        missing.update(p for p in page.split(b"\0")[:-1] if p[len(prefix):] not in entries)
+    return missing
 
 
 # -- queries: rows of bytes fields, shared by the daemon and --standalone ----
@@ -252,15 +477,47 @@ def rows_roots(a: Analysis, censor: bool) -> Iterator[tuple[bytes, ...]]:
         yield label, path, kind.name.lower().encode()
 
 
-def rows_live(a: Analysis) -> Iterator[tuple[bytes, ...]]:
-    for p in sorted(a.all_live):
-        yield (p,)
+def path_pieces(a: Analysis, command: str) -> Iterator[tuple[bytes | memoryview, int]]:
+    """The answer to `live` or `dead`: sorted store paths, NUL-terminated,
+    in (piece, count) of at most PIECE bytes (see Analysis.dead_pieces)."""
+    if command == "dead":
+        yield from a.dead_pieces()
+    elif a.live_mask is not None:
+        yield from _merged_runs(a.graph, a.live_mask, sorted(a.live_unregistered))
+    else:
+        paths = sorted(a.all_live)
+        for i in range(0, len(paths), 512):
+            yield b"".join(p + b"\0" for p in paths[i:i + 512]), len(paths[i:i + 512])
 
 
-def rows_dead(a: Analysis) -> Iterator[tuple[bytes, ...]]:
-    assert a.dead is not None
-    for p in a.dead:
-        yield (p,)
+def path_chunks(a: Analysis, command: str) -> Iterator[bytes]:
+    return (bytes(piece) for piece, _ in path_pieces(a, command))
+
+
+def path_frames(a: Analysis, command: str) -> list[tuple[list, int]]:
+    """path_pieces grouped into frames of at most PIECE bytes: (pieces,
+    count).  Computed once per analysis and kept with it: every client's
+    answer is sent from these (views of the graph's path table), none
+    holds a copy of its own."""
+    frames = a._frames.get(command)
+    if frames is None:
+        frames, group, size, count = [], [], 0, 0
+        for piece, n in path_pieces(a, command):
+            if size + len(piece) > PIECE and group:
+                frames.append((group, count))
+                group, size, count = [], 0, 0
+            group.append(piece)
+            size += len(piece)
+            count += n
+        if group:
+            frames.append((group, count))
+        a._frames[command] = frames
+    return frames
+
+
+def path_rows(a: Analysis, command: str) -> list[tuple[bytes, ...]]:
+    joined = b"".join(path_chunks(a, command))
+    return [(p,) for p in joined.split(b"\0")[:-1]] if joined else []
 
 
 class NotAlive(Exception):
@@ -333,9 +590,20 @@ def delete_refusals(a: Analysis, db: StoreDB, graph: StoreGraph,
 
 
 def live_graph(a: Analysis, db: StoreDB) -> LiveGraph:
-    with db.snapshot():
-        g = store_graph(db, a.settings)
-    return LiveGraph.from_store_graph(g, a.live, a.root_paths, a.settings)
+    """The live part of the graph (the analysis's, or one read now), with
+    each path's narSize as the DB says it now."""
+    from .graph import LiveGraph
+    with db.snapshot() as snap:
+        g = a.graph or store_graph(db, a.settings)
+        if g is a.graph:
+            live, roots = a.live_mask, a.root_nodes
+        else:
+            roots = [n for n in (g.index.get(p) for p in a.root_paths) if n is not None]
+            live = g.closure_mask(roots, a.settings)
+        nodes = live.nonzero()[0]
+        by_id = snap.nar_sizes_of_ids(int(i) for i in g.ids[nodes])
+        sizes = {int(n): by_id.get(int(i), 0) for n, i in zip(nodes, g.ids[nodes])}
+    return LiveGraph.from_store_graph(g, live, roots, a.settings, sizes)
 
 
 # A row is one frame (64 KiB): any user can point many long-named links at
@@ -370,15 +638,24 @@ def stats(a: Analysis, db: StoreDB) -> list[tuple[str, str]]:
     by_kind: dict[str, int] = defaultdict(int)
     for kind, _, _ in a.roots:
         by_kind[kind.name.lower()] += 1
+    if a.computed_dead and a.dead_mask is None:
+        a.dead_valid  # its own read transaction, before the one below
     with db.snapshot() as snap:
         live_bytes = sum(snap.nar_sizes(a.live).values())
-        dead_bytes = sum(snap.nar_sizes(a.dead_valid).values()) if a.dead is not None else 0
+        if not a.computed_dead:
+            dead_bytes = dead_valid = 0
+        elif a.dead_mask is not None:  # a million dead paths: no JSON of them
+            dead_bytes = int(a.graph.sizes[a.dead_mask].sum())
+            dead_valid = int(a.dead_mask.sum())
+        else:
+            dead_bytes = sum(snap.nar_sizes(a.dead_valid).values())
+            dead_valid = len(a.dead_valid)
     out = [("store_entries", str(a.store_entries)), ("valid_paths", str(a.valid_paths)),
            ("roots", str(len(a.roots))), ("root_paths", str(len(a.root_paths)))]
     out += [(f"roots_{k}", str(v)) for k, v in sorted(by_kind.items())]
-    out += [("live_paths", str(len(a.all_live))), ("live_nar_bytes", str(live_bytes))]
-    if a.dead is not None:
-        out += [("dead_paths", str(len(a.dead))), ("dead_valid_paths", str(len(a.dead_valid))),
+    out += [("live_paths", str(a.live_count())), ("live_nar_bytes", str(live_bytes))]
+    if a.computed_dead:
+        out += [("dead_paths", str(a.dead_count())), ("dead_valid_paths", str(dead_valid)),
                 ("dead_nar_bytes", str(dead_bytes))]
     out += [("stale_links", str(len(a.rootset.stale))),
             ("scan_warnings", str(len(a.rootset.warnings))),
@@ -387,6 +664,18 @@ def stats(a: Analysis, db: StoreDB) -> list[tuple[str, str]]:
             ("keep_outputs", str(a.settings.keep_outputs).lower()),
             ("ca_derivations", str(a.settings.ca_derivations).lower())]
     out += [(f"seconds_{k}", f"{v:.4f}") for k, v in a.timings.items()]
+    # The answering process's memory (gcrootsd keeps the graph resident).
+    out += [(f"resident_{k}bytes", str(v)) for k, v in resident_memory().items()]
+    return out
+
+
+def resident_memory() -> dict[str, int]:
+    """{"": resident bytes now, "peak_": the most so far} of this process."""
+    out = {}
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith((b"VmRSS:", b"VmHWM:")):
+                out["" if line.startswith(b"VmRSS") else "peak_"] = int(line.split()[1]) * 1024
     return out
 
 
@@ -421,17 +710,13 @@ def _top(options: dict) -> int:
 
 def query_rows(a: Analysis, db: StoreDB, command: str, options: dict, args: tuple[bytes, ...],
                censor: bool) -> list[tuple[bytes, ...]]:
-    """The rows of a read-only query (same for the daemon and --standalone)."""
-    check_request(command, options, args)
+    """The rows of a read-only query (same for the daemon and --standalone),
+    once check_request() passed."""
     if command == "roots":
         return list(rows_roots(a, censor))
-    if command == "live":
-        return list(rows_live(a))
-    if command == "dead":
-        return list(rows_dead(a))
+    if command in ("live", "dead"):
+        return path_rows(a, command)
     if command == "why":
-        if len(args) != 1:
-            raise BadRequest("why takes exactly one store path")
         return list(rows_why(a, db, args[0], bool(options.get("all")), censor))
     if command == "cost":
         return list(rows_cost(a, db, _top(options), censor))

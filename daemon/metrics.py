@@ -62,11 +62,11 @@ class Metrics:
             counts[kind.name.lower()] = counts.get(kind.name.lower(), 0) + 1
         for kind in ("static", "indirect", "profile", "runtime", "temp"):
             self.roots.labels(kind).set(counts.get(kind, 0))
-        self.live_paths.set(len(a.all_live))
+        self.live_paths.set(a.live_count())
         if live_bytes is not None:
             self.live_bytes.set(live_bytes)
-        if a.dead is not None:
-            self.dead_paths.set(len(a.dead))
+        if a.computed_dead:
+            self.dead_paths.set(a.dead_count())
             if dead_bytes is not None:
                 self.dead_bytes.set(dead_bytes)
         self.scan_seconds.set(a.timings.get("scan", 0.0))

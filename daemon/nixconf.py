@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import sys
 from dataclasses import dataclass
 
 from gcroots import log
@@ -135,3 +136,16 @@ def load_gc_settings(environ: dict[str, str] | None = None) -> GCSettings:
     return GCSettings(keep_derivations=_bool(settings, "keep-derivations", True),
                       keep_outputs=_bool(settings, "keep-outputs", False),
                       ca_derivations="ca-derivations" in features)
+
+
+def settings_from(args) -> GCSettings:
+    """nix.conf's settings with the command line's --keep-* overrides
+    (gcrootsd, and gcroots-query --standalone)."""
+    try:
+        base = load_gc_settings()
+    except NixConfError as e:
+        raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'gcroots'}: {e}") from None
+    return GCSettings(
+        keep_derivations=base.keep_derivations if args.keep_derivations is None else args.keep_derivations,
+        keep_outputs=base.keep_outputs if args.keep_outputs is None else args.keep_outputs,
+        ca_derivations=base.ca_derivations)

@@ -7,8 +7,11 @@ gets runtime/temp root labels censored as `{censored}`, as Nix does, and
 read-only commands only.
 
 CPU-bound work (the analysis, building rows) runs in a worker thread, one at
-a time (the DB connection is not shared).  Every await on a peer has a
-deadline.
+a time (the DB connection is not shared).  Queries that arrive together
+share one helper scan and one analysis of it (per DB version); `live` and
+`dead` answers are sent to each client from the analysis's frames -- views
+of the graph's path table -- so a client costs one frame in flight, not a
+copy of the answer.  Every await on a peer has a deadline.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from .listing import StoreListing
     from .metrics import Metrics
 
 import trio
@@ -43,7 +47,7 @@ from .gc import Busy, Collection, GCError, GCOptions, GCResult, free_space, reso
 from .nixconf import GCSettings
 from .notify import Notifier
 from .rootsource import SharedScans, fetch_roots_retrying
-from .store import StoreDB
+from .store import StoreDB, return_free_memory
 
 REQUEST_TIMEOUT = 3.0      # to read the request, which clients send at once
 REFUSE_TIMEOUT = 1.0       # to tell a connection we drop why
@@ -161,6 +165,9 @@ class Daemon:
     _nursery: trio.Nursery | None = None
     _graph_reloading: bool = False
     _graph_next_reload: float = 0.0
+    listing: "StoreListing | None" = None
+    _shared: tuple = ()               # (root set, DB version, analysis): see analysis()
+    analyses: int = 0
     scans: SharedScans = field(init=False)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
     _dropped: dict = field(default_factory=dict)     # reason -> count since the last summary
@@ -209,26 +216,41 @@ class Daemon:
 
     # -- the analysis every query starts from ---------------------------------
 
+    def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool) -> Analysis:
+        a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
+                           listing=self.listing)
+        return_free_memory()  # its temporaries: gcrootsd stays resident all day
+        return a
+
     async def analysis(self, *, want_dead: bool, logged: bool = True) -> Analysis:
+        """The analysis of a complete root set: the one of the scan we
+        share with the queries that arrived with us, if the DB is still at
+        the same version; else made now."""
         rootset = await self.root_set(logged=logged)
         async with self.work_lock:
             db = self.open_db()
-            a = await trio.to_thread.run_sync(
-                lambda: engine.analyze(self.layout, db, rootset, self.settings,
-                                       want_dead=want_dead))
+            version = db.data_version()
+            if self._shared[:2] == (rootset, version):
+                a = self._shared[2]
+                if a.computed_dead or not want_dead:
+                    return a
+            self._shared = ()  # the old analysis (its graph, its answer) may go meanwhile
+            a = await trio.to_thread.run_sync(self._analyze, db, rootset, want_dead)
+            self._shared = (rootset, version, a)
+            self.analyses += 1
         if self.metrics:
             self.metrics.analysis(a, *_nar_bytes(a))
-        self.last = {"time": time.time(), "roots": len(a.roots), "live": len(a.all_live),
-                     "dead": None if a.dead is None else len(a.dead)}
+        live, dead = a.live_count(), a.dead_count()
+        self.last = {"time": time.time(), "roots": len(a.roots), "live": live, "dead": dead}
         if logged:
             _log.info("analysis", roots=len(a.roots), root_paths=len(a.root_paths),
-                      live=len(a.all_live), dead=None if a.dead is None else len(a.dead),
+                      live=live, dead=dead, graph=a.graph is not None,
                       stale_links=len(rootset.stale), scan_warnings=len(rootset.warnings),
                       **{f"seconds_{k}": round(v, 4) for k, v in a.timings.items()})
             for w in rootset.warnings[:20]:
                 _log.warning("scan_warning", path=w.path, errno=w.errno, message=w.message)
-        self.notifier.status(f"last analysis: {len(a.roots)} roots, {len(a.all_live)} live"
-                             + ("" if a.dead is None else f", {len(a.dead)} dead"))
+        self.notifier.status(f"last analysis: {len(a.roots)} roots, {live} live"
+                             + ("" if dead is None else f", {dead} dead"))
         if a.graph is None:
             self.schedule_graph_reload()
         return a
@@ -262,7 +284,7 @@ class Daemon:
             if old is not None:
                 old.close()
             took = trio.current_time() - t0
-            _log.info("graph_loaded", paths=len(fresh._graph.paths), seconds=round(took, 3))
+            _log.info("graph_loaded", paths=len(fresh._graph), seconds=round(took, 3))
         except Exception as e:  # the SQLite fallback keeps answering
             took = trio.current_time() - t0
             _log.warning("graph_load_failed", error=repr(e))
@@ -290,9 +312,9 @@ class Daemon:
             rootset = await self.root_set(started_after=trio.current_time())
             async with self.work_lock:
                 db = self.open_db()
-                a = await trio.to_thread.run_sync(c.plan, rootset, db)
+                a = await trio.to_thread.run_sync(c.plan, rootset, db, self.listing)
             _log.info("gc_planned", by=by, dry_run=options.dry_run, roots=len(a.roots),
-                      live=len(a.all_live), dead=None if a.dead is None else len(a.dead),
+                      live=a.live_count(), dead=a.dead_count(),
                       asked=None if options.paths is None else len(options.paths),
                       stale_links=len(rootset.stale),
                       scan_warnings=len(rootset.warnings),
@@ -470,6 +492,10 @@ class Daemon:
         # Start warm: read the graph before saying READY (clients that
         # connect meanwhile wait in the listen backlog).
         self.notifier.status("loading the store graph")
+        if self.listing is None:  # watched from before the graph is read: nothing missed
+            from .listing import StoreListing
+            self.listing = StoreListing(self.layout.real_store_dir, self.layout.store_dir,
+                                        watch=True)
         self._graph_reloading = True
         await self._reload_graph()
         async with trio.open_nursery() as nursery:
@@ -650,13 +676,15 @@ class Daemon:
         a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log)
         db = self.open_db()
         await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
+        if cmd in ("live", "dead"):
+            await self._send_paths(stream, conn, a, cmd)
+            return
 
         def answer() -> bytes:
-            if cmd == "dead":  # the big answers skip per-row tuples
-                return conn.rows(a.dead)
-            if cmd == "live":
-                return conn.rows(sorted(a.all_live))
             rows = engine.query_rows(a, db, cmd, request.options, request.args, censor)
+            if cmd == "stats":  # what the queries cost so far: shared, or one each?
+                rows += [(b"analyses", b"%d" % self.analyses),
+                         (b"scans", b"%d" % self.scans.started)]
             return b"".join(conn.row(*r) for r in rows)
 
         try:
@@ -666,14 +694,29 @@ class Daemon:
         await self._send(stream, data)
         await self._send(stream, conn.end(admin.Status.OK))
 
+    async def _send_paths(self, stream, conn: admin.ServerConnection, a: Analysis,
+                          cmd: str) -> None:
+        """`live`/`dead`, from the frames the analysis keeps for every
+        client (built once, in the worker); a version 1 client gets ROWS
+        made from them, frame by frame."""
+        frames = await self.build(conn, lambda: engine.path_frames(a, cmd))
+        for pieces, count in frames:
+            payload = b"".join(pieces)
+            if conn.paths_frames:
+                data = conn.paths(payload, count)
+            else:
+                data = conn.rows(payload.split(b"\0")[:-1])
+            await self._send(stream, data)
+        await self._send(stream, conn.end(admin.Status.OK))
+
 
 def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:
     """Live/dead NAR bytes from the in-memory graph, when the analysis had it."""
     g = a.graph
     if g is None:
         return None, None
-    size = lambda paths: sum(g.sizes[g.index[p]] for p in paths if p in g.index)  # noqa: E731
-    return size(a.live), (size(a.dead_valid) if a.dead is not None else None)
+    dead = int(g.sizes[a.dead_mask].sum()) if a.dead_mask is not None else None
+    return int(g.sizes[a.live_mask].sum()), dead
 
 
 def unix_listener(path: bytes, mode: int = 0o666) -> tuple[trio.SocketListener, SocketFile]:

@@ -126,45 +126,72 @@ def read_temp_roots(layout: StoreLayout,
                     at_lock: frozenset[tuple[bytes, int]] | None = None) -> TempRoots:
     """Every temp roots file must be readable, but with `at_lock` (the files
     there when our collection took gc.lock) those made since may not be."""
-    out = TempRoots()
-    for name, path in _files(layout, out.warnings):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            continue  # the owner finished and removed it
-        except PermissionError:
+    return TempRootsReader(layout, at_lock).read()
+
+
+class TempRootsReader:
+    """Reads the temp roots files; read() again gives only what was added
+    since: Nix only ever appends to its file (a new process with the same
+    pid makes a new file, a new inode), so a collection that re-checks
+    before each batch reads the few new bytes, not every file again."""
+
+    def __init__(self, layout: StoreLayout,
+                 at_lock: frozenset[tuple[bytes, int]] | None = None) -> None:
+        self.layout, self.at_lock = layout, at_lock
+        self._seen: dict[bytes, tuple[int, int]] = {}   # name -> (inode, bytes read)
+
+    def read(self) -> TempRoots:
+        out = TempRoots()
+        for name, path in _files(self.layout, out.warnings):
             try:
-                st = os.lstat(path)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
             except FileNotFoundError:
-                continue
-            if at_lock is not None and (name, st.st_ino) not in at_lock:
-                continue  # made under our gc.lock: all of it came over gc-socket first
-            raise UnreadableTempRoots(
-                f"cannot read the temporary roots file {os.fsdecode(path)}: a Nix process of "
-                f"{user_name(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o}) uses paths we "
-                "cannot know, so there is no complete root set until it ends (Nix must run as "
-                "the store's owner, as gcrootsd does)") from None
-        try:
-            if not owner_alive(fd):
-                out.stale_files.append(path)
-                continue
-            data = os.read(fd, _MAX_FILE + 1)
-            if len(data) > _MAX_FILE:
-                raise OSError(errno.EFBIG, f"temp roots file {os.fsdecode(path)} is too large")
-        finally:
-            os.close(fd)
-        label = b"{temp:" + name + b"}"
-        # The last entry is NUL-terminated too; a trailing piece without NUL
-        # is a write in progress and ignored, exactly as Nix does.
-        for raw in data.split(b"\0")[:-1]:
-            store_path = parse_store_path(raw, layout.store_dir)
-            if store_path is not None:
-                out.roots.append((label, store_path))
-                out.hashes.add(hash_part(store_path))
-                continue
-            # Nix would abort on this; we keep what it could protect instead.
-            h = _hash_of(raw, layout.store_dir)
-            if h is not None:
-                out.hashes.add(h)
-            out.warnings.append(f"{os.fsdecode(path)}: not a store path: {raw[:300]!r}")
-    return out
+                continue  # the owner finished and removed it
+            except PermissionError:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue
+                if self.at_lock is not None and (name, st.st_ino) not in self.at_lock:
+                    continue  # made under our gc.lock: all of it came over gc-socket first
+                raise UnreadableTempRoots(
+                    f"cannot read the temporary roots file {os.fsdecode(path)}: a Nix process of "
+                    f"{user_name(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o}) uses paths we "
+                    "cannot know, so there is no complete root set until it ends (Nix must run as "
+                    "the store's owner, as gcrootsd does)") from None
+            try:
+                st = os.fstat(fd)
+                ino, done = self._seen.get(name, (None, 0))
+                start = done if ino == st.st_ino else 0
+                if start and st.st_size == start:
+                    continue  # nothing new (an owner that died is no news either)
+                if not owner_alive(fd):
+                    out.stale_files.append(path)
+                    continue
+                os.lseek(fd, start, os.SEEK_SET)
+                data = os.read(fd, _MAX_FILE + 1 - start)
+                if start + len(data) > _MAX_FILE:
+                    raise OSError(errno.EFBIG, f"temp roots file {os.fsdecode(path)} is too large")
+            finally:
+                os.close(fd)
+            # The last entry is NUL-terminated too; a trailing piece without NUL
+            # is a write in progress and ignored, exactly as Nix does (and read
+            # again next time).
+            end = data.rfind(b"\0") + 1
+            self._seen[name] = (st.st_ino, start + end)
+            _parse(data[:end], b"{temp:" + name + b"}", path, self.layout, out)
+        return out
+
+
+def _parse(data: bytes, label: bytes, path: bytes, layout: StoreLayout, out: TempRoots) -> None:
+    for raw in data.split(b"\0")[:-1]:
+        store_path = parse_store_path(raw, layout.store_dir)
+        if store_path is not None:
+            out.roots.append((label, store_path))
+            out.hashes.add(hash_part(store_path))
+            continue
+        # Nix would abort on this; we keep what it could protect instead.
+        h = _hash_of(raw, layout.store_dir)
+        if h is not None:
+            out.hashes.add(h)
+        out.warnings.append(f"{os.fsdecode(path)}: not a store path: {raw[:300]!r}")

@@ -95,6 +95,7 @@ let
       # that), so drop them from the metadata instead of carrying them.
       pythonRemoveDeps = [
         "trio"
+        "numpy"
         "tqdm"
         "structlog"
       ];
@@ -123,6 +124,7 @@ python3Packages.buildPythonApplication (
         trio
         cffi # the helper's foreign calls (helper/_ffi.py)
         pyroute2 # gcroots-helper sandbox-check's netlink view
+        numpy # gcrootsd's compact store graph
         structlog
         tqdm # gcroots-query's progress bars
       ])

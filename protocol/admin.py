@@ -5,7 +5,7 @@ One request per connection:
     client -> daemon   HELLO(magic, min_version, max_version)
     client -> daemon   REQUEST(command, options as JSON text, bytes args...)
     daemon -> client   HELLO(magic, min_version, max_version)
-    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PROGRESS...
+    daemon -> client   ROW(bytes fields...) | ROWS(one-field rows...) | PATHS(...) | PROGRESS...
     daemon -> client   END(status, row_count, message)
 
 PROGRESS is PROGRESS(text) in version 1; from version 2 on it is
@@ -14,7 +14,10 @@ draw a bar with a percentage, rate and ETA.  The daemon sends what the
 version both sides speak allows.
 
 ROWS packs many one-field rows (a list of store paths) into one frame: a
-100k-path `dead` answer is ~30 frames, not 100k.
+100k-path `dead` answer is ~90 frames, not 100k.  PATHS (version 3) does
+the same with each value NUL-terminated (no store path or store entry
+holds a NUL): the daemon sends slices of its sorted path table as they
+are, and the client writes them out without an object per path.
 
 Answers stream: `dead` on a big store is a long list, sent as it is produced.
 As with the root stream, an answer is complete only if END arrived, says how
@@ -36,13 +39,14 @@ from .rootstream import NEED_DATA, _NeedData
 
 MAGIC = b"gcroots/admin"
 MIN_VERSION = 1
-MAX_VERSION = 2         # 2: PROGRESS_NUMBERS
+MAX_VERSION = 3         # 2: PROGRESS_NUMBERS; 3: PATHS
 MAX_ARGS = 1024         # `delete` takes store paths (a frame bounds them anyway)
 MAX_OPTIONS_DEPTH = 16
 
-_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PROGRESS_NUMBERS = HELLO, 2, 3, 4, 5, 6, 7
+_HELLO, _REQUEST, _ROW, _PROGRESS, _END, _ROWS, _PROGRESS_NUMBERS, _PATHS = HELLO, 2, 3, 4, 5, 6, 7, 8
 _SCHEMAS = {_REQUEST: "ss*", _ROW: "*", _PROGRESS: "s", _END: "BQs", _ROWS: "*",
-            _PROGRESS_NUMBERS: "ssQQQ"}
+            _PROGRESS_NUMBERS: "ssQQQ", _PATHS: "*"}
+PATHS_PAYLOAD = MAX_FRAME - 16   # the most a PATHS frame carries
 _LEN = struct.Struct(">I")
 _ROWS_HEADER = struct.Struct(">IB")
 
@@ -72,6 +76,13 @@ class Row:
 class Rows:
     """Several one-field rows."""
     values: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Several one-field rows, each NUL-terminated in `payload`."""
+    payload: bytes
+    count: int
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,21 @@ class ServerConnection:
         return _ROWS_HEADER.pack(size, _ROWS) + b"".join(parts)
 
     @property
+    def paths_frames(self) -> bool:
+        """Whether the client reads PATHS frames (protocol version 3)."""
+        return self.version >= 3
+
+    def paths(self, payload, count: int) -> bytes:
+        """One PATHS frame: `payload` (bytes-like, at most PATHS_PAYLOAD) is
+        `count` values, each NUL-terminated.  Version 3 clients only."""
+        if self._ended:
+            raise LocalProtocolError("answer already ended")
+        if not self.paths_frames or len(payload) > PATHS_PAYLOAD:
+            raise LocalProtocolError("PATHS frame not for this client, or too large")
+        self.rows_sent += count
+        return _ROWS_HEADER.pack(len(payload) + 1, _PATHS) + payload
+
+    @property
     def version(self) -> int:
         return _common_version(self._hello, self._versions)
 
@@ -276,7 +302,7 @@ class ClientConnection:
             return
         self._frames.feed(data)
 
-    def next_event(self) -> Hello | Row | Rows | Progress | End | AnswerEnd | _NeedData:
+    def next_event(self) -> Hello | Row | Rows | Paths | Progress | End | AnswerEnd | _NeedData:
         if self._finished:
             raise LocalProtocolError("next_event() after AnswerEnd")
         frame = self._frames.next_frame()
@@ -301,6 +327,13 @@ class ClientConnection:
             values = _split_rows(payload)
             self.rows_received += len(values)
             return Rows(values)
+        if ftype == _PATHS:
+            if _common_version(self._hello, self._versions) < 3 or payload[-1:] not in (b"\0", b""):
+                raise RemoteProtocolError("PATHS frame before protocol version 3, or not "
+                                          "NUL-terminated")
+            count = payload.count(b"\0")
+            self.rows_received += count
+            return Paths(payload, count)
         if ftype == _PROGRESS:
             return Progress(*decode_fields(_PROGRESS, schema, payload))
         if ftype == _PROGRESS_NUMBERS and _common_version(self._hello, self._versions) >= 2:

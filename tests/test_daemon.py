@@ -147,6 +147,31 @@ time.sleep(600)
 """
 
 
+def test_live_keeps_what_a_temp_root_keeps_unregistered(scratch, users, pipelines):
+    """`live` computes no dead set: gcrootsd takes the unregistered entries
+    a temp root keeps from the listing it keeps (inotify), not from a new
+    listing of the store dir.  One such entry made before gcrootsd started,
+    one while it runs: both are live, as with --standalone."""
+    root = new_store(scratch, 64)
+    before, during = ("/nix/store/" + c * 32 + "-being-built" for c in "34")
+    (root / before.lstrip("/")).mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(root / "nix/var/nix/temproots"),
+                               before, during], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        p = Pipeline(root, scratch / "run")
+        pipelines.append(p)
+        p.start()
+        assert before.encode() in p.query("live", check=True).stdout.split()
+        (root / during.lstrip("/")).mkdir()
+        live = p.query("live", check=True).stdout
+        assert {before.encode(), during.encode()} <= set(live.split())
+        assert live == standalone(root, "live").stdout
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_unprivileged_clients_see_censored_labels(scratch, users, pipelines):
     root = new_store(scratch, 63)
     dead = standalone(root, "dead").stdout.split()

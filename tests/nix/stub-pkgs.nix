@@ -16,6 +16,7 @@ let
     lib.genAttrs [
       "argparse-manpage"
       "cffi"
+      "numpy"
       "prometheus-client"
       "pyroute2"
       "setuptools"

@@ -1,0 +1,183 @@
+"""gcrootsd follows the Nix DB incrementally (StoreGraph.follow): after each
+way Nix changes the DB -- adding a path, building (a .drv, outputs with
+references, DerivationOutputs), registering outputs of an old .drv,
+registering a path again with other references, deleting, content-
+addressed builds (Realisations), our own collection -- the followed graph
+equals a freshly loaded one, or follow() refuses and the graph is loaded
+anew; never a stale answer.  And gcrootsd's answers equal nix-store's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gcroots.daemon import engine
+from gcroots.daemon.gc import Collection, GCOptions
+from gcroots.daemon.graph import StoreGraph
+from gcroots.daemon.listing import StoreListing
+from gcroots.daemon.nixconf import GCSettings
+from gcroots.daemon.store import StoreDB
+from gcroots.layout import StoreLayout
+
+from . import support
+from .nixbuild import BuiltStore, derivation, remove
+
+CA = "experimental-features = ca-derivations"
+
+
+def shape(g: StoreGraph) -> dict[bytes, tuple]:
+    """The graph as paths: what an answer can depend on."""
+    out = {}
+    valid = lambda ms: sorted(g.paths[m] for m in ms if not g.gone[m])  # noqa: E731
+    for n in range(len(g)):
+        if g.gone[n]:
+            continue
+        d = int(g.deriver[n])
+        out[g.paths[n]] = (valid(g.refs[n]), g.paths[d] if d >= 0 and not g.gone[d] else None,
+                           valid(g.outputs[n]), valid(g.realised[n]), int(g.sizes[n]))
+    return out
+
+
+def fresh_graph(layout: StoreLayout, ca: bool) -> StoreGraph:
+    db = StoreDB.open(layout)
+    try:
+        with db.snapshot():
+            return db.load_graph(ca)
+    finally:
+        db.close()
+
+
+class Follower:
+    """A StoreDB and listing kept across steps, as gcrootsd keeps them."""
+
+    def __init__(self, s: BuiltStore, settings: GCSettings) -> None:
+        self.s, self.settings = s, settings
+        self.layout = StoreLayout.make(os.fsencode(s.store), os.fsencode(s.state))
+        self.db = StoreDB.open(self.layout)
+        self.listing = StoreListing(self.layout.real_store_dir, self.layout.store_dir, watch=True)
+        with self.db.snapshot():
+            self.db.load_graph(settings.follows_realisations)
+        self.reloads = 0
+
+    def step(self, *, expect_reload: bool) -> engine.Analysis:
+        ca = self.settings.follows_realisations
+        with self.db.snapshot():
+            g = self.db.cached_graph(ca)
+            if g is None:
+                assert expect_reload, "follow() gave up on a change Nix makes all the time"
+                self.reloads += 1
+                g = self.db.load_graph(ca)
+            else:
+                assert not expect_reload, "follow() took a change it cannot account for"
+            assert shape(g) == shape(fresh_graph(self.layout, ca))
+        rootset = engine.scan_in_process(self.layout, runtime=False)
+        a = engine.analyze(self.layout, self.db, rootset, self.settings, listing=self.listing)
+        b = engine.analyze(self.layout, StoreDB.open(self.layout), rootset, self.settings,
+                           load=True)
+        c = engine.analyze(self.layout, StoreDB.open(self.layout), rootset, self.settings)
+        assert a.graph is not None and b.graph is not None and c.graph is None or ca
+        assert a.dead == b.dead == c.dead and a.all_live == b.all_live == c.all_live
+        return a
+
+    def nix_dead(self, config: str) -> list[bytes]:
+        with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+            copy = self.s.copy(Path(tmp) / "copy")
+            out = self.s.nix_on_copy(copy, "nix-store", "--gc", "--print-dead", config=config)
+        return sorted(out.stdout.split())
+
+
+@pytest.mark.parametrize("ca", [False, True], ids=["input-addressed", "ca-derivations"])
+def test_followed_graph_equals_a_fresh_load_after_every_change_nix_makes(scratch, ca):
+    config = CA if ca else ""
+    s = BuiltStore.create(scratch / "s")
+    expr = scratch / "world.nix"
+    expr.write_text("rec {\n"
+                    f"  base = {derivation('base', ca=False, lines=5)};\n"
+                    f"  lib = {derivation('lib', ca=ca, refs=['base'], outputs=('out', 'dev'))};\n"
+                    f"  app = {derivation('app', ca=ca, refs=['lib'], build_only=['lib.dev'])};\n"
+                    f"  tool = {derivation('tool', ca=False, refs=['base'])};\n"
+                    f"  extra = {derivation('extra', ca=ca, refs=['app'])};\n"
+                    "}\n")
+    s.build(expr, "app", s.top / "result-app", config)
+    settings = GCSettings(ca_derivations=ca)
+    f = Follower(s, settings)
+    f.step(expect_reload=False)
+
+    # nix-store --add: a new path, no references.
+    (scratch / "file.txt").write_text("hello\n")
+    added = s.nix("nix-store", "--add", str(scratch / "file.txt"), config=config)
+    added = added.stdout.decode().strip()
+    f.step(expect_reload=False)
+
+    # nix-instantiate: a new .drv (and its input .drvs), no outputs yet;
+    # then building it registers outputs of an old .drv, with references.
+    drv = s.nix("nix-instantiate", str(expr), "-A", "tool", config=config).stdout.decode().strip()
+    f.step(expect_reload=False)
+    s.nix("nix-store", "-r", drv, "--add-root", str(s.top / "result-tool"), "--indirect",
+          config=config)
+    f.step(expect_reload=ca)  # with ca-derivations Nix registers a realisation for it too
+
+    # A build with references and DerivationOutputs (and, content-addressed,
+    # Realisations rows: they take a full load).
+    s.build(expr, "extra", s.top / "result-extra", config)
+    a = f.step(expect_reload=ca)
+    assert a.dead == f.nix_dead(config)
+
+    # nix-store --delete (another collector): a deletion we did not make.
+    remove(s.top / "result-extra")
+    victims = [p for p in f.step(expect_reload=False).dead if p.endswith(b"-extra")]
+    assert victims
+    s.nix("nix-store", "--delete", *[p.decode() for p in victims], config=config)
+    f.step(expect_reload=True)
+
+    # The same path registered again with other references (nix-store
+    # --register-validity --reregister): an old path's references changed.
+    reg = f"{added}\n\n1\n{added}\n"
+    s.nix("sh", "-c", f'printf "%s" "$1" | nix-store --register-validity --reregister', "sh", reg,
+          config=config)
+    f.step(expect_reload=True)
+
+    # Our own collection: its deletions are followed without a full load.
+    remove(s.top / "result-tool")
+    before = f.reloads
+    c = Collection(f.layout, settings, GCOptions())
+    c.begin()
+    try:
+        c.plan(engine.scan_in_process(f.layout, runtime=False), f.db, f.listing)
+        result = c.execute(f.layout.db_path)
+    finally:
+        c.end()
+    assert result.paths > 0
+    a = f.step(expect_reload=False)
+    assert f.reloads == before
+    assert a.dead == f.nix_dead(config) == []
+    s.verify()
+
+
+def test_a_valid_path_missing_on_disk_and_unregistered_entries(scratch):
+    """The listing's slow path (entries that are no valid path, valid paths
+    without an entry) answers as SQLite does, and as Nix does."""
+    root = scratch / "store"
+    support.make_store(root, paths=400, seed=91, quirks=2, roots=10, indirect=3, stale=2)
+    layout = StoreLayout.make(root=os.fsencode(root))
+    db = StoreDB.open(layout)
+    with db.snapshot():
+        g = db.load_graph()
+    gone = [n for n in range(len(g)) if g.paths[n].endswith(b".drv")][:3]
+    for n in gone:
+        subprocess.run(["rm", "-rf", layout.real_path(g.paths[n])], check=True)
+    (root / "nix/store/junk-entry").write_text("x")
+    rootset = engine.scan_in_process(layout, runtime=False)
+    a = engine.analyze(layout, db, rootset, GCSettings(), load=True)
+    b = engine.analyze(layout, StoreDB.open(layout), rootset, GCSettings())
+    assert a.graph is not None and b.graph is None
+    assert a.dead == b.dead and a.all_live == b.all_live
+    assert b"/nix/store/junk-entry" in a.dead
+    theirs = support.oracle(root, "nix-store", "--gc", "--print-dead").stdout
+    assert a.dead == sorted(theirs.split())
+    assert np.count_nonzero(a.dead_mask) + len(a.dead_extra) == len(a.dead)
