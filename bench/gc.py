@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path

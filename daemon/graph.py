@@ -441,7 +441,7 @@ class StoreGraph:
         added since we looked (and the deletions of forget())."""
         if version == self.version:
             return self
-        old, n0 = self.marks, len(self)
+        old = self.marks
         now = _marks(conn, self.ca)
         if now.schema != old.schema:
             raise Stale("the DB's schema changed")

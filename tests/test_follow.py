@@ -138,7 +138,7 @@ def test_followed_graph_equals_a_fresh_load_after_every_change_nix_makes(scratch
     # The same path registered again with other references (nix-store
     # --register-validity --reregister): an old path's references changed.
     reg = f"{added}\n\n1\n{added}\n"
-    s.nix("sh", "-c", f'printf "%s" "$1" | nix-store --register-validity --reregister', "sh", reg,
+    s.nix("sh", "-c", 'printf "%s" "$1" | nix-store --register-validity --reregister', "sh", reg,
           config=config)
     f.step(expect_reload=True)
 
