@@ -67,28 +67,25 @@ def output_broken() -> bool:
 
 
 _plain: dict = {}   # the helper's: {"component", "level", "json"}
-_pending: tuple[str, int, bool] | None = None   # configure(lazy=True)'s, until a line is logged
+_pending: list[tuple[str, int, bool]] = []   # configure(lazy=True)'s, until a line is logged
 
 
 def configure(component: str, level: str = "info", json: bool | None = None,
               plain: bool = False, *, lazy: bool = False) -> None:
-    global _pending
     if json is None:
         json = not sys.stderr.isatty()
     if plain:
         _plain.update(component=component, level=_LEVELS.get(level, logging.INFO), json=json)
         return
-    _pending = (component, _LEVELS.get(level, logging.INFO), json)
+    _pending[:] = [(component, _LEVELS.get(level, logging.INFO), json)]
     if not lazy or "structlog" in sys.modules:
         _apply_pending()
 
 
 def _apply_pending() -> None:
-    global _pending
-    if _pending is not None:
+    while _pending:
         from . import structlogging   # gcrootsd's and gcroots-query's, not the helper's
-        structlogging.configure(*_pending, _Stderr(), _text)
-        _pending = None
+        structlogging.configure(*_pending.pop(), _Stderr(), _text)
 
 
 class Logger:

@@ -250,7 +250,7 @@ class ServerConnection:
         """Whether the client reads PATHS frames (protocol version 3)."""
         return self.version >= 3
 
-    def paths(self, payload, count: int) -> bytes:
+    def paths(self, payload: bytes | bytearray | memoryview, count: int) -> bytes:
         """One PATHS frame: `payload` (bytes-like, at most PATHS_PAYLOAD) is
         `count` values, each NUL-terminated.  Version 3 clients only."""
         if self._ended:
