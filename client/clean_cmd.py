@@ -241,7 +241,7 @@ def predict(args, layout, rows, planned: list[_Planned], verdicts) -> Forecast:
     garbage = set(range(len(g.paths))) - live_now
     # Entries the DB does not know go too (unless a temp root names them).
     rooted = {path for _, path, _ in rows}
-    out.unregistered = sum(1 for name in list_store(layout)
+    out.unregistered = sum(1 for name in list_store(layout.real_store_dir)
                            if (path := layout.store_dir + b"/" + name) not in g.index
                            and path not in rooted)
     n, nbytes = size(garbage - recent)
