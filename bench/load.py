@@ -88,7 +88,7 @@ def main() -> int:
     print(f"analyses during the flood: {int(after['analyses']) - int(before['analyses'])}, "
           f"helper scans: {int(after['scans']) - int(before['scans'])}")
     print(f"load average after: {load_average()}")
-    cleanup(run)
+    cleanup(root, run)
     return 0
 
 
