@@ -1291,7 +1291,11 @@ def _mend_wal_modes(db_path: bytes) -> None:
     at that moment.  Made while the DB was read-only (0444), they stay so
     after it is made writable again, and every write then fails with
     SQLITE_READONLY until SQLite happens to recreate them.  Ours get the DB
-    file's mode back (fchmod on an O_NOFOLLOW fd)."""
+    file's mode back.  Through an O_PATH fd: closing any other fd of the
+    -shm file would drop every POSIX lock this process holds on it (fcntl
+    locks are per process), our readers' included -- then a Nix process may
+    think itself the first and truncate the -shm they have mapped (SIGBUS).
+    Closing an O_PATH fd leaves locks alone; O_NOFOLLOW keeps a link a link."""
     try:
         mode = stat.S_IMODE(os.stat(db_path).st_mode)
     except OSError:
@@ -1300,13 +1304,14 @@ def _mend_wal_modes(db_path: bytes) -> None:
         return  # still read-only: nothing to mend yet
     for suffix in (b"-shm", b"-wal"):
         try:
-            fd = os.open(db_path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(db_path + suffix, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             continue
         try:
             st = os.fstat(fd)
-            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
-                os.fchmod(fd, mode)
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() \
+                    and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(f"/proc/self/fd/{fd}", mode)   # fchmod refuses an O_PATH fd
                 _log.info("db_file_mode_mended", path=db_path + suffix,
                           mode=f"{stat.S_IMODE(st.st_mode):o} -> {mode:o}")
         finally:

@@ -111,4 +111,11 @@ def pipelines():
     made = []
     yield made
     for p in made:
+        if p.daemon is not None and p.daemon.poll() is not None:
+            print(f"--- gcrootsd had exited with {p.daemon.returncode} before the test's end")
         p.stop()
+        # Shown by pytest only when the test failed: what gcrootsd said last.
+        for log in (getattr(p, "daemon_log_path", None), p.run.parent / "helper.log"):
+            if log is not None and log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-40:]
+                print(f"--- last lines of {log}:", *tail, sep="\n")

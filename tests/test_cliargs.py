@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import stat
 import subprocess
+import sys
 import time
 
 import pytest
@@ -240,3 +242,44 @@ def test_bad_paths_are_usage_errors_naming_the_flag(argv, flag):
     err = out.stderr.decode()
     assert out.returncode == 2 and out.stdout == b"", err
     assert f"error: argument {flag}:" in err and "Traceback" not in err, err
+
+
+_DMS_FREE = r"""
+import fcntl, struct, sys
+# SQLite's "dead man switch" on the -shm file (byte 128, unix-shm's DMS): a
+# process that can lock it exclusively thinks no one else has the DB open
+# and truncates the -shm file.
+with open(sys.argv[1], "r+b") as f:
+    try:
+        fcntl.fcntl(f, fcntl.F_SETLK, struct.pack("hhqqi", fcntl.F_WRLCK, 0, 128, 1, 0))
+        print("free")
+    except OSError:
+        print("held")
+"""
+
+
+def test_mending_the_wal_files_keeps_our_readers_locks(scratch):
+    """gc's mending of the -shm file's mode must not drop the POSIX locks
+    our open reader holds on it: with them gone, a Nix process that opens
+    the DB next truncates the -shm our reader has mapped (gcrootsd died of
+    SIGBUS when a root nix-build started during a collection)."""
+    from gcroots.daemon import gc as gc_mod
+    db = scratch / "db.sqlite"
+    w = sqlite3.connect(db)
+    w.execute("PRAGMA journal_mode=WAL")
+    w.execute("CREATE TABLE t (x)")
+    w.commit()
+    reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    reader.execute("SELECT count(*) FROM t").fetchall()
+    w.close()   # only the reader keeps the DB open now
+
+    def dms() -> str:
+        return subprocess.run([sys.executable, "-c", _DMS_FREE, f"{db}-shm"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert dms() == "held"
+    os.chmod(f"{db}-shm", 0o600)   # a mode to mend
+    gc_mod._mend_wal_modes(os.fsencode(db))
+    assert stat.S_IMODE(os.stat(f"{db}-shm").st_mode) == stat.S_IMODE(os.stat(db).st_mode)
+    assert dms() == "held"
+    reader.close()
