@@ -74,20 +74,23 @@ def nix_env() -> dict:
 def run_timed(cmd: list[str], **kw) -> tuple[float, int, bytes]:
     """Wall time, peak RSS (KiB) of this child (and of those it waited for),
     stdout."""
-    with tempfile.TemporaryFile() as err:
+    # Through GNU time (scripts/bootstrap installs it): a child's ru_maxrss
+    # starts at its parent's resident size when it forked (the kernel copies
+    # the high-water mark), and this process may hold hundreds of MiB; a child
+    # of `time` starts at ~2 MiB.  Its fork and exec cost ~1 ms.
+    with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as rss:
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, **kw)
+        p = subprocess.Popen(["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name, *cmd],
+                             stdout=subprocess.PIPE, stderr=err, **kw)
         with p.stdout:
             out = p.stdout.read()
-        # wait4, not wait(): the rusage of this child alone (RUSAGE_CHILDREN
-        # would be the largest of all children so far, nix-store's included).
-        _, status, usage = os.wait4(p.pid, 0)
+        p.wait()
         dt = time.perf_counter() - t0
-        p.returncode = os.waitstatus_to_exitcode(status)
         if p.returncode != 0:
             err.seek(0)
             raise RuntimeError(f"{cmd[:3]}... failed ({p.returncode}): {err.read()[-2000:]!r}")
-    return dt, usage.ru_maxrss, out
+        maxrss = int(rss.read().split()[-1])
+    return dt, maxrss, out
 
 
 def median(xs: list[float]) -> float:
