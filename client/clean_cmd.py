@@ -28,8 +28,8 @@ from . import gc_cmd, indirect, term
 from . import profiles as prof
 from .format import human, plural, s, table, write_json
 from .profiles_cmd import (CmdError, _age, _current_generation_closure, _date, _guard, _home,
-                           _layout, _Planned, _plan_profiles, lock_options, policy_options,
-                           roots_age_options, root_rows)
+                           _layout, _Planned, _plan_profiles, apply_planned, lock_options,
+                           policy_options, roots_age_options, root_rows)
 
 
 def register(sub, common) -> None:
@@ -132,7 +132,7 @@ def cmd_clean(args) -> int:
         if not term.confirm(question, plan_text(args, planned, verdicts, forecast, now)):
             print("nothing was deleted", file=sys.stderr)
             return 0
-    rc = prune(args, layout, policy, protected, planned, now)
+    rc = apply_planned(args, layout, policy, protected, planned, now, say_removed=False)
     removals = [indirect.remove(v) for v in doomed_links]
     for r in removals:
         if r.error and not r.changed:
@@ -161,25 +161,6 @@ def cmd_clean(args) -> int:
     if collected is not None:
         lines += gc_cmd.summary_lines(collected[0])
     sys.stdout.write("".join(line + "\n" for line in lines))
-    return rc
-
-
-def prune(args, layout, policy, protected, planned: list[_Planned], now: float) -> int:
-    """Delete the planned generations (under each profile's lock, planned
-    again there: profiles prune's apply step); the worst exit code."""
-    rc = 0
-    for p in planned:
-        if not any(v.delete for v in p.verdicts):
-            continue
-        try:
-            p.deleted = prof.apply_prune(p.path, p.verdicts, policy, protected, now,
-                                         layout.store_dir, identity=p.identity,
-                                         lock_timeout=args.lock_timeout,
-                                         on_wait=lambda m: print(m, file=sys.stderr))
-        except prof.ProfileError as e:
-            p.error, p.deleted = str(e), e.deleted
-            print(f"gcroots-query: {e}", file=sys.stderr)
-            rc = max(rc, e.exit_code)
     return rc
 
 

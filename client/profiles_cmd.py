@@ -230,6 +230,28 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def apply_planned(args, layout, policy, protected, planned: list[_Planned], now: float, *,
+                  say_removed: bool) -> int:
+    """Delete the planned generations, each under its profile's lock and
+    planned again there (prof.apply_prune); the worst exit code."""
+    rc = 0
+    for p in planned:
+        if not any(v.delete for v in p.verdicts):
+            continue
+        try:
+            p.deleted = prof.apply_prune(p.path, p.verdicts, policy, protected, now,
+                                         layout.store_dir, identity=p.identity,
+                                         lock_timeout=args.lock_timeout, on_wait=_stderr)
+        except prof.ProfileError as e:
+            p.error, p.deleted = str(e), e.deleted
+            _stderr(f"gcroots-query: {e}")
+            rc = max(rc, e.exit_code)
+        if say_removed:
+            for n in p.deleted:
+                _stderr(f"removed generation {n} of {s(p.path)}")
+    return rc
+
+
 def _hint_linked_profile(profile: prof.Profile) -> None:
     """`-p ~/.nix-profile` names a link to a profile, not a profile: Nix
     then finds no generations.  Say so instead of silently doing nothing."""
@@ -422,20 +444,7 @@ def cmd_prune(args) -> int:
     if args.ask and not term.confirm(f"Delete {plural(doomed, 'generation')}?"):
         _stderr("nothing was deleted")
         return 0
-    rc = 0
-    for p in planned:
-        if not any(v.delete for v in p.verdicts):
-            continue
-        try:
-            p.deleted = prof.apply_prune(p.path, p.verdicts, policy, protected, now,
-                                         layout.store_dir, identity=p.identity,
-                                         lock_timeout=args.lock_timeout, on_wait=_stderr)
-        except prof.ProfileError as e:
-            p.error, p.deleted = str(e), e.deleted
-            _stderr(f"gcroots-query: {e}")
-            rc = max(rc, e.exit_code)
-        for n in p.deleted:
-            _stderr(f"removed generation {n} of {s(p.path)}")
+    rc = apply_planned(args, layout, policy, protected, planned, now, say_removed=True)
     total = sum(len(p.deleted) for p in planned)
     gc = _collect(args) if args.gc else None
     if gc is not None and not gc["ok"]:
