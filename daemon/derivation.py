@@ -235,9 +235,11 @@ class ModuloHashes:
         return {name: digest for name in drv.outputs}, deferred
 
 
-def realised_outputs(conn: sqlite3.Connection, layout: StoreLayout) -> list[tuple[int, int]]:
+def realised_outputs(conn: sqlite3.Connection, layout: StoreLayout,
+                     above: int = 0) -> list[tuple[int, int]]:
     """(derivation id, output id) for the outputs Nix finds through
-    Realisations, with ca-derivations on.  Only derivations without
+    Realisations, with ca-derivations on, of the derivations with ids
+    above `above` (StoreGraph.follow: those registered since).  Only derivations without
     DerivationOutputs rows are read: those whose outputs have no static
     path (floating content-addressed, deferred, impure).  Input-addressed
     and fixed-output derivations list every output there, and a
@@ -256,8 +258,8 @@ def realised_outputs(conn: sqlite3.Connection, layout: StoreLayout) -> list[tupl
     hashes = ModuloHashes(layout)
     pairs = []
     for drv_id, drv_path in conn.execute(
-            "SELECT v.id, v.path FROM ValidPaths v WHERE v.path LIKE '%.drv' AND NOT EXISTS "
-            "(SELECT 1 FROM DerivationOutputs d WHERE d.drv = v.id)"):
+            "SELECT v.id, v.path FROM ValidPaths v WHERE v.id > ? AND v.path LIKE '%.drv' AND "
+            "NOT EXISTS (SELECT 1 FROM DerivationOutputs d WHERE d.drv = v.id)", (above,)):
         for name, h in hashes.static_output_hashes(drv_path).items():
             out = found.get((h, name))
             if out is not None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import InitVar, dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -338,14 +338,20 @@ class StoreGraph:
         g._add_outputs(conn, "FROM DerivationOutputs x JOIN ValidPaths v ON v.path = x.path")
         g._count_do_rows(conn, 0)
         if realised_pairs:
-            pairs = np.array(realised_pairs, dtype=np.int64).reshape(-1, 2)
-            d, o = g.nodes_of(pairs[:, 0]), g.nodes_of(pairs[:, 1])
-            g.realised = CSR.from_pairs(n, d, o)
-            derivers = g._derivers_of(conn, o)
-            named = np.array([g.paths[x] == derivers.get(int(y)) for x, y in zip(d, o)],
-                             dtype=bool)
-            g.deriver[o[named]] = d[named]
+            g._add_realised(conn, realised_pairs)
         return g
+
+    def _add_realised(self, conn, realised_pairs: list[tuple[int, int]]) -> None:
+        """Edges .drv -> output found through Realisations (and the
+        keep-derivations edge back when the output names the .drv)."""
+        pairs = np.array(realised_pairs, dtype=np.int64).reshape(-1, 2)
+        d, o = self.nodes_of(pairs[:, 0]), self.nodes_of(pairs[:, 1])
+        self.realised = self.realised.with_pairs(len(self), d, o)
+        derivers = self._derivers_of(conn, o)
+        named = np.array([self.paths[x] == derivers.get(int(y)) for x, y in zip(d, o)],
+                         dtype=bool)
+        self.deriver = self.deriver.copy()
+        self.deriver[o[named]] = d[named]
 
     def nodes_of(self, ids: np.ndarray) -> np.ndarray:
         """DB ids -> nodes (each must be one of ours)."""
@@ -435,10 +441,16 @@ class StoreGraph:
             m.max_id, m.paths - len(nodes), m.refs - int(self.ref_rows[nodes].sum()),
             m.outputs - int(self.do_rows[nodes].sum()), rs, m.schema))
 
-    def follow(self, conn, version: int) -> "StoreGraph":
+    def follow(self, conn, version: int,
+               realised_since: "Callable[[int], list[tuple[int, int]]] | None" = None
+               ) -> "StoreGraph":
         """This graph brought up to date with the DB (inside a read
         transaction); Stale if that takes a full load: anything but rows
-        added since we looked (and the deletions of forget())."""
+        added since we looked (and the deletions of forget()).
+        `realised_since(max_id)`: with `ca`, the Realisations pairs of the
+        .drvs registered since (realised_outputs): a .drv registered again
+        finds the rows of its outputs that stayed valid, and no count
+        changes."""
         if version == self.version:
             return self
         old = self.marks
@@ -488,6 +500,12 @@ class StoreGraph:
             g._add_outputs(conn, "FROM ValidPaths v CROSS JOIN DerivationOutputs x "
                                  "ON x.path = v.path",
                            "WHERE v.id > ? AND x.drv <= ?", (old.max_id, old.max_id))
+        if rows and self.ca:
+            if realised_since is None:
+                raise Stale("new paths, and no way to read their realisations")
+            pairs = realised_since(old.max_id)
+            if pairs:
+                g._add_realised(conn, pairs)
         return g
 
     # -- walking ---------------------------------------------------------------------

@@ -119,8 +119,10 @@ class StoreDB:
             if g is None or g.ca != ca:
                 return None
             from .graph import Stale
+            from .derivation import realised_outputs
             try:
-                self._graph = g.follow(self.conn, self.data_version())
+                self._graph = g.follow(self.conn, self.data_version(),
+                                       lambda above: realised_outputs(self.conn, self.layout, above))
             except Stale as e:
                 _log.info("graph_stale", reason=str(e))
                 self._graph = None

@@ -181,3 +181,30 @@ def test_a_valid_path_missing_on_disk_and_unregistered_entries(scratch):
     theirs = support.oracle(root, "nix-store", "--gc", "--print-dead").stdout
     assert a.dead == sorted(theirs.split())
     assert np.count_nonzero(a.dead_mask) + len(a.dead_extra) == len(a.dead)
+
+
+def test_a_derivation_registered_again_gets_its_realised_outputs(scratch):
+    """A content-addressed .drv deleted while its output stays valid keeps
+    its Realisations row; registered again (nix-instantiate), nothing but a
+    new ValidPaths row is added, so follow() must read its realisations
+    itself: else a root on the .drv would not keep the output (keep-outputs,
+    as Nix does) and the collector would delete a live path."""
+    config = CA + "\nkeep-outputs = true"
+    s = BuiltStore.create(scratch / "s")
+    expr = scratch / "world.nix"
+    expr.write_text("rec {\n"
+                    f"  base = {derivation('base', ca=False, lines=5)};\n"
+                    f"  app = {derivation('app', ca=True, refs=['base'])};\n"
+                    "}\n")
+    s.build(expr, "app", s.top / "result-app", config)
+    drv = s.nix("nix-instantiate", str(expr), "-A", "app", config=config).stdout.decode().strip()
+    s.nix("nix-store", "--delete", drv, config=config + "\nkeep-derivations = false")
+    settings = GCSettings(ca_derivations=True, keep_outputs=True)
+    f = Follower(s, settings)
+    f.step(expect_reload=False)
+    s.nix("nix-instantiate", str(expr), "-A", "app", "--add-root", str(s.top / "result-drv"),
+          "--indirect", config=config)
+    remove(s.top / "result-app")
+    a = f.step(expect_reload=False)
+    assert a.dead == f.nix_dead(config)
+    assert not [p for p in a.dead if p.endswith(b"-app")]
