@@ -399,3 +399,26 @@ def verify_clean(root: Path) -> None:
     bad = [line for line in text.splitlines()
            if not line.startswith(("checking ", "reading the Nix store", "warning: "))]
     assert out.returncode == 0 and not bad, text
+
+
+def collect_in_process(root: Path, settings=None, options=None, before_execute=None):
+    """One collection of the store at `root` in this process, Nix-style
+    phases (begin, plan from an in-process scan, execute, end); returns it."""
+    from gcroots.daemon import engine
+    from gcroots.daemon.gc import Collection, GCOptions
+    from gcroots.daemon.nixconf import GCSettings
+    from gcroots.daemon.store import StoreDB
+    from gcroots.layout import StoreLayout
+    layout = StoreLayout.make(root=os.fsencode(root))
+    c = Collection(layout, settings or GCSettings(), options or GCOptions())
+    db = StoreDB.open(layout)
+    c.begin()
+    try:
+        c.plan(engine.scan_in_process(layout, runtime=False), db)
+        if before_execute:
+            before_execute(c)
+        c.execute(layout.db_path)
+    finally:
+        c.end()
+        db.close()
+    return c

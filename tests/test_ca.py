@@ -183,7 +183,7 @@ def test_invalidation_does_what_sqlite_foreign_keys_do(scratch, schema,
 
     before = tables(sqlite3.connect(db_path))
     try:
-        _collect_in_process(root)
+        support.collect_in_process(root)
         ours_error = None
     except SafetyError as e:
         ours_error = e
@@ -199,24 +199,6 @@ def test_invalidation_does_what_sqlite_foreign_keys_do(scratch, schema,
         assert after == tables(oracle_db)
         assert after["ValidPaths"] and len(after["ValidPaths"]) == 2
     assert (oracle_error is not None) == (live_refers_to_dead_realisation and schema != "2.9")
-
-
-def _collect_in_process(root: Path) -> None:
-    from gcroots.daemon import engine
-    from gcroots.daemon.gc import Collection, GCOptions
-    from gcroots.daemon.nixconf import GCSettings
-    from gcroots.daemon.store import StoreDB
-    from gcroots.layout import StoreLayout
-    layout = StoreLayout.make(root=os.fsencode(root))
-    c = Collection(layout, GCSettings(), GCOptions())
-    db = StoreDB.open(layout)
-    c.begin()
-    try:
-        c.plan(engine.scan_in_process(layout, runtime=False), db)
-        c.execute(layout.db_path)
-    finally:
-        c.end()
-        db.close()
 
 
 def test_kill_9_during_a_ca_collection(users):

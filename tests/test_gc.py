@@ -543,17 +543,8 @@ def test_never_a_live_path_deleted(tmp_path_factory, graph):
     root = tmp_path_factory.mktemp("prop")
     names = [f"p{i}" + (".drv" if i in derivers.values() else "") for i in range(n)]
     full = support.tiny_store(root, names, refs, derivers, roots)
-    layout = StoreLayout.make(root=os.fsencode(root))
-    gc_settings = GCSettings(keep_derivations=keep_derivations, keep_outputs=keep_outputs)
-    c = Collection(layout, gc_settings, GCOptions())
-    db = StoreDB.open(layout)
-    c.begin()
-    try:
-        c.plan(engine.scan_in_process(layout, runtime=False), db)
-        c.execute(layout.db_path)
-    finally:
-        c.end()
-        db.close()
+    support.collect_in_process(root, GCSettings(keep_derivations=keep_derivations,
+                                                keep_outputs=keep_outputs))
     live = reference_live(n, refs, derivers, roots, keep_outputs, keep_derivations)
     valid = valid_set(root)
     for i, p in enumerate(full):
@@ -603,20 +594,7 @@ def test_path_announced_before_planning_keeps_its_closure(scratch):
 
 
 def _collect(root: Path, options: GCOptions | None = None, before_execute=None):
-    """One collection in this process, Nix-style phases; returns it."""
-    layout = StoreLayout.make(root=os.fsencode(root))
-    c = Collection(layout, GCSettings(), options or GCOptions())
-    db = StoreDB.open(layout)
-    c.begin()
-    try:
-        c.plan(engine.scan_in_process(layout, runtime=False), db)
-        if before_execute:
-            before_execute(c)
-        c.execute(layout.db_path)
-    finally:
-        c.end()
-        db.close()
-    return c
+    return support.collect_in_process(root, options=options, before_execute=before_execute)
 
 
 def test_gc_socket_connections_end_with_the_collection(scratch):
