@@ -120,7 +120,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     layout = _layout(args)
     uids = _uids(args)
     owner = min(uids) if uids else None
-    mode = args.socket_mode
     # Under socket activation systemd owns the sockets (names "gcroots" and
     # "nix-roots"); path options would bind over them, so they are ignored.
     listeners, files = serve.systemd_listeners(), []
@@ -128,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
             if path:
                 try:
-                    sock, file = sockets.listen_unix(os.fsencode(path), mode, owner)
+                    sock, file = sockets.listen_unix(os.fsencode(path), args.socket_mode, owner)
                 except OSError as e:
                     raise SystemExit(f"gcroots-helper serve: {e}") from None
                 listeners.append((sock, kind))
@@ -237,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .sandbox import NO_SYSCALLS   # every command makes raw system calls by libseccomp's table
+    if NO_SYSCALLS:
+        sys.exit(f"gcroots-helper: {NO_SYSCALLS}")
     return run_main("gcroots-helper", lambda: args.func(args))
 
 

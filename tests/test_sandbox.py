@@ -621,3 +621,28 @@ def test_reader_answer_sends_a_repeated_target_once():
     with pytest.raises(OSError, match="malformed"):  # a reference forward, not back
         sandbox._decode_items(bad.replace(struct.pack("=iI", -1, 0), struct.pack("=iI", -1, 5)),
                               b"/proc/1")
+
+
+@pytest.mark.parametrize("command", [["scan", "--no-runtime"], ["serve", "--socket", "SOCK"],
+                                     ["serve", "--socket", "SOCK", "--require-sandbox"]])
+def test_without_libseccomp_the_helper_refuses_in_one_line(scratch, command):
+    """libseccomp supplies the system call numbers every raw call uses (caps,
+    Landlock, seccomp): without it each command refuses at once, in one line
+    naming the library, before listening or scanning."""
+    lib = libseccomp_file()
+    sock = scratch / "helper.sock"
+    argv = " ".join(str(sock) if a == "SOCK" else a for a in command)
+    out = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind /dev/null {lib} && "
+                          f"exec {HELPER} {argv} --root {scratch}"], capture_output=True,
+                         timeout=30)
+    assert out.returncode == 1 and out.stdout == b"", out
+    assert re.fullmatch(rb"gcroots-helper: cannot load libseccomp\.so\.2 \(install libseccomp2\): "
+                        rb"[^\n]*\n", out.stderr), out.stderr
+    assert not sock.exists()
+
+
+def libseccomp_file() -> str:
+    """The real file libseccomp.so.2 resolves to, as the dynamic loader finds it."""
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
+    path = re.search(r"libseccomp\.so\.2 \([^)]*\) => (\S+)", out)[1]
+    return os.path.realpath(path)
