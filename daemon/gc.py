@@ -614,9 +614,12 @@ def remove_stale_auto_links(layout: StoreLayout, judged: list[StaleLink],
        (dev, ino, ctime) -- taken by the helper *before* it found T absent
        -- and same target.  If Nix replaced A after that lstat, the
        identity differs and A stays.  If Nix replaces A between our check
-       and the rename, we hold Nix's new link, whose T exists: step 2
-       finds it alive and step 3 puts it back.  Held, it is still a link in
-       gcroots/auto to T: a root for Nix and for us all along.
+       and the rename, we hold Nix's new link: its inode is not the judged
+       one (a rename changes the ctime, never the inode), so it goes back
+       at once -- A must not be missing after Nix wrote it, even for the
+       length of a scan.  (Were the inode number reused meanwhile, step 2
+       finds T alive and step 3 puts it back.)  Held, a link is still in
+       gcroots/auto and points to T: a root for Nix and for us all along.
     2. The helper scans again (a complete scan that starts now).
     3. Each held link that this scan found stale, and that is unchanged
        since (identity and target), is unlinked; any other is put back as
@@ -646,7 +649,11 @@ def remove_stale_auto_links(layout: StoreLayout, judged: list[StaleLink],
         if s.link.endswith(SET_ASIDE):
             held.append((s.link[:-len(SET_ASIDE)], s))  # set aside by a run that crashed
         elif _rename_noreplace(s.link, s.link + SET_ASIDE):
-            held.append((s.link, s))
+            if _same_inode(s.link + SET_ASIDE, s.identity):
+                held.append((s.link, s))
+            else:
+                _log.info("stale_link_replaced_meanwhile", link=s.link, target=s.target)
+                _put_back(s.link, s.target)
     if not held:
         return 0
     try:
@@ -667,9 +674,24 @@ def remove_stale_auto_links(layout: StoreLayout, judged: list[StaleLink],
                 continue
             except OSError as e:
                 _log.warning("stale_link_not_removed", link=aside, error=e.strerror)
-        if not _rename_noreplace(aside, name) and _is_link_to(name, s.target):
-            _unlink_quietly(aside)  # Nix made it anew: same target, one is enough
+        _put_back(name, s.target)
     return removed
+
+
+def _put_back(name: bytes, target: bytes) -> None:
+    """Rename the held link back to `name`, unless Nix made `name` anew
+    meanwhile: then, same target, one is enough."""
+    aside = name + SET_ASIDE
+    if not _rename_noreplace(aside, name) and _is_link_to(name, target):
+        _unlink_quietly(aside)
+
+
+def _same_inode(path: bytes, identity: tuple[int, int, int]) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == identity[:2]
 
 
 def _is_link_to(path: bytes, target: bytes, identity: tuple[int, int, int] | None = None) -> bool:
