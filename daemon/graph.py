@@ -170,14 +170,14 @@ class PathTable:
         node = self._tail_index.get(path)
         if node is not None:
             return node
-        r = bisect.bisect_left(_Sorted(self), path)
+        r = bisect.bisect_left(SortedPaths(self), path)
         if r < self.base and self.sorted_path(r) == path:
             return int(self.order[r])
         return None
 
     def with_prefix(self, prefix: bytes) -> list[int]:
         """Nodes whose path starts with `prefix`."""
-        seq = _Sorted(self)
+        seq = SortedPaths(self)
         r = bisect.bisect_left(seq, prefix)
         out = []
         while r < self.base and self.sorted_path(r).startswith(prefix):
@@ -186,7 +186,7 @@ class PathTable:
         return out + [n for p, n in self._tail_index.items() if p.startswith(prefix)]
 
 
-class _Sorted:
+class SortedPaths:
     """The sorted paths as a sequence, for bisect."""
 
     def __init__(self, t: PathTable) -> None:

@@ -208,3 +208,37 @@ def test_a_derivation_registered_again_gets_its_realised_outputs(scratch):
     a = f.step(expect_reload=False)
     assert a.dead == f.nix_dead(config)
     assert not [p for p in a.dead if p.endswith(b"-app")]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_answer_frames_are_the_sorted_paths_within_the_limit(seed):
+    """`live`/`dead` frames (engine._merged_frames, found with array
+    operations): the picked paths of the loaded table, those added since
+    and entries no valid path, merged in sorted order, NUL-terminated, cut
+    into frames of at most the limit, each counting its paths -- for any
+    mask, empty ones included, and limits down to a few paths."""
+    import random
+
+    from gcroots.daemon.graph import PathTable
+    rng = random.Random(seed)
+
+    def some(k: int) -> set[bytes]:
+        return {b"/nix/store/" + bytes(rng.choice(b"abcd0123") for _ in range(rng.randint(3, 40)))
+                for _ in range(k)}
+
+    loaded = sorted(some(rng.choice([0, 1, 5, 300])))
+    added = sorted(some(rng.randint(0, 5)) - set(loaded))
+    extra = sorted(some(rng.randint(0, 6)) - set(loaded) - set(added))
+    rng.shuffle(loaded)
+    table = PathTable.from_list(loaded)
+    table = table.appended(added) if added else table
+    graph = StoreGraph.__new__(StoreGraph)
+    graph.paths = table
+    mask = np.array([rng.random() < rng.choice([0.1, 0.5, 0.95]) for _ in range(len(table))],
+                    dtype=bool)
+    limit = rng.choice([200, 1000, engine.PIECE])
+    want = sorted(extra + [table[n] for n in np.flatnonzero(mask)])
+    frames = engine._merged_frames(graph, mask, extra, limit)
+    joined = [b"".join(bytes(p) for p in pieces) for pieces, _ in frames]
+    assert b"".join(joined) == b"".join(p + b"\0" for p in want)
+    assert all(0 < len(j) <= limit and j.count(b"\0") == n for j, (_, n) in zip(joined, frames))
