@@ -242,3 +242,14 @@ def test_answer_frames_are_the_sorted_paths_within_the_limit(seed):
     joined = [b"".join(bytes(p) for p in pieces) for pieces, _ in frames]
     assert b"".join(joined) == b"".join(p + b"\0" for p in want)
     assert all(0 < len(j) <= limit and j.count(b"\0") == n for j, (_, n) in zip(joined, frames))
+
+
+def test_answer_frames_without_a_graph_hold_long_names():
+    """Answered from SQLite (no graph yet), 1,000 paths with 211-character
+    names -- Nix's longest -- still make frames within the limit (512 paths
+    a frame could reach 130 KiB, twice a frame, and the answer failed)."""
+    paths = sorted(b"/nix/store/%032d-%s" % (i, b"n" * 178) for i in range(1000))
+    frames = engine._packed(paths)
+    assert all(len(pieces[0]) <= engine.PIECE for pieces, _ in frames)
+    assert b"".join(p[0] for p, _ in frames) == b"".join(p + b"\0" for p in paths)
+    assert sum(n for _, n in frames) == 1000
