@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--metrics-interval", metavar="DURATION", default="5min",
                    type=cliargs.duration(),
                    help="refresh them this often even without queries")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+    p.add_argument("--log-level", default="info", choices=log.LEVELS,
                    help="what to log (JSON lines on stderr, the journal)")
     return p
 

@@ -15,16 +15,13 @@ import resource
 import sys
 from typing import TYPE_CHECKING, Any
 
-from gcroots import argtypes
+from gcroots import argtypes, log
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.storepath import canon_path
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
-
-LOG_LEVELS = ("debug", "info", "warning", "error")
-
 
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
@@ -51,7 +48,7 @@ SERVE_FLAGS: Flags = SCAN_FLAGS + (
     ("--allow-user", dict(action="append", metavar="USER")),
     ("--allow-uid", dict(action="append", type=argtypes.uid, metavar="UID")),
     ("--socket-mode", dict(default="0600", type=argtypes.file_mode, metavar="MODE")),
-    ("--log-level", dict(default="info", choices=LOG_LEVELS)),
+    ("--log-level", dict(default="info", choices=log.LEVELS)),
     ("--require-sandbox", dict(action=argparse.BooleanOptionalAction, default=False))) + SANDBOX_SKIP
 
 
@@ -85,8 +82,6 @@ def sandbox_skip(args: argparse.Namespace) -> set[str]:
 
 def apply_sandbox(args: argparse.Namespace, layout: StoreLayout, *, read_db: bool = False) -> Sandbox:
     """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
-    from gcroots import log
-
     from . import sandbox
     log.configure("gcroots-helper", getattr(args, "log_level", "info"), plain=True)
     try:
@@ -127,7 +122,7 @@ def _uids(args: argparse.Namespace) -> frozenset[int]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gcroots import log, sockets
+    from gcroots import sockets
 
     from . import serve
     from .sandbox import hidden_dirs, lacking_caps, preflight
