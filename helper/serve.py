@@ -3,14 +3,14 @@
 Synchronous on purpose (no trio in the privileged process): one thread per
 connection, a bounded number of them.  Every connection is checked with
 SO_PEERCRED first; a peer that is not root or an allowed uid is closed
-without a single byte sent.  Records leave as they are found, batched for at
-most FLUSH_INTERVAL; a peer that stops reading blocks our send until
-IO_TIMEOUT and is dropped, so it can never make us buffer without bound.
+without a single byte sent.  Each record leaves as it is found, in one
+send (about a microsecond each: nothing to gain from batching them); a
+peer that stops reading blocks that send until IO_TIMEOUT and is dropped,
+so it stalls the scan and can never make us buffer anything.
 """
 
 from __future__ import annotations
 
-import contextlib
 import selectors
 import socket
 import threading
@@ -31,8 +31,6 @@ HELLO_TIMEOUT = 10.0     # for the whole hello, however slowly it trickles in
 # Connections of one uid still waiting for their hello: beyond this the
 # oldest is dropped, so idle ones cannot take the slots gcrootsd's scans need.
 MAX_IDLE_PER_UID = 4
-FLUSH_BYTES = 32 * 1024
-FLUSH_INTERVAL = 0.05
 MAX_CONNECTIONS = 16
 # Nix's roots-daemon format has no way to say "failed".  Its client runs
 # parseStorePath on every NUL-terminated line, so a line that is not a store
@@ -48,50 +46,6 @@ def systemd_listeners() -> list[tuple[socket.socket, str]]:
     """Sockets from systemd: one named "nix-roots" speaks the Nix compat
     format, any other ours."""
     return [(sock, NIX if name == NIX else ROOTS) for sock, name in listen_fds()]
-
-
-class _StreamWriter:
-    """Frames leave as they come, batched: a frame waits at most
-    FLUSH_INTERVAL (a flusher thread sees to that even while the scan is
-    blocked on slow I/O), and at FLUSH_BYTES the producer sends itself.  A
-    peer that stops reading therefore stalls the scan (sendall blocks until
-    IO_TIMEOUT); it cannot make us buffer more than FLUSH_BYTES."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn, self._buf, self._lock = conn, bytearray(), threading.Lock()
-        self._error: OSError | None = None
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
-        self._flusher.start()
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._buf += data
-            if len(self._buf) >= FLUSH_BYTES:
-                self._send_locked()
-
-    def _send_locked(self) -> None:
-        if self._error is None and self._buf:
-            try:
-                self._conn.sendall(self._buf)
-            except OSError as e:
-                self._error = e
-            self._buf.clear()
-        if self._error is not None:
-            raise self._error
-
-    def _flush_periodically(self) -> None:
-        with contextlib.suppress(OSError):   # the producer sees it at its next write
-            while not self._stop.wait(FLUSH_INTERVAL):
-                with self._lock:
-                    self._send_locked()
-
-    def close(self) -> None:
-        """Stop the flusher and send what is left."""
-        self._stop.set()
-        self._flusher.join()
-        with self._lock:
-            self._send_locked()
 
 
 class HelperServer:
@@ -191,18 +145,17 @@ class HelperServer:
         self._waiting(conn)
         conn.settimeout(IO_TIMEOUT)
         ok, message = True, ""
-        with contextlib.closing(_StreamWriter(conn)) as out:
-            try:
-                for rec in self._scanner().scan():
-                    stats[_COUNTED[type(rec)]] += 1
-                    out.write(sender.send(rec))
-            except ScanError as e:
-                ok, message = False, str(e)
-            except (OSError, ProtocolError):
-                raise  # the peer went away or misbehaved: no trailer to send
-            except Exception as e:  # a bug must not look like a complete scan
-                ok, message = False, f"internal error in the helper: {e!r}"
-            out.write(sender.trailer(ok, message))
+        try:
+            for rec in self._scanner().scan():
+                stats[_COUNTED[type(rec)]] += 1
+                conn.sendall(sender.send(rec))
+        except ScanError as e:
+            ok, message = False, str(e)
+        except (OSError, ProtocolError):
+            raise  # the peer went away or misbehaved: no trailer to send
+        except Exception as e:  # a bug must not look like a complete scan
+            ok, message = False, f"internal error in the helper: {e!r}"
+        conn.sendall(sender.trailer(ok, message))
         conn.shutdown(socket.SHUT_WR)
         return ("ok", "") if ok else ("scan_failed", message)
 
