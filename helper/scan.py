@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from typing import Callable, Iterator
 
 from gcroots import nofollow
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
-from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
-                               is_store_basename, to_store_path)
+from gcroots.storepath import abs_path, dir_of, is_in_dir, is_store_basename, to_store_path
 
 # Nix skips these while reading potential roots; anything else fails the
 # scan.  Nix skips EACCES too; we do not (fail closed: what a link we cannot
@@ -45,7 +45,18 @@ CHUNK = 1 << 20
 KERNEL_ROOT_FILES = (b"/proc/sys/kernel/modprobe", b"/proc/sys/kernel/fbsplash",
                      b"/proc/sys/kernel/poweroff_cmd")
 
+# A /proc/<pid>/maps line: five fields, then a path with no whitespace and
+# nothing after it but whitespace.  "(deleted)" mappings do not match, as in
+# Nix.
+MAPS_LINE = re.compile(rb"^\s*\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)\s*$")
+
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def environ_regex(store_dir: bytes) -> re.Pattern[bytes]:
+    """The pattern Nix 2.8 runs over /proc/<pid>/environ (and we over
+    cmdline): the store dir, then a slash, then [0-9a-z]+ and the name chars."""
+    return re.compile(re.escape(store_dir) + rb"/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
 
 
 class ScanError(Exception):
