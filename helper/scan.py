@@ -78,10 +78,6 @@ def _bounded(path: bytes) -> bytes:
     return path
 
 
-def _warn(path: bytes, e: OSError, what: str) -> ScanWarning:
-    return ScanWarning(path, e.errno or 0, f"cannot read potential root ({what}): {e.strerror}")
-
-
 def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
     return ScanError(f"{what} {_shown(path)}: {e.strerror} (errno {e.errno})"
                      f"{UNREADABLE if e.errno == errno.EACCES else ''}; "
@@ -194,10 +190,9 @@ class Scanner:
     prefix is skipped with a warning, as Nix skips it everywhere."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc", proc_reader: ProcReader | None = None,
-                 preflight: Callable[[], str] | None = None,
+                 proc_reader: ProcReader | None = None, preflight: Callable[[], str] | None = None,
                  accept_unreadable: tuple[bytes, ...] = ()) -> None:
-        self.layout, self.runtime, self.cmdline, self.proc = layout, runtime, cmdline, proc
+        self.layout, self.runtime, self.cmdline = layout, runtime, cmdline
         self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
         self.preflight, self.accept_unreadable = preflight, accept_unreadable
         self._env_re = environ_regex(layout.store_dir)
@@ -209,7 +204,7 @@ class Scanner:
         at = at or path
         if e.errno in SKIPPABLE or e.errno in also or e.errno == errno.EACCES and any(
                 p in (b"/", at) or is_in_dir(at, p) for p in self.accept_unreadable):
-            return _warn(path, e, what)
+            return ScanWarning(path, e.errno or 0, f"cannot read potential root ({what}): {e.strerror}")
         raise _fatal(path, e, f"cannot {what}") from None
 
     def scan(self) -> Iterator[Record]:
@@ -224,35 +219,28 @@ class Scanner:
 
     def _find_roots(self, top: bytes, kind: RootKind) -> Iterator[Record]:
         """Nix's findRoots(top, DT_UNKNOWN): the top itself may be a dir, a
-        link or a file.  Directories below are entered via dir fds."""
+        link or a file.  Every directory below is listed once, entered by
+        its fd relative to its parent (nofollow.walk: one fd per level);
+        depth is bounded only as in Nix, by PATH_MAX (~2000 levels at most)."""
         try:
             st = os.lstat(top)
-            if stat.S_ISDIR(st.st_mode):
-                fd = os.open(top, nofollow.READ_FLAGS)
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(top)
+            fd = os.open(top, nofollow.READ_FLAGS) if stat.S_ISDIR(st.st_mode) else -1
+            target = os.readlink(top) if stat.S_ISLNK(st.st_mode) else b""
         except OSError as e:
             yield self._skip(top, e, "read", (errno.ELOOP,))
             return
-        if stat.S_ISDIR(st.st_mode):
-            yield from self._walk_dir(fd, top, kind)
+        if fd >= 0:
+            yield from nofollow.walk(fd, top, lambda fd, path, subdirs: self._list_dir(
+                fd, path, subdirs, kind), self._cannot_enter)
         elif stat.S_ISLNK(st.st_mode):
             yield from self._link(top, target, kind)
         elif stat.S_ISREG(st.st_mode):
             yield from self._regular_file(top, kind)
 
-    def _walk_dir(self, fd: int, path: bytes, kind: RootKind) -> Iterator[Record]:
-        """Every directory below, each listed once (nofollow.walk: one fd
-        per level).  Depth is bounded only as in Nix, by PATH_MAX (~2000
-        levels at most)."""
-        def cannot_enter(path: bytes, e: OSError) -> Iterator[Record]:
-            # ELOOP/ENOTDIR: swapped for a link or file since the listing;
-            # like Nix, skip it with a warning.
-            yield self._skip(path, e, "open directory", (errno.ELOOP,))
-
-        def list_dir(fd: int, path: bytes, subdirs: list[bytes]) -> Iterator[Record]:
-            return self._list_dir(fd, path, subdirs, kind)
-        yield from nofollow.walk(fd, path, list_dir, cannot_enter)
+    def _cannot_enter(self, path: bytes, e: OSError) -> Iterator[Record]:
+        # ELOOP/ENOTDIR: swapped for a link or file since the listing;
+        # like Nix, skip it with a warning.
+        yield self._skip(path, e, "open directory", (errno.ELOOP,))
 
     def _list_dir(self, fd: int, path: bytes, subdirs: list[bytes],
                   kind: RootKind) -> Iterator[Record]:
@@ -299,22 +287,21 @@ class Scanner:
     def _link(self, link: bytes, target: bytes, kind: RootKind) -> Iterator[Record]:
         store_dir = self.layout.store_dir
         if is_in_dir(target, store_dir):
-            store_path = to_store_path(target, store_dir)
-            if store_path is not None:
+            if (store_path := to_store_path(target, store_dir)) is not None:
                 yield Root(kind, link, store_path)
             return
         # Not into the store: follow exactly one level (an indirect root).
         # lstat/readlink never follow the final component, so a link planted
         # in a sticky dir cannot redirect us (fs.protected_symlinks).
         resolved = abs_path(target, dir_of(link))
-        identity = None  # of an auto link, taken first: gcrootsd removes it only if unchanged
+        auto, identity = is_in_dir(link, self.layout.auto_dir), None
         try:
-            if is_in_dir(link, self.layout.auto_dir):
+            if auto:  # its identity, taken first: gcrootsd removes it only if unchanged
                 identity = link_identity(os.lstat(link))
             st = os.lstat(resolved)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                if is_in_dir(link, self.layout.auto_dir):
+                if auto:
                     yield StaleLink(link, resolved, identity)
                 return
             yield self._skip(link, e, f"lstat its target {_shown(resolved)}", at=resolved)
@@ -326,22 +313,20 @@ class Scanner:
         except OSError as e:  # EINVAL: swapped for a non-link
             yield self._skip(resolved, e, "readlink indirect root", (errno.EINVAL,))
             return
-        if is_in_dir(target2, store_dir):
-            store_path = to_store_path(target2, store_dir)
-            if store_path is not None:
-                out_kind = RootKind.PROFILE if kind == RootKind.PROFILE else RootKind.INDIRECT
-                yield Root(out_kind, resolved, store_path)
+        if (store_path := to_store_path(target2, store_dir)) is not None:
+            yield Root(RootKind.PROFILE if kind == RootKind.PROFILE else RootKind.INDIRECT,
+                       resolved, store_path)
 
     # -- /proc ---------------------------------------------------------------
 
     def _runtime_roots(self) -> Iterator[Record]:
         store_dir = self.layout.store_dir
         try:
-            pids = [e.name for e in os.scandir(self.proc) if e.name.isdigit()]
+            pids = [e.name for e in os.scandir(b"/proc") if e.name.isdigit()]
         except OSError as e:
-            raise _fatal(self.proc, e, "cannot list") from None
+            raise _fatal(b"/proc", e, "cannot list") from None
         for pid in pids:
-            yield from self._process_roots(self.proc + b"/" + pid)
+            yield from self._process_roots(b"/proc/" + pid)
         for path in KERNEL_ROOT_FILES:
             data = self._read_proc_file(path)
             # Nix uses the raw contents, trailing newline included, which
