@@ -37,11 +37,6 @@ def dir_of(path: bytes) -> bytes:
     return path[:i] if (i := path.rfind(b"/")) > 0 else b"/"
 
 
-def base_name(path: bytes) -> bytes:
-    path = path.rstrip(b"/")
-    return path[path.rfind(b"/") + 1:]
-
-
 # 32 base-32 chars; any byte at index 32 (Nix 2.8 does not check it); then a
 # name of 1..211 allowed chars.
 _BASENAME = re.compile(rb"[0-9a-df-np-sv-z]{32}.[A-Za-z0-9+\-._?=]{1,211}", re.S)

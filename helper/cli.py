@@ -9,6 +9,7 @@ else.  The full parser -- the other commands, every help text, --help and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pwd
 import resource
@@ -29,6 +30,13 @@ def _absolute(value: str) -> str:
     return value
 
 
+def _user_uid(name: str) -> int:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ValueError(f"no such user: {name!r}") from None
+
+
 # Flags as (name, argparse keywords), in the order --help shows them; their
 # help texts are commands.HELP's.  --root may be relative, like nix-store
 # --store ./x; the logical dirs not.
@@ -45,8 +53,10 @@ SANDBOX_SKIP: Flags = (("--sandbox-skip", dict(action="append", default=[], meta
 SERVE_FLAGS: Flags = SCAN_FLAGS + (
     ("--socket", dict(metavar="PATH")),
     ("--nix-roots-daemon-socket", dict(metavar="PATH")),
-    ("--allow-user", dict(action="append", metavar="USER")),
-    ("--allow-uid", dict(action="append", type=argtypes.uid, metavar="UID")),
+    # --allow-user's uid joins --allow-uid's (one list)
+    ("--allow-user", dict(action="append", dest="allow_uid", default=[], metavar="USER",
+                          type=argtypes.checked("user", _user_uid))),
+    ("--allow-uid", dict(action="append", default=[], type=argtypes.uid, metavar="UID")),
     ("--socket-mode", dict(default="0600", type=argtypes.file_mode, metavar="MODE")),
     ("--log-level", dict(default="info", choices=log.LEVELS)),
     ("--require-sandbox", dict(action=argparse.BooleanOptionalAction, default=False))) + SANDBOX_SKIP
@@ -104,21 +114,9 @@ def raise_fd_limit() -> None:
     # A walk holds one fd per directory level, and may go ~2000 deep (PATH_MAX).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:
-        try:
+    if soft < want:   # (seccomp'd: systemd's ~@resources sets LimitNOFILE= instead)
+        with contextlib.suppress(OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except OSError:
-            pass  # seccomp'd (systemd ~@resources sets LimitNOFILE= instead)
-
-
-def _uids(args: argparse.Namespace) -> frozenset[int]:
-    uids = set(args.allow_uid or [])
-    for name in args.allow_user or []:
-        try:
-            uids.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            raise SystemExit(f"gcroots-helper: --allow-user {name}: no such user") from None
-    return frozenset(uids)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -132,16 +130,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     raise_fd_limit()
     layout = layout_of(args)
-    uids = _uids(args)
-    owner = min(uids) if uids else None
-    # Under socket activation systemd owns the sockets (names "gcroots" and
-    # "nix-roots"); path options would bind over them, so they are ignored.
-    listeners, files = serve.systemd_listeners(), []
+    uids = frozenset(args.allow_uid)
+    # Under socket activation systemd owns the sockets: one named "nix-roots"
+    # speaks the Nix compat format, any other ("gcroots") ours.  Path options
+    # would bind over them, so they are ignored.
+    listeners = [(s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in sockets.listen_fds()]
+    files = []
     if not listeners:
         for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
             if path:
                 try:
-                    sock, file = sockets.listen_unix(os.fsencode(path), args.socket_mode, owner)
+                    sock, file = sockets.listen_unix(os.fsencode(path), args.socket_mode,
+                                                      min(uids, default=None))
                 except OSError as e:
                     raise SystemExit(f"gcroots-helper serve: {e}") from None
                 listeners.append((sock, kind))

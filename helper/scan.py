@@ -178,9 +178,8 @@ def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> Items:
     maps = _attempt(read_filtered, pid_dir + b"/maps", b"\n", store_dir, False)
     if not isinstance(maps, OSError):
         maps = b"\n".join(m.group(1) for m in map(MAPS_LINE.match, maps.split(b"\n")) if m)
-    files = [(b"environ", b"\0", True)] + cmdline * [(b"cmdline", b"\0", True)]
-    return out + [(b"maps", maps)] + [(n, _attempt(read_filtered, pid_dir + b"/" + n, sep,
-                                                   store_dir, from_needle)) for n, sep, from_needle in files]
+    return out + [(b"maps", maps)] + [(n, _attempt(read_filtered, pid_dir + b"/" + n, b"\0", store_dir, True))
+                                      for n in (b"environ", b"cmdline")[:1 + cmdline]]
 
 
 class Scanner:

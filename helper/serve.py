@@ -22,7 +22,7 @@ from gcroots.layout import StoreLayout
 from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.nixcompat import encode_nix_roots
 from gcroots.protocol.rootstream import NEED_DATA, Root, RootStreamSender, ScanWarning, StaleLink
-from gcroots.sockets import listen_fds, peer_credentials
+from gcroots.sockets import peer_credentials
 
 from .scan import ScanError, Scanner
 
@@ -40,12 +40,6 @@ NIX_POISON = b"gcroots-helper: root scan failed, refusing to answer (see the hel
 ROOTS, NIX = "roots", "nix-roots"
 _COUNTED = {Root: "roots", StaleLink: "stale", ScanWarning: "warnings"}   # scan_served's fields
 _log = log.get("gcroots.helper")
-
-
-def systemd_listeners() -> list[tuple[socket.socket, str]]:
-    """Sockets from systemd: one named "nix-roots" speaks the Nix compat
-    format, any other ours."""
-    return [(sock, NIX if name == NIX else ROOTS) for sock, name in listen_fds()]
 
 
 class HelperServer:
