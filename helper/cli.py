@@ -30,13 +30,6 @@ def _absolute(value: str) -> str:
     return value
 
 
-def _user_uid(name: str) -> int:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise ValueError(f"no such user: {name!r}") from None
-
-
 # Flags as (name, argparse keywords), in the order --help shows them; their
 # help texts are commands.HELP's.  --root may be relative, like nix-store
 # --store ./x; the logical dirs not.
@@ -53,9 +46,7 @@ SANDBOX_SKIP: Flags = (("--sandbox-skip", dict(action="append", default=[], meta
 SERVE_FLAGS: Flags = SCAN_FLAGS + (
     ("--socket", dict(metavar="PATH")),
     ("--nix-roots-daemon-socket", dict(metavar="PATH")),
-    # --allow-user's uid joins --allow-uid's (one list)
-    ("--allow-user", dict(action="append", dest="allow_uid", default=[], metavar="USER",
-                          type=argtypes.checked("user", _user_uid))),
+    ("--allow-user", dict(action="append", default=[], metavar="USER")),
     ("--allow-uid", dict(action="append", default=[], type=argtypes.uid, metavar="UID")),
     ("--socket-mode", dict(default="0600", type=argtypes.file_mode, metavar="MODE")),
     ("--log-level", dict(default="info", choices=log.LEVELS)),
@@ -119,6 +110,15 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def _uid_of(user: str) -> int:
+    # At run time, not while parsing: a unit's command line is checked where
+    # its user need not exist.
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise SystemExit(f"gcroots-helper: --allow-user {user}: no such user") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from gcroots import sockets
 
@@ -130,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     raise_fd_limit()
     layout = layout_of(args)
-    uids = frozenset(args.allow_uid)
+    uids = frozenset(args.allow_uid + [_uid_of(name) for name in args.allow_user])
     # Under socket activation systemd owns the sockets: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path options
     # would bind over them, so they are ignored.
