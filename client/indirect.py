@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from gcroots import nofollow
 from gcroots.layout import StoreLayout
-from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
+from gcroots.storepath import abs_path, dir_of, to_store_path
 
-from .profiles import _GEN_NAME, parse_generation_name
+from .profiles import _GEN_NAME, base_name, parse_generation_name
 
 
 

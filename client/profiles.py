@@ -43,7 +43,7 @@ from typing import Callable, Iterable, Iterator
 
 from gcroots import cliargs, nofollow
 from gcroots.flock import lock_exclusive
-from gcroots.storepath import abs_path, base_name, dir_of, to_store_path
+from gcroots.storepath import abs_path, dir_of, to_store_path
 from gcroots.users import user_name
 
 UINT32_MAX = 2**32 - 1   # parseName: string2Int<unsigned int>
@@ -84,6 +84,11 @@ class PermissionRefused(ProfileError):
 class LockTimeout(ProfileError):
     """Another process (nix-env, say) held the profile's lock too long."""
     exit_code = 4
+
+
+def base_name(path: bytes) -> bytes:
+    path = path.rstrip(b"/")
+    return path[path.rfind(b"/") + 1:]
 
 
 def _lexical_uint(text: bytes, maximum: int) -> int | None:

@@ -10,7 +10,7 @@ import sys
 
 import trio
 
-from gcroots import cliargs, log
+from gcroots import argtypes, cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", default=None, metavar="PATH",
                    help=f"admin socket to create (default {DEFAULT_SOCKET}; "
                         "ignored under socket activation)")
-    p.add_argument("--socket-mode", default="0666", type=cliargs.file_mode, metavar="MODE",
+    p.add_argument("--socket-mode", default="0666", type=argtypes.file_mode, metavar="MODE",
                    help="mode of the admin socket (authorization is per peer)")
     p.add_argument("--root", metavar="DIR", help="physical root of a chroot store")
     p.add_argument("--store-dir", metavar="DIR", help="logical store dir (default /nix/store)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--metrics-interval", metavar="DURATION", default="5min",
                    type=cliargs.duration(),
                    help="refresh them this often even without queries")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+    p.add_argument("--log-level", default="info", choices=log.LEVELS,
                    help="what to log (JSON lines on stderr, the journal)")
     return p
 

@@ -182,7 +182,7 @@ class ModuloHashes:
 
     def read(self, drv_path: bytes) -> Derivation:
         try:
-            with open(self.layout.real_path(drv_path), "rb") as f:
+            with open(self.layout.physical(drv_path), "rb") as f:
                 return parse_derivation(f.read())
         except OSError as e:
             raise DerivationError(f"cannot read the derivation "
@@ -199,7 +199,7 @@ class ModuloHashes:
 
     def _of_path(self, drv_path: bytes) -> tuple[dict[bytes, bytes], bool]:
         """pathDerivationModulo"""
-        key = self.layout.real_path(drv_path)
+        key = self.layout.physical(drv_path)
         got = self._memo.get(key)
         if got is None:
             got = self._memo[key] = self._modulo(self.read(drv_path), mask_outputs=False)

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 from gcroots.layout import StoreLayout
 from gcroots.protocol.admin import PATHS_PAYLOAD
 from gcroots.protocol.rootstream import Root, RootKind, ScanWarning, StaleLink
-from gcroots.storepath import HASH_LEN, hash_part, is_store_basename, parse_store_path
+from gcroots.storepath import is_store_basename
+
+from .storepaths import HASH_LEN, hash_part, parse_store_path
 
 from .derivation import DerivationError
 from .nixconf import GCSettings
@@ -529,7 +531,7 @@ def rows_why(a: Analysis, db: StoreDB, target: bytes, all_roots: bool,
             yield label, store_path
         return
     if store_path not in a.live:
-        if not os.path.lexists(a.layout.real_path(store_path)):  # a usage error, not a "no"
+        if not os.path.lexists(a.layout.physical(store_path)):  # a usage error, not a "no"
             raise BadRequest(f"{store_path.decode(errors='replace')} is not in the store")
         raise NotAlive(f"{store_path.decode(errors='replace')} is not alive: "
                        "no root keeps it (it is garbage)")

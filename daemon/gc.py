@@ -62,7 +62,9 @@ from gcroots.nixdb import describe_error
 from gcroots.protocol.admin import Progress
 from gcroots.protocol.rootstream import StaleLink, link_identity
 from gcroots.sockets import listen_unix
-from gcroots.storepath import abs_path, dir_of, hash_part, is_in_dir, parse_store_path
+from gcroots.storepath import abs_path, dir_of, is_in_dir
+
+from .storepaths import hash_part, parse_store_path
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, RootSet
@@ -572,7 +574,7 @@ class DeleterPool:
             c._release(chunk)
             return
         try:
-            freed, nix = worker.delete([c.layout.real_path(p) for p in chunk])
+            freed, nix = worker.delete([c.layout.physical(p) for p in chunk])
         except BaseException as e:  # reported by execute(); nothing more is deleted
             if isinstance(e, OSError):
                 e = DeletionError(f"{e}. The collection stopped there: the paths it was deleting "
@@ -1064,7 +1066,7 @@ class Collection:
             if progress is not None and i % 64 == 0:
                 self.progress(Progress(progress.message, progress.phase, i, progress.total))
             freed = Freed()
-            estimate_tree(self.layout.real_path(p), freed, unlinked)
+            estimate_tree(self.layout.physical(p), freed, unlinked)
             total += freed.nix
         return paths, total
 

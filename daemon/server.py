@@ -39,7 +39,7 @@ from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credential
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
 from gcroots.protocol.rootstream import NEED_DATA
-from gcroots.storepath import parse_store_path
+from .storepaths import parse_store_path
 
 from . import engine
 from .engine import Analysis, IncompleteRoots, NotAlive, RootSet

@@ -33,7 +33,7 @@ from typing import Iterator
 from gcroots import log
 from gcroots.flock import lock_exclusive
 from gcroots.layout import StoreLayout
-from gcroots.storepath import BASE32_CHARS, HASH_LEN, hash_part, parse_store_path
+from .storepaths import BASE32_CHARS, HASH_LEN, hash_part, parse_store_path
 from gcroots.users import user_name
 
 _MAX_FILE = 64 << 20

@@ -1,8 +1,9 @@
-"""The argument types of every command (gcroots-query, gcrootsd,
-gcroots-helper): sizes, durations, seconds, counts, modes, uids, ports.
+"""The argument types of gcroots-query and gcrootsd: sizes, durations,
+seconds, counts, ports (uids and modes, which the helper parses too, are
+gcroots.argtypes'), and the three commands' help and --version.
 Each is range-checked while the command line is parsed, so a bad value is a
 usage error (exit 2) naming the flag -- never a failure half-way through a
-collection.  Standard library only (the helper imports it).
+collection.  Standard library only.
 
 Sizes: bytes, or a number with a binary unit K, M, G or T (1K = 1024, as
 Nix), optionally followed by B or iB: `4096`, `500M`, `10G`, `1.5TiB`.  A
@@ -25,10 +26,11 @@ import math
 import re
 from dataclasses import dataclass
 
+from .argtypes import checked, integer
+
 MAX_SIZE = 2**63 - 1          # bytes: what SQLite, JSON and Nix's uint64 all carry
 MAX_DURATION = 100 * 365 * 86400.0
 MAX_COUNT = 2**31 - 1
-MAX_UID = 2**32 - 2           # (uid_t)-1 means "no uid"
 MAX_THROTTLE = 3600.0         # gc --throttle: seconds between deletion batches
 
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGT]?)(?:I?B)?", re.IGNORECASE)
@@ -99,23 +101,13 @@ def format_duration(seconds: float) -> str:
 
 # -- argparse types: argparse names the flag in front of the message (exit 2) --
 
-def _type(name: str, parse):
-    def convert(text: str):
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    convert.__name__ = name
-    return convert
-
-
 def size(*, minimum: int = 0, percent: bool = False):
     def parse(text: str):
         value = parse_size(text, percent=percent)
         if isinstance(value, int) and value < minimum:
             raise ValueError(f"{text!r}: must be at least {minimum} byte{'s' * (minimum != 1)}")
         return value
-    return _type("size", parse)
+    return checked("size", parse)
 
 
 def duration(*, positive: bool = True):
@@ -124,7 +116,7 @@ def duration(*, positive: bool = True):
         if positive and value <= 0:
             raise ValueError(f"{text!r}: must be longer than 0")
         return value
-    return _type("duration", parse)
+    return checked("duration", parse)
 
 
 def seconds(*, maximum: float):
@@ -136,38 +128,19 @@ def seconds(*, maximum: float):
         if not math.isfinite(value) or not 0 <= value <= maximum:
             raise ValueError(f"{text!r}: must be between 0 and {maximum:g} seconds")
         return value
-    return _type("seconds", parse)
-
-
-def _integer(text: str, what: str, lo: int, hi: int, base: int = 10) -> int:
-    digits = text.strip()
-    if base == 8:
-        digits = digits.removeprefix("0o")
-    if not digits.isascii() or not digits.isdigit() or base == 8 and not set(digits) <= set("01234567"):
-        raise ValueError(f"{text!r} is not {what}")
-    value = int(digits, base)
-    if not lo <= value <= hi:
-        shown = (lambda v: f"{v:04o}") if base == 8 else str
-        raise ValueError(f"{text!r}: must be between {shown(lo)} and {shown(hi)}")
-    return value
+    return checked("seconds", parse)
 
 
 def count(*, minimum: int = 0, maximum: int = MAX_COUNT):
-    return _type("count", lambda t: _integer(t, "a whole number", minimum, maximum))
-
-
-def _mode(text: str) -> int:
-    return _integer(text, "an octal mode such as 0600", 0, 0o777, base=8)
+    return checked("count", lambda t: integer(t, "a whole number", minimum, maximum))
 
 
 def _port(text: str) -> str:
-    _integer(text.rpartition(":")[2], "[HOST:]PORT with a port number", 1, 65535)
+    integer(text.rpartition(":")[2], "[HOST:]PORT with a port number", 1, 65535)
     return text
 
 
-file_mode = _type("mode", _mode)
-uid = _type("uid", lambda t: _integer(t, "a numeric uid", 0, MAX_UID))
-host_port = _type("address", _port)   # [HOST:]PORT, returned as given
+host_port = checked("address", _port)   # [HOST:]PORT, returned as given
 
 
 # -- help and --version: the same for the three commands ----------------------

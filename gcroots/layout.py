@@ -33,72 +33,39 @@ class StoreLayout:
     root: bytes = b"/"                     # physical prefix
 
     @classmethod
-    def make(
-        cls,
-        store_dir: str | bytes | None = None,
-        state_dir: str | bytes | None = None,
-        root: str | bytes | None = None,
-    ) -> "StoreLayout":
+    def make(cls, store_dir: str | bytes | None = None, state_dir: str | bytes | None = None,
+             root: str | bytes | None = None) -> StoreLayout:
         store = canon_path(fsencode(store_dir or DEFAULT_STORE_DIR))
-        state = canon_path(fsencode(state_dir or DEFAULT_STATE_DIR))
-        # The root may be given relative (like `nix-store --store ./x`).
-        phys = canon_path(os.path.abspath(fsencode(root or b"/")))
         if store == b"/":
             raise ValueError("the store dir cannot be /")
-        return cls(store, state, phys)
+        # The root may be given relative (like `nix-store --store ./x`).
+        return cls(store, canon_path(fsencode(state_dir or DEFAULT_STATE_DIR)),
+                   canon_path(os.path.abspath(fsencode(root or b"/"))))
 
     def physical(self, logical: bytes) -> bytes:
+        """Where a logical path (a store path, say) is on disk."""
         return logical if self.root == b"/" else self.root + logical
 
+    # Physical paths of the store's parts (root + logical), as Nix names them.
     @property
-    def real_store_dir(self) -> bytes:
-        return self.physical(self.store_dir)
-
+    def real_store_dir(self) -> bytes: return self.physical(self.store_dir)
     @property
-    def real_state_dir(self) -> bytes:
-        return self.physical(self.state_dir)
-
+    def real_state_dir(self) -> bytes: return self.physical(self.state_dir)
     @property
-    def gcroots_dir(self) -> bytes:
-        return self.real_state_dir + b"/gcroots"
-
+    def gcroots_dir(self) -> bytes: return self.real_state_dir + b"/gcroots"
     @property
-    def auto_dir(self) -> bytes:
-        return self.gcroots_dir + b"/auto"
-
+    def auto_dir(self) -> bytes: return self.gcroots_dir + b"/auto"
     @property
-    def profiles_dir(self) -> bytes:
-        return self.real_state_dir + b"/profiles"
-
+    def profiles_dir(self) -> bytes: return self.real_state_dir + b"/profiles"
     @property
-    def temproots_dir(self) -> bytes:
-        return self.real_state_dir + b"/temproots"
-
+    def temproots_dir(self) -> bytes: return self.real_state_dir + b"/temproots"
     @property
-    def db_path(self) -> bytes:
-        return self.real_state_dir + b"/db/db.sqlite"
-
+    def db_path(self) -> bytes: return self.real_state_dir + b"/db/db.sqlite"
+    @property  # space Nix keeps for a full disk (gc-reserved-space)
+    def reserved_path(self) -> bytes: return self.real_state_dir + b"/db/reserved"
     @property
-    def reserved_path(self) -> bytes:
-        """Space Nix keeps for a full disk (gc-reserved-space)."""
-        return self.real_state_dir + b"/db/reserved"
-
+    def gc_lock_path(self) -> bytes: return self.real_state_dir + b"/gc.lock"
     @property
-    def gc_lock_path(self) -> bytes:
-        return self.real_state_dir + b"/gc.lock"
-
+    def gc_socket_path(self) -> bytes: return self.real_state_dir + b"/gc-socket/socket"
     @property
-    def gc_socket_path(self) -> bytes:
-        return self.real_state_dir + b"/gc-socket/socket"
-
-    @property
-    def links_dir(self) -> bytes:
-        return self.real_store_dir + b"/.links"
-
-    def real_path(self, store_path: bytes) -> bytes:
-        """Physical location of a logical store path."""
-        return self.physical(store_path)
-
-    def logical_from_real(self, real_path: bytes) -> bytes:
-        """Logical path of a physical path under the store dir."""
-        return self.store_dir + real_path[len(self.real_store_dir):]
+    def links_dir(self) -> bytes: return self.real_store_dir + b"/.links"

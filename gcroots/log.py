@@ -2,37 +2,31 @@
 line, snake_case event names with keyword fields; JSON when stderr is not a
 TTY (journald, tests), human-readable when it is.
 
-The daemon and the client render through structlog (exceptions as data).
-The privileged helper does not import structlog (7,500 lines run as root
-for what it needs of it): configure(..., plain=True) writes the same lines
-with Logger._plain_line below; the helper logs no exceptions.
-
-configure(lazy=True) (gcroots-query) sets structlog up when the first line
-is logged, not before: importing it costs ~50 ms, a sixth of what a
-one-shot `gcroots-query --standalone dead` takes, and such a run usually
-logs nothing.
+The daemon and the client render through structlog (exceptions as data;
+gcroots/structlogging.py).  The privileged helper does not load structlog
+(7,500 lines run as root for what it needs of it): configure(...,
+plain=True) writes the same lines with _plain_line below; the helper logs
+no exceptions.
 """
 
 from __future__ import annotations
 
 import datetime
 import json as jsonlib
-import logging
 import os
 import signal
 import sys
 import threading
+from functools import partialmethod
+from typing import Any
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
-
-
+LEVELS = ("debug", "info", "warning", "error")
 # Of one field of one line: paths, commands, messages may be any user's
 # choice, of any length (a client's 60 KB command made 120 KB lines).
 MAX_FIELD = 2000
 
 
-def _text(value):
+def text(value: Any) -> Any:
     # Paths are bytes end to end; in a log line show them losslessly (up to
     # MAX_FIELD characters, as every text field).
     if isinstance(value, (bytes, bytearray)):
@@ -42,50 +36,43 @@ def _text(value):
     return value
 
 
-class _Stderr:
+class Stderr:
     """Where log lines go.  When that pipe is closed (EPIPE: `2>&1 | head`,
     a log reader gone), logging must not raise in whatever code logged: the
     main thread is sent SIGTERM (see process.stop_on_signals) and later
     lines are dropped."""
     broken = False
 
-    def write(self, text: str) -> None:
-        if not self.broken:
+    def write(self, line: str) -> None:
+        if not Stderr.broken:
             try:
-                sys.stderr.write(text)
+                sys.stderr.write(line)
                 sys.stderr.flush()
             except BrokenPipeError:
-                _Stderr.broken = True
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+                Stderr.broken = True
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGTERM)
 
     def flush(self) -> None:
         pass
 
 
 def output_broken() -> bool:
-    return _Stderr.broken
+    return Stderr.broken
 
 
-_plain: dict = {}   # the helper's: {"component", "level", "json"}
-_pending: list[tuple[str, int, bool]] = []   # configure(lazy=True)'s, until a line is logged
+_plain: dict[str, Any] = {}   # the helper's: {"component", "level", "json"}
 
 
 def configure(component: str, level: str = "info", json: bool | None = None,
               plain: bool = False, *, lazy: bool = False) -> None:
-    if json is None:
-        json = not sys.stderr.isatty()
+    """lazy=True (gcroots-query): set structlog up when the first line is
+    logged -- importing it costs ~50 ms, and such a run usually logs nothing."""
+    json = not sys.stderr.isatty() if json is None else json
     if plain:
-        _plain.update(component=component, level=_LEVELS.get(level, logging.INFO), json=json)
-        return
-    _pending[:] = [(component, _LEVELS.get(level, logging.INFO), json)]
-    if not lazy or "structlog" in sys.modules:
-        _apply_pending()
-
-
-def _apply_pending() -> None:
-    while _pending:
-        from . import structlogging   # gcrootsd's and gcroots-query's, not the helper's
-        structlogging.configure(*_pending.pop(), _Stderr(), _text)
+        _plain.update(component=component, level=LEVELS.index(level), json=json)
+    else:
+        from . import structlogging
+        structlogging.configure(component, level, json, lazy=lazy)
 
 
 class Logger:
@@ -95,41 +82,31 @@ class Logger:
     def __init__(self, name: str | None) -> None:
         self._name, self._structlog = name, None
 
-    def _log(self, level: str, event: str, **fields) -> None:
+    def _log(self, level: str, event: str, **fields: Any) -> None:
         if not _plain:
-            if self._structlog is None:
-                _apply_pending()
-                import structlog
-                self._structlog = structlog.get_logger(self._name)
+            from . import structlogging
+            self._structlog = self._structlog or structlogging.get_logger(self._name)
             getattr(self._structlog, level)(event, **fields)
-        elif _LEVELS.get(level, logging.ERROR) >= _plain["level"]:
-            _Stderr().write(self._plain_line(level, event, fields) + "\n")
+        elif LEVELS.index(level := level.replace("exception", "error")) >= _plain["level"]:
+            Stderr().write(_plain_line(level, event, fields) + "\n")
 
-    @staticmethod
-    def _plain_line(level: str, event: str, fields: dict) -> str:
-        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        fields = {k: _text(v) for k, v in fields.items()}
-        if not _plain["json"]:
-            return f"{now} [{level:<9}] {event:<30} " + " ".join(
-                f"{k}={v}" for k, v in {**fields, "component": _plain["component"]}.items())
-        line = {**fields, "event": event, "component": _plain["component"], "level": level,
-                "timestamp": now}
-        return jsonlib.dumps(line, default=lambda v: _text(v) if isinstance(v, bytes) else repr(v))
+    # (exception: the daemon's and the client's, with the traceback as data)
+    debug = partialmethod(_log, "debug")
+    info = partialmethod(_log, "info")
+    warning = partialmethod(_log, "warning")
+    error = partialmethod(_log, "error")
+    exception = partialmethod(_log, "exception")
 
-    def debug(self, event: str, **fields) -> None:
-        self._log("debug", event, **fields)
 
-    def info(self, event: str, **fields) -> None:
-        self._log("info", event, **fields)
-
-    def warning(self, event: str, **fields) -> None:
-        self._log("warning", event, **fields)
-
-    def error(self, event: str, **fields) -> None:
-        self._log("error", event, **fields)
-
-    def exception(self, event: str, **fields) -> None:
-        self._log("exception" if not _plain else "error", event, **fields)
+def _plain_line(level: str, event: str, fields: dict[str, Any]) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fields = {k: text(v) for k, v in fields.items()}
+    if not _plain["json"]:
+        return f"{now} [{level:<9}] {event:<30} " + " ".join(
+            f"{k}={v}" for k, v in {**fields, "component": _plain["component"]}.items())
+    return jsonlib.dumps({**fields, "event": event, "component": _plain["component"],
+                          "level": level, "timestamp": now},
+                         default=lambda v: text(v) if isinstance(v, bytes) else repr(v))
 
 
 def get(name: str | None = None) -> Logger:

@@ -32,11 +32,10 @@ READ_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class SymlinkInPath(OSError):
     """A directory component of the path is a symbolic link."""
 
-    def __init__(self, path: bytes, component: bytes):
+    def __init__(self, component: bytes):
         super().__init__(errno.ELOOP, "its directory path goes through a symbolic link",
                          os.fsdecode(component))
-        self.path = path
-        self.component = component
+        self.path = self.component = component   # (the same: the link on the way)
 
 
 def open_at(dir_fd: int, name: bytes, flags: int, where: bytes) -> int:
@@ -54,7 +53,7 @@ def open_at(dir_fd: int, name: bytes, flags: int, where: bytes) -> int:
             except OSError:
                 raise e from None
             if stat.S_ISLNK(st.st_mode):
-                raise SymlinkInPath(where, where) from None
+                raise SymlinkInPath(where) from None
         raise
 
 
@@ -75,10 +74,9 @@ def open_dir(path: bytes, flags: int = PATH_FLAGS, trusted: bytes = b"/") -> int
     fd = os.open(trusted, (flags if not parts else PATH_FLAGS) & ~os.O_NOFOLLOW)
     walked = trusted.rstrip(b"/")
     try:
-        for i, part in enumerate(parts):
+        for i, part in enumerate(parts, 1):
             walked += b"/" + part
-            last = i == len(parts) - 1
-            nxt = open_at(fd, part, flags if last else PATH_FLAGS, walked)
+            nxt = open_at(fd, part, flags if i == len(parts) else PATH_FLAGS, walked)
             os.close(fd)
             fd = nxt
     except BaseException:

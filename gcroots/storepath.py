@@ -2,20 +2,14 @@
 store-api.cc).  Everything is `bytes`: file names may hold any byte but NUL
 and '/', and a store path we cannot parse is simply "not a store path".
 
-Used by the helper (to decide what a link points at), the daemon (to
-re-validate everything the helper sends) and the client.  Standard library
-only: the helper imports it.
+Used by the helper (to decide what a link points at), the daemon and the
+client; parsing what the daemon is sent (parseStorePath) and hash parts are
+daemon/storepaths.py's.  Standard library only: the helper imports it.
 """
 
 from __future__ import annotations
 
 import re
-
-HASH_LEN = 32
-MAX_NAME_LEN = 211
-# Nix's base-32 alphabet: digits and lower-case letters without e, o, u, t.
-BASE32_CHARS = b"0123456789abcdfghijklmnpqrsvwxyz"
-
 
 
 def canon_path(path: bytes) -> bytes:
@@ -26,34 +20,21 @@ def canon_path(path: bytes) -> bytes:
         raise ValueError(f"not an absolute path: {path!r}")
     out: list[bytes] = []
     for part in path.split(b"/"):
-        if part in (b"", b"."):
-            continue
         if part == b"..":
-            if out:
-                out.pop()
-            continue
-        out.append(part)
+            del out[-1:]   # (above "/" is "/")
+        elif part not in (b"", b"."):
+            out.append(part)
     return b"/" + b"/".join(out)
 
 
 def abs_path(target: bytes, base_dir: bytes) -> bytes:
     """Nix's absPath(target, dir): relative targets are taken relative to dir,
     then canonicalised lexically."""
-    if not target.startswith(b"/"):
-        target = base_dir + b"/" + target
-    return canon_path(target)
+    return canon_path(target if target.startswith(b"/") else base_dir + b"/" + target)
 
 
 def dir_of(path: bytes) -> bytes:
-    i = path.rfind(b"/")
-    if i <= 0:
-        return b"/"
-    return path[:i]
-
-
-def base_name(path: bytes) -> bytes:
-    path = path.rstrip(b"/")
-    return path[path.rfind(b"/") + 1:]
+    return path[:i] if (i := path.rfind(b"/")) > 0 else b"/"
 
 
 # 32 base-32 chars; any byte at index 32 (Nix 2.8 does not check it); then a
@@ -68,25 +49,7 @@ def is_store_basename(name: bytes) -> bool:
 
 def is_in_dir(path: bytes, directory: bytes) -> bool:
     """Nix's isInDir: strictly below `directory`, textually."""
-    return (
-        path.startswith(b"/")
-        and path.startswith(directory)
-        and len(path) >= len(directory) + 2
-        and path[len(directory)] == 0x2F  # '/'
-    )
-
-
-def parse_store_path(path: bytes, store_dir: bytes) -> bytes | None:
-    """parseStorePath: canonicalise, require the parent to be the store dir
-    and the base name to be a store base name.  Returns the canonical store
-    path, or None if it is not one."""
-    if not path.startswith(b"/") or b"\0" in path:
-        return None
-    p = canon_path(path)
-    if dir_of(p) != store_dir:
-        return None
-    name = p[len(store_dir) + 1:]
-    return p if is_store_basename(name) else None
+    return path.startswith(b"/") and len(path) > len(directory) + 1 and path.startswith(directory + b"/")
 
 
 def to_store_path(target: bytes, store_dir: bytes) -> bytes | None:
@@ -99,30 +62,5 @@ def to_store_path(target: bytes, store_dir: bytes) -> bytes | None:
     identity, and every other component fails either way, so we skip it."""
     if not is_in_dir(target, store_dir):
         return None
-    start = len(store_dir) + 1
-    slash = target.find(b"/", start)
-    name = target[start:] if slash == -1 else target[start:slash]
-    if _BASENAME.fullmatch(name) is None or b"\0" in name:
-        return None
-    return target[:start + len(name)]
-
-
-def hash_part(store_path: bytes) -> bytes:
-    """The 32-character hash of a (parsed) store path."""
-    return base_name(store_path)[:HASH_LEN]
-
-
-def is_derivation(store_path: bytes) -> bool:
-    return store_path.endswith(b".drv")
-
-
-def environ_regex(store_dir: bytes) -> re.Pattern[bytes]:
-    """The pattern Nix 2.8 runs over /proc/<pid>/environ (and we over
-    cmdline): the store dir, then a slash, then [0-9a-z]+ and the name chars."""
-    return re.compile(re.escape(store_dir) + rb"/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
-
-
-# A /proc/<pid>/maps line: five fields, then a path with no whitespace and
-# nothing after it but whitespace.  "(deleted)" mappings do not match, as in
-# Nix.
-MAPS_LINE = re.compile(rb"^\s*\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)\s*$")
+    name = target[len(store_dir) + 1:].split(b"/", 1)[0]
+    return store_dir + b"/" + name if is_store_basename(name) and b"\0" not in name else None

@@ -1,16 +1,38 @@
-"""structlog's set-up for gcrootsd and gcroots-query (gcroots/log.py's
-configure() calls it; the helper never loads it): exceptions rendered as
-data, JSON or console lines through log.py's stderr writer."""
+"""structlog's set-up for gcrootsd and gcroots-query (gcroots/log.py hands
+their lines over; the helper never loads this module): exceptions rendered
+as data, JSON or console lines through log.py's stderr writer."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+import sys
+from typing import Any
 
-import structlog
+_pending: list[tuple[str, str, bool]] = []   # configure(lazy=True)'s, until a line is logged
 
 
-def configure(component: str, level: int, json: bool, file: Any,
-              text: Callable[[Any], Any]) -> None:
+def configure(component: str, level: str, json: bool, *, lazy: bool = False) -> None:
+    _pending[:] = [(component, level, json)]
+    if not lazy or "structlog" in sys.modules:
+        _apply_pending()
+
+
+def get_logger(name: str | None) -> Any:
+    _apply_pending()
+    import structlog
+    return structlog.get_logger(name)
+
+
+def _apply_pending() -> None:
+    while _pending:
+        _configure(*_pending.pop())
+
+
+def _configure(component: str, level: str, json: bool) -> None:
+    import structlog
+
+    from .log import Stderr, text
+
     def fields_as_text(_logger: Any, _name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         for key, value in event_dict.items():
             event_dict[key] = text(value)
@@ -31,8 +53,8 @@ def configure(component: str, level: int, json: bool, file: Any,
             fields_as_text,
             *renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=file),
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=Stderr()),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(component=component)

@@ -11,18 +11,18 @@ import sys
 from gcroots.nixdb import NixDBError, connect_ro, valid_subset
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 
-from .cli import _layout, _raise_fd_limit, _sandbox
+from .cli import apply_sandbox, layout_of, raise_fd_limit
 from .sandbox import hidden_dirs, preflight
 from .scan import ScanError, Scanner
 
 
 def main(args: argparse.Namespace) -> int:
-    layout = _layout(args)
-    _raise_fd_limit()
+    layout = layout_of(args)
+    raise_fd_limit()
     check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
-        box = _sandbox(args, layout, read_db=not args.all_candidates)
+        box = apply_sandbox(args, layout, read_db=not args.all_candidates)
     err = sys.stderr
     roots: set[tuple[bytes, bytes]] = set()
     try:

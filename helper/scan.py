@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from typing import Callable, Iterator
 
 from gcroots import nofollow
 from gcroots.layout import StoreLayout
 from gcroots.protocol.rootstream import Record, Root, RootKind, ScanWarning, StaleLink, link_identity
-from gcroots.storepath import (MAPS_LINE, abs_path, dir_of, environ_regex, is_in_dir,
-                               is_store_basename, to_store_path)
+from gcroots.storepath import abs_path, dir_of, is_in_dir, is_store_basename, to_store_path
 
 # Nix skips these while reading potential roots; anything else fails the
 # scan.  Nix skips EACCES too; we do not (fail closed: what a link we cannot
@@ -45,7 +45,18 @@ CHUNK = 1 << 20
 KERNEL_ROOT_FILES = (b"/proc/sys/kernel/modprobe", b"/proc/sys/kernel/fbsplash",
                      b"/proc/sys/kernel/poweroff_cmd")
 
+# A /proc/<pid>/maps line: five fields, then a path with no whitespace and
+# nothing after it but whitespace.  "(deleted)" mappings do not match, as in
+# Nix.
+MAPS_LINE = re.compile(rb"^\s*\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(/\S+)\s*$")
+
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+
+
+def environ_regex(store_dir: bytes) -> re.Pattern[bytes]:
+    """The pattern Nix 2.8 runs over /proc/<pid>/environ (and we over
+    cmdline): the store dir, then a slash, then [0-9a-z]+ and the name chars."""
+    return re.compile(re.escape(store_dir) + rb"/[0-9a-z]+[0-9a-zA-Z+\-._?=]*")
 
 
 class ScanError(Exception):
@@ -65,10 +76,6 @@ def _bounded(path: bytes) -> bytes:
         raise _fatal(path, OSError(errno.ENAMETOOLONG, "longer than PATH_MAX "
                      f"({PATH_MAX} bytes with its NUL)"), "path")
     return path
-
-
-def _warn(path: bytes, e: OSError, what: str) -> ScanWarning:
-    return ScanWarning(path, e.errno or 0, f"cannot read potential root ({what}): {e.strerror}")
 
 
 def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
@@ -171,9 +178,8 @@ def read_process(pid_dir: bytes, cmdline: bool, store_dir: bytes) -> Items:
     maps = _attempt(read_filtered, pid_dir + b"/maps", b"\n", store_dir, False)
     if not isinstance(maps, OSError):
         maps = b"\n".join(m.group(1) for m in map(MAPS_LINE.match, maps.split(b"\n")) if m)
-    files = [(b"environ", b"\0", True)] + cmdline * [(b"cmdline", b"\0", True)]
-    return out + [(b"maps", maps)] + [(n, _attempt(read_filtered, pid_dir + b"/" + n, sep,
-                                                   store_dir, from_needle)) for n, sep, from_needle in files]
+    return out + [(b"maps", maps)] + [(n, _attempt(read_filtered, pid_dir + b"/" + n, b"\0", store_dir, True))
+                                      for n in (b"environ", b"cmdline")[:1 + cmdline]]
 
 
 class Scanner:
@@ -183,10 +189,9 @@ class Scanner:
     prefix is skipped with a warning, as Nix skips it everywhere."""
 
     def __init__(self, layout: StoreLayout, *, runtime: bool = True, cmdline: bool = False,
-                 proc: bytes = b"/proc", proc_reader: ProcReader | None = None,
-                 preflight: Callable[[], str] | None = None,
+                 proc_reader: ProcReader | None = None, preflight: Callable[[], str] | None = None,
                  accept_unreadable: tuple[bytes, ...] = ()) -> None:
-        self.layout, self.runtime, self.cmdline, self.proc = layout, runtime, cmdline, proc
+        self.layout, self.runtime, self.cmdline = layout, runtime, cmdline
         self._read_process = proc_reader or (lambda d, c: read_process(d, c, layout.store_dir))
         self.preflight, self.accept_unreadable = preflight, accept_unreadable
         self._env_re = environ_regex(layout.store_dir)
@@ -198,7 +203,7 @@ class Scanner:
         at = at or path
         if e.errno in SKIPPABLE or e.errno in also or e.errno == errno.EACCES and any(
                 p in (b"/", at) or is_in_dir(at, p) for p in self.accept_unreadable):
-            return _warn(path, e, what)
+            return ScanWarning(path, e.errno or 0, f"cannot read potential root ({what}): {e.strerror}")
         raise _fatal(path, e, f"cannot {what}") from None
 
     def scan(self) -> Iterator[Record]:
@@ -213,35 +218,28 @@ class Scanner:
 
     def _find_roots(self, top: bytes, kind: RootKind) -> Iterator[Record]:
         """Nix's findRoots(top, DT_UNKNOWN): the top itself may be a dir, a
-        link or a file.  Directories below are entered via dir fds."""
+        link or a file.  Every directory below is listed once, entered by
+        its fd relative to its parent (nofollow.walk: one fd per level);
+        depth is bounded only as in Nix, by PATH_MAX (~2000 levels at most)."""
         try:
             st = os.lstat(top)
-            if stat.S_ISDIR(st.st_mode):
-                fd = os.open(top, nofollow.READ_FLAGS)
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(top)
+            fd = os.open(top, nofollow.READ_FLAGS) if stat.S_ISDIR(st.st_mode) else -1
+            target = os.readlink(top) if stat.S_ISLNK(st.st_mode) else b""
         except OSError as e:
             yield self._skip(top, e, "read", (errno.ELOOP,))
             return
-        if stat.S_ISDIR(st.st_mode):
-            yield from self._walk_dir(fd, top, kind)
+        if fd >= 0:
+            yield from nofollow.walk(fd, top, lambda fd, path, subdirs: self._list_dir(
+                fd, path, subdirs, kind), self._cannot_enter)
         elif stat.S_ISLNK(st.st_mode):
             yield from self._link(top, target, kind)
         elif stat.S_ISREG(st.st_mode):
             yield from self._regular_file(top, kind)
 
-    def _walk_dir(self, fd: int, path: bytes, kind: RootKind) -> Iterator[Record]:
-        """Every directory below, each listed once (nofollow.walk: one fd
-        per level).  Depth is bounded only as in Nix, by PATH_MAX (~2000
-        levels at most)."""
-        def cannot_enter(path: bytes, e: OSError) -> Iterator[Record]:
-            # ELOOP/ENOTDIR: swapped for a link or file since the listing;
-            # like Nix, skip it with a warning.
-            yield self._skip(path, e, "open directory", (errno.ELOOP,))
-
-        def list_dir(fd: int, path: bytes, subdirs: list[bytes]) -> Iterator[Record]:
-            return self._list_dir(fd, path, subdirs, kind)
-        yield from nofollow.walk(fd, path, list_dir, cannot_enter)
+    def _cannot_enter(self, path: bytes, e: OSError) -> Iterator[Record]:
+        # ELOOP/ENOTDIR: swapped for a link or file since the listing;
+        # like Nix, skip it with a warning.
+        yield self._skip(path, e, "open directory", (errno.ELOOP,))
 
     def _list_dir(self, fd: int, path: bytes, subdirs: list[bytes],
                   kind: RootKind) -> Iterator[Record]:
@@ -288,22 +286,21 @@ class Scanner:
     def _link(self, link: bytes, target: bytes, kind: RootKind) -> Iterator[Record]:
         store_dir = self.layout.store_dir
         if is_in_dir(target, store_dir):
-            store_path = to_store_path(target, store_dir)
-            if store_path is not None:
+            if (store_path := to_store_path(target, store_dir)) is not None:
                 yield Root(kind, link, store_path)
             return
         # Not into the store: follow exactly one level (an indirect root).
         # lstat/readlink never follow the final component, so a link planted
         # in a sticky dir cannot redirect us (fs.protected_symlinks).
         resolved = abs_path(target, dir_of(link))
-        identity = None  # of an auto link, taken first: gcrootsd removes it only if unchanged
+        auto, identity = is_in_dir(link, self.layout.auto_dir), None
         try:
-            if is_in_dir(link, self.layout.auto_dir):
+            if auto:  # its identity, taken first: gcrootsd removes it only if unchanged
                 identity = link_identity(os.lstat(link))
             st = os.lstat(resolved)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                if is_in_dir(link, self.layout.auto_dir):
+                if auto:
                     yield StaleLink(link, resolved, identity)
                 return
             yield self._skip(link, e, f"lstat its target {_shown(resolved)}", at=resolved)
@@ -315,22 +312,20 @@ class Scanner:
         except OSError as e:  # EINVAL: swapped for a non-link
             yield self._skip(resolved, e, "readlink indirect root", (errno.EINVAL,))
             return
-        if is_in_dir(target2, store_dir):
-            store_path = to_store_path(target2, store_dir)
-            if store_path is not None:
-                out_kind = RootKind.PROFILE if kind == RootKind.PROFILE else RootKind.INDIRECT
-                yield Root(out_kind, resolved, store_path)
+        if (store_path := to_store_path(target2, store_dir)) is not None:
+            yield Root(RootKind.PROFILE if kind == RootKind.PROFILE else RootKind.INDIRECT,
+                       resolved, store_path)
 
     # -- /proc ---------------------------------------------------------------
 
     def _runtime_roots(self) -> Iterator[Record]:
         store_dir = self.layout.store_dir
         try:
-            pids = [e.name for e in os.scandir(self.proc) if e.name.isdigit()]
+            pids = [e.name for e in os.scandir(b"/proc") if e.name.isdigit()]
         except OSError as e:
-            raise _fatal(self.proc, e, "cannot list") from None
+            raise _fatal(b"/proc", e, "cannot list") from None
         for pid in pids:
-            yield from self._process_roots(self.proc + b"/" + pid)
+            yield from self._process_roots(b"/proc/" + pid)
         for path in KERNEL_ROOT_FILES:
             data = self._read_proc_file(path)
             # Nix uses the raw contents, trailing newline included, which

@@ -3,9 +3,10 @@
 Synchronous on purpose (no trio in the privileged process): one thread per
 connection, a bounded number of them.  Every connection is checked with
 SO_PEERCRED first; a peer that is not root or an allowed uid is closed
-without a single byte sent.  Records leave as they are found, batched for at
-most FLUSH_INTERVAL; a peer that stops reading blocks our send until
-IO_TIMEOUT and is dropped, so it can never make us buffer without bound.
+without a single byte sent.  Each record leaves as it is found, in one
+send (about a microsecond each: nothing to gain from batching them); a
+peer that stops reading blocks that send until IO_TIMEOUT and is dropped,
+so it stalls the scan and can never make us buffer anything.
 """
 
 from __future__ import annotations
@@ -14,26 +15,22 @@ import selectors
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from gcroots import log
-from gcroots.sockets import listen_fds, peer_credentials
 from gcroots.layout import StoreLayout
 from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.nixcompat import encode_nix_roots
-from gcroots.protocol.rootstream import (NEED_DATA, Record, Root, RootStreamSender, ScanWarning,
-                                         StaleLink)
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootStreamSender, ScanWarning, StaleLink
+from gcroots.sockets import peer_credentials
 
-from .scan import ProcReader, ScanError, Scanner
+from .scan import ScanError, Scanner
 
 IO_TIMEOUT = 30.0        # per send/recv on a peer
 HELLO_TIMEOUT = 10.0     # for the whole hello, however slowly it trickles in
 # Connections of one uid still waiting for their hello: beyond this the
 # oldest is dropped, so idle ones cannot take the slots gcrootsd's scans need.
 MAX_IDLE_PER_UID = 4
-FLUSH_BYTES = 32 * 1024
-FLUSH_INTERVAL = 0.05
 MAX_CONNECTIONS = 16
 # Nix's roots-daemon format has no way to say "failed".  Its client runs
 # parseStorePath on every NUL-terminated line, so a line that is not a store
@@ -41,164 +38,92 @@ MAX_CONNECTIONS = 16
 NIX_POISON = b"gcroots-helper: root scan failed, refusing to answer (see the helper's log)\0"
 
 ROOTS, NIX = "roots", "nix-roots"
+_COUNTED = {Root: "roots", StaleLink: "stale", ScanWarning: "warnings"}   # scan_served's fields
 _log = log.get("gcroots.helper")
 
 
-def systemd_listeners() -> list[tuple[socket.socket, str]]:
-    """Sockets from systemd: one named "nix-roots" speaks the Nix compat
-    format, any other ours."""
-    return [(sock, NIX if name == NIX else ROOTS) for sock, name in listen_fds()]
-
-
-class _StreamWriter:
-    """Frames leave as they come, batched: a frame waits at most
-    FLUSH_INTERVAL (a flusher thread sees to that even while the scan is
-    blocked on slow I/O), and at FLUSH_BYTES the producer sends itself.  A
-    peer that stops reading therefore stalls the scan (sendall blocks until
-    IO_TIMEOUT); it cannot make us buffer more than FLUSH_BYTES."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self._conn = conn
-        self._buf = bytearray()
-        self._lock = threading.Lock()
-        self._error: OSError | None = None
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_periodically, daemon=True)
-        self._flusher.start()
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._buf += data
-            if len(self._buf) >= FLUSH_BYTES:
-                self._send_locked()
-
-    def _send_locked(self) -> None:
-        if self._error is not None:
-            raise self._error
-        if self._buf:
-            try:
-                self._conn.sendall(self._buf)
-            except OSError as e:
-                self._error = e
-                raise
-            self._buf.clear()
-
-    def _flush_periodically(self) -> None:
-        while not self._stop.wait(FLUSH_INTERVAL):
-            with self._lock:
-                try:
-                    self._send_locked()
-                except OSError:
-                    return
-
-    def close(self, flush: bool = True) -> None:
-        self._stop.set()
-        self._flusher.join()
-        if flush:
-            with self._lock:
-                self._send_locked()
-
-
-@dataclass
 class HelperServer:
-    layout: StoreLayout
-    allowed_uids: frozenset[int]
-    listeners: list[tuple[socket.socket, str]]
-    runtime: bool = True
-    cmdline: bool = False
-    proc_reader: ProcReader | None = None   # the sandbox's /proc reader (see sandbox.py)
-    preflight: Callable[[], str] | None = None   # why every scan must fail (sandbox.preflight)
-    accept_unreadable: tuple[bytes, ...] = ()
-    # our sockets' (getsockname: where bound privately)
-    paths: dict[socket.socket, bytes] = field(default_factory=dict)
-    max_connections: int = MAX_CONNECTIONS
-    _slots: threading.BoundedSemaphore = field(init=False)
-    _idle: dict[socket.socket, int] = field(default_factory=dict)   # connection -> uid until its hello, oldest first
-    _idle_lock: threading.Lock = field(default_factory=threading.Lock)
+    """`scan` holds Scanner's options (runtime, cmdline, the sandbox's
+    proc_reader and preflight, accept_unreadable); `paths` names our
+    sockets in the log (getsockname: where they were bound privately)."""
 
-    def __post_init__(self) -> None:
-        self._slots = threading.BoundedSemaphore(self.max_connections)
+    def __init__(self, layout: StoreLayout, allowed_uids: frozenset[int],
+                 listeners: list[tuple[socket.socket, str]], *,
+                 paths: dict[socket.socket, bytes] | None = None,
+                 max_connections: int = MAX_CONNECTIONS, **scan: Any) -> None:
+        self.layout, self.allowed_uids, self.listeners = layout, allowed_uids, listeners
+        self.paths, self.max_connections, self.scan_options = paths or {}, max_connections, scan
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._idle: dict[socket.socket, int] = {}   # connection -> uid until its hello, oldest first
+        self._idle_lock = threading.Lock()
 
     def _waiting(self, conn: socket.socket, uid: int | None = None) -> None:
         """`conn` waits for its hello (uid given) or no longer does."""
         with self._idle_lock:
             if uid is None:
                 self._idle.pop(conn, None)
-            elif len(mine := [c for c, u in self._idle.items() if u == uid]) >= MAX_IDLE_PER_UID:
+                return
+            if len(mine := [c for c, u in self._idle.items() if u == uid]) >= MAX_IDLE_PER_UID:
                 _log.warning("idle_peer_dropped", peer_uid=uid, max_idle=MAX_IDLE_PER_UID)
                 del self._idle[mine[0]]
                 mine[0].shutdown(socket.SHUT_RDWR)  # its recv() sees EOF
-            if uid is not None:
-                self._idle[conn] = uid
-
-    def allowed(self, uid: int) -> bool:
-        return uid == 0 or uid in self.allowed_uids
+            self._idle[conn] = uid
 
     def serve_forever(self) -> None:
         sel = selectors.DefaultSelector()
-        socks = {sock.fileno(): sock for sock, _ in self.listeners}
         for sock, kind in self.listeners:
-            sel.register(sock, selectors.EVENT_READ, kind)
+            sel.register(sock, selectors.EVENT_READ, (sock, kind))
         _log.info("helper_listening", sockets=[(self.paths.get(s) or s.getsockname(), k)
                                                for s, k in self.listeners],
                   allowed_uids=sorted(self.allowed_uids))
         while True:
             for key, _ in sel.select():
+                sock, kind = key.data
                 try:
-                    conn, _ = socks[key.fd].accept()
+                    conn, _ = sock.accept()
                 except OSError as e:
                     _log.warning("accept_failed", error=str(e))
                     continue
-                self._dispatch(conn, key.data)
+                self._dispatch(conn, kind)
 
     def _dispatch(self, conn: socket.socket, kind: str) -> None:
-        pid, uid, gid = peer_credentials(conn)
-        if not self.allowed(uid):
+        pid, uid, _ = peer_credentials(conn)
+        if uid != 0 and uid not in self.allowed_uids:
             _log.warning("peer_refused", peer_uid=uid, peer_pid=pid, endpoint=kind)
-            conn.close()
-            return
-        if not self._slots.acquire(blocking=False):
+        elif not self._slots.acquire(blocking=False):
             _log.warning("peer_refused_busy", peer_uid=uid, peer_pid=pid,
                          max_connections=self.max_connections)
-            conn.close()
+        else:
+            if kind == ROOTS:
+                self._waiting(conn, uid)
+            threading.Thread(target=self._handle, args=(conn, kind, pid, uid), daemon=True,
+                             name=f"peer-{pid}").start()
             return
-        if kind == ROOTS:
-            self._waiting(conn, uid)
-        threading.Thread(target=self._handle, args=(conn, kind, pid, uid), daemon=True,
-                         name=f"peer-{pid}").start()
+        conn.close()
 
     def _handle(self, conn: socket.socket, kind: str, pid: int, uid: int) -> None:
         t0 = time.monotonic()
-        stats = {"roots": 0, "stale": 0, "warnings": 0}
-        outcome, error = "ok", ""
+        stats = dict.fromkeys(_COUNTED.values(), 0)
         try:
             conn.settimeout(IO_TIMEOUT)
-            if kind == NIX:
-                outcome, error = self._serve_nix(conn, stats)
-            else:
-                outcome, error = self._serve_roots(conn, stats)
+            serve = self._serve_nix if kind == NIX else self._serve_roots
+            outcome, error = serve(conn, stats)
         except (OSError, ProtocolError) as e:
             outcome, error = "peer_error", str(e) or type(e).__name__
         finally:
             self._waiting(conn)
             conn.close()
             self._slots.release()
-            _log.info("scan_served", endpoint=kind, peer_uid=uid, peer_pid=pid, outcome=outcome,
-                      error=error or None, duration_ms=round((time.monotonic() - t0) * 1000, 1),
-                      **stats)
+        _log.info("scan_served", endpoint=kind, peer_uid=uid, peer_pid=pid, outcome=outcome,
+                  error=error or None, duration_ms=round((time.monotonic() - t0) * 1000, 1),
+                  **stats)
 
     def _scanner(self) -> Scanner:
-        if self.accept_unreadable:   # the operator's choice, said at every scan
-            _log.warning("unreadable_accepted", prefixes=list(self.accept_unreadable),
+        # The operator's choice, said at every scan.
+        if prefixes := self.scan_options.get("accept_unreadable"):
+            _log.warning("unreadable_accepted", prefixes=list(prefixes),
                          consequence="EACCES there is skipped: roots behind it may be missed")
-        return Scanner(self.layout, runtime=self.runtime, cmdline=self.cmdline,
-                       preflight=self.preflight, accept_unreadable=self.accept_unreadable,
-                       proc_reader=self.proc_reader)
-
-    def _count(self, rec: Record, stats: dict[str, int]) -> None:
-        key = {Root: "roots", StaleLink: "stale", ScanWarning: "warnings"}.get(type(rec))
-        if key:
-            stats[key] += 1
+        return Scanner(self.layout, **self.scan_options)
 
     def _serve_roots(self, conn: socket.socket, stats: dict[str, int]) -> tuple[str, str]:
         sender = RootStreamSender()
@@ -213,22 +138,18 @@ class HelperServer:
             sender.receive_data(conn.recv(4096))
         self._waiting(conn)
         conn.settimeout(IO_TIMEOUT)
-        out = _StreamWriter(conn)
         ok, message = True, ""
         try:
-            try:
-                for rec in self._scanner().scan():
-                    self._count(rec, stats)
-                    out.write(sender.send(rec))
-            except ScanError as e:
-                ok, message = False, str(e)
-            except (OSError, ProtocolError):
-                raise  # the peer went away or misbehaved: no trailer to send
-            except Exception as e:  # a bug must not look like a complete scan
-                ok, message = False, f"internal error in the helper: {e!r}"
-            out.write(sender.trailer(ok, message))
-        finally:
-            out.close(flush=True)
+            for rec in self._scanner().scan():
+                stats[_COUNTED[type(rec)]] += 1
+                conn.sendall(sender.send(rec))
+        except ScanError as e:
+            ok, message = False, str(e)
+        except (OSError, ProtocolError):
+            raise  # the peer went away or misbehaved: no trailer to send
+        except Exception as e:  # a bug must not look like a complete scan
+            ok, message = False, f"internal error in the helper: {e!r}"
+        conn.sendall(sender.trailer(ok, message))
         conn.shutdown(socket.SHUT_WR)
         return ("ok", "") if ok else ("scan_failed", message)
 
@@ -237,7 +158,7 @@ class HelperServer:
         paths: set[bytes] = set()
         try:
             for rec in self._scanner().scan():
-                self._count(rec, stats)
+                stats[_COUNTED[type(rec)]] += 1
                 if isinstance(rec, Root):
                     paths.add(rec.store_path)
         except Exception as e:

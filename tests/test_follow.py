@@ -170,7 +170,7 @@ def test_a_valid_path_missing_on_disk_and_unregistered_entries(scratch):
         g = db.load_graph()
     gone = [n for n in range(len(g)) if g.paths[n].endswith(b".drv")][:3]
     for n in gone:
-        subprocess.run(["rm", "-rf", layout.real_path(g.paths[n])], check=True)
+        subprocess.run(["rm", "-rf", layout.physical(g.paths[n])], check=True)
     (root / "nix/store/junk-entry").write_text("x")
     rootset = engine.scan_in_process(layout, runtime=False)
     a = engine.analyze(layout, db, rootset, GCSettings(), load=True)

@@ -633,7 +633,7 @@ def test_proc_files_keep_only_what_names_the_store(monkeypatch, tmp_path):
     regex finds exactly what it finds in the whole file, whatever the chunk
     size; past MAX_KEPT of that it refuses (EFBIG), it never truncates."""
     from gcroots.helper import scan as scan_mod
-    from gcroots.storepath import environ_regex
+    from gcroots.helper.scan import environ_regex
     sp = b"/nix/store/" + b"a" * 32 + b"-x"
     environ = (b"A=1\0B=" + b"y" * 5000 + b"\0PATH=/bin:" + sp + b"/bin:/nix/store/nix/store/"
                + sp + b"\0C=/nix/stor\0D=" + b"z" * 3000 + sp + b"\0E=" + sp)

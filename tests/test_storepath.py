@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gcroots.storepath import (BASE32_CHARS, canon_path, is_in_dir, is_store_basename,
-                               parse_store_path, to_store_path)
+from gcroots.daemon.storepaths import BASE32_CHARS, parse_store_path
+from gcroots.storepath import canon_path, is_in_dir, is_store_basename, to_store_path
 
 STORE = b"/nix/store"
 NAME_CHARS = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+-._?="
