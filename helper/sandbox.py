@@ -79,16 +79,16 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import linecache  # noqa: F401 - used under the sandbox: logging an exception formats a
 import os
 import re
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
-import traceback  # noqa: F401 - traceback, which reads sources beside the loaded modules
+# Used under the sandbox: logging an exception formats a traceback (which
+# reads sources beside the loaded modules: granted).
+import traceback  # noqa: F401
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -143,6 +143,11 @@ def _errname(e: OSError) -> str:
     return errno.errorcode.get(e.errno or 0, str(e.errno))
 
 
+def _read(path: bytes) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 # -- prctl / capabilities --------------------------------------------------------
 
 PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_GET_NAME = 1, 3, 4, 16
@@ -161,8 +166,8 @@ def cap_sets() -> dict[str, int]:
     Eff, Bnd and Amb (/proc's CapInh...), 64-bit masks: one read for all
     five (capget and a prctl per capability before), and no count of
     capabilities hard-coded."""
-    with open(b"/proc/thread-self/status", "rb") as f:
-        return {k.decode(): int(v, 16) for k, v in re.findall(rb"^Cap(\w+):\s*([0-9a-f]+)$", f.read(), re.M)}
+    status = _read(b"/proc/thread-self/status")
+    return {k.decode(): int(v, 16) for k, v in re.findall(rb"^Cap(\w+):\s*([0-9a-f]+)$", status, re.M)}
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
@@ -196,28 +201,17 @@ def network_links() -> list[tuple[str, bool]]:
     /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
     whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
     refuses it, and a netlink library would be more code run as root)."""
-    with open("/proc/self/net/dev", "rb") as f:
-        names = [line.split(b":", 1)[0].strip() for line in f.read().splitlines()[2:]]
+    names = [line.split(b":", 1)[0].strip() for line in _read(b"/proc/self/net/dev").splitlines()[2:]]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         return [(n.decode(), bool(struct.unpack_from("=H", fcntl.ioctl(
             s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
 
 
-def _netns_not_the_hosts() -> bool:
-    """Is our network namespace another than the host's, i.e. init's (PID 1's;
-    systemd made one for the unit: PrivateNetwork=)?  Where /proc/1 is out of
-    reach, our parent's namespace stands for the host's.  Unknown counts as
-    no."""
+def _netns(pid: object) -> int | None:
     try:
-        ours = os.stat("/proc/self/ns/net").st_ino
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
-        return False
-    for pid in (1, os.getppid()):
-        try:
-            return pid > 0 and ours != os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            continue
-    return False
+        return None
 
 
 def _layer_netns() -> dict[str, object]:
@@ -231,8 +225,11 @@ def _layer_netns() -> dict[str, object]:
     links = network_links()
     if links == [("lo", False)]:
         return {"how": how, "links": "lo(down)"}
-    if links == [("lo", True)] and _netns_not_the_hosts():
-        # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.
+    # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.  Is
+    # ours another than the host's, i.e. init's?  Where /proc/1 is out of
+    # reach, our parent's stands for the host's; unknown counts as no.
+    host = _netns(1) or _netns(os.getppid())
+    if links == [("lo", True)] and host and _netns("self") not in (None, host):
         return {"how": how, "links": "lo(up), not the host's namespace"}
     shown = ", ".join(f"{n}({'up' if up else 'down'})" for n, up in links) or "none"
     raise _Missing(f"network namespace {how} has links other than lo (down, or up in a namespace "
@@ -281,10 +278,7 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
     Lives here, not in scan.py, because like the netns check it judges the
     confinement we were started in."""
     try:
-        with open(proc + b"/self/mountinfo", "rb") as f:
-            ours = _mounts(f.read())
-        with open(proc + b"/1/mountinfo", "rb") as f:
-            init = _mounts(f.read())
+        ours, init = _mounts(_read(proc + b"/self/mountinfo")), _mounts(_read(proc + b"/1/mountinfo"))
     except OSError:
         return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
     fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
@@ -422,11 +416,11 @@ def loaded_code_dirs() -> list[bytes]:
     files = [os.path.realpath(os.fsencode(f)) for m in list(sys.modules.values())
              if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)]
     exe = os.readlink(b"/proc/self/exe")
-    with open(b"/proc/self/maps", "rb") as f:
-        for fields in (line.split(maxsplit=5) for line in f.read().splitlines()):  # address perms offset dev inode path
-            if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
-                    and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
-                files.append(fields[5])
+    for fields in (line.split(maxsplit=5) for line in _read(b"/proc/self/maps").splitlines()):
+        # address perms offset dev inode path
+        if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
+                and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
+            files.append(fields[5])
     dirs = {os.path.dirname(f) for f in files}
     return [d for d in sorted(dirs) if not any(is_in_dir(d, other) for other in dirs)]
 
@@ -458,15 +452,14 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
         for path, access in rules:
             if os.path.realpath(path) == b"/":
                 raise _Missing("refusing a Landlock rule on / (it would allow reading everything)")
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except FileNotFoundError:
+            if not os.path.exists(path):
                 continue
-            try:
-                if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                    access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
+            if not os.path.isdir(path):
+                access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:   # LANDLOCK_RULE_PATH_BENEATH
                 rule = ffi.new("struct landlock_path_beneath_attr *", (access, fd))
-                syscall("landlock_add_rule", ruleset, 1, rule, 0)   # LANDLOCK_RULE_PATH_BENEATH
+                syscall("landlock_add_rule", ruleset, 1, rule, 0)
             finally:
                 os.close(fd)
             granted.append(os.fsdecode(path) + (" (dir)" if access == LL_READ_DIR else ""))
@@ -571,8 +564,6 @@ def _scmp(rc: int, what: str) -> None:
 def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     """The classic BPF program (8 bytes an instruction) for `rules`, names
     this architecture lacks left out, `default` for every other call."""
-    if _seccomp is None:
-        raise _Missing(NO_SYSCALLS)
     ctx = _seccomp.seccomp_init(default)
     _scmp(-errno.ENOMEM if ctx == ffi.NULL else 0, "seccomp_init")
     try:
@@ -623,7 +614,6 @@ def _layer_seccomp(rules: Rules, reader: ProcReader | None) -> dict[str, object]
 
 # A request: b"c" (cmdline too) or b"-", then "/proc/PID", one line.
 _REQUEST = re.compile(rb"([c-])(/proc/[1-9][0-9]{0,9})\n")
-_READER_TIMEOUT = 60.0
 # An answer holds at most four items of scan.MAX_KEPT (fd targets, maps,
 # environ, cmdline) and two links: well below this, and below the 4 GiB the
 # "=I" length can say.  Checked anyway, on both sides.
@@ -692,8 +682,7 @@ class ProcReader:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
-            try:
-                ours.close()
+            try:   # (_reader_main closes `ours`, and every other fd but `theirs`)
                 _reader_main(theirs, parent, skip, store_dir)
                 code = 0
             except BaseException as e:
@@ -701,7 +690,7 @@ class ProcReader:
             finally:
                 os._exit(code)
         theirs.close()
-        ours.settimeout(_READER_TIMEOUT)
+        ours.settimeout(60.0)
         return cls(ours, pid)
 
     def _answer(self) -> bytes:
@@ -716,6 +705,8 @@ class ProcReader:
         with self._lock:
             if self._broken:
                 raise OSError(errno.EIO, f"the /proc reader is gone: {self._broken}")
+            if b"\n" in pid_dir:   # would be two requests, and two answers: one left for the next call
+                raise OSError(errno.EINVAL, f"not a /proc/PID directory: {pid_dir!r}")
             try:
                 self.sock.sendall((b"c" if cmdline else b"-") + pid_dir + b"\n")
                 return _decode_items(self._answer(), pid_dir)
@@ -770,13 +761,10 @@ def _selftest(reader: ProcReader | None) -> None:
 def _why_missing(name: str, e: Exception) -> str:
     if isinstance(e, _Missing):
         return str(e)
-    if not isinstance(e, OSError):
-        e = OSError(errno.EIO, repr(e))
-    reason = f"{e.strerror or e} ({_errname(e)})"
-    if e.errno in (errno.EPERM, errno.EACCES) and name in ("landlock", "seccomp") \
-            and not prctl(PR_GET_NO_NEW_PRIVS):
-        reason += ": the kernel requires no_new_privs first"
-    return reason
+    e = e if isinstance(e, OSError) else OSError(errno.EIO, repr(e))
+    nnp = e.errno in (errno.EPERM, errno.EACCES) and name in ("landlock", "seccomp") \
+        and not prctl(PR_GET_NO_NEW_PRIVS)
+    return f"{e.strerror or e} ({_errname(e)})" + ": the kernel requires no_new_privs first" * nnp
 
 
 def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: Iterable[str] = (),
@@ -784,9 +772,10 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
     """Apply every layer (see the module docstring); return what is active.
 
     `runtime`: start the /proc reader (runtime roots need it under
-    Landlock).  `read_db`: also allow reading the Nix DB (the `scan` CLI).
-    Raises SandboxError if `require` and a layer is missing, or if the
-    sandbox would break the scan (that is never a mere degradation)."""
+    Landlock) before Landlock.  `read_db`: also allow reading the Nix DB
+    (the `scan` CLI).  Raises SandboxError if `require` and a layer is
+    missing, or if the sandbox would break the scan (that is never a mere
+    degradation)."""
     skip = frozenset(skip)
     if unknown := skip - set(LAYERS):
         raise SandboxError(f"unknown sandbox layer(s) to skip: {', '.join(sorted(unknown))}")
@@ -796,12 +785,21 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
         raise SandboxError("the sandbox must be applied before any thread starts "
                            "(capabilities, Landlock and namespaces are per thread)")
     box = Sandbox([])
-
-    def layer(name: str, fn: Callable[..., dict[str, object]], *args: object) -> None:
+    layers: dict[str, Callable[[], dict[str, object]]] = {
+        "netns": _layer_netns, "caps": _layer_caps, "no_new_privs": _layer_nnp,   # netns first: needs CAP_SYS_ADMIN
+        "landlock": lambda: _layer_landlock(layout, read_db),
+        "seccomp": lambda: _layer_seccomp(main_rules(os.getpid()), box.proc_reader)}
+    for name, apply in layers.items():
+        if name == "landlock" and runtime:
+            try:
+                box.proc_reader = ProcReader.start(skip, layout.store_dir)
+            except OSError as e:
+                raise SandboxError(f"cannot start the /proc reader: {e}") from None
+            log.info("proc_reader_started", pid=box.proc_reader.pid)
         details, reason = {}, "skipped on request (--sandbox-skip)"
         if name not in skip:
             try:
-                details, reason = fn(*args), ""
+                details, reason = apply(), ""
             except Exception as e:  # noqa: BLE001 - whatever it is, the layer is missing
                 reason = _why_missing(name, e)
         box.layers.append(LayerResult(name, not reason, reason, details))
@@ -809,23 +807,10 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
             log.warning("sandbox_layer", layer=name, active=False, reason=reason)
         else:
             log.info("sandbox_layer", layer=name, active=True, **details)
-
-    layer("netns", _layer_netns)            # needs CAP_SYS_ADMIN: first
-    layer("caps", _layer_caps)
-    layer("no_new_privs", _layer_nnp)
-    if runtime:
-        try:
-            box.proc_reader = ProcReader.start(skip, layout.store_dir)
-        except OSError as e:
-            raise SandboxError(f"cannot start the /proc reader: {e}") from None
-        log.info("proc_reader_started", pid=box.proc_reader.pid)
-    layer("landlock", _layer_landlock, layout, read_db)
-    layer("seccomp", _layer_seccomp, main_rules(os.getpid()), box.proc_reader)
     try:
         _selftest(box.proc_reader)
     except OSError as e:
-        raise SandboxError(f"sandbox self-test failed, the runtime scan would be incomplete: "
-                           f"{e}") from None
+        raise SandboxError(f"sandbox self-test failed, the runtime scan would be incomplete: {e}") from None
     missing = {r.name: r.reason for r in box.layers if not r.active}
     if not missing:
         log.info("sandbox_applied", layers=list(LAYERS))
