@@ -164,8 +164,7 @@ def prctl(option: int, *args: object) -> int:
 def cap_sets() -> dict[str, int]:
     """This thread's capability sets as the kernel reports them -- Inh, Prm,
     Eff, Bnd and Amb (/proc's CapInh...), 64-bit masks: one read for all
-    five (capget and a prctl per capability before), and no count of
-    capabilities hard-coded."""
+    five, and no count of capabilities hard-coded."""
     status = _read(b"/proc/thread-self/status")
     return {k.decode(): int(v, 16) for k, v in re.findall(rb"^Cap(\w+):\s*([0-9a-f]+)$", status, re.M)}
 
@@ -207,9 +206,10 @@ def network_links() -> list[tuple[str, bool]]:
             s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
 
 
-def _netns(pid: object) -> int | None:
+def _ns_inode(pid: object, kind: str = "net") -> int | None:
+    """The inode of a process's namespace of that kind (None: unknown)."""
     try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
     except OSError:
         return None
 
@@ -228,8 +228,8 @@ def _layer_netns() -> dict[str, object]:
     # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.  Is
     # ours another than the host's, i.e. init's?  Where /proc/1 is out of
     # reach, our parent's stands for the host's; unknown counts as no.
-    host = _netns(1) or _netns(os.getppid())
-    if links == [("lo", True)] and host and _netns("self") not in (None, host):
+    host = _ns_inode(1) or _ns_inode(os.getppid())
+    if links == [("lo", True)] and host and _ns_inode("self") not in (None, host):
         return {"how": how, "links": "lo(up), not the host's namespace"}
     shown = ", ".join(f"{n}({'up' if up else 'down'})" for n, up in links) or "none"
     raise _Missing(f"network namespace {how} has links other than lo (down, or up in a namespace "
@@ -348,10 +348,7 @@ def preflight(hidden: Sequence[bytes], *, caps: bool = True,
     runtime scan cannot work: other users' processes are EACCES, which (as
     Nix does) skips them, or invisible (hidepid); a file is EACCES, which
     fails the scan, so a scan without runtime roots is still sound."""
-    try:
-        userns = caps and runtime and os.stat("/proc/self/ns/user").st_ino != 0xEFFFFFFD
-    except OSError:
-        userns = True
+    userns = caps and runtime and _ns_inode("self", "user") != 0xEFFFFFFD   # (None: unknown, so yes)
 
     def check() -> str:
         why = [lacking_caps()] if caps else []
