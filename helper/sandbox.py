@@ -79,16 +79,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import importlib
 import os
 import re
 import signal
 import socket
-import stat
 import struct
 import sys
 import threading
-from dataclasses import dataclass, field
+# Used under the sandbox: logging an exception formats a traceback (which
+# reads sources beside the loaded modules: granted).
+import traceback  # noqa: F401
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from gcroots.layout import StoreLayout
@@ -96,7 +97,7 @@ from gcroots.log import Logger
 from gcroots.storepath import is_in_dir
 
 from ._ffi import ffi
-from .scan import Items
+from .scan import Items, read_process   # the scanner runs under the sandbox: imported before
 
 LAYERS = ("netns", "caps", "no_new_privs", "landlock", "seccomp")
 
@@ -115,6 +116,10 @@ class SandboxError(Exception):
     """The sandbox cannot be applied as required; do not serve."""
 
 
+class _Missing(Exception):
+    """A layer could not be applied (the message says why)."""
+
+
 def syscall_number(name: str) -> int:
     """This architecture's number for the system call `name` (libseccomp's
     table; its negative pseudo-numbers stand for calls the arch lacks)."""
@@ -130,81 +135,53 @@ def syscall(name: str, *args: object) -> int:
     ret = int(_libc.syscall(syscall_number(name), *[
         ffi.cast("long", a) if isinstance(a, int) else ffi.NULL if a is None else a for a in args]))
     if ret == -1:
-        e = ffi.errno
-        raise OSError(e, os.strerror(e))
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
     return ret
+
+
+def _errname(e: OSError) -> str:
+    return errno.errorcode.get(e.errno or 0, str(e.errno))
+
+
+def _read(path: bytes) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 # -- prctl / capabilities --------------------------------------------------------
 
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_GET_DUMPABLE = 1, 4, 3
-PR_GET_NAME, PR_GET_SECCOMP, PR_SET_SECCOMP = 16, 21, 22
-PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_GET_SECUREBITS = 23, 24, 27
-PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS = 38, 39
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 1, 2, 4
-
-CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE, CAP_SYS_ADMIN = 2, 8, 19, 21
+PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_GET_NAME = 1, 3, 4, 16
+PR_GET_SECCOMP, PR_SET_SECCOMP, PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_GET_SECUREBITS = 21, 22, 23, 24, 27
+PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 39, 47, 4
+CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE = 2, 8, 19
 KEEP_CAPS = (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_PTRACE)   # 0x80004
-_CAP_V3 = 0x20080522
 
 
 def prctl(option: int, *args: object) -> int:
-    args += (0,) * (4 - len(args))
-    return syscall("prctl", option, *args)
+    return syscall("prctl", option, *args, *(0,) * (4 - len(args)))
 
 
-def capget() -> tuple[int, int, int]:
-    """(effective, permitted, inheritable) of this thread, as 64-bit masks."""
-    data = ffi.new("struct cap_data[2]")
-    syscall("capget", ffi.new("struct cap_header *", (_CAP_V3, 0)), data)
-    return tuple((getattr(data[1], f) << 32) | getattr(data[0], f)
-                 for f in ("effective", "permitted", "inheritable"))
+def cap_sets() -> dict[str, int]:
+    """This thread's capability sets as the kernel reports them -- Inh, Prm,
+    Eff, Bnd and Amb (/proc's CapInh...), 64-bit masks: one read for all
+    five, and no count of capabilities hard-coded."""
+    status = _read(b"/proc/thread-self/status")
+    return {k.decode(): int(v, 16) for k, v in re.findall(rb"^Cap(\w+):\s*([0-9a-f]+)$", status, re.M)}
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:
-    data = ffi.new("struct cap_data[2]")
-    for i in (0, 1):
-        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    syscall("capset", ffi.new("struct cap_header *", (_CAP_V3, 0)), data)
+    """Set this thread's capabilities (capset(2), version 3: two 32-bit halves)."""
+    sets = (effective, permitted, inheritable)
+    data = ffi.new("struct cap_data[2]", [[s >> 32 * half & 0xFFFFFFFF for s in sets] for half in (0, 1)])
+    syscall("capset", ffi.new("struct cap_header *", (0x20080522, 0)), data)
 
-
-def _capability_mask(*prctl_args: int) -> int:
-    """The set of capabilities for which prctl(*prctl_args, cap) is true,
-    as a bit mask (the kernel's count of capabilities is not hard-coded)."""
-    mask = 0
-    for cap in range(64):
-        try:
-            if prctl(*prctl_args, cap):
-                mask |= 1 << cap
-        except OSError as e:
-            if e.errno == errno.EINVAL:   # past the kernel's last capability
-                break
-            raise
-    return mask
-
-
-def _bounding_set() -> int:
-    return _capability_mask(PR_CAPBSET_READ)
-
-
-def _ambient_set() -> int:
-    return _capability_mask(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET)
-
-
-# -- results ---------------------------------------------------------------------
 
 @dataclass
 class LayerResult:
     name: str
     active: bool
-    reason: str = ""
-    details: dict[str, object] = field(default_factory=dict)
-
-
-class _Missing(Exception):
-    """A layer could not be applied (the message says why)."""
+    reason: str
+    details: dict[str, object]
 
 
 @dataclass
@@ -212,16 +189,10 @@ class Sandbox:
     layers: list[LayerResult]
     proc_reader: "ProcReader | None" = None   # for Scanner(proc_reader=...)
 
-    @property
-    def missing(self) -> list[LayerResult]:
-        return [r for r in self.layers if not r.active]
-
 
 # -- layer: network namespace ------------------------------------------------------
 
-CLONE_NEWNET = 0x40000000
-_IFF_UP = 0x1
-_SIOCGIFFLAGS = 0x8913
+CLONE_NEWNET, _IFF_UP, _SIOCGIFFLAGS = 0x40000000, 0x1, 0x8913
 
 
 def network_links() -> list[tuple[str, bool]]:
@@ -229,34 +200,18 @@ def network_links() -> list[tuple[str, bool]]:
     /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
     whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
     refuses it, and a netlink library would be more code run as root)."""
-    with open("/proc/self/net/dev", "rb") as f:
-        names = [line.split(b":", 1)[0].strip() for line in f.read().splitlines()[2:]]
-    out = []
+    names = [line.split(b":", 1)[0].strip() for line in _read(b"/proc/self/net/dev").splitlines()[2:]]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        for name in names:
-            req = struct.pack("16sH14x", name, 0)
-            flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req))[1]
-            out.append((name.decode(), bool(flags & _IFF_UP)))
-    return out
+        return [(n.decode(), bool(struct.unpack_from("=H", fcntl.ioctl(
+            s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
 
 
-def _netns_not_the_hosts() -> bool:
-    """Is our network namespace another than the host's, i.e. init's (PID 1's;
-    systemd made one for the unit: PrivateNetwork=)?  Where /proc/1 is out of
-    reach, our parent's namespace stands for the host's.  Unknown counts as
-    no."""
+def _ns_inode(pid: object, kind: str = "net") -> int | None:
+    """The inode of a process's namespace of that kind (None: unknown)."""
     try:
-        ours = os.stat("/proc/self/ns/net").st_ino
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
     except OSError:
-        return False
-    for pid in (1, os.getppid()):
-        if pid <= 0:
-            continue
-        try:
-            return ours != os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            continue
-    return False
+        return None
 
 
 def _layer_netns() -> dict[str, object]:
@@ -266,17 +221,19 @@ def _layer_netns() -> dict[str, object]:
     except OSError as e:
         # Without CAP_SYS_ADMIN, or RestrictNamespaces=: the namespace must
         # already be empty (PrivateNetwork=yes).
-        how = f"inherited (unshare: {errno.errorcode.get(e.errno or 0, e.errno)})"
+        how = f"inherited (unshare: {_errname(e)})"
     links = network_links()
     if links == [("lo", False)]:
         return {"how": how, "links": "lo(down)"}
-    if links == [("lo", True)] and _netns_not_the_hosts():
-        # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.
+    # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.  Is
+    # ours another than the host's, i.e. init's?  Where /proc/1 is out of
+    # reach, our parent's stands for the host's; unknown counts as no.
+    host = _ns_inode(1) or _ns_inode(os.getppid())
+    if links == [("lo", True)] and host and _ns_inode("self") not in (None, host):
         return {"how": how, "links": "lo(up), not the host's namespace"}
     shown = ", ".join(f"{n}({'up' if up else 'down'})" for n, up in links) or "none"
-    raise _Missing(f"network namespace {how} has links other than lo (down, or up in a "
-                   f"namespace not the host's): {shown}; run as root or with "
-                   "PrivateNetwork=yes")
+    raise _Missing(f"network namespace {how} has links other than lo (down, or up in a namespace "
+                   f"not the host's): {shown}; run as root or with PrivateNetwork=yes")
 
 
 # -- the view of the file system ------------------------------------------------------
@@ -289,14 +246,12 @@ WATCHED_DIRS = (b"/home", b"/root", b"/run/user", b"/tmp", b"/var/tmp")
 def _mounts(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
     """(mount point, device, root within the device, fs type), in mount order;
     mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    def unescape(field: bytes) -> bytes:
-        return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
     out = []
     for line in mountinfo.splitlines():
         head, _, tail = line.partition(b" - ")
-        f = head.split()
+        f = [re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), x) for x in head.split()]
         if len(f) >= 5 and tail:
-            out.append((unescape(f[4]), f[2], unescape(f[3]), tail.split()[0]))
+            out.append((f[4], f[2], f[3], tail.split()[0]))
     return out
 
 
@@ -305,10 +260,9 @@ def _backing(mounts: list[tuple[bytes, bytes, bytes, bytes]], path: bytes) -> tu
     longest mount point above it, the topmost (last) mount there."""
     best = None
     for point, dev, root, fstype in mounts:
-        if path == point or path.startswith(point.rstrip(b"/") + b"/"):
-            if best is None or len(point) >= len(best[0]):
-                rest = path[len(point.rstrip(b"/")):]
-                best = (point, (dev, (root.rstrip(b"/") + rest) or b"/", fstype))
+        top = point.rstrip(b"/")
+        if (path == point or path.startswith(top + b"/")) and (best is None or len(point) >= len(best[0])):
+            best = (point, (dev, (root.rstrip(b"/") + path[len(top):]) or b"/", fstype))
     return None if best is None else best[1]
 
 
@@ -324,10 +278,7 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
     Lives here, not in scan.py, because like the netns check it judges the
     confinement we were started in."""
     try:
-        with open(proc + b"/self/mountinfo", "rb") as f:
-            ours = _mounts(f.read())
-        with open(proc + b"/1/mountinfo", "rb") as f:
-            init = _mounts(f.read())
+        ours, init = _mounts(_read(proc + b"/self/mountinfo")), _mounts(_read(proc + b"/1/mountinfo"))
     except OSError:
         return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
     fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
@@ -342,39 +293,34 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
 # -- layer: capabilities --------------------------------------------------------------
 
 def _layer_caps() -> dict[str, object]:
-    eff, prm, _ = capget()
-    bounding = _bounding_set()
-    extra = bounding & ~KEEP_CAPS
-    if extra and prm >> CAP_SETPCAP & 1:
+    have = cap_sets()
+    keep, extra = have["Prm"] & KEEP_CAPS, have["Bnd"] & ~KEEP_CAPS
+    if extra and have["Prm"] >> CAP_SETPCAP & 1:
         # PR_CAPBSET_DROP needs CAP_SETPCAP, so this comes before capset.
-        capset(eff | 1 << CAP_SETPCAP, prm, 0)
-        for cap in range(64):
-            if extra >> cap & 1:
-                prctl(PR_CAPBSET_DROP, cap)
+        capset(have["Eff"] | 1 << CAP_SETPCAP, have["Prm"], 0)
+        for cap in (c for c in range(64) if extra >> c & 1):
+            prctl(PR_CAPBSET_DROP, cap)
     # Whatever happened above, drop everything else we hold (fail closed).
     # Only the calls needed: a unit whose SystemCallFilter= forbids capset
     # (~@privileged) still works when systemd already set the caps exactly.
-    if _ambient_set():
+    if have["Amb"]:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    keep = prm & KEEP_CAPS
-    if capget() != (keep, keep, 0):
+    want = {"Eff": keep, "Prm": keep, "Inh": 0, "Amb": 0}
+    if {k: v for k, v in cap_sets().items() if k in want} != want:
         capset(keep, keep, 0)
     # Core dumps would hold other users' environments; and a non-dumpable
     # process cannot be ptraced by same-uid processes without CAP_SYS_PTRACE.
     prctl(PR_SET_DUMPABLE, 0)
-    eff, prm, inh = capget()
-    bounding = _bounding_set()
-    ambient = _ambient_set()
-    if bounding & ~KEEP_CAPS:
-        raise _Missing(f"bounding set {bounding:#x} holds more than {KEEP_CAPS:#x} and "
-                       "without CAP_SETPCAP we cannot drop it; start with a reduced bounding "
-                       "set (systemd CapabilityBoundingSet=, setpriv --bounding-set)")
-    if (eff, prm, inh, ambient) != (keep, keep, 0, 0):
-        raise _Missing(f"capabilities not as set: eff={eff:#x} prm={prm:#x} inh={inh:#x} "
-                       f"amb={ambient:#x}")
+    have = cap_sets()
+    if have["Bnd"] & ~KEEP_CAPS:
+        raise _Missing(f"bounding set {have['Bnd']:#x} holds more than {KEEP_CAPS:#x} and without "
+                       "CAP_SETPCAP we cannot drop it; start with a reduced bounding set "
+                       "(systemd CapabilityBoundingSet=, setpriv --bounding-set)")
+    if {k: have[k] for k in want} != want:
+        raise _Missing("capabilities not as set: " + " ".join(f"{k}={have[k]:#x}" for k in want))
     if keep != KEEP_CAPS:   # we hold less, not more: but every scan would fail
         raise _Missing(lacking_caps())
-    return {"effective": f"{eff:#x}", "bounding": f"{bounding:#x}"}
+    return {"effective": f"{have['Eff']:#x}", "bounding": f"{have['Bnd']:#x}"}
 
 
 def lacking_caps() -> str:
@@ -382,40 +328,27 @@ def lacking_caps() -> str:
     without CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE in its effective set
     cannot see into 0700 homes or other users' processes, and would call
     their roots' paths garbage."""
-    lacking = KEEP_CAPS & ~capget()[0]
-    if not lacking:
-        return ""
-    names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH),
-                            ("CAP_SYS_PTRACE", CAP_SYS_PTRACE)) if lacking >> c & 1]
-    return (f"the helper (uid {os.geteuid()}) lacks {' and '.join(names)} in its effective "
-            "capability set, so it cannot read roots in private homes and other users' "
-            "processes; run it as root or with those capabilities (the systemd unit's "
-            "AmbientCapabilities=)")
-
-
-# The initial user namespace's inode number (the kernel's PROC_USER_INIT_INO).
-INITIAL_USER_NS = 0xEFFFFFFD
-
-
-def in_user_namespace() -> bool:
-    """Whether we run in a user namespace other than the initial one
-    (systemd PrivateUsers=yes, unshare --user): capget() then shows
-    capabilities that reach only that namespace's files and processes."""
-    try:
-        return os.stat("/proc/self/ns/user").st_ino != INITIAL_USER_NS
-    except OSError:
-        return True   # cannot tell: assume the worst
+    eff = cap_sets()["Eff"]
+    names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH), ("CAP_SYS_PTRACE", CAP_SYS_PTRACE))
+             if not eff >> c & 1]
+    return "" if not names else (
+        f"the helper (uid {os.geteuid()}) lacks {' and '.join(names)} in its effective capability "
+        "set, so it cannot read roots in private homes and other users' processes; run it as root "
+        "or with those capabilities (the systemd unit's AmbientCapabilities=)")
 
 
 def preflight(hidden: Sequence[bytes], *, caps: bool = True,
               runtime: bool = True) -> Callable[[], str]:
     """Scanner(preflight=...): why every scan must fail before it starts,
     or "".  `hidden` from hidden_dirs() (taken before the sandbox closes
-    /proc/1); capabilities checked at each scan.  In a user namespace the
-    runtime scan cannot work: other users' processes are EACCES, which
-    (as Nix does) skips them, or invisible (hidepid); a file is EACCES,
-    which fails the scan, so a scan without runtime roots is still sound."""
-    userns = caps and runtime and in_user_namespace()
+    /proc/1); capabilities checked at each scan.  In a user namespace
+    (systemd PrivateUsers=yes, unshare --user; not the initial one, whose
+    inode number is the kernel's PROC_USER_INIT_INO; unknown counts as one)
+    the capabilities reach only that namespace's files and processes, so the
+    runtime scan cannot work: other users' processes are EACCES, which (as
+    Nix does) skips them, or invisible (hidepid); a file is EACCES, which
+    fails the scan, so a scan without runtime roots is still sound."""
+    userns = caps and runtime and _ns_inode("self", "user") != 0xEFFFFFFD   # (None: unknown, so yes)
 
     def check() -> str:
         why = [lacking_caps()] if caps else []
@@ -443,17 +376,13 @@ def _layer_nnp() -> dict[str, object]:
 
 # -- layer: Landlock -------------------------------------------------------------------
 
-LANDLOCK_KNOWN_ABI = 7
-LL_READ_FILE, LL_READ_DIR = 1 << 2, 1 << 3
-LL_NET_BIND_TCP, LL_NET_CONNECT_TCP = 1 << 0, 1 << 1
-LL_SCOPE_ABSTRACT_UNIX, LL_SCOPE_SIGNAL = 1 << 0, 1 << 1
-_LL_RULE_PATH_BENEATH, _LL_CREATE_RULESET_VERSION = 1, 1 << 0
+LANDLOCK_KNOWN_ABI, LL_READ_FILE, LL_READ_DIR = 7, 1 << 2, 1 << 3
 
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (0: none)."""
     try:
-        return syscall("landlock_create_ruleset", None, 0, _LL_CREATE_RULESET_VERSION)
+        return syscall("landlock_create_ruleset", None, 0, 1)   # LANDLOCK_CREATE_RULESET_VERSION
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP):
             return 0
@@ -464,8 +393,7 @@ def landlock_fs_rights(abi: int) -> int:
     """Every filesystem right the given ABI knows: EXECUTE (bit 0) to
     MAKE_SYM (12) since ABI 1, REFER (13) since 2, TRUNCATE (14) since 3,
     IOCTL_DEV (15) since 5.  We grant only READ_FILE (2) and READ_DIR (3)."""
-    last = {1: 12, 2: 13, 3: 14, 4: 14}.get(abi, 15)
-    return (1 << (last + 1)) - 1
+    return (2 << {1: 12, 2: 13, 3: 14, 4: 14}.get(abi, 15)) - 1
 
 
 def loaded_code_dirs() -> list[bytes]:
@@ -479,78 +407,56 @@ def loaded_code_dirs() -> list[bytes]:
     Python), nor sys.path entries nothing was loaded from (on NixOS the
     interpreter, each Python package and libffi sit in store paths of
     their own; only those in use are readable).  Outermost directories
-    only: a rule covers everything beneath it."""
-    dirs = set()
-    for module in list(sys.modules.values()):
-        f = getattr(module, "__file__", None)
-        if isinstance(f, str) and os.path.isabs(f):
-            # Real paths: a rule holds beneath a directory, not beneath a
-            # link to it (a checkout's gcroots/protocol -> ../protocol).
-            dirs.add(os.path.dirname(os.path.realpath(os.fsencode(f))))
+    only: a rule covers everything beneath it.  Real paths: a rule holds
+    beneath a directory, not beneath a link to it (a checkout's
+    gcroots/protocol -> ../protocol)."""
+    files = [os.path.realpath(os.fsencode(f)) for m in list(sys.modules.values())
+             if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)]
     exe = os.readlink(b"/proc/self/exe")
-    with open(b"/proc/self/maps", "rb") as f:
-        for line in f.read().splitlines():
-            fields = line.split(maxsplit=5)   # address perms offset dev inode path
-            if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
-                    and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
-                dirs.add(os.path.dirname(fields[5]))
+    for fields in (line.split(maxsplit=5) for line in _read(b"/proc/self/maps").splitlines()):
+        # address perms offset dev inode path
+        if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
+                and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
+            files.append(fields[5])
+    dirs = {os.path.dirname(f) for f in files}
     return [d for d in sorted(dirs) if not any(is_in_dir(d, other) for other in dirs)]
 
 
 def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]:
     """What the helper may read, and how: directories of roots only listed
-    (their files are never opened), /proc, and where its code came from."""
-    rw = LL_READ_FILE | LL_READ_DIR
-    out: list[tuple[bytes, int]] = []
-    for d in (layout.gcroots_dir, layout.profiles_dir):
-        # A missing one may be created later; a rule on the state dir lets us
-        # list it then instead of silently skipping it (EACCES is skippable).
-        out.append((d if os.path.isdir(d) else layout.real_state_dir, LL_READ_DIR))
-    if read_db:
-        out.append((os.path.dirname(layout.db_path), rw))
-    out.append((b"/proc", rw))
-    out += [(d, rw) for d in loaded_code_dirs()]
-    return out
-
-
-# Imported before restrict_self whatever the caller imported so far: the
-# scanner runs under the sandbox, and logging an exception formats a
-# traceback (which reads sources beside the loaded modules: granted).
-_USED_UNDER_SANDBOX = ("gcroots.helper.scan", "traceback", "linecache")
+    (their files are never opened), /proc, and where its code came from.
+    A missing root directory may be created later; a rule on the state dir
+    lets us list it then instead of silently skipping it (EACCES is
+    skippable)."""
+    out = [(d if os.path.isdir(d) else layout.real_state_dir, LL_READ_DIR)
+           for d in (layout.gcroots_dir, layout.profiles_dir)]
+    dirs = [os.path.dirname(layout.db_path)] * read_db + [b"/proc"] + loaded_code_dirs()
+    return out + [(d, LL_READ_FILE | LL_READ_DIR) for d in dirs]
 
 
 def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
-    for name in _USED_UNDER_SANDBOX:
-        importlib.import_module(name)
-    abi = landlock_abi()
+    abi = min(landlock_abi(), LANDLOCK_KNOWN_ABI)
     if abi < 1:
         raise _Missing("Landlock is not available in this kernel (ENOSYS/EOPNOTSUPP)")
-    abi = min(abi, LANDLOCK_KNOWN_ABI)
-    attr = ffi.new("struct landlock_ruleset_attr *")
-    attr.handled_access_fs = landlock_fs_rights(abi)
-    size = 8
-    if abi >= 4:
-        attr.handled_access_net = LL_NET_BIND_TCP | LL_NET_CONNECT_TCP  # and no net rule
-        size = 16
-    if abi >= 6:
-        attr.scoped = LL_SCOPE_ABSTRACT_UNIX | LL_SCOPE_SIGNAL
-        size = 24
+    # Every FS right handled; TCP bind and connect (ABI >= 4) with no rule:
+    # denied; abstract Unix sockets and signals scoped (ABI >= 6).
+    attr = ffi.new("struct landlock_ruleset_attr *",
+                   (landlock_fs_rights(abi), 3 * (abi >= 4), 3 * (abi >= 6)))
     rules = read_paths(layout, read_db=read_db)
-    ruleset = syscall("landlock_create_ruleset", attr, size, 0)
+    ruleset = syscall("landlock_create_ruleset", attr, 8 + 8 * (abi >= 4) + 8 * (abi >= 6), 0)
     granted = []
     try:
         for path, access in rules:
             if os.path.realpath(path) == b"/":
                 raise _Missing("refusing a Landlock rule on / (it would allow reading everything)")
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except FileNotFoundError:
+            if not os.path.exists(path):
                 continue
-            try:
-                if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                    access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
+            if not os.path.isdir(path):
+                access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:   # LANDLOCK_RULE_PATH_BENEATH
                 rule = ffi.new("struct landlock_path_beneath_attr *", (access, fd))
-                syscall("landlock_add_rule", ruleset, _LL_RULE_PATH_BENEATH, rule, 0)
+                syscall("landlock_add_rule", ruleset, 1, rule, 0)
             finally:
                 os.close(fd)
             granted.append(os.fsdecode(path) + (" (dir)" if access == LL_READ_DIR else ""))
@@ -560,11 +466,10 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
     # Self-check: a secret outside the rules must be unreadable now.
     try:
         os.close(os.open(b"/etc/shadow", os.O_RDONLY | os.O_CLOEXEC))
+        raise _Missing("self-check: /etc/shadow is still readable")
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.ENOENT):
             raise _Missing(f"self-check: /etc/shadow: unexpected {e!r}") from None
-    else:
-        raise _Missing("self-check: /etc/shadow is still readable")
     return {"abi": abi, "read": granted}
 
 
@@ -577,99 +482,75 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
 # reads it.
 
 SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
-_SECCOMP_MODE_FILTER = 2
-ALLOW, EPERM = SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno.EPERM
-_ATTR_NNP, _BPF_RET_K = 3, 0x06   # SCMP_FLTATR_CTL_NNP; BPF_RET | BPF_K
+ALLOW, EPERM, LOW = SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno.EPERM, 0xFFFFFFFF
 _NE, _EQ, _MASKED_EQ = 1, 4, 7    # SCMP_CMP_*
-LOW = 0xFFFFFFFF
-
 CLONE_THREAD = 0x10000
 # Namespace flags; CLONE_THREAD excludes most of them already, but say it.
 # (CLONE_NEWTIME only exists for clone3: in clone's low byte is the exit signal.)
-CLONE_NS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 \
-    | 0x40000000
+CLONE_NS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 PROT_WRITE, PROT_EXEC = 0x2, 0x4
 OPEN_WRITE = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
               | (getattr(os, "O_TMPFILE", 0) & ~os.O_DIRECTORY))
-FCNTL_OK = (0, 1, 2, 3, 4, 5, 6, 7, 36, 37, 38, 1030)   # dup/fd flags/fl flags/locks
-IOCTL_OK = (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)  # TCGETS TIOCGWINSZ FIONREAD FIONBIO FION/CLEX
-PRCTL_OK = (PR_GET_DUMPABLE, PR_GET_NAME, PR_GET_SECCOMP, PR_CAPBSET_READ, PR_GET_SECUREBITS,
-            PR_GET_NO_NEW_PRIVS)
-
 
 # A rule: None (allow), an action, or alternatives (any one allows), each a
 # tuple of comparisons (all must hold) (arg, op, datum_a, datum_b).
 Rule = list[tuple[tuple[int, int, int, int], ...]]
 Rules = dict[str, Rule | int | None]
-def _allow_unless_bits(arg: int, mask: int) -> Rule:
+
+
+def _unless_bits(arg: int, mask: int) -> Rule:
     return [((arg, _MASKED_EQ, mask, 0),)]
 
 
-def _allow_if_in(arg: int, values: Iterable[int]) -> Rule:
+def _one_of(arg: int, values: Iterable[int]) -> Rule:
     return [((arg, _MASKED_EQ, LOW, v),) for v in values]
 
 
-_ALWAYS = ("read", "write", "readv", "writev", "pread64", "close", "fstat", "newfstatat", "statx",
-           "lstat", "stat", "lseek", "getdents64", "readlink", "readlinkat", "access",
-           "faccessat", "faccessat2", "getcwd", "brk", "munmap", "madvise", "futex",
-           "set_robust_list", "rseq", "set_tid_address", "exit", "exit_group", "gettid",
-           "getpid", "getppid", "getuid", "geteuid", "getgid", "getegid", "getresuid",
-           "getresgid", "getgroups", "rt_sigaction", "rt_sigprocmask", "rt_sigreturn",
-           "sigaltstack", "sched_yield", "sched_getaffinity", "nanosleep", "clock_nanosleep",
-           "clock_gettime", "clock_getres", "gettimeofday", "time", "getrandom", "poll",
-           "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait",
-           "epoll_pwait", "epoll_pwait2", "accept4", "accept", "recvfrom", "sendto",
-           "shutdown", "getsockopt", "getsockname", "getpeername", "uname", "sysinfo",
-           "capget", "restart_syscall", "dup", "dup2", "dup3", "getrlimit", "getcpu")
-
-
-def _memory_rules() -> Rules:
-    # W^X: no mapping both writable and executable, no page made executable
-    # later (dlopen maps code read+exec directly, so lazy imports still work).
-    wx = PROT_WRITE | PROT_EXEC
-    return {"mmap": [((2, _MASKED_EQ, wx, v),) for v in (0, PROT_WRITE, PROT_EXEC)],
-            "mprotect": _allow_unless_bits(2, PROT_EXEC),
-            "pkey_mprotect": _allow_unless_bits(2, PROT_EXEC),
-            # mremap(old, 0, ...) makes a second view of a shared mapping: an
-            # executable one could then be written through a writable alias.
-            "mremap": [((1, _NE, 0, 0),)]}
-
-
-def main_rules(pid: int) -> Rules:
-    """The serving/scanning process: everything the scan, sqlite3 (for
-    `scan`), logging, threads and accept()ed sockets need."""
-    rules: Rules = {name: None for name in _ALWAYS}
-    rules.update(_memory_rules())
-    rules.update({
-        "openat": _allow_unless_bits(2, OPEN_WRITE),   # read-only opens (Landlock agrees)
-        "open": _allow_unless_bits(1, OPEN_WRITE),
-        "fcntl": _allow_if_in(1, FCNTL_OK),
-        "ioctl": _allow_if_in(1, IOCTL_OK),            # not TIOCSTI & co.
-        "prctl": _allow_if_in(0, PRCTL_OK),
-        "prlimit64": [((2, _EQ, 0, 0),)],              # read limits only (new limit NULL)
-        "tgkill": _allow_if_in(0, (pid,)),             # raise() in our own process only
-        # Threads only (no fork), and no namespaces with them.  glibc tries
-        # clone3 first, whose flags live in memory we cannot inspect: ENOSYS
-        # makes it fall back to clone.
-        "clone": [((0, _MASKED_EQ, CLONE_NS | CLONE_THREAD, CLONE_THREAD),)],
-        "clone3": SECCOMP_RET_ERRNO | errno.ENOSYS,
-    })
-    return rules
+# What both processes need: a request in or a connection's bytes out,
+# readlink and read-only opens (Landlock agrees), and memory W^X: no
+# mapping both writable and executable, no page made executable later
+# (dlopen maps code read+exec directly, so lazy imports still work).
+# mremap(old, 0, ...) makes a second view of a shared mapping: an
+# executable one could then be written through a writable alias.
+_BOTH: Rules = {
+    **dict.fromkeys("read write close fstat newfstatat lseek getdents64 readlink readlinkat recvfrom "
+                    "sendto poll ppoll brk munmap madvise futex exit exit_group getpid gettid "
+                    "rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack clock_gettime "
+                    "gettimeofday getrandom restart_syscall".split()),
+    "openat": _unless_bits(2, OPEN_WRITE), "open": _unless_bits(1, OPEN_WRITE),
+    "mmap": [((2, _MASKED_EQ, PROT_WRITE | PROT_EXEC, v),) for v in (0, PROT_WRITE, PROT_EXEC)],
+    "mprotect": _unless_bits(2, PROT_EXEC), "pkey_mprotect": _unless_bits(2, PROT_EXEC),
+    "mremap": [((1, _NE, 0, 0),)]}
 
 
 def reader_rules() -> Rules:
     """The /proc reader: a request in, readlink/read-only opens of
     /proc/PID/*, the answer out.  No threads, no accept, no ioctl."""
-    rules: Rules = {name: None for name in (
-        "read", "write", "close", "fstat", "newfstatat", "lseek", "getdents64", "readlink",
-        "readlinkat", "recvfrom", "sendto", "poll", "ppoll", "brk", "munmap", "madvise", "futex",
-        "exit", "exit_group", "getpid", "gettid", "rt_sigaction", "rt_sigprocmask",
-        "rt_sigreturn", "sigaltstack", "clock_gettime", "gettimeofday", "getrandom",
-        "restart_syscall")}
-    rules.update(_memory_rules())
-    rules["openat"] = _allow_unless_bits(2, OPEN_WRITE)
-    rules["open"] = _allow_unless_bits(1, OPEN_WRITE)
-    return rules
+    return dict(_BOTH)
+
+
+def main_rules(pid: int) -> Rules:
+    """The serving/scanning process: everything the scan, sqlite3 (for
+    `scan`), logging, threads and accept()ed sockets need."""
+    return {**_BOTH, **dict.fromkeys(
+        "readv writev pread64 statx lstat stat access faccessat faccessat2 getcwd set_robust_list "
+        "rseq set_tid_address getppid getuid geteuid getgid getegid getresuid getresgid getgroups "
+        "sched_yield sched_getaffinity nanosleep clock_nanosleep clock_getres time select pselect6 "
+        "epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 accept4 accept shutdown "
+        "getsockopt getsockname getpeername uname sysinfo capget dup dup2 dup3 getrlimit "
+        "getcpu".split()),
+        "fcntl": _one_of(1, (0, 1, 2, 3, 4, 5, 6, 7, 36, 37, 38, 1030)),  # dup/fd flags/fl flags/locks
+        # TCGETS TIOCGWINSZ FIONREAD FIONBIO FIONCLEX FIOCLEX, not TIOCSTI & co.
+        "ioctl": _one_of(1, (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)),
+        "prctl": _one_of(0, (PR_GET_DUMPABLE, PR_GET_NAME, PR_GET_SECCOMP, PR_CAPBSET_READ,
+                             PR_GET_SECUREBITS, PR_GET_NO_NEW_PRIVS)),
+        "prlimit64": [((2, _EQ, 0, 0),)],              # read limits only (new limit NULL)
+        "tgkill": _one_of(0, (pid,)),                  # raise() in our own process only
+        # Threads only (no fork), and no namespaces with them.  glibc tries
+        # clone3 first, whose flags live in memory we cannot inspect: ENOSYS
+        # makes it fall back to clone.
+        "clone": [((0, _MASKED_EQ, CLONE_NS | CLONE_THREAD, CLONE_THREAD),)],
+        "clone3": SECCOMP_RET_ERRNO | errno.ENOSYS}
 
 
 def _scmp(rc: int, what: str) -> None:
@@ -680,23 +561,16 @@ def _scmp(rc: int, what: str) -> None:
 def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     """The classic BPF program (8 bytes an instruction) for `rules`, names
     this architecture lacks left out, `default` for every other call."""
-    if _seccomp is None:
-        raise _Missing(NO_SYSCALLS)
     ctx = _seccomp.seccomp_init(default)
-    if ctx == ffi.NULL:
-        raise OSError(errno.ENOMEM, "libseccomp seccomp_init failed")
+    _scmp(-errno.ENOMEM if ctx == ffi.NULL else 0, "seccomp_init")
     try:
-        _scmp(_seccomp.seccomp_attr_set(ctx, _ATTR_NNP, 0), "attr_set")   # no_new_privs is a layer of its own
+        _scmp(_seccomp.seccomp_attr_set(ctx, 3, 0), "attr_set")   # SCMP_FLTATR_CTL_NNP: a layer of its own
         for name, rule in rules.items():
-            nr = int(_seccomp.seccomp_syscall_resolve_name(name.encode()))
-            if nr < 0:
-                continue   # not on this architecture
-            alternatives = [()] if rule is None or isinstance(rule, int) else rule
-            action = rule if isinstance(rule, int) else ALLOW
-            for cmps in alternatives:
+            nr = int(_seccomp.seccomp_syscall_resolve_name(name.encode()))   # < 0: not on this arch
+            action, alternatives = (rule, [()]) if isinstance(rule, int) else (ALLOW, rule or [()])
+            for cmps in alternatives if nr >= 0 else ():
                 array = ffi.new("struct scmp_arg_cmp[]", list(cmps) or 1)
-                _scmp(_seccomp.seccomp_rule_add_array(ctx, action, nr, len(cmps), array),
-                      f"rule for {name}")
+                _scmp(_seccomp.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"rule for {name}")
         fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
         try:
             _scmp(_seccomp.seccomp_export_bpf(ctx, fd), "export_bpf")
@@ -709,10 +583,10 @@ def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     # call must kill the process, but libseccomp accepts KILL_PROCESS only
     # after asking the kernel through seccomp(2), which systemd's
     # @system-service denies.  Its default for them is KILL_THREAD (0),
-    # which nothing else of ours returns: those returns become KILL_PROCESS.
+    # which nothing else of ours returns: those returns (BPF_RET | BPF_K,
+    # 0x06) become KILL_PROCESS.
     for i in range(0, len(prog), 8):
-        code, _, _, k = struct.unpack_from("=HBBI", prog, i)
-        if code == _BPF_RET_K and k == 0:
+        if (insn := struct.unpack_from("=HBBI", prog, i))[0] == 0x06 and insn[3] == 0:
             struct.pack_into("=I", prog, i + 4, SECCOMP_RET_KILL_PROCESS)
     return bytes(prog)
 
@@ -720,10 +594,10 @@ def build_filter(rules: Rules, default: int = EPERM) -> bytes:
 def install_filter(prog: bytes) -> None:
     # (No TSYNC needed: we are single-threaded, checked first.)
     code = ffi.from_buffer(prog)   # (kept alive until the call returns)
-    prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ffi.new("struct sock_fprog *", (len(prog) // 8, code)))
+    prctl(PR_SET_SECCOMP, 2, ffi.new("struct sock_fprog *", (len(prog) // 8, code)))  # SECCOMP_MODE_FILTER
 
 
-def _layer_seccomp(rules: Rules, reader: "ProcReader | None") -> dict[str, object]:
+def _layer_seccomp(rules: Rules, reader: ProcReader | None) -> dict[str, object]:
     prog = build_filter(rules)
     install_filter(prog)
     if prctl(PR_GET_SECCOMP) != 2:
@@ -735,39 +609,18 @@ def _layer_seccomp(rules: Rules, reader: "ProcReader | None") -> dict[str, objec
 
 # -- the /proc reader -----------------------------------------------------------------------
 
-_READER_PID_DIR = re.compile(rb"/proc/[1-9][0-9]{0,9}")
-_READER_TIMEOUT = 60.0
+# A request: b"c" (cmdline too) or b"-", then "/proc/PID", one line.
+_REQUEST = re.compile(rb"([c-])(/proc/[1-9][0-9]{0,9})\n")
 # An answer holds at most four items of scan.MAX_KEPT (fd targets, maps,
 # environ, cmdline) and two links: well below this, and below the 4 GiB the
 # "=I" length can say.  Checked anyway, on both sides.
 MAX_ANSWER = 160 << 20
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(min(size - len(buf), 1 << 20))
-        if not chunk:
-            raise OSError(errno.EPIPE, "the other side closed the connection")
-        buf += chunk
-    return bytes(buf)
-
-
-def _recv_frame(sock: socket.socket, limit: int = MAX_ANSWER) -> bytes:
-    (size,) = struct.unpack("=I", _recv_exact(sock, 4))
-    if size > limit:
-        raise OSError(errno.EMSGSIZE, f"a {size}-byte message, over the {limit}-byte limit")
-    return _recv_exact(sock, size)
+_SAME_AS = -1  # in place of an errno: "the same bytes as item <length>"
 
 
 def _send_frame(sock: socket.socket, payload: bytes) -> None:
-    if len(payload) > MAX_ANSWER:
-        raise OSError(errno.EMSGSIZE, f"a {len(payload)}-byte message, over {MAX_ANSWER}")
     sock.sendall(struct.pack("=I", len(payload)))
     sock.sendall(payload)   # not concatenated: no second copy of a big answer
-
-
-_SAME_AS = -1  # in place of an errno: "the same bytes as item <length>"
 
 
 def _encode_items(items: Items) -> bytes:
@@ -777,13 +630,12 @@ def _encode_items(items: Items) -> bytes:
     parts, first = [struct.pack("=I", len(items))], dict[bytes, int]()
     for i, (name, value) in enumerate(items):
         if isinstance(value, OSError):
-            err, data = value.errno or errno.EIO, b""
+            head, data = (value.errno or errno.EIO, 0), b""
         elif (k := first.setdefault(value, i)) != i:
-            err, data = _SAME_AS, b""
+            head, data = (_SAME_AS, k), b""
         else:
-            err, data = 0, value
-        length = k if err == _SAME_AS else len(data)
-        parts.append(struct.pack("=H", len(name)) + name + struct.pack("=iI", err, length) + data)
+            head, data = (0, len(value)), value
+        parts += [struct.pack("=H", len(name)), name, struct.pack("=iI", *head), data]
     return b"".join(parts)
 
 
@@ -791,18 +643,17 @@ def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
     (count,), pos, items = struct.unpack_from("=I", payload), 4, Items()
     for _ in range(count):
         (size,) = struct.unpack_from("=H", payload, pos)
-        name = payload[pos + 2:pos + 2 + size]
-        err, length = struct.unpack_from("=iI", payload, pos + 2 + size)
-        pos += 2 + size + 8
-        if err == _SAME_AS:
-            if length >= len(items) or not isinstance(items[length][1], bytes):
-                raise OSError(errno.EPROTO, "malformed answer")
-            items.append((name, items[length][1]))
-            continue
-        data = payload[pos:pos + length]
-        pos += length
-        items.append((name, OSError(err, os.strerror(err), pid_dir + b"/" + name) if err else data))
-    if pos != len(payload):
+        name, (err, length) = payload[pos + 2:pos + 2 + size], struct.unpack_from("=iI", payload, pos + 2 + size)
+        pos += 10 + size
+        if err == _SAME_AS and (length >= len(items) or isinstance(items[length][1], OSError)):
+            break   # a reference forward, or to an error
+        if err:
+            items.append((name, items[length][1] if err == _SAME_AS
+                          else OSError(err, os.strerror(err), pid_dir + b"/" + name)))
+        else:
+            items.append((name, payload[pos:pos + length]))
+            pos += length
+    if len(items) != count or pos != len(payload):
         raise OSError(errno.EPROTO, "malformed answer")
     return items
 
@@ -810,18 +661,17 @@ def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
 class ProcReader:
     """Client side of the /proc reader (see the module docstring): runs
     scan.read_process() in the reader process, for the store dir it was
-    started with.  Thread safe; any failure
-    breaks it for good (a late answer must never pass for the next one),
-    and every later call fails with EIO, so scans fail instead of shrinking."""
+    started with.  Thread safe; any failure breaks it for good (a late
+    answer must never pass for the next one), and every later call fails
+    with EIO, so scans fail instead of shrinking."""
 
     def __init__(self, sock: socket.socket, pid: int) -> None:
-        self.sock, self.pid = sock, pid
-        self.seccomp = ""            # its own filter: "ok", "skipped" or why not
-        self._lock = threading.Lock()
-        self._broken: str | None = None
+        self.sock, self.pid, self._answers = sock, pid, sock.makefile("rb")
+        self._lock, self._broken = threading.Lock(), ""
+        self.seccomp = self._answer().decode(errors="replace")   # its own filter: "ok", "skipped" or why not
 
     @classmethod
-    def start(cls, skip: frozenset[str], store_dir: bytes) -> "ProcReader":
+    def start(cls, skip: frozenset[str], store_dir: bytes) -> ProcReader:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         parent = os.getpid()
         sys.stdout.flush()
@@ -829,8 +679,7 @@ class ProcReader:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
-            try:
-                ours.close()
+            try:   # (_reader_main closes `ours`, and every other fd but `theirs`)
                 _reader_main(theirs, parent, skip, store_dir)
                 code = 0
             except BaseException as e:
@@ -838,18 +687,26 @@ class ProcReader:
             finally:
                 os._exit(code)
         theirs.close()
-        ours.settimeout(_READER_TIMEOUT)
-        reader = cls(ours, pid)
-        reader.seccomp = _recv_frame(ours).decode(errors="replace")
-        return reader
+        ours.settimeout(60.0)
+        return cls(ours, pid)
+
+    def _answer(self) -> bytes:
+        (size,) = struct.unpack("=I", self._answers.read(4))
+        if size > MAX_ANSWER:
+            raise OSError(errno.EMSGSIZE, f"a {size}-byte answer, over the {MAX_ANSWER}-byte limit")
+        if len(data := self._answers.read(size)) != size:
+            raise OSError(errno.EPIPE, "the reader closed the connection")
+        return data
 
     def __call__(self, pid_dir: bytes, cmdline: bool = False) -> Items:
         with self._lock:
-            if self._broken is not None:
+            if self._broken:
                 raise OSError(errno.EIO, f"the /proc reader is gone: {self._broken}")
+            if b"\n" in pid_dir:   # would be two requests, and two answers: one left for the next call
+                raise OSError(errno.EINVAL, f"not a /proc/PID directory: {pid_dir!r}")
             try:
-                _send_frame(self.sock, (b"c" if cmdline else b"-") + pid_dir)
-                return _decode_items(_recv_frame(self.sock), pid_dir)
+                self.sock.sendall((b"c" if cmdline else b"-") + pid_dir + b"\n")
+                return _decode_items(self._answer(), pid_dir)
             except (OSError, struct.error) as e:
                 self._broken = str(e) or type(e).__name__
                 raise OSError(errno.EIO, f"the /proc reader failed: {self._broken}") from None
@@ -857,15 +714,12 @@ class ProcReader:
 
 def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
                  store_dir: bytes) -> None:  # pragma: no cover
-    from .scan import read_process
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:        # the parent died before PDEATHSIG was set
         return
-    keep = sock.fileno()
     # Nothing of the parent's: no listening sockets, no stdin/stdout.
-    os.closerange(0, 2)
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 20)
+    for low, high in ((0, 2), (3, sock.fileno()), (sock.fileno() + 1, 1 << 20)):
+        os.closerange(low, high)
     prctl(PR_SET_DUMPABLE, 0)
     status = b"skipped"
     if "seccomp" not in skip:
@@ -875,19 +729,13 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
         except (OSError, _Missing) as e:  # reported: the seccomp layer then counts as missing
             status = str(e).encode()
     _send_frame(sock, status)
-    while True:
-        try:
-            request = _recv_frame(sock, 64)
-        except OSError as e:
-            if e.errno == errno.EPIPE:
-                return                  # the helper is done
-            raise
-        pid_dir = request[1:]
+    requests = sock.makefile("rb")
+    while request := requests.readline(64):   # b"": the helper is done
         # Only ever /proc/PID: whatever the (possibly subverted) scanner
         # asks, this process reads nothing else.
-        if request[:1] not in (b"c", b"-") or not _READER_PID_DIR.fullmatch(pid_dir):
+        if not (m := _REQUEST.fullmatch(request)):
             raise SystemExit("refusing a malformed request")
-        answer = _encode_items(read_process(pid_dir, request[:1] == b"c", store_dir))
+        answer = _encode_items(read_process(m[2], m[1] == b"c", store_dir))
         if len(answer) > MAX_ANSWER:   # cannot happen (see MAX_ANSWER); fail this scan, not us
             answer = _encode_items([(b"fd", OSError(errno.EMSGSIZE, "answer too big"))])
         _send_frame(sock, answer)
@@ -896,7 +744,7 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
 def _selftest(reader: ProcReader | None) -> None:
     """The runtime scan must still see into other processes: ask the
     reader for everything it would read of ours."""
-    if reader is None or not capget()[0] >> CAP_SYS_PTRACE & 1:
+    if reader is None or not cap_sets()["Eff"] >> CAP_SYS_PTRACE & 1:
         return  # unprivileged: other processes are closed to us anyway (the scan warns)
     items = dict(reader(b"/proc/%d" % os.getpid()))
     for name in (b"exe", b"cwd", b"maps", b"environ"):
@@ -907,8 +755,13 @@ def _selftest(reader: ProcReader | None) -> None:
 
 # -- putting it together -------------------------------------------------------------------
 
-def _threads() -> int:
-    return len(os.listdir(b"/proc/self/task"))
+def _why_missing(name: str, e: Exception) -> str:
+    if isinstance(e, _Missing):
+        return str(e)
+    e = e if isinstance(e, OSError) else OSError(errno.EIO, repr(e))
+    nnp = e.errno in (errno.EPERM, errno.EACCES) and name in ("landlock", "seccomp") \
+        and not prctl(PR_GET_NO_NEW_PRIVS)
+    return f"{e.strerror or e} ({_errname(e)})" + ": the kernel requires no_new_privs first" * nnp
 
 
 def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: Iterable[str] = (),
@@ -916,70 +769,53 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
     """Apply every layer (see the module docstring); return what is active.
 
     `runtime`: start the /proc reader (runtime roots need it under
-    Landlock).  `read_db`: also allow reading the Nix DB (the `scan` CLI).
-    Raises SandboxError if `require` and a layer is missing, or if the
-    sandbox would break the scan (that is never a mere degradation)."""
+    Landlock) before Landlock.  `read_db`: also allow reading the Nix DB
+    (the `scan` CLI).  Raises SandboxError if `require` and a layer is
+    missing, or if the sandbox would break the scan (that is never a mere
+    degradation)."""
     skip = frozenset(skip)
-    unknown = skip - set(LAYERS)
-    if unknown:
+    if unknown := skip - set(LAYERS):
         raise SandboxError(f"unknown sandbox layer(s) to skip: {', '.join(sorted(unknown))}")
-    if _threads() != 1:
+    if NO_SYSCALLS:   # (the CLI refused already)
+        raise SandboxError(NO_SYSCALLS)
+    if len(os.listdir(b"/proc/self/task")) != 1:
         raise SandboxError("the sandbox must be applied before any thread starts "
                            "(capabilities, Landlock and namespaces are per thread)")
-    results: list[LayerResult] = []
-    box = Sandbox(results)
-
-    def layer(name: str, fn: Callable[..., dict[str, object]], *args: object) -> bool:
-        if name in skip:
-            result = LayerResult(name, False, "skipped on request (--sandbox-skip)")
-        elif NO_SYSCALLS:
-            result = LayerResult(name, False, NO_SYSCALLS)
-        else:
+    box = Sandbox([])
+    layers: dict[str, Callable[[], dict[str, object]]] = {
+        "netns": _layer_netns, "caps": _layer_caps, "no_new_privs": _layer_nnp,   # netns first: needs CAP_SYS_ADMIN
+        "landlock": lambda: _layer_landlock(layout, read_db),
+        "seccomp": lambda: _layer_seccomp(main_rules(os.getpid()), box.proc_reader)}
+    for name, apply in layers.items():
+        if name == "landlock" and runtime:
             try:
-                result = LayerResult(name, True, details=fn(*args) or {})
-            except _Missing as e:
-                result = LayerResult(name, False, str(e))
+                box.proc_reader = ProcReader.start(skip, layout.store_dir)
+            except OSError as e:
+                raise SandboxError(f"cannot start the /proc reader: {e}") from None
+            log.info("proc_reader_started", pid=box.proc_reader.pid)
+        details, reason = {}, "skipped on request (--sandbox-skip)"
+        if name not in skip:
+            try:
+                details, reason = apply(), ""
             except Exception as e:  # noqa: BLE001 - whatever it is, the layer is missing
-                if not isinstance(e, OSError):
-                    e = OSError(errno.EIO, repr(e))
-                reason = f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
-                if e.errno in (errno.EPERM, errno.EACCES) and name in ("landlock", "seccomp") \
-                        and not prctl(PR_GET_NO_NEW_PRIVS):
-                    reason += ": the kernel requires no_new_privs first"
-                result = LayerResult(name, False, reason)
-        results.append(result)
-        if result.active:
-            log.info("sandbox_layer", layer=name, active=True, **result.details)
+                reason = _why_missing(name, e)
+        box.layers.append(LayerResult(name, not reason, reason, details))
+        if reason:
+            log.warning("sandbox_layer", layer=name, active=False, reason=reason)
         else:
-            log.warning("sandbox_layer", layer=name, active=False, reason=result.reason)
-        return result.active
-
-    layer("netns", _layer_netns)            # needs CAP_SYS_ADMIN (and netlink): first
-    layer("caps", _layer_caps)
-    layer("no_new_privs", _layer_nnp)
-    if runtime and not NO_SYSCALLS:   # (else no Landlock, so no need)
-        try:
-            box.proc_reader = ProcReader.start(skip, layout.store_dir)
-        except OSError as e:
-            raise SandboxError(f"cannot start the /proc reader: {e}") from None
-        log.info("proc_reader_started", pid=box.proc_reader.pid)
-    layer("landlock", _layer_landlock, layout, read_db)
-    layer("seccomp", _layer_seccomp, main_rules(os.getpid()), box.proc_reader)
+            log.info("sandbox_layer", layer=name, active=True, **details)
     try:
         _selftest(box.proc_reader)
     except OSError as e:
-        raise SandboxError(f"sandbox self-test failed, the runtime scan would be incomplete: "
-                           f"{e}") from None
-    missing = box.missing
+        raise SandboxError(f"sandbox self-test failed, the runtime scan would be incomplete: {e}") from None
+    missing = {r.name: r.reason for r in box.layers if not r.active}
     if not missing:
         log.info("sandbox_applied", layers=list(LAYERS))
     elif require:
-        log.error("sandbox_required_but_incomplete",
-                  missing={r.name: r.reason for r in missing})
+        log.error("sandbox_required_but_incomplete", missing=missing)
         raise SandboxError("refusing to run without the full sandbox (--require-sandbox); "
-                           "missing: " + "; ".join(f"{r.name}: {r.reason}" for r in missing))
+                           "missing: " + "; ".join(f"{n}: {r}" for n, r in missing.items()))
     else:
-        log.warning("sandbox_incomplete",
-                    message="RUNNING WITH A WEAKER SANDBOX: " + ", ".join(r.name for r in missing),
-                    missing={r.name: r.reason for r in missing})
+        log.warning("sandbox_incomplete", missing=missing,
+                    message="RUNNING WITH A WEAKER SANDBOX: " + ", ".join(missing))
     return box

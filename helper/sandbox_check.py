@@ -22,8 +22,7 @@ from gcroots.layout import StoreLayout
 from gcroots.log import Logger
 
 from ._ffi import ffi
-from .sandbox import (CAP_SYS_ADMIN, CLONE_NEWNET, SandboxError, apply_for_serving, capget,
-                      capset, syscall)
+from .sandbox import CLONE_NEWNET, SandboxError, apply_for_serving, cap_sets, capset, syscall
 
 # -- sandbox-check ---------------------------------------------------------------------------
 # A harness process prepares probes, forks a child that applies the sandbox
@@ -32,7 +31,7 @@ from .sandbox import (CAP_SYS_ADMIN, CLONE_NEWNET, SandboxError, apply_for_servi
 # attempt:  "escape NAME: blocked ERRNO (...)" | "escape NAME: ESCAPED" |
 # "escape NAME: UNEXPECTED ERRNO (...)" | "works NAME: ok" | "works NAME: FAILED ..."
 
-PTRACE_SEIZE, CLONE_NEWUSER = 0x4206, 0x10000000
+PTRACE_SEIZE, CLONE_NEWUSER, CAP_SYS_ADMIN = 0x4206, 0x10000000, 21
 _DENIED = (errno.EPERM, errno.EACCES)
 
 
@@ -287,8 +286,8 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger,
         os.waitpid(pid, 0)
 
     def gain_cap() -> None:
-        eff, prm, inh = capget()
-        capset(eff | 1 << CAP_SYS_ADMIN, prm | 1 << CAP_SYS_ADMIN, inh)
+        have = cap_sets()
+        capset(have["Eff"] | 1 << CAP_SYS_ADMIN, have["Prm"] | 1 << CAP_SYS_ADMIN, have["Inh"])
 
     from .scan import read_process
     victim = b"/proc/%d" % p.victim_pid
