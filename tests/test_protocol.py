@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from gcroots.protocol import framing, nixcompat
 from gcroots.protocol.framing import Hello, RemoteProtocolError, VersionMismatch
-from gcroots.protocol.rootstream import (
-    NEED_DATA, Root, RootKind, RootStreamReceiver, RootStreamSender, ScanWarning, StaleLink,
-    StreamEnd, Trailer)
+from gcroots.protocol.receive import RootStreamReceiver, StreamEnd, Trailer, decode_nix_roots
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootKind, RootStreamSender, ScanWarning, StaleLink
 
 paths = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b)
 records = st.one_of(
@@ -225,7 +224,7 @@ def test_nul_in_path_is_refused_both_ways():
 
 
 def test_invalid_utf8_message_is_protocol_error_not_unicode_error():
-    bad = framing._HEADER.pack(2) + b"\xff\xfe"
+    bad = framing.LENGTH.pack(2) + b"\xff\xfe"
     frame_body = bytes([5]) + struct.pack(">BQ", 0, 0) + bad
     frame = struct.pack(">I", len(frame_body)) + frame_body
     sender = RootStreamSender()
@@ -254,12 +253,12 @@ def test_daemon_eof_before_hello_is_reported_to_helper():
 def test_nix_roots_daemon_round_trip(ps):
     data = nixcompat.encode_nix_roots(ps)
     assert data == b"".join(p + b"\0" for p in ps)
-    assert nixcompat.decode_nix_roots(data) == ps
+    assert decode_nix_roots(data) == ps
 
 
 def test_nix_roots_daemon_truncated():
     with pytest.raises(RemoteProtocolError, match="truncated"):
-        nixcompat.decode_nix_roots(b"/nix/store/abc")
+        decode_nix_roots(b"/nix/store/abc")
 
 
 # -- admin protocol: progress with numbers (version 2), old peers kept working ------
