@@ -2,16 +2,12 @@
 taking sockets from systemd, asking the kernel who the peer is.
 Standard library only (the helper imports it)."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import os
-import secrets
 import signal
 import socket
 import stat
-import struct
 from dataclasses import dataclass
 
 from . import nofollow
@@ -43,7 +39,7 @@ class SocketFile:
         It is first taken aside (rename is atomic): a socket that another
         instance put there meanwhile is put back, not removed."""
         parent, name = os.path.split(self.path)
-        aside = b".%s.gone.%s" % (name, secrets.token_hex(6).encode())
+        aside = b".%s.gone.%s" % (name, os.urandom(6).hex().encode())
         with contextlib.suppress(OSError, ValueError):
             dfd = nofollow.open_dir(parent)
             try:
@@ -70,8 +66,8 @@ def remove_when_gone(files: list[SocketFile]) -> None:
     if os.fork():
         return os.close(r)
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)   # a terminal's ^C is for the parent
+        # A terminal's ^C is for the parent (blocked here, its signals die with us).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         os.closerange(0, r)   # no listening socket of the parent stays open here
         os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
         os.read(r, 1)   # nobody writes: it returns when the last write end is closed
@@ -108,12 +104,9 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
             up = os.fstat(fd)   # checked before we make anything in it
             _check_dir(up, os.fsdecode(walked), trusted, sticky_ok=True)
             at = os.path.join(walked, part)
-            try:
-                nxt = nofollow.open_at(fd, part, _DIR_FLAGS, at)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                nxt = nofollow.open_at(fd, part, _DIR_FLAGS, at)
+            with contextlib.suppress(FileExistsError):   # (EEXIST comes before EACCES or EROFS)
+                os.mkdir(part, 0o755, dir_fd=fd)
+            nxt = nofollow.open_at(fd, part, _DIR_FLAGS, at)
             os.close(fd)
             fd = nxt   # in a sticky directory, only its owner can move it:
             _check_dir(up, os.fsdecode(walked), trusted, sticky_ok=os.fstat(fd).st_uid in trusted)
@@ -153,7 +146,7 @@ def _bind_privately(dfd: int, name: bytes, mode: int, owner_uid: int | None) -> 
     """Bind `name` in a fresh 0700 directory of ours in `dfd`, set its owner
     and mode there (nobody else can enter it, so the name cannot be
     swapped), listen, and rename it into `dfd`."""
-    private = b".%s.%s" % (name, secrets.token_hex(6).encode())
+    private = b".%s.%s" % (name, os.urandom(6).hex().encode())
     os.mkdir(private, 0o700, dir_fd=dfd)
     try:
         pfd = os.open(private, _DIR_FLAGS, dir_fd=dfd)
@@ -184,24 +177,18 @@ def _bind_privately(dfd: int, name: bytes, mode: int, owner_uid: int | None) -> 
 
 def listen_fds() -> list[tuple[socket.socket, str]]:
     """Sockets passed by systemd socket activation (LISTEN_PID, LISTEN_FDS,
-    LISTEN_FDNAMES), with their names; the variables are then removed so
-    that children do not take them for theirs."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    out = []
-    for i in range(int(os.environ.get("LISTEN_FDS", "0"))):
-        os.set_inheritable(3 + i, False)
-        sock = socket.socket(fileno=3 + i)
+    LISTEN_FDNAMES), with their names; the variables are then removed (as
+    sd_listen_fds does) so that children do not take them for theirs."""
+    pid, count, names = (os.environ.pop(v, "") for v in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    socks = [socket.socket(fileno=fd) for fd in range(3, 3 + int(count or 0))] if pid == str(os.getpid()) else []
+    for sock in socks:
+        sock.set_inheritable(False)
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise OSError(f"socket-activated fd {3 + i} is not a Unix stream socket")
-        out.append((sock, names[i] if i < len(names) else ""))
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return out
+            raise OSError(f"socket-activated fd {sock.fileno()} is not a Unix stream socket")
+    return list(zip(socks, names.split(":") + [""] * len(socks)))
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED: three C ints)."""
+    pid, uid, gid = memoryview(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
+    return pid, uid, gid

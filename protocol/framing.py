@@ -21,16 +21,12 @@ rootstream.RootStreamSender), so the stream's decoder (FrameDecoder,
 decode_fields) is the receiving ends', in receive.py: it never runs as root.
 """
 
-from __future__ import annotations
-
 import struct
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 MAX_FRAME = 64 * 1024
 LENGTH = struct.Struct(">I")   # a frame's length, and a 'b', 'p' or 's' field's
-INTEGERS = {"B": struct.Struct(">B"), "H": struct.Struct(">H"),
-          "I": struct.Struct(">I"), "Q": struct.Struct(">Q")}
+INTEGERS = {kind: struct.Struct(">" + kind) for kind in "BHIQ"}   # u8, u16, u32, u64
 
 
 class ProtocolError(Exception):
@@ -56,8 +52,7 @@ BAD_PATH = "a path is empty or contains a NUL byte, which no path can"
 HELLO, _HELLO_SCHEMA, _HELLO_VERSIONS = 1, "bHH", struct.Struct(">HH")
 
 
-@dataclass(frozen=True)
-class Hello:
+class Hello(NamedTuple):
     min_version: int
     max_version: int
 
@@ -80,8 +75,8 @@ def parse_hello(payload: bytes, magic: bytes, protocol: str, ours: tuple[int, in
     if lo > hi:
         raise RemoteProtocolError(f"the peer announced an empty version range {lo}..{hi}")
     if max(lo, ours[0]) > min(hi, ours[1]):
-        raise VersionMismatch(f"protocol version mismatch: we speak {protocol} versions "
-                              f"{ours[0]}..{ours[1]}, the {peer} speaks {lo}..{hi}; upgrade the older side")
+        raise VersionMismatch(f"protocol version mismatch: we speak {protocol} versions {ours[0]}..{ours[1]}, "
+                              f"the {peer} speaks {lo}..{hi}; upgrade the older side")
     return Hello(lo, hi), min(hi, ours[1])
 
 

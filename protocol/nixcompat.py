@@ -9,15 +9,10 @@ writes it only after the trailer-equivalent decision.  The reading side
 (tests, diagnostics) is receive.decode_nix_roots.
 """
 
-from __future__ import annotations
-
-from typing import Iterable
-
-from .framing import LocalProtocolError
+from .framing import BAD_PATH, LocalProtocolError
 
 
-def encode_nix_roots(store_paths: Iterable[bytes]) -> bytes:
-    paths = list(store_paths)
-    if not all(paths) or any(b"\0" in p for p in paths):
-        raise LocalProtocolError("cannot encode an empty store path or one that contains a NUL byte")
-    return b"".join(p + b"\0" for p in paths)
+def encode_nix_roots(store_paths: list[bytes]) -> bytes:
+    if not all(store_paths) or any(b"\0" in p for p in store_paths):
+        raise LocalProtocolError(f"cannot send a store path: {BAD_PATH}")
+    return b"".join(p + b"\0" for p in store_paths)

@@ -19,12 +19,9 @@ the daemon's side, which decides whether a stream was complete, is
 protocol/receive.py (RootStreamReceiver): the helper never imports it.
 """
 
-from __future__ import annotations
-
 import enum
 import os
-from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple
 
 from .framing import (MAX_FRAME, Hello, LocalProtocolError, RemoteProtocolError, encode_frame,
                       hello_frame, parse_hello)
@@ -39,23 +36,22 @@ STALE_V2 = "pbQQQ"   # + link_identity; all zeros: none (no inode is number 0)
 STATUS_OK, STATUS_ERROR = 0, 1
 
 
-class RootKind(enum.IntEnum):
-    STATIC = 1     # a link (or file) under gcroots/
-    INDIRECT = 2   # gcroots/auto/X -> link anywhere -> store path
-    PROFILE = 3    # under profiles/
-    RUNTIME = 4    # /proc and kernel sysctls
-    TEMP = 5       # temproots/<pid> (the daemon reads these itself)
+# What makes a root one (1..5 on the wire):
+#   STATIC    a link (or file) under gcroots/
+#   INDIRECT  gcroots/auto/X -> link anywhere -> store path
+#   PROFILE   under profiles/
+#   RUNTIME   /proc and kernel sysctls
+#   TEMP      temproots/<pid> (the daemon reads these itself)
+RootKind = enum.IntEnum("RootKind", "STATIC INDIRECT PROFILE RUNTIME TEMP")
 
 
-@dataclass(frozen=True)
-class Root:
+class Root(NamedTuple):
     kind: RootKind
     label: bytes        # the link path, or /proc/PID/..., or {temp:PID}
     store_path: bytes   # top-level store path (logical)
 
 
-@dataclass(frozen=True)
-class StaleLink:
+class StaleLink(NamedTuple):
     link: bytes         # gcroots/auto/X
     target: bytes       # what it points at (which does not exist)
     identity: tuple[int, int, int] | None = None  # link_identity(lstat(link)), taken first
@@ -67,8 +63,7 @@ def link_identity(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_dev, st.st_ino, st.st_ctime_ns % 2**64
 
 
-@dataclass(frozen=True)
-class ScanWarning:
+class ScanWarning(NamedTuple):
     path: bytes
     errno: int
     message: str
@@ -80,7 +75,7 @@ class _NeedData:
 
 
 NEED_DATA = _NeedData()
-Record = Union[Root, StaleLink, ScanWarning]
+Record = Root | StaleLink | ScanWarning
 
 
 class RootStreamSender:
