@@ -30,8 +30,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 class SocketFile:
     """A socket file we created: removed only while it is still the one we bound."""
     path: bytes
-    dev: int
-    ino: int
+    st: os.stat_result        # its lstat, when we bound it
     dir_id: tuple[int, int]   # its directory's (st_dev, st_ino)
 
     def remove(self) -> None:
@@ -45,10 +44,9 @@ class SocketFile:
             try:
                 if nofollow.identity(dfd) == self.dir_id:
                     os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
-                    st = os.lstat(aside, dir_fd=dfd)
                     # Not ours: back, unless a newer one is there by now (link
                     # never replaces); then the one taken aside serves nobody.
-                    if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                    if not os.path.samestat(os.lstat(aside, dir_fd=dfd), self.st):
                         with contextlib.suppress(FileExistsError):
                             os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
                     os.unlink(aside, dir_fd=dfd)
@@ -93,7 +91,7 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
     OSError with a one-line message naming the path."""
     path = os.path.join(os.getcwdb(), path)
     where, (parent, name) = os.fsdecode(path), os.path.split(path)
-    trusted, walked, at = (0, os.geteuid(), *dir_owners), b"/", b"/"
+    trusted, at = (0, os.geteuid(), *dir_owners), b"/"   # at: where we are, or what failed
     fd = os.open(b"/", _DIR_FLAGS)
     try:
         if len(path) > 107:   # sun_path: clients could not connect
@@ -102,15 +100,14 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
             if part == b"..":   # resolved physically by the kernel, lexically by clients
                 raise OSError("'..' in its path")
             up = os.fstat(fd)   # checked before we make anything in it
-            _check_dir(up, os.fsdecode(walked), trusted, sticky_ok=True)
-            at = os.path.join(walked, part)
+            _check_dir(up, os.fsdecode(at), trusted, sticky_ok=True)
+            at = os.path.join(at, part)
             with contextlib.suppress(FileExistsError):   # (EEXIST comes before EACCES or EROFS)
                 os.mkdir(part, 0o755, dir_fd=fd)
             nxt = nofollow.open_at(fd, part, _DIR_FLAGS, at)
             os.close(fd)
             fd = nxt   # in a sticky directory, only its owner can move it:
-            _check_dir(up, os.fsdecode(walked), trusted, sticky_ok=os.fstat(fd).st_uid in trusted)
-            walked = at
+            _check_dir(up, os.fsdecode(os.path.dirname(at)), trusted, sticky_ok=os.fstat(fd).st_uid in trusted)
         _check_dir(os.fstat(fd), "its directory", trusted, sticky_ok=False)
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(os.lstat(name, dir_fd=fd).st_mode):
@@ -119,13 +116,11 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
                 raise OSError(f"{where} is served by a running process; refusing to take it over "
                               "(stop that one first)")
         sock = _bind_privately(fd, name, mode, owner_uid)
-        st = os.lstat(name, dir_fd=fd)
-        return sock, SocketFile(path, st.st_dev, st.st_ino, nofollow.identity(fd))
+        return sock, SocketFile(path, os.lstat(name, dir_fd=fd), nofollow.identity(fd))
     except nofollow.SymlinkInPath as e:
-        raise OSError(f"refusing to create socket {where}: {e.strerror} ({e.filename}); "
-                      "give its real path") from None
+        raise OSError(f"refusing to create socket {where}: {e.strerror} ({e.filename}); give its real path") from None
     except OSError as e:
-        if e.errno is None:   # ours: what is wrong with the path (or what is in its place)
+        if e.errno is None:   # ours: what is wrong with the path (what is in its place names it already)
             raise OSError(e if str(e).startswith(where) else f"refusing to create socket {where}: {e}") from None
         raise OSError(f"cannot create socket {where}: {e.strerror} ({os.fsdecode(at)})") from None
     finally:
@@ -151,13 +146,12 @@ def _bind_privately(dfd: int, name: bytes, mode: int, owner_uid: int | None) -> 
     try:
         pfd = os.open(private, _DIR_FLAGS, dir_fd=dfd)
         try:
-            st = os.fstat(pfd)
-            if st.st_uid != os.geteuid() or st.st_mode & 0o077:   # not ours: swapped
+            if (st := os.fstat(pfd)).st_uid != os.geteuid() or st.st_mode & 0o077:   # not ours: swapped
                 raise OSError(errno.EPERM, "its directory changed under us")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
                 sock.bind(b"/proc/self/fd/%d/%s" % (pfd, name))
-                if owner_uid is not None:
+                if owner_uid is not None:   # no chown call otherwise: units deny @chown
                     os.chown(name, owner_uid, -1, dir_fd=pfd, follow_symlinks=False)
                 os.chmod(name, mode, dir_fd=pfd)
                 sock.listen(64)

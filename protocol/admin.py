@@ -215,7 +215,7 @@ class ServerConnection:
     def row(self, *fields: bytes) -> bytes:
         if self._ended:
             raise LocalProtocolError("answer already ended")
-        frame = encode_frame(_ROW, _SCHEMAS[_ROW], list(fields))
+        frame = encode_frame(_ROW, "b" * len(fields), fields)
         self.rows_sent += 1
         return frame
 
@@ -295,7 +295,7 @@ class ClientConnection:
 
     def request(self, command: str, options: dict[str, Any] | None = None, args: tuple[bytes, ...] = ()) -> bytes:
         return hello_frame(MAGIC, self._versions) + encode_frame(
-            _REQUEST, _SCHEMAS[_REQUEST], [command, json.dumps(options or {}), *args])
+            _REQUEST, "ss" + "b" * len(args), [command, json.dumps(options or {}), *args])
 
     def receive_data(self, data: bytes) -> None:
         if not data:

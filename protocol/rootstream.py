@@ -69,12 +69,11 @@ class ScanWarning(NamedTuple):
     message: str
 
 
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
+class _NeedData(enum.Enum):   # a sentinel with a type of its own (PEP 484)
+    NEED_DATA = "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = _NeedData.NEED_DATA
 Record = Root | StaleLink | ScanWarning
 
 
@@ -111,18 +110,13 @@ class RootStreamSender:
     def send(self, record: Record) -> bytes:
         if self.version is None or self._finished:
             raise LocalProtocolError("records are sent after the hello and before the trailer")
-        if isinstance(record, Root):
-            data = encode_frame(ROOT, SCHEMAS[ROOT], [RootKind(record.kind), record.label,
-                                                      record.store_path], self._max)
-        elif isinstance(record, StaleLink):
-            schema = STALE_V2 if self.version >= 2 else SCHEMAS[STALE]   # version 1: no identity
-            data = encode_frame(STALE, schema, [record.link, record.target,
-                                                *(record.identity or (0, 0, 0))][:len(schema)], self._max)
-        elif isinstance(record, ScanWarning):
-            data = encode_frame(WARNING, SCHEMAS[WARNING], [record.path, record.errno, record.message],
-                                self._max)
-        else:
+        ftype = {Root: ROOT, StaleLink: STALE, ScanWarning: WARNING}.get(type(record))
+        if ftype is None:
             raise LocalProtocolError(f"not a record: {record!r}")
+        # A record's fields in their order; a stale link's identity flat (version 1: none).
+        schema = STALE_V2 if ftype == STALE and self.version >= 2 else SCHEMAS[ftype]
+        values = [*record[:2], *(record.identity or (0, 0, 0))] if isinstance(record, StaleLink) else record
+        data = encode_frame(ftype, schema, values[:len(schema)], self._max)
         self.records_sent += 1
         return data
 
