@@ -83,6 +83,9 @@ def parse_hello(payload: bytes, magic: bytes, protocol: str, ours: tuple[int, in
 
 def encode_frame(ftype: int, schema: str, values: Sequence[object],
                  max_frame: int = MAX_FRAME) -> bytes:
+    """One frame.  What the protocol refuses (a bad path, a frame over
+    max_frame) raises LocalProtocolError; a value of the wrong type or range
+    is the caller's bug and raises what Python raises for it."""
     parts = [bytes((ftype,))]
     for kind, value in zip(schema, values, strict=True):   # ValueError: our bug, not the peer's
         if kind in INTEGERS:   # struct.error (out of range, not an int): our bug as well
