@@ -243,6 +243,23 @@ def test_unknown_root_kind():
         decode([sender.hello() + frame])
 
 
+def test_helper_reads_nothing_but_a_hello_sized_prefix():
+    """The helper (root) reads only the daemon's HELLO, as long as its own:
+    a first frame of another length or type is refused from its first 5
+    bytes, not waited for; a HELLO trickled in byte by byte is read."""
+    for first in (struct.pack(">IB", 1000, 1), struct.pack(">IB", 21, 2), b"GET /"):
+        helper = RootStreamSender()
+        helper.receive_data(first)
+        with pytest.raises(RemoteProtocolError, match="not a root-stream HELLO"):
+            helper.next_event()
+    helper, theirs = RootStreamSender(), RootStreamReceiver().hello()
+    for i in range(len(theirs) - 1):
+        helper.receive_data(theirs[i:i + 1])
+        assert helper.next_event() is NEED_DATA
+    helper.receive_data(theirs[-1:] + b"\xff" * 100_000)   # nothing after it is read
+    assert helper.next_event() == Hello(1, 2) and helper.version == 2
+
+
 def test_daemon_eof_before_hello_is_reported_to_helper():
     helper = RootStreamSender()
     with pytest.raises(RemoteProtocolError, match="before saying hello"):
