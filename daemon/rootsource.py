@@ -20,8 +20,8 @@ import trio
 from gcroots import log
 from gcroots.layout import StoreLayout
 from gcroots.protocol.framing import ProtocolError
-from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamReceiver, ScanWarning,
-                                         StaleLink, StreamEnd)
+from gcroots.protocol.receive import RootStreamReceiver, StreamEnd
+from gcroots.protocol.rootstream import NEED_DATA, Root, ScanWarning, StaleLink
 
 from .engine import IncompleteRoots, RootSet, scan_error
 

@@ -2,16 +2,12 @@
 taking sockets from systemd, asking the kernel who the peer is.
 Standard library only (the helper imports it)."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import os
-import secrets
 import signal
 import socket
 import stat
-import struct
 from dataclasses import dataclass
 
 from . import nofollow
@@ -27,15 +23,14 @@ from . import nofollow
 # `dir_owners`) can change -- or sticky ones (/tmp) whose entry on the way
 # is such a user's -- and must itself be writable by nobody else: nobody
 # else can move our socket, or put theirs where clients look for ours.
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass
 class SocketFile:
     """A socket file we created: removed only while it is still the one we bound."""
     path: bytes
-    dev: int
-    ino: int
+    st: os.stat_result        # its lstat, when we bound it
     dir_id: tuple[int, int]   # its directory's (st_dev, st_ino)
 
     def remove(self) -> None:
@@ -43,25 +38,20 @@ class SocketFile:
         It is first taken aside (rename is atomic): a socket that another
         instance put there meanwhile is put back, not removed."""
         parent, name = os.path.split(self.path)
-        aside = b".%s.gone.%s" % (name, secrets.token_hex(6).encode())
-        try:
+        aside = b".%s.gone.%s" % (name, os.urandom(6).hex().encode())
+        with contextlib.suppress(OSError, ValueError):
             dfd = nofollow.open_dir(parent)
-        except (OSError, ValueError):
-            return
-        try:
-            if nofollow.identity(dfd) != self.dir_id:
-                return
-            os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
-            st = os.lstat(aside, dir_fd=dfd)
-            if (st.st_dev, st.st_ino) != (self.dev, self.ino):
-                # Not ours: back, unless a newer one is there by now (link
-                # never replaces); then the one taken aside serves nobody.
-                os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
-            os.unlink(aside, dir_fd=dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+            try:
+                if nofollow.identity(dfd) == self.dir_id:
+                    os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
+                    # Not ours: back, unless a newer one is there by now (link
+                    # never replaces); then the one taken aside serves nobody.
+                    if not os.path.samestat(os.lstat(aside, dir_fd=dfd), self.st):
+                        with contextlib.suppress(FileExistsError):
+                            os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+                    os.unlink(aside, dir_fd=dfd)
+            finally:
+                os.close(dfd)
 
 
 def remove_when_gone(files: list[SocketFile]) -> None:
@@ -70,79 +60,25 @@ def remove_when_gone(files: list[SocketFile]) -> None:
     `files` once we are gone, however we went."""
     if not files:
         return
-    r, w = os.pipe()
+    r, _ = os.pipe()   # its write end stays open (close-on-exec) for the rest of our life
     if os.fork():
-        os.close(r)
-        return   # `w` stays open (close-on-exec) for the rest of our life
+        return os.close(r)
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)   # a terminal's ^C is for the parent
+        # A terminal's ^C is for the parent (blocked here, its signals die with us).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         os.closerange(0, r)   # no listening socket of the parent stays open here
         os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
-        while os.read(r, 1):
-            pass
+        os.read(r, 1)   # nobody writes: it returns when the last write end is closed
         for f in files:
             f.remove()
     finally:
         os._exit(0)
 
 
-def _is_live(dfd: int, name: bytes) -> bool:
-    """Does a process accept on the socket `name` in `dfd`?  (Connecting is
-    the only way to tell a live socket from one its process left behind.)"""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-        s.setblocking(False)
-        try:
-            s.connect(b"/proc/self/fd/%d/%s" % (dfd, name))
-        except (ConnectionRefusedError, FileNotFoundError):
-            return False
-        except BlockingIOError:   # its backlog is full: very much alive
-            pass
-        return True
-
-
-def _open_parent(parent: bytes, trusted: tuple[int, ...]) -> int:
-    """An fd of `parent` (absolute), made (0755) where missing, reached as
-    described at the top; OSError saying what is wrong and where."""
-    fd = os.open(b"/", _DIR_FLAGS)
-    walked = b""
-
-    def untrusted(st: os.stat_result) -> OSError:
-        return OSError(f"{os.fsdecode(walked or b'/')} is writable by others (owner uid "
-                       f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); use a directory "
-                       "that only this user (or root) can change")
-    try:
-        for part in [p for p in parent.split(b"/") if p not in (b"", b".")]:
-            if part == b"..":   # resolved physically by the kernel, lexically by clients
-                raise OSError("'..' in its path")
-            up = os.fstat(fd)   # checked before we make anything in it
-            if up.st_uid not in trusted or up.st_mode & 0o022 and not up.st_mode & stat.S_ISVTX:
-                raise untrusted(up)
-            try:
-                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked + b"/" + part)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                nxt = nofollow.open_at(fd, part, _DIR_FLAGS | os.O_NOFOLLOW, walked + b"/" + part)
-            owner = os.fstat(nxt).st_uid
-            os.close(fd)
-            fd = nxt
-            if up.st_mode & 0o022 and owner not in trusted:   # sticky: only its owner moves it
-                raise untrusted(up)
-            walked += b"/" + part
-    except nofollow.SymlinkInPath as e:
-        os.close(fd)
-        raise OSError(f"its directory path goes through a symbolic link "
-                      f"({os.fsdecode(e.component)}); give its real path") from None
-    except OSError as e:
-        os.close(fd)
-        if e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, e.filename and os.fsdecode(walked + b"/" + part)) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def _check_dir(st: os.stat_result, name: str, trusted: tuple[int, ...], sticky_ok: bool) -> None:
+    if st.st_uid not in trusted or st.st_mode & 0o022 and not (sticky_ok and st.st_mode & stat.S_ISVTX):
+        raise OSError(f"{name} is writable by others (owner uid {st.st_uid}, mode "
+                      f"{stat.S_IMODE(st.st_mode):04o}); use one that only this user (or root) can write")
 
 
 def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
@@ -154,103 +90,99 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
     is not a socket, and a directory others can write or redirect.  Raises
     OSError with a one-line message naming the path."""
     path = os.path.join(os.getcwdb(), path)
-    where = os.fsdecode(path)
-    parent, name = os.path.split(path)
-    trusted = (0, os.geteuid(), *dir_owners)
+    where, (parent, name) = os.fsdecode(path), os.path.split(path)
+    trusted, at = (0, os.geteuid(), *dir_owners), b"/"   # at: where we are, or what failed
+    fd = os.open(b"/", _DIR_FLAGS)
     try:
         if len(path) > 107:   # sun_path: clients could not connect
-            raise OSError(errno.ENAMETOOLONG, "longer than 107 bytes")
-        dfd = _open_parent(parent, trusted)
-    except OSError as e:
-        if e.errno is None:   # ours: what is wrong with the path
-            raise OSError(f"refusing to create socket {where}: {e}") from None
-        raise OSError(f"cannot create socket {where}: {e.strerror}"
-                      + (f" ({os.fsdecode(e.filename)})" if e.filename else "")) from None
-    try:
-        st = os.fstat(dfd)
-        if st.st_uid not in trusted or st.st_mode & 0o022:
-            raise OSError(f"refusing to create socket {where}: its directory is writable by "
-                          f"others (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}); "
-                          "use one that only this user (or root) can write")
-        try:
-            old = os.lstat(name, dir_fd=dfd)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(old.st_mode):
+            raise OSError("its path is longer than 107 bytes")
+        for part in [p for p in parent.split(b"/") if p not in (b"", b".")]:
+            if part == b"..":   # resolved physically by the kernel, lexically by clients
+                raise OSError("'..' in its path")
+            up = os.fstat(fd)   # checked before we make anything in it
+            _check_dir(up, os.fsdecode(at), trusted, sticky_ok=True)
+            at = os.path.join(at, part)
+            with contextlib.suppress(FileExistsError):   # (EEXIST comes before EACCES or EROFS)
+                os.mkdir(part, 0o755, dir_fd=fd)
+            nxt = nofollow.open_at(fd, part, _DIR_FLAGS, at)
+            os.close(fd)
+            fd = nxt   # in a sticky directory, only its owner can move it:
+            _check_dir(up, os.fsdecode(os.path.dirname(at)), trusted, sticky_ok=os.fstat(fd).st_uid in trusted)
+        _check_dir(os.fstat(fd), "its directory", trusted, sticky_ok=False)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(name, dir_fd=fd).st_mode):
                 raise OSError(f"{where} exists and is not a socket; refusing to replace it")
-            if _is_live(dfd, name):
-                raise OSError(f"{where} is served by a running process; refusing to take it "
-                              "over (stop that one first)")
-        try:
-            sock = _bind_privately(dfd, name, mode, owner_uid)
-            st = os.lstat(name, dir_fd=dfd)
-        except OSError as e:
-            raise OSError(f"cannot create socket {where}: {e.strerror}") from None
-        return sock, SocketFile(path, st.st_dev, st.st_ino, nofollow.identity(dfd))
+            if _is_live(fd, name):
+                raise OSError(f"{where} is served by a running process; refusing to take it over "
+                              "(stop that one first)")
+        sock = _bind_privately(fd, name, mode, owner_uid)
+        return sock, SocketFile(path, os.lstat(name, dir_fd=fd), nofollow.identity(fd))
+    except nofollow.SymlinkInPath as e:
+        raise OSError(f"refusing to create socket {where}: {e.strerror} ({e.filename}); give its real path") from None
+    except OSError as e:
+        if e.errno is None:   # ours: what is wrong with the path (what is in its place names it already)
+            raise OSError(e if str(e).startswith(where) else f"refusing to create socket {where}: {e}") from None
+        raise OSError(f"cannot create socket {where}: {e.strerror} ({os.fsdecode(at)})") from None
     finally:
-        os.close(dfd)
+        os.close(fd)
+
+
+def _is_live(dfd: int, name: bytes) -> bool:
+    """Does a process accept on the socket `name` in `dfd`?  (Connecting is
+    the only way to tell a live socket from one its process left behind.)"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
+        err = s.connect_ex(b"/proc/self/fd/%d/%s" % (dfd, name))
+    if err not in (0, errno.EAGAIN, errno.ECONNREFUSED, errno.ENOENT):   # EAGAIN: its backlog is full
+        raise OSError(err, os.strerror(err))
+    return err in (0, errno.EAGAIN)
 
 
 def _bind_privately(dfd: int, name: bytes, mode: int, owner_uid: int | None) -> socket.socket:
     """Bind `name` in a fresh 0700 directory of ours in `dfd`, set its owner
     and mode there (nobody else can enter it, so the name cannot be
     swapped), listen, and rename it into `dfd`."""
-    private = b".%s.%s" % (name, secrets.token_hex(6).encode())
+    private = b".%s.%s" % (name, os.urandom(6).hex().encode())
     os.mkdir(private, 0o700, dir_fd=dfd)
     try:
-        pfd = os.open(private, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dfd)
-        st = os.fstat(pfd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:   # not ours: swapped
-            os.close(pfd)
-            raise OSError(errno.EPERM, "its directory changed under us")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        pfd = os.open(private, _DIR_FLAGS, dir_fd=dfd)
         try:
-            sock.bind(b"/proc/self/fd/%d/%s" % (pfd, name))
-            if owner_uid is not None:
-                os.chown(name, owner_uid, -1, dir_fd=pfd, follow_symlinks=False)
-            os.chmod(name, mode, dir_fd=pfd)
-            sock.listen(64)
-            os.rename(name, name, src_dir_fd=pfd, dst_dir_fd=dfd)
-        except BaseException:
-            sock.close()
+            if (st := os.fstat(pfd)).st_uid != os.geteuid() or st.st_mode & 0o077:   # not ours: swapped
+                raise OSError(errno.EPERM, "its directory changed under us")
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                os.unlink(name, dir_fd=pfd)
-            except OSError:
-                pass
-            raise
+                sock.bind(b"/proc/self/fd/%d/%s" % (pfd, name))
+                if owner_uid is not None:   # no chown call otherwise: units deny @chown
+                    os.chown(name, owner_uid, -1, dir_fd=pfd, follow_symlinks=False)
+                os.chmod(name, mode, dir_fd=pfd)
+                sock.listen(64)
+                os.rename(name, name, src_dir_fd=pfd, dst_dir_fd=dfd)
+                return sock
+            except BaseException:
+                sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=pfd)
+                raise
         finally:
             os.close(pfd)
-        return sock
     finally:
-        try:
+        with contextlib.suppress(OSError):   # renamed away by the directory's owner: theirs to clean up
             os.rmdir(private, dir_fd=dfd)
-        except OSError:   # renamed away by the directory's owner: theirs to clean up
-            pass
 
 
 def listen_fds() -> list[tuple[socket.socket, str]]:
     """Sockets passed by systemd socket activation (LISTEN_PID, LISTEN_FDS,
-    LISTEN_FDNAMES), with their names; the variables are then removed so
-    that children do not take them for theirs."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return []
-    count = int(os.environ.get("LISTEN_FDS", "0"))
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
-    out = []
-    for i in range(count):
-        fd = 3 + i
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
+    LISTEN_FDNAMES), with their names; the variables are then removed (as
+    sd_listen_fds does) so that children do not take them for theirs."""
+    pid, count, names = (os.environ.pop(v, "") for v in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
+    socks = [socket.socket(fileno=fd) for fd in range(3, 3 + int(count or 0))] if pid == str(os.getpid()) else []
+    for sock in socks:
+        sock.set_inheritable(False)
         if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise OSError(f"socket-activated fd {fd} is not a Unix stream socket")
-        out.append((sock, names[i] if i < len(names) else ""))
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(var, None)
-    return out
+            raise OSError(f"socket-activated fd {sock.fileno()} is not a Unix stream socket")
+    return list(zip(socks, names.split(":") + [""] * len(socks)))
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
+    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED: three C ints)."""
+    pid, uid, gid = memoryview(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
+    return pid, uid, gid

@@ -33,8 +33,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from .framing import (HELLO, MAX_FRAME, FrameDecoder, Hello, LocalProtocolError,
-                      RemoteProtocolError, decode_fields, encode_frame, hello_frame, parse_hello)
+from .framing import (HELLO, MAX_FRAME, Hello, LocalProtocolError, RemoteProtocolError,
+                      encode_frame, hello_frame, parse_hello)
+from .receive import FrameDecoder, decode_fields
 from .rootstream import NEED_DATA, _NeedData
 
 MAGIC = b"gcroots/admin"
@@ -214,7 +215,7 @@ class ServerConnection:
     def row(self, *fields: bytes) -> bytes:
         if self._ended:
             raise LocalProtocolError("answer already ended")
-        frame = encode_frame(_ROW, _SCHEMAS[_ROW], list(fields))
+        frame = encode_frame(_ROW, "b" * len(fields), fields)
         self.rows_sent += 1
         return frame
 
@@ -294,7 +295,7 @@ class ClientConnection:
 
     def request(self, command: str, options: dict[str, Any] | None = None, args: tuple[bytes, ...] = ()) -> bytes:
         return hello_frame(MAGIC, self._versions) + encode_frame(
-            _REQUEST, _SCHEMAS[_REQUEST], [command, json.dumps(options or {}), *args])
+            _REQUEST, "ss" + "b" * len(args), [command, json.dumps(options or {}), *args])
 
     def receive_data(self, data: bytes) -> None:
         if not data:
@@ -350,7 +351,7 @@ class ClientConnection:
         raise RemoteProtocolError(f"unexpected frame type {ftype} from the daemon")
 
     def _verdict(self) -> AnswerEnd:
-        if self._frames.buffered:
+        if self._frames.buffer:
             return AnswerEnd(False, None, "the daemon's answer was cut in the middle of a frame")
         if self.end is None:
             return AnswerEnd(False, None, f"the daemon's answer ended after {self.rows_received} "

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gcroots.protocol.rootstream import (NEED_DATA, Root, RootStreamReceiver, ScanWarning,
-                                         StaleLink, StreamEnd)
+from gcroots.protocol.receive import RootStreamReceiver, StreamEnd
+from gcroots.protocol.rootstream import NEED_DATA, Root, ScanWarning, StaleLink
 
 from . import storegen
 

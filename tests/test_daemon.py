@@ -735,8 +735,8 @@ async def test_bad_request_options_are_bad_requests(tmp_path, options):
     from gcroots.protocol.framing import encode_frame
     d = _daemon(tmp_path)
     request = admin.ClientConnection().request("roots")
-    hello = request[:len(request) - len(encode_frame(2, "ss*", ["roots", "{}"]))]
-    end = _answer_of(await _handle_raw(d, hello + encode_frame(2, "ss*", ["roots", options])))
+    hello = request[:len(request) - len(encode_frame(2, "ss", ["roots", "{}"]))]
+    end = _answer_of(await _handle_raw(d, hello + encode_frame(2, "ss", ["roots", options])))
     assert end.complete and end.status == admin.Status.BAD_REQUEST, end
 
 

@@ -20,9 +20,9 @@ import pytest
 from gcroots.helper import serve
 from gcroots.helper.scan import ScanError
 from gcroots.layout import StoreLayout
-from gcroots.protocol import nixcompat
 from gcroots.protocol.framing import VersionMismatch
-from gcroots.protocol.rootstream import NEED_DATA, Root, RootKind, RootStreamReceiver, StreamEnd
+from gcroots.protocol.receive import RootStreamReceiver, StreamEnd, decode_nix_roots
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootKind
 
 from . import support
 from .support import HELPER, lines, read_root_stream, roots_of, stale_of
@@ -89,7 +89,8 @@ def test_stream_is_complete_and_equals_scan(store, scratch, start_helper):
 
 CLIENT = r"""
 import json, os, socket, sys
-from gcroots.protocol.rootstream import NEED_DATA, Root, RootStreamReceiver, StreamEnd
+from gcroots.protocol.receive import RootStreamReceiver, StreamEnd
+from gcroots.protocol.rootstream import NEED_DATA, Root
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(30)
 try:
@@ -177,7 +178,7 @@ def test_socket_activation_with_both_endpoints(store, scratch, start_helper):
     events, end, _ = read_root_stream(roots_sock)
     assert end.complete
     store_paths = {sp for _, sp in roots_of(events)}
-    assert set(nixcompat.decode_nix_roots(read_all(nix_sock))) == store_paths
+    assert set(decode_nix_roots(read_all(nix_sock))) == store_paths
 
 
 def read_all(path: Path, send: bytes = b"") -> bytes:
@@ -196,7 +197,7 @@ def read_all(path: Path, send: bytes = b"") -> bytes:
 def test_nix_roots_daemon_endpoint(store, scratch, start_helper):
     sock, nix = scratch / "helper.sock", scratch / "nix.sock"
     start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix), wait=str(nix))
-    paths = nixcompat.decode_nix_roots(read_all(nix))
+    paths = decode_nix_roots(read_all(nix))
     assert paths == sorted(set(paths))
     events, end, _ = read_root_stream(sock)
     assert set(paths) == {sp for _, sp in roots_of(events)}
@@ -243,7 +244,8 @@ def test_garbage_and_version_mismatch_from_peer(store, scratch, start_helper):
     s.close()
     time.sleep(0.3)
     errors = [e for e in h.log() if e.get("event") == "scan_served" and e["outcome"] == "peer_error"]
-    assert any("over the 65536-byte limit" in e["error"] for e in errors)  # "GET " as a length
+    # "GET " is not the length of a HELLO: refused from the first bytes
+    assert any("not a root-stream HELLO (b'GET /'" in e["error"] for e in errors)
     assert any("version mismatch" in e["error"] for e in errors)
 
 

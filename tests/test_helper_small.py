@@ -103,6 +103,8 @@ def test_code_lines_of_code_the_serving_helper_loaded(tmp_path):
     # (what site.py loads in any interpreter here, e.g. the editable
     # install's path hook, aside).
     assert "gcroots.helper.sandbox_check" not in ours
+    # Nor any decoder: the helper reads only the daemon's HELLO, by its size.
+    assert "gcroots.protocol.receive" not in ours and "gcroots.protocol.admin" not in ours
     at_start = json.loads(subprocess.run([sys.executable, "-c", "import json, sys; print("
                                           "json.dumps(list(sys.modules)))"], capture_output=True,
                                          text=True, check=True).stdout)

@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from gcroots.protocol import framing, nixcompat
 from gcroots.protocol.framing import Hello, RemoteProtocolError, VersionMismatch
-from gcroots.protocol.rootstream import (
-    NEED_DATA, Root, RootKind, RootStreamReceiver, RootStreamSender, ScanWarning, StaleLink,
-    StreamEnd, Trailer)
+from gcroots.protocol.receive import RootStreamReceiver, StreamEnd, Trailer, decode_nix_roots
+from gcroots.protocol.rootstream import NEED_DATA, Root, RootKind, RootStreamSender, ScanWarning, StaleLink
 
 paths = st.binary(min_size=1, max_size=300).filter(lambda b: b"\0" not in b)
 records = st.one_of(
@@ -225,7 +224,7 @@ def test_nul_in_path_is_refused_both_ways():
 
 
 def test_invalid_utf8_message_is_protocol_error_not_unicode_error():
-    bad = framing._HEADER.pack(2) + b"\xff\xfe"
+    bad = framing.LENGTH.pack(2) + b"\xff\xfe"
     frame_body = bytes([5]) + struct.pack(">BQ", 0, 0) + bad
     frame = struct.pack(">I", len(frame_body)) + frame_body
     sender = RootStreamSender()
@@ -244,6 +243,23 @@ def test_unknown_root_kind():
         decode([sender.hello() + frame])
 
 
+def test_helper_reads_nothing_but_a_hello_sized_prefix():
+    """The helper (root) reads only the daemon's HELLO, as long as its own:
+    a first frame of another length or type is refused from its first 5
+    bytes, not waited for; a HELLO trickled in byte by byte is read."""
+    for first in (struct.pack(">IB", 1000, 1), struct.pack(">IB", 21, 2), b"GET /"):
+        helper = RootStreamSender()
+        helper.receive_data(first)
+        with pytest.raises(RemoteProtocolError, match="not a root-stream HELLO"):
+            helper.next_event()
+    helper, theirs = RootStreamSender(), RootStreamReceiver().hello()
+    for i in range(len(theirs) - 1):
+        helper.receive_data(theirs[i:i + 1])
+        assert helper.next_event() is NEED_DATA
+    helper.receive_data(theirs[-1:] + b"\xff" * 100_000)   # nothing after it is read
+    assert helper.next_event() == Hello(1, 2) and helper.version == 2
+
+
 def test_daemon_eof_before_hello_is_reported_to_helper():
     helper = RootStreamSender()
     with pytest.raises(RemoteProtocolError, match="before saying hello"):
@@ -254,12 +270,12 @@ def test_daemon_eof_before_hello_is_reported_to_helper():
 def test_nix_roots_daemon_round_trip(ps):
     data = nixcompat.encode_nix_roots(ps)
     assert data == b"".join(p + b"\0" for p in ps)
-    assert nixcompat.decode_nix_roots(data) == ps
+    assert decode_nix_roots(data) == ps
 
 
 def test_nix_roots_daemon_truncated():
     with pytest.raises(RemoteProtocolError, match="truncated"):
-        nixcompat.decode_nix_roots(b"/nix/store/abc")
+        decode_nix_roots(b"/nix/store/abc")
 
 
 # -- admin protocol: progress with numbers (version 2), old peers kept working ------

@@ -102,7 +102,7 @@ def test_socket_gets_its_mode_and_owner_from_the_start(scratch, users):
     with sock:
         st = os.lstat(scratch / "a.sock")
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
-        assert st.st_uid == daemon_uid and (st.st_dev, st.st_ino) == (file.dev, file.ino)
+        assert st.st_uid == daemon_uid and os.path.samestat(st, file.st)
         assert os.listdir(scratch) == ["a.sock"]   # the private directory is gone
         c = socket.socket(socket.AF_UNIX)
         c.connect(str(scratch / "a.sock"))
@@ -132,7 +132,7 @@ def test_only_a_dead_socket_is_replaced(scratch):
     live.close()   # its process is gone, the file stays: replaced
     again, file2 = listen_unix(path, 0o600)
     again.close()
-    assert (file2.dev, file2.ino) != (file.dev, file.ino)
+    assert not os.path.samestat(file2.st, file.st)
     file.remove()   # no longer ours: left alone
     assert os.path.exists(path)
     (scratch / "f").write_text("x")
@@ -261,7 +261,7 @@ def test_removal_never_takes_a_socket_a_second_instance_put_there(scratch, monke
     remover.join()
     with second:
         st = real_lstat(path)
-        assert (st.st_dev, st.st_ino) == (second_file.dev, second_file.ino)
+        assert os.path.samestat(st, second_file.st)
         c = socket.socket(socket.AF_UNIX)
         c.connect(path)
         c.close()
