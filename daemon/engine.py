@@ -240,11 +240,18 @@ def _frame_starts(sizes: "np.ndarray", limit: int) -> "np.ndarray":
 
 
 def _packed(paths: list[bytes], limit: int = PIECE) -> list[tuple[list, int]]:
-    """Sorted paths, NUL-terminated, as frames (one piece each)."""
-    import numpy as np
-    starts = _frame_starts(np.fromiter(map(len, paths), np.int64, len(paths)) + 1, limit).tolist()
-    return [([b"\0".join(paths[lo:hi]) + b"\0"], hi - lo)
-            for lo, hi in zip(starts, starts[1:] + [len(paths)])]
+    """Sorted paths, NUL-terminated, as frames (one piece each).  Without
+    numpy: a one-shot --standalone query never loads it."""
+    frames: list[tuple[list, int]] = []
+    lo = size = 0
+    for i, n in enumerate(map(len, paths)):
+        if size + n + 1 > limit and i > lo:
+            frames.append(([b"\0".join(paths[lo:i]) + b"\0"], i - lo))
+            lo, size = i, 0
+        size += n + 1
+    if lo < len(paths):
+        frames.append(([b"\0".join(paths[lo:]) + b"\0"], len(paths) - lo))
+    return frames
 
 
 def _merged_frames(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],

@@ -130,3 +130,22 @@ def test_an_answer_that_cannot_be_written_is_one_line(scratch):
         assert lines == ["gcroots-query: cannot write the answer to stdout: No space left on "
                          "device"], (argv, err)
     assert not support.standalone(root, "dead").stdout  # gc --yes did collect
+
+
+def test_a_standalone_dead_answer_loads_neither_numpy_nor_trio(scratch):
+    """A one-shot `--standalone dead` pays for no import it does not use:
+    numpy is the daemon's graph (43 ms of start-up), trio the daemon's
+    loop.  It answers, in a fresh interpreter that then lists what it
+    loaded."""
+    import sys
+    support.make_store(scratch / "store", paths=200, seed=5, roots=5)
+    code = ("import sys\nfrom gcroots.client import cli\n"
+            "try:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "sys.stdout.flush()\n"
+            "print('LOADED', *sorted(m for m in sys.modules if m in ('numpy', 'trio')), "
+            "file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code, "--standalone", "--root",
+                          str(scratch / "store"), "dead"], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(b"\n") > 0
+    assert out.stderr.decode().splitlines()[-1].strip() == "LOADED", out.stderr
