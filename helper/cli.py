@@ -30,11 +30,17 @@ def _absolute(value: str) -> str:
     return value
 
 
+def _nonempty(value: str) -> str:
+    if not value:   # '' would mean / (--root) or no socket at all
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 # Flags as (name, argparse keywords), in the order --help shows them; their
 # help texts are commands.HELP's.  --root may be relative, like nix-store
 # --store ./x; the logical dirs not.
 Flags = tuple[tuple[str, dict[str, Any]], ...]
-LAYOUT_FLAGS: Flags = (("--root", dict(metavar="DIR")),
+LAYOUT_FLAGS: Flags = (("--root", dict(type=_nonempty, metavar="DIR")),
                        ("--store-dir", dict(type=_absolute, metavar="DIR")),
                        ("--state-dir", dict(type=_absolute, metavar="DIR")))
 SCAN_FLAGS: Flags = LAYOUT_FLAGS + (
@@ -44,9 +50,9 @@ SCAN_FLAGS: Flags = LAYOUT_FLAGS + (
                                  type=lambda v: canon_path(os.fsencode(_absolute(v))))))
 SANDBOX_SKIP: Flags = (("--sandbox-skip", dict(action="append", default=[], metavar="LAYER")),)
 SERVE_FLAGS: Flags = SCAN_FLAGS + (
-    ("--socket", dict(metavar="PATH")),
-    ("--nix-roots-daemon-socket", dict(metavar="PATH")),
-    ("--allow-user", dict(action="append", default=[], metavar="USER")),
+    ("--socket", dict(type=_nonempty, metavar="PATH")),
+    ("--nix-roots-daemon-socket", dict(type=_nonempty, metavar="PATH")),
+    ("--allow-user", dict(action="append", default=[], type=_nonempty, metavar="USER")),
     ("--allow-uid", dict(action="append", default=[], type=argtypes.uid, metavar="UID")),
     ("--socket-mode", dict(default="0600", type=argtypes.file_mode, metavar="MODE")),
     ("--log-level", dict(default="info", choices=log.LEVELS)),

@@ -328,7 +328,10 @@ def lacking_caps() -> str:
     without CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE in its effective set
     cannot see into 0700 homes or other users' processes, and would call
     their roots' paths garbage."""
-    eff = cap_sets()["Eff"]
+    try:
+        eff = cap_sets()["Eff"]
+    except (OSError, KeyError) as e:   # no /proc: unknown means lacking (fail closed)
+        return f"its capabilities cannot be read from /proc/thread-self/status ({e!r})"
     names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH), ("CAP_SYS_PTRACE", CAP_SYS_PTRACE))
              if not eff >> c & 1]
     return "" if not names else (

@@ -646,3 +646,29 @@ def libseccomp_file() -> str:
     out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=True).stdout
     path = re.search(r"libseccomp\.so\.2 \([^)]*\) => (\S+)", out)[1]
     return os.path.realpath(path)
+
+
+def test_serve_without_proc_refuses_in_one_line(scratch):
+    """With no /proc, the helper cannot read its capabilities: unknown
+    counts as lacking (it refuses to start), said in one line, never a
+    traceback."""
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                          'mount -t tmpfs none /proc && exec "$0" serve --socket "$1"',
+                          HELPER, str(scratch / "s.sock")], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "refusing to start" in out.stderr and "/proc/thread-self/status" in out.stderr
+    assert not (scratch / "s.sock").exists()
+
+
+@pytest.mark.parametrize("flag", ["--root=", "--socket=", "--nix-roots-daemon-socket=",
+                                  "--allow-user="])
+def test_serve_refuses_an_empty_value_as_a_usage_error(scratch, flag):
+    """An empty value is a typo, not a setting: --root '' would mean the
+    host's /, --socket= no socket at all."""
+    out = subprocess.run([HELPER, "serve", "--socket", str(scratch / "s.sock"), flag],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith("must not be empty"), out.stderr
+    assert not (scratch / "s.sock").exists()
