@@ -168,8 +168,8 @@ def _main(argv: list[str] | None) -> int:
         if socket_file is not None:
             socket_file.remove()
     _log.info("daemon_stopped", signal=stopped[0] if stopped else None,
-              log_closed=log.output_broken() or None)
-    return 1 if log.output_broken() else 0
+              log_closed=log.Stderr.broken or None)
+    return 1 if log.Stderr.broken else 0
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ class GCLock:
     gives it to the state dir's owner."""
 
     def __init__(self, layout: StoreLayout) -> None:
-        self.path = layout.gc_lock_path
+        self.path = layout.real_state_dir + b"/gc.lock"
         self.fd: int | None = None
 
     def _open(self) -> int:
@@ -275,7 +275,7 @@ class RootsServer:
     SEND_TIMEOUT = 10.0  # a client that does not read its "1"s is dropped
 
     def __init__(self, layout: StoreLayout, on_root: Callable[[bytes], None]) -> None:
-        self.path = layout.gc_socket_path
+        self.path = layout.real_state_dir + b"/gc-socket/socket"
         self.on_root = on_root
         self.store_dir = layout.store_dir
         self.store_owner = os.stat(layout.real_store_dir).st_uid
@@ -748,6 +748,7 @@ class Collection:
         self.progress = progress or (lambda msg: None)
         self.on_deleted = on_deleted or (lambda paths: None)
         self.lock = GCLock(layout)
+        self.links_dir = layout.real_store_dir + b"/.links"   # Nix's hard links of equal files
         self.server: RootsServer | None = None
         self.result = GCResult(dry_run=options.dry_run)
         self._cond = threading.Condition()
@@ -778,7 +779,7 @@ class Collection:
         # collection has room to work; the next Nix to open the store (any
         # Nix command, a nix-daemon connection) reserves it again.
         try:
-            os.unlink(self.layout.reserved_path)
+            os.unlink(self.layout.real_state_dir + b"/db/reserved")  # Nix's gc-reserved-space
         except FileNotFoundError:
             pass
         self.lock.acquire(on_wait=lambda: self.progress(Progress(
@@ -799,7 +800,7 @@ class Collection:
                 raise GCError(why)
         state = self.layout.real_state_dir
         for d in (store, state + b"/db", self.layout.db_path, state, state + b"/gc-socket",
-                  self.layout.temproots_dir, self.layout.gc_lock_path):
+                  self.layout.temproots_dir, self.lock.path):
             if os.path.lexists(d) and not os.access(d, os.W_OK):
                 st = os.lstat(d)
                 why = ("it is on a read-only file system" if os.statvfs(d).f_flag & os.ST_RDONLY
@@ -927,7 +928,7 @@ class Collection:
         if self.options.dry_run:
             self._check_deletable(order)
             names, freed, links, self.result.nix_bytes_freed = predict_freed(
-                self.layout.real_store_dir, self._names(order), self.layout.links_dir,
+                self.layout.real_store_dir, self._names(order), self.links_dir,
                 self.result.limit_bytes, lambda n: self.progress(
                     Progress("measuring what would be freed", "measure", n, len(order))))
             self._stopped(len(order) - len(names))
@@ -1009,7 +1010,7 @@ class Collection:
         if self._limit_reached():
             self._stopped(len(order) - start)
         self.progress(Progress("cleaning .links", "links"))
-        self.result.disk_bytes_freed += clean_links(self.layout.links_dir)
+        self.result.disk_bytes_freed += clean_links(self.links_dir)
         self.result.seconds = time.monotonic() - self._t0
         return self.result
 

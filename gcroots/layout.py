@@ -46,7 +46,8 @@ class StoreLayout:
         """Where a logical path (a store path, say) is on disk."""
         return logical if self.root == b"/" else self.root + logical
 
-    # Physical paths of the store's parts (root + logical), as Nix names them.
+    # Physical paths of the store's parts (root + logical), as Nix names them
+    # (the collector's own files -- gc.lock, gc-socket, .links -- are daemon/gc.py's).
     @property
     def real_store_dir(self) -> bytes: return self.physical(self.store_dir)
     @property
@@ -61,11 +62,3 @@ class StoreLayout:
     def temproots_dir(self) -> bytes: return self.real_state_dir + b"/temproots"
     @property
     def db_path(self) -> bytes: return self.real_state_dir + b"/db/db.sqlite"
-    @property  # space Nix keeps for a full disk (gc-reserved-space)
-    def reserved_path(self) -> bytes: return self.real_state_dir + b"/db/reserved"
-    @property
-    def gc_lock_path(self) -> bytes: return self.real_state_dir + b"/gc.lock"
-    @property
-    def gc_socket_path(self) -> bytes: return self.real_state_dir + b"/gc-socket/socket"
-    @property
-    def links_dir(self) -> bytes: return self.real_store_dir + b"/.links"

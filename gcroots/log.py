@@ -56,10 +56,6 @@ class Stderr:
         pass
 
 
-def output_broken() -> bool:
-    return Stderr.broken
-
-
 _plain: dict[str, Any] = {}   # the helper's: {"component", "level", "json"}
 
 
@@ -79,7 +75,7 @@ class Logger:
     """log.get()'s: structlog's logger, or after configure(plain=True) the
     helper's plain line writer."""
 
-    def __init__(self, name: str | None) -> None:
+    def __init__(self, name: str | None = None) -> None:
         self._name, self._structlog = name, None
 
     def _log(self, level: str, event: str, **fields: Any) -> None:
@@ -109,5 +105,4 @@ def _plain_line(level: str, event: str, fields: dict[str, Any]) -> str:
                          default=lambda v: text(v) if isinstance(v, bytes) else repr(v))
 
 
-def get(name: str | None = None) -> Logger:
-    return Logger(name)
+get = Logger   # log.get(name): a module's logger

@@ -9,22 +9,18 @@ daemon/storepaths.py's.  Standard library only: the helper imports it.
 
 from __future__ import annotations
 
+import os
 import re
 
 
 def canon_path(path: bytes) -> bytes:
     """Lexical canonicalisation as Nix's canonPath(path, resolveSymlinks=false):
-    collapse '//' and '.', resolve '..' textually, no trailing slash.
-    Symlinks are *not* consulted (that is the point: Nix does not either)."""
+    collapse '//' and '.', resolve '..' textually (above "/" is "/"), no
+    trailing slash.  Symlinks are *not* consulted (that is the point: Nix does
+    not either), nor are they by normpath -- but it keeps a leading '//'."""
     if not path.startswith(b"/"):
         raise ValueError(f"not an absolute path: {path!r}")
-    out: list[bytes] = []
-    for part in path.split(b"/"):
-        if part == b"..":
-            del out[-1:]   # (above "/" is "/")
-        elif part not in (b"", b"."):
-            out.append(part)
-    return b"/" + b"/".join(out)
+    return os.path.normpath(b"/" + path.lstrip(b"/"))
 
 
 def abs_path(target: bytes, base_dir: bytes) -> bytes:

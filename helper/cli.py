@@ -140,7 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Under socket activation systemd owns the sockets: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path options
     # would bind over them, so they are ignored.
-    listeners = [(s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in sockets.listen_fds()]
+    listeners = [(s, serve.NIX if name == serve.NIX else serve.ROOTS, os.fsencode(s.getsockname()))
+                 for s, name in sockets.listen_fds()]
     files = []
     if not listeners:
         for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
@@ -150,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                                       min(uids, default=None))
                 except OSError as e:
                     raise SystemExit(f"gcroots-helper serve: {e}") from None
-                listeners.append((sock, kind))
+                listeners.append((sock, kind, file.path))
                 files.append(file)
     if not listeners:
         raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
@@ -162,15 +163,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     box = apply_sandbox(args, layout)   # sockets open, nothing read yet
     server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                 cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                preflight=check, accept_unreadable=tuple(args.accept_unreadable),
-                                paths={s: f.path for (s, _), f in zip(listeners, files)})
+                                preflight=check, accept_unreadable=tuple(args.accept_unreadable))
     try:
         server.serve_forever()
     except KeyboardInterrupt as e:
         log.get("gcroots.helper").info("helper_stopped", signal=stopped_by(e))
     # Now: scans in other threads end cut (a failed scan for their peers);
     # finalizing the interpreter under them could abort on stderr's lock.
-    os._exit(1 if log.output_broken() else 0)
+    os._exit(1 if log.Stderr.broken else 0)
 
 
 def main(argv: list[str] | None = None) -> int:

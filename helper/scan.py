@@ -71,11 +71,10 @@ def _shown(path: bytes, limit: int = 300) -> str:
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
-def _bounded(path: bytes) -> bytes:
+def _bounded(path: bytes) -> None:
     if len(path) >= PATH_MAX:  # Nix fails here too (ENAMETOOLONG)
         raise _fatal(path, OSError(errno.ENAMETOOLONG, "longer than PATH_MAX "
                      f"({PATH_MAX} bytes with its NUL)"), "path")
-    return path
 
 
 def _fatal(path: bytes, e: OSError, what: str) -> ScanError:
@@ -344,13 +343,11 @@ class Scanner:
             raise _fatal(path, e, "cannot read") from None
 
     def _process_roots(self, pid_dir: bytes) -> Iterator[Record]:
-        store_dir = self.layout.store_dir
         try:
             items = self._read_process(pid_dir, self.cmdline)
         except OSError as e:  # the sandbox's /proc reader failed: never a smaller root set
             raise _fatal(pid_dir, e, "cannot read process") from None
-        found: list[tuple[bytes, bytes]] = []  # (label, target); the reader kept what names the store
-        for name, value in items:
+        for name, value in items:  # the reader kept only what names the store
             path = pid_dir + b"/" + name
             if isinstance(value, OSError):
                 if value.errno not in PROC_SKIPPABLE:  # e.g. a cwd or fd deeper than PATH_MAX
@@ -360,13 +357,11 @@ class Scanner:
                 if name == b"fd" and value.errno == errno.EACCES:
                     yield ScanWarning(path, value.errno, "cannot read runtime roots: permission "
                                       "denied (does the helper have CAP_SYS_PTRACE?)")
-            elif name == b"maps":
-                found += [(path, p) for p in value.split(b"\n") if p]  # paths (read_process)
-            elif name in (b"environ", b"cmdline"):
-                found += [(path, m.group(0)) for m in self._env_re.finditer(value)]
-            else:  # exe, cwd, fd/N: link targets
-                found.append((path, value))
-        for label, target in found:
-            if target.startswith(b"/") and (sp := to_store_path(target, store_dir)) is not None:
-                yield Root(RootKind.RUNTIME, label, sp)
-
+                continue
+            targets = ([m.group(0) for m in self._env_re.finditer(value)]
+                       if name in (b"environ", b"cmdline") else value.split(b"\n")
+                       if name == b"maps" else [value])   # maps: paths; exe, cwd, fd/N: link targets
+            for target in targets:
+                if target.startswith(b"/") and \
+                        (sp := to_store_path(target, self.layout.store_dir)) is not None:
+                    yield Root(RootKind.RUNTIME, path, sp)

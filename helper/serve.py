@@ -15,13 +15,14 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
 from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.nixcompat import encode_nix_roots
-from gcroots.protocol.rootstream import NEED_DATA, Root, RootStreamSender, ScanWarning, StaleLink
+from gcroots.protocol.rootstream import (NEED_DATA, Record, Root, RootStreamSender, ScanWarning,
+                                         StaleLink)
 from gcroots.sockets import peer_credentials
 
 from .scan import ScanError, Scanner
@@ -43,17 +44,16 @@ _log = log.get("gcroots.helper")
 
 
 class HelperServer:
-    """`scan` holds Scanner's options (runtime, cmdline, the sandbox's
-    proc_reader and preflight, accept_unreadable); `paths` names our
-    sockets in the log (getsockname: where they were bound privately)."""
+    """`listeners`: (socket, ROOTS or NIX, its path for the log -- not
+    getsockname's, which says where it was bound privately); `scan` holds
+    Scanner's options (runtime, cmdline, the sandbox's proc_reader and
+    preflight, accept_unreadable)."""
 
     def __init__(self, layout: StoreLayout, allowed_uids: frozenset[int],
-                 listeners: list[tuple[socket.socket, str]], *,
-                 paths: dict[socket.socket, bytes] | None = None,
-                 max_connections: int = MAX_CONNECTIONS, **scan: Any) -> None:
+                 listeners: list[tuple[socket.socket, str, bytes]], **scan: Any) -> None:
         self.layout, self.allowed_uids, self.listeners = layout, allowed_uids, listeners
-        self.paths, self.max_connections, self.scan_options = paths or {}, max_connections, scan
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.scan_options = scan
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._idle: dict[socket.socket, int] = {}   # connection -> uid until its hello, oldest first
         self._idle_lock = threading.Lock()
 
@@ -71,10 +71,9 @@ class HelperServer:
 
     def serve_forever(self) -> None:
         sel = selectors.DefaultSelector()
-        for sock, kind in self.listeners:
+        for sock, kind, _ in self.listeners:
             sel.register(sock, selectors.EVENT_READ, (sock, kind))
-        _log.info("helper_listening", sockets=[(self.paths.get(s) or s.getsockname(), k)
-                                               for s, k in self.listeners],
+        _log.info("helper_listening", sockets=[(path, kind) for _, kind, path in self.listeners],
                   allowed_uids=sorted(self.allowed_uids))
         while True:
             for key, _ in sel.select():
@@ -92,7 +91,7 @@ class HelperServer:
             _log.warning("peer_refused", peer_uid=uid, peer_pid=pid, endpoint=kind)
         elif not self._slots.acquire(blocking=False):
             _log.warning("peer_refused_busy", peer_uid=uid, peer_pid=pid,
-                         max_connections=self.max_connections)
+                         max_connections=MAX_CONNECTIONS)
         else:
             if kind == ROOTS:
                 self._waiting(conn, uid)
@@ -106,8 +105,7 @@ class HelperServer:
         stats = dict.fromkeys(_COUNTED.values(), 0)
         try:
             conn.settimeout(IO_TIMEOUT)
-            serve = self._serve_nix if kind == NIX else self._serve_roots
-            outcome, error = serve(conn, stats)
+            outcome, error = (self._serve_nix if kind == NIX else self._serve_roots)(conn, stats)
         except (OSError, ProtocolError) as e:
             outcome, error = "peer_error", str(e) or type(e).__name__
         finally:
@@ -125,6 +123,12 @@ class HelperServer:
                          consequence="EACCES there is skipped: roots behind it may be missed")
         return Scanner(self.layout, **self.scan_options)
 
+    def _records(self, stats: dict[str, int]) -> Iterator[Record]:
+        """The scan's records, counted in `stats`."""
+        for rec in self._scanner().scan():
+            stats[_COUNTED[type(rec)]] += 1
+            yield rec
+
     def _serve_roots(self, conn: socket.socket, stats: dict[str, int]) -> tuple[str, str]:
         sender = RootStreamSender()
         # State our versions first, so that on a mismatch the daemon can
@@ -140,8 +144,7 @@ class HelperServer:
         conn.settimeout(IO_TIMEOUT)
         ok, message = True, ""
         try:
-            for rec in self._scanner().scan():
-                stats[_COUNTED[type(rec)]] += 1
+            for rec in self._records(stats):
                 conn.sendall(sender.send(rec))
         except ScanError as e:
             ok, message = False, str(e)
@@ -154,13 +157,8 @@ class HelperServer:
         return ("ok", "") if ok else ("scan_failed", message)
 
     def _serve_nix(self, conn: socket.socket, stats: dict[str, int]) -> tuple[str, str]:
-        # Collect first, answer after: the format cannot express "incomplete".
-        paths: set[bytes] = set()
-        try:
-            for rec in self._scanner().scan():
-                stats[_COUNTED[type(rec)]] += 1
-                if isinstance(rec, Root):
-                    paths.add(rec.store_path)
+        try:  # collect first, answer after: the format cannot express "incomplete"
+            paths = {rec.store_path for rec in self._records(stats) if isinstance(rec, Root)}
         except Exception as e:
             conn.sendall(NIX_POISON)
             return "scan_failed", str(e)

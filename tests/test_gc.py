@@ -610,7 +610,7 @@ def test_gc_socket_connections_end_with_the_collection(scratch):
     client.settimeout(10)
 
     def announce(c):
-        client.connect(os.fsdecode(layout.gc_socket_path))
+        client.connect(os.fsdecode(layout.real_state_dir + b"/gc-socket/socket"))
         client.sendall(full[0].encode() + b"\n")
         assert client.recv(1) == b"1"
 
