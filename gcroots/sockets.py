@@ -94,8 +94,8 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
     trusted, at = (0, os.geteuid(), *dir_owners), b"/"   # at: where we are, or what failed
     fd = os.open(b"/", _DIR_FLAGS)
     try:
-        if len(path) > 107:   # sun_path: clients could not connect
-            raise OSError("its path is longer than 107 bytes")
+        if len(path) > 107 or not name:   # sun_path: clients could not connect (no name: a dir)
+            raise OSError("its path is longer than 107 bytes" if name else "its path ends in '/'")
         for part in [p for p in parent.split(b"/") if p not in (b"", b".")]:
             if part == b"..":   # resolved physically by the kernel, lexically by clients
                 raise OSError("'..' in its path")

@@ -140,6 +140,16 @@ def test_only_a_dead_socket_is_replaced(scratch):
         listen_unix(os.fsencode(scratch / "f"), 0o600)
 
 
+def test_a_socket_path_ending_in_a_slash_is_refused_before_making_anything(scratch):
+    """`--socket /run/new/` names a directory, not a socket: one line saying
+    so, and no directory made on the way (it once made them, then failed
+    with "Address already in use")."""
+    with pytest.raises(OSError, match=f"^refusing to create socket {scratch}/new/sub/: its path "
+                                      "ends in '/'"):
+        listen_unix(os.fsencode(scratch / "new" / "sub") + b"/", 0o600)
+    assert not (scratch / "new").exists()
+
+
 def test_helper_refuses_a_socket_dir_the_daemons_user_owns(scratch, users):
     """Without systemd, /run/gcroots may belong to gcrootsd's user: the
     helper (root) would then create its socket where that user can swap it."""
