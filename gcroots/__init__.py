@@ -5,5 +5,3 @@ Sub-packages (each in its own top-level folder of the repository):
 This package itself holds the small shared, standard-library-only modules
 (store path syntax, store layout) that the privileged helper may import.
 """
-
-__version__ = "0.1.0"

@@ -22,10 +22,6 @@ DEFAULT_STORE_DIR = b"/nix/store"
 DEFAULT_STATE_DIR = b"/nix/var/nix"
 
 
-def fsencode(value: str | bytes) -> bytes:
-    return value if isinstance(value, bytes) else os.fsencode(value)
-
-
 @dataclass(frozen=True)
 class StoreLayout:
     store_dir: bytes = DEFAULT_STORE_DIR   # logical
@@ -35,12 +31,12 @@ class StoreLayout:
     @classmethod
     def make(cls, store_dir: str | bytes | None = None, state_dir: str | bytes | None = None,
              root: str | bytes | None = None) -> StoreLayout:
-        store = canon_path(fsencode(store_dir or DEFAULT_STORE_DIR))
+        store = canon_path(os.fsencode(store_dir or DEFAULT_STORE_DIR))
         if store == b"/":
             raise ValueError("the store dir cannot be /")
         # The root may be given relative (like `nix-store --store ./x`).
-        return cls(store, canon_path(fsencode(state_dir or DEFAULT_STATE_DIR)),
-                   canon_path(os.path.abspath(fsencode(root or b"/"))))
+        return cls(store, canon_path(os.fsencode(state_dir or DEFAULT_STATE_DIR)),
+                   canon_path(os.path.abspath(os.fsencode(root or b"/"))))
 
     def physical(self, logical: bytes) -> bytes:
         """Where a logical path (a store path, say) is on disk."""
