@@ -292,10 +292,9 @@ def _layer_caps() -> dict[str, object]:
         for cap in (c for c in range(64) if extra >> c & 1):
             prctl(PR_CAPBSET_DROP, cap)
     # Whatever happened above, drop everything else we hold (fail closed).
-    # Only the calls needed: a unit whose SystemCallFilter= forbids capset
+    # capset only if needed: a unit whose SystemCallFilter= forbids it
     # (~@privileged) still works when systemd already set the caps exactly.
-    if have["Amb"]:
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     want = {"Eff": keep, "Prm": keep, "Inh": 0, "Amb": 0}
     if {k: v for k, v in cap_sets().items() if k in want} != want:
         capset(keep, keep, 0)
@@ -407,11 +406,9 @@ def loaded_code_dirs() -> list[bytes]:
     files = [os.path.realpath(os.fsencode(f)) for m in list(sys.modules.values())
              if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)]
     exe = os.readlink(b"/proc/self/exe")
-    for fields in (line.split(maxsplit=5) for line in _read(b"/proc/self/maps").splitlines()):
-        # address perms offset dev inode path
-        if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
-                and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
-            files.append(fields[5])
+    # address perms(rwxp) offset dev inode path
+    files += [f for f in re.findall(rb"^\S+ ..x. \S+ \S+ \S+ +(/.*)$", _read(b"/proc/self/maps"), re.M)
+              if f != exe and not f.endswith(b" (deleted)")]
     dirs = {os.path.dirname(f) for f in files}
     return [d for d in sorted(dirs) if not any(is_in_dir(d, other) for other in dirs)]
 
@@ -586,8 +583,7 @@ def install_filter(prog: bytes) -> None:
 
 
 def _layer_seccomp(rules: Rules, reader: ProcReader | None) -> dict[str, object]:
-    prog = build_filter(rules)
-    install_filter(prog)
+    install_filter(prog := build_filter(rules))
     if prctl(PR_GET_SECCOMP) != 2:
         raise _Missing("PR_GET_SECCOMP does not report filter mode")
     if reader is not None and reader.seccomp != "ok":
