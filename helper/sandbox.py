@@ -660,14 +660,12 @@ class ProcReader:
     def start(cls, skip: frozenset[str], store_dir: bytes) -> ProcReader:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         parent = os.getpid()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
+        # (No flush of sys.stdout/stderr first: the child never flushes them,
+        # it writes with os.write and leaves with os._exit.)
+        if (pid := os.fork()) == 0:  # pragma: no cover - runs in the child
             code = 1
             try:   # (_reader_main closes `ours`, and every other fd but `theirs`)
-                _reader_main(theirs, parent, skip, store_dir)
-                code = 0
+                code = _reader_main(theirs, parent, skip, store_dir)
             except BaseException as e:
                 os.write(2, f"gcroots-helper: /proc reader: {e!r}\n".encode())
             finally:
@@ -699,10 +697,10 @@ class ProcReader:
 
 
 def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
-                 store_dir: bytes) -> None:  # pragma: no cover
+                 store_dir: bytes) -> int:  # pragma: no cover
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:        # the parent died before PDEATHSIG was set
-        return
+        return 0
     # Nothing of the parent's: no listening sockets, no stdin/stdout.
     for low, high in ((0, 2), (3, sock.fileno()), (sock.fileno() + 1, 1 << 20)):
         os.closerange(low, high)
@@ -725,6 +723,7 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
         if len(answer) > MAX_ANSWER:   # cannot happen (see MAX_ANSWER); fail this scan, not us
             answer = _encode_items([(b"fd", OSError(errno.EMSGSIZE, "answer too big"))])
         _send_frame(sock, answer)
+    return 0
 
 
 def _selftest(reader: ProcReader | None) -> None:
