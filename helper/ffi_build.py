@@ -31,7 +31,6 @@ struct sock_fprog { unsigned short len; void *filter; };   /* PR_SET_SECCOMP */
 struct scmp_arg_cmp { unsigned int arg; int op; uint64_t datum_a; uint64_t datum_b; };
 void *seccomp_init(uint32_t def_action);
 void seccomp_release(void *ctx);
-int seccomp_attr_set(void *ctx, int attr, uint32_t value);
 int seccomp_syscall_resolve_name(const char *name);
 int seccomp_rule_add_array(void *ctx, uint32_t action, int syscall, unsigned int arg_cnt,
                            const struct scmp_arg_cmp *arg_array);

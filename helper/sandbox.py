@@ -177,16 +177,9 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
 
 
 @dataclass
-class LayerResult:
-    name: str
-    active: bool
-    reason: str
-    details: dict[str, object]
-
-
-@dataclass
 class Sandbox:
-    layers: list[LayerResult]
+    missing: dict[str, str]                  # layer: why it is not active
+    details: dict[str, dict[str, object]]    # an active layer's, as logged
     proc_reader: "ProcReader | None" = None   # for Scanner(proc_reader=...)
 
 
@@ -243,27 +236,25 @@ def _layer_netns() -> dict[str, object]:
 WATCHED_DIRS = (b"/home", b"/root", b"/run/user", b"/tmp", b"/var/tmp")
 
 
+# A mountinfo line: IDs, device, root within it, mount point, options ... " - " fs type.
+_MOUNT = re.compile(rb"^\S+ \S+ (\S+) (\S+) (\S+) .*? - (\S+)", re.M)
+
+
 def _mounts(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
     """(mount point, device, root within the device, fs type), in mount order;
     mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    out = []
-    for line in mountinfo.splitlines():
-        head, _, tail = line.partition(b" - ")
-        f = [re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), x) for x in head.split()]
-        if len(f) >= 5 and tail:
-            out.append((f[4], f[2], f[3], tail.split()[0]))
-    return out
+    def unescape(field: bytes) -> bytes:
+        return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
+    return [(unescape(point), dev, unescape(root), fs) for dev, root, point, fs in _MOUNT.findall(mountinfo)]
 
 
 def _backing(mounts: list[tuple[bytes, bytes, bytes, bytes]], path: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(device, directory on that device, fs type) that `path` shows: the
     longest mount point above it, the topmost (last) mount there."""
-    best = None
-    for point, dev, root, fstype in mounts:
-        top = point.rstrip(b"/")
-        if (path == point or path.startswith(top + b"/")) and (best is None or len(point) >= len(best[0])):
-            best = (point, (dev, (root.rstrip(b"/") + path[len(top):]) or b"/", fstype))
-    return None if best is None else best[1]
+    for point, dev, root, fstype in reversed(sorted(mounts, key=lambda m: len(m[0]))):   # (stable)
+        if path == point or path.startswith(point.rstrip(b"/") + b"/"):
+            return dev, (root.rstrip(b"/") + path[len(point.rstrip(b"/")):]) or b"/", fstype
+    return None
 
 
 def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
@@ -301,10 +292,9 @@ def _layer_caps() -> dict[str, object]:
         for cap in (c for c in range(64) if extra >> c & 1):
             prctl(PR_CAPBSET_DROP, cap)
     # Whatever happened above, drop everything else we hold (fail closed).
-    # Only the calls needed: a unit whose SystemCallFilter= forbids capset
+    # capset only if needed: a unit whose SystemCallFilter= forbids it
     # (~@privileged) still works when systemd already set the caps exactly.
-    if have["Amb"]:
-        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     want = {"Eff": keep, "Prm": keep, "Inh": 0, "Amb": 0}
     if {k: v for k, v in cap_sets().items() if k in want} != want:
         capset(keep, keep, 0)
@@ -416,11 +406,9 @@ def loaded_code_dirs() -> list[bytes]:
     files = [os.path.realpath(os.fsencode(f)) for m in list(sys.modules.values())
              if isinstance(f := getattr(m, "__file__", None), str) and os.path.isabs(f)]
     exe = os.readlink(b"/proc/self/exe")
-    for fields in (line.split(maxsplit=5) for line in _read(b"/proc/self/maps").splitlines()):
-        # address perms offset dev inode path
-        if len(fields) == 6 and b"x" in fields[1] and fields[5].startswith(b"/") \
-                and fields[5] != exe and not fields[5].endswith(b" (deleted)"):
-            files.append(fields[5])
+    # address perms(rwxp) offset dev inode path
+    files += [f for f in re.findall(rb"^\S+ ..x. \S+ \S+ \S+ +(/.*)$", _read(b"/proc/self/maps"), re.M)
+              if f != exe and not f.endswith(b" (deleted)")]
     dirs = {os.path.dirname(f) for f in files}
     return [d for d in sorted(dirs) if not any(is_in_dir(d, other) for other in dirs)]
 
@@ -430,11 +418,13 @@ def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]
     (their files are never opened), /proc, and where its code came from.
     A missing root directory may be created later; a rule on the state dir
     lets us list it then instead of silently skipping it (EACCES is
-    skippable)."""
+    skippable).  Only what exists: a rule needs an fd."""
     out = [(d if os.path.isdir(d) else layout.real_state_dir, LL_READ_DIR)
            for d in (layout.gcroots_dir, layout.profiles_dir)]
     dirs = [os.path.dirname(layout.db_path)] * read_db + [b"/proc"] + loaded_code_dirs()
-    return out + [(d, LL_READ_FILE | LL_READ_DIR) for d in dirs]
+    # (Of a file, READ_FILE only: READ_DIR on a file is EINVAL.)
+    return [(p, a & (LL_READ_FILE | LL_READ_DIR * os.path.isdir(p)))
+            for p, a in out + [(d, LL_READ_FILE | LL_READ_DIR) for d in dirs] if os.path.exists(p)]
 
 
 def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
@@ -445,17 +435,12 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
     # denied; abstract Unix sockets and signals scoped (ABI >= 6).
     attr = ffi.new("struct landlock_ruleset_attr *",
                    (landlock_fs_rights(abi), 3 * (abi >= 4), 3 * (abi >= 6)))
-    rules = read_paths(layout, read_db=read_db)
     ruleset = syscall("landlock_create_ruleset", attr, 8 + 8 * (abi >= 4) + 8 * (abi >= 6), 0)
     granted = []
     try:
-        for path, access in rules:
+        for path, access in read_paths(layout, read_db=read_db):
             if os.path.realpath(path) == b"/":
                 raise _Missing("refusing a Landlock rule on / (it would allow reading everything)")
-            if not os.path.exists(path):
-                continue
-            if not os.path.isdir(path):
-                access &= LL_READ_FILE   # READ_DIR on a file is EINVAL
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:   # LANDLOCK_RULE_PATH_BENEATH
                 rule = ffi.new("struct landlock_path_beneath_attr *", (access, fd))
@@ -566,20 +551,17 @@ def build_filter(rules: Rules, default: int = EPERM) -> bytes:
     this architecture lacks left out, `default` for every other call."""
     ctx = _seccomp.seccomp_init(default)
     _scmp(-errno.ENOMEM if ctx == ffi.NULL else 0, "seccomp_init")
-    try:
-        _scmp(_seccomp.seccomp_attr_set(ctx, 3, 0), "attr_set")   # SCMP_FLTATR_CTL_NNP: a layer of its own
+    try:   # (its no_new_privs attribute only matters to seccomp_load, which we do not use)
         for name, rule in rules.items():
             nr = int(_seccomp.seccomp_syscall_resolve_name(name.encode()))   # < 0: not on this arch
             action, alternatives = (rule, [()]) if isinstance(rule, int) else (ALLOW, rule or [()])
             for cmps in alternatives if nr >= 0 else ():
                 array = ffi.new("struct scmp_arg_cmp[]", list(cmps) or 1)
                 _scmp(_seccomp.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"rule for {name}")
-        fd = os.memfd_create("seccomp", os.MFD_CLOEXEC)
-        try:
-            _scmp(_seccomp.seccomp_export_bpf(ctx, fd), "export_bpf")
-            prog = bytearray(os.pread(fd, os.fstat(fd).st_size, 0))
-        finally:
-            os.close(fd)
+        with open(os.memfd_create("seccomp", os.MFD_CLOEXEC), "rb") as memfd:
+            _scmp(_seccomp.seccomp_export_bpf(ctx, memfd.fileno()), "export_bpf")
+            memfd.seek(0)
+            prog = bytearray(memfd.read())
     finally:
         _seccomp.seccomp_release(ctx)
     # The one part libseccomp cannot say here: a foreign arch's (or x32's)
@@ -601,8 +583,7 @@ def install_filter(prog: bytes) -> None:
 
 
 def _layer_seccomp(rules: Rules, reader: ProcReader | None) -> dict[str, object]:
-    prog = build_filter(rules)
-    install_filter(prog)
+    install_filter(prog := build_filter(rules))
     if prctl(PR_GET_SECCOMP) != 2:
         raise _Missing("PR_GET_SECCOMP does not report filter mode")
     if reader is not None and reader.seccomp != "ok":
@@ -618,7 +599,10 @@ _REQUEST = re.compile(rb"([c-])(/proc/[1-9][0-9]{0,9})\n")
 # environ, cmdline) and two links: well below this, and below the 4 GiB the
 # "=I" length can say.  Checked anyway, on both sides.
 MAX_ANSWER = 160 << 20
-_SAME_AS = -1  # in place of an errno: "the same bytes as item <length>"
+# An item: this header, its name, its data.  The code is 0 (data: its
+# length follows), an errno (none), or _SAME_AS (the data of the item whose
+# index follows).
+_ITEM, _SAME_AS = struct.Struct("=HiI"), -1
 
 
 def _send_frame(sock: socket.socket, payload: bytes) -> None:
@@ -630,33 +614,32 @@ def _encode_items(items: Items) -> bytes:
     """Each target once: a process may hold half a million fds on one long
     store path, and every fd/N label is kept (Nix prints them all), so a
     repeated value is sent as a reference to its first item."""
-    parts, first = [struct.pack("=I", len(items))], dict[bytes, int]()
+    parts, first = [], dict[bytes, int]()
     for i, (name, value) in enumerate(items):
         if isinstance(value, OSError):
-            head, data = (value.errno or errno.EIO, 0), b""
+            head, value = (value.errno or errno.EIO, 0), b""
         elif (k := first.setdefault(value, i)) != i:
-            head, data = (_SAME_AS, k), b""
+            head, value = (_SAME_AS, k), b""
         else:
-            head, data = (0, len(value)), value
-        parts += [struct.pack("=H", len(name)), name, struct.pack("=iI", *head), data]
+            head = (0, len(value))
+        parts += [_ITEM.pack(len(name), *head), name, value]
     return b"".join(parts)
 
 
 def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
-    (count,), pos, items = struct.unpack_from("=I", payload), 4, Items()
-    for _ in range(count):
-        (size,) = struct.unpack_from("=H", payload, pos)
-        name, (err, length) = payload[pos + 2:pos + 2 + size], struct.unpack_from("=iI", payload, pos + 2 + size)
-        pos += 10 + size
-        if err == _SAME_AS and (length >= len(items) or isinstance(items[length][1], OSError)):
-            break   # a reference forward, or to an error
-        if err:
-            items.append((name, items[length][1] if err == _SAME_AS
-                          else OSError(err, os.strerror(err), pid_dir + b"/" + name)))
-        else:
-            items.append((name, payload[pos:pos + length]))
-            pos += length
-    if len(items) != count or pos != len(payload):
+    pos, items = 0, Items()
+    while pos < len(payload):
+        size, code, length = _ITEM.unpack_from(payload, pos)
+        name, pos = payload[pos + _ITEM.size:pos + _ITEM.size + size], pos + _ITEM.size + size
+        value: bytes | OSError
+        if not code:
+            value, pos = payload[pos:pos + length], pos + length
+        elif code != _SAME_AS:
+            value = OSError(code, os.strerror(code), pid_dir + b"/" + name)
+        elif length >= len(items) or isinstance(value := items[length][1], OSError):
+            raise OSError(errno.EPROTO, "malformed answer: a reference forward, or to an error")
+        items.append((name, value))
+    if pos != len(payload):
         raise OSError(errno.EPROTO, "malformed answer")
     return items
 
@@ -677,14 +660,12 @@ class ProcReader:
     def start(cls, skip: frozenset[str], store_dir: bytes) -> ProcReader:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         parent = os.getpid()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
+        # (No flush of sys.stdout/stderr first: the child never flushes them,
+        # it writes with os.write and leaves with os._exit.)
+        if (pid := os.fork()) == 0:  # pragma: no cover - runs in the child
             code = 1
             try:   # (_reader_main closes `ours`, and every other fd but `theirs`)
-                _reader_main(theirs, parent, skip, store_dir)
-                code = 0
+                code = _reader_main(theirs, parent, skip, store_dir)
             except BaseException as e:
                 os.write(2, f"gcroots-helper: /proc reader: {e!r}\n".encode())
             finally:
@@ -716,10 +697,10 @@ class ProcReader:
 
 
 def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
-                 store_dir: bytes) -> None:  # pragma: no cover
+                 store_dir: bytes) -> int:  # pragma: no cover
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:        # the parent died before PDEATHSIG was set
-        return
+        return 0
     # Nothing of the parent's: no listening sockets, no stdin/stdout.
     for low, high in ((0, 2), (3, sock.fileno()), (sock.fileno() + 1, 1 << 20)):
         os.closerange(low, high)
@@ -742,6 +723,7 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
         if len(answer) > MAX_ANSWER:   # cannot happen (see MAX_ANSWER); fail this scan, not us
             answer = _encode_items([(b"fd", OSError(errno.EMSGSIZE, "answer too big"))])
         _send_frame(sock, answer)
+    return 0
 
 
 def _selftest(reader: ProcReader | None) -> None:
@@ -784,7 +766,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
     if len(os.listdir(b"/proc/self/task")) != 1:
         raise SandboxError("the sandbox must be applied before any thread starts "
                            "(capabilities, Landlock and namespaces are per thread)")
-    box = Sandbox([])
+    box = Sandbox({}, {})
     layers: dict[str, Callable[[], dict[str, object]]] = {
         "netns": _layer_netns, "caps": _layer_caps, "no_new_privs": _layer_nnp,   # netns first: needs CAP_SYS_ADMIN
         "landlock": lambda: _layer_landlock(layout, read_db),
@@ -796,29 +778,26 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
             except OSError as e:
                 raise SandboxError(f"cannot start the /proc reader: {e}") from None
             log.info("proc_reader_started", pid=box.proc_reader.pid)
-        details, reason = {}, "skipped on request (--sandbox-skip)"
-        if name not in skip:
-            try:
-                details, reason = apply(), ""
-            except Exception as e:  # noqa: BLE001 - whatever it is, the layer is missing
-                reason = _why_missing(name, e)
-        box.layers.append(LayerResult(name, not reason, reason, details))
-        if reason:
-            log.warning("sandbox_layer", layer=name, active=False, reason=reason)
+        try:
+            if name in skip:
+                raise _Missing("skipped on request (--sandbox-skip)")
+            box.details[name] = apply()
+        except Exception as e:  # noqa: BLE001 - whatever it is, the layer is missing
+            box.missing[name] = _why_missing(name, e)
+            log.warning("sandbox_layer", layer=name, active=False, reason=box.missing[name])
         else:
-            log.info("sandbox_layer", layer=name, active=True, **details)
+            log.info("sandbox_layer", layer=name, active=True, **box.details[name])
     try:
         _selftest(box.proc_reader)
     except OSError as e:
         raise SandboxError(f"sandbox self-test failed, the runtime scan would be incomplete: {e}") from None
-    missing = {r.name: r.reason for r in box.layers if not r.active}
-    if not missing:
+    if not box.missing:
         log.info("sandbox_applied", layers=list(LAYERS))
     elif require:
-        log.error("sandbox_required_but_incomplete", missing=missing)
+        log.error("sandbox_required_but_incomplete", missing=box.missing)
         raise SandboxError("refusing to run without the full sandbox (--require-sandbox); "
-                           "missing: " + "; ".join(f"{n}: {r}" for n, r in missing.items()))
+                           "missing: " + "; ".join(f"{n}: {r}" for n, r in box.missing.items()))
     else:
-        log.warning("sandbox_incomplete", missing=missing,
-                    message="RUNNING WITH A WEAKER SANDBOX: " + ", ".join(missing))
+        log.warning("sandbox_incomplete", missing=box.missing,
+                    message="RUNNING WITH A WEAKER SANDBOX: " + ", ".join(box.missing))
     return box

@@ -22,7 +22,7 @@ from gcroots.layout import StoreLayout
 from gcroots.log import Logger
 
 from ._ffi import ffi
-from .sandbox import CLONE_NEWNET, SandboxError, apply_for_serving, cap_sets, capset, syscall
+from .sandbox import CLONE_NEWNET, LAYERS, SandboxError, apply_for_serving, cap_sets, capset, syscall
 
 # -- sandbox-check ---------------------------------------------------------------------------
 # A harness process prepares probes, forks a child that applies the sandbox
@@ -215,11 +215,10 @@ def _prober(layout: StoreLayout, p: _Probes, skip: frozenset[str], log: Logger,
     except SandboxError as e:
         print(f"sandbox-check: cannot apply the sandbox: {e}", flush=True)
         return 1
-    for r in box.layers:
-        print(f"layer {r.name}: " + ("active" if r.active else f"MISSING ({r.reason})"))
+    for layer in LAYERS:
+        print(f"layer {layer}: " + (f"MISSING ({box.missing[layer]})" if layer in box.missing else "active"))
     sys.stdout.flush()
-    netns = box.layers[0]
-    os.write(sync[0], str(netns.details["links"] if netns.active else "-").encode())
+    os.write(sync[0], str(box.details.get("netns", {}).get("links", "-")).encode())
     os.close(sync[0])
     os.read(sync[1], 1)   # end of file: the harness has listed our links with netlink
     os.close(sync[1])
