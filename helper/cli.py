@@ -48,7 +48,16 @@ SCAN_FLAGS: Flags = LAYOUT_FLAGS + (
     ("--cmdline", dict(action="store_true")),
     ("--accept-unreadable", dict(action="append", default=[], metavar="PREFIX",
                                  type=lambda v: canon_path(os.fsencode(_absolute(v))))))
-SANDBOX_SKIP: Flags = (("--sandbox-skip", dict(action="append", default=[], metavar="LAYER")),)
+def _layers(value: str) -> list[str]:
+    from .sandbox import LAYERS
+    for layer in (wanted := [x for x in value.split(",") if x]):
+        if layer not in LAYERS:
+            raise argparse.ArgumentTypeError(f"unknown layer {layer!r} (layers: {', '.join(LAYERS)})")
+    return wanted
+
+
+SANDBOX_SKIP: Flags = (("--sandbox-skip", dict(action="extend", default=[], type=_layers,
+                                               metavar="LAYER")),)
 SERVE_FLAGS: Flags = SCAN_FLAGS + (
     ("--socket", dict(type=_nonempty, metavar="PATH")),
     ("--nix-roots-daemon-socket", dict(type=_nonempty, metavar="PATH")),
@@ -83,17 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     return commands.build_parser()
 
 
-def sandbox_skip(args: argparse.Namespace) -> set[str]:
-    return {x for arg in args.sandbox_skip for x in arg.split(",") if x}
-
-
 def apply_sandbox(args: argparse.Namespace, layout: StoreLayout, *, read_db: bool = False) -> Sandbox:
     """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
     from . import sandbox
     log.configure("gcroots-helper", getattr(args, "log_level", "info"), plain=True)
     try:
         return sandbox.apply_for_serving(layout, require=args.require_sandbox, log=log.get(
-            "gcroots.helper.sandbox"), skip=sandbox_skip(args), runtime=not args.no_runtime,
+            "gcroots.helper.sandbox"), skip=args.sandbox_skip, runtime=not args.no_runtime,
             read_db=read_db)
     except sandbox.SandboxError as e:
         raise SystemExit(f"gcroots-helper {args.command}: {e}") from None
@@ -142,14 +147,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # would bind over them, so they are ignored.
     listeners = [(s, serve.NIX if name == serve.NIX else serve.ROOTS, os.fsencode(s.getsockname()))
                  for s, name in sockets.listen_fds()]
-    files = []
+    files: list[sockets.SocketFile] = []
     if not listeners:
         for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
             if path:
                 try:
                     sock, file = sockets.listen_unix(os.fsencode(path), args.socket_mode,
                                                       min(uids, default=None))
-                except OSError as e:
+                except OSError as e:   # (the other, made a moment ago, goes too)
+                    for made in files:
+                        made.remove()
                     raise SystemExit(f"gcroots-helper serve: {e}") from None
                 listeners.append((sock, kind, file.path))
                 files.append(file)

@@ -11,7 +11,7 @@ import os
 from gcroots import cliargs
 
 from .cli import (LAYOUT_FLAGS, SANDBOX_SKIP, SCAN_FLAGS, SERVE_FLAGS, add_flags, cmd_serve,
-                  layout_of, sandbox_skip)
+                  layout_of)
 
 HELP = {
     "--root": "physical root of a chroot store (like nix-store --store DIR)",
@@ -45,7 +45,7 @@ def cmd_sandbox_check(args: argparse.Namespace) -> int:
 
     from . import sandbox_check
     log.configure("gcroots-helper", "info", plain=True)
-    return sandbox_check.check(layout_of(args), skip=sandbox_skip(args),
+    return sandbox_check.check(layout_of(args), skip=args.sandbox_skip,
                                log=log.get("gcroots.helper.sandbox"),
                                readlinks=[os.fsencode(p) for p in args.readlink])
 

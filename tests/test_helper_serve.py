@@ -542,3 +542,14 @@ def test_closed_log_pipe_stops_the_helper(store, scratch):
     while sock.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not sock.exists()
+
+
+def test_the_same_path_for_both_sockets_refuses_and_leaves_no_socket(store, scratch):
+    """The second bind fails; the first socket, made a moment before, goes
+    too: nothing is left behind by a refused start."""
+    sock = scratch / "both.sock"
+    out = subprocess.run([HELPER, "serve", "--root", str(store), "--no-runtime", "--socket",
+                          str(sock), "--nix-roots-daemon-socket", str(sock)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert not sock.exists() and sorted(os.listdir(scratch)) == ["store"], os.listdir(scratch)

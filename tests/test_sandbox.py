@@ -672,3 +672,18 @@ def test_serve_refuses_an_empty_value_as_a_usage_error(scratch, flag):
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1].endswith("must not be empty"), out.stderr
     assert not (scratch / "s.sock").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "scan", "sandbox-check"])
+def test_an_unknown_sandbox_layer_to_skip_is_a_usage_error(store, scratch, command):
+    """A typo in --sandbox-skip names the flag and the layers (exit 2), for
+    every command, before anything is bound or read."""
+    extra = ["--socket", str(scratch / "s.sock")] if command == "serve" else []
+    out = subprocess.run([HELPER, command, "--root", str(store), *extra,
+                          "--sandbox-skip", "landlock,seccom"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "--sandbox-skip: unknown layer 'seccom' (layers: netns, caps, no_new_privs, landlock, "
+        "seccomp)"), out.stderr
+    assert not (scratch / "s.sock").exists()
