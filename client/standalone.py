@@ -48,14 +48,11 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
         # SQLite's default 2 MB page cache rereads pages during the live walk;
         # 32 MB makes it ~15% faster, and this process is gone right after.
         db.conn.execute("PRAGMA cache_size = -32768")
-        want_dead = command in engine.NEEDS_DEAD
-        twin = db.twin() if want_dead else None
     except Exception as e:
         raise DaemonError(str(e)) from None
     try:
-        # The listing (and, if it can, the comparison with the valid paths)
-        # runs in a thread beside the scan and the live walk: two cores.
-        names = engine.listing_in_thread(layout, twin) if want_dead else None
+        want_dead = command in engine.NEEDS_DEAD
+        names = engine.listing_in_thread(layout) if want_dead else None  # beside the scan
         progress(Progress("scanning roots", "scan"))
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         progress(Progress("computing the live set", "plan"))

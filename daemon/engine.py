@@ -443,40 +443,24 @@ def _in_thread(fn: Callable[[], T]) -> Callable[[], T]:
     return result
 
 
-def listing_in_thread(layout: StoreLayout, twin: StoreDB | None = None) -> Callable:
+def listing_in_thread(layout: StoreLayout) -> Callable[[], list[bytes]]:
     """The store dir's names, sorted, listed in a thread (see _in_thread):
-    listing 100k entries is ~60 ms in the kernel, without the GIL.  With
-    `twin` (StoreDB.twin: it sees what the analysis's snapshot sees), the
-    valid paths are compared with them there too (_valid_not_on_disk).
-    The result: (names, that comparison or None)."""
-    def work() -> tuple[list[bytes], tuple[set[bytes], int] | None]:
-        try:
-            names = sorted(list_store(layout.real_store_dir))
-            if twin is None:
-                return names, None
-            with twin.snapshot() as snap:
-                return names, _valid_not_on_disk(layout, snap.sorted_valid_pages(), names)
-        finally:
-            if twin is not None:
-                twin.close()
-    listed = _in_thread(work)
-    listed.compares = twin is not None
-    return listed
+    listing 100k entries is ~60 ms in the kernel, without the GIL."""
+    return _in_thread(lambda: sorted(list_store(layout.real_store_dir)))
 
 
-def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable) -> None:
-    """The dead set without the graph: the store's entries (from
-    listing_in_thread, sorted) less the live ones.  At a million entries
-    every copy of them costs ~90 MB, so the names are the only one: the
-    dead set is a list of them, and paths are made in chunks for the
-    answer."""
+def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable[[], list[bytes]]) -> None:
+    """The dead set without the graph: the store's entries (`listed()`,
+    sorted) less the live ones.  At a million entries every copy of them
+    costs ~90 MB, so the names are the only one: the dead set is a list of
+    them, and paths are made in chunks for the answer."""
     # SQLite reads the valid paths (releasing the GIL) while the other
-    # thread still lists the store dir, unless it compares them itself.
+    # thread still lists the store dir.
     pages = snap.sorted_valid_pages()
     read = []
-    while not listed.compares and listed.running() and (page := next(pages, None)) is not None:
+    while listed.running() and (page := next(pages, None)) is not None:
         read.append(page)
-    names, compared = listed()
+    names = listed()
     prefix = a.layout.store_dir + b"/"
     skip = len(prefix)
     live_names = {p[skip:] for p in a.live}
@@ -486,9 +470,8 @@ def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable) -> None:
         dead = [n for n in dead if n[:HASH_LEN] not in a.temp.hashes or prefix + n in kept]
     else:
         a._live_unregistered = set()
-    missing, a.valid_paths = compared or _valid_not_on_disk(a.layout, itertools.chain(read, pages),
-                                                             names)
-    a.store_entries = len(names)
+    a.store_entries, a.valid_paths = len(names), 0
+    missing = _valid_not_on_disk(a, itertools.chain(read, pages), names)
     if missing - a.live:
         dead_valid = snap.valid_among(prefix + n for n in dead)
         reached = snap.referrer_closure(dead_valid, a.settings) & (missing - a.live)
@@ -496,26 +479,24 @@ def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable) -> None:
     a._dead_names = dead
 
 
-def _valid_not_on_disk(layout: StoreLayout, pages: Iterable[bytes],
-                       names: list[bytes]) -> tuple[set[bytes], int]:
-    """Valid paths without an entry (see _dead_from_graph), and how many
-    valid paths there are: `pages` of the valid paths
-    (Snapshot.sorted_valid_pages), compared in C with the next entries --
-    equal on the usual store -- and only after a difference, looked up one
-    by one."""
-    prefix = layout.store_dir + b"/"
+def _valid_not_on_disk(a: Analysis, pages: Iterable[bytes], names: list[bytes]) -> set[bytes]:
+    """Valid paths without an entry (see _dead_from_graph): `pages` of the
+    valid paths (Snapshot.sorted_valid_pages), compared in C with the next
+    entries -- equal on the usual store -- and only after a difference,
+    looked up one by one."""
+    prefix = a.layout.store_dir + b"/"
     glue = b"\0" + prefix
-    pos, missing, entries, valid = 0, set(), None, 0
+    pos, missing, entries = 0, set(), None
     for page in pages:
         count = page.count(b"\0")
-        valid += count
+        a.valid_paths += count
         if entries is None:
             if page == prefix + glue.join(names[pos:pos + count]) + b"\0":
                 pos += count
                 continue
             entries = set(names)
         missing.update(p for p in page.split(b"\0")[:-1] if p[len(prefix):] not in entries)
-    return missing, valid
+    return missing
 
 
 # -- queries: rows of bytes fields, shared by the daemon and --standalone ----

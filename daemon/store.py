@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.nixdb import connect_ro, opens_immutable
+from gcroots.nixdb import connect_ro
 
 from .nixconf import GCSettings
 
@@ -91,7 +91,6 @@ def _text(paths: Iterable[bytes]) -> str:
 class StoreDB:
     layout: StoreLayout
     conn: sqlite3.Connection
-    immutable: bool = False
     _graph: "StoreGraph | None" = None
     _graph_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -99,19 +98,7 @@ class StoreDB:
     def open(cls, layout: StoreLayout, *, create_files: bool = True) -> "StoreDB":
         # No mmap_size: it makes the live walk ~15% faster, but each page it
         # touches counts in our resident memory (a million paths: 700 MB).
-        immutable = opens_immutable(layout.db_path, create_files)
-        return cls(layout, connect_ro(layout.db_path, create_files=create_files,
-                                      immutable=immutable), immutable)
-
-    def twin(self) -> "StoreDB | None":
-        """Another connection, for another thread, that sees what this one
-        sees: only when this one reads the DB file immutable (no writer
-        was active); in WAL mode two connections' snapshots may be of two
-        different commits."""
-        if not self.immutable:
-            return None
-        return StoreDB(self.layout, connect_ro(self.layout.db_path, create_files=False,
-                                               immutable=True), True)
+        return cls(layout, connect_ro(layout.db_path, create_files=create_files))
 
     def close(self) -> None:
         self.conn.close()

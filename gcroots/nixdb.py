@@ -45,18 +45,12 @@ def describe_error(e: sqlite3.Error, db_path: bytes) -> str:
             + (f"{meaning} ({name}: {e})" if meaning else f"{name}: {e}"))
 
 
-def opens_immutable(db_path: bytes, create_files: bool) -> bool:
-    """Whether connect_ro opens the DB `immutable` (see above)."""
-    return not create_files and not os.path.exists(db_path + b"-wal")
-
-
-def connect_ro(db_path: bytes, *, create_files: bool = True, immutable: bool | None = None,
+def connect_ro(db_path: bytes, *, create_files: bool = True,
                timeout: float = 30.0) -> sqlite3.Connection:
-    """`immutable`: None for opens_immutable()."""
     if not os.path.exists(db_path):
         raise NixDBError(f"no Nix database at {os.fsdecode(db_path)}")
     uri = "file:" + urllib.parse.quote(os.fsdecode(db_path)) + "?mode=ro"
-    if opens_immutable(db_path, create_files) if immutable is None else immutable:
+    if not create_files and not os.path.exists(db_path + b"-wal"):
         uri += "&immutable=1"
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False,
