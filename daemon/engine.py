@@ -359,7 +359,7 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
             # the GIL (a third of `--standalone dead` at 100k paths).
             if want_dead and names is None:
                 names = listing_in_thread(layout)
-            a._live = snap.live_closure(a.root_paths, settings)
+            a._live = snap.live_closure(root_ids.values(), settings)
         t2 = time.perf_counter()
         timings.update(validate=t1 - t0, closure=t2 - t1)
         if want_dead:
@@ -473,8 +473,8 @@ def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable[[], list[bytes]
     a.store_entries, a.valid_paths = len(names), 0
     missing = _valid_not_on_disk(a, itertools.chain(read, pages), names)
     if missing - a.live:
-        dead_valid = snap.valid_among(prefix + n for n in dead)
-        reached = snap.referrer_closure(dead_valid, a.settings) & (missing - a.live)
+        dead_valid = snap.valid_ids(prefix + n for n in dead)
+        reached = snap.referrer_closure(dead_valid.values(), a.settings) & (missing - a.live)
         dead = sorted(set(dead) | {p[skip:] for p in reached})
     a._dead_names = dead
 
