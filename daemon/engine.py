@@ -16,6 +16,7 @@ Queries never modify anything.
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 import pwd
 import re
@@ -239,18 +240,21 @@ def _frame_starts(sizes: "np.ndarray", limit: int) -> "np.ndarray":
     return np.flatnonzero(np.diff(frame, prepend=-1))
 
 
-def _packed(paths: list[bytes], limit: int = PIECE) -> list[tuple[list, int]]:
-    """Sorted paths, NUL-terminated, as frames (one piece each).  Without
-    numpy: a one-shot --standalone query never loads it."""
+def _packed(paths: list[bytes], limit: int = PIECE, prefix: bytes = b"") -> list[tuple[list, int]]:
+    """Sorted paths (`prefix` + each of `paths`), NUL-terminated, as frames
+    (one piece each).  Without numpy: a one-shot --standalone query never
+    loads it; each frame's end found by bisection over the running sum of
+    the lengths, not by a loop over the paths."""
+    each = len(prefix) + 1
+    sums = list(itertools.accumulate(map(len, paths)))
+    glue = b"\0" + prefix
     frames: list[tuple[list, int]] = []
-    lo = size = 0
-    for i, n in enumerate(map(len, paths)):
-        if size + n + 1 > limit and i > lo:
-            frames.append(([b"\0".join(paths[lo:i]) + b"\0"], i - lo))
-            lo, size = i, 0
-        size += n + 1
-    if lo < len(paths):
-        frames.append(([b"\0".join(paths[lo:]) + b"\0"], len(paths) - lo))
+    lo = used = 0
+    while lo < len(paths):
+        hi = max(lo + 1, bisect.bisect_right(range(len(paths)), used + limit, lo,
+                                             key=lambda i: sums[i] + (i + 1) * each))
+        frames.append(([prefix + glue.join(paths[lo:hi]) + b"\0"], hi - lo))
+        lo, used = hi, sums[hi - 1] + hi * each
     return frames
 
 
@@ -308,10 +312,13 @@ def _merged_frames(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
             *, want_dead: bool = True,
             temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None,
-            listing: "StoreListing | None" = None, load: bool = False) -> Analysis:
+            listing: "StoreListing | None" = None, load: bool = False,
+            names: "Callable[[], list[bytes]] | None" = None) -> Analysis:
     """`temp_files_at_lock`: see read_temp_roots (a collection's).  The
     in-memory graph is used when it is current (or, with `load`, read
-    now); `listing` keeps the store dir's entries for it between calls."""
+    now); `listing` keeps the store dir's entries for it between calls.
+    `names`: listing_in_thread(layout), started by the caller before its
+    scan, for a dead set without the graph."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
     with db.snapshot() as snap:
@@ -350,9 +357,9 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         else:                  # cold: let SQLite walk it
             # ... while a thread lists the store dir: SQLite's walk releases
             # the GIL (a third of `--standalone dead` at 100k paths).
-            names = _in_thread(lambda: sorted(list_store(layout.real_store_dir))) \
-                if want_dead else None
-            a._live = snap.live_closure(a.root_paths, settings)
+            if want_dead and names is None:
+                names = listing_in_thread(layout)
+            a._live = snap.live_closure(root_ids.values(), settings)
         t2 = time.perf_counter()
         timings.update(validate=t1 - t0, closure=t2 - t1)
         if want_dead:
@@ -363,7 +370,7 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                 listing.sync(graph)
                 _dead_from_graph(a, listing)
             else:
-                _dead_from_sql(a, snap, names())
+                _dead_from_sql(a, snap, names)
             a.computed_dead = True
             timings["dead"] = time.perf_counter() - t2
         elif graph is not None and listing is not None and a.temp.hashes:
@@ -414,7 +421,8 @@ def _dead_from_graph(a: Analysis, listing: StoreListing) -> None:
 
 def _in_thread(fn: Callable[[], T]) -> Callable[[], T]:
     """fn() started in a thread now; returns a function that waits for
-    its result (or raises what it raised)."""
+    its result (or raises what it raised), whose `running()` says whether
+    it is still at work."""
     box: list = []
 
     def run() -> None:
@@ -431,40 +439,55 @@ def _in_thread(fn: Callable[[], T]) -> Callable[[], T]:
         if not ok:
             raise value
         return value
+    result.running = t.is_alive
     return result
 
 
-def _dead_from_sql(a: Analysis, snap: Snapshot, names: list[bytes]) -> None:
-    """The dead set without the graph: the store's entries (`names`,
+def listing_in_thread(layout: StoreLayout) -> Callable[[], list[bytes]]:
+    """The store dir's names, sorted, listed in a thread (see _in_thread):
+    listing 100k entries is ~60 ms in the kernel, without the GIL."""
+    return _in_thread(lambda: sorted(list_store(layout.real_store_dir)))
+
+
+def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable[[], list[bytes]]) -> None:
+    """The dead set without the graph: the store's entries (`listed()`,
     sorted) less the live ones.  At a million entries every copy of them
     costs ~90 MB, so the names are the only one: the dead set is a list of
     them, and paths are made in chunks for the answer."""
+    # SQLite reads the valid paths (releasing the GIL) while the other
+    # thread still lists the store dir.
+    pages = snap.sorted_valid_pages()
+    read = []
+    while listed.running() and (page := next(pages, None)) is not None:
+        read.append(page)
+    names = listed()
     prefix = a.layout.store_dir + b"/"
     skip = len(prefix)
     live_names = {p[skip:] for p in a.live}
-    dead = [n for n in names if n not in live_names]
+    dead = list(itertools.filterfalse(live_names.__contains__, names))  # no bytecode per name
     if a.temp.hashes:
         kept = set(_split_temp(a, [prefix + n for n in dead if n[:HASH_LEN] in a.temp.hashes]))
         dead = [n for n in dead if n[:HASH_LEN] not in a.temp.hashes or prefix + n in kept]
     else:
         a._live_unregistered = set()
     a.store_entries, a.valid_paths = len(names), 0
-    missing = _valid_not_on_disk(a, snap, names)
+    missing = _valid_not_on_disk(a, itertools.chain(read, pages), names)
     if missing - a.live:
-        dead_valid = snap.valid_among(prefix + n for n in dead)
-        reached = snap.referrer_closure(dead_valid, a.settings) & (missing - a.live)
+        dead_valid = snap.valid_ids(prefix + n for n in dead)
+        reached = snap.referrer_closure(dead_valid.values(), a.settings) & (missing - a.live)
         dead = sorted(set(dead) | {p[skip:] for p in reached})
     a._dead_names = dead
 
 
-def _valid_not_on_disk(a: Analysis, snap: Snapshot, names: list[bytes]) -> set[bytes]:
-    """Valid paths without an entry (see _dead_from_graph): pages of the
-    valid paths, sorted, compared in C with the next entries -- equal on
-    the usual store -- and only after a difference, looked up one by one."""
+def _valid_not_on_disk(a: Analysis, pages: Iterable[bytes], names: list[bytes]) -> set[bytes]:
+    """Valid paths without an entry (see _dead_from_graph): `pages` of the
+    valid paths (Snapshot.sorted_valid_pages), compared in C with the next
+    entries -- equal on the usual store -- and only after a difference,
+    looked up one by one."""
     prefix = a.layout.store_dir + b"/"
     glue = b"\0" + prefix
     pos, missing, entries = 0, set(), None
-    for page in snap.sorted_valid_pages():
+    for page in pages:
         count = page.count(b"\0")
         a.valid_paths += count
         if entries is None:
@@ -502,7 +525,7 @@ def path_frames(a: Analysis, command: str) -> list[tuple[list, int]]:
             frames = _merged_frames(a.graph, a.dead_mask, a.dead_extra)
         elif command == "dead":
             prefix = a.layout.store_dir + b"/"
-            frames = _packed([prefix + n for n in a._dead_names])
+            frames = _packed(a._dead_names, prefix=prefix)
         elif a.live_mask is not None:
             frames = _merged_frames(a.graph, a.live_mask, sorted(a.live_unregistered))
         else:

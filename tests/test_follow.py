@@ -261,3 +261,25 @@ def test_answer_frames_without_a_graph_hold_long_names():
     assert all(len(pieces[0]) <= engine.PIECE for pieces, _ in frames)
     assert b"".join(p[0] for p, _ in frames) == b"".join(p + b"\0" for p in paths)
     assert sum(n for _, n in frames) == 1000
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_packed_frames_are_full_and_within_the_limit(seed):
+    """_packed (names under a prefix, as `--standalone dead` packs them):
+    the frames hold exactly the NUL-terminated paths in order, none over
+    the limit, each as full as the limit allows (the next path would not
+    fit), a path longer than the limit alone in its frame."""
+    import random
+    rng = random.Random(seed)
+    names = sorted(bytes(rng.choice(b"abcdef") for _ in range(rng.randint(1, 60)))
+                   for _ in range(rng.choice([0, 1, 7, 300])))
+    prefix = rng.choice([b"", b"/nix/store/"])
+    limit = rng.choice([20, 100, 1000, engine.PIECE])
+    frames = engine._packed(names, limit, prefix)
+    paths = [prefix + n + b"\0" for n in names]
+    assert b"".join(pieces[0] for pieces, _ in frames) == b"".join(paths)
+    at = 0
+    for (piece,), n in frames:
+        assert piece.count(b"\0") == n >= 1 and (len(piece) <= limit or n == 1)
+        at += n
+        assert at == len(paths) or len(piece) + len(paths[at]) > limit
