@@ -50,7 +50,7 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -207,9 +207,8 @@ class GCResult:
     deleted: list[bytes] = field(default_factory=list)
 
     def summary(self) -> dict:
-        d = asdict(self)
-        d.pop("deleted")
-        return d
+        # Not asdict(): it would deep-copy every deleted path (0.1-0.2 s at 80k).
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "deleted"}
 
 
 # -- the lock and the socket --------------------------------------------------
