@@ -81,9 +81,12 @@ LOCK_WAIT = 60.0          # for a Nix GC or a client that holds gc.lock
 # as it takes; we hold gc.lock meanwhile, so not for ever).
 DB_BUSY_TIMEOUT = 600.0
 # Paths per invalidation transaction: the first small, so that deletion
-# starts at once; then doubling to BATCH (few commits: each rewrites index pages).
+# starts at once; then four times larger each time up to BATCH (few commits:
+# each rewrites most index pages; at 80k dead paths 7 instead of 12, which
+# saves a tenth of the DB work), not larger: the last batch's deletion is
+# what is left to do once the DB work is over.
 FIRST_BATCH = 64
-BATCH = 16384
+BATCH = 32768
 MAX_FREED_BATCH = 256     # ... when stopping at a limit (each cut where it stops)
 DELETE_CHUNK = 512        # paths a deleter takes at a time (progress this often)
 _log = log.get("gcroots.gc")
@@ -964,7 +967,7 @@ class Collection:
                     break
                 chunk, chunk_nodes = order[start:start + size], nodes[start:start + size]
                 start += len(chunk)
-                size = fixed or min(size * 2, BATCH)
+                size = fixed or min(size * 4, BATCH)
                 batch, batch_nodes = self._claim(chunk, chunk_nodes)
                 if not batch:
                     continue
