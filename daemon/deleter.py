@@ -77,40 +77,52 @@ def open_dir(path: bytes) -> int:
     return os.open(path, _DIR)
 
 
-def delete_tree(path: bytes, freed: Freed) -> None:
-    """rm -rf of one store entry, adding what it frees.  By directory fds
-    only: every step is relative to a directory already open (fstatat,
-    unlinkat, openat with O_NOFOLLOW|O_DIRECTORY), so an entry that the
-    store's owner swaps for a symlink meanwhile is removed as the link it has
-    become, never followed -- not even by root collecting another user's
-    store.  Directories are made writable with fchmod on their own fd.  An
-    error names the exact path (OSError.filename)."""
-    parent, name = path.rsplit(b"/", 1)
-    fd = open_dir(parent)
+def delete_trees(paths: list[bytes], freed: Freed) -> None:
+    """rm -rf of these store entries in turn, adding what they free.  By
+    directory fds only: every step is relative to a directory already open
+    (fstatat, unlinkat, openat with O_NOFOLLOW|O_DIRECTORY), so an entry
+    that the store's owner swaps for a symlink meanwhile is removed as the
+    link it has become, never followed -- not even by root collecting
+    another user's store.  Directories are made writable with fchmod on
+    their own fd, only when they are not already and only without
+    CAP_DAC_OVERRIDE (root's, which lets us into any directory anyway).
+    Consecutive entries of one directory (the store dir) share one fd of
+    it.  An error names the exact path (OSError.filename)."""
+    fd, parent, dev = -1, None, 0
+    chmod = not effective_caps() >> CAP_DAC_OVERRIDE & 1
     try:
-        _remove(fd, parent, name, freed)
+        for path in paths:
+            where, name = path.rsplit(b"/", 1)
+            if where != parent:
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+                fd, parent = open_dir(where), where
+                dev = os.fstat(fd).st_dev
+            _remove(fd, where, name, dev, chmod, freed)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
-def _remove(top: int, top_path: bytes, name: bytes, freed: Freed) -> None:
+def _remove(top: int, top_path: bytes, name: bytes, dev: int, chmod: bool, freed: Freed) -> None:
     """Depth-first with an explicit stack of open directories (no recursion
-    limit; one fd per level), each frame [fd, path, stat, names left]."""
-    dev = os.fstat(top).st_dev
-    frames: list[list] = [[top, top_path, None, [name]]]
+    limit; one fd per level), each frame [fd, path, stat, entries left:
+    (name, is a directory: True, False or None for unknown)]."""
+    frames: list[list] = [[top, top_path, None, [(name, None)]]]
     retries: dict[bytes, int] = {}
     try:
         while True:
             fd, where, st, names = frames[-1]
             if names:
-                name = names.pop()
+                name, is_dir = names.pop()
                 path = where + b"/" + name
                 try:
-                    sub = _unlink_or_open(fd, name, dev, freed)
+                    sub = _unlink_or_open(fd, name, dev, chmod, freed, is_dir)
                 except OSError as e:
                     raise OSError(e.errno, e.strerror, os.fsdecode(path)) from None
                 if sub is not None:
-                    frames.append([sub[0], path, sub[1], _names(sub[0])])
+                    frames.append([sub[0], path, sub[1], _entries_typed(sub[0])])
                 continue
             if len(frames) == 1:
                 return
@@ -128,41 +140,46 @@ def _remove(top: int, top_path: bytes, name: bytes, freed: Freed) -> None:
                 if e.errno not in (errno.ENOTDIR, errno.ENOTEMPTY) or retries.get(where, 0) >= _RETRIES:
                     raise OSError(e.errno, e.strerror, os.fsdecode(where)) from None
                 retries[where] = retries.get(where, 0) + 1
-                frames[-1][3].append(name)
+                frames[-1][3].append((name, None))
     finally:
         for frame in frames[1:]:
             os.close(frame[0])
 
 
-def _unlink_or_open(dir_fd: int, name: bytes, dev: int, freed: Freed):
+def _unlink_or_open(dir_fd: int, name: bytes, dev: int, chmod: bool, freed: Freed,
+                    is_dir: bool | None):
     """Unlink `name` if it is not a directory; else (fd, stat) of it, open
-    and writable by us.  None if it is gone."""
+    and writable by us.  None if it is gone.  `is_dir`: what the listing's
+    d_type said -- a directory is opened without a stat first (a wrong
+    guess costs a retry, never a followed link: O_NOFOLLOW|O_DIRECTORY)."""
     for _ in range(_RETRIES):
-        try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        if not stat.S_ISDIR(st.st_mode):
+        if not is_dir:
             try:
-                os.unlink(name, dir_fd=dir_fd)
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
                 return None
-            except IsADirectoryError:
-                continue  # became a directory since the stat
-            freed.file(st)
-            return None
+            if not stat.S_ISDIR(st.st_mode):
+                try:
+                    os.unlink(name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    return None
+                except IsADirectoryError:
+                    continue  # became a directory since the stat
+                freed.file(st)
+                return None
+        is_dir = None
         try:
-            return _open_writable(dir_fd, name, st, dev)
+            return _open_writable(dir_fd, name, dev, chmod)
         except FileNotFoundError:
             return None
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            # became a link or a file since the stat: never followed, look again
+            # a link or a file (now, or all along): never followed, look again
     raise OSError(errno.EAGAIN, "it keeps changing type while we delete it")
 
 
-def _open_writable(dir_fd: int, name: bytes, st: os.stat_result, dev: int):
+def _open_writable(dir_fd: int, name: bytes, dev: int, chmod: bool):
     try:
         fd = os.open(name, _DIR, dir_fd=dir_fd)
     except PermissionError:
@@ -172,9 +189,10 @@ def _open_writable(dir_fd: int, name: bytes, st: os.stat_result, dev: int):
         # open it for reading through that fd.
         pfd = os.open(name, _DIR_PATH, dir_fd=dir_fd)
         try:
-            if os.fstat(pfd).st_dev != dev:
+            pst = os.fstat(pfd)
+            if pst.st_dev != dev:
                 raise OSError(errno.EXDEV, _MOUNT_POINT) from None
-            os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(st.st_mode) | 0o700)
+            os.chmod(f"/proc/self/fd/{pfd}", stat.S_IMODE(pst.st_mode) | 0o700)
             fd = os.open(".", _DIR, dir_fd=pfd)
         finally:
             os.close(pfd)
@@ -182,7 +200,7 @@ def _open_writable(dir_fd: int, name: bytes, st: os.stat_result, dev: int):
         st = os.fstat(fd)
         if st.st_dev != dev:
             raise OSError(errno.EXDEV, _MOUNT_POINT)
-        if st.st_mode & 0o700 != 0o700:
+        if chmod and st.st_mode & 0o700 != 0o700:
             os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o700)
     except BaseException:
         os.close(fd)
@@ -190,8 +208,10 @@ def _open_writable(dir_fd: int, name: bytes, st: os.stat_result, dev: int):
     return fd, st
 
 
-def _names(fd: int) -> list[bytes]:
-    return [os.fsencode(n) for n in os.listdir(fd)]
+def _entries_typed(fd: int) -> list[tuple[bytes, bool]]:
+    """(name, is a directory by d_type) of each entry: no stat."""
+    with os.scandir(fd) as it:
+        return [(os.fsencode(e.name), e.is_dir(follow_symlinks=False)) for e in it]
 
 
 def walk_trees(parent: bytes, names: list[bytes], *,
@@ -473,13 +493,12 @@ def main() -> int:
             stdout.flush()
             continue
         freed, error = Freed(), ""
-        for p in paths:
-            try:
-                delete_tree(p, freed)
-            except OSError as e:
-                code = errno.errorcode.get(e.errno or 0, "")
-                error = f"{e.filename or os.fsdecode(p)}: {e.strerror or e}" + (f" ({code})" if code else "")
-                break
+        try:
+            delete_trees(paths, freed)
+        except OSError as e:
+            code = errno.errorcode.get(e.errno or 0, "")
+            where = os.fsdecode(e.filename) if e.filename else "deleting"
+            error = f"{where}: {e.strerror or e}" + (f" ({code})" if code else "")
         stdout.write(_REPLY.pack(freed.sure, freed.nix, len(error.encode())) + error.encode())
         stdout.flush()
         if error:
