@@ -490,24 +490,43 @@ def rows_roots(a: Analysis, censor: bool) -> Iterator[tuple[bytes, ...]]:
         yield label, path, kind.name.lower().encode()
 
 
-def path_frames(a: Analysis, command: str) -> list[tuple[list, int]]:
+def _graph_answer(a: Analysis, command: str) -> tuple:
+    """What a `live`/`dead` answer from the graph is made of: (node mask,
+    sorted entries no valid path), or (None, None) without a graph."""
+    if command == "dead":
+        return a.dead_mask, a.dead_extra
+    if a.live_mask is None:
+        return None, None
+    return a.live_mask, sorted(a.live_unregistered)
+
+
+def path_frames(a: Analysis, command: str, kept: dict | None = None) -> list[tuple[list, int]]:
     """The answer to `live` or `dead`: sorted store paths, NUL-terminated,
     in frames of at most PIECE bytes: (pieces, paths in them).  Computed
     once per analysis and kept with it: every client's answer is sent from
     these (with a graph, views of its path table), none holds a copy of its
-    own."""
+    own.  `kept` (gcrootsd's, per command): the last answer made from a
+    graph, taken again when it is the same -- same path table, nodes and
+    entries: a query after a query, or after a change that added no path
+    (~1 ms to compare at a million paths, ~50 ms to make)."""
     frames = a._frames.get(command)
-    if frames is None:
-        if command == "dead" and a.dead_mask is not None:
-            frames = _merged_frames(a.graph, a.dead_mask, a.dead_extra)
-        elif command == "dead":
+    mask, extra = _graph_answer(a, command) if frames is None else (None, None)
+    if mask is not None:
+        import numpy as np
+        then = (kept or {}).get(command)
+        if then and then[0] is a.graph.paths and then[2] == extra and np.array_equal(then[1], mask):
+            frames = then[3]
+        else:
+            frames = _merged_frames(a.graph, mask, extra)
+        if kept is not None:
+            kept[command] = (a.graph.paths, mask, extra, frames)
+    elif frames is None:
+        if command == "dead":
             prefix = a.layout.store_dir + b"/"
             frames = _packed([prefix + n for n in a._dead_names])
-        elif a.live_mask is not None:
-            frames = _merged_frames(a.graph, a.live_mask, sorted(a.live_unregistered))
         else:
             frames = _packed(sorted(a.all_live))
-        a._frames[command] = frames
+    a._frames[command] = frames
     return frames
 
 

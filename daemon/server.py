@@ -168,6 +168,7 @@ class Daemon:
     _graph_next_reload: float = 0.0
     listing: "StoreListing | None" = None
     _shared: tuple = ()               # (root set, DB version, analysis): see analysis()
+    _answers: dict = field(default_factory=dict)   # the last live/dead answers: engine.path_frames
     analyses: int = 0
     scans: SharedScans = field(init=False)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -282,6 +283,7 @@ class Daemon:
             fresh = await trio.to_thread.run_sync(load)
             async with self.work_lock:
                 old, self.db = self.db, fresh
+                self._answers = {}  # views of the old graph's paths
             if old is not None:
                 old.close()
             took = trio.current_time() - t0
@@ -700,7 +702,7 @@ class Daemon:
         """`live`/`dead`, from the frames the analysis keeps for every
         client (built once, in the worker); a version 1 client gets ROWS
         made from them, frame by frame."""
-        frames = await self.build(conn, lambda: engine.path_frames(a, cmd))
+        frames = await self.build(conn, lambda: engine.path_frames(a, cmd, self._answers))
         if not conn.paths_frames:
             for pieces, _ in frames:
                 await self._send(stream, conn.rows(b"".join(pieces).split(b"\0")[:-1]))

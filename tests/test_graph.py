@@ -33,3 +33,38 @@ def test_path_table_sorted_access():
     for p in paths[::7] + [b"/nix/store/0", b"/nix/store/zz", b"/nix/store/c"]:
         assert bisect.bisect_left(SortedPaths(t), p) == bisect.bisect_left(ordered, p)
         assert t.lookup(p) == (paths.index(p) if p in paths else None)
+
+
+def test_a_kept_answer_is_taken_again_only_when_it_is_the_same():
+    """gcrootsd keeps its last `dead` answer's frames (engine.path_frames):
+    taken again for the same path table, nodes and entries; any other
+    answer is made anew -- and equals the paths it names."""
+    from gcroots.daemon import engine
+    from gcroots.daemon.graph import StoreGraph
+    paths = [b"/nix/store/%032d-p" % i for i in range(50)]
+
+    def graph(table: PathTable) -> StoreGraph:
+        g = StoreGraph.__new__(StoreGraph)
+        g.paths = table
+        return g
+
+    def dead(g: StoreGraph, mask: np.ndarray, extra: list[bytes]) -> list[bytes]:
+        a = engine.Analysis(None, None, [], set(), None, None, graph=g, dead_mask=mask,
+                            dead_extra=extra)
+        frames = engine.path_frames(a, "dead", kept)
+        joined = b"".join(bytes(p) for pieces, _ in frames for p in pieces)
+        assert joined.split(b"\0")[:-1] == sorted(extra + [g.paths[n] for n in np.flatnonzero(mask)])
+        return frames
+
+    kept: dict = {}
+    g = graph(PathTable.from_list(paths))
+    mask = np.arange(50) % 3 == 0
+    first = dead(g, mask, [])
+    assert dead(g, mask.copy(), []) is first
+    assert dead(graph(g.paths), mask.copy(), []) is first  # forget(): the same table
+    other_nodes = mask.copy()
+    other_nodes[1] = True
+    grown = graph(g.paths.appended([b"/nix/store/%032d-new" % 7]))
+    for answer in ((g, other_nodes, []), (g, mask, [b"/nix/store/zz-junk"]),
+                   (grown, np.append(mask, False), []), (grown, np.append(mask, True), [])):
+        assert dead(*answer) is not first
