@@ -308,10 +308,15 @@ def _merged_frames(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
             *, want_dead: bool = True,
             temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None,
-            listing: "StoreListing | None" = None, load: bool = False) -> Analysis:
+            listing: "StoreListing | None" = None, load: bool = False,
+            answer: str | None = None, kept: dict | None = None) -> Analysis:
     """`temp_files_at_lock`: see read_temp_roots (a collection's).  The
     in-memory graph is used when it is current (or, with `load`, read
-    now); `listing` keeps the store dir's entries for it between calls."""
+    now); `listing` keeps the store dir's entries for it between calls.
+    `answer` ("live"/"dead"): its frames made too (path_frames, with
+    `kept`) -- while, after a change, another thread checks the DB's row
+    counts for the followed graph; if they say it is stale, all of it is
+    made again without it."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
     with db.snapshot() as snap:
@@ -337,41 +342,54 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         root_ids = {**valid_roots, **temp_valid}
         t1 = time.perf_counter()
         ca = settings.follows_realisations
-        graph = db.cached_graph(ca)
-        if graph is None and (load or ca and db.has_realisations()):
-            graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
-        a = Analysis(layout, settings, sorted(set(roots)), set(root_ids), temp, rootset,
-                     timings, graph, hash_roots, _db=db)
-        if graph is not None:  # warm: walk the live part in memory
-            import numpy as np
-            a.root_nodes = graph.nodes_of(np.fromiter(root_ids.values(), dtype=np.int64,
-                                                      count=len(root_ids)))
-            a.live_mask = graph.closure_mask(a.root_nodes, settings)
-        else:                  # cold: let SQLite walk it
-            # ... while a thread lists the store dir: SQLite's walk releases
-            # the GIL (a third of `--standalone dead` at 100k paths).
-            names = _in_thread(lambda: sorted(list_store(layout.real_store_dir))) \
-                if want_dead else None
-            a._live = snap.live_closure(a.root_paths, settings)
-        t2 = time.perf_counter()
-        timings.update(validate=t1 - t0, closure=t2 - t1)
-        if want_dead:
-            if graph is not None:
-                if listing is None:
-                    from .listing import StoreListing
-                    listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=False)
+        graph = db.cached_graph(ca, check_later=True)
+        confirmed = _in_thread(lambda: db.confirm(graph)) \
+            if graph is not None and graph is db.unconfirmed else lambda: True
+        try:
+            if graph is None and (load or ca and db.has_realisations()):
+                graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
+            a = Analysis(layout, settings, sorted(set(roots)), set(root_ids), temp, rootset,
+                         timings, graph, hash_roots, _db=db)
+            if graph is not None:  # warm: walk the live part in memory
+                import numpy as np
+                a.root_nodes = graph.nodes_of(np.fromiter(root_ids.values(), dtype=np.int64,
+                                                          count=len(root_ids)))
+                a.live_mask = graph.closure_mask(a.root_nodes, settings)
+            else:                  # cold: let SQLite walk it
+                # ... while a thread lists the store dir: SQLite's walk releases
+                # the GIL (a third of `--standalone dead` at 100k paths).
+                names = _in_thread(lambda: sorted(list_store(layout.real_store_dir))) \
+                    if want_dead else None
+                a._live = snap.live_closure(a.root_paths, settings)
+            t2 = time.perf_counter()
+            timings.update(validate=t1 - t0, closure=t2 - t1)
+            if want_dead:
+                if graph is not None:
+                    if listing is None:
+                        from .listing import StoreListing
+                        listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=False)
+                    listing.sync(graph)
+                    _dead_from_graph(a, listing)
+                else:
+                    _dead_from_sql(a, snap, names())
+                a.computed_dead = True
+                timings["dead"] = time.perf_counter() - t2
+            elif graph is not None and listing is not None and a.temp.hashes:
+                # What a temp root keeps on disk unregistered, from the listing
+                # gcrootsd keeps: not a listing of the store dir per query
+                # whenever a build runs.
                 listing.sync(graph)
-                _dead_from_graph(a, listing)
-            else:
-                _dead_from_sql(a, snap, names())
-            a.computed_dead = True
-            timings["dead"] = time.perf_counter() - t2
-        elif graph is not None and listing is not None and a.temp.hashes:
-            # What a temp root keeps on disk unregistered, from the listing
-            # gcrootsd keeps: not a listing of the store dir per query
-            # whenever a build runs.
-            listing.sync(graph)
-            _split_temp(a, listing.extra)
+                _split_temp(a, listing.extra)
+            if answer is not None and graph is not None:
+                path_frames(a, answer, kept)
+        finally:  # the check reads the snapshot: done before it ends, whatever happened
+            ok = confirmed()
+    if not ok:
+        if kept is not None:
+            kept.pop(answer, None)
+        return analyze(layout, db, rootset, settings, want_dead=want_dead,
+                       temp_files_at_lock=temp_files_at_lock, listing=listing, load=load,
+                       answer=answer, kept=kept)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
     return a
 

@@ -218,16 +218,19 @@ class Daemon:
 
     # -- the analysis every query starts from ---------------------------------
 
-    def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool) -> Analysis:
+    def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool,
+                 answer: str | None) -> Analysis:
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
-                           listing=self.listing)
+                           listing=self.listing, answer=answer, kept=self._answers)
         return_free_memory()  # its temporaries: gcrootsd stays resident all day
         return a
 
-    async def analysis(self, *, want_dead: bool, logged: bool = True) -> Analysis:
+    async def analysis(self, *, want_dead: bool, logged: bool = True,
+                       answer: str | None = None) -> Analysis:
         """The analysis of a complete root set: the one of the scan we
         share with the queries that arrived with us, if the DB is still at
-        the same version; else made now."""
+        the same version; else made now (with `answer`'s frames: see
+        engine.analyze)."""
         rootset = await self.root_set(logged=logged)
         async with self.work_lock:
             db = self.open_db()
@@ -237,7 +240,7 @@ class Daemon:
                 if a.computed_dead or not want_dead:
                     return a
             self._shared = ()  # the old analysis (its graph, its answer) may go meanwhile
-            a = await trio.to_thread.run_sync(self._analyze, db, rootset, want_dead)
+            a = await trio.to_thread.run_sync(self._analyze, db, rootset, want_dead, answer)
             self._shared = (rootset, version, a)
             self.analyses += 1
         if self.metrics:
@@ -676,7 +679,8 @@ class Daemon:
         except engine.BadRequest as e:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
         await self._send(stream, conn.progress(admin.Progress("scanning roots", "scan")))
-        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log)
+        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log,
+                                answer=cmd if cmd in ("live", "dead") else None)
         db = self.open_db()
         await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
         if cmd in ("live", "dead"):

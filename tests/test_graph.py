@@ -68,3 +68,49 @@ def test_a_kept_answer_is_taken_again_only_when_it_is_the_same():
     for answer in ((g, other_nodes, []), (g, mask, [b"/nix/store/zz-junk"]),
                    (grown, np.append(mask, False), []), (grown, np.append(mask, True), [])):
         assert dead(*answer) is not first
+
+
+def test_counts_checked_while_the_answer_is_made(scratch):
+    """After a change, engine.analyze makes the answer from the followed
+    graph while another thread counts the DB's rows for it: a change
+    follow() accounts for keeps the graph; a deletion it did not make (the
+    counts differ) throws the answer away and makes it again from SQLite.
+    Either way the answer (and its frames) is a fresh load's, and Nix's."""
+    import os
+
+    from gcroots.daemon import engine
+    from gcroots.daemon.listing import StoreListing
+    from gcroots.daemon.nixconf import GCSettings
+    from gcroots.daemon.store import StoreDB
+    from gcroots.layout import StoreLayout
+
+    from . import support
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=17, roots=8, indirect=2, stale=0)
+    layout = StoreLayout.make(root=os.fsencode(root))
+    db, settings, kept = StoreDB.open(layout), GCSettings(), {}
+    listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=True)
+    with db.snapshot():
+        db.load_graph()
+
+    def answer() -> engine.Analysis:
+        rootset = engine.scan_in_process(layout, runtime=False)
+        a = engine.analyze(layout, db, rootset, settings, listing=listing, answer="dead", kept=kept)
+        fresh = engine.analyze(layout, StoreDB.open(layout), rootset, settings, load=True)
+        assert db.unconfirmed is None
+        assert a.dead == fresh.dead == sorted(support.oracle(
+            root, "nix-store", "--gc", "--print-dead").stdout.split())
+        frames = engine.path_frames(a, "dead", kept)
+        assert b"".join(bytes(p) for pieces, _ in frames for p in pieces) == \
+            b"".join(p + b"\0" for p in a.dead)
+        return a
+
+    answer()
+    (scratch / "added").write_text("added\n")
+    support.oracle(root, "nix-store", "--add", str(scratch / "added"))
+    a = answer()
+    assert a.graph is not None and db._graph is a.graph and len(a.graph) == 301
+    victim = a.dead[0]
+    support.oracle(root, "nix-store", "--delete", victim.decode())
+    a = answer()
+    assert a.graph is None and db._graph is None and victim not in a.dead
