@@ -114,3 +114,15 @@ def test_counts_checked_while_the_answer_is_made(scratch):
     support.oracle(root, "nix-store", "--delete", victim.decode())
     a = answer()
     assert a.graph is None and db._graph is None and victim not in a.dead
+
+
+def test_gcrootsd_asks_numpy_for_no_huge_pages():
+    """(see daemon/cli.py) set before anything imports numpy."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, os\nimport gcroots.daemon.cli\n"
+            "print('numpy' in sys.modules, os.environ.get('NUMPY_MADVISE_HUGEPAGE'))")
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "0"], out
