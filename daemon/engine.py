@@ -293,16 +293,12 @@ def _merged_frames(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
     begin = np.where(first < 0, 0, t.offsets[first]).tolist()   # an other: its own bytes
     end = np.where(first < 0, 0, t.offsets[last + 1]).tolist()
     view, other_at = memoryview(t.blob), dict(zip(at.tolist(), others))
-    frames: list[tuple[list, int]] = []
-    pieces: list = []
-    for lo, hi, b, e, fresh in zip(starts.tolist(), ends.tolist(), begin, end,
-                                   new_frame[starts].tolist()):
-        if fresh:
-            pieces = []
-            frames.append((pieces, 0))
-        pieces.append(view[b:e] if e else other_at[lo] + b"\0")
-        frames[-1] = (pieces, frames[-1][1] + hi - lo)
-    return frames
+    pieces = [view[b:e] if e else other_at[lo] + b"\0"
+              for lo, b, e in zip(starts.tolist(), begin, end)]
+    cuts = np.flatnonzero(new_frame[starts])          # the pieces that start a frame
+    counts = np.add.reduceat(ends - starts, cuts).tolist()
+    bounds = cuts.tolist() + [len(pieces)]
+    return [(pieces[lo:hi], k) for lo, hi, k in zip(bounds, bounds[1:], counts)]
 
 
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
