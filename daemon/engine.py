@@ -380,7 +380,8 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                 path_frames(a, answer, kept)
         finally:  # the check reads the snapshot: done before it ends, whatever happened
             ok = confirmed()
-    if not ok:
+    if not ok:  # what was made from the followed graph goes before it is all made again
+        del a, graph, confirmed
         if kept is not None:
             kept.pop(answer, None)
         return analyze(layout, db, rootset, settings, want_dead=want_dead,
