@@ -10,6 +10,13 @@ import sys
 
 import trio
 
+# numpy asks for transparent huge pages for every array of 4 MB or more; on
+# a machine whose memory is fragmented (a builder, after hours of page
+# cache) a fault in one may compact memory first.  gcrootsd makes arrays of
+# that size for every answer: `dead` after 1,000 new paths at a million
+# took 0.52-0.66 s with huge pages, 0.40-0.44 s without (bench/dead.py).
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
 from gcroots import argtypes, cliargs, log
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by

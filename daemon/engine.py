@@ -297,28 +297,28 @@ def _merged_frames(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
     begin = np.where(first < 0, 0, t.offsets[first]).tolist()   # an other: its own bytes
     end = np.where(first < 0, 0, t.offsets[last + 1]).tolist()
     view, other_at = memoryview(t.blob), dict(zip(at.tolist(), others))
-    frames: list[tuple[list, int]] = []
-    pieces: list = []
-    for lo, hi, b, e, fresh in zip(starts.tolist(), ends.tolist(), begin, end,
-                                   new_frame[starts].tolist()):
-        if fresh:
-            pieces = []
-            frames.append((pieces, 0))
-        pieces.append(view[b:e] if e else other_at[lo] + b"\0")
-        frames[-1] = (pieces, frames[-1][1] + hi - lo)
-    return frames
+    pieces = [view[b:e] if e else other_at[lo] + b"\0"
+              for lo, b, e in zip(starts.tolist(), begin, end)]
+    cuts = np.flatnonzero(new_frame[starts])          # the pieces that start a frame
+    counts = np.add.reduceat(ends - starts, cuts).tolist()
+    bounds = cuts.tolist() + [len(pieces)]
+    return [(pieces[lo:hi], k) for lo, hi, k in zip(bounds, bounds[1:], counts)]
 
 
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
             *, want_dead: bool = True,
             temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None,
             listing: "StoreListing | None" = None, load: bool = False,
-            names: "Callable[[], list[bytes]] | None" = None) -> Analysis:
+            names: "Callable[[], list[bytes]] | None" = None,
+            answer: str | None = None, kept: dict | None = None) -> Analysis:
     """`temp_files_at_lock`: see read_temp_roots (a collection's).  The
     in-memory graph is used when it is current (or, with `load`, read
     now); `listing` keeps the store dir's entries for it between calls.
     `names`: listing_in_thread(layout), started by the caller before its
-    scan, for a dead set without the graph."""
+    scan, for a dead set without the graph.  `answer` ("live"/"dead"): its
+    frames made too (path_frames, with `kept`) -- while, after a change,
+    another thread checks the DB's row counts for the followed graph; if
+    they say it is stale, all of it is made again without it."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
     with db.snapshot() as snap:
@@ -344,41 +344,55 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         root_ids = {**valid_roots, **temp_valid}
         t1 = time.perf_counter()
         ca = settings.follows_realisations
-        graph = db.cached_graph(ca)
-        if graph is None and (load or ca and db.has_realisations()):
-            graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
-        a = Analysis(layout, settings, sorted(set(roots)), set(root_ids), temp, rootset,
-                     timings, graph, hash_roots, _db=db)
-        if graph is not None:  # warm: walk the live part in memory
-            import numpy as np
-            a.root_nodes = graph.nodes_of(np.fromiter(root_ids.values(), dtype=np.int64,
-                                                      count=len(root_ids)))
-            a.live_mask = graph.closure_mask(a.root_nodes, settings)
-        else:                  # cold: let SQLite walk it
-            # ... while a thread lists the store dir: SQLite's walk releases
-            # the GIL (a third of `--standalone dead` at 100k paths).
-            if want_dead and names is None:
-                names = listing_in_thread(layout)
-            a._live = snap.live_closure(root_ids.values(), settings)
-        t2 = time.perf_counter()
-        timings.update(validate=t1 - t0, closure=t2 - t1)
-        if want_dead:
-            if graph is not None:
-                if listing is None:
-                    from .listing import StoreListing
-                    listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=False)
+        graph = db.cached_graph(ca, check_later=True)
+        confirmed = _in_thread(lambda: db.confirm(graph)) \
+            if graph is not None and graph is db.unconfirmed else lambda: True
+        try:
+            if graph is None and (load or ca and db.has_realisations()):
+                graph = store_graph(db, settings)  # SQLite alone cannot follow Realisations
+            a = Analysis(layout, settings, sorted(set(roots)), set(root_ids), temp, rootset,
+                         timings, graph, hash_roots, _db=db)
+            if graph is not None:  # warm: walk the live part in memory
+                import numpy as np
+                a.root_nodes = graph.nodes_of(np.fromiter(root_ids.values(), dtype=np.int64,
+                                                          count=len(root_ids)))
+                a.live_mask = graph.closure_mask(a.root_nodes, settings)
+            else:                  # cold: let SQLite walk it
+                # ... while a thread lists the store dir: SQLite's walk releases
+                # the GIL (a third of `--standalone dead` at 100k paths).
+                if want_dead and names is None:
+                    names = listing_in_thread(layout)
+                a._live = snap.live_closure(root_ids.values(), settings)
+            t2 = time.perf_counter()
+            timings.update(validate=t1 - t0, closure=t2 - t1)
+            if want_dead:
+                if graph is not None:
+                    if listing is None:
+                        from .listing import StoreListing
+                        listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=False)
+                    listing.sync(graph)
+                    _dead_from_graph(a, listing)
+                else:
+                    _dead_from_sql(a, snap, names)
+                a.computed_dead = True
+                timings["dead"] = time.perf_counter() - t2
+            elif graph is not None and listing is not None and a.temp.hashes:
+                # What a temp root keeps on disk unregistered, from the listing
+                # gcrootsd keeps: not a listing of the store dir per query
+                # whenever a build runs.
                 listing.sync(graph)
-                _dead_from_graph(a, listing)
-            else:
-                _dead_from_sql(a, snap, names)
-            a.computed_dead = True
-            timings["dead"] = time.perf_counter() - t2
-        elif graph is not None and listing is not None and a.temp.hashes:
-            # What a temp root keeps on disk unregistered, from the listing
-            # gcrootsd keeps: not a listing of the store dir per query
-            # whenever a build runs.
-            listing.sync(graph)
-            _split_temp(a, listing.extra)
+                _split_temp(a, listing.extra)
+            if answer is not None and graph is not None:
+                path_frames(a, answer, kept)
+        finally:  # the check reads the snapshot: done before it ends, whatever happened
+            ok = confirmed()
+    if not ok:  # what was made from the followed graph goes before it is all made again
+        del a, graph, confirmed
+        if kept is not None:
+            kept.pop(answer, None)
+        return analyze(layout, db, rootset, settings, want_dead=want_dead,
+                       temp_files_at_lock=temp_files_at_lock, listing=listing, load=load,
+                       names=names, answer=answer, kept=kept)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
     return a
 
@@ -513,24 +527,43 @@ def rows_roots(a: Analysis, censor: bool) -> Iterator[tuple[bytes, ...]]:
         yield label, path, kind.name.lower().encode()
 
 
-def path_frames(a: Analysis, command: str) -> list[tuple[list, int]]:
+def _graph_answer(a: Analysis, command: str) -> tuple:
+    """What a `live`/`dead` answer from the graph is made of: (node mask,
+    sorted entries no valid path), or (None, None) without a graph."""
+    if command == "dead":
+        return a.dead_mask, a.dead_extra
+    if a.live_mask is None:
+        return None, None
+    return a.live_mask, sorted(a.live_unregistered)
+
+
+def path_frames(a: Analysis, command: str, kept: dict | None = None) -> list[tuple[list, int]]:
     """The answer to `live` or `dead`: sorted store paths, NUL-terminated,
     in frames of at most PIECE bytes: (pieces, paths in them).  Computed
     once per analysis and kept with it: every client's answer is sent from
     these (with a graph, views of its path table), none holds a copy of its
-    own."""
+    own.  `kept` (gcrootsd's, per command): the last answer made from a
+    graph, taken again when it is the same -- same path table, nodes and
+    entries: a query after a query, or after a change that added no path
+    (~1 ms to compare at a million paths, ~50 ms to make)."""
     frames = a._frames.get(command)
-    if frames is None:
-        if command == "dead" and a.dead_mask is not None:
-            frames = _merged_frames(a.graph, a.dead_mask, a.dead_extra)
-        elif command == "dead":
+    mask, extra = _graph_answer(a, command) if frames is None else (None, None)
+    if mask is not None:
+        import numpy as np
+        then = (kept or {}).get(command)
+        if then and then[0] is a.graph.paths and then[2] == extra and np.array_equal(then[1], mask):
+            frames = then[3]
+        else:
+            frames = _merged_frames(a.graph, mask, extra)
+        if kept is not None:
+            kept[command] = (a.graph.paths, mask, extra, frames)
+    elif frames is None:
+        if command == "dead":
             prefix = a.layout.store_dir + b"/"
             frames = _packed(a._dead_names, prefix=prefix)
-        elif a.live_mask is not None:
-            frames = _merged_frames(a.graph, a.live_mask, sorted(a.live_unregistered))
         else:
             frames = _packed(sorted(a.all_live))
-        a._frames[command] = frames
+    a._frames[command] = frames
     return frames
 
 

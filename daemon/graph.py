@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from dataclasses import InitVar, dataclass, field
+from dataclasses import InitVar, dataclass, field, replace
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -89,11 +89,17 @@ class CSR:
 
     def with_pairs(self, n: int, src: np.ndarray, dst: np.ndarray) -> "CSR":
         """These edges added (any node), for `n` nodes."""
+        g = self.grown(n)
         if not len(src):
-            return self.grown(n)
-        old_src = np.repeat(np.arange(len(self.start) - 1), np.diff(self.start))
-        return CSR.from_pairs(n, np.concatenate([old_src, src]),
-                              np.concatenate([self.edges, dst]))
+            return g
+        # Each after the edges its node has (as from_pairs of old + new
+        # puts them): one pass over the edges, not a sort of all of them
+        # (a build's few new references on a million-path graph).
+        order = np.argsort(src, kind="stable")
+        src = src[order]
+        start = g.start.copy()
+        start[1:] += np.cumsum(np.bincount(src, minlength=n))
+        return CSR(start, np.insert(g.edges, g.start[src + 1], dst[order].astype(np.int32)))
 
     def gather(self, nodes: np.ndarray) -> np.ndarray:
         """The successors of all of `nodes`, concatenated."""
@@ -133,6 +139,9 @@ class PathTable:
         ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0)
         self.offsets = np.zeros(self.base + 1, dtype=np.int64)
         self.offsets[1:] = ends + 1
+        # Python ints from a memoryview: 3x faster than numpy scalars in
+        # the bisections over the table (path lookups, merging the tail).
+        self._offset = memoryview(self.offsets)
         self.tail = tail or []
         self._tail_index = {p: self.base + i for i, p in enumerate(self.tail)}
 
@@ -145,13 +154,12 @@ class PathTable:
         return self.base + len(self.tail)
 
     def sorted_path(self, r: int) -> bytes:
-        return self.blob[self.offsets[r]:self.offsets[r + 1] - 1]
+        return self.blob[self._offset[r]:self._offset[r + 1] - 1]
 
     def __getitem__(self, node) -> bytes:
         node = int(node)
         if node < self.base:
-            r = self.rank[node]
-            return self.blob[self.offsets[r]:self.offsets[r + 1] - 1]
+            return self.sorted_path(int(self.rank[node]))
         return self.tail[node - self.base]
 
     def __iter__(self) -> Iterator[bytes]:
@@ -237,8 +245,17 @@ class Marks:
     schema: int           # PRAGMA schema_version
 
 
-def _marks(conn, ca: bool) -> Marks:
-    """count(*) is cheap (SQLite counts b-tree cells: ~5 ms at a million rows)."""
+def _counts(conn) -> tuple[int, int, int]:
+    """Rows of ValidPaths, Refs, DerivationOutputs.  SQLite reads every page
+    of a b-tree to count it: after a commit by Nix (its page cache dropped),
+    at a million paths, 60-140 ms, the most of a follow (see
+    StoreGraph.check_counts)."""
+    return conn.execute("SELECT (SELECT count(*) FROM ValidPaths), (SELECT count(*) FROM Refs), "
+                        "(SELECT count(*) FROM DerivationOutputs)").fetchone()
+
+
+def _marks(conn, ca: bool, counted: bool = True) -> Marks:
+    """Without `counted`, the row counts are left at -1."""
     one = lambda q: conn.execute(q).fetchone()[0] or 0  # noqa: E731
     realisations: tuple = ()
     if ca:  # rows, and the highest id ever given (AUTOINCREMENT): grows with every row added
@@ -248,8 +265,7 @@ def _marks(conn, ca: bool) -> Marks:
                             or one("SELECT max(id) FROM Realisations"))
         except Exception:  # no such table (yet)
             realisations = ("none",)
-    return Marks(one("SELECT max(id) FROM ValidPaths"), one("SELECT count(*) FROM ValidPaths"),
-                 one("SELECT count(*) FROM Refs"), one("SELECT count(*) FROM DerivationOutputs"),
+    return Marks(one("SELECT max(id) FROM ValidPaths"), *(_counts(conn) if counted else (-1,) * 3),
                  realisations, one("PRAGMA schema_version"))
 
 
@@ -442,38 +458,38 @@ class StoreGraph:
             m.outputs - int(self.do_rows[nodes].sum()), rs, m.schema))
 
     def follow(self, conn, version: int,
-               realised_since: "Callable[[int], list[tuple[int, int]]] | None" = None
-               ) -> "StoreGraph":
+               realised_since: "Callable[[int], list[tuple[int, int]]] | None" = None,
+               *, check_later: bool = False) -> "StoreGraph":
         """This graph brought up to date with the DB (inside a read
         transaction); Stale if that takes a full load: anything but rows
         added since we looked (and the deletions of forget()).
         `realised_since(max_id)`: with `ca`, the Realisations pairs of the
         .drvs registered since (realised_outputs): a .drv registered again
         finds the rows of its outputs that stayed valid, and no count
-        changes."""
+        changes.  `check_later`: the row counts are left to the caller's
+        check_counts() on the new graph, in the same transaction, before
+        anything made from it is used."""
         if version == self.version:
             return self
         old = self.marks
-        now = _marks(conn, self.ca)
+        now = _marks(conn, self.ca, counted=False)
         if now.schema != old.schema:
             raise Stale("the DB's schema changed")
         if now.realisations != old.realisations:  # found by hashing .drv files
             raise Stale("Realisations changed")
         rows = conn.execute("SELECT id, path, coalesce(narSize, 0) FROM ValidPaths WHERE id > ? "
                             "ORDER BY id", (old.max_id,)).fetchall()
-        if now.paths != old.paths + len(rows):
-            raise Stale("a valid path went away (another collector, nix-store --delete)")
         # Rows of new paths (and .drvs) only: an old path's references or
         # outputs are registered with it, and registering it again replaces
-        # them with the same; anything else changes a count below.
+        # them with the same; anything else changes a count (check_counts).
         new_refs, new_do = conn.execute(
             "SELECT (SELECT count(*) FROM Refs WHERE referrer > ?1), "
             "(SELECT count(*) FROM DerivationOutputs WHERE drv > ?1)", (old.max_id,)).fetchone()
-        if now.refs != old.refs + new_refs:
-            raise Stale("references of a path registered before changed")
-        if now.outputs != old.outputs + new_do:
-            raise Stale("outputs of a derivation registered before changed")
-        g = _replace(self, version=version, marks=now, _referrers=None)
+        g = _replace(self, version=version, _referrers=None, marks=replace(
+            now, paths=old.paths + len(rows), refs=old.refs + new_refs,
+            outputs=old.outputs + new_do))
+        if not check_later:
+            g.check_counts(conn)
         if rows:
             k = len(rows)
             g.ids = np.concatenate([self.ids, np.array([r[0] for r in rows], dtype=np.int64)])
@@ -507,6 +523,18 @@ class StoreGraph:
             if pairs:
                 g._add_realised(conn, pairs)
         return g
+
+    def check_counts(self, conn) -> None:
+        """Stale unless the DB's row counts are the ones follow() made this
+        graph for: any row that went away, or was added but not as the
+        rows of a new path, changes one."""
+        paths, refs, outputs = _counts(conn)
+        if paths != self.marks.paths:
+            raise Stale("a valid path went away (another collector, nix-store --delete)")
+        if refs != self.marks.refs:
+            raise Stale("references of a path registered before changed")
+        if outputs != self.marks.outputs:
+            raise Stale("outputs of a derivation registered before changed")
 
     # -- walking ---------------------------------------------------------------------
 

@@ -63,7 +63,7 @@ MAX_CONNECTIONS_PRIVILEGED = 64
 MAX_CONNECTIONS = 256
 GRAPH_RELOAD_MIN_INTERVAL = 10.0
 SEND_TIMEOUT = 60.0
-SEND_BATCH = 1 << 20  # frames per send_all: ~1,000 awaits for a 1M-path answer become ~70
+IOV_MAX = 1024        # buffers one sendmsg takes (Linux's UIO_MAXIOV)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 READ_ONLY = {"roots", "live", "dead", "why", "cost", "stats", "ping"}
 MUTATING = {"gc", "delete"}
@@ -168,6 +168,7 @@ class Daemon:
     _graph_next_reload: float = 0.0
     listing: "StoreListing | None" = None
     _shared: tuple = ()               # (root set, DB version, analysis): see analysis()
+    _answers: dict = field(default_factory=dict)   # the last live/dead answers: engine.path_frames
     analyses: int = 0
     scans: SharedScans = field(init=False)
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
@@ -217,16 +218,19 @@ class Daemon:
 
     # -- the analysis every query starts from ---------------------------------
 
-    def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool) -> Analysis:
+    def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool,
+                 answer: str | None) -> Analysis:
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
-                           listing=self.listing)
+                           listing=self.listing, answer=answer, kept=self._answers)
         return_free_memory()  # its temporaries: gcrootsd stays resident all day
         return a
 
-    async def analysis(self, *, want_dead: bool, logged: bool = True) -> Analysis:
+    async def analysis(self, *, want_dead: bool, logged: bool = True,
+                       answer: str | None = None) -> Analysis:
         """The analysis of a complete root set: the one of the scan we
         share with the queries that arrived with us, if the DB is still at
-        the same version; else made now."""
+        the same version; else made now (with `answer`'s frames: see
+        engine.analyze)."""
         rootset = await self.root_set(logged=logged)
         async with self.work_lock:
             db = self.open_db()
@@ -236,7 +240,7 @@ class Daemon:
                 if a.computed_dead or not want_dead:
                     return a
             self._shared = ()  # the old analysis (its graph, its answer) may go meanwhile
-            a = await trio.to_thread.run_sync(self._analyze, db, rootset, want_dead)
+            a = await trio.to_thread.run_sync(self._analyze, db, rootset, want_dead, answer)
             self._shared = (rootset, version, a)
             self.analyses += 1
         if self.metrics:
@@ -282,6 +286,7 @@ class Daemon:
             fresh = await trio.to_thread.run_sync(load)
             async with self.work_lock:
                 old, self.db = self.db, fresh
+                self._answers = {}  # views of the old graph's paths
             if old is not None:
                 old.close()
             took = trio.current_time() - t0
@@ -674,7 +679,8 @@ class Daemon:
         except engine.BadRequest as e:
             raise RequestError(admin.Status.BAD_REQUEST, str(e)) from None
         await self._send(stream, conn.progress(admin.Progress("scanning roots", "scan")))
-        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log)
+        a = await self.analysis(want_dead=cmd in engine.NEEDS_DEAD, logged=in_log,
+                                answer=cmd if cmd in ("live", "dead") else None)
         db = self.open_db()
         await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
         if cmd in ("live", "dead"):
@@ -700,20 +706,36 @@ class Daemon:
         """`live`/`dead`, from the frames the analysis keeps for every
         client (built once, in the worker); a version 1 client gets ROWS
         made from them, frame by frame."""
-        frames = await self.build(conn, lambda: engine.path_frames(a, cmd))
-        batch, size = [], 0
+        frames = await self.build(conn, lambda: engine.path_frames(a, cmd, self._answers))
+        if not conn.paths_frames:
+            for pieces, _ in frames:
+                await self._send(stream, conn.rows(b"".join(pieces).split(b"\0")[:-1]))
+            await self._send(stream, conn.end(admin.Status.OK))
+            return
+        buffers: list = []
         for pieces, count in frames:
-            payload = b"".join(pieces)
-            if conn.paths_frames:
-                batch.append(conn.paths(payload, count))
-            else:
-                batch.append(conn.rows(payload.split(b"\0")[:-1]))
-            size += len(batch[-1])
-            if size >= SEND_BATCH:
-                await self._send(stream, b"".join(batch))
-                batch, size = [], 0
-        batch.append(conn.end(admin.Status.OK))
-        await self._send(stream, b"".join(batch))
+            buffers.append(conn.paths_header(sum(map(len, pieces)), count))
+            buffers += pieces
+        buffers.append(conn.end(admin.Status.OK))
+        await self._send_buffers(stream, buffers)
+
+    async def _send_buffers(self, stream: trio.SocketStream, buffers: list) -> None:
+        """The buffers, in order, as they are: sendmsg gathers up to
+        IOV_MAX of them a call (the views of the path table a 1M-path
+        answer is made of would otherwise be copied three times)."""
+        sock, i, skip = stream.socket, 0, 0
+        while i < len(buffers):
+            batch = buffers[i:i + IOV_MAX]
+            if skip:
+                batch[0] = memoryview(batch[0])[skip:]
+            with trio.fail_after(SEND_TIMEOUT):
+                sent = await sock.sendmsg(batch)
+            for b in batch:  # past what went out, and into what went out in part
+                if sent < len(b):
+                    skip += sent
+                    break
+                sent -= len(b)
+                i, skip = i + 1, 0
 
 
 def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:

@@ -93,6 +93,7 @@ class StoreDB:
     conn: sqlite3.Connection
     _graph: "StoreGraph | None" = None
     _graph_lock: threading.Lock = field(default_factory=threading.Lock)
+    unconfirmed: "StoreGraph | None" = None   # see cached_graph
 
     @classmethod
     def open(cls, layout: StoreLayout, *, create_files: bool = True) -> "StoreDB":
@@ -110,10 +111,14 @@ class StoreDB:
         """Changes whenever another connection commits (cache invalidation)."""
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
 
-    def cached_graph(self, ca: bool = False) -> "StoreGraph | None":
+    def cached_graph(self, ca: bool = False, *, check_later: bool = False) -> "StoreGraph | None":
         """The in-memory graph brought up to date with the DB by the rows
         added since (StoreGraph.follow), or None if that takes a full load
-        (call inside a snapshot, so that it matches the snapshot too)."""
+        (call inside a snapshot, so that it matches the snapshot too).
+        `check_later`: a followed graph is returned before its row counts
+        are checked (the slowest part; another thread can make the answer
+        meanwhile) and kept only once confirm(), in the same snapshot,
+        says it may be used; `unconfirmed` is it, until then."""
         with self._graph_lock:
             g = self._graph
             if g is None or g.ca != ca:
@@ -121,12 +126,31 @@ class StoreDB:
             from .graph import Stale
             from .derivation import realised_outputs
             try:
-                self._graph = g.follow(self.conn, self.data_version(),
-                                       lambda above: realised_outputs(self.conn, self.layout, above))
+                followed = g.follow(self.conn, self.data_version(),
+                                    lambda above: realised_outputs(self.conn, self.layout, above),
+                                    check_later=check_later)
             except Stale as e:
                 _log.info("graph_stale", reason=str(e))
-                self._graph = None
-            return self._graph
+                followed = None
+            if check_later and followed is not None and followed is not g:
+                self.unconfirmed = followed
+            else:
+                self._graph = followed
+            return followed
+
+    def confirm(self, g: "StoreGraph") -> bool:
+        """Whether `g` (cached_graph(check_later=True)'s) matches the DB's
+        row counts: then it is the graph kept, else none is (a full load
+        follows)."""
+        from .graph import Stale
+        try:
+            g.check_counts(self.conn)
+        except Stale as e:
+            _log.info("graph_stale", reason=str(e))
+            g = None
+        with self._graph_lock:
+            self._graph, self.unconfirmed = g, None
+        return g is not None
 
     def load_graph(self, ca: bool = False) -> "StoreGraph":
         """Read the whole graph (inside a snapshot) and keep it; with `ca`

@@ -254,12 +254,17 @@ class ServerConnection:
     def paths(self, payload: bytes | bytearray | memoryview, count: int) -> bytes:
         """One PATHS frame: `payload` (bytes-like, at most PATHS_PAYLOAD) is
         `count` values, each NUL-terminated.  Version 3 clients only."""
+        return self.paths_header(len(payload), count) + payload
+
+    def paths_header(self, size: int, count: int) -> bytes:
+        """What goes before a PATHS frame's `size` bytes of payload, sent
+        as they are (views of gcrootsd's path table: no copy)."""
         if self._ended:
             raise LocalProtocolError("answer already ended")
-        if not self.paths_frames or len(payload) > PATHS_PAYLOAD:
+        if not self.paths_frames or size > PATHS_PAYLOAD:
             raise LocalProtocolError("PATHS frame not for this client, or too large")
         self.rows_sent += count
-        return _ROWS_HEADER.pack(len(payload) + 1, _PATHS) + payload
+        return _ROWS_HEADER.pack(size + 1, _PATHS)
 
     @property
     def version(self) -> int:

@@ -9,6 +9,7 @@ import argparse
 import re
 import shutil
 import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -127,3 +128,26 @@ def test_man_pages_and_completions_generate(tmp_path):
 def support_python():
     import sys
     return sys.executable
+
+
+LEAN_ARGV = [["dead"], ["--socket", "/s", "live", "--json"], ["--json", "why", "/nix/store/x", "--all"],
+             ["cost", "--top", "3"], ["--standalone", "--root", "/mnt", "stats"]]
+
+
+@pytest.mark.parametrize("argv", LEAN_ARGV)
+def test_lean_parser_parses_as_the_whole_one(argv):
+    """`dead` and its kind parse without gc/clean/profiles' modules, to the
+    same arguments."""
+    assert vars(query_parser(lean=True).parse_args(argv)) == vars(query_parser().parse_args(argv))
+
+
+def test_dead_loads_no_other_command_and_errors_name_every_command():
+    code = ("import sys\nfrom gcroots.client import cli\n"
+            "rc = cli.main(['--socket', '/nonexistent/gcrootsd.sock', 'dead'])\n"
+            "print(rc, sorted(m for m in sys.modules if m.endswith(('_cmd', 'profiles', 'indirect'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split("\n")[0] == "1 []", out
+    # A lean argv that does not parse: the error is the whole parser's.
+    out = subprocess.run([QUERY, "--socket", "/x", "nosuch", "dead"], capture_output=True, text=True)
+    assert out.returncode == 2 and "'stats', 'gc', 'delete', 'clean', 'profiles')" in out.stderr, out
+    assert "\n" not in out.stderr.split("error: ")[1].rstrip("\n")

@@ -1,0 +1,128 @@
+"""The in-memory graph's arrays (daemon/graph.py); the graph against the DB
+is tests/test_follow.py's."""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import pytest
+
+from gcroots.daemon.graph import CSR, PathTable, SortedPaths
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_edges_added_as_a_load_of_all_of_them_orders_them(seed):
+    rng = np.random.default_rng(seed)
+    n0, n = int(rng.integers(1, 50)), int(rng.integers(50, 80))
+    old = rng.integers(0, n0, size=(int(rng.integers(0, 200)), 2))
+    new = rng.integers(0, n, size=(int(rng.integers(0, 40)), 2))
+    grown = CSR.from_pairs(n0, old[:, 0], old[:, 1]).with_pairs(n, new[:, 0], new[:, 1])
+    whole = CSR.from_pairs(n, np.concatenate([old[:, 0], new[:, 0]]),
+                           np.concatenate([old[:, 1], new[:, 1]]))
+    assert grown.start.tolist() == whole.start.tolist()
+    assert grown.edges.tolist() == whole.edges.tolist() and grown.edges.dtype == np.int32
+
+
+def test_path_table_sorted_access():
+    paths = [b"/nix/store/%s-p%d" % (b"abcdefghij"[i % 10:i % 10 + 1] * 32, i) for i in range(200)]
+    t = PathTable.from_list(paths)
+    assert [t[i] for i in range(len(paths))] == paths
+    ordered = sorted(paths)
+    assert [SortedPaths(t)[r] for r in range(len(paths))] == ordered
+    for p in paths[::7] + [b"/nix/store/0", b"/nix/store/zz", b"/nix/store/c"]:
+        assert bisect.bisect_left(SortedPaths(t), p) == bisect.bisect_left(ordered, p)
+        assert t.lookup(p) == (paths.index(p) if p in paths else None)
+
+
+def test_a_kept_answer_is_taken_again_only_when_it_is_the_same():
+    """gcrootsd keeps its last `dead` answer's frames (engine.path_frames):
+    taken again for the same path table, nodes and entries; any other
+    answer is made anew -- and equals the paths it names."""
+    from gcroots.daemon import engine
+    from gcroots.daemon.graph import StoreGraph
+    paths = [b"/nix/store/%032d-p" % i for i in range(50)]
+
+    def graph(table: PathTable) -> StoreGraph:
+        g = StoreGraph.__new__(StoreGraph)
+        g.paths = table
+        return g
+
+    def dead(g: StoreGraph, mask: np.ndarray, extra: list[bytes]) -> list[bytes]:
+        a = engine.Analysis(None, None, [], set(), None, None, graph=g, dead_mask=mask,
+                            dead_extra=extra)
+        frames = engine.path_frames(a, "dead", kept)
+        joined = b"".join(bytes(p) for pieces, _ in frames for p in pieces)
+        assert joined.split(b"\0")[:-1] == sorted(extra + [g.paths[n] for n in np.flatnonzero(mask)])
+        return frames
+
+    kept: dict = {}
+    g = graph(PathTable.from_list(paths))
+    mask = np.arange(50) % 3 == 0
+    first = dead(g, mask, [])
+    assert dead(g, mask.copy(), []) is first
+    assert dead(graph(g.paths), mask.copy(), []) is first  # forget(): the same table
+    other_nodes = mask.copy()
+    other_nodes[1] = True
+    grown = graph(g.paths.appended([b"/nix/store/%032d-new" % 7]))
+    for answer in ((g, other_nodes, []), (g, mask, [b"/nix/store/zz-junk"]),
+                   (grown, np.append(mask, False), []), (grown, np.append(mask, True), [])):
+        assert dead(*answer) is not first
+
+
+def test_counts_checked_while_the_answer_is_made(scratch):
+    """After a change, engine.analyze makes the answer from the followed
+    graph while another thread counts the DB's rows for it: a change
+    follow() accounts for keeps the graph; a deletion it did not make (the
+    counts differ) throws the answer away and makes it again from SQLite.
+    Either way the answer (and its frames) is a fresh load's, and Nix's."""
+    import os
+
+    from gcroots.daemon import engine
+    from gcroots.daemon.listing import StoreListing
+    from gcroots.daemon.nixconf import GCSettings
+    from gcroots.daemon.store import StoreDB
+    from gcroots.layout import StoreLayout
+
+    from . import support
+    root = scratch / "store"
+    support.make_store(root, paths=300, seed=17, roots=8, indirect=2, stale=0)
+    layout = StoreLayout.make(root=os.fsencode(root))
+    db, settings, kept = StoreDB.open(layout), GCSettings(), {}
+    listing = StoreListing(layout.real_store_dir, layout.store_dir, watch=True)
+    with db.snapshot():
+        db.load_graph()
+
+    def answer() -> engine.Analysis:
+        rootset = engine.scan_in_process(layout, runtime=False)
+        a = engine.analyze(layout, db, rootset, settings, listing=listing, answer="dead", kept=kept)
+        fresh = engine.analyze(layout, StoreDB.open(layout), rootset, settings, load=True)
+        assert db.unconfirmed is None
+        assert a.dead == fresh.dead == sorted(support.oracle(
+            root, "nix-store", "--gc", "--print-dead").stdout.split())
+        frames = engine.path_frames(a, "dead", kept)
+        assert b"".join(bytes(p) for pieces, _ in frames for p in pieces) == \
+            b"".join(p + b"\0" for p in a.dead)
+        return a
+
+    answer()
+    (scratch / "added").write_text("added\n")
+    support.oracle(root, "nix-store", "--add", str(scratch / "added"))
+    a = answer()
+    assert a.graph is not None and db._graph is a.graph and len(a.graph) == 301
+    victim = a.dead[0]
+    support.oracle(root, "nix-store", "--delete", victim.decode())
+    a = answer()
+    assert a.graph is None and db._graph is None and victim not in a.dead
+
+
+def test_gcrootsd_asks_numpy_for_no_huge_pages():
+    """(see daemon/cli.py) set before anything imports numpy."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys, os\nimport gcroots.daemon.cli\n"
+            "print('numpy' in sys.modules, os.environ.get('NUMPY_MADVISE_HUGEPAGE'))")
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["False", "0"], out
