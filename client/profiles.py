@@ -550,22 +550,29 @@ def _older_than(profile: Profile, cutoff: int) -> list[Generation]:
     return out
 
 
-def check_deletable(profile: Profile, doomed: list[Generation]) -> None:
-    """Nix unlinks `<profile>-<N>-link` for every selected N, whatever entry
-    made it select N.  When that is not the entry itself (an alias like
-    `p-03-link`, a second entry with the same number) Nix fails half-way;
-    when it is not a symlink Nix deletes a file or directory.  Refuse both
-    up front."""
+def check_deletable(profile: Profile, doomed: list[Generation]) -> list[Generation]:
+    """What Nix unlinks for `doomed`: `<profile>-<N>-link` for every
+    selected N, whatever entry made it select N (an alias like `p-03-link`
+    selects its number too).  When that entry is missing, or selected twice
+    (gone by the second unlink), Nix fails half-way; when it is not a
+    symlink Nix deletes a file or directory.  Refuse both up front."""
+    named = {g.number: g for g in profile.generations if g.canonical}
+    out: list[Generation] = []
     for g in doomed:
-        if not g.canonical:
+        target = named.get(g.number)
+        if target is None or target in out:
+            why = (f"{os.fsdecode(profile.generation_path(g))} parses as generation {g.number}"
+                   if target is None else f"generation {g.number} is selected twice")
             raise ProfileError(
-                f"{os.fsdecode(profile.generation_path(g))} parses as generation {g.number} but "
-                f"is not named {os.fsdecode(generation_link_name(profile.name, g.number))}; "
-                "Nix 2.8 would fail half-way here; nothing was deleted")
-        if not g.is_link:
+                f"{why} and {os.fsdecode(generation_link_name(profile.name, g.number))} "
+                f"{'is not there' if target is None else 'can go only once'}; Nix 2.8 would "
+                "fail half-way here; nothing was deleted")
+        if not target.is_link:
             raise ProfileError(
-                f"{os.fsdecode(profile.generation_path(g))} is not a symlink; only generation "
-                "links are ever deleted; nothing was deleted")
+                f"{os.fsdecode(profile.generation_path(target))} is not a symlink; only "
+                "generation links are ever deleted; nothing was deleted")
+        out.append(target)
+    return out
 
 
 @dataclass
@@ -586,7 +593,7 @@ def delete_generations(path: bytes, spec: Spec, *, dry_run: bool = False,
         try:
             profile = d.read()
             doomed = select_for_deletion(profile, spec, time.time() if now is None else now)
-            check_deletable(profile, doomed)
+            doomed = check_deletable(profile, doomed)
             if not dry_run:
                 d.check_may_unlink(doomed)
             if dry_run:
@@ -885,7 +892,7 @@ def apply_prune(path: bytes, approved: list[Verdict], policy: Policy, protected:
             fresh = plan_prune(profile, policy, protected, now, store_dir)
             doomed = [v.generation for v in fresh
                       if v.delete and (v.generation.name, v.generation.ino) in approved_keys]
-            check_deletable(profile, doomed)
+            doomed = check_deletable(profile, doomed)
             d.check_may_unlink(doomed)
             return d.unlink_all(profile, doomed)
 

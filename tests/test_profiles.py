@@ -172,6 +172,10 @@ def test_delete_generations_equals_nix_env(nix_store, layout, spec):
     (Layout((0, 1, 2), (3, 2, 1), None), ["0"]),                      # generation 0 exists
     (Layout((1, 2), (2, 1), 2, (("p-+4-link", 1),)), ["old"]),        # Nix fails half-way
     (Layout((1, 2), (2, 1), 3, (("p-3-link.bak", 1),)), ["old"]),     # .bak is "current" 3
+    # An alias selects its number; Nix unlinks p-N-link for it, once.
+    (Layout((0, 1), (24, 24), 0, (("p-01-link", 24),)), ["1d"]),      # the alias kept, p-1 goes
+    (Layout((1, 2, 3), (72, 48, 0), 3, (("p-01-link", 72),)), ["old"]),  # 1 twice: half-way
+    (Layout((2, 3), (48, 0), 3, (("p-01-link", 72),)), ["old"]),      # no p-1-link: half-way
 ])
 def test_delete_generations_pinned_cases(nix_store, scratch, layout, spec):
     compare_with_nix(nix_store / "store", scratch, layout, spec)
