@@ -1002,16 +1002,14 @@ class Collection:
                 if checking and not (limited or self.options.throttle) and not pool.check_done():
                     continue
                 if checking:
-                    checking = False  # answered once: never read again below
-                    self._refuse(pool.check_result())
+                    checking = self._checked(pool)
                 done_count += self._commit(writer, held, pool)
                 if limited:
                     pool.join()  # the limit is checked on what is really gone
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
             if checking:
-                checking = False
-                self._refuse(pool.check_result())
+                checking = self._checked(pool)
             done_count += self._commit(writer, held, pool)
             pool.all_cores()  # no more DB work: the deletion may have this core too
         except sqlite3.Error as e:  # that transaction rolled back: nothing of it is deleted
@@ -1063,6 +1061,12 @@ class Collection:
     def _refuse(self, why: str | None) -> None:
         if why is not None:
             raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
+
+    def _checked(self, pool: DeleterPool) -> bool:
+        """Wait for the deleters' check; refuse (raise) if it failed.  False:
+        no longer checking."""
+        self._refuse(pool.check_result())
+        return False
 
     def _commit(self, writer: sqlite3.Connection, held: list, pool: DeleterPool) -> int:
         """Commit the open transaction (if any) and hand its batches (`held`,
