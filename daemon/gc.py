@@ -44,7 +44,6 @@ import json
 import math
 import os
 import queue
-import select
 import socket
 import sqlite3
 import stat
@@ -513,26 +512,23 @@ class DeleterPool:
         self.failure: list[BaseException] = []
         self.threads: list[threading.Thread] = []
         self.workers: list[DeleterProcess] = []
-        self._checking: list[DeleterProcess] = []
         for _ in range(max(1, _cores() - 1)):
             self._add()
 
-    def start_check(self, store: bytes, names: list[bytes]) -> None:
+    def check(self, store: bytes, names: list[bytes]) -> str | None:
         """why_undeletable, a share of `names` to each worker (the collector
-        prepares the first transaction meanwhile); then check_result()."""
-        step = max(1, -(-len(names) // len(self.workers)))
-        self._checking = self.workers[:max(1, -(-len(names) // step))]
-        for k, w in enumerate(self._checking):
-            w.start_check(store, names[k * step:(k + 1) * step])
-
-    def check_done(self) -> bool:
-        """Every share is answered: check_result() will not wait."""
-        fds = [w.proc.stdout.fileno() for w in self._checking]
-        return len(select.select(fds, [], [], 0)[0]) == len(fds)
-
-    def check_result(self) -> str | None:
-        """The first share's first reason: the same path as in one process."""
-        reasons = [w.check_result() for w in self._checking]
+        waits meanwhile, so one more worker takes its core); the first
+        share's first reason, so the same path as in one process."""
+        if not names:
+            return None
+        if len(self.workers) < _cores():
+            self._add()
+        helpers = self.workers
+        step = -(-len(names) // len(helpers))
+        shares = [names[i:i + step] for i in range(0, len(names), step)] or [[]]
+        for w, share in zip(helpers, shares):
+            w.start_check(store, share)
+        reasons = [w.check_result() for w, _ in zip(helpers, shares)]
         return next((r for r in reasons if r), None)
 
     def _add(self) -> None:
@@ -772,6 +768,7 @@ class Collection:
         self._dead_nodes = None                  # what goes: valid paths (nodes)...
         self._dead_other: list[bytes] = []       # ... and entries that are no valid path
         self._fks = ForeignKeys()
+        self._deleted_rows: dict[str, int] = {}
         self._total = 0                          # paths the deletion goes through
         self._t0 = time.monotonic()
 
@@ -927,9 +924,7 @@ class Collection:
         which worker processes do (daemon/deleter.py): in this process the
         two would fight over the GIL.  Batches grow: the first is small so
         that deletion starts at once, the later ones big (each commit
-        rewrites the DB's index pages).  The check that everything can be
-        deleted runs in the deleters meanwhile: until it passes, batches
-        go into one open transaction, committed only then."""
+        rewrites the DB's index pages)."""
         order, nodes = self._order()
         self._total = len(order)
         if self.options.dry_run:
@@ -959,11 +954,6 @@ class Collection:
         g = self._graph
         done = np.zeros(len(g), dtype=bool)  # invalidated, in order
         done_count = 0
-        # Until the check has answered, batches go into one transaction that
-        # is committed only then (or rolled back if it refuses): the DB work
-        # overlaps with the check, and nothing is touched before it passed.
-        checking = True
-        held: list[tuple[list[bytes], np.ndarray, int]] = []  # in the open transaction
         unlinked: dict[tuple[int, int], int] = {}  # links the --max-freed forecast saw go
         # Small batches when stopping at a size or pacing the I/O.
         limited = self.result.limit_bytes is not None
@@ -991,39 +981,30 @@ class Collection:
                         self._release(batch[len(cut):])
                         batch, batch_nodes = cut, batch_nodes[:len(cut)]
                 self._check_referrer_nodes(batch_nodes, done)
-                kept, realisations = self._invalidate(writer, batch, batch_nodes)
+                kept = self._invalidate(writer, batch, batch_nodes)
                 if len(kept) < len(batch):
                     self._release([p for p in batch if p not in kept])
                     batch_nodes = batch_nodes[[p in kept for p in batch]]
                     batch = [p for p in batch if p in kept]
-                done[batch_nodes[batch_nodes >= 0]] = True
-                held.append((batch, batch_nodes, realisations))
+                valid = batch_nodes[batch_nodes >= 0]
+                done[valid] = True
+                done_count += len(batch)
+                if self._db is not None:
+                    self._db.forget((int(i) for i in g.ids[valid]),
+                                    self._deleted_rows.get("realisations", 0))
+                pool.submit(batch, batch_nodes)
                 batch = []
-                if checking and not (limited or self.options.throttle) and not pool.check_done():
-                    continue
-                if checking:
-                    checking = self._checked(pool)
-                done_count += self._commit(writer, held, pool)
                 if limited:
                     pool.join()  # the limit is checked on what is really gone
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
-            if checking:
-                checking = self._checked(pool)
-            done_count += self._commit(writer, held, pool)
             pool.all_cores()  # no more DB work: the deletion may have this core too
         except sqlite3.Error as e:  # that transaction rolled back: nothing of it is deleted
             raise DBError((f"the collection stopped after {done_count} paths: " if done_count else
                            "nothing was deleted: ") + describe_error(e, db_path)) from None
         finally:
-            if writer.in_transaction:
-                writer.execute("ROLLBACK")
-            for rolled_back, _, _ in held:  # nothing of them is deleted
-                self._release(rolled_back)
             if batch:  # failed between claiming and queueing: nothing of it is deleted
                 self._release(batch)
-            if checking:  # a worker's answer left unread would be taken for a deletion's
-                pool.check_result()
             pool.close()
             writer.close()
         if pool.failure:
@@ -1051,37 +1032,14 @@ class Collection:
         if self.options.dry_run:
             self._check_writable(remount=False)  # begin() checked a real run's
         names = self._names(order)
-        if pool is not None:  # answered in execute(), before the first commit
+        if pool is None:
+            why = why_undeletable(self.layout.real_store_dir, names, lambda n: self.progress(
+                Progress("checking that it can be deleted", "check", n, len(order))))
+        else:
             self.progress(Progress("checking that it can be deleted", "check", 0, len(order)))
-            pool.start_check(self.layout.real_store_dir, names)
-            return
-        self._refuse(why_undeletable(self.layout.real_store_dir, names, lambda n: self.progress(
-            Progress("checking that it can be deleted", "check", n, len(order)))))
-
-    def _refuse(self, why: str | None) -> None:
+            why = pool.check(self.layout.real_store_dir, names)
         if why is not None:
             raise GCError(f"refusing to collect, nothing was deleted: cannot delete {why}")
-
-    def _checked(self, pool: DeleterPool) -> bool:
-        """Wait for the deleters' check; refuse (raise) if it failed.  False:
-        no longer checking."""
-        self._refuse(pool.check_result())
-        return False
-
-    def _commit(self, writer: sqlite3.Connection, held: list, pool: DeleterPool) -> int:
-        """Commit the open transaction (if any) and hand its batches (`held`,
-        emptied) to the deleters.  Returns how many paths they are."""
-        if writer.in_transaction:
-            writer.execute("COMMIT")
-        n = 0
-        for batch, nodes, realisations in held:
-            valid = nodes[nodes >= 0]
-            if self._db is not None:
-                self._db.forget(self._graph.ids[valid].tolist(), realisations)
-            pool.submit(batch, nodes)
-            n += len(batch)
-        held.clear()
-        return n
 
     def _names(self, paths: list[bytes]) -> list[bytes]:
         """Store paths -> their names in the store dir."""
@@ -1182,28 +1140,33 @@ class Collection:
                               f"{g.paths[r].decode(errors='replace')}; refusing to delete it")
 
     def _invalidate(self, writer: sqlite3.Connection, batch: list[bytes],
-                    nodes: "np.ndarray") -> tuple[list[bytes], int]:
-        """In the write transaction (begun if none is open; the caller
-        commits): drop the batch's ValidPaths rows and do what the DB's
-        foreign keys make Nix's row-by-row invalidation do (see
+                    nodes: "np.ndarray") -> list[bytes]:
+        """One transaction: drop the batch's ValidPaths rows and do what
+        the DB's foreign keys make Nix's row-by-row invalidation do (see
         _delete_cascading), in bulk inside our write transaction -- no
         other writer can slip in -- the same guarantee at half the cost.
         Rows go by the graph's ids (never reused: AUTOINCREMENT).  Entries
         that were no valid path when we planned but are valid now
         (registered meanwhile) are not ours to delete: returns the batch
-        without them, and how many Realisations rows went."""
-        ids = self._graph.ids[nodes[nodes >= 0]].tolist()
+        without them."""
+        ids = [int(i) for i in self._graph.ids[nodes[nodes >= 0]]]
         others = [p for p, n in zip(batch, nodes.tolist()) if n < 0]
-        if not writer.in_transaction:
+        try:
             writer.execute("BEGIN IMMEDIATE")
-        newly = {p for _, p in _valid_rows(writer, others)} if others else set()
-        if newly:
-            _log.warning("gc_skipping_newly_registered", count=len(newly))
-        writer.execute("DELETE FROM temp.gc_batch")
-        writer.executemany("INSERT INTO temp.gc_batch VALUES (?)", [(i,) for i in ids])
-        deleted = _delete_cascading(
-            writer, dict(zip(ids, (p for p, n in zip(batch, nodes.tolist()) if n >= 0))), self._fks)
-        return [p for p in batch if p not in newly], deleted.get("realisations", 0)
+            newly = {p for _, p in _valid_rows(writer, others)} if others else set()
+            if newly:
+                _log.warning("gc_skipping_newly_registered", count=len(newly))
+            writer.execute("DELETE FROM temp.gc_batch")
+            writer.executemany("INSERT INTO temp.gc_batch VALUES (?)", [(i,) for i in ids])
+            self._deleted_rows = _delete_cascading(
+                writer, dict(zip(ids, (p for p, n in zip(batch, nodes.tolist()) if n >= 0))),
+                self._fks)
+            writer.execute("COMMIT")
+        except BaseException:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
+            raise
+        return [p for p in batch if p not in newly]
 
     def remove_stale_links(self, rescan: Callable[[], RootSet]) -> int:
         """After execute(), still under gc.lock: the auto links our scan found
