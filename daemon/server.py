@@ -706,7 +706,10 @@ class Daemon:
         """`live`/`dead`, from the frames the analysis keeps for every
         client (built once, in the worker); a version 1 client gets ROWS
         made from them, frame by frame."""
-        frames = await self.build(conn, lambda: engine.path_frames(a, cmd, self._answers))
+        # An analysis of a graph since reloaded keeps no answer: it would hold
+        # the old path table until the next one.
+        kept = self._answers if a._db is self.db else None
+        frames = await self.build(conn, lambda: engine.path_frames(a, cmd, kept))
         if not conn.paths_frames:
             for pieces, _ in frames:
                 await self._send(stream, conn.rows(b"".join(pieces).split(b"\0")[:-1]))
