@@ -260,9 +260,10 @@ def _entries(fd: int, files: bool) -> Iterator[bytes]:
 
 
 def estimate_tree(path: bytes, freed: Freed, unlinked: dict[tuple[int, int], int]) -> None:
-    """What delete_tree() would add to `freed`, without deleting, after the
-    links counted in `unlinked` (inode -> links) went (and counting ours).
-    Walked like delete_tree(): by directory fds, following no link."""
+    """What delete_trees() would add to `freed` for `path`, without
+    deleting, after the links counted in `unlinked` (inode -> links) went
+    (and counting ours).  Walked like delete_trees(): by directory fds,
+    following no link."""
     parent, name = path.rsplit(b"/", 1)
     for _, st, _, _ in walk_trees(parent, [name]):
         if stat.S_ISDIR(st.st_mode):
