@@ -274,9 +274,10 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
         return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
     fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
              and p != b"/dev" and not (p + b"/").startswith(b"/run/credentials/")}
-    # ... and init's own mounts below them (a home on its own file system,
-    # a user's /run/user/UID), which a private view may lack.
-    below = {p for p, *_ in init if any(is_in_dir(p, w) for w in WATCHED_DIRS)}
+    # ... and the mounts below them, init's (a home on its own file system,
+    # a user's /run/user/UID: a private view may lack them) and ours (another
+    # directory bound over a home: a view init lacks).
+    below = {p for p, *_ in init + ours if any(is_in_dir(p, w) for w in WATCHED_DIRS)}
     return sorted(p for p in {*WATCHED_DIRS, *fresh, *below}
                   if _backing(ours, p) != _backing(init, p))
 

@@ -7,6 +7,7 @@ import errno
 import os
 import re
 import resource
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -696,3 +697,36 @@ def test_a_mount_below_home_that_the_helper_lacks_counts_as_hidden(scratch):
     finally:
         subprocess.run(["umount", str(home)], check=True)
         home.rmdir()
+
+
+def test_a_bind_mount_below_home_in_the_helpers_view_counts_as_hidden(scratch):
+    """The helper's own view has another directory bound over a user's
+    home (a unit's BindPaths=, say), not a tmpfs: `result` links there
+    would look stale just the same, so the scan refuses.  A read-only bind
+    of the same home is fine."""
+    home = Path(f"/home/gcroots-test-bound-{os.getpid()}")
+    other = scratch / "empty-home"
+    home.mkdir()
+    other.mkdir()
+    try:
+        root = scratch / "store"
+        support.make_store(root, paths=60, seed=12, roots=2, indirect=0, stale=0, quirks=0)
+        sp = valid_paths(root)[3]
+        os.symlink(sp, home / "result")
+        auto = root / "nix/var/nix/gcroots/auto"
+        auto.mkdir(exist_ok=True)
+        os.symlink(home / "result", auto / ("1" * 32))
+        scan = [HELPER, "scan", "--root", str(root), "--no-runtime"]
+        bound = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                f'mount --bind "{other}" "{home}" && exec "$@"', "sh", *scan],
+                               capture_output=True)
+        assert bound.returncode == 1, bound.stdout
+        assert f"directories are hidden from the helper ({home}:".encode() in bound.stderr
+        assert b"stale link" not in bound.stdout
+        same = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               f'mount --bind "{home}" "{home}" && mount -o remount,ro,bind '
+                               f'"{home}" && exec "$@"', "sh", *scan], capture_output=True)
+        assert same.returncode == 0, same.stderr
+        assert f"{home}/result -> {sp}\n".encode() in same.stdout
+    finally:
+        shutil.rmtree(home)
