@@ -42,11 +42,13 @@ import subprocess
 import sys
 from typing import Callable, Iterator
 
+from gcroots import nofollow
+
 _U32 = struct.Struct(">I")
 _CHECK = 0xFFFFFFFF
 _REPLY = struct.Struct(">QQI")
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = nofollow.READ_FLAGS
+_DIR_PATH = nofollow.PATH_FLAGS
 _RETRIES = 8   # for an entry that keeps changing type under us
 _MOUNT_POINT = "a mount point: another file system's files are not deleted"
 
@@ -72,9 +74,11 @@ class Freed:
 
 def open_dir(path: bytes) -> int:
     """An fd of a directory the collector was configured with (the store
-    dir, its `.links`): not followed if it is a link (Nix refuses a
-    symlinked store too)."""
-    return os.open(path, _DIR)
+    dir, its `.links`), reached from / without following any symlink on
+    the way: a directory above the store that its owner swaps for a link
+    fails the deletion, never moves it elsewhere (Nix refuses a symlink in
+    the store dir's path too)."""
+    return nofollow.open_dir(path, _DIR)
 
 
 def delete_trees(paths: list[bytes], freed: Freed) -> None:

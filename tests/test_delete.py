@@ -175,3 +175,23 @@ def test_delete_through_the_daemon(world, users, pipelines, scratch):
     assert oracle(twin, "nix-store", "--delete", *paths).returncode == 0
     p.stop()
     assert entries(root) == entries(twin) and db_rows(root) == db_rows(twin)
+
+
+def test_the_deleter_never_follows_a_symlink_above_the_store_dir(scratch):
+    """A store dir below a directory its owner can write: the owner swaps
+    that directory for a symlink to a copy root owns.  Root's deleter
+    must fail there (Nix refuses a symlink in the store dir's path too),
+    never delete in the copy; nor may its check before deleting look there."""
+    from gcroots.daemon import deleter
+    victim = scratch / "victim/store"
+    (victim / "aaaa-x/sub").mkdir(parents=True)
+    (victim / "aaaa-x/sub/file").write_text("root's\n")
+    user = scratch / "user"
+    user.mkdir()
+    (user / "st").symlink_to(scratch / "victim")   # the swap, as it stands
+    path = os.fsencode(user / "st/store/aaaa-x")
+    with pytest.raises(OSError, match="symbolic link|symlink"):
+        deleter.delete_trees([path], deleter.Freed())
+    with pytest.raises(OSError, match="symbolic link|symlink"):
+        list(deleter.walk_trees(os.path.dirname(path), [b"aaaa-x"]))
+    assert (victim / "aaaa-x/sub/file").read_text() == "root's\n"
