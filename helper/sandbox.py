@@ -627,7 +627,10 @@ def _encode_items(items: Items) -> bytes:
     return b"".join(parts)
 
 
-def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
+def _decode_items(payload: bytes, pid_dir: bytes, last: bytes) -> Items:
+    """read_process's answer; it ends with `last` (environ, or cmdline if
+    asked), or with the fd error that cut it short: anything else, an empty
+    answer above all, is not its answer and must never pass for "no roots"."""
     pos, items = 0, Items()
     while pos < len(payload):
         size, code, length = _ITEM.unpack_from(payload, pos)
@@ -640,8 +643,8 @@ def _decode_items(payload: bytes, pid_dir: bytes) -> Items:
         elif length >= len(items) or isinstance(value := items[length][1], OSError):
             raise OSError(errno.EPROTO, "malformed answer: a reference forward, or to an error")
         items.append((name, value))
-    if pos != len(payload):
-        raise OSError(errno.EPROTO, "malformed answer")
+    if pos != len(payload) or not items or items[-1][0] not in (b"fd", last):
+        raise OSError(errno.EPROTO, "malformed answer (or not a whole process's)")
     return items
 
 
@@ -691,7 +694,7 @@ class ProcReader:
                 raise OSError(errno.EINVAL, f"not a /proc/PID directory: {pid_dir!r}")
             try:
                 self.sock.sendall((b"c" if cmdline else b"-") + pid_dir + b"\n")
-                return _decode_items(self._answer(), pid_dir)
+                return _decode_items(self._answer(), pid_dir, b"cmdline" if cmdline else b"environ")
             except (OSError, struct.error) as e:
                 self._broken = str(e) or type(e).__name__
                 raise OSError(errno.EIO, f"the /proc reader failed: {self._broken}") from None

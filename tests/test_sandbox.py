@@ -610,17 +610,51 @@ def test_reader_answer_sends_a_repeated_target_once():
     answer (every fd/N label kept) grow with the path's length each time."""
     target = b"/nix/store/" + b"a" * 32 + b"-x/" + b"f" * 3000
     items = [(b"exe", OSError(errno.EACCES, "denied"))]
-    items += [(b"fd/%d" % n, target) for n in range(20000)] + [(b"maps", b"")]
+    items += [(b"fd/%d" % n, target) for n in range(20000)] + [(b"maps", b""), (b"environ", b"")]
     payload = sandbox._encode_items(items)
     assert len(payload) < 20000 * 30 + 4000
-    decoded = sandbox._decode_items(payload, b"/proc/1")
+    decoded = sandbox._decode_items(payload, b"/proc/1", b"environ")
     assert [n for n, _ in decoded] == [n for n, _ in items]
     assert all(v == target for n, v in decoded if n.startswith(b"fd/"))
-    assert isinstance(decoded[0][1], OSError) and decoded[-1][1] == b""
-    bad = sandbox._encode_items([(b"fd/1", target), (b"fd/2", target)])
+    assert isinstance(decoded[0][1], OSError) and decoded[-1] == (b"environ", b"")
+    bad = sandbox._encode_items([(b"fd/1", target), (b"fd/2", target), (b"fd", OSError(5, "x"))])
     with pytest.raises(OSError, match="malformed"):  # a reference forward, not back
         sandbox._decode_items(bad.replace(struct.pack("=iI", -1, 0), struct.pack("=iI", -1, 5)),
-                              b"/proc/1")
+                              b"/proc/1", b"environ")
+
+
+def _reader_answering(*answers: bytes) -> sandbox.ProcReader:
+    """A ProcReader whose peer (the test, on a real socket pair) has already
+    sent its seccomp status and then `answers`, one frame each."""
+    ours, theirs = socket.socketpair()
+    for payload in (b"ok", *answers):
+        sandbox._send_frame(theirs, payload)
+    reader = sandbox.ProcReader(ours, os.getpid())
+    reader._peer = theirs   # kept open: no EOF before the answers are read
+    return reader
+
+
+@pytest.mark.parametrize("items", [[], [(b"exe", b"/nix/store/x")], [(b"maps", b"")],
+                                   [(b"fd/1", b"/nix/store/x"), (b"maps", b"")]])
+def test_a_reader_answer_that_is_not_a_whole_process_fails_the_scan(items):
+    """An answer cut before environ (an empty one above all), whatever made
+    the reader send it, must never pass for "this process holds no roots":
+    it breaks the reader, and every later call fails too."""
+    reader = _reader_answering(sandbox._encode_items(items),
+                               sandbox._encode_items([(b"maps", b""), (b"environ", b"")]))
+    with pytest.raises(OSError, match="not a whole process"):
+        reader(b"/proc/1")
+    with pytest.raises(OSError, match="the /proc reader is gone"):
+        reader(b"/proc/1")
+
+
+@pytest.mark.parametrize("items, cmdline", [
+    ([(b"maps", b""), (b"environ", b"")], False),
+    ([(b"maps", b""), (b"environ", b""), (b"cmdline", b"")], True),
+    ([(b"exe", b"/nix/store/x"), (b"fd", OSError(errno.EACCES, "denied"))], False)])
+def test_a_whole_process_answer_passes(items, cmdline):
+    reader = _reader_answering(sandbox._encode_items(items))
+    assert [n for n, _ in reader(b"/proc/1", cmdline)] == [n for n, _ in items]
 
 
 @pytest.mark.parametrize("command", [["scan", "--no-runtime"], ["serve", "--socket", "SOCK"],
