@@ -64,7 +64,12 @@ def launch(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> 
                 f.remove()
             raise SystemExit(f"gcroots-helper serve: {e}") from None
         made.append((name, sock.detach(), file))
-    _start_remover([f for *_, f in made])
+    try:
+        _start_remover([f for *_, f in made])
+    except OSError as e:   # e.g. no pidfd_open (Linux < 5.3)
+        for *_, f in made:
+            f.remove()
+        raise SystemExit(f"gcroots-helper serve: cannot start the socket remover: {e}") from None
     if not sys.executable:
         raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
     # At 3, 4 (dup'd above them first, so that none is overwritten).
