@@ -4,7 +4,9 @@
 parses its command line with serve_parser() below, its flags and nothing
 else.  The full parser -- the other commands, every help text, --help and
 --version -- is built by helper/commands.py, which `serve` does not load
-(its --help does)."""
+(its --help does).  Nor does it bind its sockets: handed none, it runs
+helper/launch.py, which binds them and execs the same command line in
+place with them handed over."""
 
 from __future__ import annotations
 
