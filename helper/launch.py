@@ -129,11 +129,7 @@ def _drop_privileges() -> bytes:
     try:
         with open(b"/proc/self/comm", "wb") as f:
             f.write(REMOVER_NAME)
-        have = sandbox.cap_sets()
-        if have["Bnd"] and have["Prm"] >> sandbox.CAP_SETPCAP & 1:
-            sandbox.capset(have["Prm"], have["Prm"], 0)   # PR_CAPBSET_DROP needs CAP_SETPCAP
-            for cap in (c for c in range(64) if have["Bnd"] >> c & 1):
-                sandbox.prctl(sandbox.PR_CAPBSET_DROP, cap)
+        sandbox.drop_bounding_set(0)
         sandbox.prctl(sandbox.PR_CAP_AMBIENT, sandbox.PR_CAP_AMBIENT_CLEAR_ALL)
         sandbox.capset(0, 0, 0)
         sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)

@@ -284,14 +284,20 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
 
 # -- layer: capabilities --------------------------------------------------------------
 
-def _layer_caps() -> dict[str, object]:
+def drop_bounding_set(keep: int) -> None:
+    """Drop every capability but `keep` from this thread's bounding set,
+    if we hold CAP_SETPCAP (PR_CAPBSET_DROP needs it: made effective for
+    it), so before capset takes it away."""
     have = cap_sets()
-    keep, extra = have["Prm"] & KEEP_CAPS, have["Bnd"] & ~KEEP_CAPS
-    if extra and have["Prm"] >> CAP_SETPCAP & 1:
-        # PR_CAPBSET_DROP needs CAP_SETPCAP, so this comes before capset.
+    if (extra := have["Bnd"] & ~keep) and have["Prm"] >> CAP_SETPCAP & 1:
         capset(have["Eff"] | 1 << CAP_SETPCAP, have["Prm"], 0)
         for cap in (c for c in range(64) if extra >> c & 1):
             prctl(PR_CAPBSET_DROP, cap)
+
+
+def _layer_caps() -> dict[str, object]:
+    keep = cap_sets()["Prm"] & KEEP_CAPS
+    drop_bounding_set(KEEP_CAPS)
     # Whatever happened above, drop everything else we hold (fail closed).
     # capset only if needed: a unit whose SystemCallFilter= forbids it
     # (~@privileged) still works when systemd already set the caps exactly.
