@@ -22,16 +22,18 @@ launch(), which
 The socket remover exists because the sandboxed server cannot unlink
 anything.  Before it waits, it drops every capability (effective,
 permitted, inheritable, ambient, and the bounding set), sets no_new_privs,
-makes itself not dumpable, and closes every fd but a pidfd of the serving
-process.  When that process is gone, however it went (SIGKILL included),
-it removes each socket file that is still the one we bound
-(SocketFile.remove puts back one that is not).  It keeps uid 0, without
-which it could not unlink in root's directories; as uid 0 without
-capabilities it can still write what root owns with an owner's write bit,
-but it reads no input at all: it only waits on the pidfd.  If it cannot
-drop its privileges it exits at once (the launcher logs
-`socket_remover_failed`), and the socket files are left behind: a dead
-socket is replaced by the next start.
+makes itself not dumpable, confines itself with Landlock (where the kernel
+has it) to removing files and putting a socket back beneath the sockets'
+directories, and closes every fd but a pidfd of the serving process.  When
+that process is gone, however it went (SIGKILL included), it removes each
+socket file that is still the one we bound (SocketFile.remove puts back
+one that is not).  It keeps uid 0, without which it could not unlink in
+root's directories; as uid 0 without capabilities it could still write
+what root owns with an owner's write bit but for Landlock (lacking on
+kernels before 5.13) -- and it reads no input at all: it only waits on
+the pidfd.  If it cannot drop its privileges it exits at once (the
+launcher logs `socket_remover_failed`), and the socket files are left
+behind: a dead socket is replaced by the next start.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from . import sandbox
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}   # serve's handlers: gcroots.process.stop_on_signals
 REMOVER_NAME = b"gcroots-remover"   # its /proc/PID/comm (15 bytes at most)
+LL_REMOVE_FILE, LL_MAKE_SOCK = 1 << 5, 1 << 9   # Landlock rights (a socket renamed or linked: MAKE_SOCK)
 
 
 def launch(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> NoReturn:
@@ -106,7 +109,7 @@ def _start_remover(files: list[sockets.SocketFile]) -> None:
         return
     try:
         os.close(r)
-        why = _drop_privileges()
+        why = _drop_privileges(sorted({os.path.dirname(f.path) for f in files}))
         os.write(w, why or b"ok")
         if why:
             return
@@ -123,8 +126,10 @@ def _start_remover(files: list[sockets.SocketFile]) -> None:
         os._exit(0)
 
 
-def _drop_privileges() -> bytes:
-    """Every capability, no_new_privs, not dumpable; why not, or b""."""
+def _drop_privileges(dirs: list[bytes]) -> bytes:
+    """Every capability, no_new_privs, not dumpable, and (Landlock, where
+    the kernel has it) no change to any file but removing one or putting a
+    socket back beneath `dirs`; why not, or b""."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})   # (a terminal's are for the server)
     try:
         with open(b"/proc/self/comm", "wb") as f:
@@ -134,6 +139,11 @@ def _drop_privileges() -> bytes:
         sandbox.capset(0, 0, 0)
         sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
         sandbox.prctl(sandbox.PR_SET_DUMPABLE, 0)
+        if (abi := min(sandbox.landlock_abi(), sandbox.LANDLOCK_KNOWN_ABI)) >= 1:
+            # Reading is not restricted: SocketFile.remove opens each
+            # directory on the way from / (it reads nothing else).
+            sandbox.landlock_restrict(abi, sandbox.landlock_fs_rights(abi) & ~(
+                sandbox.LL_READ_FILE | sandbox.LL_READ_DIR), [(d, LL_REMOVE_FILE | LL_MAKE_SOCK) for d in dirs])
         # Without CAP_SETPCAP the bounding set stays, which gives nothing
         # back: it only limits what an exec could gain, and we never exec
         # (no_new_privs: no exec could gain anything).

@@ -528,6 +528,38 @@ def test_socket_remover_holds_no_privilege(store, scratch, start_helper):
     assert read_root_stream(sock)[1].complete   # the server is the process we started
 
 
+CONFINED = r"""
+import os, sys
+from gcroots.helper import launch
+print(launch._drop_privileges([os.fsencode(sys.argv[1])]).decode() or "dropped", flush=True)
+for path in sys.argv[2:]:
+    try:
+        os.unlink(path)
+        print("removed", flush=True)
+    except OSError as e:
+        print(os.strerror(e.errno), flush=True)
+"""
+
+
+def test_socket_remover_can_change_nothing_but_its_sockets_directory(scratch):
+    """Confined as the remover confines itself (as root): a socket file in
+    its directory can be removed, no file elsewhere -- not even one root
+    owns with an owner's write bit in a directory root can write.  It
+    failed before: the remover could remove anything (root's capabilities)."""
+    ours, other = scratch / "ours", scratch / "other"
+    for d in (ours, other):
+        d.mkdir(mode=0o755)
+        socket.socket(socket.AF_UNIX).bind(str(d / "s.sock"))
+    (other / "file").write_bytes(b"x")
+    out = subprocess.run([sys.executable, "-c", CONFINED, str(ours), str(other / "file"),
+                          str(other / "s.sock"), str(ours / "s.sock")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.split("\n")[:4] == ["dropped", "Permission denied", "Permission denied",
+                                           "removed"], out
+    assert (other / "file").exists() and (other / "s.sock").exists()
+    assert not (ours / "s.sock").exists()
+
+
 def test_sigterm_as_soon_as_the_socket_appears_stops_cleanly(store, scratch, start_helper):
     """SIGTERM the moment the socket exists (before serve's handlers could be
     in place): a clean stop (exit 0, one log line), the sockets removed.  It
