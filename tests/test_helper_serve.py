@@ -517,14 +517,17 @@ def test_socket_remover_holds_no_privilege(store, scratch, start_helper):
     before: the remover kept all of root's capabilities (adversarial pass)."""
     sock = scratch / "helper.sock"
     h = start_helper(store, "--socket", str(sock), wait=str(sock))
+    remover = _remover_of(_listening(h))   # (serving: the remover said it is confined)
     status = dict(line.split(":\t", 1) for line in
-                  Path(f"/proc/{_remover_of(h.proc.pid)}/status").read_text().splitlines())
+                  Path(f"/proc/{remover}/status").read_text().splitlines())
     assert {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} \
         == dict.fromkeys(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0), status
     assert status["NoNewPrivs"].strip() == "1"
-    fds = os.listdir(f"/proc/{_remover_of(h.proc.pid)}/fd")
-    assert [os.readlink(f"/proc/{_remover_of(h.proc.pid)}/fd/{fd}") for fd in fds] == \
-        ["anon_inode:[pidfd]"]
+    deadline = time.monotonic() + 5   # (it closes the rest right after saying so)
+    while (fds := [os.readlink(f"/proc/{remover}/fd/{fd}") for fd in os.listdir(
+            f"/proc/{remover}/fd")]) != ["anon_inode:[pidfd]"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fds == ["anon_inode:[pidfd]"]
     assert read_root_stream(sock)[1].complete   # the server is the process we started
 
 
