@@ -156,8 +156,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         launch([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
                 (serve.NIX, args.nix_roots_daemon_socket)) if path],
                args.socket_mode, min(uids, default=None))
-    stop_on_signals()
-    try:   # a launcher blocked these: one sent since is delivered here
+    try:
+        stop_on_signals()   # a launcher blocked these: one sent since is delivered here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         listeners = [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
                      ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in handed)]
