@@ -33,9 +33,10 @@ if TYPE_CHECKING:
 import trio
 
 from gcroots import cliargs, log
+from gcroots.activation import listen_fds, peer_credentials
 from gcroots.layout import StoreLayout
 from gcroots.nixdb import describe_error
-from gcroots.sockets import SocketFile, listen_fds, listen_unix, peer_credentials
+from gcroots.sockets import SocketFile, listen_unix
 from gcroots.protocol import admin
 from gcroots.protocol.framing import RemoteProtocolError
 from gcroots.protocol.rootstream import NEED_DATA

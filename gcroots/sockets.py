@@ -1,11 +1,12 @@
-"""Unix sockets shared by the helper and the daemon: binding one safely,
-taking sockets from systemd, asking the kernel who the peer is.
-Standard library only (the helper imports it)."""
+"""Binding a Unix socket safely, and removing it only while it is ours;
+shared by gcrootsd, its collector and gcroots-helper's launcher
+(helper/launch.py; the serving helper never loads this module: sockets
+handed over and peer credentials are gcroots/activation.py's).
+Standard library only."""
 
 import contextlib
 import errno
 import os
-import signal
 import socket
 import stat
 from dataclasses import dataclass
@@ -52,27 +53,6 @@ class SocketFile:
                     os.unlink(aside, dir_fd=dfd)
             finally:
                 os.close(dfd)
-
-
-def remove_when_gone(files: list[SocketFile]) -> None:
-    """For a process that cannot unlink (the sandboxed helper): a child,
-    forked now (while single-threaded), holding nothing but a pipe, removes
-    `files` once we are gone, however we went."""
-    if not files:
-        return
-    r, _ = os.pipe()   # its write end stays open (close-on-exec) for the rest of our life
-    if os.fork():
-        return os.close(r)
-    try:
-        # A terminal's ^C is for the parent (blocked here, its signals die with us).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-        os.closerange(0, r)   # no listening socket of the parent stays open here
-        os.closerange(r + 1, os.sysconf("SC_OPEN_MAX"))
-        os.read(r, 1)   # nobody writes: it returns when the last write end is closed
-        for f in files:
-            f.remove()
-    finally:
-        os._exit(0)
 
 
 def _check_dir(st: os.stat_result, name: str, trusted: tuple[int, ...], sticky_ok: bool) -> None:
@@ -168,21 +148,3 @@ def _bind_privately(dfd: int, name: bytes, mode: int, owner_uid: int | None) -> 
         with contextlib.suppress(OSError):   # renamed away by the directory's owner: theirs to clean up
             os.rmdir(private, dir_fd=dfd)
 
-
-def listen_fds() -> list[tuple[socket.socket, str]]:
-    """Sockets passed by systemd socket activation (LISTEN_PID, LISTEN_FDS,
-    LISTEN_FDNAMES), with their names; the variables are then removed (as
-    sd_listen_fds does) so that children do not take them for theirs."""
-    pid, count, names = (os.environ.pop(v, "") for v in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"))
-    socks = [socket.socket(fileno=fd) for fd in range(3, 3 + int(count or 0))] if pid == str(os.getpid()) else []
-    for sock in socks:
-        sock.set_inheritable(False)
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            raise OSError(f"socket-activated fd {sock.fileno()} is not a Unix stream socket")
-    return list(zip(socks, names.split(":") + [""] * len(socks)))
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the peer, from the kernel (SO_PEERCRED: three C ints)."""
-    pid, uid, gid = memoryview(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)).cast("i")
-    return pid, uid, gid

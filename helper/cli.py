@@ -4,7 +4,9 @@
 parses its command line with serve_parser() below, its flags and nothing
 else.  The full parser -- the other commands, every help text, --help and
 --version -- is built by helper/commands.py, which `serve` does not load
-(its --help does)."""
+(its --help does).  Nor does it bind its sockets: handed none, it runs
+helper/launch.py, which binds them and execs the same command line in
+place with them handed over."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import contextlib
 import os
 import pwd
 import resource
+import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +134,7 @@ def _uid_of(user: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gcroots import sockets
+    from gcroots.activation import listen_fds
 
     from . import serve
     from .sandbox import hidden_dirs, lacking_caps, preflight
@@ -139,39 +142,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.configure("gcroots-helper", args.log_level, plain=True)
     if why := lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
-    raise_fd_limit()
-    layout = layout_of(args)
     uids = frozenset(args.allow_uid + [_uid_of(name) for name in args.allow_user])
-    # Under socket activation systemd owns the sockets: one named "nix-roots"
-    # speaks the Nix compat format, any other ("gcroots") ours.  Path options
-    # would bind over them, so they are ignored.
-    listeners = [(s, serve.NIX if name == serve.NIX else serve.ROOTS, os.fsencode(s.getsockname()))
-                 for s, name in sockets.listen_fds()]
-    files: list[sockets.SocketFile] = []
-    if not listeners:
-        for path, kind in ((args.socket, serve.ROOTS), (args.nix_roots_daemon_socket, serve.NIX)):
-            if path:
-                try:
-                    sock, file = sockets.listen_unix(os.fsencode(path), args.socket_mode,
-                                                      min(uids, default=None))
-                except OSError as e:   # (the other, made a moment ago, goes too)
-                    for made in files:
-                        made.remove()
-                    raise SystemExit(f"gcroots-helper serve: {e}") from None
-                listeners.append((sock, kind, file.path))
-                files.append(file)
-    if not listeners:
-        raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
-    sockets.remove_when_gone(files)   # the sandbox will not let us unlink them
-    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
-    if why := check():
-        log.get("gcroots.helper").error("scans_will_fail", reason=why)
-    stop_on_signals()
-    box = apply_sandbox(args, layout)   # sockets open, nothing read yet
-    server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
-                                cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                preflight=check, accept_unreadable=tuple(args.accept_unreadable))
+    layout = layout_of(args)
+    # Sockets from systemd, or from our launcher (helper/launch.py, which
+    # binds them and execs this again): one named "nix-roots" speaks the Nix
+    # compat format, any other ("gcroots") ours.  Path options would bind
+    # over them, so they are ignored (they only name them in the log).
+    paths = {serve.ROOTS: args.socket, serve.NIX: args.nix_roots_daemon_socket}
+    if not (handed := listen_fds()):
+        if not any(paths.values()):
+            raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
+        from .launch import launch
+        launch([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
+                (serve.NIX, args.nix_roots_daemon_socket)) if path],
+               args.socket_mode, min(uids, default=None))
     try:
+        stop_on_signals()   # a launcher blocked these: one sent since is delivered here
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        listeners = [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
+                     ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in handed)]
+        raise_fd_limit()
+        check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
+        if why := check():
+            log.get("gcroots.helper").error("scans_will_fail", reason=why)
+        box = apply_sandbox(args, layout)   # sockets open, nothing read yet
+        server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
+                                    cmdline=args.cmdline, proc_reader=box.proc_reader,
+                                    preflight=check, accept_unreadable=tuple(args.accept_unreadable))
         server.serve_forever()
     except KeyboardInterrupt as e:
         log.get("gcroots.helper").info("helper_stopped", signal=stopped_by(e))

@@ -284,14 +284,20 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
 
 # -- layer: capabilities --------------------------------------------------------------
 
-def _layer_caps() -> dict[str, object]:
+def drop_bounding_set(keep: int) -> None:
+    """Drop every capability but `keep` from this thread's bounding set,
+    if we hold CAP_SETPCAP (PR_CAPBSET_DROP needs it: made effective for
+    it), so before capset takes it away."""
     have = cap_sets()
-    keep, extra = have["Prm"] & KEEP_CAPS, have["Bnd"] & ~KEEP_CAPS
-    if extra and have["Prm"] >> CAP_SETPCAP & 1:
-        # PR_CAPBSET_DROP needs CAP_SETPCAP, so this comes before capset.
+    if (extra := have["Bnd"] & ~keep) and have["Prm"] >> CAP_SETPCAP & 1:
         capset(have["Eff"] | 1 << CAP_SETPCAP, have["Prm"], 0)
         for cap in (c for c in range(64) if extra >> c & 1):
             prctl(PR_CAPBSET_DROP, cap)
+
+
+def _layer_caps() -> dict[str, object]:
+    keep = cap_sets()["Prm"] & KEEP_CAPS
+    drop_bounding_set(KEEP_CAPS)
     # Whatever happened above, drop everything else we hold (fail closed).
     # capset only if needed: a unit whose SystemCallFilter= forbids it
     # (~@privileged) still works when systemd already set the caps exactly.
@@ -428,30 +434,34 @@ def read_paths(layout: StoreLayout, *, read_db: bool) -> list[tuple[bytes, int]]
             for p, a in out + [(d, LL_READ_FILE | LL_READ_DIR) for d in dirs] if os.path.exists(p)]
 
 
-def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
-    abi = min(landlock_abi(), LANDLOCK_KNOWN_ABI)
-    if abi < 1:
-        raise _Missing("Landlock is not available in this kernel (ENOSYS/EOPNOTSUPP)")
-    # Every FS right handled; TCP bind and connect (ABI >= 4) with no rule:
-    # denied; abstract Unix sockets and signals scoped (ABI >= 6).
-    attr = ffi.new("struct landlock_ruleset_attr *",
-                   (landlock_fs_rights(abi), 3 * (abi >= 4), 3 * (abi >= 6)))
+def landlock_restrict(abi: int, handled: int, rules: list[tuple[bytes, int]]) -> None:
+    """Restrict this thread for the `handled` FS rights to `rules` (path,
+    rights beneath it); TCP bind and connect (ABI >= 4) with no rule:
+    denied; abstract Unix sockets and signals scoped (ABI >= 6)."""
+    attr = ffi.new("struct landlock_ruleset_attr *", (handled, 3 * (abi >= 4), 3 * (abi >= 6)))
     ruleset = syscall("landlock_create_ruleset", attr, 8 + 8 * (abi >= 4) + 8 * (abi >= 6), 0)
-    granted = []
     try:
-        for path, access in read_paths(layout, read_db=read_db):
-            if os.path.realpath(path) == b"/":
-                raise _Missing("refusing a Landlock rule on / (it would allow reading everything)")
+        for path, access in rules:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             try:   # LANDLOCK_RULE_PATH_BENEATH
                 rule = ffi.new("struct landlock_path_beneath_attr *", (access, fd))
                 syscall("landlock_add_rule", ruleset, 1, rule, 0)
             finally:
                 os.close(fd)
-            granted.append(os.fsdecode(path) + (" (dir)" if access == LL_READ_DIR else ""))
         syscall("landlock_restrict_self", ruleset, 0)
     finally:
         os.close(ruleset)
+
+
+def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
+    abi = min(landlock_abi(), LANDLOCK_KNOWN_ABI)
+    if abi < 1:
+        raise _Missing("Landlock is not available in this kernel (ENOSYS/EOPNOTSUPP)")
+    rules = read_paths(layout, read_db=read_db)
+    if any(os.path.realpath(path) == b"/" for path, _ in rules):
+        raise _Missing("refusing a Landlock rule on / (it would allow reading everything)")
+    landlock_restrict(abi, landlock_fs_rights(abi), rules)   # every FS right handled
+    granted = [os.fsdecode(path) + (" (dir)" if access == LL_READ_DIR else "") for path, access in rules]
     # Self-check: a secret outside the rules must be unreadable now.
     try:
         os.close(os.open(b"/etc/shadow", os.O_RDONLY | os.O_CLOEXEC))

@@ -23,7 +23,7 @@ from gcroots.protocol.framing import ProtocolError
 from gcroots.protocol.nixcompat import encode_nix_roots
 from gcroots.protocol.rootstream import (NEED_DATA, Record, Root, RootStreamSender, ScanWarning,
                                          StaleLink)
-from gcroots.sockets import peer_credentials
+from gcroots.activation import peer_credentials
 
 from .scan import ScanError, Scanner
 

@@ -3,6 +3,7 @@ activation, the Nix roots-daemon endpoint, fail-closed on scan errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -495,6 +496,155 @@ def test_helper_stops_in_one_line_and_removes_its_sockets(store, scratch, start_
     while (sock.exists() or nix.exists()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not sock.exists() and not nix.exists()
+
+
+def _remover_of(pid: int, timeout: float = 10) -> int:
+    """The socket remover: the child of `pid` named gcroots-remover."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in _children(pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/comm").read_text() == "gcroots-remover\n":
+                    return int(child)
+        time.sleep(0.05)
+    raise AssertionError(f"no socket remover among the children of {pid}")
+
+
+def test_socket_remover_holds_no_privilege(store, scratch, start_helper):
+    """The child that removes the sockets once the server is gone runs as
+    uid 0 (root's directories) but with no capability in any set, no way
+    to gain one and nothing open but a pidfd of the server.  It failed
+    before: the remover kept all of root's capabilities (adversarial pass)."""
+    sock = scratch / "helper.sock"
+    h = start_helper(store, "--socket", str(sock), wait=str(sock))
+    remover = _remover_of(_listening(h))   # (serving: the remover said it is confined)
+    status = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/{remover}/status").read_text().splitlines())
+    assert {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} \
+        == dict.fromkeys(("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0), status
+    assert status["NoNewPrivs"].strip() == "1"
+    deadline = time.monotonic() + 5   # (it closes the rest right after saying so)
+    while (fds := [os.readlink(f"/proc/{remover}/fd/{fd}") for fd in os.listdir(
+            f"/proc/{remover}/fd")]) != ["anon_inode:[pidfd]"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fds == ["anon_inode:[pidfd]"]
+    assert read_root_stream(sock)[1].complete   # the server is the process we started
+
+
+CONFINED = r"""
+import os, sys
+from gcroots.helper import launch
+print(launch._drop_privileges([os.fsencode(sys.argv[1])]).decode() or "dropped", flush=True)
+for path in sys.argv[2:]:
+    try:
+        os.unlink(path)
+        print("removed", flush=True)
+    except OSError as e:
+        print(os.strerror(e.errno), flush=True)
+"""
+
+
+def test_socket_remover_can_change_nothing_but_its_sockets_directory(scratch):
+    """Confined as the remover confines itself (as root): a socket file in
+    its directory can be removed, no file elsewhere -- not even one root
+    owns with an owner's write bit in a directory root can write.  It
+    failed before: the remover could remove anything (root's capabilities)."""
+    ours, other = scratch / "ours", scratch / "other"
+    for d in (ours, other):
+        d.mkdir(mode=0o755)
+        socket.socket(socket.AF_UNIX).bind(str(d / "s.sock"))
+    (other / "file").write_bytes(b"x")
+    out = subprocess.run([sys.executable, "-c", CONFINED, str(ours), str(other / "file"),
+                          str(other / "s.sock"), str(ours / "s.sock")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.split("\n")[:4] == ["dropped", "Permission denied", "Permission denied",
+                                           "removed"], out
+    assert (other / "file").exists() and (other / "s.sock").exists()
+    assert not (ours / "s.sock").exists()
+
+
+def test_sigterm_as_soon_as_the_socket_appears_stops_cleanly(store, scratch, start_helper):
+    """SIGTERM the moment the socket exists (before serve's handlers could be
+    in place): a clean stop (exit 0, one log line), the sockets removed.  It
+    failed before: the helper died of the signal (-15) when it came early."""
+    sock = scratch / "helper.sock"
+    h = start_helper(store, "--socket", str(sock))
+    deadline = time.monotonic() + 20
+    while not sock.exists():
+        assert time.monotonic() < deadline and h.proc.poll() is None
+        time.sleep(0.001)
+    h.proc.send_signal(signal.SIGTERM)
+    assert h.proc.wait(10) == 0, h.log_path.read_text()
+    assert "Traceback" not in h.log_path.read_text()
+    assert [e.get("signal") for e in h.log() if e["event"] == "helper_stopped"] == ["SIGTERM"]
+    _wait_gone(sock)
+
+
+def _wait_gone(*paths: Path) -> None:
+    deadline = time.monotonic() + 5   # the socket remover
+    while any(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(p.exists() for p in paths), paths
+
+
+def test_sigkill_of_the_server_still_removes_its_sockets(store, scratch, start_helper):
+    """Regression guard: the remover waits on the server's pidfd, so a
+    SIGKILL (no handler runs) leaves no socket behind either."""
+    sock, nix = scratch / "helper.sock", scratch / "nix.sock"
+    h = start_helper(store, "--socket", str(sock), "--nix-roots-daemon-socket", str(nix),
+                     wait=str(nix))
+    children = _children(_listening(h))   # its remover (--no-runtime: no /proc reader)
+    assert children
+    h.proc.kill()
+    assert h.proc.wait(10) == -signal.SIGKILL
+    _wait_gone(sock, nix)
+    for child in children:
+        _wait_exited(child)
+
+
+def _listening(h: Helper) -> int:
+    """Once `h` serves: its pid."""
+    deadline = time.monotonic() + 20
+    while not any(e["event"] == "helper_listening" for e in h.log()):
+        assert time.monotonic() < deadline and h.proc.poll() is None
+        time.sleep(0.05)
+    return h.proc.pid
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _wait_exited(pid: int) -> None:
+    """Until `pid` is gone or a zombie (whoever reaps orphans here may not)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not exit"
+        time.sleep(0.05)
+
+
+def test_remover_never_takes_the_live_socket_of_a_later_helper(store, scratch, start_helper):
+    """Regression guard: the first helper's socket was moved away and a
+    second helper serves at its path; when the first stops, its remover
+    leaves the second one's live socket in place."""
+    sock = scratch / "helper.sock"
+    first = start_helper(store, "--socket", str(sock), wait=str(sock))
+    children = _children(_listening(first))   # its remover (--no-runtime: no /proc reader)
+    assert children
+    os.rename(sock, scratch / "moved.sock")
+    second = start_helper(store, "--socket", str(sock), wait=str(sock))
+    inode = os.stat(sock).st_ino
+    first.stop()
+    assert first.proc.returncode == 0
+    for child in children:
+        _wait_exited(child)
+    assert os.stat(sock).st_ino == inode and read_root_stream(sock)[1].complete
+    assert second.proc.poll() is None
 
 
 def test_second_helper_on_a_live_socket_refuses(store, scratch, start_helper):

@@ -1,0 +1,155 @@
+"""`gcroots-helper serve --socket PATH`: bind the sockets, then become the
+serving helper.
+
+The serving process takes its listening sockets ready-made, by the systemd
+socket-activation convention (gcroots/activation.py): from systemd, or from
+this launcher.  So the code that binds, renames and removes socket files
+(gcroots/sockets.py) is never loaded in the process that runs as root for
+the machine's whole uptime.  When `serve` is given no sockets, it runs
+launch(), which
+
+ 1. blocks SIGINT and SIGTERM (the mask and a pending signal survive exec;
+    the serve path unblocks them once its handlers are in place: a signal
+    in between stops it cleanly, it never kills it half-way),
+ 2. binds each socket (sockets.listen_unix: its mode and owner from the
+    start, no path tricks, never a live socket taken over),
+ 3. forks the *socket remover* (below),
+ 4. execs the very same command line in place -- the same pid, so a
+    supervisor still sees the process it started -- with the sockets at
+    fds 3, 4 and LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES ("gcroots",
+    "nix-roots") saying so.
+
+The socket remover exists because the sandboxed server cannot unlink
+anything.  Before it waits, it drops every capability (effective,
+permitted, inheritable, ambient, and the bounding set), sets no_new_privs,
+makes itself not dumpable, confines itself with Landlock (where the kernel
+has it) to removing files and putting a socket back beneath the sockets'
+directories, and closes every fd but a pidfd of the serving process.  When
+that process is gone, however it went (SIGKILL included), it removes each
+socket file that is still the one we bound (SocketFile.remove puts back
+one that is not).  It keeps uid 0, without which it could not unlink in
+root's directories; as uid 0 without capabilities it could still write
+what root owns with an owner's write bit but for Landlock (lacking on
+kernels before 5.13) -- and it reads no input at all: it only waits on
+the pidfd.  If it cannot drop its privileges it exits at once (the
+launcher logs `socket_remover_failed`), and the socket files are left
+behind: a dead socket is replaced by the next start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import signal
+import sys
+from typing import NoReturn
+
+from gcroots import log, sockets
+
+from . import sandbox
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}   # serve's handlers: gcroots.process.stop_on_signals
+REMOVER_NAME = b"gcroots-remover"   # its /proc/PID/comm (15 bytes at most)
+LL_REMOVE_FILE, LL_MAKE_SOCK = 1 << 5, 1 << 9   # Landlock rights (a socket renamed or linked: MAKE_SOCK)
+
+
+def launch(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> NoReturn:
+    """Bind `paths` ((its LISTEN_FDNAMES name, path)), fork the remover,
+    exec serve."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    made: list[tuple[str, int, sockets.SocketFile]] = []
+    for name, path in paths:
+        try:
+            sock, file = sockets.listen_unix(path, mode, owner_uid)
+        except OSError as e:   # (the other, made a moment ago, goes too)
+            for *_, f in made:
+                f.remove()
+            raise SystemExit(f"gcroots-helper serve: {e}") from None
+        made.append((name, sock.detach(), file))
+    try:
+        _start_remover([f for *_, f in made])
+    except OSError as e:   # e.g. no pidfd_open (Linux < 5.3)
+        for *_, f in made:
+            f.remove()
+        raise SystemExit(f"gcroots-helper serve: cannot start the socket remover: {e}") from None
+    if not sys.executable:
+        raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
+    # At 3, 4 (dup'd above them first, so that none is overwritten).
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(made)) for _, fd, _ in made]
+    for _, fd, _ in made:
+        os.close(fd)
+    for i, fd in enumerate(high):
+        os.dup2(fd, 3 + i)   # inheritable
+        os.close(fd)
+    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(made)),
+                      LISTEN_FDNAMES=":".join(name for name, *_ in made))
+    # The command line as it was run (interpreter options, the script or -m):
+    # the serve path takes over from there, finding the sockets.
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError as e:   # the remover removes the sockets as we exit
+        raise SystemExit(f"gcroots-helper serve: cannot exec {sys.executable}: {e}") from None
+
+
+def _start_remover(files: list[sockets.SocketFile]) -> None:
+    """Fork the remover; return once it has dropped its privileges (or
+    failed to, which is logged)."""
+    pidfd = os.pidfd_open(os.getpid())
+    r, w = os.pipe()
+    if pid := os.fork():
+        os.close(pidfd)
+        os.close(w)
+        said = os.read(r, 4096)
+        os.close(r)
+        if said != b"ok":
+            os.waitpid(pid, 0)
+            log.get("gcroots.helper").warning("socket_remover_failed", reason=said.decode(
+                errors="replace") or "it died", consequence="the socket files stay when we stop")
+        return
+    try:
+        os.close(r)
+        why = _drop_privileges(sorted({os.path.dirname(f.path) for f in files}))
+        os.write(w, why or b"ok")
+        if why:
+            return
+        os.chdir(b"/")
+        os.closerange(0, pidfd)   # nothing of the server's stays open here
+        os.closerange(pidfd + 1, os.sysconf("SC_OPEN_MAX"))
+        poll = select.poll()
+        poll.register(pidfd, select.POLLIN)
+        while not poll.poll():   # readable once the serving process has exited
+            pass
+        for f in files:
+            f.remove()
+    finally:
+        os._exit(0)
+
+
+def _drop_privileges(dirs: list[bytes]) -> bytes:
+    """Every capability, no_new_privs, not dumpable, and (Landlock, where
+    the kernel has it) no change to any file but removing one or putting a
+    socket back beneath `dirs`; why not, or b""."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})   # (a terminal's are for the server)
+    try:
+        with open(b"/proc/self/comm", "wb") as f:
+            f.write(REMOVER_NAME)
+        sandbox.drop_bounding_set(0)
+        sandbox.prctl(sandbox.PR_CAP_AMBIENT, sandbox.PR_CAP_AMBIENT_CLEAR_ALL)
+        sandbox.capset(0, 0, 0)
+        sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)
+        sandbox.prctl(sandbox.PR_SET_DUMPABLE, 0)
+        if (abi := min(sandbox.landlock_abi(), sandbox.LANDLOCK_KNOWN_ABI)) >= 1:
+            # Reading is not restricted: SocketFile.remove opens each
+            # directory on the way from / (it reads nothing else).
+            sandbox.landlock_restrict(abi, sandbox.landlock_fs_rights(abi) & ~(
+                sandbox.LL_READ_FILE | sandbox.LL_READ_DIR), [(d, LL_REMOVE_FILE | LL_MAKE_SOCK) for d in dirs])
+        # Without CAP_SETPCAP the bounding set stays, which gives nothing
+        # back: it only limits what an exec could gain, and we never exec
+        # (no_new_privs: no exec could gain anything).
+        left = {k: v for k, v in sandbox.cap_sets().items() if v and k != "Bnd"}
+        if left or sandbox.prctl(sandbox.PR_GET_NO_NEW_PRIVS) != 1:
+            return f"capabilities left: {left}".encode()
+    except OSError as e:
+        return f"cannot drop its privileges: {e}".encode()
+    return b""
