@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .graph import StoreGraph
 
 _TOP = "\U0010ffff"  # sorts after every byte a store path can hold
+MMAP_MAX = 128 << 20  # see StoreDB.one_shot
 
 
 def _edges(settings: GCSettings) -> str:
@@ -103,6 +104,17 @@ class StoreDB:
 
     def close(self) -> None:
         self.conn.close()
+
+    def one_shot(self) -> None:
+        """For a process that answers once and exits (--standalone).
+        SQLite's default 2 MB page cache rereads pages during the live walk;
+        32 MB makes it ~15% faster.  A DB of at most MMAP_MAX is read through
+        a memory map: no copy of each page into the cache (the walk ~10%
+        faster again), and those pages count in our resident memory only up
+        to that (a million paths' DB, ~640 MB, is read as before)."""
+        self.conn.execute("PRAGMA cache_size = -32768")
+        if os.stat(self.layout.db_path).st_size <= MMAP_MAX:
+            self.conn.execute(f"PRAGMA mmap_size = {MMAP_MAX}")
 
     def snapshot(self) -> "Snapshot":
         return Snapshot(self)
