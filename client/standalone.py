@@ -44,7 +44,9 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
         return Answer(Status.BAD_REQUEST, str(e))
     layout = layout_of(args)
     try:
-        db = StoreDB.open(layout, create_files=False)
+        # The twin: the valid paths are compared with the store's entries on
+        # it while this connection walks the live closure.
+        db = StoreDB.open(layout, create_files=False, twin=command in engine.NEEDS_DEAD)
         db.one_shot()
     except Exception as e:
         raise DaemonError(str(e)) from None

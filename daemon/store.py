@@ -21,6 +21,7 @@ one consistent snapshot of the DB even while Nix writes to it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.nixdb import connect_ro
+from gcroots.nixdb import connect_ro, ro_uri
 
 from .nixconf import GCSettings
 
@@ -95,14 +96,28 @@ class StoreDB:
     _graph: "StoreGraph | None" = None
     _graph_lock: threading.Lock = field(default_factory=threading.Lock)
     unconfirmed: "StoreGraph | None" = None   # see cached_graph
+    twin: "StoreDB | None" = None             # see Snapshot.on_twin
 
     @classmethod
-    def open(cls, layout: StoreLayout, *, create_files: bool = True) -> "StoreDB":
+    def open(cls, layout: StoreLayout, *, create_files: bool = True,
+             twin: bool = False) -> "StoreDB":
+        """`twin`: with a second connection, opened the same way (the same
+        URI), for another thread to read a snapshot's state (Snapshot.on_twin)."""
         # No mmap_size: it makes the live walk ~15% faster, but each page it
         # touches counts in our resident memory (a million paths: 700 MB).
-        return cls(layout, connect_ro(layout.db_path, create_files=create_files))
+        uri = ro_uri(layout.db_path, create_files=create_files)
+        db = cls(layout, connect_ro(layout.db_path, uri=uri))
+        if twin:
+            try:
+                db.twin = cls(layout, connect_ro(layout.db_path, uri=uri))
+            except BaseException:
+                db.close()
+                raise
+        return db
 
     def close(self) -> None:
+        if self.twin is not None:
+            self.twin.close()
         self.conn.close()
 
     def one_shot(self) -> None:
@@ -112,9 +127,11 @@ class StoreDB:
         a memory map: no copy of each page into the cache (the walk ~10%
         faster again), and those pages count in our resident memory only up
         to that (a million paths' DB, ~640 MB, is read as before)."""
-        self.conn.execute("PRAGMA cache_size = -32768")
-        if os.stat(self.layout.db_path).st_size <= MMAP_MAX:
-            self.conn.execute(f"PRAGMA mmap_size = {MMAP_MAX}")
+        mmap = os.stat(self.layout.db_path).st_size <= MMAP_MAX
+        for db in (self, self.twin) if self.twin is not None else (self,):
+            db.conn.execute("PRAGMA cache_size = -32768")
+            if mmap:
+                db.conn.execute(f"PRAGMA mmap_size = {MMAP_MAX}")
 
     def snapshot(self) -> "Snapshot":
         return Snapshot(self)
@@ -199,8 +216,11 @@ class Snapshot:
     def __init__(self, db: StoreDB) -> None:
         self.db = db
         self.c = db.conn
+        self._twin_mark: int | None = None
 
     def __enter__(self) -> "Snapshot":
+        if self.db.twin is not None:  # see on_twin
+            self._twin_mark = self.db.twin.data_version()
         self.c.execute("BEGIN")
         # A deferred transaction takes its snapshot at the first read.
         self.c.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -208,6 +228,22 @@ class Snapshot:
 
     def __exit__(self, *exc) -> None:
         self.c.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def on_twin(self) -> Iterator["Snapshot | None"]:
+        """This snapshot's state of the DB, read on the twin connection (so
+        that another thread reads it while this connection works): a read
+        transaction there, begun after this one began, and used only if no
+        commit came between -- the twin's data_version inside it is the
+        one it read just before this one began.  None: no twin, or a commit
+        came between (read on this connection instead).  Call it while this
+        snapshot is open."""
+        twin = self.db.twin
+        if twin is None or self._twin_mark is None:
+            yield None
+            return
+        with twin.snapshot() as other:
+            yield other if twin.data_version() == self._twin_mark else None
 
     def valid_among(self, paths: Iterable[bytes]) -> set[bytes]:
         return set(self.valid_ids(paths))
