@@ -34,7 +34,6 @@ from gcroots.storepath import is_store_basename
 
 from .storepaths import HASH_LEN, hash_part, parse_store_path
 
-from .derivation import DerivationError
 from .nixconf import GCSettings
 from .store import Snapshot, StoreDB, list_store
 from .temproots import TempRoots, UnreadableTempRoots, read_temp_roots
@@ -104,6 +103,7 @@ class RootSet:
 
 def store_graph(db: StoreDB, settings: GCSettings) -> StoreGraph:
     """The in-memory graph, cached or read now (call inside a snapshot)."""
+    from .derivation import DerivationError
     try:
         return (db.cached_graph(settings.follows_realisations)
                 or db.load_graph(settings.follows_realisations))

@@ -22,7 +22,6 @@ one consistent snapshot of the DB even while Nix writes to it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -317,6 +316,7 @@ def return_free_memory() -> None:
     (SQLite's text values, numpy's intermediate arrays); glibc keeps much
     of that in its heap, resident, until trimmed (at a million paths,
     ~150 MB of gcrootsd's ~420 MB after answering)."""
+    import ctypes
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc

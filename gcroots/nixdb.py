@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import urllib.parse
 from typing import Iterable
 
 
@@ -45,11 +44,17 @@ def describe_error(e: sqlite3.Error, db_path: bytes) -> str:
             + (f"{meaning} ({name}: {e})" if meaning else f"{name}: {e}"))
 
 
+# What a file: URI's path may hold as it is (RFC 3986's unreserved and
+# "/"); SQLite decodes %HH of any other byte (not only of UTF-8 text).
+_URI_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
 def ro_uri(db_path: bytes, *, create_files: bool = True) -> str:
     """The URI connect_ro opens (decided now: `immutable` or not)."""
     if not os.path.exists(db_path):
         raise NixDBError(f"no Nix database at {os.fsdecode(db_path)}")
-    uri = "file:" + urllib.parse.quote(os.fsdecode(db_path)) + "?mode=ro"
+    path = "".join(chr(b) if b in _URI_PLAIN else f"%{b:02X}" for b in db_path)
+    uri = "file:" + path + "?mode=ro"
     if not create_files and not os.path.exists(db_path + b"-wal"):
         uri += "&immutable=1"
     return uri
