@@ -59,7 +59,7 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
         a = engine.analyze(layout, db, rootset, settings_from(args), want_dead=want_dead,
                            names=names)
         if command in ("live", "dead"):
-            return Answer(Status.OK, "", paths=list(engine.path_chunks(a, command)))
+            return Answer(Status.OK, "", paths=engine.path_chunks_unframed(a, command))
         rows = engine.query_rows(a, db, command, options, pargs, censor=False)
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to answer: {e}")
