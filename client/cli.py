@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         return error(args, answer.message or answer.status.name.lower(), EXIT.get(answer.status, 1))
     out = sys.stdout.buffer
     if answer.paths is not None and not args.json:  # one path a line, as nix-store
-        for chunk in answer.paths:
-            out.write(chunk.replace(b"\0", b"\n"))
+        for chunk in answer.paths:  # (--standalone's is one: written a MiB at a time)
+            for at in range(0, len(chunk), 1 << 20):
+                out.write(chunk[at:at + (1 << 20)].replace(b"\0", b"\n"))
     elif args.json:
         out.write(json.dumps(FORMATTERS[args.command].json(answer.all_rows(), args), indent=1,
                              ensure_ascii=True).encode() + b"\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import urllib.parse
 from typing import Iterable
 
 
@@ -45,13 +44,28 @@ def describe_error(e: sqlite3.Error, db_path: bytes) -> str:
             + (f"{meaning} ({name}: {e})" if meaning else f"{name}: {e}"))
 
 
-def connect_ro(db_path: bytes, *, create_files: bool = True,
-               timeout: float = 30.0) -> sqlite3.Connection:
+# What a file: URI's path may hold as it is (RFC 3986's unreserved and
+# "/"); SQLite decodes %HH of any other byte (not only of UTF-8 text).
+_URI_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
+def ro_uri(db_path: bytes, *, create_files: bool = True) -> str:
+    """The URI connect_ro opens (decided now: `immutable` or not)."""
     if not os.path.exists(db_path):
         raise NixDBError(f"no Nix database at {os.fsdecode(db_path)}")
-    uri = "file:" + urllib.parse.quote(os.fsdecode(db_path)) + "?mode=ro"
+    path = "".join(chr(b) if b in _URI_PLAIN else f"%{b:02X}" for b in db_path)
+    uri = "file:" + path + "?mode=ro"
     if not create_files and not os.path.exists(db_path + b"-wal"):
         uri += "&immutable=1"
+    return uri
+
+
+def connect_ro(db_path: bytes, *, create_files: bool = True,
+               timeout: float = 30.0, uri: str | None = None) -> sqlite3.Connection:
+    """`uri`: ro_uri's, decided before (a second connection opens the DB
+    as the first did)."""
+    if uri is None:
+        uri = ro_uri(db_path, create_files=create_files)
     try:
         conn = sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False,
                                isolation_level=None)

@@ -4,7 +4,6 @@ as data, JSON or console lines through log.py's stderr writer."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -29,6 +28,8 @@ def _apply_pending() -> None:
 
 
 def _configure(component: str, level: str, json: bool) -> None:
+    import logging
+
     import structlog
 
     from .log import Stderr, text

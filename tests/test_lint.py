@@ -53,12 +53,13 @@ def test_a_checkout_is_the_package():
     assert out.returncode == 0, out.stderr
     prefix, *files = out.stdout.splitlines()
     assert prefix == "/usr"
-    dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-dir"]
+    root = REPO / tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"][""]
     for package, file in zip(("protocol", "helper", "daemon", "client"), files):
         assert file == str(REPO / "gcroots" / package / "__init__.py")
         # ... which is the folder pyproject.toml builds the wheel from
-        assert (REPO / "gcroots" / package).resolve() == REPO / dirs[f"gcroots.{package}"]
+        assert (REPO / "gcroots" / package).resolve() == (root / "gcroots" / package).resolve() \
+            == REPO / package
 
 
 def test_architecture_names_only_files_there_are():

@@ -134,10 +134,14 @@ def test_package_installs_man_pages_and_completions(package):
 
 
 def test_package_source_has_every_python_package(package):
-    """A folder added to pyproject.toml's package-dir but not to the
-    package's file set would be missing from the wheel."""
+    """A folder that one of pyproject.toml's packages is built from (under
+    its package-dir, gcroots/'s links followed) but not in the package's
+    file set would be missing from the wheel."""
     files = set(package["gcroots"]["srcFiles"])
-    dirs = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    root = REPO / setuptools["package-dir"][""]
+    dirs = {str((root / p.replace(".", "/")).resolve().relative_to(REPO)) for p in setuptools["packages"]}
+    assert dirs == {"gcroots", "protocol", "helper", "daemon", "client"}
     assert dirs <= files, dirs - files
     assert {"pyproject.toml", PYPROJECT["project"]["readme"]} <= files
     assert package["gcroots"]["srcRoot"] == str(REPO)

@@ -87,12 +87,13 @@ def layout():
     (site["trio"] / "trio" / "secret.txt").write_text(SECRET)
     # The helper's build (nix/package.nix's passthru.helper): the packages
     # it imports, from the sources, as pyproject.toml maps them.
-    dirs = tomllib.loads((support.REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-dir"]
+    root = support.REPO / tomllib.loads((support.REPO / "pyproject.toml").read_text())["tool"][
+        "setuptools"]["package-dir"][""]
     for package in ("gcroots", "gcroots.protocol", "gcroots.helper"):
-        # (gcroots/'s links to the sub-packages' folders left out: they are
-        # copied from where pyproject.toml maps them, as the wheel has them)
-        shutil.copytree(support.REPO / dirs[package], site["gcroots"] / package.replace(".", "/"),
+        # (gcroots/'s links to the sub-packages' folders left out: each is
+        # copied from the folder its link names, as the wheel has them)
+        shutil.copytree((root / package.replace(".", "/")).resolve(),
+                        site["gcroots"] / package.replace(".", "/"),
                         ignore=shutil.ignore_patterns("__pycache__", "protocol", "helper",
                                                       "daemon", "client"))
     (site["gcroots"] / "gcroots" / "secret.txt").write_text(SECRET)
