@@ -595,6 +595,44 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def newest_first(refs: CSR, dead: np.ndarray, n: int) -> np.ndarray:
+    """`dead` (nodes of a graph of `n`, in ValidPaths id order) ordered
+    for deletion: every node after each of its referrers in `dead`, and
+    otherwise the highest node first.  Nix registers a path after its
+    references, so a referrer almost always has the higher id: then the
+    order is just descending.  Where one does not (nix-store
+    --register-validity registers a batch in hash order), a node gets as
+    key the lowest node among itself and its referrers in `dead`,
+    transitively, and the order is by key, highest first, then by depth
+    below the referrers that have none in `dead`: a referrer's key is never
+    lower than its reference's, and with the same key its depth is lower.
+    SafetyError if those references form a cycle."""
+    in_dead = np.zeros(n, dtype=bool)
+    in_dead[dead] = True
+    src, dst = refs.pairs()
+    keep = in_dead[src] & in_dead[dst]
+    src, dst = src[keep], dst[keep].astype(np.int64)
+    if not (src < dst).any():  # ids already say it (self references are not edges)
+        return np.sort(dead)[::-1].copy()
+    within = CSR.from_pairs(n, src, dst)
+    pending = np.bincount(dst, minlength=n)  # dead referrers not yet placed
+    key = np.arange(n, dtype=np.int64)
+    depth = np.zeros(n, dtype=np.int64)
+    frontier, placed, level = dead[pending[dead] == 0], 0, 0
+    while len(frontier):
+        depth[frontier] = level
+        placed += len(frontier)
+        nxt = within.gather(frontier)
+        lens = within.start[frontier + 1] - within.start[frontier]
+        np.minimum.at(key, nxt, np.repeat(key[frontier], lens))
+        np.subtract.at(pending, nxt, 1)
+        frontier = np.unique(nxt[pending[nxt] == 0])
+        level += 1
+    if placed != len(dead):
+        raise SafetyError("the dead paths' references form a cycle; refusing to collect")
+    return dead[np.lexsort((-dead, depth[dead], -key[dead]))]
+
+
 # gcroots/auto/<name> entries set aside for removal get this suffix (Nix
 # names them by a 32-character hash only, so it never writes such a name).
 SET_ASIDE = b".gcroots-stale"
@@ -895,25 +933,13 @@ class Collection:
 
     def _order(self) -> tuple[list[bytes], "np.ndarray"]:
         """What goes, in order: the entries that are no valid path (no DB
-        rows), then the dead valid paths, referrers before references --
-        level by level, each level one array operation.  (paths, nodes;
-        -1 for the former)."""
+        rows), then the dead valid paths, referrers before references (as
+        Nix deletes), otherwise newest first: highest ValidPaths id first
+        (graph nodes are in id order).  Each batch is then a run of
+        neighbouring ids, whose rows and index entries share pages.
+        (paths, nodes; -1 for the former)."""
         g, dead = self._graph, self._dead_nodes
-        in_dead = np.zeros(len(g), dtype=bool)
-        in_dead[dead] = True
-        src, dst = g.refs.pairs()
-        keep = in_dead[src] & in_dead[dst]
-        within = CSR.from_pairs(len(g), src[keep], dst[keep].astype(np.int64))
-        pending = np.bincount(within.edges, minlength=len(g))  # dead referrers left
-        frontier, levels = dead[pending[dead] == 0], []
-        while len(frontier):
-            levels.append(frontier)
-            nxt = within.gather(frontier)
-            np.subtract.at(pending, nxt, 1)
-            frontier = np.unique(nxt[pending[nxt] == 0])
-        order = np.concatenate(levels) if levels else np.zeros(0, dtype=np.int64)
-        if len(order) != len(dead):
-            raise SafetyError("the dead paths' references form a cycle; refusing to collect")
+        order = newest_first(g.refs, np.asarray(dead, dtype=np.int64), len(g))
         others = sorted(self._dead_other)
         return (others + [g.paths[n] for n in order],
                 np.concatenate([np.full(len(others), -1, dtype=np.int64), order]))
