@@ -502,16 +502,20 @@ class DeleterPool:
     """Deletion worker processes (daemon/deleter.py) fed from one queue
     of chunks: as many as there are cores the collector's own process does
     not use -- all but one while it invalidates batches, all of them once
-    it is done -- each with a thread here that feeds it.  A failure stops
-    them all: what was queued then is left on disk (invalidated, so
-    unregistered garbage the next collection removes)."""
+    it is done -- each with a thread here that feeds it.  The worker the
+    check started for the collector's core waits (reserve) until
+    all_cores().  A failure stops them all: what was queued then is left
+    on disk (invalidated, so unregistered garbage the next collection
+    removes)."""
 
     def __init__(self, c: "Collection") -> None:
         self.c = c
-        self.queue: queue.Queue[tuple[list[bytes], np.ndarray] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[int, list[bytes], np.ndarray] | None] = queue.Queue()
         self.failure: list[BaseException] = []
         self.threads: list[threading.Thread] = []
         self.workers: list[DeleterProcess] = []
+        self._all = threading.Event()   # the collector's core is free: reserves may work
+        self._chunks = 0                # chunks submitted (their sequence numbers)
         for _ in range(max(1, _cores() - 1)):
             self._add()
 
@@ -522,7 +526,7 @@ class DeleterPool:
         if not names:
             return None
         if len(self.workers) < _cores():
-            self._add()
+            self._add(reserve=True)
         helpers = self.workers
         step = -(-len(names) // len(helpers))
         shares = [names[i:i + step] for i in range(0, len(names), step)] or [[]]
@@ -531,19 +535,23 @@ class DeleterPool:
         reasons = [w.check_result() for w, _ in zip(helpers, shares)]
         return next((r for r in reasons if r), None)
 
-    def _add(self) -> None:
+    def _add(self, reserve: bool = False) -> None:
         worker = DeleterProcess()
         self.workers.append(worker)
-        t = threading.Thread(target=self._feed, args=(worker,), name="gc-delete", daemon=True)
+        t = threading.Thread(target=self._feed, args=(worker, reserve), name="gc-delete",
+                             daemon=True)
         t.start()
         self.threads.append(t)
 
     def submit(self, batch: list[bytes], nodes: np.ndarray) -> None:
         """`batch`, invalidated; `nodes`: their graph nodes (-1: no valid path)."""
         for i in range(0, len(batch), DELETE_CHUNK):
-            self.queue.put((batch[i:i + DELETE_CHUNK], nodes[i:i + DELETE_CHUNK]))
+            self.queue.put((self._chunks, batch[i:i + DELETE_CHUNK], nodes[i:i + DELETE_CHUNK]))
+            self._chunks += 1
 
     def all_cores(self) -> None:
+        """No more DB work: the collector's core is the deletion's too."""
+        self._all.set()
         if len(self.threads) < _cores() and self.queue.qsize() > 1 and not self.failure:
             self._add()
 
@@ -551,13 +559,16 @@ class DeleterPool:
         self.queue.join()
 
     def close(self) -> None:
+        self._all.set()
         for _ in self.threads:
             self.queue.put(None)
         for t in self.threads:
             t.join()
 
-    def _feed(self, worker: DeleterProcess) -> None:
+    def _feed(self, worker: DeleterProcess, reserve: bool) -> None:
         try:
+            if reserve:
+                self._all.wait()
             while (chunk := self.queue.get()) is not None:
                 try:
                     self._delete(worker, *chunk)
@@ -567,7 +578,8 @@ class DeleterPool:
         finally:
             worker.close()
 
-    def _delete(self, worker: DeleterProcess, chunk: list[bytes], nodes: np.ndarray) -> None:
+    def _delete(self, worker: DeleterProcess, seq: int, chunk: list[bytes],
+                nodes: np.ndarray) -> None:
         c = self.c
         if self.failure:
             # Drain: the main thread stops at the next batch.  These were
@@ -585,7 +597,7 @@ class DeleterPool:
                                   "the cause is fixed")
             self.failure.append(e)
             freed = nix = 0
-        c._deleted(chunk, nodes, freed, nix)
+        c._deleted(seq, chunk, nodes, freed, nix)
 
 
 def _cores() -> int:
@@ -807,6 +819,8 @@ class Collection:
         self._dead_other: list[bytes] = []       # ... and entries that are no valid path
         self._fks = ForeignKeys()
         self._deleted_rows: dict[str, int] = {}
+        self._deleted_chunks: dict[int, list[bytes]] = {}  # chunk number -> paths deleted
+        self.timings: dict[str, float] = {}      # phase -> seconds (the gc_finished log line)
         self._total = 0                          # paths the deletion goes through
         self._t0 = time.monotonic()
 
@@ -1033,6 +1047,8 @@ class Collection:
                 self._release(batch)
             pool.close()
             writer.close()
+        self.result.deleted = [p for k in sorted(self._deleted_chunks)
+                               for p in self._deleted_chunks[k]]  # in plan order
         if pool.failure:
             raise pool.failure[0]
         if self._limit_reached():
@@ -1099,14 +1115,16 @@ class Collection:
             total += freed.nix
         return paths, total
 
-    def _deleted(self, batch: list[bytes], nodes: "np.ndarray", freed: int, nix: int) -> None:
-        """A deleter finished (or, after a failure, skipped) `batch`."""
+    def _deleted(self, seq: int, batch: list[bytes], nodes: "np.ndarray", freed: int,
+                 nix: int) -> None:
+        """A deleter finished (or, after a failure, skipped) `batch`, the
+        chunk `seq` of the plan (deleters finish them in any order)."""
         with self._cond:
             self.result.paths += len(batch)
             self.result.disk_bytes_freed += freed
             self.result.nix_bytes_freed += nix
             self.result.nar_bytes_freed += self._nar_bytes(nodes)
-            self.result.deleted += batch
+            self._deleted_chunks[seq] = batch
             self._pending -= {hash_part(p) for p in batch}
             self._cond.notify_all()
             done = self.result.paths, self.result.disk_bytes_freed

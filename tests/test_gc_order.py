@@ -6,6 +6,7 @@ neighbouring rows.  What is deleted is reported in that order."""
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from pathlib import Path
@@ -95,12 +96,15 @@ def test_generated_store_order(scratch, monkeypatch):
     refs = [(a, b) for a, b in db.execute("SELECT referrer, reference FROM Refs") if a != b]
     db.close()
     _log_invalidations(root)
-    _collect_one_path_per_transaction(root, monkeypatch)
+    deleted = _collect_one_path_per_transaction(root, monkeypatch)
     log = _invalidated(root)
     assert len(log) > 100
     ids = [i for i, _ in log]
     _check_referrers_first(ids, refs)
     assert ids == sorted(ids, reverse=True)  # the generator registers references first
+    assert [p for p in deleted if not p.startswith(b"/nix/store/")] == []
+    valid_deleted = [p for p in deleted if p in {q.encode() for _, q in log}]
+    assert valid_deleted == [q.encode() for _, q in log]
 
 
 def _brute_order(n: int, edges: set[tuple[int, int]], dead: list[int]) -> list[int]:
@@ -145,3 +149,13 @@ def test_a_cycle_among_dead_paths_is_refused():
     with pytest.raises(SafetyError, match="cycle"):
         newest_first(refs, np.array([0, 1, 2, 3], dtype=np.int64), 4)
 
+
+def test_print_deleted_is_in_plan_order(scratch):
+    """What a collection reports as deleted is in the order of its plan
+    (the dry run's), whichever deleter finished first."""
+    root = scratch / "store"
+    support.make_store(root, paths=4000, seed=96, quirks=0, roots=20, indirect=0, stale=0)
+    plan = json.loads(support.standalone(root, "gc", "--dry-run", "--json").stdout)
+    done = support.standalone(root, "gc", "--yes", "--print-deleted").stdout.split(b"\n")[:-1]
+    assert len(done) > 2000
+    assert done == [p.encode() for p in plan["paths_list"]]
