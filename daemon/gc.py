@@ -1193,7 +1193,8 @@ class Collection:
         that were no valid path when we planned but are valid now
         (registered meanwhile) are not ours to delete: returns the batch
         without them."""
-        ids = [int(i) for i in self._graph.ids[nodes[nodes >= 0]]]
+        g = self._graph
+        ids = g.ids[nodes[nodes >= 0]].tolist()
         others = [p for p, n in zip(batch, nodes.tolist()) if n < 0]
         try:
             writer.execute("BEGIN IMMEDIATE")
@@ -1201,10 +1202,9 @@ class Collection:
             if newly:
                 _log.warning("gc_skipping_newly_registered", count=len(newly))
             writer.execute("DELETE FROM temp.gc_batch")
-            writer.executemany("INSERT INTO temp.gc_batch VALUES (?)", [(i,) for i in ids])
-            self._deleted_rows = _delete_cascading(
-                writer, dict(zip(ids, (p for p, n in zip(batch, nodes.tolist()) if n >= 0))),
-                self._fks)
+            writer.execute("INSERT INTO temp.gc_batch SELECT value FROM json_each(?)",
+                           (json.dumps(ids),))
+            self._deleted_rows = _delete_cascading(writer, _PathOfId(g), self._fks)
             writer.execute("COMMIT")
         except BaseException:
             if writer.in_transaction:
@@ -1241,6 +1241,16 @@ def _valid_rows(conn: sqlite3.Connection, paths: list[bytes]) -> list[tuple[int,
             rows += conn.execute("SELECT id, path FROM ValidPaths WHERE path = CAST(? AS TEXT)",
                                  (p,)).fetchall()
     return rows
+
+
+class _PathOfId:
+    """id -> path of a graph's valid path (for messages: looked up on use)."""
+
+    def __init__(self, graph: StoreGraph) -> None:
+        self.graph = graph
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.graph.paths[int(self.graph.nodes_of(np.array([i], dtype=np.int64))[0])]
 
 
 def _ident(name: str) -> str:
@@ -1284,7 +1294,7 @@ class ForeignKeys:
         return self._fks
 
 
-def _delete_cascading(conn: sqlite3.Connection, paths: dict[int, bytes],
+def _delete_cascading(conn: sqlite3.Connection, paths: "dict[int, bytes] | _PathOfId",
                       fks: ForeignKeys | None = None) -> dict[str, int]:
     """Delete the ValidPaths rows whose ids are in temp.gc_batch, then
     what their foreign keys say, as SQLite does for Nix's deletions
