@@ -964,8 +964,10 @@ class Collection:
         which worker processes do (daemon/deleter.py): in this process the
         two would fight over the GIL.  Batches grow: the first is small so
         that deletion starts at once, the later ones big (each commit
-        rewrites the DB's index pages)."""
+        rewrites the DB's index pages).  Phase timings: self.timings."""
+        t = time.perf_counter()
         order, nodes = self._order()
+        t = self._took("order", t)
         self._total = len(order)
         if self.options.dry_run:
             self._check_deletable(order)
@@ -984,6 +986,7 @@ class Collection:
         pool = DeleterPool(self)
         try:
             self._check_deletable(order, pool)
+            t = self._took("check", t)
             writer = _writer(db_path)
         except sqlite3.Error as e:
             pool.close()
@@ -1009,7 +1012,9 @@ class Collection:
                 chunk, chunk_nodes = order[start:start + size], nodes[start:start + size]
                 start += len(chunk)
                 size = fixed or min(size * 4, BATCH)
+                t = self._took("db", t)
                 batch, batch_nodes = self._claim(chunk, chunk_nodes)
+                t = self._took("claim", t)
                 if not batch:
                     continue
                 if limited:
@@ -1021,6 +1026,7 @@ class Collection:
                         self._release(batch[len(cut):])
                         batch, batch_nodes = cut, batch_nodes[:len(cut)]
                 self._check_referrer_nodes(batch_nodes, done)
+                t = self._took("referrers", t)
                 kept = self._invalidate(writer, batch, batch_nodes)
                 if len(kept) < len(batch):
                     self._release([p for p in batch if p not in kept])
@@ -1038,6 +1044,7 @@ class Collection:
                     pool.join()  # the limit is checked on what is really gone
                 if self.options.throttle:
                     time.sleep(self.options.throttle)
+            t = self._took("db", t)
             pool.all_cores()  # no more DB work: the deletion may have this core too
         except sqlite3.Error as e:  # that transaction rolled back: nothing of it is deleted
             raise DBError((f"the collection stopped after {done_count} paths: " if done_count else
@@ -1047,6 +1054,7 @@ class Collection:
                 self._release(batch)
             pool.close()
             writer.close()
+        t = self._took("delete_after_db", t)
         self.result.deleted = [p for k in sorted(self._deleted_chunks)
                                for p in self._deleted_chunks[k]]  # in plan order
         if pool.failure:
@@ -1055,8 +1063,15 @@ class Collection:
             self._stopped(len(order) - start)
         self.progress(Progress("cleaning .links", "links"))
         self.result.disk_bytes_freed += clean_links(self.links_dir)
+        self._took("links", t)
         self.result.seconds = time.monotonic() - self._t0
         return self.result
+
+    def _took(self, phase: str, since: float) -> float:
+        """Adds the time since `since` to the phase's; returns now."""
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - since
+        return now
 
     def _stopped(self, left: int) -> None:
         self.result.stopped_at_limit = left > 0

@@ -345,7 +345,8 @@ class Daemon:
             if not options.dry_run:
                 self.gc_running = {}
                 self.notifier.status("serving")
-        _log.info("gc_finished", by=by, **result.summary())
+        _log.info("gc_finished", by=by, **result.summary(),
+                  **{f"seconds_{k}": round(v, 4) for k, v in c.timings.items()})
         if self.metrics:
             self.metrics.collection(result)
         return result

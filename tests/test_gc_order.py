@@ -159,3 +159,21 @@ def test_print_deleted_is_in_plan_order(scratch):
     done = support.standalone(root, "gc", "--yes", "--print-deleted").stdout.split(b"\n")[:-1]
     assert len(done) > 2000
     assert done == [p.encode() for p in plan["paths_list"]]
+
+
+def test_gc_finished_says_where_the_time_went(scratch, users, pipelines):
+    """gcrootsd's gc_finished log line carries the collection's phase
+    timings (seconds_*), as gc_planned carries the analysis's."""
+    root = scratch / "store"
+    support.make_store(root, paths=600, seed=97, quirks=0, roots=20, indirect=3, stale=0)
+    p = support.Pipeline(root, scratch / "run")
+    pipelines.append(p)
+    p.start()
+    out = p.query("gc", "--yes", "--json")
+    assert out.returncode == 0, out.stderr
+    finished = [e for e in p.daemon_events() if e.get("event") == "gc_finished"]
+    assert len(finished) == 1
+    phases = {k for k in finished[0] if k.startswith("seconds_")}
+    assert {"seconds_order", "seconds_check", "seconds_claim", "seconds_referrers", "seconds_db",
+            "seconds_delete_after_db", "seconds_links"} <= phases
+    assert all(finished[0][k] >= 0 for k in phases)
