@@ -287,6 +287,11 @@ class Daemon:
             async with self.work_lock:
                 old, self.db = self.db, fresh
                 self._answers = {}  # views of the old graph's paths
+                if self.listing is not None:
+                    # The next answer would list the store dir anew for this
+                    # graph: list it now, not while someone waits (a
+                    # collection's plan, a query).
+                    await trio.to_thread.run_sync(self.listing.sync, fresh._graph)
             if old is not None:
                 old.close()
             took = trio.current_time() - t0
