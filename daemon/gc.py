@@ -84,8 +84,11 @@ DB_BUSY_TIMEOUT = 600.0
 # starts at once; then four times larger each time up to BATCH (few commits:
 # each rewrites most index pages; at 80k dead paths 7 instead of 12, which
 # saves a tenth of the DB work), not larger: the last batch's deletion is
-# what is left to do once the DB work is over.
+# what is left to do once the DB work is over.  (Growing by half instead
+# measured slower at 100k paths: 17 commits, 4.2-4.6 s against 3.0-3.1 s;
+# by 8, or up to 65,536, no better than by 4.)
 FIRST_BATCH = 64
+GROWTH = 4
 BATCH = 32768
 MAX_FREED_BATCH = 256     # ... when stopping at a limit (each cut where it stops)
 DELETE_CHUNK = 512        # paths a deleter takes at a time (progress this often)
@@ -1011,7 +1014,7 @@ class Collection:
                     break
                 chunk, chunk_nodes = order[start:start + size], nodes[start:start + size]
                 start += len(chunk)
-                size = fixed or min(size * 4, BATCH)
+                size = fixed or min(int(size * GROWTH), BATCH)
                 t = self._took("db", t)
                 batch, batch_nodes = self._claim(chunk, chunk_nodes)
                 t = self._took("claim", t)
