@@ -290,8 +290,12 @@ class Daemon:
                 if self.listing is not None:
                     # The next answer would list the store dir anew for this
                     # graph: list it now, not while someone waits (a
-                    # collection's plan, a query).
-                    await trio.to_thread.run_sync(self.listing.sync, fresh._graph)
+                    # collection's plan, a query).  If that fails, the
+                    # next answer lists it (and says why it cannot).
+                    try:
+                        await trio.to_thread.run_sync(self.listing.sync, fresh._graph)
+                    except OSError as e:
+                        _log.warning("store_not_listed", error=str(e))
             if old is not None:
                 old.close()
             took = trio.current_time() - t0
