@@ -139,9 +139,9 @@ def cleanup(*roots: Path) -> None:
 
 
 @contextlib.contextmanager
-def pipeline(root: Path, run: Path, helper_args: tuple[str, ...] = ()):
+def pipeline(root: Path, run: Path, helper_args: tuple[str, ...] = (), daemon_log=None):
     """gcroots-helper and gcrootsd serving `root`; yields (gcrootsd's socket,
-    gcrootsd's process)."""
+    gcrootsd's process).  `daemon_log`: a file for gcrootsd's log lines."""
     from tests.support import wait_for_socket
 
     run.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def pipeline(root: Path, run: Path, helper_args: tuple[str, ...] = ()):
         wait_for_socket(run / "h.sock", helper)
         daemon = subprocess.Popen([str(BIN / "gcrootsd"), "--root", str(root), "--helper-socket",
                                    str(run / "h.sock"), "--socket", str(run / "d.sock")],
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=daemon_log or subprocess.DEVNULL)
         wait_for_socket(run / "d.sock", daemon)
         # The socket accepts before gcrootsd has read the store graph (clients
         # wait in the backlog): time nothing before it answers.

@@ -17,6 +17,7 @@ Generation and copying are not timed (cp -a keeps hard links)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sqlite3
 import sys
 import time
@@ -36,14 +37,31 @@ def valid(root: Path) -> set[str]:
         db.close()
 
 
+PHASES: dict[str, list[float]] = {}  # gcrootsd's seconds_* of each collection
+
+
 def daemon_gc(root: Path) -> tuple[float, int, bytes]:
-    """(time, gcrootsd's peak RSS: the collector is in it, stdout)"""
+    """(time, gcrootsd's peak RSS: the collector is in it, stdout); the
+    phase timings of its gc_planned and gc_finished log lines go to PHASES."""
     run = root.parent / (root.name + "-run")
     try:
-        with pipeline(root, run) as (sock, daemon):
-            t, _, out = run_timed([str(BIN / "gcroots-query"), "--socket", str(sock), "gc",
-                                   "--yes"])
-            return t, memory_kib(daemon.pid)[1], out
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / "gcrootsd.log", "w+b") as log:
+            with pipeline(root, run, daemon_log=log) as (sock, daemon):
+                t, _, out = run_timed([str(BIN / "gcroots-query"), "--socket", str(sock), "gc",
+                                       "--yes"])
+                peak = memory_kib(daemon.pid)[1]
+            log.seek(0)
+            for line in log:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") in ("gc_planned", "gc_finished"):
+                    for k, v in event.items():
+                        if k.startswith("seconds_"):
+                            PHASES.setdefault(k[8:], []).append(v)
+        return t, peak, out
     finally:
         cleanup(run)
 
@@ -88,6 +106,9 @@ def main() -> int:
         ratio = "" if name.startswith("nix") else f"  {nix / median(ts):.1f}x nix-store"
         print(f"{name:<15} {summary(ts)}{ratio}  peak RSS {rss[name] / 1024:.0f} MiB  "
               f"({said[name]})")
+    if PHASES:
+        print("daemon phases (gcrootsd's log), median: " + ", ".join(
+            f"{k} {median(v):.3f}" for k, v in PHASES.items()))
     print("outcome: " + (f"DIFFERS FROM NIX for {sorted(set(differ))}" if differ else
                          "the same valid paths as nix-store --gc in every run"))
     print(f"load average after: {load_average()}")

@@ -226,8 +226,8 @@ def walk_trees(parent: bytes, names: list[bytes], *,
     the next item is asked for; None for anything else, and for a directory
     we may not read (whose contents are then not walked).  files=False:
     below depth 0, directories only (d_type: files are not even stat'ed),
-    and those without subdirectories (st_nlink 2 on ext4, tmpfs, xfs...)
-    are not opened."""
+    and those without subdirectories (st_nlink 2 on ext4, tmpfs, xfs...),
+    at depth 0 too, are not opened."""
     top = open_dir(parent)
     stack: list[tuple[int, bytes, Iterator[bytes]]] = [(top, parent, iter(names))]
     try:
@@ -240,7 +240,7 @@ def walk_trees(parent: bytes, names: list[bytes], *,
             child = where + b"/" + name
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if not stat.S_ISDIR(st.st_mode) or not files and st.st_nlink == 2 and len(stack) > 1:
+                if not stat.S_ISDIR(st.st_mode) or not files and st.st_nlink == 2:
                     yield child, st, None, len(stack) - 1
                     continue
                 sub = os.open(name, _DIR, dir_fd=fd)
@@ -308,8 +308,8 @@ def why_undeletable(store: bytes, names: list[bytes],
     mountinfo: a read-only bind mount has the store's st_dev), and of every
     directory inside it what the worker will do there (list it, make it
     writable: owner or CAP_FOWNER; sticky bit; the flags of those it
-    lists).  Not looked at: a flag on a file below the top or on a
-    directory without subdirectories, a disk that fails, a change made
+    lists).  Not looked at: a flag on a file or on a directory without
+    subdirectories below the top, a disk that fails, a change made
     meanwhile -- they still stop the deletion, with an error naming the
     path.  `progress(n)`: n of the entries checked."""
     from gcroots.users import user_name
@@ -334,7 +334,10 @@ def why_undeletable(store: bytes, names: list[bytes],
                 if m == name or m.startswith(name + b"/"):
                     return (f"{os.fsdecode(store + b'/' + m)}: a mount point ({options}); "
                             "unmount it first")
-            if stat.S_ISREG(st.st_mode) and (why := _flags_problem(_flags_of_file(path))):
+            # Its flags: a file's, or a directory's that walk_trees did not
+            # open (no subdirectories: nothing in it is walked).
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) and fd is None) \
+                    and (why := _flags_problem(_flags_of_file(path))):
                 return f"{os.fsdecode(path)}: {why}"
         if not stat.S_ISDIR(st.st_mode):
             continue
@@ -367,6 +370,12 @@ def _flags(fd: int) -> int:
 
 
 def _flags_of_file(path: bytes) -> int:
+    """Its immutable/append-only flags: from statx's attributes (one call,
+    no open) where the file system says it reports both, else
+    FS_IOC_GETFLAGS on an fd of it."""
+    flags = _statx_flags(path)
+    if flags is not None:
+        return flags
     try:
         fd = os.open(path, _FILE)
     except OSError:  # unreadable: its flags stay unknown (the deletion then says)
@@ -375,6 +384,34 @@ def _flags_of_file(path: bytes) -> int:
         return _flags(fd)
     finally:
         os.close(fd)
+
+
+# STATX_ATTR_IMMUTABLE and STATX_ATTR_APPEND are the FS_*_FL bits.
+_STATX_ATTRS = _FS_IMMUTABLE_FL | _FS_APPEND_FL
+_AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
+_statx: list = []   # [libc's statx, its struct statx buffer], or [None]: none here
+
+
+def _statx_flags(path: bytes) -> int | None:
+    """The two flags from statx(2) (no link followed); None if statx is
+    missing or fails, or the file system does not report both."""
+    if not _statx:
+        try:
+            import ctypes
+            fn = ctypes.CDLL(None, use_errno=True).statx
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
+                           ctypes.c_void_p]
+            _statx[:] = [fn, ctypes.create_string_buffer(256)]
+        except (OSError, AttributeError):
+            _statx[:] = [None]
+    fn = _statx[0]
+    if fn is None or fn(_AT_FDCWD, path, _AT_SYMLINK_NOFOLLOW, 0, _statx[1]) != 0:
+        return None
+    attributes, = struct.unpack_from("Q", _statx[1], 8)
+    supported, = struct.unpack_from("Q", _statx[1], 56)   # stx_attributes_mask
+    if supported & _STATX_ATTRS != _STATX_ATTRS:
+        return None
+    return attributes & _STATX_ATTRS
 
 
 def _flags_problem(flags: int) -> str | None:

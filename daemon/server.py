@@ -288,6 +288,15 @@ class Daemon:
             async with self.work_lock:
                 old, self.db = self.db, fresh
                 self._answers = {}  # views of the old graph's paths
+                if self.listing is not None:
+                    # The next answer would list the store dir anew for this
+                    # graph: list it now, not while someone waits (a
+                    # collection's plan, a query).  If that fails, the
+                    # next answer lists it (and says why it cannot).
+                    try:
+                        await trio.to_thread.run_sync(self.listing.sync, fresh._graph)
+                    except OSError as e:
+                        _log.warning("store_not_listed", error=str(e))
             if old is not None:
                 old.close()
             took = trio.current_time() - t0
@@ -346,7 +355,8 @@ class Daemon:
             if not options.dry_run:
                 self.gc_running = {}
                 self.notifier.status("serving")
-        _log.info("gc_finished", by=by, **result.summary())
+        _log.info("gc_finished", by=by, **result.summary(),
+                  **{f"seconds_{k}": round(v, 4) for k, v in c.timings.items()})
         if self.metrics:
             self.metrics.collection(result)
         return result
