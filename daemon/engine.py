@@ -310,7 +310,8 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
             temp_files_at_lock: frozenset[tuple[bytes, int]] | None = None,
             listing: "StoreListing | None" = None, load: bool = False,
             names: "Callable[[], list[bytes]] | None" = None,
-            answer: str | None = None, kept: dict | None = None) -> Analysis:
+            answer: str | None = None, kept: dict | None = None,
+            incremental: bool = False) -> Analysis:
     """`temp_files_at_lock`: see read_temp_roots (a collection's).  The
     in-memory graph is used when it is current (or, with `load`, read
     now); `listing` keeps the store dir's entries for it between calls.
@@ -318,7 +319,9 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
     scan, for a dead set without the graph.  `answer` ("live"/"dead"): its
     frames made too (path_frames, with `kept`) -- while, after a change,
     another thread checks the DB's row counts for the followed graph; if
-    they say it is stale, all of it is made again without it."""
+    they say it is stale, all of it is made again without it.
+    `incremental`: the live set made from the graph's last one when it can
+    be (StoreGraph.live_mark; gcrootsd's queries)."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
     with db.snapshot() as snap:
@@ -356,7 +359,8 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                 import numpy as np
                 a.root_nodes = graph.nodes_of(np.fromiter(root_ids.values(), dtype=np.int64,
                                                           count=len(root_ids)))
-                a.live_mask = graph.closure_mask(a.root_nodes, settings)
+                a.live_mask = (graph.live_mark(a.root_nodes, settings) if incremental
+                               else graph.closure_mask(a.root_nodes, settings))
             else:                  # cold: let SQLite walk it
                 # ... while a thread lists the store dir: SQLite's walk releases
                 # the GIL (a third of `--standalone dead` at 100k paths).
@@ -392,7 +396,7 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
             kept.pop(answer, None)
         return analyze(layout, db, rootset, settings, want_dead=want_dead,
                        temp_files_at_lock=temp_files_at_lock, listing=listing, load=load,
-                       names=names, answer=answer, kept=kept)
+                       names=names, answer=answer, kept=kept, incremental=incremental)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
     return a
 

@@ -296,6 +296,10 @@ class StoreGraph:
     ref_rows: np.ndarray | None = None  # node -> its Refs rows as referrer (self refs too)
     do_rows: np.ndarray | None = None   # node -> its DerivationOutputs rows as drv
     _referrers: CSR | None = field(default=None, repr=False)
+    # The last live_mark() (see there) and the nodes whose edges out
+    # follow() changed since it was made (arrays), in one attribute: a
+    # graph is copied (follow) while another thread may mark it.
+    _live: tuple = field(default=(None, ()), repr=False)
 
     def __post_init__(self, given_index) -> None:
         # Small graphs may be given as lists (tests); the loader gives arrays.
@@ -355,13 +359,20 @@ class StoreGraph:
         g._count_do_rows(conn, 0)
         if realised_pairs:
             g._add_realised(conn, realised_pairs)
+        g._live = (None, ())
         return g
+
+    def _touch(self, *nodes: np.ndarray) -> None:
+        last, touched = self._live
+        if last is not None:
+            self._live = (last, touched + nodes)
 
     def _add_realised(self, conn, realised_pairs: list[tuple[int, int]]) -> None:
         """Edges .drv -> output found through Realisations (and the
         keep-derivations edge back when the output names the .drv)."""
         pairs = np.array(realised_pairs, dtype=np.int64).reshape(-1, 2)
         d, o = self.nodes_of(pairs[:, 0]), self.nodes_of(pairs[:, 1])
+        self._touch(d, o)
         self.realised = self.realised.with_pairs(len(self), d, o)
         derivers = self._derivers_of(conn, o)
         named = np.array([self.paths[x] == derivers.get(int(y)) for x, y in zip(d, o)],
@@ -410,6 +421,8 @@ class StoreGraph:
         if not len(found):
             return
         d, o = self.nodes_of(found[:, 0]), self.nodes_of(found[:, 1])
+        # Edges out of both may be new: drv -> output, output -> deriver.
+        self._touch(d, o)
         self.outputs = self.outputs.with_pairs(len(self), d, o)
         named = found[:, 2] == 1
         self.deriver = self.deriver.copy()
@@ -453,7 +466,7 @@ class StoreGraph:
         rs = m.realisations
         if realisations and len(rs) == 2:
             rs = (rs[0] - realisations, rs[1])
-        return _replace(self, gone=gone, _referrers=None, marks=Marks(
+        return _replace(self, gone=gone, _referrers=None, _live=(None, ()), marks=Marks(
             m.max_id, m.paths - len(nodes), m.refs - int(self.ref_rows[nodes].sum()),
             m.outputs - int(self.do_rows[nodes].sum()), rs, m.schema))
 
@@ -545,6 +558,46 @@ class StoreGraph:
         # .drv's outputs) lead nowhere.
         seen = self.gone.copy()
         frontier = np.unique(np.fromiter(start, dtype=np.int64))
+        return self._walk(seen, frontier, settings) & ~self.gone
+
+    def live_mark(self, roots: np.ndarray, settings: GCSettings) -> np.ndarray:
+        """closure_mask(roots) (read-only), made from the last one when it
+        can be: follow() only adds nodes and edges (anything else is Stale,
+        and forget() drops the last mark), so if every root of the last
+        mark is still a root, the closure only grows -- from the roots not
+        in it and from what the nodes in it that gained edges since now
+        reach.  At a million paths that walks a build's new paths, not the
+        whole live part again."""
+        roots = np.unique(np.asarray(roots, dtype=np.int64))
+        key = (settings.keep_derivations, settings.keep_outputs)
+        (last, since), n = self._live, len(self)
+        if (last is None or last.key != key or last.n > n
+                or not np.isin(last.roots, roots, assume_unique=True).all()):
+            mask = self.closure_mask(roots, settings)
+        else:
+            seen = np.zeros(n, dtype=bool)
+            seen[:last.n] = last.mask
+            touched = np.concatenate([np.asarray(t, dtype=np.int64) for t in since] + [_NONE])
+            touched = np.unique(touched[touched < last.n])
+            touched = touched[seen[touched]]   # live ones: their new edges lead on
+            start = np.concatenate([roots, self._successors(touched, settings)])
+            seen |= self.gone
+            mask = self._walk(seen, np.unique(start), settings) & ~self.gone
+        mask.flags.writeable = False
+        self._live = (_LiveMark(key, roots, n, mask), ())
+        return mask
+
+    def _successors(self, nodes: np.ndarray, settings: GCSettings) -> np.ndarray:
+        out = [self.refs.gather(nodes)]
+        if settings.keep_derivations:
+            d = self.deriver[nodes]
+            out.append(d[d >= 0])
+        if settings.keep_outputs:
+            out += [self.outputs.gather(nodes), self.realised.gather(nodes)]
+        return np.concatenate(out).astype(np.int64)
+
+    def _walk(self, seen: np.ndarray, frontier: np.ndarray, settings: GCSettings) -> np.ndarray:
+        """`seen` (changed) with what `frontier` (unique) reaches."""
         frontier = frontier[~seen[frontier]]
         seen[frontier] = True
         kd, ko = settings.keep_derivations, settings.keep_outputs
@@ -559,7 +612,7 @@ class StoreGraph:
             cand = np.unique(cand[~seen[cand]])
             seen[cand] = True
             frontier = cand
-        return seen & ~self.gone
+        return seen
 
     def closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         return set(np.flatnonzero(self.closure_mask(start, settings)).tolist())
@@ -610,6 +663,14 @@ class StoreGraph:
 
     def referrer_closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         return set(np.flatnonzero(self.referrer_closure_mask(start, settings)).tolist())
+
+
+@dataclass(frozen=True)
+class _LiveMark:
+    key: tuple            # (keep-derivations, keep-outputs)
+    roots: np.ndarray     # sorted nodes
+    n: int                # nodes the graph had
+    mask: np.ndarray
 
 
 def _replace(g: StoreGraph, **changes) -> StoreGraph:

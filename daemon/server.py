@@ -221,7 +221,8 @@ class Daemon:
     def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool,
                  answer: str | None) -> Analysis:
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
-                           listing=self.listing, answer=answer, kept=self._answers)
+                           listing=self.listing, answer=answer, kept=self._answers,
+                           incremental=True)
         return_free_memory()  # its temporaries: gcrootsd stays resident all day
         return a
 

@@ -76,7 +76,9 @@ class Follower:
                 assert not expect_reload, "follow() took a change it cannot account for"
             assert shape(g) == shape(fresh_graph(self.layout, ca))
         rootset = engine.scan_in_process(self.layout, runtime=False)
-        a = engine.analyze(self.layout, self.db, rootset, self.settings, listing=self.listing)
+        # As gcrootsd answers: the live set grown from the last one.
+        a = engine.analyze(self.layout, self.db, rootset, self.settings, listing=self.listing,
+                           incremental=True)
         b = engine.analyze(self.layout, StoreDB.open(self.layout), rootset, self.settings,
                            load=True)
         c = engine.analyze(self.layout, StoreDB.open(self.layout), rootset, self.settings)
