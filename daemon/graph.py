@@ -173,6 +173,59 @@ class PathTable:
                          **{p: len(self) + i for i, p in enumerate(paths)}}
         return t
 
+    def _keys(self) -> tuple[int, np.ndarray]:
+        """(skip, keys): the 8 bytes of each sorted path after the `skip`
+        bytes all of them share, zero-padded, as big-endian integers --
+        ordered as the paths are, so numpy bisects a batch of paths at once
+        (ranks).  Made on first use, 8 bytes a path, shared by the tables
+        appended to this one."""
+        cached = self.__dict__.get("_keys_cache")
+        if cached is None:
+            skip = 0
+            if self.base:
+                first, last = self.sorted_path(0), self.sorted_path(self.base - 1)
+                while skip < min(len(first), len(last)) and first[skip] == last[skip]:
+                    skip += 1
+            raw = np.frombuffer(self.blob, dtype=np.uint8)
+            starts, ends = self.offsets[:-1] + skip, self.offsets[1:] - 1
+            keys = np.zeros(self.base, dtype=np.uint64)
+            for j in range(8):
+                at = starts + j
+                inside = at < ends
+                byte = raw[np.where(inside, at, 0)].astype(np.uint64)
+                keys |= np.where(inside, byte, 0) << np.uint64(56 - 8 * j)
+            cached = self.__dict__["_keys_cache"] = (skip, keys)
+        return cached
+
+    def ranks(self, paths: list[bytes]) -> np.ndarray:
+        """bisect_left of each of `paths` among the loaded (sorted) paths,
+        for all of them at once: numpy on the keys, then only paths that
+        share their key with loaded ones (rare) compared one by one."""
+        skip, keys = self._keys()
+        want = np.array([int.from_bytes(p[skip:skip + 8].ljust(8, b"\0"), "big") for p in paths],
+                        dtype=np.uint64)
+        lo = np.searchsorted(keys, want, side="left")
+        hi = np.searchsorted(keys, want, side="right")
+        seq = SortedPaths(self)
+        prefix = self.sorted_path(0)[:skip] if self.base else b""
+        for i in np.flatnonzero(hi - lo != 0).tolist():  # keys shared with loaded paths
+            lo[i] = bisect.bisect_left(seq, paths[i], int(lo[i]), int(hi[i]))
+        for i, p in enumerate(paths):  # another prefix: it sorts by that alone
+            if p[:skip] != prefix:
+                lo[i] = bisect.bisect_left(seq, p)
+        return lo.astype(np.int64)
+
+    def lookup_many(self, paths: list[bytes]) -> list[int | None]:
+        """lookup() of each of `paths`, the loaded ones bisected at once."""
+        out: list[int | None] = [self._tail_index.get(p) for p in paths]
+        todo = [i for i, n in enumerate(out) if n is None]
+        if todo and self.base:
+            ranks = self.ranks([paths[i] for i in todo]).tolist()
+            for i, r in zip(todo, ranks):
+                if r < self.base and self.sorted_path(r) == paths[i]:
+                    out[i] = int(self.order[r])
+        return out
+
     def lookup(self, path: bytes) -> int | None:
         """The node of `path` (the newest, if it was added again), or None."""
         node = self._tail_index.get(path)
@@ -228,6 +281,11 @@ class PathIndex:
 
     def __contains__(self, path: bytes) -> bool:
         return self.get(path) is not None
+
+    def get_many(self, paths: list[bytes]) -> list[int | None]:
+        """get() of each of `paths`, looked up at once (PathTable.lookup_many)."""
+        gone = self.graph.gone
+        return [None if n is None or gone[n] else n for n in self.graph.paths.lookup_many(paths)]
 
 
 class Stale(Exception):

@@ -124,11 +124,11 @@ class StoreListing:
         newly_gone = np.flatnonzero(g.gone & on_disk)
         on_disk[newly_gone] = False  # invalidated by us: unregistered entries until deleted
         self.extra.update(g.paths[x] for x in newly_gone)
-        for mask, name in events:
-            if name == b".links":
-                continue
-            path = self.prefix + name
-            node = g.index.get(path)
+        events = [(mask, self.prefix + name) for mask, name in events if name != b".links"]
+        # One batch: a build's thousand paths (and their .lock files) are
+        # not a thousand bisections of the path table.
+        nodes = g.index.get_many([path for _, path in events])
+        for (mask, path), node in zip(events, nodes):
             present = bool(mask & (_IN_CREATE | _IN_MOVED_TO))
             if node is not None:
                 on_disk[node] = present

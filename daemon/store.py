@@ -159,6 +159,7 @@ class StoreDB:
         from .graph import StoreGraph
         pairs = realised_outputs(self.conn, self.layout) if ca else None
         graph = StoreGraph.load(self.conn, self.data_version(), pairs)
+        graph.paths.ranks([])  # its keys, made now: not in the first answer after a change
         with self._graph_lock:
             self._graph = graph
         # Long-lived objects: keep the cyclic GC from walking them on every
