@@ -16,6 +16,7 @@ Queries never modify anything.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import os
 import pwd
@@ -35,7 +36,7 @@ from .storepaths import HASH_LEN, hash_part, parse_store_path
 
 from .derivation import DerivationError
 from .nixconf import GCSettings
-from .store import Snapshot, StoreDB, list_store
+from .store import CountsAhead, Snapshot, StoreDB, list_store
 from .temproots import TempRoots, UnreadableTempRoots, read_temp_roots
 
 T = TypeVar("T")
@@ -426,7 +427,10 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
     be (StoreGraph.live_mark; gcrootsd's queries)."""
     t0 = time.perf_counter()
     timings = {"scan": rootset.scan_seconds}
-    with db.snapshot() as snap:
+    ahead = db.counts_ahead(settings.follows_realisations) if incremental else None
+    with _joined(ahead), db.snapshot() as snap:
+        if ahead is not None:
+            ahead.start()
         candidates = {r.store_path for r in rootset.roots}
         valid_roots = snap.valid_ids(candidates)
         try:
@@ -450,7 +454,8 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         t1 = time.perf_counter()
         ca = settings.follows_realisations
         graph = db.cached_graph(ca, check_later=True)
-        confirmed = _in_thread(lambda: db.confirm(graph)) \
+        counted = ahead.result if ahead is not None else None
+        confirmed = _in_thread(lambda: db.confirm(graph, counted)) \
             if graph is not None and graph is db.unconfirmed else lambda: True
         try:
             if graph is None and (load or ca and db.has_realisations()):
@@ -501,6 +506,17 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                        names=names, answer=answer, kept=kept, incremental=incremental)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
     return a
+
+
+@contextlib.contextmanager
+def _joined(ahead: "CountsAhead | None") -> Iterator[None]:
+    """Its counting thread done when the block ends, however it ends: the
+    next analysis uses its connection."""
+    try:
+        yield
+    finally:
+        if ahead is not None:
+            ahead.result()
 
 
 def _split_temp(a: Analysis, entries: Iterable[bytes]) -> list[bytes]:

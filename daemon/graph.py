@@ -595,11 +595,12 @@ class StoreGraph:
                 g._add_realised(conn, pairs)
         return g
 
-    def check_counts(self, conn) -> None:
+    def check_counts(self, conn, counted: tuple[int, int, int] | None = None) -> None:
         """Stale unless the DB's row counts are the ones follow() made this
         graph for: any row that went away, or was added but not as the
-        rows of a new path, changes one."""
-        paths, refs, outputs = _counts(conn)
+        rows of a new path, changes one.  `counted`: the counts, made of
+        this very snapshot by another connection (store.CountsAhead)."""
+        paths, refs, outputs = counted if counted is not None else _counts(conn)
         if paths != self.marks.paths:
             raise Stale("a valid path went away (another collector, nix-store --delete)")
         if refs != self.marks.refs:
