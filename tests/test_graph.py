@@ -35,6 +35,31 @@ def test_path_table_sorted_access():
         assert t.lookup(p) == (paths.index(p) if p in paths else None)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_path_lookups_in_a_batch_are_bisections(seed):
+    """PathTable.ranks/lookup_many (numpy over 8-byte keys of the sorted
+    paths, ties compared one by one) answer as bisect and lookup() do --
+    paths sharing their first bytes, prefixes of each other, with other
+    prefixes than the table's, empty tables, the tail appended since."""
+    import random
+    rng = random.Random(seed)
+
+    def some(k: int) -> list[bytes]:
+        return [rng.choice([b"/nix/store/", b"/nix/store/0a", b"/nix/", b""])
+                + bytes(rng.choice(b"ab0\x01\xff") for _ in range(rng.randint(0, 14)))
+                for _ in range(k)]
+
+    loaded = list(set(some(rng.choice([0, 1, 2, 50, 400]))))
+    rng.shuffle(loaded)
+    t = PathTable.from_list(loaded)
+    added = [p for p in set(some(rng.randint(0, 5))) if p not in loaded]
+    t = t.appended(added) if added else t
+    ordered = sorted(loaded)
+    queries = some(200) + loaded[:50] + added + [b"", b"\xff" * 20]
+    assert t.ranks(queries).tolist() == [bisect.bisect_left(ordered, p) for p in queries]
+    assert t.lookup_many(queries) == [t.lookup(p) for p in queries]
+
+
 def test_a_kept_answer_is_taken_again_only_when_it_is_the_same():
     """gcrootsd keeps its last `dead` answer's frames (engine.path_frames):
     taken again for the same path table, nodes and entries; any other
