@@ -358,6 +358,7 @@ class StoreGraph:
     # follow() changed since it was made (arrays), in one attribute: a
     # graph is copied (follow) while another thread may mark it.
     _live: tuple = field(default=(None, ()), repr=False)
+    _room: dict = field(default_factory=dict, repr=False)   # see _appended
 
     def __post_init__(self, given_index) -> None:
         # Small graphs may be given as lists (tests); the loader gives arrays.
@@ -561,18 +562,21 @@ class StoreGraph:
             outputs=old.outputs + new_do))
         if not check_later:
             g.check_counts(conn)
+        g._room = room = dict(self._room)
         if rows:
             k = len(rows)
-            g.ids = np.concatenate([self.ids, np.array([r[0] for r in rows], dtype=np.int64)])
-            g.sizes = np.concatenate([self.sizes, np.array([r[2] for r in rows], dtype=np.int64)])
+            g.ids = _appended(room, "ids", self.ids, np.array([r[0] for r in rows], dtype=np.int64))
+            g.sizes = _appended(room, "sizes", self.sizes,
+                                np.array([r[2] for r in rows], dtype=np.int64))
             g.paths = self.paths.appended([r[1] for r in rows])
-            g.gone = np.concatenate([self.gone, np.zeros(k, dtype=bool)])
-            g.deriver = np.concatenate([self.deriver, np.full(k, -1, dtype=np.int32)])
-            g.ref_rows = np.concatenate([self.ref_rows, np.zeros(k, dtype=np.int32)])
-            g.do_rows = np.concatenate([self.do_rows, np.zeros(k, dtype=np.int32)])
+            g.gone = _appended(room, "gone", self.gone, np.zeros(k, dtype=bool))
+            g.deriver = _appended(room, "deriver", self.deriver, np.full(k, -1, dtype=np.int32))
+            g.ref_rows = _appended(room, "ref_rows", self.ref_rows, np.zeros(k, dtype=np.int32))
+            g.do_rows = _appended(room, "do_rows", self.do_rows, np.zeros(k, dtype=np.int32))
         n = len(g.paths)
-        g.refs, g.outputs, g.realised = (self.refs.grown(n), self.outputs.grown(n),
-                                         self.realised.grown(n))
+        g.refs, g.outputs, g.realised = (_grown(room, "refs", self.refs, n),
+                                         _grown(room, "outputs", self.outputs, n),
+                                         _grown(room, "realised", self.realised, n))
         if new_refs:
             src, dst = g._ref_pairs(conn, "WHERE referrer > ?", (old.max_id,))
             g.refs = g.refs.with_pairs(n, src, dst)
@@ -730,6 +734,37 @@ class _LiveMark:
     roots: np.ndarray     # sorted nodes
     n: int                # nodes the graph had
     mask: np.ndarray
+
+
+def _appended(room: dict, key: str, arr: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """`arr` with `tail` after it, for follow(): a new graph, but not a
+    copy of a million-node array per change.  The arrays follow() grows
+    are views of buffers with room after them (`room`, the graph's: key ->
+    (buffer, [its length written], the view)): when `arr` is the view that
+    reaches that length -- no other graph grew the buffer since -- `tail`
+    is written into the room, which the views older graphs hold do not
+    reach; else the buffer is copied into one with room for an eighth
+    more (pages of it not yet written are not resident)."""
+    n, k = len(arr), len(tail)
+    if not k:
+        return arr
+    buf, written, view = room.get(key, (None, None, None))
+    if view is not arr or written[0] != n or len(buf) < n + k:
+        buf, written = np.empty(n + k + max(k, n // 8), dtype=arr.dtype), [n]
+        buf[:n] = arr
+    buf[n:n + k] = tail
+    written[0] = n + k
+    out = buf[:n + k]
+    room[key] = (buf, written, out)
+    return out
+
+
+def _grown(room: dict, key: str, csr: CSR, n: int) -> CSR:
+    """csr.grown(n), its start array grown by _appended."""
+    have = len(csr.start) - 1
+    if n <= have:
+        return csr
+    return CSR(_appended(room, key, csr.start, np.full(n - have, csr.start[-1])), csr.edges)
 
 
 def _replace(g: StoreGraph, **changes) -> StoreGraph:

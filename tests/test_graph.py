@@ -219,3 +219,22 @@ def test_gcrootsd_asks_numpy_for_no_huge_pages():
     env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.stdout.split() == ["False", "0"], out
+
+
+def test_arrays_grown_in_place_never_change_an_older_graphs():
+    """follow() grows a graph's arrays into room after them (graph._appended)
+    when no other graph grew them since: views older graphs hold never
+    change, and growing an older graph again (another branch) copies."""
+    from gcroots.daemon.graph import _appended
+    room1: dict = {}
+    a = _appended(room1, "x", np.arange(5), np.array([5, 6]))
+    room2 = dict(room1)
+    b = _appended(room2, "x", a, np.array([7]))            # in the room: no copy
+    assert np.shares_memory(a, b) and b.tolist() == list(range(8))
+    room3 = dict(room1)
+    c = _appended(room3, "x", a, np.array([70, 71]))        # a again: b wrote past it
+    assert not np.shares_memory(b, c)
+    assert a.tolist() == list(range(7)) and b.tolist() == list(range(8))
+    assert c.tolist() == list(range(7)) + [70, 71]
+    d = _appended(dict(room2), "x", b, np.arange(100))      # beyond the room: copied
+    assert d.tolist() == list(range(8)) + list(range(100)) and b.tolist() == list(range(8))
