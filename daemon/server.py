@@ -66,7 +66,7 @@ GRAPH_RELOAD_MIN_INTERVAL = 10.0
 # writes pause for FOLLOW_QUIET seconds (a `nix-store --add` of many files
 # commits each), and then no sooner than FOLLOW_SPACING times as long as
 # the last follow took after it (a tenth of a core at most).
-FOLLOW_QUIET = 0.05
+FOLLOW_QUIET = 0.02
 FOLLOW_SPACING = 10
 SEND_TIMEOUT = 60.0
 IOV_MAX = 1024        # buffers one sendmsg takes (Linux's UIO_MAXIOV)
