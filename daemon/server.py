@@ -309,12 +309,13 @@ class Daemon:
         """Follow the DB as Nix commits to it (StoreGraph.follow, with its
         row counts: the slow part), so that the next query finds the graph
         current instead of following it first -- after a build, the
-        difference between a warm answer and one ~0.1 s later at a million
-        paths.  At most once a second (a busy builder commits all the
-        time), never during our own collection (it forgets what it deletes
-        as it goes: a follow in between would see deletions it did not
-        make yet), and nothing but a reload when follow() cannot account
-        for the change."""
+        difference between a warm answer and one 0.1-0.3 s later at a
+        million paths.  When the writes pause, and no sooner than
+        FOLLOW_SPACING times the last follow's time after it (a busy
+        builder commits all the time); never during our own collection (it
+        forgets what it deletes as it goes: a follow in between would see
+        deletions it did not make yet); and nothing but a reload when
+        follow() cannot account for the change."""
         from .listing import DBWatch
         try:
             watch = DBWatch(self.layout.db_path)
