@@ -173,6 +173,59 @@ class PathTable:
                          **{p: len(self) + i for i, p in enumerate(paths)}}
         return t
 
+    def _keys(self) -> tuple[int, np.ndarray]:
+        """(skip, keys): the 8 bytes of each sorted path after the `skip`
+        bytes all of them share, zero-padded, as big-endian integers --
+        ordered as the paths are, so numpy bisects a batch of paths at once
+        (ranks).  Made on first use, 8 bytes a path, shared by the tables
+        appended to this one."""
+        cached = self.__dict__.get("_keys_cache")
+        if cached is None:
+            skip = 0
+            if self.base:
+                first, last = self.sorted_path(0), self.sorted_path(self.base - 1)
+                while skip < min(len(first), len(last)) and first[skip] == last[skip]:
+                    skip += 1
+            raw = np.frombuffer(self.blob, dtype=np.uint8)
+            starts, ends = self.offsets[:-1] + skip, self.offsets[1:] - 1
+            keys = np.zeros(self.base, dtype=np.uint64)
+            for j in range(8):
+                at = starts + j
+                inside = at < ends
+                byte = raw[np.where(inside, at, 0)].astype(np.uint64)
+                keys |= np.where(inside, byte, 0) << np.uint64(56 - 8 * j)
+            cached = self.__dict__["_keys_cache"] = (skip, keys)
+        return cached
+
+    def ranks(self, paths: list[bytes]) -> np.ndarray:
+        """bisect_left of each of `paths` among the loaded (sorted) paths,
+        for all of them at once: numpy on the keys, then only paths that
+        share their key with loaded ones (rare) compared one by one."""
+        skip, keys = self._keys()
+        want = np.array([int.from_bytes(p[skip:skip + 8].ljust(8, b"\0"), "big") for p in paths],
+                        dtype=np.uint64)
+        lo = np.searchsorted(keys, want, side="left")
+        hi = np.searchsorted(keys, want, side="right")
+        seq = SortedPaths(self)
+        prefix = self.sorted_path(0)[:skip] if self.base else b""
+        for i in np.flatnonzero(hi - lo != 0).tolist():  # keys shared with loaded paths
+            lo[i] = bisect.bisect_left(seq, paths[i], int(lo[i]), int(hi[i]))
+        for i, p in enumerate(paths):  # another prefix: it sorts by that alone
+            if p[:skip] != prefix:
+                lo[i] = bisect.bisect_left(seq, p)
+        return lo.astype(np.int64)
+
+    def lookup_many(self, paths: list[bytes]) -> list[int | None]:
+        """lookup() of each of `paths`, the loaded ones bisected at once."""
+        out: list[int | None] = [self._tail_index.get(p) for p in paths]
+        todo = [i for i, n in enumerate(out) if n is None]
+        if todo and self.base:
+            ranks = self.ranks([paths[i] for i in todo]).tolist()
+            for i, r in zip(todo, ranks):
+                if r < self.base and self.sorted_path(r) == paths[i]:
+                    out[i] = int(self.order[r])
+        return out
+
     def lookup(self, path: bytes) -> int | None:
         """The node of `path` (the newest, if it was added again), or None."""
         node = self._tail_index.get(path)
@@ -228,6 +281,11 @@ class PathIndex:
 
     def __contains__(self, path: bytes) -> bool:
         return self.get(path) is not None
+
+    def get_many(self, paths: list[bytes]) -> list[int | None]:
+        """get() of each of `paths`, looked up at once (PathTable.lookup_many)."""
+        gone = self.graph.gone
+        return [None if n is None or gone[n] else n for n in self.graph.paths.lookup_many(paths)]
 
 
 class Stale(Exception):
@@ -296,6 +354,11 @@ class StoreGraph:
     ref_rows: np.ndarray | None = None  # node -> its Refs rows as referrer (self refs too)
     do_rows: np.ndarray | None = None   # node -> its DerivationOutputs rows as drv
     _referrers: CSR | None = field(default=None, repr=False)
+    # The last live_mark() (see there) and the nodes whose edges out
+    # follow() changed since it was made (arrays), in one attribute: a
+    # graph is copied (follow) while another thread may mark it.
+    _live: tuple = field(default=(None, ()), repr=False)
+    _room: dict = field(default_factory=dict, repr=False)   # see _appended
 
     def __post_init__(self, given_index) -> None:
         # Small graphs may be given as lists (tests); the loader gives arrays.
@@ -355,13 +418,20 @@ class StoreGraph:
         g._count_do_rows(conn, 0)
         if realised_pairs:
             g._add_realised(conn, realised_pairs)
+        g._live = (None, ())
         return g
+
+    def _touch(self, *nodes: np.ndarray) -> None:
+        last, touched = self._live
+        if last is not None:
+            self._live = (last, touched + nodes)
 
     def _add_realised(self, conn, realised_pairs: list[tuple[int, int]]) -> None:
         """Edges .drv -> output found through Realisations (and the
         keep-derivations edge back when the output names the .drv)."""
         pairs = np.array(realised_pairs, dtype=np.int64).reshape(-1, 2)
         d, o = self.nodes_of(pairs[:, 0]), self.nodes_of(pairs[:, 1])
+        self._touch(d, o)
         self.realised = self.realised.with_pairs(len(self), d, o)
         derivers = self._derivers_of(conn, o)
         named = np.array([self.paths[x] == derivers.get(int(y)) for x, y in zip(d, o)],
@@ -410,6 +480,8 @@ class StoreGraph:
         if not len(found):
             return
         d, o = self.nodes_of(found[:, 0]), self.nodes_of(found[:, 1])
+        # Edges out of both may be new: drv -> output, output -> deriver.
+        self._touch(d, o)
         self.outputs = self.outputs.with_pairs(len(self), d, o)
         named = found[:, 2] == 1
         self.deriver = self.deriver.copy()
@@ -453,7 +525,7 @@ class StoreGraph:
         rs = m.realisations
         if realisations and len(rs) == 2:
             rs = (rs[0] - realisations, rs[1])
-        return _replace(self, gone=gone, _referrers=None, marks=Marks(
+        return _replace(self, gone=gone, _referrers=None, _live=(None, ()), marks=Marks(
             m.max_id, m.paths - len(nodes), m.refs - int(self.ref_rows[nodes].sum()),
             m.outputs - int(self.do_rows[nodes].sum()), rs, m.schema))
 
@@ -490,18 +562,21 @@ class StoreGraph:
             outputs=old.outputs + new_do))
         if not check_later:
             g.check_counts(conn)
+        g._room = room = dict(self._room)
         if rows:
             k = len(rows)
-            g.ids = np.concatenate([self.ids, np.array([r[0] for r in rows], dtype=np.int64)])
-            g.sizes = np.concatenate([self.sizes, np.array([r[2] for r in rows], dtype=np.int64)])
+            g.ids = _appended(room, "ids", self.ids, np.array([r[0] for r in rows], dtype=np.int64))
+            g.sizes = _appended(room, "sizes", self.sizes,
+                                np.array([r[2] for r in rows], dtype=np.int64))
             g.paths = self.paths.appended([r[1] for r in rows])
-            g.gone = np.concatenate([self.gone, np.zeros(k, dtype=bool)])
-            g.deriver = np.concatenate([self.deriver, np.full(k, -1, dtype=np.int32)])
-            g.ref_rows = np.concatenate([self.ref_rows, np.zeros(k, dtype=np.int32)])
-            g.do_rows = np.concatenate([self.do_rows, np.zeros(k, dtype=np.int32)])
+            g.gone = _appended(room, "gone", self.gone, np.zeros(k, dtype=bool))
+            g.deriver = _appended(room, "deriver", self.deriver, np.full(k, -1, dtype=np.int32))
+            g.ref_rows = _appended(room, "ref_rows", self.ref_rows, np.zeros(k, dtype=np.int32))
+            g.do_rows = _appended(room, "do_rows", self.do_rows, np.zeros(k, dtype=np.int32))
         n = len(g.paths)
-        g.refs, g.outputs, g.realised = (self.refs.grown(n), self.outputs.grown(n),
-                                         self.realised.grown(n))
+        g.refs, g.outputs, g.realised = (_grown(room, "refs", self.refs, n),
+                                         _grown(room, "outputs", self.outputs, n),
+                                         _grown(room, "realised", self.realised, n))
         if new_refs:
             src, dst = g._ref_pairs(conn, "WHERE referrer > ?", (old.max_id,))
             g.refs = g.refs.with_pairs(n, src, dst)
@@ -524,11 +599,12 @@ class StoreGraph:
                 g._add_realised(conn, pairs)
         return g
 
-    def check_counts(self, conn) -> None:
+    def check_counts(self, conn, counted: tuple[int, int, int] | None = None) -> None:
         """Stale unless the DB's row counts are the ones follow() made this
         graph for: any row that went away, or was added but not as the
-        rows of a new path, changes one."""
-        paths, refs, outputs = _counts(conn)
+        rows of a new path, changes one.  `counted`: the counts, made of
+        this very snapshot by another connection (store.CountsAhead)."""
+        paths, refs, outputs = counted if counted is not None else _counts(conn)
         if paths != self.marks.paths:
             raise Stale("a valid path went away (another collector, nix-store --delete)")
         if refs != self.marks.refs:
@@ -545,6 +621,46 @@ class StoreGraph:
         # .drv's outputs) lead nowhere.
         seen = self.gone.copy()
         frontier = np.unique(np.fromiter(start, dtype=np.int64))
+        return self._walk(seen, frontier, settings) & ~self.gone
+
+    def live_mark(self, roots: np.ndarray, settings: GCSettings) -> np.ndarray:
+        """closure_mask(roots) (read-only), made from the last one when it
+        can be: follow() only adds nodes and edges (anything else is Stale,
+        and forget() drops the last mark), so if every root of the last
+        mark is still a root, the closure only grows -- from the roots not
+        in it and from what the nodes in it that gained edges since now
+        reach.  At a million paths that walks a build's new paths, not the
+        whole live part again."""
+        roots = np.unique(np.asarray(roots, dtype=np.int64))
+        key = (settings.keep_derivations, settings.keep_outputs)
+        (last, since), n = self._live, len(self)
+        if (last is None or last.key != key or last.n > n
+                or not np.isin(last.roots, roots, assume_unique=True).all()):
+            mask = self.closure_mask(roots, settings)
+        else:
+            seen = np.zeros(n, dtype=bool)
+            seen[:last.n] = last.mask
+            touched = np.concatenate([np.asarray(t, dtype=np.int64) for t in since] + [_NONE])
+            touched = np.unique(touched[touched < last.n])
+            touched = touched[seen[touched]]   # live ones: their new edges lead on
+            start = np.concatenate([roots, self._successors(touched, settings)])
+            seen |= self.gone
+            mask = self._walk(seen, np.unique(start), settings) & ~self.gone
+        mask.flags.writeable = False
+        self._live = (_LiveMark(key, roots, n, mask), ())
+        return mask
+
+    def _successors(self, nodes: np.ndarray, settings: GCSettings) -> np.ndarray:
+        out = [self.refs.gather(nodes)]
+        if settings.keep_derivations:
+            d = self.deriver[nodes]
+            out.append(d[d >= 0])
+        if settings.keep_outputs:
+            out += [self.outputs.gather(nodes), self.realised.gather(nodes)]
+        return np.concatenate(out).astype(np.int64)
+
+    def _walk(self, seen: np.ndarray, frontier: np.ndarray, settings: GCSettings) -> np.ndarray:
+        """`seen` (changed) with what `frontier` (unique) reaches."""
         frontier = frontier[~seen[frontier]]
         seen[frontier] = True
         kd, ko = settings.keep_derivations, settings.keep_outputs
@@ -559,7 +675,7 @@ class StoreGraph:
             cand = np.unique(cand[~seen[cand]])
             seen[cand] = True
             frontier = cand
-        return seen & ~self.gone
+        return seen
 
     def closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         return set(np.flatnonzero(self.closure_mask(start, settings)).tolist())
@@ -610,6 +726,45 @@ class StoreGraph:
 
     def referrer_closure(self, start: Iterable[int], settings: GCSettings) -> set[int]:
         return set(np.flatnonzero(self.referrer_closure_mask(start, settings)).tolist())
+
+
+@dataclass(frozen=True)
+class _LiveMark:
+    key: tuple            # (keep-derivations, keep-outputs)
+    roots: np.ndarray     # sorted nodes
+    n: int                # nodes the graph had
+    mask: np.ndarray
+
+
+def _appended(room: dict, key: str, arr: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """`arr` with `tail` after it, for follow(): a new graph, but not a
+    copy of a million-node array per change.  The arrays follow() grows
+    are views of buffers with room after them (`room`, the graph's: key ->
+    (buffer, [its length written], the view)): when `arr` is the view that
+    reaches that length -- no other graph grew the buffer since -- `tail`
+    is written into the room, which the views older graphs hold do not
+    reach; else the buffer is copied into one with room for an eighth
+    more (pages of it not yet written are not resident)."""
+    n, k = len(arr), len(tail)
+    if not k:
+        return arr
+    buf, written, view = room.get(key, (None, None, None))
+    if view is not arr or written[0] != n or len(buf) < n + k:
+        buf, written = np.empty(n + k + max(k, n // 8), dtype=arr.dtype), [n]
+        buf[:n] = arr
+    buf[n:n + k] = tail
+    written[0] = n + k
+    out = buf[:n + k]
+    room[key] = (buf, written, out)
+    return out
+
+
+def _grown(room: dict, key: str, csr: CSR, n: int) -> CSR:
+    """csr.grown(n), its start array grown by _appended."""
+    have = len(csr.start) - 1
+    if n <= have:
+        return csr
+    return CSR(_appended(room, key, csr.start, np.full(n - have, csr.start[-1])), csr.edges)
 
 
 def _replace(g: StoreGraph, **changes) -> StoreGraph:

@@ -40,13 +40,16 @@ _WATCH = (_IN_CREATE | _IN_DELETE | _IN_MOVED_FROM | _IN_MOVED_TO | _IN_DELETE_S
 _MAX_EVENTS = 20000
 
 
+_IN_MODIFY = 0x2
+
+
 class _Inotify:
-    def __init__(self, path: bytes) -> None:
+    def __init__(self, path: bytes, mask: int = _WATCH) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         self.fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
-        if libc.inotify_add_watch(self.fd, path, _WATCH) < 0:
+        if libc.inotify_add_watch(self.fd, path, mask) < 0:
             err = ctypes.get_errno()
             os.close(self.fd)
             raise OSError(err, f"inotify_add_watch({os.fsdecode(path)})")
@@ -124,11 +127,11 @@ class StoreListing:
         newly_gone = np.flatnonzero(g.gone & on_disk)
         on_disk[newly_gone] = False  # invalidated by us: unregistered entries until deleted
         self.extra.update(g.paths[x] for x in newly_gone)
-        for mask, name in events:
-            if name == b".links":
-                continue
-            path = self.prefix + name
-            node = g.index.get(path)
+        events = [(mask, self.prefix + name) for mask, name in events if name != b".links"]
+        # One batch: a build's thousand paths (and their .lock files) are
+        # not a thousand bisections of the path table.
+        nodes = g.index.get_many([path for _, path in events])
+        for (mask, path), node in zip(events, nodes):
             present = bool(mask & (_IN_CREATE | _IN_MOVED_TO))
             if node is not None:
                 on_disk[node] = present
@@ -161,3 +164,27 @@ class StoreListing:
         self.on_disk = on_disk
         self._graph = g
         self.relisted += 1
+
+
+class DBWatch:
+    """Writes to the Nix DB (its directory: the DB, its -wal and -journal
+    files, however often they are made anew): gcrootsd follows the DB
+    when Nix commits, not when the next query comes."""
+
+    def __init__(self, db_path: bytes) -> None:
+        self.dir, self.name = os.path.split(db_path)
+        self._inotify = _Inotify(self.dir, _IN_MODIFY | _WATCH)
+
+    @property
+    def fd(self) -> int:
+        return self._inotify.fd
+
+    def written(self) -> bool:
+        """Whether the DB was written since the last call (or events were
+        lost: then it may have been)."""
+        events = self._inotify.read()
+        ours = (self.name, self.name + b"-wal", self.name + b"-journal")  # not -shm: readers' too
+        return events is None or any(name in ours for _, name in events)
+
+    def close(self) -> None:
+        self._inotify.close()

@@ -63,6 +63,12 @@ MAX_CONNECTIONS_PER_USER = 8
 MAX_CONNECTIONS_PRIVILEGED = 64
 MAX_CONNECTIONS = 256
 GRAPH_RELOAD_MIN_INTERVAL = 10.0
+# The graph follows the DB when Nix writes to it (_follow_loop): once the
+# writes pause for FOLLOW_QUIET seconds (a `nix-store --add` of many files
+# commits each), and then no sooner than FOLLOW_SPACING times as long as
+# the last follow took after it (a tenth of a core at most).
+FOLLOW_QUIET = 0.02
+FOLLOW_SPACING = 10
 SEND_TIMEOUT = 60.0
 IOV_MAX = 1024        # buffers one sendmsg takes (Linux's UIO_MAXIOV)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -222,7 +228,8 @@ class Daemon:
     def _analyze(self, db: StoreDB, rootset: RootSet, want_dead: bool,
                  answer: str | None) -> Analysis:
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
-                           listing=self.listing, answer=answer, kept=self._answers)
+                           listing=self.listing, answer=answer, kept=self._answers,
+                           incremental=True)
         return_free_memory()  # its temporaries: gcrootsd stays resident all day
         return a
 
@@ -307,6 +314,76 @@ class Daemon:
         finally:
             self._graph_reloading = False
             self._graph_next_reload = trio.current_time() + max(GRAPH_RELOAD_MIN_INTERVAL, 20 * took)
+
+    async def _follow_loop(self) -> None:
+        """Follow the DB as Nix commits to it (StoreGraph.follow, with its
+        row counts: the slow part), so that the next query finds the graph
+        current instead of following it first -- after a build, the
+        difference between a warm answer and one 0.1-0.3 s later at a
+        million paths.  When the writes pause, and no sooner than
+        FOLLOW_SPACING times the last follow's time after it (a busy
+        builder commits all the time); never during our own collection (it
+        forgets what it deletes as it goes: a follow in between would see
+        deletions it did not make yet); and nothing but a reload when
+        follow() cannot account for the change."""
+        from .listing import DBWatch
+        try:
+            watch = DBWatch(self.layout.db_path)
+        except OSError as e:  # e.g. the inotify limits: queries follow it themselves
+            _log.warning("db_not_watched", error=e.strerror,
+                         consequence="the graph follows the DB when a query comes")
+            return
+        try:
+            free_at = trio.current_time()
+            while True:
+                await trio.lowlevel.wait_readable(watch.fd)
+                if not watch.written():
+                    continue
+                while True:  # until Nix pauses
+                    await trio.sleep(FOLLOW_QUIET)
+                    if not watch.written():
+                        break
+                await trio.sleep(max(0.0, free_at - trio.current_time()))
+                watch.written()  # covered by the follow below
+                t0 = trio.current_time()
+                await self._follow_now()
+                free_at = trio.current_time() + FOLLOW_SPACING * (trio.current_time() - t0)
+        finally:
+            trio.lowlevel.notify_closing(watch.fd)
+            watch.close()
+
+    async def _follow_now(self) -> None:
+        if self.gc_running or self._graph_reloading or self.db is None or self.db._graph is None:
+            return
+        ca = self.settings.follows_realisations
+
+        def follow(db: StoreDB) -> bool:
+            t0 = time.perf_counter()
+            ahead = db.counts_ahead(ca)   # as a query counts: see engine.analyze
+            try:
+                with db.snapshot():
+                    if ahead is not None:
+                        ahead.start()
+                    g = db.cached_graph(ca, check_later=True)
+                    if g is not None and g is db.unconfirmed and not db.confirm(
+                            g, ahead.result if ahead is not None else None):
+                        g = None
+            finally:
+                if ahead is not None:
+                    ahead.result()
+            if g is not None:
+                _log.debug("graph_followed", paths=len(g), seconds=round(time.perf_counter() - t0, 4))
+            return g is not None
+        try:
+            async with self.work_lock:
+                if self.gc_running or self.db is None:
+                    return
+                current = await trio.to_thread.run_sync(follow, self.db)
+        except Exception as e:  # the next query tries again, or answers from SQLite
+            _log.warning("graph_follow_failed", error=repr(e))
+            return
+        if not current:
+            self.schedule_graph_reload()
 
     # -- garbage collection ------------------------------------------------------
 
@@ -524,6 +601,7 @@ class Daemon:
             if self.notifier.watchdog_interval:
                 nursery.start_soon(self._watchdog)
             nursery.start_soon(self._summarise_dropped)
+            nursery.start_soon(self._follow_loop)
             for listener in listeners:
                 nursery.start_soon(trio.serve_listeners, self._handle, [listener])
             self.notifier.ready("serving")

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
@@ -96,6 +96,7 @@ class StoreDB:
     _graph_lock: threading.Lock = field(default_factory=threading.Lock)
     unconfirmed: "StoreGraph | None" = None   # see cached_graph
     twin: "StoreDB | None" = None             # see Snapshot.on_twin
+    _counter: sqlite3.Connection | None = None  # see counts_ahead
 
     @classmethod
     def open(cls, layout: StoreLayout, *, create_files: bool = True,
@@ -118,6 +119,8 @@ class StoreDB:
         if self.twin is not None:
             self.twin.close()
         self.conn.close()
+        if self._counter is not None:
+            self._counter.close()
 
     def one_shot(self) -> None:
         """For a process that answers once and exits (--standalone).
@@ -166,13 +169,27 @@ class StoreDB:
                 self._graph = followed
             return followed
 
-    def confirm(self, g: "StoreGraph") -> bool:
+    def counts_ahead(self, ca: bool = False) -> "CountsAhead | None":
+        """If the DB changed since the graph looked (so that an analysis
+        will follow it and must count rows to confirm it): a CountsAhead on
+        a connection of its own.  Call outside a transaction, right before
+        snapshot(); then CountsAhead.start() inside it."""
+        g = self._graph
+        if g is None or g.ca != ca or self.data_version() == g.version:
+            return None
+        if self._counter is None:
+            self._counter = connect_ro(self.layout.db_path)
+        return CountsAhead(self._counter)
+
+    def confirm(self, g: "StoreGraph",
+                counted: "Callable[[], tuple[int, int, int] | None] | None" = None) -> bool:
         """Whether `g` (cached_graph(check_later=True)'s) matches the DB's
         row counts: then it is the graph kept, else none is (a full load
-        follows)."""
+        follows).  `counted`: CountsAhead.result, if counting started
+        early; when it has no counts of this snapshot, they are made here."""
         from .graph import Stale
         try:
-            g.check_counts(self.conn)
+            g.check_counts(self.conn, counted() if counted is not None else None)
         except Stale as e:
             _log.info("graph_stale", reason=str(e))
             g = None
@@ -187,6 +204,7 @@ class StoreDB:
         from .graph import StoreGraph
         pairs = realised_outputs(self.conn, self.layout) if ca else None
         graph = StoreGraph.load(self.conn, self.data_version(), pairs)
+        graph.paths.ranks([])  # its keys, made now: not in the first answer after a change
         with self._graph_lock:
             self._graph = graph
         # Long-lived objects: keep the cyclic GC from walking them on every
@@ -207,6 +225,60 @@ class StoreDB:
             return self.conn.execute("SELECT 1 FROM Realisations LIMIT 1").fetchone() is not None
         except sqlite3.OperationalError:  # no such table
             return False
+
+
+class CountsAhead:
+    """The row counts that confirm a followed graph (StoreGraph.check_counts,
+    the slowest part of following: every page of three b-trees), made on a
+    second connection from the moment the analysis's snapshot begins, in a
+    thread, while the first one validates roots and follows the graph.
+
+    They must be counts of that very snapshot, which SQLite cannot share
+    between connections; so this one notes its PRAGMA data_version before
+    the snapshot begins (`__init__`) and again once its own read transaction
+    began after it (`start`): equal, no commit happened in between and both
+    see the same DB; else (a commit in those microseconds) there are no
+    counts, and confirm() counts on the snapshot's own connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.before = conn.execute("PRAGMA data_version").fetchone()[0]
+        self._thread: threading.Thread | None = None
+        self._counts: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        """Call inside the analysis's snapshot."""
+        from .graph import _counts
+        c = self.conn
+        try:
+            if c.in_transaction:  # left so by a failure: not this snapshot's
+                c.execute("ROLLBACK")
+            c.execute("BEGIN")
+            same = c.execute("PRAGMA data_version").fetchone()[0] == self.before
+            if not same:
+                c.execute("COMMIT")
+                return
+        except sqlite3.Error as e:  # then confirm() counts on the snapshot's connection
+            _log.warning("db_count_failed", error=str(e))
+            return
+
+        def run() -> None:
+            try:
+                self._counts = tuple(_counts(c))  # type: ignore[assignment]
+            except sqlite3.Error as e:
+                _log.warning("db_count_failed", error=str(e))
+            finally:
+                c.execute("COMMIT")
+        self._thread = threading.Thread(target=run, name="gcroots-count", daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple[int, int, int] | None:
+        """The counts, or None; waits for them (call before the connection
+        is used again, whatever happened)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return self._counts
 
 
 class Snapshot:

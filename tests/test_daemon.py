@@ -277,6 +277,34 @@ def test_structured_logs(scratch, users, pipelines):
     assert request["peer_uid"] == users[support.BOB].pw_uid and request["status"] == "ok"
 
 
+def test_the_graph_follows_nix_commits_before_any_query(scratch, users, pipelines):
+    """gcrootsd follows the DB when Nix commits to it (server._follow_loop,
+    inotify on the DB's directory), not when the next query comes: after a
+    nix-store --add the graph is followed with no query asked, the query
+    after it has nothing left to follow, and its answer is Nix's."""
+    root = new_store(scratch, 71, paths=300)
+    p = Pipeline(root, scratch / "run", daemon_args=("--log-level", "debug"))
+    pipelines.append(p)
+    p.start()
+    p.query("dead", check=True)
+
+    def followed() -> list[dict]:
+        return [e for e in p.daemon_events() if e.get("event") == "graph_followed"]
+    before = len(followed())
+    (scratch / "added").write_text("added\n")
+    added = support.oracle(root, "nix-store", "--add", str(scratch / "added")).stdout.strip()
+    deadline = time.monotonic() + 20
+    while len(followed()) == before:
+        assert time.monotonic() < deadline, "the graph did not follow Nix's commit"
+        time.sleep(0.05)
+    assert followed()[-1]["paths"] == 301
+    dead = p.query("dead", check=True).stdout.split()
+    assert added in dead
+    assert sorted(dead) == sorted(support.oracle(root, "nix-store", "--gc",
+                                                 "--print-dead").stdout.split())
+    assert not [e for e in p.daemon_events() if e.get("event") == "graph_stale"]
+
+
 def test_sd_notify_ready_status_watchdog(scratch, users):
     root = new_store(scratch, 68, paths=200)
     p = Pipeline(root, scratch / "run")

@@ -76,7 +76,9 @@ class Follower:
                 assert not expect_reload, "follow() took a change it cannot account for"
             assert shape(g) == shape(fresh_graph(self.layout, ca))
         rootset = engine.scan_in_process(self.layout, runtime=False)
-        a = engine.analyze(self.layout, self.db, rootset, self.settings, listing=self.listing)
+        # As gcrootsd answers: the live set grown from the last one.
+        a = engine.analyze(self.layout, self.db, rootset, self.settings, listing=self.listing,
+                           incremental=True)
         b = engine.analyze(self.layout, StoreDB.open(self.layout), rootset, self.settings,
                            load=True)
         c = engine.analyze(self.layout, StoreDB.open(self.layout), rootset, self.settings)
@@ -283,3 +285,66 @@ def test_packed_frames_are_full_and_within_the_limit(seed):
         assert piece.count(b"\0") == n >= 1 and (len(piece) <= limit or n == 1)
         at += n
         assert at == len(paths) or len(piece) + len(paths[at]) > limit
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_answer_frames_merged_with_paths_added_since(seed):
+    """After a change that only adds paths (a build), gcrootsd merges them
+    into its kept answer's frames (engine._merge_into: a run split around
+    each, a frame that outgrew the limit cut in two) instead of making all
+    of them again: round after round, the frames hold exactly the sorted
+    paths, within the limit, each counting its paths; frames no path went
+    to are the same objects; anything else (a path no longer picked) makes
+    the answer anew, also right."""
+    import random
+    from unittest import mock
+
+    from gcroots.daemon.graph import PathTable
+    rng = random.Random(seed)
+    limit = rng.choice([120, 200, 1000, engine.PIECE])
+    real = engine._frames_and_keys, engine._merge_into
+
+    def some(k: int) -> set[bytes]:
+        return {b"/nix/store/" + bytes(rng.choice(b"abcd0123") for _ in range(rng.randint(3, 30)))
+                for _ in range(k)}
+
+    def answer(table: PathTable, mask: np.ndarray, extra: list[bytes]) -> list:
+        graph = StoreGraph.__new__(StoreGraph)
+        graph.paths = table
+        a = engine.Analysis(None, None, [], set(), None, None, graph=graph, dead_mask=mask,
+                            dead_extra=extra)
+        with mock.patch.object(engine, "_frames_and_keys",
+                               lambda g, m, e: real[0](g, m, e, limit)), \
+             mock.patch.object(engine, "_merge_into",
+                               lambda g, f, k, p: real[1](g, f, k, p, limit)):
+            frames = engine.path_frames(a, "dead", kept)
+        want = sorted(extra + [table[n] for n in np.flatnonzero(mask)])
+        joined = [b"".join(bytes(p) for p in pieces) for pieces, _ in frames]
+        assert b"".join(joined) == b"".join(p + b"\0" for p in want)
+        assert all(0 < len(j) <= limit and j.count(b"\0") == n for j, (_, n) in zip(joined, frames))
+        return frames
+
+    loaded = sorted(some(rng.choice([0, 1, 5, 300])))
+    rng.shuffle(loaded)
+    table = PathTable.from_list(loaded)
+    mask = np.array([rng.random() < 0.7 for _ in range(len(table))], dtype=bool)
+    extra = sorted(some(rng.randint(0, 4)) - set(loaded))
+    kept: dict = {}
+    frames = answer(table, mask, extra)
+    for _ in range(4):
+        have = set(table) | set(extra)
+        added = sorted(some(rng.randint(0, 12)) - have)
+        table = table.appended(added)
+        picked = [rng.random() < 0.6 for _ in added]
+        mask = np.append(mask, np.array(picked, dtype=bool))
+        new_extra = some(rng.randint(0, 2)) - have - set(added)
+        extra = sorted(set(extra) | new_extra)
+        before = frames
+        frames = answer(table, mask, extra)
+        if before:
+            same = {id(f) for f in before} & {id(f) for f in frames}
+            assert len(same) >= len(before) - sum(picked) - len(new_extra)
+    if mask.any():
+        mask = mask.copy()
+        mask[np.flatnonzero(mask)[0]] = False
+        answer(table, mask, extra)
