@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.nixdb import connect_ro, ro_uri
+from gcroots.nixdb import connect_ro, is_immutable, ro_uri
 
 from .nixconf import GCSettings
 
@@ -101,12 +101,16 @@ class StoreDB:
     def open(cls, layout: StoreLayout, *, create_files: bool = True,
              twin: bool = False) -> "StoreDB":
         """`twin`: with a second connection, opened the same way (the same
-        URI), for another thread to read a snapshot's state (Snapshot.on_twin)."""
+        URI), for another thread to read a snapshot's state (Snapshot.on_twin)
+        -- not for a DB opened `immutable` (no -wal when opened: see
+        gcroots.nixdb): SQLite then takes no lock and never sees a commit,
+        so data_version cannot tell whether a Nix process that started since
+        changed the file between the two connections' reads."""
         # No mmap_size: it makes the live walk ~15% faster, but each page it
         # touches counts in our resident memory (a million paths: 700 MB).
         uri = ro_uri(layout.db_path, create_files=create_files)
         db = cls(layout, connect_ro(layout.db_path, uri=uri))
-        if twin:
+        if twin and not is_immutable(uri):
             try:
                 db.twin = cls(layout, connect_ro(layout.db_path, uri=uri))
             except BaseException:

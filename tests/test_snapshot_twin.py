@@ -81,3 +81,24 @@ def test_dead_set_from_one_state_when_nix_commits_meanwhile(scratch, monkeypatch
     # The new path's file may be listed (an unregistered entry in that state: dead).
     assert [p for p in a.dead if p != added[0]] == expected.dead
     assert a.all_live == expected.all_live
+
+
+def test_no_twin_for_an_immutable_db(scratch):
+    """--standalone opens the DB `immutable` when no -wal exists: SQLite then
+    takes no lock and its data_version never moves, so a Nix process that
+    starts meanwhile and checkpoints its commits into the file would go
+    unnoticed between the two connections' reads.  No twin then (it read
+    303 valid paths against the snapshot's 300 before)."""
+    root, layout = _store(scratch)
+    assert not os.path.exists(layout.db_path + b"-wal")
+    db = StoreDB.open(layout, create_files=False, twin=True)
+    try:
+        with db.snapshot() as snap:
+            before = _count(snap)
+            for name in ("one", "two", "three"):
+                _add(root, scratch, name)
+            assert not os.path.exists(layout.db_path + b"-wal")   # checkpointed into the file
+            with snap.on_twin() as other:
+                assert other is None or _count(other) == before
+    finally:
+        db.close()
