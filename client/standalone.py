@@ -66,9 +66,13 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
                 return out
         finally:
             db.close()
-    return Answer(Status.ERROR, f"the Nix database {os.fsdecode(layout.db_path)} changed while "
-                  f"it was read without locks (a Nix command started meanwhile), {ATTEMPTS} "
-                  "times; try again")
+    return Answer(Status.ERROR, _changed(layout, ATTEMPTS))
+
+
+def _changed(layout: StoreLayout, times: int) -> str:
+    return (f"the Nix database {os.fsdecode(layout.db_path)} changed while it was read without "
+            f"locks (a Nix command started meanwhile){f', {times} times' if times > 1 else ''}; "
+            "try again")
 
 
 def _answer(args, layout: StoreLayout, db: StoreDB, command: str, options: dict,
@@ -119,6 +123,8 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         c.plan(rootset, db)
         result = c.execute(layout.db_path)
+        if db.changed():   # a dry run's plan, read without locks: see answer()
+            return Answer(Status.ERROR, _changed(layout, 1))
         c.remove_stale_links(lambda: engine.scan_in_process(layout, runtime=False))
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")

@@ -149,3 +149,28 @@ def test_standalone_answers_again_when_an_immutable_db_changed(scratch, monkeypa
     monkeypatch.setattr(engine, "analyze", always)
     refused = standalone.answer(args, "dead", {}, ())
     assert refused.status == standalone.Status.ERROR and "changed while it was read" in refused.message
+
+
+def test_standalone_dry_run_refuses_a_plan_from_an_immutable_db_that_changed(scratch, monkeypatch):
+    """gc --standalone --dry-run reads the DB as `answer` does (immutable
+    without a -wal): a plan made while Nix checkpointed into it is refused
+    in one line (it was printed before)."""
+    import argparse
+
+    from gcroots.client import standalone
+    from gcroots.daemon import gc
+
+    root, layout = _store(scratch)
+    args = argparse.Namespace(store_dir=None, state_dir=None, root=os.fsencode(root),
+                              allow_unprivileged_scan=True, no_runtime=True, command="gc",
+                              keep_derivations=None, keep_outputs=None)
+    plan = gc.Collection.plan
+
+    def commit_during(self, *a, **k):
+        out = plan(self, *a, **k)
+        _add(root, scratch, "meanwhile")
+        return out
+    monkeypatch.setattr(gc.Collection, "plan", commit_during)
+    got = standalone.collect(args, {"dry_run": True})
+    assert got.status == standalone.Status.ERROR and "changed while it was read" in got.message
+    assert "\n" not in got.message
