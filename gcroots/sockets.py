@@ -71,14 +71,17 @@ def _put_back(dfd: int, aside: bytes, name: bytes) -> bool:
     now; True if it went back.  A rename that never replaces: link() of a
     socket someone else owns (the helper's, given to the user it allows)
     needs CAP_FOWNER under fs.protected_hardlinks, which the helper's
-    socket remover does not hold.  link() where renameat2 is missing."""
+    socket remover does not hold.  link() where renameat2 is missing or
+    refused."""
     if _renameat2 is not None:
         if _renameat2(dfd, aside, dfd, name, _RENAME_NOREPLACE) == 0:
             return True
         err = ctypes.get_errno()
         if err == errno.EEXIST:
             return False
-        if err not in (errno.ENOSYS, errno.EINVAL):   # EINVAL: a file system without the flag
+        # EINVAL: a file system without the flag; EPERM: a seccomp filter
+        # that denies the call (link() may still do).
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
             raise OSError(err, os.strerror(err), os.fsdecode(name))
     with contextlib.suppress(FileExistsError):
         os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
