@@ -18,6 +18,8 @@ from .conn import Answer, DaemonError
 # Answers that feed deletion: an unprivileged scan cannot see other users'
 # private roots, so these need root unless the caller accepts that.
 NEEDS_FULL_SCAN = frozenset({"dead", "gc"})
+# Answers made again when the DB changed under a lock-free read (StoreDB.changed).
+ATTEMPTS = 3
 
 
 def layout_of(args) -> StoreLayout:
@@ -43,13 +45,38 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
     except engine.BadRequest as e:
         return Answer(Status.BAD_REQUEST, str(e))
     layout = layout_of(args)
-    try:
-        # The twin: the valid paths are compared with the store's entries on
-        # it while this connection walks the live closure.
-        db = StoreDB.open(layout, create_files=False, twin=command in engine.NEEDS_DEAD)
-        db.one_shot()
-    except Exception as e:
-        raise DaemonError(str(e)) from None
+    for _ in range(ATTEMPTS):
+        try:
+            # The twin: the valid paths are compared with the store's entries
+            # on it while this connection walks the live closure.
+            db = StoreDB.open(layout, create_files=False, twin=command in engine.NEEDS_DEAD)
+            db.one_shot()
+        except Exception as e:
+            raise DaemonError(str(e)) from None
+        try:
+            # Read without locks (no -wal when opened) and changed meanwhile:
+            # what we read may mix two states of the DB (and fail oddly).  Again.
+            try:
+                out = _answer(args, layout, db, command, options, pargs, progress)
+            except Exception:
+                if db.changed():
+                    continue
+                raise
+            if not db.changed():
+                return out
+        finally:
+            db.close()
+    return Answer(Status.ERROR, _changed(layout, ATTEMPTS))
+
+
+def _changed(layout: StoreLayout, times: int) -> str:
+    return (f"the Nix database {os.fsdecode(layout.db_path)} changed while it was read without "
+            f"locks (a Nix command started meanwhile){f', {times} times' if times > 1 else ''}; "
+            "try again")
+
+
+def _answer(args, layout: StoreLayout, db: StoreDB, command: str, options: dict,
+            pargs: tuple[bytes, ...], progress) -> Answer:
     try:
         want_dead = command in engine.NEEDS_DEAD
         names = engine.listing_in_thread(layout) if want_dead else None  # beside the scan
@@ -69,8 +96,6 @@ def answer(args, command: str, options: dict, pargs: tuple[bytes, ...],
         return Answer(Status.BAD_REQUEST, str(e))
     except sqlite3.Error as e:
         return Answer(Status.ERROR, describe_error(e, layout.db_path))
-    finally:
-        db.close()
     return Answer(Status.OK, "", rows)
 
 
@@ -98,6 +123,8 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         c.plan(rootset, db)
         result = c.execute(layout.db_path)
+        if db.changed():   # a dry run's plan, read without locks: see answer()
+            return Answer(Status.ERROR, _changed(layout, 1))
         c.remove_stale_links(lambda: engine.scan_in_process(layout, runtime=False))
     except engine.IncompleteRoots as e:
         return Answer(Status.ERROR, f"no complete root set, refusing to collect: {e}")

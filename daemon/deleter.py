@@ -40,6 +40,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 from typing import Callable, Iterator
 
 from gcroots import nofollow
@@ -389,26 +390,35 @@ def _flags_of_file(path: bytes) -> int:
 # STATX_ATTR_IMMUTABLE and STATX_ATTR_APPEND are the FS_*_FL bits.
 _STATX_ATTRS = _FS_IMMUTABLE_FL | _FS_APPEND_FL
 _AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
-_statx: list = []   # [libc's statx, its struct statx buffer], or [None]: none here
+_statx: list = []   # [libc's statx], or [None]: none here
+# Its struct statx buffer, one per thread: a dry run checks in gcrootsd's
+# process, and dry runs may run side by side (ctypes lets go of the GIL in
+# the call: a shared buffer gave one thread another's answer).
+_statx_buffer = threading.local()
 
 
 def _statx_flags(path: bytes) -> int | None:
     """The two flags from statx(2) (no link followed); None if statx is
     missing or fails, or the file system does not report both."""
+    import ctypes
     if not _statx:
         try:
-            import ctypes
             fn = ctypes.CDLL(None, use_errno=True).statx
             fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
                            ctypes.c_void_p]
-            _statx[:] = [fn, ctypes.create_string_buffer(256)]
+            _statx[:] = [fn]
         except (OSError, AttributeError):
             _statx[:] = [None]
     fn = _statx[0]
-    if fn is None or fn(_AT_FDCWD, path, _AT_SYMLINK_NOFOLLOW, 0, _statx[1]) != 0:
+    if fn is None:
         return None
-    attributes, = struct.unpack_from("Q", _statx[1], 8)
-    supported, = struct.unpack_from("Q", _statx[1], 56)   # stx_attributes_mask
+    buf = getattr(_statx_buffer, "buf", None)
+    if buf is None:
+        buf = _statx_buffer.buf = ctypes.create_string_buffer(256)
+    if fn(_AT_FDCWD, path, _AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
+        return None
+    attributes, = struct.unpack_from("Q", buf, 8)
+    supported, = struct.unpack_from("Q", buf, 56)   # stx_attributes_mask
     if supported & _STATX_ATTRS != _STATX_ATTRS:
         return None
     return attributes & _STATX_ATTRS

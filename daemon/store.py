@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from gcroots import log
 from gcroots.layout import StoreLayout
-from gcroots.nixdb import connect_ro, ro_uri
+from gcroots.nixdb import connect_ro, is_immutable, ro_uri
 
 from .nixconf import GCSettings
 
@@ -97,16 +97,25 @@ class StoreDB:
     unconfirmed: "StoreGraph | None" = None   # see cached_graph
     twin: "StoreDB | None" = None             # see Snapshot.on_twin
     _counter: sqlite3.Connection | None = None  # see counts_ahead
+    stamp: "tuple[int, ...] | None" = None    # the file before opened immutable: see changed()
 
     @classmethod
     def open(cls, layout: StoreLayout, *, create_files: bool = True,
              twin: bool = False) -> "StoreDB":
         """`twin`: with a second connection, opened the same way (the same
-        URI), for another thread to read a snapshot's state (Snapshot.on_twin)."""
+        URI), for another thread to read a snapshot's state (Snapshot.on_twin).
+        A DB opened `immutable` (no -wal: see gcroots.nixdb) is read without
+        locks, its commits unseen: see changed()."""
         # No mmap_size: it makes the live walk ~15% faster, but each page it
         # touches counts in our resident memory (a million paths: 700 MB).
+        try:   # before ro_uri looks for a -wal: a writer that starts later changes it
+            stamp = _file_stamp(layout.db_path)
+        except OSError:
+            stamp = ()   # (then ro_uri says why, or changed() is always True)
         uri = ro_uri(layout.db_path, create_files=create_files)
         db = cls(layout, connect_ro(layout.db_path, uri=uri))
+        if is_immutable(uri):
+            db.stamp = stamp
         if twin:
             try:
                 db.twin = cls(layout, connect_ro(layout.db_path, uri=uri))
@@ -114,6 +123,21 @@ class StoreDB:
                 db.close()
                 raise
         return db
+
+    def changed(self) -> bool:
+        """Opened `immutable` (no locks, no commit seen: gcroots.nixdb),
+        has the file changed since just before it was opened -- a Nix
+        process that started meanwhile checkpointed its commits into it --
+        so that what was read may mix two states?  Checked after reading:
+        an answer is good only if not.  (Its mtime and ctime: a stat makes
+        the kernel's next change of them fine-grained.)  Always False when
+        SQLite's locks keep each snapshot consistent."""
+        if self.stamp is None:
+            return False
+        try:
+            return _file_stamp(self.layout.db_path) != self.stamp
+        except OSError:
+            return True
 
     def close(self) -> None:
         if self.twin is not None:
@@ -306,15 +330,17 @@ class Snapshot:
         that another thread reads it while this connection works): a read
         transaction there, begun after this one began, and used only if no
         commit came between -- the twin's data_version inside it is the
-        one it read just before this one began.  None: no twin, or a commit
-        came between (read on this connection instead).  Call it while this
-        snapshot is open."""
+        one it read just before this one began (a DB opened immutable,
+        whose data_version never moves: its file is unchanged, see
+        StoreDB.changed).  None: no twin, or a commit came between (read on
+        this connection instead).  Call it while this snapshot is open."""
         twin = self.db.twin
         if twin is None or self._twin_mark is None:
             yield None
             return
         with twin.snapshot() as other:
-            yield other if twin.data_version() == self._twin_mark else None
+            same = twin.data_version() == self._twin_mark and not self.db.changed()
+            yield other if same else None
 
     def valid_among(self, paths: Iterable[bytes]) -> set[bytes]:
         return set(self.valid_ids(paths))
@@ -380,6 +406,11 @@ class Snapshot:
         rows = self.c.execute("SELECT v.id, v.narSize FROM json_each(?) j "
                               "JOIN ValidPaths v ON v.id = j.value", (json.dumps(list(ids)),))
         return {i: n or 0 for i, n in rows}
+
+
+def _file_stamp(path: bytes) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def return_free_memory() -> None:

@@ -60,6 +60,11 @@ def ro_uri(db_path: bytes, *, create_files: bool = True) -> str:
     return uri
 
 
+def is_immutable(uri: str) -> bool:
+    """Does ro_uri's `uri` open the DB `immutable` (no locks, no change seen)?"""
+    return uri.endswith("&immutable=1")
+
+
 def connect_ro(db_path: bytes, *, create_files: bool = True,
                timeout: float = 30.0, uri: str | None = None) -> sqlite3.Connection:
     """`uri`: ro_uri's, decided before (a second connection opens the DB

@@ -5,6 +5,7 @@ handed over and peer credentials are gcroots/activation.py's).
 Standard library only."""
 
 import contextlib
+import ctypes
 import errno
 import os
 import socket
@@ -45,14 +46,46 @@ class SocketFile:
             try:
                 if nofollow.identity(dfd) == self.dir_id:
                     os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
-                    # Not ours: back, unless a newer one is there by now (link
-                    # never replaces); then the one taken aside serves nobody.
-                    if not os.path.samestat(os.lstat(aside, dir_fd=dfd), self.st):
-                        with contextlib.suppress(FileExistsError):
-                            os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+                    # Not ours: back, unless a newer one is there by now (never
+                    # replaced); then the one taken aside serves nobody.
+                    if not os.path.samestat(os.lstat(aside, dir_fd=dfd), self.st) \
+                            and _put_back(dfd, aside, name):
+                        return
                     os.unlink(aside, dir_fd=dfd)
             finally:
                 os.close(dfd)
+
+
+# renameat2(2), resolved now: the helper's socket remover calls it after
+# its sandbox is in place (no library loaded then).
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+except (OSError, AttributeError):   # not glibc >= 2.28
+    _renameat2 = None
+_RENAME_NOREPLACE = 1
+
+
+def _put_back(dfd: int, aside: bytes, name: bytes) -> bool:
+    """`aside` back to `name` in `dfd`, unless something is at `name` by
+    now; True if it went back.  A rename that never replaces: link() of a
+    socket someone else owns (the helper's, given to the user it allows)
+    needs CAP_FOWNER under fs.protected_hardlinks, which the helper's
+    socket remover does not hold.  link() where renameat2 is missing or
+    refused."""
+    if _renameat2 is not None:
+        if _renameat2(dfd, aside, dfd, name, _RENAME_NOREPLACE) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        # EINVAL: a file system without the flag; EPERM: a seccomp filter
+        # that denies the call (link() may still do).
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+            raise OSError(err, os.strerror(err), os.fsdecode(name))
+    with contextlib.suppress(FileExistsError):
+        os.link(aside, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+    return False
 
 
 def _check_dir(st: os.stat_result, name: str, trusted: tuple[int, ...], sticky_ok: bool) -> None:

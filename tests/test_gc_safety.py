@@ -192,6 +192,40 @@ def test_refused_for_immutable_entries_and_read_only_mounts(scratch):
     verify_clean(root)
 
 
+def test_flags_read_in_threads_side_by_side_stay_each_ones_own(scratch):
+    """gcrootsd checks a dry run's paths in its own process, and dry runs
+    may run side by side: each thread's statx must give its own file's
+    flags.  It failed before (one buffer for all: the immutable file read
+    as not immutable within a few thousand calls)."""
+    import threading
+
+    from gcroots.daemon import deleter
+
+    locked, plain = scratch / "locked", scratch / "plain"
+    locked.write_bytes(b"x")
+    plain.write_bytes(b"y")
+    _chattr("+i", locked)
+    try:
+        if deleter._statx_flags(os.fsencode(locked)) is None:
+            pytest.skip("statx does not report the immutable flag here")
+        wrong: list = []
+
+        def check(path: Path, want: int) -> None:
+            for _ in range(50000):
+                if (got := deleter._statx_flags(os.fsencode(path))) != want:
+                    wrong.append((path.name, got))
+                    return
+        threads = [threading.Thread(target=check, args=(locked, deleter._FS_IMMUTABLE_FL)),
+                   threading.Thread(target=check, args=(plain, 0))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wrong == []
+    finally:
+        _chattr("-i", locked)
+
+
 def test_a_failure_during_deletion_is_clear_and_the_next_run_finishes(scratch, users, pipelines):
     """What the check does not look at (a flag on a file deep inside a
     path) still stops the deletion: a clear error naming the file, never

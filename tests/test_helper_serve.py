@@ -647,6 +647,30 @@ def test_remover_never_takes_the_live_socket_of_a_later_helper(store, scratch, s
     assert second.proc.poll() is None
 
 
+def test_remover_puts_back_a_later_helpers_socket_owned_by_its_allowed_user(
+        store, scratch, start_helper):
+    """As above, with the second helper's socket owned by the user it
+    allows (--allow-uid: its owner, not root).  The capability-less remover
+    takes it aside and must put it back: link() of someone else's socket
+    needs CAP_FOWNER (fs.protected_hardlinks), so it is renamed back.  It
+    failed before: the live socket was left at .helper.sock.gone.*."""
+    sock = scratch / "helper.sock"
+    first = start_helper(store, "--socket", str(sock), wait=str(sock))
+    children = _children(_listening(first))
+    assert children
+    os.rename(sock, scratch / "moved.sock")
+    second = start_helper(store, "--socket", str(sock), "--allow-uid", "4242", wait=str(sock))
+    st = os.stat(sock)
+    assert st.st_uid == 4242
+    first.stop()
+    assert first.proc.returncode == 0
+    for child in children:
+        _wait_exited(child)
+    assert sorted(p.name for p in scratch.iterdir() if ".gone." in p.name) == []
+    assert os.stat(sock).st_ino == st.st_ino
+    assert second.proc.poll() is None
+
+
 def test_second_helper_on_a_live_socket_refuses(store, scratch, start_helper):
     sock = scratch / "helper.sock"
     start_helper(store, "--socket", str(sock), wait=str(sock))

@@ -81,3 +81,96 @@ def test_dead_set_from_one_state_when_nix_commits_meanwhile(scratch, monkeypatch
     # The new path's file may be listed (an unregistered entry in that state: dead).
     assert [p for p in a.dead if p != added[0]] == expected.dead
     assert a.all_live == expected.all_live
+
+
+
+def test_immutable_db_twin_is_not_used_once_the_file_changed(scratch):
+    """--standalone opens the DB `immutable` when no -wal exists: SQLite then
+    takes no lock and its data_version never moves, so a Nix process that
+    starts meanwhile and checkpoints its commits into the file went
+    unnoticed: the twin read 303 valid paths against the snapshot's 300.
+    The file's stamp from before the open says it changed."""
+    root, layout = _store(scratch)
+    assert not os.path.exists(layout.db_path + b"-wal")
+    db = StoreDB.open(layout, create_files=False, twin=True)
+    try:
+        assert db.stamp is not None and not db.changed()
+        with db.snapshot() as snap:
+            before = _count(snap)
+            with snap.on_twin() as other:
+                assert other is not None and _count(other) == before
+            for name in ("one", "two", "three"):
+                _add(root, scratch, name)
+            assert not os.path.exists(layout.db_path + b"-wal")   # checkpointed into the file
+            assert db.changed()
+            with snap.on_twin() as other:
+                assert other is None or _count(other) == before
+    finally:
+        db.close()
+    locked = StoreDB.open(layout, twin=True)   # read with locks: no stamp needed
+    try:
+        assert locked.stamp is None and not locked.changed()
+    finally:
+        locked.close()
+
+
+def test_standalone_answers_again_when_an_immutable_db_changed(scratch, monkeypatch):
+    """A Nix commit checkpointed into an immutable-opened DB during the
+    analysis: the answer is made again from the new state, never returned
+    from the mixed one."""
+    import argparse
+
+    from gcroots.client import standalone
+    from gcroots.client.conn import Answer
+
+    root, layout = _store(scratch)
+    args = argparse.Namespace(store_dir=None, state_dir=None, root=os.fsencode(root),
+                              allow_unprivileged_scan=True, no_runtime=True,
+                              keep_derivations=None, keep_outputs=None)
+    runs = []
+    analyze = engine.analyze
+
+    def commit_during(*a, **k):
+        runs.append(1)
+        if len(runs) == 1:
+            _add(root, scratch, "meanwhile")
+        return analyze(*a, **k)
+    monkeypatch.setattr(engine, "analyze", commit_during)
+    got = standalone.answer(args, "dead", {}, ())
+    assert len(runs) == 2
+    monkeypatch.setattr(engine, "analyze", analyze)
+    again = standalone.answer(args, "dead", {}, ())
+    assert isinstance(got, Answer) and got.paths == again.paths and got.status == again.status
+
+    def always(*a, **k):
+        _add(root, scratch, f"again{len(runs)}")
+        runs.append(1)
+        return analyze(*a, **k)
+    monkeypatch.setattr(engine, "analyze", always)
+    refused = standalone.answer(args, "dead", {}, ())
+    assert refused.status == standalone.Status.ERROR and "changed while it was read" in refused.message
+
+
+def test_standalone_dry_run_refuses_a_plan_from_an_immutable_db_that_changed(scratch, monkeypatch):
+    """gc --standalone --dry-run reads the DB as `answer` does (immutable
+    without a -wal): a plan made while Nix checkpointed into it is refused
+    in one line (it was printed before)."""
+    import argparse
+
+    from gcroots.client import standalone
+    from gcroots.daemon import gc
+
+    root, layout = _store(scratch)
+    args = argparse.Namespace(store_dir=None, state_dir=None, root=os.fsencode(root),
+                              allow_unprivileged_scan=True, no_runtime=True, command="gc",
+                              keep_derivations=None, keep_outputs=None)
+    plan = gc.Collection.plan
+
+    def commit_during(self, *a, **k):
+        out = plan(self, *a, **k)
+        _add(root, scratch, "meanwhile")
+        return out
+    monkeypatch.setattr(gc.Collection, "plan", commit_during)
+    got = standalone.collect(args, {"dry_run": True})
+    assert got.status == standalone.Status.ERROR and "changed while it was read" in got.message
+    assert "\n" not in got.message
