@@ -220,15 +220,17 @@ def prepare_wheels(python: str = sys.executable) -> Path:
 # -- one boot -------------------------------------------------------------------------
 
 def source_files() -> list[str]:
-    """The checkout as it is (tracked and new files, not ignored ones)."""
+    """The checkout as it is (tracked and new files, not ignored ones), its
+    links included: gcroots/protocol -> ../protocol and its siblings are how
+    the package finds its sub-packages (pyproject's package-dir)."""
     try:
         out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others",
                               "--exclude-standard"], capture_output=True, check=True).stdout
-        return [f for f in out.decode().split("\0") if f and (REPO / f).is_file()]
+        return [f for f in out.decode().split("\0") if f and ((REPO / f).is_file() or (REPO / f).is_symlink())]
     except (OSError, subprocess.CalledProcessError):
         skip = {".git", ".venv", ".cache", "__pycache__", ".pytest_cache", ".hypothesis"}
         return [str(p.relative_to(REPO)) for p in REPO.rglob("*")
-                if p.is_file() and not (set(p.relative_to(REPO).parts) & skip)]
+                if (p.is_file() or p.is_symlink()) and not (set(p.relative_to(REPO).parts) & skip)]
 
 
 UNIT_TEXT = f"""\
@@ -292,7 +294,7 @@ class Boot:
         for rel in source_files():
             dst = src / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dst)
+            shutil.copy2(REPO / rel, dst, follow_symlinks=False)
         (self.merged / WHEELS_IN_CONTAINER.lstrip("/")).mkdir(parents=True, exist_ok=True)
         units = self.merged / "etc/systemd/system"
         (units / SCENARIO_UNIT).write_text(UNIT_TEXT.format(timeout=int(self.timeout - 60)))
