@@ -295,6 +295,9 @@ class Daemon:
             async with self.work_lock:
                 old, self.db = self.db, fresh
                 self._answers = {}  # views of the old graph's paths
+                # Its DB version was the old connection's: not comparable
+                # with the new one's (and it holds the old graph).
+                self._shared = ()
                 if self.listing is not None:
                     # The next answer would list the store dir anew for this
                     # graph: list it now, not while someone waits (a
