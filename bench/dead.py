@@ -117,10 +117,11 @@ def main() -> int:
             add_paths(root, first_added if i == 0 else 10)
             t, _, out_changed = run_timed(query)
             changed.append(t)
-            if i == 0 and (ratios or args.nix):
-                t_nix, nix_first = nix_dead(root)
-                outs_changed.append(f"first {t:.3f}s after {first_added} paths added: "
-                                    + same(out_changed, nix_first))
+            if i == 0:   # the figure issue #17 asks for at 1M: after 1,000 additions
+                checked = ""
+                if ratios or args.nix:
+                    checked = ": " + same(out_changed, nix_dead(root)[1])
+                outs_changed.append(f"first {t:.3f}s after {first_added} paths added{checked}")
         rss_changed = memory_kib(daemon.pid)
         nix_changed = nix_dead(root)[1] if ratios else b""
         # Another process deletes a path: SQLite answers while the graph reloads.
