@@ -108,6 +108,15 @@ class StoreListing:
             self._inotify.close()
             self._inotify = None
 
+    def forget(self) -> None:
+        """The graph went stale (answers come from SQLite until a reload):
+        let it go -- kept here, it stayed resident beside the reloaded one
+        (at a million paths ~200 MiB more until the reload, and the reload's
+        peak that much higher).  The next sync() lists anew."""
+        self._graph = None
+        self.on_disk = np.zeros(0, dtype=bool)
+        self.extra = set()
+
     def sync(self, g: StoreGraph) -> None:
         """Bring on_disk/extra up to date for `g` (call with the same or a
         newer graph each time)."""

@@ -230,6 +230,13 @@ class Daemon:
         a = engine.analyze(self.layout, db, rootset, self.settings, want_dead=want_dead,
                            listing=self.listing, answer=answer, kept=self._answers,
                            incremental=True)
+        if a.graph is None:
+            # The graph went stale: nothing may keep it (or its path table)
+            # resident beside the one the reload makes.  The kept answers
+            # are views of its path table; a reload drops them anyway.
+            self._answers = {}
+            if self.listing is not None:
+                self.listing.forget()
         return_free_memory()  # its temporaries: gcrootsd stays resident all day
         return a
 
