@@ -93,18 +93,22 @@ class Follower:
         return sorted(out.stdout.split())
 
 
+def world(scratch: Path, **attrs: str) -> tuple[BuiltStore, Path]:
+    """A new store, and a Nix file `rec { NAME = DERIVATION; ... }` of `attrs`."""
+    s = BuiltStore.create(scratch / "s")
+    expr = scratch / "world.nix"
+    expr.write_text("rec {\n" + "".join(f"  {k} = {v};\n" for k, v in attrs.items()) + "}\n")
+    return s, expr
+
+
 @pytest.mark.parametrize("ca", [False, True], ids=["input-addressed", "ca-derivations"])
 def test_followed_graph_equals_a_fresh_load_after_every_change_nix_makes(scratch, ca):
     config = CA if ca else ""
-    s = BuiltStore.create(scratch / "s")
-    expr = scratch / "world.nix"
-    expr.write_text("rec {\n"
-                    f"  base = {derivation('base', ca=False, lines=5)};\n"
-                    f"  lib = {derivation('lib', ca=ca, refs=['base'], outputs=('out', 'dev'))};\n"
-                    f"  app = {derivation('app', ca=ca, refs=['lib'], build_only=['lib.dev'])};\n"
-                    f"  tool = {derivation('tool', ca=False, refs=['base'])};\n"
-                    f"  extra = {derivation('extra', ca=ca, refs=['app'])};\n"
-                    "}\n")
+    s, expr = world(scratch, base=derivation('base', ca=False, lines=5),
+                    lib=derivation('lib', ca=ca, refs=['base'], outputs=('out', 'dev')),
+                    app=derivation('app', ca=ca, refs=['lib'], build_only=['lib.dev']),
+                    tool=derivation('tool', ca=False, refs=['base']),
+                    extra=derivation('extra', ca=ca, refs=['app']))
     s.build(expr, "app", s.top / "result-app", config)
     settings = GCSettings(ca_derivations=ca)
     f = Follower(s, settings)
@@ -192,12 +196,8 @@ def test_a_derivation_registered_again_gets_its_realised_outputs(scratch):
     itself: else a root on the .drv would not keep the output (keep-outputs,
     as Nix does) and the collector would delete a live path."""
     config = CA + "\nkeep-outputs = true"
-    s = BuiltStore.create(scratch / "s")
-    expr = scratch / "world.nix"
-    expr.write_text("rec {\n"
-                    f"  base = {derivation('base', ca=False, lines=5)};\n"
-                    f"  app = {derivation('app', ca=True, refs=['base'])};\n"
-                    "}\n")
+    s, expr = world(scratch, base=derivation('base', ca=False, lines=5),
+                    app=derivation('app', ca=True, refs=['base']))
     s.build(expr, "app", s.top / "result-app", config)
     drv = s.nix("nix-instantiate", str(expr), "-A", "app", config=config).stdout.decode().strip()
     s.nix("nix-store", "--delete", drv, config=config + "\nkeep-derivations = false")
@@ -359,12 +359,8 @@ def test_a_stale_graph_is_let_go_once_sqlite_answers(scratch):
     import weakref
 
     from gcroots.daemon.server import Daemon
-    s = BuiltStore.create(scratch / "s")
-    expr = scratch / "world.nix"
-    expr.write_text("rec {\n"
-                    f"  base = {derivation('base', ca=False, lines=5)};\n"
-                    f"  tool = {derivation('tool', ca=False, refs=['base'])};\n"
-                    "}\n")
+    s, expr = world(scratch, base=derivation('base', ca=False, lines=5),
+                    tool=derivation('tool', ca=False, refs=['base']))
     s.build(expr, "tool", s.top / "result-tool", "")
     layout = StoreLayout.make(os.fsencode(s.store), os.fsencode(s.state))
     d = Daemon(layout, b"", GCSettings())
