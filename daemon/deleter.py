@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import resource
 import signal
@@ -390,30 +391,31 @@ def _flags_of_file(path: bytes) -> int:
 # STATX_ATTR_IMMUTABLE and STATX_ATTR_APPEND are the FS_*_FL bits.
 _STATX_ATTRS = _FS_IMMUTABLE_FL | _FS_APPEND_FL
 _AT_FDCWD, _AT_SYMLINK_NOFOLLOW = -100, 0x100
-_statx: list = []   # [libc's statx], or [None]: none here
 # Its struct statx buffer, one per thread: a dry run checks in gcrootsd's
 # process, and dry runs may run side by side (ctypes lets go of the GIL in
 # the call: a shared buffer gave one thread another's answer).
 _statx_buffer = threading.local()
 
 
+@functools.cache
+def _libc_statx() -> Callable | None:
+    """libc's statx(2), or None where it has none."""
+    import ctypes
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).statx
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    return fn
+
+
 def _statx_flags(path: bytes) -> int | None:
     """The two flags from statx(2) (no link followed); None if statx is
     missing or fails, or the file system does not report both."""
-    import ctypes
-    if not _statx:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).statx
-            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
-                           ctypes.c_void_p]
-            _statx[:] = [fn]
-        except (OSError, AttributeError):
-            _statx[:] = [None]
-    fn = _statx[0]
-    if fn is None:
+    if (fn := _libc_statx()) is None:
         return None
-    buf = getattr(_statx_buffer, "buf", None)
-    if buf is None:
+    if (buf := getattr(_statx_buffer, "buf", None)) is None:
+        import ctypes
         buf = _statx_buffer.buf = ctypes.create_string_buffer(256)
     if fn(_AT_FDCWD, path, _AT_SYMLINK_NOFOLLOW, 0, buf) != 0:
         return None
