@@ -117,7 +117,7 @@ def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
     As root, with the helper's checks (capabilities, hidden dirs, EACCES
     fails); otherwise the caller chose a partial scan (--allow-unprivileged-scan,
     or an answer that deletes nothing): EACCES skipped, as Nix does."""
-    from gcroots.helper.sandbox import hidden_dirs, preflight
+    from gcroots.helper.prepare import hidden_dirs, preflight
     from gcroots.helper.scan import ScanError, Scanner
 
     t0 = time.perf_counter()

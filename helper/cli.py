@@ -11,10 +11,8 @@ place with them handed over."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pwd
-import resource
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,10 @@ from gcroots import argtypes, log
 from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.storepath import canon_path
+
+# Set by the launcher for the process it execs: its pid, then why every
+# scan must fail (prepare.view_problems).
+PREPARED = "GCROOTS_HELPER_PREPARED"
 
 if TYPE_CHECKING:
     from .sandbox import Sandbox
@@ -95,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     return commands.build_parser()
 
 
-def apply_sandbox(args: argparse.Namespace, layout: StoreLayout, *, read_db: bool = False) -> Sandbox:
+def apply_sandbox(args: argparse.Namespace, layout: StoreLayout, *, read_db: bool = False,
+                  prepared: bool = False) -> Sandbox:
     """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
     from . import sandbox
     log.configure("gcroots-helper", getattr(args, "log_level", "info"), plain=True)
     try:
         return sandbox.apply_for_serving(layout, require=args.require_sandbox, log=log.get(
             "gcroots.helper.sandbox"), skip=args.sandbox_skip, runtime=not args.no_runtime,
-            read_db=read_db)
+            read_db=read_db, prepared=prepared)
     except sandbox.SandboxError as e:
         raise SystemExit(f"gcroots-helper {args.command}: {e}") from None
 
@@ -113,15 +116,6 @@ def layout_of(args: argparse.Namespace) -> StoreLayout:
     except ValueError as e:   # e.g. --store-dir /: a usage error (exit 2)
         args.parser.error(str(e))   # (exits)
         raise
-
-
-def raise_fd_limit() -> None:
-    # A walk holds one fd per directory level, and may go ~2000 deep (PATH_MAX).
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
-    if soft < want:   # (seccomp'd: systemd's ~@resources sets LimitNOFILE= instead)
-        with contextlib.suppress(OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _uid_of(user: str) -> int:
@@ -137,38 +131,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gcroots.activation import listen_fds
 
     from . import serve
-    from .sandbox import hidden_dirs, lacking_caps, preflight
 
     log.configure("gcroots-helper", args.log_level, plain=True)
-    if why := lacking_caps():   # every scan would fail: say so now, in one line
-        raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     uids = frozenset(args.allow_uid + [_uid_of(name) for name in args.allow_user])
     layout = layout_of(args)
-    # Sockets from systemd, or from our launcher (helper/launch.py, which
-    # binds them and execs this again): one named "nix-roots" speaks the Nix
-    # compat format, any other ("gcroots") ours.  Path options would bind
-    # over them, so they are ignored (they only name them in the log).
-    paths = {serve.ROOTS: args.socket, serve.NIX: args.nix_roots_daemon_socket}
-    if not (handed := listen_fds()):
-        if not any(paths.values()):
-            raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
+    # Not prepared yet (by this very process, before an exec): bind the
+    # sockets unless systemd handed them over, apply what survives exec,
+    # exec this again (helper/launch.py).  Not a layer is taken on trust:
+    # apply_sandbox(prepared=True) verifies each.
+    pid, _, view = os.environ.pop(PREPARED, "").partition(":")
+    if pid != str(os.getpid()):
         from .launch import launch
-        launch([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
-                (serve.NIX, args.nix_roots_daemon_socket)) if path],
-               args.socket_mode, min(uids, default=None))
+        launch(args, uids)
+    # Sockets from systemd, or from our launcher: one named "nix-roots"
+    # speaks the Nix compat format, any other ("gcroots") ours.  Path
+    # options would bind over them, so they are ignored (they only name them
+    # in the log).
+    paths = {serve.ROOTS: args.socket, serve.NIX: args.nix_roots_daemon_socket}
     try:
         stop_on_signals()   # a launcher blocked these: one sent since is delivered here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         listeners = [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
-                     ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in handed)]
-        raise_fd_limit()
-        check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
-        if why := check():
-            log.get("gcroots.helper").error("scans_will_fail", reason=why)
-        box = apply_sandbox(args, layout)   # sockets open, nothing read yet
+                     ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in listen_fds())]
+        box = apply_sandbox(args, layout, prepared=True)   # sockets open, nothing read yet
         server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                     cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                    preflight=check, accept_unreadable=tuple(args.accept_unreadable))
+                                    preflight=lambda: view, accept_unreadable=tuple(args.accept_unreadable))
         server.serve_forever()
     except KeyboardInterrupt as e:
         log.get("gcroots.helper").info("helper_stopped", signal=stopped_by(e))

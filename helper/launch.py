@@ -38,6 +38,7 @@ behind: a dead socket is replaced by the next start.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import os
 import select
@@ -47,17 +48,46 @@ from typing import NoReturn
 
 from gcroots import log, sockets
 
-from . import sandbox
+from . import prepare, sandbox
+from .cli import PREPARED
+from .sandbox import SandboxError
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}   # serve's handlers: gcroots.process.stop_on_signals
 REMOVER_NAME = b"gcroots-remover"   # its /proc/PID/comm (15 bytes at most)
 LL_REMOVE_FILE, LL_MAKE_SOCK = 1 << 5, 1 << 9   # Landlock rights (a socket renamed or linked: MAKE_SOCK)
 
 
-def launch(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> NoReturn:
-    """Bind `paths` ((its LISTEN_FDNAMES name, path)), fork the remover,
-    exec serve."""
+def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
+    """Bind the sockets unless systemd handed them over (and fork the
+    remover), prepare (helper/prepare.py), exec serve."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    if why := prepare.lacking_caps():   # every scan would fail: say so now, in one line
+        raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
+        _bind([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
+               ("nix-roots", args.nix_roots_daemon_socket)) if path],
+              args.socket_mode, min(uids, default=None))
+    try:
+        view = prepare.before_exec(require=args.require_sandbox, skip=args.sandbox_skip,
+                                   runtime=not args.no_runtime, log=log.get("gcroots.helper.sandbox"))
+    except SandboxError as e:   # (the remover removes the sockets as we exit)
+        raise SystemExit(f"gcroots-helper serve: {e}") from None
+    if not sys.executable:
+        raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
+    os.environ[PREPARED] = f"{os.getpid()}:{view}"
+    # The command line as it was run (interpreter options, the script or -m):
+    # the serve path takes over from there, finding the sockets.
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError as e:   # the remover removes the sockets as we exit
+        raise SystemExit(f"gcroots-helper serve: cannot exec {sys.executable}: {e}") from None
+
+
+def _bind(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> None:
+    """Bind `paths` ((its LISTEN_FDNAMES name, path)) at fds 3, 4 and say
+    so in LISTEN_*; fork the remover."""
+    if not paths:
+        raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
     made: list[tuple[str, int, sockets.SocketFile]] = []
     for name, path in paths:
         try:
@@ -73,8 +103,6 @@ def launch(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> 
         for *_, f in made:
             f.remove()
         raise SystemExit(f"gcroots-helper serve: cannot start the socket remover: {e}") from None
-    if not sys.executable:
-        raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
     # At 3, 4 (dup'd above them first, so that none is overwritten).
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(made)) for _, fd, _ in made]
     for _, fd, _ in made:
@@ -84,12 +112,6 @@ def launch(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> 
         os.close(fd)
     os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(made)),
                       LISTEN_FDNAMES=":".join(name for name, *_ in made))
-    # The command line as it was run (interpreter options, the script or -m):
-    # the serve path takes over from there, finding the sockets.
-    try:
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
-    except OSError as e:   # the remover removes the sockets as we exit
-        raise SystemExit(f"gcroots-helper serve: cannot exec {sys.executable}: {e}") from None
 
 
 def _start_remover(files: list[sockets.SocketFile]) -> None:
@@ -134,7 +156,7 @@ def _drop_privileges(dirs: list[bytes]) -> bytes:
     try:
         with open(b"/proc/self/comm", "wb") as f:
             f.write(REMOVER_NAME)
-        sandbox.drop_bounding_set(0)
+        prepare.drop_bounding_set(0)
         sandbox.prctl(sandbox.PR_CAP_AMBIENT, sandbox.PR_CAP_AMBIENT_CLEAR_ALL)
         sandbox.capset(0, 0, 0)
         sandbox.prctl(sandbox.PR_SET_NO_NEW_PRIVS, 1)

@@ -11,8 +11,8 @@ import sys
 from gcroots.nixdb import NixDBError, connect_ro, valid_subset
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 
-from .cli import apply_sandbox, layout_of, raise_fd_limit
-from .sandbox import hidden_dirs, preflight
+from .cli import apply_sandbox, layout_of
+from .prepare import hidden_dirs, preflight, raise_fd_limit
 from .scan import ScanError, Scanner
 
 

@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import re
 import signal
@@ -90,7 +91,7 @@ import threading
 # reads sources beside the loaded modules: granted).
 import traceback  # noqa: F401
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 from gcroots.layout import StoreLayout
 from gcroots.log import Logger
@@ -152,7 +153,8 @@ def _read(path: bytes) -> bytes:
 
 PR_SET_PDEATHSIG, PR_GET_DUMPABLE, PR_SET_DUMPABLE, PR_GET_NAME = 1, 3, 4, 16
 PR_GET_SECCOMP, PR_SET_SECCOMP, PR_CAPBSET_READ, PR_CAPBSET_DROP, PR_GET_SECUREBITS = 21, 22, 23, 24, 27
-PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 39, 47, 4
+PR_SET_NO_NEW_PRIVS, PR_GET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 38, 39, 47
+PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 2, 4
 CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE = 2, 8, 19
 KEEP_CAPS = (1 << CAP_DAC_READ_SEARCH) | (1 << CAP_SYS_PTRACE)   # 0x80004
 
@@ -205,173 +207,6 @@ def _ns_inode(pid: object, kind: str = "net") -> int | None:
         return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
     except OSError:
         return None
-
-
-def _layer_netns() -> dict[str, object]:
-    try:
-        syscall("unshare", CLONE_NEWNET)
-        how = "unshared"
-    except OSError as e:
-        # Without CAP_SYS_ADMIN, or RestrictNamespaces=: the namespace must
-        # already be empty (PrivateNetwork=yes).
-        how = f"inherited (unshare: {_errname(e)})"
-    links = network_links()
-    if links == [("lo", False)]:
-        return {"how": how, "links": "lo(down)"}
-    # systemd's PrivateNetwork=: a namespace of the unit's own, lo up.  Is
-    # ours another than the host's, i.e. init's?  Where /proc/1 is out of
-    # reach, our parent's stands for the host's; unknown counts as no.
-    host = _ns_inode(1) or _ns_inode(os.getppid())
-    if links == [("lo", True)] and host and _ns_inode("self") not in (None, host):
-        return {"how": how, "links": "lo(up), not the host's namespace"}
-    shown = ", ".join(f"{n}({'up' if up else 'down'})" for n, up in links) or "none"
-    raise _Missing(f"network namespace {how} has links other than lo (down, or up in a namespace "
-                   f"not the host's): {shown}; run as root or with PrivateNetwork=yes")
-
-
-# -- the view of the file system ------------------------------------------------------
-
-# Where users' links (`nix-build -o /tmp/x`, `result` in a home) live: any
-# view of these other than init's hides them (PrivateTmp=, ProtectHome=yes).
-WATCHED_DIRS = (b"/home", b"/root", b"/run/user", b"/tmp", b"/var/tmp")
-
-
-# A mountinfo line: IDs, device, root within it, mount point, options ... " - " fs type.
-_MOUNT = re.compile(rb"^\S+ \S+ (\S+) (\S+) (\S+) .*? - (\S+)", re.M)
-
-
-def _mounts(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes, bytes]]:
-    """(mount point, device, root within the device, fs type), in mount order;
-    mountinfo escapes space, tab, newline and backslash as \\ooo."""
-    def unescape(field: bytes) -> bytes:
-        return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), field)
-    return [(unescape(point), dev, unescape(root), fs) for dev, root, point, fs in _MOUNT.findall(mountinfo)]
-
-
-def _backing(mounts: list[tuple[bytes, bytes, bytes, bytes]], path: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(device, directory on that device, fs type) that `path` shows: the
-    longest mount point above it, the topmost (last) mount there."""
-    for point, dev, root, fstype in reversed(sorted(mounts, key=lambda m: len(m[0]))):   # (stable)
-        if path == point or path.startswith(point.rstrip(b"/") + b"/"):
-            return dev, (root.rstrip(b"/") + path[len(point.rstrip(b"/")):]) or b"/", fstype
-    return None
-
-
-def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
-    """Directories that this process sees differently from init (PID 1):
-    the WATCHED_DIRS in any way (a private /tmp is as bad as an empty one),
-    and wherever we have a fresh tmpfs/ramfs that init does not -- except
-    systemd's PrivateDevices= /dev and its credentials, which hold no user's
-    links.  Links in them would all look stale and their paths garbage, so a
-    helper that cannot see them must not scan.  A read-only view of the same
-    directory is fine.  When it cannot tell (PID 1's mounts unreadable),
-    it assumes the worst: all WATCHED_DIRS.  Checked once at start: under Landlock /proc/1 is closed to us.
-    Lives here, not in scan.py, because like the netns check it judges the
-    confinement we were started in."""
-    try:
-        ours, init = _mounts(_read(proc + b"/self/mountinfo")), _mounts(_read(proc + b"/1/mountinfo"))
-    except OSError:
-        return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
-    fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
-             and p != b"/dev" and not (p + b"/").startswith(b"/run/credentials/")}
-    # ... and the mounts below them, init's (a home on its own file system,
-    # a user's /run/user/UID: a private view may lack them) and ours (another
-    # directory bound over a home: a view init lacks).
-    below = {p for p, *_ in init + ours if any(is_in_dir(p, w) for w in WATCHED_DIRS)}
-    return sorted(p for p in {*WATCHED_DIRS, *fresh, *below}
-                  if _backing(ours, p) != _backing(init, p))
-
-
-# -- layer: capabilities --------------------------------------------------------------
-
-def drop_bounding_set(keep: int) -> None:
-    """Drop every capability but `keep` from this thread's bounding set,
-    if we hold CAP_SETPCAP (PR_CAPBSET_DROP needs it: made effective for
-    it), so before capset takes it away."""
-    have = cap_sets()
-    if (extra := have["Bnd"] & ~keep) and have["Prm"] >> CAP_SETPCAP & 1:
-        capset(have["Eff"] | 1 << CAP_SETPCAP, have["Prm"], 0)
-        for cap in (c for c in range(64) if extra >> c & 1):
-            prctl(PR_CAPBSET_DROP, cap)
-
-
-def _layer_caps() -> dict[str, object]:
-    keep = cap_sets()["Prm"] & KEEP_CAPS
-    drop_bounding_set(KEEP_CAPS)
-    # Whatever happened above, drop everything else we hold (fail closed).
-    # capset only if needed: a unit whose SystemCallFilter= forbids it
-    # (~@privileged) still works when systemd already set the caps exactly.
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    want = {"Eff": keep, "Prm": keep, "Inh": 0, "Amb": 0}
-    if {k: v for k, v in cap_sets().items() if k in want} != want:
-        capset(keep, keep, 0)
-    # Core dumps would hold other users' environments; and a non-dumpable
-    # process cannot be ptraced by same-uid processes without CAP_SYS_PTRACE.
-    prctl(PR_SET_DUMPABLE, 0)
-    have = cap_sets()
-    if have["Bnd"] & ~KEEP_CAPS:
-        raise _Missing(f"bounding set {have['Bnd']:#x} holds more than {KEEP_CAPS:#x} and without "
-                       "CAP_SETPCAP we cannot drop it; start with a reduced bounding set "
-                       "(systemd CapabilityBoundingSet=, setpriv --bounding-set)")
-    if {k: have[k] for k in want} != want:
-        raise _Missing("capabilities not as set: " + " ".join(f"{k}={have[k]:#x}" for k in want))
-    if keep != KEEP_CAPS:   # we hold less, not more: but every scan would fail
-        raise _Missing(lacking_caps())
-    return {"effective": f"{have['Eff']:#x}", "bounding": f"{have['Bnd']:#x}"}
-
-
-def lacking_caps() -> str:
-    """Why this thread cannot scan for lack of privilege, or "": a scan
-    without CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE in its effective set
-    cannot see into 0700 homes or other users' processes, and would call
-    their roots' paths garbage."""
-    try:
-        eff = cap_sets()["Eff"]
-    except (OSError, KeyError) as e:   # no /proc: unknown means lacking (fail closed)
-        return f"its capabilities cannot be read from /proc/thread-self/status ({e!r})"
-    names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH), ("CAP_SYS_PTRACE", CAP_SYS_PTRACE))
-             if not eff >> c & 1]
-    return "" if not names else (
-        f"the helper (uid {os.geteuid()}) lacks {' and '.join(names)} in its effective capability "
-        "set, so it cannot read roots in private homes and other users' processes; run it as root "
-        "or with those capabilities (the systemd unit's AmbientCapabilities=)")
-
-
-def preflight(hidden: Sequence[bytes], *, caps: bool = True,
-              runtime: bool = True) -> Callable[[], str]:
-    """Scanner(preflight=...): why every scan must fail before it starts,
-    or "".  `hidden` from hidden_dirs() (taken before the sandbox closes
-    /proc/1); capabilities checked at each scan.  In a user namespace
-    (systemd PrivateUsers=yes, unshare --user; not the initial one, whose
-    inode number is the kernel's PROC_USER_INIT_INO; unknown counts as one)
-    the capabilities reach only that namespace's files and processes, so the
-    runtime scan cannot work: other users' processes are EACCES, which (as
-    Nix does) skips them, or invisible (hidepid); a file is EACCES, which
-    fails the scan, so a scan without runtime roots is still sound."""
-    userns = caps and runtime and _ns_inode("self", "user") != 0xEFFFFFFD   # (None: unknown, so yes)
-
-    def check() -> str:
-        why = [lacking_caps()] if caps else []
-        if userns:
-            why.append("the helper runs in a user namespace (e.g. systemd PrivateUsers=yes, "
-                       "unshare --user): its CAP_SYS_PTRACE does not reach other users' "
-                       "processes, whose runtime roots it would miss; run it in the initial "
-                       "user namespace (or without runtime roots: --no-runtime)")
-        if hidden:
-            why.append("directories are hidden from the helper ("
-                       f"{', '.join(map(os.fsdecode, hidden))}: a mount over them that init "
-                       "does not have, e.g. systemd PrivateTmp=yes, ProtectHome=yes or a tmpfs); "
-                       "links in them would look stale and their paths garbage. Use "
-                       "ProtectHome=read-only, no PrivateTmp=")
-        return "; ".join(w for w in why if w)
-    return check
-
-
-def _layer_nnp() -> dict[str, object]:
-    prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if prctl(PR_GET_NO_NEW_PRIVS) != 1:
-        raise _Missing("PR_GET_NO_NEW_PRIVS does not report 1")
-    return {}
 
 
 # -- layer: Landlock -------------------------------------------------------------------
@@ -763,54 +598,87 @@ def _why_missing(name: str, e: Exception) -> str:
     return f"{e.strerror or e} ({_errname(e)})" + ": the kernel requires no_new_privs first" * nnp
 
 
+def _verified(name: str) -> dict[str, object]:
+    """A layer the launcher applied before exec (helper/prepare.py), as
+    this process finds it: checked here, so that nothing in the environment
+    can claim one.  What execve set again is undone first: dumpable, and a
+    non-root uid's capabilities, which only ambient ones carried over."""
+    if name == "caps":
+        prctl(PR_SET_DUMPABLE, 0)
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+        if (have := cap_sets())["Inh"]:
+            capset(have["Eff"], have["Prm"], 0)
+        if (have := cap_sets())["Bnd"] & ~KEEP_CAPS or have["Inh"] or have["Amb"] \
+                or not have["Eff"] == have["Prm"] == KEEP_CAPS:
+            raise _Missing("not in place after exec: " + " ".join(f"{k}={v:#x}" for k, v in have.items()))
+    if name == "no_new_privs" and prctl(PR_GET_NO_NEW_PRIVS) != 1:
+        raise _Missing("not in place after exec: no_new_privs is not set")
+    if name == "netns" and (not (host := _ns_inode(1) or _ns_inode(os.getppid()))
+                            or _ns_inode("self") in (None, host)):
+        raise _Missing("not in place after exec: the network namespace is the host's (or unknown)")
+    return {"how": "before exec, verified"}
+
+
+def _apply(box: Sandbox, name: str, apply: Callable[[], dict[str, object]], skip: Iterable[str],
+           log: Logger) -> None:
+    try:
+        if name in skip:
+            raise _Missing("skipped on request (--sandbox-skip)")
+        box.details[name] = apply()
+    except Exception as e:  # noqa: BLE001 - whatever it is, the layer is missing
+        box.missing[name] = _why_missing(name, e)
+        log.warning("sandbox_layer", layer=name, active=False, reason=box.missing[name])
+    else:
+        log.info("sandbox_layer", layer=name, active=True, **box.details[name])
+
+
+def refuse_unless_complete(box: Sandbox, log: Logger) -> None:
+    if box.missing:
+        log.error("sandbox_required_but_incomplete", missing=box.missing)
+        raise SandboxError("refusing to run without the full sandbox (--require-sandbox); "
+                           "missing: " + "; ".join(f"{n}: {r}" for n, r in box.missing.items()))
+
+
 def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: Iterable[str] = (),
-                      runtime: bool = True, read_db: bool = False) -> Sandbox:
+                      runtime: bool = True, read_db: bool = False, prepared: bool = False) -> Sandbox:
     """Apply every layer (see the module docstring); return what is active.
 
     `runtime`: start the /proc reader (runtime roots need it under
     Landlock) before Landlock.  `read_db`: also allow reading the Nix DB
-    (the `scan` CLI).  Raises SandboxError if `require` and a layer is
-    missing, or if the sandbox would break the scan (that is never a mere
-    degradation)."""
+    (the `scan` CLI).  `prepared`: netns, caps and no_new_privs were
+    applied before exec (helper/prepare.py): verify them instead.  Raises
+    SandboxError if `require` and a layer is missing, or if the sandbox
+    would break the scan (that is never a mere degradation)."""
     skip = frozenset(skip)
     if unknown := skip - set(LAYERS):
         raise SandboxError(f"unknown sandbox layer(s) to skip: {', '.join(sorted(unknown))}")
-    if NO_SYSCALLS:   # (the CLI refused already)
-        raise SandboxError(NO_SYSCALLS)
     if len(os.listdir(b"/proc/self/task")) != 1:
         raise SandboxError("the sandbox must be applied before any thread starts "
                            "(capabilities, Landlock and namespaces are per thread)")
     box = Sandbox({}, {})
-    layers: dict[str, Callable[[], dict[str, object]]] = {
-        "netns": _layer_netns, "caps": _layer_caps, "no_new_privs": _layer_nnp,   # netns first: needs CAP_SYS_ADMIN
-        "landlock": lambda: _layer_landlock(layout, read_db),
-        "seccomp": lambda: _layer_seccomp(main_rules(os.getpid()), box.proc_reader)}
-    for name, apply in layers.items():
-        if name == "landlock" and runtime:
-            try:
-                box.proc_reader = ProcReader.start(skip, layout.store_dir)
-            except OSError as e:
-                raise SandboxError(f"cannot start the /proc reader: {e}") from None
-            log.info("proc_reader_started", pid=box.proc_reader.pid)
+    before: dict[str, Callable[[], dict[str, object]]] = {
+        n: functools.partial(_verified, n) for n in LAYERS[:3]}
+    if not prepared:
+        from . import prepare
+        before = prepare.LAYERS
+    for name, apply in before.items():
+        _apply(box, name, apply, skip, log)
+    if runtime:
         try:
-            if name in skip:
-                raise _Missing("skipped on request (--sandbox-skip)")
-            box.details[name] = apply()
-        except Exception as e:  # noqa: BLE001 - whatever it is, the layer is missing
-            box.missing[name] = _why_missing(name, e)
-            log.warning("sandbox_layer", layer=name, active=False, reason=box.missing[name])
-        else:
-            log.info("sandbox_layer", layer=name, active=True, **box.details[name])
+            box.proc_reader = ProcReader.start(skip, layout.store_dir)
+        except OSError as e:
+            raise SandboxError(f"cannot start the /proc reader: {e}") from None
+        log.info("proc_reader_started", pid=box.proc_reader.pid)
+    _apply(box, "landlock", lambda: _layer_landlock(layout, read_db), skip, log)
+    _apply(box, "seccomp", lambda: _layer_seccomp(main_rules(os.getpid()), box.proc_reader), skip, log)
     try:
         _selftest(box.proc_reader)
     except OSError as e:
         raise SandboxError(f"sandbox self-test failed, the runtime scan would be incomplete: {e}") from None
+    if require:
+        refuse_unless_complete(box, log)
     if not box.missing:
         log.info("sandbox_applied", layers=list(LAYERS))
-    elif require:
-        log.error("sandbox_required_but_incomplete", missing=box.missing)
-        raise SandboxError("refusing to run without the full sandbox (--require-sandbox); "
-                           "missing: " + "; ".join(f"{n}: {r}" for n, r in box.missing.items()))
     else:
         log.warning("sandbox_incomplete", missing=box.missing,
                     message="RUNNING WITH A WEAKER SANDBOX: " + ", ".join(box.missing))

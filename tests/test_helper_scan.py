@@ -527,7 +527,7 @@ def test_hidden_tmp_fails_the_scan(scratch):
 def test_unknown_view_counts_as_hidden(tmp_path):
     """Without PID 1's mounts to compare with, the helper cannot know that
     it sees the real /tmp and homes: it assumes it does not (fail closed)."""
-    from gcroots.helper.sandbox import WATCHED_DIRS, hidden_dirs
+    from gcroots.helper.prepare import WATCHED_DIRS, hidden_dirs
     assert hidden_dirs(os.fsencode(tmp_path)) == sorted(WATCHED_DIRS)
     assert hidden_dirs() == []  # this test runs in init's view
 
@@ -684,7 +684,7 @@ def test_a_mount_below_home_that_the_helper_lacks_counts_as_hidden(scratch):
     try:
         root = scratch / "store"
         support.make_store(root, paths=60, seed=12, roots=2, indirect=0, stale=0, quirks=0)
-        code = ("import sys; from gcroots.helper.sandbox import hidden_dirs; "
+        code = ("import sys; from gcroots.helper.prepare import hidden_dirs; "
                 "print(hidden_dirs())")
         seen = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
                                f'umount "{home}" && exec "$@"', "sh", sys.executable, "-c", code],

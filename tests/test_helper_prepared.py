@@ -1,0 +1,83 @@
+"""`gcroots-helper serve` is prepared before it serves: the layers that
+survive execve (network namespace, capability drop, no_new_privs) and the
+view checks are applied by the launcher step (helper/prepare.py), which then
+execs the serving process -- with --socket and with sockets handed over by
+socket activation alike.  The serving process verifies each layer itself:
+the environment variable that says it was prepared claims none."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .support import HELPER, json_lines, read_root_stream, stop_process
+
+# Like systemd's socket activation: a listening socket at fd 3, LISTEN_PID
+# (this pid: exec keeps it), LISTEN_FDS; optionally a forged "prepared"
+# marker naming this pid.  Then exec the helper.
+ACTIVATE = r"""
+import os, socket, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(sys.argv[1])
+sock.listen()
+os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="gcroots")
+if sys.argv[2] == "forged":
+    os.environ["GCROOTS_HELPER_PREPARED"] = f"{os.getpid()}:"
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def activated(sock: Path, marker: str, *args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", ACTIVATE, str(sock), marker, HELPER, "serve",
+                             "--no-runtime", *args], **kw)
+
+
+def test_a_forged_prepared_marker_without_the_layers_is_refused(scratch):
+    """A serving process told it was prepared, which was not (all of root's
+    capabilities, the host's network namespace, no no_new_privs), refuses
+    with --require-sandbox, naming each layer.  Before the launcher step
+    existed the marker meant nothing and it served (this timed out)."""
+    proc = activated(scratch / "h.sock", "forged", "--require-sandbox", "--root", str(scratch),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gcroots-helper serve: refusing to run without the full sandbox "
+                           "(--require-sandbox); missing: netns: not in place after exec"), err
+    assert "caps: not in place after exec" in last and \
+        "no_new_privs: not in place after exec" in last, err
+
+
+def test_socket_activation_takes_the_prepare_then_exec_route(scratch):
+    """Sockets handed over, no marker: the same pid prepares (the launcher's
+    layer events), execs, verifies each layer, and serves confined.  Before,
+    a socket-activated helper applied every layer in the serving process
+    (there was no verification event)."""
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        proc = activated(sock, "none", "--require-sandbox", "--root", str(scratch), stderr=f)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        layers = [(e["layer"], e.get("how")) for e in json_lines(log) if e.get("event") == "sandbox_layer"]
+        assert layers == [("netns", "unshared"), ("caps", None), ("no_new_privs", None),
+                          *[(n, "before exec, verified") for n in ("netns", "caps", "no_new_privs")],
+                          ("landlock", None), ("seccomp", None)], layers
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ":\t" in line)
+        assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+        assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == 0x80004
+        assert os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
