@@ -608,13 +608,13 @@ def _verified(name: str) -> dict[str, object]:
         prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
         if (have := cap_sets())["Inh"]:
             capset(have["Eff"], have["Prm"], 0)
-        if (have := cap_sets())["Bnd"] & ~KEEP_CAPS or have["Inh"] or have["Amb"] \
-                or not have["Eff"] == have["Prm"] == KEEP_CAPS:
+        if (have := cap_sets()) != {**have, "Eff": KEEP_CAPS, "Prm": KEEP_CAPS, "Inh": 0, "Amb": 0} \
+                or have["Bnd"] & ~KEEP_CAPS:
             raise _Missing("not in place after exec: " + " ".join(f"{k}={v:#x}" for k, v in have.items()))
-    if name == "no_new_privs" and prctl(PR_GET_NO_NEW_PRIVS) != 1:
+    elif name == "no_new_privs" and prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise _Missing("not in place after exec: no_new_privs is not set")
-    if name == "netns" and (not (host := _ns_inode(1) or _ns_inode(os.getppid()))
-                            or _ns_inode("self") in (None, host)):
+    elif name == "netns" and (not (host := _ns_inode(1) or _ns_inode(os.getppid()))
+                              or _ns_inode("self") in (None, host)):
         raise _Missing("not in place after exec: the network namespace is the host's (or unknown)")
     return {"how": "before exec, verified"}
 
@@ -649,9 +649,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
     applied before exec (helper/prepare.py): verify them instead.  Raises
     SandboxError if `require` and a layer is missing, or if the sandbox
     would break the scan (that is never a mere degradation)."""
-    skip = frozenset(skip)
-    if unknown := skip - set(LAYERS):
-        raise SandboxError(f"unknown sandbox layer(s) to skip: {', '.join(sorted(unknown))}")
+    skip = frozenset(skip)   # (known layers: the CLI's --sandbox-skip checks them)
     if len(os.listdir(b"/proc/self/task")) != 1:
         raise SandboxError("the sandbox must be applied before any thread starts "
                            "(capabilities, Landlock and namespaces are per thread)")
