@@ -101,7 +101,6 @@ def apply_sandbox(args: argparse.Namespace, layout: StoreLayout, *, read_db: boo
                   prepared: bool = False) -> Sandbox:
     """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
     from . import sandbox
-    log.configure("gcroots-helper", getattr(args, "log_level", "info"), plain=True)
     try:
         return sandbox.apply_for_serving(layout, require=args.require_sandbox, log=log.get(
             "gcroots.helper.sandbox"), skip=args.sandbox_skip, runtime=not args.no_runtime,
@@ -128,10 +127,6 @@ def _uid_of(user: str) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gcroots.activation import listen_fds
-
-    from . import serve
-
     log.configure("gcroots-helper", args.log_level, plain=True)
     uids = frozenset(args.allow_uid + [_uid_of(name) for name in args.allow_user])
     layout = layout_of(args)
@@ -143,6 +138,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if pid != str(os.getpid()):
         from .launch import launch
         launch(args, uids)
+    from gcroots.activation import listen_fds
+
+    from . import serve
+    from .sandbox import lacking_caps
     # Sockets from systemd, or from our launcher: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path
     # options would bind over them, so they are ignored (they only name them
@@ -156,7 +155,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         box = apply_sandbox(args, layout, prepared=True)   # sockets open, nothing read yet
         server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                     cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                    preflight=lambda: view, accept_unreadable=tuple(args.accept_unreadable))
+                                    preflight=lambda: "; ".join(w for w in (lacking_caps(), view) if w),
+                                    accept_unreadable=tuple(args.accept_unreadable))
         server.serve_forever()
     except KeyboardInterrupt as e:
         log.get("gcroots.helper").info("helper_stopped", signal=stopped_by(e))

@@ -61,7 +61,7 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     """Bind the sockets unless systemd handed them over (and fork the
     remover), prepare (helper/prepare.py), exec serve."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    if why := prepare.lacking_caps():   # every scan would fail: say so now, in one line
+    if why := sandbox.lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
         _bind([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),

@@ -29,8 +29,8 @@ from gcroots.storepath import is_in_dir
 from .sandbox import (CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE, CLONE_NEWNET, KEEP_CAPS,
                       PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAP_AMBIENT_RAISE, PR_CAPBSET_DROP,
                       PR_GET_NO_NEW_PRIVS, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, Sandbox, _apply,
-                      _errname, _Missing, _ns_inode, _read, cap_sets, capset, network_links, prctl,
-                      refuse_unless_complete, syscall)
+                      _errname, _Missing, _ns_inode, _read, cap_sets, capset, lacking_caps,
+                      network_links, prctl, refuse_unless_complete, syscall)
 
 
 # -- layer: network namespace (unshare; its check of the links: sandbox.network_links) --
@@ -144,23 +144,6 @@ def _layer_caps() -> dict[str, object]:
     if keep != KEEP_CAPS:   # we hold less, not more: but every scan would fail
         raise _Missing(lacking_caps())
     return {"effective": f"{have['Eff']:#x}", "bounding": f"{have['Bnd']:#x}"}
-
-
-def lacking_caps() -> str:
-    """Why this thread cannot scan for lack of privilege, or "": a scan
-    without CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE in its effective set
-    cannot see into 0700 homes or other users' processes, and would call
-    their roots' paths garbage."""
-    try:
-        eff = cap_sets()["Eff"]
-    except (OSError, KeyError) as e:   # no /proc: unknown means lacking (fail closed)
-        return f"its capabilities cannot be read from /proc/thread-self/status ({e!r})"
-    names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH), ("CAP_SYS_PTRACE", CAP_SYS_PTRACE))
-             if not eff >> c & 1]
-    return "" if not names else (
-        f"the helper (uid {os.geteuid()}) lacks {' and '.join(names)} in its effective capability "
-        "set, so it cannot read roots in private homes and other users' processes; run it as root "
-        "or with those capabilities (the systemd unit's AmbientCapabilities=)")
 
 
 def preflight(hidden: Sequence[bytes], *, caps: bool = True,

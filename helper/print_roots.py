@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from gcroots import log
 from gcroots.nixdb import NixDBError, connect_ro, valid_subset
 from gcroots.protocol.rootstream import Root, ScanWarning, StaleLink
 
@@ -22,6 +23,7 @@ def main(args: argparse.Namespace) -> int:
     check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
     box = None
     if args.sandbox or args.require_sandbox:
+        log.configure("gcroots-helper", "info", plain=True)
         box = apply_sandbox(args, layout, read_db=not args.all_candidates)
     err = sys.stderr
     roots: set[tuple[bytes, bytes]] = set()

@@ -178,6 +178,23 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     syscall("capset", ffi.new("struct cap_header *", (0x20080522, 0)), data)
 
 
+def lacking_caps() -> str:
+    """Why this thread cannot scan for lack of privilege, or "": a scan
+    without CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE in its effective set
+    cannot see into 0700 homes or other users' processes, and would call
+    their roots' paths garbage."""
+    try:
+        eff = cap_sets()["Eff"]
+    except (OSError, KeyError) as e:   # no /proc: unknown means lacking (fail closed)
+        return f"its capabilities cannot be read from /proc/thread-self/status ({e!r})"
+    names = [n for n, c in (("CAP_DAC_READ_SEARCH", CAP_DAC_READ_SEARCH), ("CAP_SYS_PTRACE", CAP_SYS_PTRACE))
+             if not eff >> c & 1]
+    return "" if not names else (
+        f"the helper (uid {os.geteuid()}) lacks {' and '.join(names)} in its effective capability "
+        "set, so it cannot read roots in private homes and other users' processes; run it as root "
+        "or with those capabilities (the systemd unit's AmbientCapabilities=)")
+
+
 @dataclass
 class Sandbox:
     missing: dict[str, str]                  # layer: why it is not active

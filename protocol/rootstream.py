@@ -110,9 +110,7 @@ class RootStreamSender:
     def send(self, record: Record) -> bytes:
         if self.version is None or self._finished:
             raise LocalProtocolError("records are sent after the hello and before the trailer")
-        ftype = {Root: ROOT, StaleLink: STALE, ScanWarning: WARNING}.get(type(record))
-        if ftype is None:
-            raise LocalProtocolError(f"not a record: {record!r}")
+        ftype = {Root: ROOT, StaleLink: STALE, ScanWarning: WARNING}[type(record)]   # (KeyError: our bug)
         # A record's fields in their order; a stale link's identity flat (version 1: none).
         schema = STALE_V2 if ftype == STALE and self.version >= 2 else SCHEMAS[ftype]
         values = [*record[:2], *(record.identity or (0, 0, 0))] if isinstance(record, StaleLink) else record
