@@ -1,23 +1,30 @@
-"""`gcroots-helper serve --socket PATH`: bind the sockets, then become the
-serving helper.
+"""`gcroots-helper serve`'s launcher step: bind the sockets (unless systemd
+handed them over), prepare, then become the serving helper.
 
 The serving process takes its listening sockets ready-made, by the systemd
 socket-activation convention (gcroots/activation.py): from systemd, or from
 this launcher.  So the code that binds, renames and removes socket files
-(gcroots/sockets.py) is never loaded in the process that runs as root for
-the machine's whole uptime.  When `serve` is given no sockets, it runs
-launch(), which
+(gcroots/sockets.py) and the layers applied before the exec
+(helper/prepare.py) are never loaded in the process that runs as root for
+the machine's whole uptime.  Every `serve` not yet prepared (cli.PREPARED
+naming its pid) runs launch(), which
 
  1. blocks SIGINT and SIGTERM (the mask and a pending signal survive exec;
     the serve path unblocks them once its handlers are in place: a signal
     in between stops it cleanly, it never kills it half-way),
- 2. binds each socket (sockets.listen_unix: its mode and owner from the
-    start, no path tricks, never a live socket taken over),
- 3. forks the *socket remover* (below),
- 4. execs the very same command line in place -- the same pid, so a
+ 2. refuses at once if the process lacks the two capabilities,
+ 3. unless systemd handed sockets over: binds each socket
+    (sockets.listen_unix: its mode and owner from the start, no path
+    tricks, never a live socket taken over) and forks the *socket remover*
+    (below),
+ 4. applies what survives execve (prepare.before_exec: the fd limit, the
+    view checks, the network namespace, the capability drop,
+    no_new_privs), refusing with --require-sandbox if one is missing,
+ 5. execs the very same command line in place -- the same pid, so a
     supervisor still sees the process it started -- with the sockets at
     fds 3, 4 and LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES ("gcroots",
-    "nix-roots") saying so.
+    "nix-roots") saying so, and cli.PREPARED set to this pid and the view
+    checks' verdict.  The serving process verifies every layer itself.
 
 The socket remover exists because the sandboxed server cannot unlink
 anything.  Before it waits, it drops every capability (effective,

@@ -4,7 +4,12 @@ no new privileges -- enforced by the kernel, not by our good intentions.
 
 `apply_for_serving()` runs once, after the listening sockets are open and
 before any path is read, while the process still has a single thread (caps,
-Landlock and the network namespace are per thread).  Layers, in order; each
+Landlock and the network namespace are per thread).  In `serve` the first
+three layers, which survive execve, were applied by the launcher step before
+its exec (helper/prepare.py, never loaded by the serving process), and are
+verified here instead (prepared=True): the capability sets, no_new_privs,
+and a network namespace that is not init's (or, where /proc/1 is out of
+reach, our parent's).  Layers, in order; each
 logs one `sandbox_layer` event saying whether it is active and, if not, why:
 
   netns         An empty network namespace: unshare(CLONE_NEWNET) when we may
@@ -43,7 +48,8 @@ logs one `sandbox_layer` event saying whether it is active and, if not, why:
 Under systemd: a SystemCallFilter= must allow landlock_create_ruleset,
 landlock_add_rule and landlock_restrict_self (systemd 252 puts them in no
 group but @known), and capset when AmbientCapabilities= is used (to empty
-the inheritable set); RestrictAddressFamilies=AF_UNIX is fine (the netns
+the inheritable set, and a non-root uid's ambient set carried over the
+launcher's exec, which @system-service allows); RestrictAddressFamilies=AF_UNIX is fine (the netns
 check then reads /proc/self/net/dev), RestrictNamespaces=yes too.
 
 Why there is a second process.  Landlock denies ptrace-mode access to every
