@@ -70,7 +70,7 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if why := sandbox.lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or not os.environ.get("LISTEN_FDS"):
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS", "0") == "0":
         _bind([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
                ("nix-roots", args.nix_roots_daemon_socket)) if path],
               args.socket_mode, min(uids, default=None))

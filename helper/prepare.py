@@ -210,12 +210,16 @@ def before_exec(*, require: bool, skip: Iterable[str], runtime: bool, log: Logge
     box = Sandbox({}, {})
     for name, apply in LAYERS.items():
         _apply(box, name, apply, skip, log)
-    if require:
-        refuse_unless_complete(box, log)
-    if os.geteuid() != 0 and "caps" in box.details:
+    if os.geteuid() != 0 and "caps" not in skip:
         # Without uid 0, capabilities survive execve only as ambient ones:
         # raised last (the serving process clears them, and inheritable).
-        capset(KEEP_CAPS, KEEP_CAPS, KEEP_CAPS)
-        for cap in (CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE):
-            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+        try:
+            capset(KEEP_CAPS, KEEP_CAPS, KEEP_CAPS)
+            for cap in (CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE):
+                prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)
+        except OSError as e:   # (without them every scan fails: sandbox.lacking_caps)
+            box.missing["caps"] = f"cannot keep its capabilities over the exec: {e}"
+            log.warning("sandbox_layer", layer="caps", active=False, reason=box.missing["caps"])
+    if require:
+        refuse_unless_complete(box, log)
     return view
