@@ -4,9 +4,11 @@
 parses its command line with serve_parser() below, its flags and nothing
 else.  The full parser -- the other commands, every help text, --help and
 --version -- is built by helper/commands.py, which `serve` does not load
-(its --help does).  Nor does it bind its sockets: handed none, it runs
-helper/launch.py, which binds them and execs the same command line in
-place with them handed over."""
+(its --help does).  Nor does it bind its sockets or apply the sandbox
+layers that survive execve: every start first runs helper/launch.py, which
+binds them (unless systemd handed them over), prepares (helper/prepare.py)
+and execs the same command line in place; the serving process verifies
+what was prepared."""
 
 from __future__ import annotations
 
