@@ -24,12 +24,13 @@ from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.storepath import canon_path
 
-# Set by the launcher for the process it execs: its pid, then why every
+# Set by the launcher for the process it execs: its pid, the fd of the
+# seccomp programs it compiled (seccomp_filters.hand_over), then why every
 # scan must fail (prepare.view_problems).
 PREPARED = "GCROOTS_HELPER_PREPARED"
 
 if TYPE_CHECKING:
-    from .sandbox import Sandbox
+    from .sandbox import Programs, Sandbox
 
 def _absolute(value: str) -> str:
     if not value.startswith("/"):
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def apply_sandbox(args: argparse.Namespace, layout: StoreLayout, *, read_db: bool = False,
-                  prepared: bool = False) -> Sandbox:
+                  prepared: Programs | str | None = None) -> Sandbox:
     """Apply the sandbox (helper/sandbox.py); SystemExit if it must not run."""
     from . import sandbox
     try:
@@ -135,15 +136,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Not prepared yet (by this very process, before an exec): bind the
     # sockets unless systemd handed them over, apply what survives exec,
     # exec this again (helper/launch.py).  Not a layer is taken on trust:
-    # apply_sandbox(prepared=True) verifies each.
-    pid, _, view = os.environ.pop(PREPARED, "").partition(":")
+    # apply_sandbox(prepared=...) verifies each.
+    pid, _, fd_and_view = os.environ.pop(PREPARED, "").partition(":")
     if pid != str(os.getpid()):
         from .launch import launch
         launch(args, uids)
     from gcroots.activation import listen_fds
 
     from . import serve
-    from .sandbox import lacking_caps
+    from .sandbox import handed_programs, lacking_caps
+    fd, _, view = fd_and_view.partition(":")
+    programs = handed_programs(fd)   # first: its fd closed before anything could inherit it
     # Sockets from systemd, or from our launcher: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path
     # options would bind over them, so they are ignored (they only name them
@@ -154,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
         listeners = [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
                      ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in listen_fds())]
-        box = apply_sandbox(args, layout, prepared=True)   # sockets open, nothing read yet
+        box = apply_sandbox(args, layout, prepared=programs)   # sockets open, nothing read yet
         server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                     cmdline=args.cmdline, proc_reader=box.proc_reader,
                                     preflight=lambda: "; ".join(w for w in (lacking_caps(), view) if w),

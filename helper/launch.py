@@ -19,12 +19,15 @@ naming its pid) runs launch(), which
     (below),
  4. applies what survives execve (prepare.before_exec: the fd limit, the
     view checks, the network namespace, the capability drop,
-    no_new_privs), refusing with --require-sandbox if one is missing,
+    no_new_privs), refusing with --require-sandbox if one is missing, and
+    compiles the seccomp filters (helper/seccomp_filters.py) into a sealed
+    memfd that the exec keeps open,
  5. execs the very same command line in place -- the same pid, so a
     supervisor still sees the process it started -- with the sockets at
     fds 3, 4 and LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES ("gcroots",
-    "nix-roots") saying so, and cli.PREPARED set to this pid and the view
-    checks' verdict.  The serving process verifies every layer itself.
+    "nix-roots") saying so, and cli.PREPARED set to this pid, the memfd's
+    number and the view checks' verdict.  The serving process verifies every
+    layer itself, and installs the filters (it never compiles one).
 
 The socket remover exists because the sandboxed server cannot unlink
 anything.  Before it waits, it drops every capability (effective,
@@ -55,7 +58,7 @@ from typing import NoReturn
 
 from gcroots import log, sockets
 
-from . import prepare, sandbox
+from . import prepare, sandbox, seccomp_filters
 from .cli import PREPARED
 from .sandbox import SandboxError
 
@@ -81,7 +84,9 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
         raise SystemExit(f"gcroots-helper serve: {e}") from None
     if not sys.executable:
         raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
-    os.environ[PREPARED] = f"{os.getpid()}:{view}"
+    fd = "" if "seccomp" in args.sandbox_skip else seccomp_filters.hand_over(
+        os.getpid(), log.get("gcroots.helper.sandbox"))   # (the same pid after the exec)
+    os.environ[PREPARED] = f"{os.getpid()}:{fd}:{view}"
     # The command line as it was run (interpreter options, the script or -m):
     # the serve path takes over from there, finding the sockets.
     try:

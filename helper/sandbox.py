@@ -331,118 +331,30 @@ def _layer_landlock(layout: StoreLayout, read_db: bool) -> dict[str, object]:
 
 
 # -- layer: seccomp ----------------------------------------------------------------------
-# libseccomp builds the filter (the arch check, a foreign arch or x32 number
-# killing the process, the syscall numbers); we export it and install it
-# ourselves with prctl(PR_SET_SECCOMP): systemd's @system-service allows
-# prctl but not seccomp(2).  Argument filters are libseccomp comparisons;
-# an int argument is compared on its low 32 bits (mask LOW), as the kernel
-# reads it.
+# The filters are helper/seccomp_filters.py's, compiled by libseccomp: for
+# `serve` by its launcher before the exec, handed over in a sealed memfd.
 
-SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x50000, 0x7FFF0000
-ALLOW, EPERM, LOW = SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | errno.EPERM, 0xFFFFFFFF
-_NE, _EQ, _MASKED_EQ = 1, 4, 7    # SCMP_CMP_*
-CLONE_THREAD = 0x10000
-# Namespace flags; CLONE_THREAD excludes most of them already, but say it.
-# (CLONE_NEWTIME only exists for clone3: in clone's low byte is the exit signal.)
-CLONE_NS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
-PROT_WRITE, PROT_EXEC = 0x2, 0x4
-OPEN_WRITE = (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-              | (getattr(os, "O_TMPFILE", 0) & ~os.O_DIRECTORY))
-
-# A rule: None (allow), an action, or alternatives (any one allows), each a
-# tuple of comparisons (all must hold) (arg, op, datum_a, datum_b).
-Rule = list[tuple[tuple[int, int, int, int], ...]]
-Rules = dict[str, Rule | int | None]
+# (main, /proc reader's) classic BPF programs, 8 bytes an instruction; or
+# why there are none.
+Programs = tuple[bytes, bytes]
+_F_GET_SEALS, _SEALED, BPF_MAXINSNS = 1034, 0xF, 4096   # every seal: no write, shrink, grow, new seal
 
 
-def _unless_bits(arg: int, mask: int) -> Rule:
-    return [((arg, _MASKED_EQ, mask, 0),)]
-
-
-def _one_of(arg: int, values: Iterable[int]) -> Rule:
-    return [((arg, _MASKED_EQ, LOW, v),) for v in values]
-
-
-# What both processes need: a request in or a connection's bytes out,
-# readlink and read-only opens (Landlock agrees), and memory W^X: no
-# mapping both writable and executable, no page made executable later
-# (dlopen maps code read+exec directly, so lazy imports still work).
-# mremap(old, 0, ...) makes a second view of a shared mapping: an
-# executable one could then be written through a writable alias.
-_BOTH: Rules = {
-    **dict.fromkeys("read write close fstat newfstatat lseek getdents64 readlink readlinkat recvfrom "
-                    "sendto poll ppoll brk munmap madvise futex exit exit_group getpid gettid "
-                    "rt_sigaction rt_sigprocmask rt_sigreturn sigaltstack clock_gettime "
-                    "gettimeofday getrandom restart_syscall".split()),
-    "openat": _unless_bits(2, OPEN_WRITE), "open": _unless_bits(1, OPEN_WRITE),
-    "mmap": [((2, _MASKED_EQ, PROT_WRITE | PROT_EXEC, v),) for v in (0, PROT_WRITE, PROT_EXEC)],
-    "mprotect": _unless_bits(2, PROT_EXEC), "pkey_mprotect": _unless_bits(2, PROT_EXEC),
-    "mremap": [((1, _NE, 0, 0),)]}
-
-
-def reader_rules() -> Rules:
-    """The /proc reader: a request in, readlink/read-only opens of
-    /proc/PID/*, the answer out.  No threads, no accept, no ioctl."""
-    return dict(_BOTH)
-
-
-def main_rules(pid: int) -> Rules:
-    """The serving/scanning process: everything the scan, sqlite3 (for
-    `scan`), logging, threads and accept()ed sockets need."""
-    return {**_BOTH, **dict.fromkeys(
-        "readv writev pread64 statx lstat stat access faccessat faccessat2 getcwd set_robust_list "
-        "rseq set_tid_address getppid getuid geteuid getgid getegid getresuid getresgid getgroups "
-        "sched_yield sched_getaffinity nanosleep clock_nanosleep clock_getres time select pselect6 "
-        "epoll_create1 epoll_ctl epoll_wait epoll_pwait epoll_pwait2 accept4 accept shutdown "
-        "getsockopt getsockname getpeername uname sysinfo capget dup dup2 dup3 getrlimit "
-        "getcpu".split()),
-        "fcntl": _one_of(1, (0, 1, 2, 3, 4, 5, 6, 7, 36, 37, 38, 1030)),  # dup/fd flags/fl flags/locks
-        # TCGETS TIOCGWINSZ FIONREAD FIONBIO FIONCLEX FIOCLEX, not TIOCSTI & co.
-        "ioctl": _one_of(1, (0x5401, 0x5413, 0x541B, 0x5421, 0x5450, 0x5451)),
-        "prctl": _one_of(0, (PR_GET_DUMPABLE, PR_GET_NAME, PR_GET_SECCOMP, PR_CAPBSET_READ,
-                             PR_GET_SECUREBITS, PR_GET_NO_NEW_PRIVS)),
-        "prlimit64": [((2, _EQ, 0, 0),)],              # read limits only (new limit NULL)
-        "tgkill": _one_of(0, (pid,)),                  # raise() in our own process only
-        # Threads only (no fork), and no namespaces with them.  glibc tries
-        # clone3 first, whose flags live in memory we cannot inspect: ENOSYS
-        # makes it fall back to clone.
-        "clone": [((0, _MASKED_EQ, CLONE_NS | CLONE_THREAD, CLONE_THREAD),)],
-        "clone3": SECCOMP_RET_ERRNO | errno.ENOSYS}
-
-
-def _scmp(rc: int, what: str) -> None:
-    if rc < 0:
-        raise OSError(-rc, f"libseccomp {what}: {os.strerror(-rc)}")
-
-
-def build_filter(rules: Rules, default: int = EPERM) -> bytes:
-    """The classic BPF program (8 bytes an instruction) for `rules`, names
-    this architecture lacks left out, `default` for every other call."""
-    ctx = _seccomp.seccomp_init(default)
-    _scmp(-errno.ENOMEM if ctx == ffi.NULL else 0, "seccomp_init")
-    try:   # (its no_new_privs attribute only matters to seccomp_load, which we do not use)
-        for name, rule in rules.items():
-            nr = int(_seccomp.seccomp_syscall_resolve_name(name.encode()))   # < 0: not on this arch
-            action, alternatives = (rule, [()]) if isinstance(rule, int) else (ALLOW, rule or [()])
-            for cmps in alternatives if nr >= 0 else ():
-                array = ffi.new("struct scmp_arg_cmp[]", list(cmps) or 1)
-                _scmp(_seccomp.seccomp_rule_add_array(ctx, action, nr, len(cmps), array), f"rule for {name}")
-        with open(os.memfd_create("seccomp", os.MFD_CLOEXEC), "rb") as memfd:
-            _scmp(_seccomp.seccomp_export_bpf(ctx, memfd.fileno()), "export_bpf")
-            memfd.seek(0)
-            prog = bytearray(memfd.read())
-    finally:
-        _seccomp.seccomp_release(ctx)
-    # The one part libseccomp cannot say here: a foreign arch's (or x32's)
-    # call must kill the process, but libseccomp accepts KILL_PROCESS only
-    # after asking the kernel through seccomp(2), which systemd's
-    # @system-service denies.  Its default for them is KILL_THREAD (0),
-    # which nothing else of ours returns: those returns (BPF_RET | BPF_K,
-    # 0x06) become KILL_PROCESS.
-    for i in range(0, len(prog), 8):
-        if (insn := struct.unpack_from("=HBBI", prog, i))[0] == 0x06 and insn[3] == 0:
-            struct.pack_into("=I", prog, i + 4, SECCOMP_RET_KILL_PROCESS)
-    return bytes(prog)
+def handed_programs(fd_text: str) -> Programs | str:
+    """The programs the launcher compiled (seccomp_filters.sealed), from the
+    memfd at `fd_text`, which is closed; or why not.  An fd that is not
+    sealed is left alone (it is not the launcher's)."""
+    try:
+        if (fd := int(fd_text or -1)) < 3 or fcntl.fcntl(fd, _F_GET_SEALS) & _SEALED != _SEALED:
+            raise OSError(errno.EBADF, "not a sealed memfd")
+        data = os.pread(fd, 8 * (2 + 2 * BPF_MAXINSNS) + 1, 0)
+        os.close(fd)
+    except (OSError, ValueError) as e:
+        return f"no seccomp programs handed over by the launcher (fd {fd_text or 'none'}: {e})"
+    main, reader = struct.unpack_from("=II", data) if len(data) >= 8 else (0, 0)
+    if not (0 < main <= BPF_MAXINSNS and 0 < reader <= BPF_MAXINSNS and len(data) == 8 * (1 + main + reader)):
+        return f"the seccomp programs handed over are malformed ({len(data)} bytes)"
+    return data[8:8 + 8 * main], data[8 + 8 * main:]
 
 
 def install_filter(prog: bytes) -> None:
@@ -451,8 +363,10 @@ def install_filter(prog: bytes) -> None:
     prctl(PR_SET_SECCOMP, 2, ffi.new("struct sock_fprog *", (len(prog) // 8, code)))  # SECCOMP_MODE_FILTER
 
 
-def _layer_seccomp(rules: Rules, reader: ProcReader | None) -> dict[str, object]:
-    install_filter(prog := build_filter(rules))
+def _layer_seccomp(programs: Programs | str, reader: ProcReader | None) -> dict[str, object]:
+    if isinstance(programs, str):
+        raise _Missing(programs)
+    install_filter(prog := programs[0])
     if prctl(PR_GET_SECCOMP) != 2:
         raise _Missing("PR_GET_SECCOMP does not report filter mode")
     if reader is not None and reader.seccomp != "ok":
@@ -529,7 +443,8 @@ class ProcReader:
         self.seccomp = self._answer().decode(errors="replace")   # its own filter: "ok", "skipped" or why not
 
     @classmethod
-    def start(cls, skip: frozenset[str], store_dir: bytes) -> ProcReader:
+    def start(cls, program: bytes | str | None, store_dir: bytes) -> ProcReader:
+        """`program`: its seccomp filter; or why there is none; None: skipped."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         parent = os.getpid()
         # (No flush of sys.stdout/stderr first: the child never flushes them,
@@ -537,7 +452,7 @@ class ProcReader:
         if (pid := os.fork()) == 0:  # pragma: no cover - runs in the child
             code = 1
             try:   # (_reader_main closes `ours`, and every other fd but `theirs`)
-                code = _reader_main(theirs, parent, skip, store_dir)
+                code = _reader_main(theirs, parent, program, store_dir)
             except BaseException as e:
                 os.write(2, f"gcroots-helper: /proc reader: {e!r}\n".encode())
             finally:
@@ -568,7 +483,7 @@ class ProcReader:
                 raise OSError(errno.EIO, f"the /proc reader failed: {self._broken}") from None
 
 
-def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
+def _reader_main(sock: socket.socket, parent: int, program: bytes | str | None,
                  store_dir: bytes) -> int:  # pragma: no cover
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:        # the parent died before PDEATHSIG was set
@@ -577,12 +492,11 @@ def _reader_main(sock: socket.socket, parent: int, skip: frozenset[str],
     for low, high in ((0, 2), (3, sock.fileno()), (sock.fileno() + 1, 1 << 20)):
         os.closerange(low, high)
     prctl(PR_SET_DUMPABLE, 0)
-    status = b"skipped"
-    if "seccomp" not in skip:
+    status = b"skipped" if program is None else program.encode() if isinstance(program, str) else b"ok"
+    if isinstance(program, bytes):
         try:
-            install_filter(build_filter(reader_rules()))
-            status = b"ok"
-        except (OSError, _Missing) as e:  # reported: the seccomp layer then counts as missing
+            install_filter(program)
+        except OSError as e:  # reported: the seccomp layer then counts as missing
             status = str(e).encode()
     _send_frame(sock, status)
     requests = sock.makefile("rb")
@@ -663,13 +577,16 @@ def refuse_unless_complete(box: Sandbox, log: Logger) -> None:
 
 
 def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: Iterable[str] = (),
-                      runtime: bool = True, read_db: bool = False, prepared: bool = False) -> Sandbox:
+                      runtime: bool = True, read_db: bool = False,
+                      prepared: Programs | str | None = None) -> Sandbox:
     """Apply every layer (see the module docstring); return what is active.
 
     `runtime`: start the /proc reader (runtime roots need it under
     Landlock) before Landlock.  `read_db`: also allow reading the Nix DB
     (the `scan` CLI).  `prepared`: netns, caps and no_new_privs were
-    applied before exec (helper/prepare.py): verify them instead.  Raises
+    applied before exec (helper/prepare.py), so verify them instead, and
+    these are the seccomp programs compiled there (handed_programs: or why
+    there are none); None: apply and compile everything here.  Raises
     SandboxError if `require` and a layer is missing, or if the sandbox
     would break the scan (that is never a mere degradation)."""
     skip = frozenset(skip)   # (known layers: the CLI's --sandbox-skip checks them)
@@ -679,19 +596,20 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
     box = Sandbox({}, {})
     before: dict[str, Callable[[], dict[str, object]]] = {
         n: functools.partial(_verified, n) for n in LAYERS[:3]}
-    if not prepared:
-        from . import prepare
-        before = prepare.LAYERS
+    if prepared is None:   # (`scan --sandbox`, sandbox-check)
+        from . import prepare, seccomp_filters
+        before, prepared = prepare.LAYERS, seccomp_filters.compiled(os.getpid())
     for name, apply in before.items():
         _apply(box, name, apply, skip, log)
     if runtime:
         try:
-            box.proc_reader = ProcReader.start(skip, layout.store_dir)
+            box.proc_reader = ProcReader.start(None if "seccomp" in skip else prepared if isinstance(
+                prepared, str) else prepared[1], layout.store_dir)
         except OSError as e:
             raise SandboxError(f"cannot start the /proc reader: {e}") from None
         log.info("proc_reader_started", pid=box.proc_reader.pid)
     _apply(box, "landlock", lambda: _layer_landlock(layout, read_db), skip, log)
-    _apply(box, "seccomp", lambda: _layer_seccomp(main_rules(os.getpid()), box.proc_reader), skip, log)
+    _apply(box, "seccomp", lambda: _layer_seccomp(prepared, box.proc_reader), skip, log)
     try:
         _selftest(box.proc_reader)
     except OSError as e:

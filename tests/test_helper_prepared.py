@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 from .support import HELPER, json_lines, read_root_stream, stop_process
@@ -79,5 +81,102 @@ def test_socket_activation_takes_the_prepare_then_exec_route(scratch):
         assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == 0x80004
         assert os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
         assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
+
+
+# A prepared start done by hand, every layer but seccomp in place (unshare
+# --net, the two capabilities as the bounding set, no_new_privs: verified
+# by the serving process), and the seccomp programs' memfd as asked:
+# "sealed" as the launcher makes it, "missing" (no fd in the marker),
+# "unsealed" (the same programs, not sealed), "short" (sealed, 12 zero
+# bytes), "garbage" (sealed, well-sized, not BPF the kernel accepts).
+HANDED = r"""
+import fcntl, os, socket, struct, sys
+sock = socket.socket(socket.AF_UNIX)
+sock.bind(sys.argv[1])
+sock.listen()
+os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)
+kind, fd = sys.argv[2], ""
+if kind != "missing":
+    from gcroots.helper import seccomp_filters as f
+    main, reader = f.compiled(os.getpid())
+    data = {"short": b"\0" * 12, "garbage": struct.pack("=II", 2, 1) + b"\xff" * 24}.get(
+        kind, struct.pack("=II", len(main) // 8, len(reader) // 8) + main + reader)
+    memfd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.write(memfd, data)
+    if kind != "unsealed":
+        fcntl.fcntl(memfd, f.F_ADD_SEALS, f.SEALS)
+    os.set_inheritable(memfd, True)
+    fd = str(memfd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="gcroots",
+                  GCROOTS_HELPER_PREPARED=f"{os.getpid()}:{fd}:")
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+BAD_PROGRAMS = {"missing": "no seccomp programs handed over by the launcher (fd none",
+                "unsealed": "not a sealed memfd", "short": "are malformed (12 bytes)",
+                "garbage": "(EINVAL)"}
+
+
+def handed(scratch: Path, kind: str, *args: str, sock: str = "h.sock", **kw) -> subprocess.Popen:
+    return subprocess.Popen(["unshare", "--net", "setpriv", "--no-new-privs",
+                             "--bounding-set=-all,+dac_read_search,+sys_ptrace", sys.executable,
+                             "-c", HANDED, str(scratch / sock), kind, HELPER, "serve",
+                             "--root", str(scratch), *args], **kw)
+
+
+def wait_listening(proc: subprocess.Popen, log: Path) -> list[dict]:
+    deadline = time.monotonic() + 30
+    while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return json_lines(log)
+
+
+def test_handed_seccomp_programs_are_installed_and_their_fd_closed(scratch):
+    """The control for the test below: every layer in place, the programs
+    as the launcher hands them over; served with the full sandbox, the
+    memfd no longer open."""
+    with open(scratch / "h.log", "wb") as f:
+        proc = handed(scratch, "sealed", "--require-sandbox", stderr=f)
+    try:
+        events = wait_listening(proc, scratch / "h.log")
+        assert any(e.get("event") == "sandbox_applied" for e in events), events
+        fds = [os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")]
+        assert not [t for t in fds if t.startswith("/memfd:")], fds
+        assert read_root_stream(scratch / "h.sock")[1].complete
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_PROGRAMS))
+def test_a_serving_process_without_sound_seccomp_programs_refuses(scratch, kind):
+    """A missing, unsealed, or malformed memfd of seccomp programs: the
+    seccomp layer is missing, and only it -- refused with
+    --require-sandbox, logged and served with a weaker sandbox without.
+    Before the launcher compiled them, the serving process compiled its own
+    and ignored the fd (it served with --require-sandbox)."""
+    proc = handed(scratch, kind, "--require-sandbox", stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("gcroots-helper serve: refusing to run without the full sandbox "
+                           "(--require-sandbox); missing: seccomp: "), err
+    assert BAD_PROGRAMS[kind] in last and "; " not in last.split("missing: ")[1], last
+    with open(scratch / "weak.log", "wb") as f:
+        proc = handed(scratch, kind, sock="weak.sock", stderr=f)
+    try:
+        events = wait_listening(proc, scratch / "weak.log")
+        off = [(e["layer"], e["reason"]) for e in events if e.get("event") == "sandbox_layer"
+               and not e["active"]]
+        assert len(off) == 1 and off[0][0] == "seccomp" and BAD_PROGRAMS[kind] in off[0][1], events
+        assert [e["missing"] for e in events if e.get("event") == "sandbox_incomplete"] \
+            == [{"seccomp": off[0][1]}], events
     finally:
         stop_process(proc)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from gcroots.helper import sandbox
+from gcroots.helper import sandbox, seccomp_filters
 from gcroots.helper._ffi import ffi
 
 from . import support
@@ -439,13 +439,14 @@ def test_sandboxed_runtime_roots_of_another_user_equal_nix(scratch, users):
 READER_PROBE = r"""
 import errno, os
 from gcroots.helper.sandbox import ProcReader
+from gcroots.helper.seccomp_filters import build_filter, reader_rules
 exe = os.readlink("/proc/self/exe").encode()
 # Only what names the store leaves the reader: exe outside it is not handed
 # over, and of maps only the paths (no addresses of our memory).
-other = ProcReader.start(frozenset(), b"/nonexistent-store")
+other = ProcReader.start(build_filter(reader_rules()), b"/nonexistent-store")
 kept = dict(other(b"/proc/%d" % os.getpid()))
 print("withheld", b"exe" not in kept and b"cwd" not in kept and kept[b"maps"] == b"")
-r = ProcReader.start(frozenset(), os.path.dirname(exe))
+r = ProcReader.start(build_filter(reader_rules()), os.path.dirname(exe))
 items = dict(r(b"/proc/%d" % os.getpid()))
 print("exe", items[b"exe"] == exe,
       all(line.startswith(os.path.dirname(exe) + b"/") for line in items[b"maps"].split(b"\n")))
@@ -489,7 +490,7 @@ def test_filtered_syscalls_are_the_kernel_headers_names():
         pytest.skip("kernel headers (linux-libc-dev) not installed")
     tables = _header_numbers(x86), _header_numbers(generic)
     native = tables[0] if sandbox.ARCH == "x86_64" else tables[1]
-    names = {*sandbox.main_rules(1), *sandbox.reader_rules(), "capset", "ptrace", "unshare",
+    names = {*seccomp_filters.main_rules(1), *seccomp_filters.reader_rules(), "capset", "ptrace", "unshare",
              "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self"}
     for name in sorted(names):
         assert any(name in t for t in tables), name
@@ -502,13 +503,13 @@ def test_filtered_syscalls_are_the_kernel_headers_names():
 AS_UNDER_SYSTEMD = r"""
 import os, sys
 from cffi import FFI
-from gcroots.helper import sandbox as s
+from gcroots.helper import sandbox as s, seccomp_filters as f
 ffi = FFI()
 ffi.cdef("void *seccomp_init(uint32_t); int seccomp_load(void *);"
          "int seccomp_rule_add_array(void *, uint32_t, int, unsigned int, void *);")
 lib = ffi.dlopen(s.LIBSECCOMP)
-ctx = lib.seccomp_init(s.ALLOW)
-assert lib.seccomp_rule_add_array(ctx, s.EPERM, s.syscall_number("seccomp"), 0, ffi.NULL) == 0
+ctx = lib.seccomp_init(f.ALLOW)
+assert lib.seccomp_rule_add_array(ctx, f.EPERM, s.syscall_number("seccomp"), 0, ffi.NULL) == 0
 s.prctl(s.PR_SET_NO_NEW_PRIVS, 1)
 assert lib.seccomp_load(ctx) == 0
 os.execv(sys.argv[1], sys.argv[1:])
@@ -522,14 +523,14 @@ def test_foreign_arch_and_x32_syscalls_kill_the_process(under_systemd):
     is denied (systemd's unit), so that libseccomp cannot offer it."""
     if sandbox.ARCH != "x86_64":
         pytest.skip("x32 is an x86_64 matter")
-    prog = sandbox.build_filter(sandbox.main_rules(1))
+    prog = seccomp_filters.build_filter(seccomp_filters.main_rules(1))
     insns = [struct.unpack_from("=HBBI", prog, i) for i in range(0, len(prog), 8)]
-    assert (0x06, 0, 0, sandbox.SECCOMP_RET_KILL_PROCESS) in insns
+    assert (0x06, 0, 0, seccomp_filters.SECCOMP_RET_KILL_PROCESS) in insns
     assert not [i for i in insns if i[0] == 0x06 and i[3] == 0]   # no KILL_THREAD
     code = ("import ctypes, os, threading\n"
-            "from gcroots.helper import sandbox as s\n"
+            "from gcroots.helper import sandbox as s, seccomp_filters as f\n"
             "s.prctl(s.PR_SET_NO_NEW_PRIVS, 1)\n"
-            "s.install_filter(s.build_filter(s.main_rules(os.getpid())))\n"
+            "s.install_filter(f.build_filter(f.main_rules(os.getpid())))\n"
             "print('filtered', flush=True)\n"
             "t = threading.Thread(target=ctypes.CDLL(None).syscall, args=(0x40000000 | 39,))\n"
             "t.start(); t.join()\n"   # x32 getpid, in a thread: the process must die
@@ -582,12 +583,13 @@ def test_network_links_agree_with_ip_link():
 
 OVERSIZED = r"""
 import errno, os
-from gcroots.helper import sandbox
+from gcroots.helper import sandbox, seccomp_filters
 from gcroots.helper._ffi import ffi
 from gcroots.helper.scan import ScanError, Scanner
 from gcroots.layout import StoreLayout
 sandbox.MAX_ANSWER = 100      # the reader (forked below) answers nothing bigger
-r = sandbox.ProcReader.start(frozenset(), b"/usr")   # "/usr" as the store: maps kept
+program = seccomp_filters.build_filter(seccomp_filters.reader_rules())
+r = sandbox.ProcReader.start(program, b"/usr")   # "/usr" as the store: maps kept
 for _ in range(2):            # and lives on: every answer the same
     print(r(b"/proc/%d" % os.getpid()))
 try:
