@@ -137,7 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # sockets unless systemd handed them over, apply what survives exec,
     # exec this again (helper/launch.py).  Not a layer is taken on trust:
     # apply_sandbox(prepared=...) verifies each.
-    pid, _, fd_and_view = os.environ.pop(PREPARED, "").partition(":")
+    pid, fd, view = (os.environ.pop(PREPARED, "").split(":", 2) + ["", ""])[:3]
     if pid != str(os.getpid()):
         from .launch import launch
         launch(args, uids)
@@ -145,7 +145,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from . import serve
     from .sandbox import handed_programs, lacking_caps
-    fd, _, view = fd_and_view.partition(":")
     programs = handed_programs(fd)   # first: its fd closed before anything could inherit it
     # Sockets from systemd, or from our launcher: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path

@@ -3,7 +3,8 @@ helper starts: the network namespace, the capability drop (bounding set;
 inheritable and ambient cleared -- after exec, root's permitted and
 effective sets are the bounding set), no_new_privs; and the checks of the
 view it was started in (hidden directories, a user namespace), which need
-/proc/1 before Landlock closes it.
+/proc/1 before Landlock closes it.  (The seccomp filters, compiled before
+the exec too, are helper/seccomp_filters.py's.)
 
 `gcroots-helper serve` runs prepare_and_exec() (helper/launch.py) first,
 however it was started -- with --socket or with sockets from systemd -- so
@@ -18,22 +19,39 @@ layer is described in helper/sandbox.py's docstring.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import resource
+import socket
+import struct
 from typing import Callable, Iterable, Sequence
 
 from gcroots.log import Logger
 from gcroots.storepath import is_in_dir
 
-from .sandbox import (CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE, CLONE_NEWNET, KEEP_CAPS,
+from .sandbox import (CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE, KEEP_CAPS,
                       PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAP_AMBIENT_RAISE, PR_CAPBSET_DROP,
                       PR_GET_NO_NEW_PRIVS, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, Sandbox, _apply,
                       _errname, _Missing, _ns_inode, _read, cap_sets, capset, lacking_caps,
-                      network_links, prctl, refuse_unless_complete, syscall)
+                      prctl, refuse_unless_complete, syscall)
 
 
-# -- layer: network namespace (unshare; its check of the links: sandbox.network_links) --
+# -- layer: network namespace (the serving process verifies only its inode: sandbox._verified) --
+
+CLONE_NEWNET, _IFF_UP, _SIOCGIFFLAGS = 0x40000000, 0x1, 0x8913
+
+
+def network_links() -> list[tuple[str, bool]]:
+    """(name, is_up) of every link in our network namespace:
+    /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
+    whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
+    refuses it, and a netlink library would be more code run as root)."""
+    names = [line.split(b":", 1)[0].strip() for line in _read(b"/proc/self/net/dev").splitlines()[2:]]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return [(n.decode(), bool(struct.unpack_from("=H", fcntl.ioctl(
+            s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
+
 
 def _layer_netns() -> dict[str, object]:
     try:

@@ -9,7 +9,10 @@ three layers, which survive execve, were applied by the launcher step before
 its exec (helper/prepare.py, never loaded by the serving process), and are
 verified here instead (prepared=True): the capability sets, no_new_privs,
 and a network namespace that is not init's (or, where /proc/1 is out of
-reach, our parent's).  Layers, in order; each
+reach, our parent's); and the launcher compiled the seccomp filters
+(helper/seccomp_filters.py, never loaded here either), handed over in a
+sealed memfd (handed_programs): this process only installs them.  Layers,
+in order; each
 logs one `sandbox_layer` event saying whether it is active and, if not, why:
 
   netns         An empty network namespace: unshare(CLONE_NEWNET) when we may
@@ -44,6 +47,8 @@ logs one `sandbox_layer` event saying whether it is active and, if not, why:
                 architecture (or x32) kills the process: its number would
                 mean something else.  Installed with prctl(PR_SET_SECCOMP),
                 which systemd's @system-service allows (seccomp(2) it does not).
+                The rules, and their compilation by libseccomp: see
+                helper/seccomp_filters.py.
 
 Under systemd: a SystemCallFilter= must allow landlock_create_ruleset,
 landlock_add_rule and landlock_restrict_self (systemd 252 puts them in no
@@ -208,21 +213,7 @@ class Sandbox:
     proc_reader: "ProcReader | None" = None   # for Scanner(proc_reader=...)
 
 
-# -- layer: network namespace ------------------------------------------------------
-
-CLONE_NEWNET, _IFF_UP, _SIOCGIFFLAGS = 0x40000000, 0x1, 0x8913
-
-
-def network_links() -> list[tuple[str, bool]]:
-    """(name, is_up) of every link in our network namespace:
-    /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
-    whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
-    refuses it, and a netlink library would be more code run as root)."""
-    names = [line.split(b":", 1)[0].strip() for line in _read(b"/proc/self/net/dev").splitlines()[2:]]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        return [(n.decode(), bool(struct.unpack_from("=H", fcntl.ioctl(
-            s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
-
+# -- layer: network namespace (applied before exec: helper/prepare.py) ----------------
 
 def _ns_inode(pid: object, kind: str = "net") -> int | None:
     """The inode of a process's namespace of that kind (None: unknown)."""
@@ -341,7 +332,7 @@ _F_GET_SEALS, _SEALED, BPF_MAXINSNS = 1034, 0xF, 4096   # every seal: no write, 
 
 
 def handed_programs(fd_text: str) -> Programs | str:
-    """The programs the launcher compiled (seccomp_filters.sealed), from the
+    """The programs the launcher compiled (seccomp_filters.hand_over), from the
     memfd at `fd_text`, which is closed; or why not.  An fd that is not
     sealed is left alone (it is not the launcher's)."""
     try:

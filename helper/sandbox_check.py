@@ -22,8 +22,8 @@ from gcroots.layout import StoreLayout
 from gcroots.log import Logger
 
 from ._ffi import ffi
-from .sandbox import (CLONE_NEWNET, LAYERS, SandboxError, apply_for_serving, cap_sets, capset,
-                      syscall)
+from .prepare import CLONE_NEWNET
+from .sandbox import LAYERS, SandboxError, apply_for_serving, cap_sets, capset, syscall
 
 # -- sandbox-check ---------------------------------------------------------------------------
 # A harness process prepares probes, forks a child that applies the sandbox

@@ -4,8 +4,8 @@ its /proc reader's), compiled into classic BPF by libseccomp.
 The long-lived serving process never loads this module (nor libseccomp's
 rule compiler runs in it): `serve`'s launcher step (helper/launch.py)
 compiles both programs before its exec -- the same pid after it, which
-main_rules names -- and hands them over in a sealed memfd (sealed(), below;
-read by sandbox.handed_programs); the serving process installs its own
+main_rules names -- and hands them over in a sealed memfd (hand_over(),
+below; read by sandbox.handed_programs); the serving process installs its own
 after Landlock and the reader's in the reader child, as each did when it
 compiled them itself.  `scan --sandbox` and sandbox-check, which no
 launcher prepares, compile them in-process from here (compiled()).  What
