@@ -81,3 +81,27 @@ def test_socket_activation_takes_the_prepare_then_exec_route(scratch):
         assert read_root_stream(sock)[1].complete
     finally:
         stop_process(proc)
+
+
+def test_a_pid_namespace_with_its_own_proc_fails_every_scan(scratch):
+    """In a PID namespace with its own /proc, /proc/1 is not init: the
+    hidden-directory check compared our mounts with our own namespace's
+    (here /home under a tmpfs init does not have) and the runtime scan saw
+    only the namespace's processes, yet scans came back complete (the
+    review of the launcher step; this failed: complete=True).  Every scan
+    fails now, saying why."""
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+                                 "sh", "-c", 'mount -t tmpfs gcroots-test /home && "$@"; exit $?', "sh",
+                                 HELPER, "serve", "--root", str(scratch), "--socket", str(sock),
+                                 "--require-sandbox"], stderr=f)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        end = read_root_stream(sock)[1]
+        assert not end.complete and "not in the initial PID namespace" in end.reason, end
+    finally:
+        stop_process(proc)
