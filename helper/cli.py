@@ -142,8 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         launch(args, uids)
     from gcroots.activation import listen_fds
 
-    from . import serve
-    from .sandbox import lacking_caps
+    from . import sandbox, serve
     # Sockets from systemd, or from our launcher: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path
     # options would bind over them, so they are ignored (they only name them
@@ -152,12 +151,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         stop_on_signals()   # a launcher blocked these: one sent since is delivered here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        listeners = [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
-                     ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in listen_fds())]
+        if not (listeners := [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
+                              ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in listen_fds())]):
+            # (marked prepared, yet nothing handed over: it would serve nothing, forever)
+            raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
         box = apply_sandbox(args, layout, prepared=True)   # sockets open, nothing read yet
         server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                     cmdline=args.cmdline, proc_reader=box.proc_reader,
-                                    preflight=lambda: "; ".join(w for w in (lacking_caps(), view) if w),
+                                    preflight=lambda: "; ".join(w for w in (sandbox.lacking_caps(), view) if w),
                                     accept_unreadable=tuple(args.accept_unreadable))
         server.serve_forever()
     except KeyboardInterrupt as e:

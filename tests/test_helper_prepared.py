@@ -105,3 +105,15 @@ def test_a_pid_namespace_with_its_own_proc_fails_every_scan(scratch):
         assert not end.complete and "not in the initial PID namespace" in end.reason, end
     finally:
         stop_process(proc)
+
+
+def test_a_forged_marker_with_no_socket_handed_is_refused(scratch):
+    """Marked prepared (this pid), yet no socket handed over: a one-line
+    refusal, as when the launcher has no socket to bind.  Before, it served
+    nothing and waited forever (this timed out)."""
+    out = subprocess.run(["sh", "-c", 'GCROOTS_HELPER_PREPARED=$$: exec "$@"', "sh", HELPER, "serve",
+                          "--no-runtime", "--root", str(scratch)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("gcroots-helper serve: no socket (give --socket "
+                                                   "PATH or use socket activation)"), out.stderr
