@@ -636,9 +636,9 @@ def _verified(name: str) -> dict[str, object]:
             raise _Missing("not in place after exec: " + " ".join(f"{k}={v:#x}" for k, v in have.items()))
     elif name == "no_new_privs" and prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise _Missing("not in place after exec: no_new_privs is not set")
-    elif name == "netns" and (not (host := _ns_inode(1) or _ns_inode(os.getppid()))
-                              or _ns_inode("self") in (None, host)):
-        raise _Missing("not in place after exec: the network namespace is the host's (or unknown)")
+    elif name == "netns" and (None in (host := _ns_inode(1) or _ns_inode(os.getppid()), me := _ns_inode("self"))
+                              or host == me or network_links() not in ([("lo", False)], [("lo", True)])):
+        raise _Missing("not in place after exec: the network namespace is the host's, unknown or has links")
     return {"how": "before exec, verified"}
 
 

@@ -145,3 +145,18 @@ def test_a_forged_marker_cannot_claim_that_nothing_is_hidden(scratch):
         assert not read_root_stream(sock)[1].complete
     finally:
         stop_process(proc)
+
+
+def test_a_forged_marker_in_a_namespace_with_links_is_refused(scratch):
+    """Marked prepared in a network namespace that is not the host's but
+    has links (a veth: a container's namespace, reaching out): the launcher
+    refuses one like it, and so must the verification.  Before, it checked
+    only that the namespace was not the host's, and served."""
+    out = subprocess.run(["unshare", "--net", "sh", "-c", 'ip link add gcrt0 type veth peer name gcrt1 && '
+                          'ip link set gcrt0 up && exec "$@"', "sh", "setpriv",
+                          "--bounding-set=-all,+dac_read_search,+sys_ptrace", "--inh-caps=-all",
+                          "--no-new-privs", sys.executable, "-c", ACTIVATE, str(scratch / "h.sock"), "forged",
+                          HELPER, "serve", "--no-runtime", "--root", str(scratch), "--require-sandbox"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert "missing: netns: not in place after exec" in out.stderr.strip().splitlines()[-1], out.stderr
