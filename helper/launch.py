@@ -82,6 +82,10 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     if not sys.executable:
         raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
     os.environ[PREPARED] = f"{os.getpid()}:{view}"
+    # Nothing our parent left open goes over the exec but stdin, stdout,
+    # stderr and the sockets (Landlock does not confine an fd opened before it).
+    count = os.environ["LISTEN_FDS"]   # (ours, or systemd's: not "0")
+    os.closerange(3 + (int(count) if count.isdigit() else 0), os.sysconf("SC_OPEN_MAX"))
     # The command line as it was run (interpreter options, the script or -m):
     # the serve path takes over from there, finding the sockets.
     try:

@@ -7,6 +7,7 @@ the environment variable that says it was prepared claims none."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -160,3 +161,30 @@ def test_a_forged_marker_in_a_namespace_with_links_is_refused(scratch):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 1, out.stderr
     assert "missing: netns: not in place after exec" in out.stderr.strip().splitlines()[-1], out.stderr
+
+
+def test_no_fd_but_the_sockets_is_carried_over_the_exec(scratch):
+    """An fd the helper's parent left open (here a writable file, at two
+    fds the launcher's sockets do not overwrite) must not reach the serving
+    process: Landlock does not confine an
+    fd opened before it.  Before, both stayed open in the serving process."""
+    sock, log, leak = scratch / "h.sock", scratch / "h.log", scratch / "leak"
+    fd = os.open(leak, os.O_CREAT | os.O_WRONLY, 0o600)
+    fds = (fd, fcntl.fcntl(fd, fcntl.F_DUPFD, 100))
+    try:
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([HELPER, "serve", "--no-runtime", "--root", str(scratch), "--socket",
+                                     str(sock), "--require-sandbox"], pass_fds=fds, stderr=f)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        held = {n: os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")}
+        assert str(leak) not in held.values(), held
+        assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
