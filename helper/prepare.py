@@ -165,11 +165,6 @@ def view_problems(hidden: Sequence[bytes], *, runtime: bool = True) -> str:
     invisible (hidepid); a file is EACCES, which fails the scan, so a scan
     without runtime roots is still sound."""
     why = []
-    if _ns_inode("self", "pid") != 0xEFFFFFFC:   # PROC_PID_INIT_INO (None: unknown, so yes)
-        why.append("the helper is not in the initial PID namespace (e.g. unshare --pid, systemd "
-                   "PrivatePIDs=yes): a /proc of its own lacks other processes' runtime roots and "
-                   "its /proc/1 is not init, against whose mounts hidden directories are told; "
-                   "run it in the initial PID namespace")
     if runtime and _ns_inode("self", "user") != 0xEFFFFFFD:   # (None: unknown, so yes)
         why.append("the helper runs in a user namespace (e.g. systemd PrivateUsers=yes, "
                    "unshare --user): its CAP_SYS_PTRACE does not reach other users' "

@@ -86,13 +86,15 @@ def test_socket_activation_takes_the_prepare_then_exec_route(scratch):
         stop_process(proc)
 
 
+@pytest.mark.xfail(strict=True, reason="/proc/1 is the view checks' reference: in a PID namespace it is "
+                   "whatever runs there as PID 1; refusing every PID namespace would refuse containers "
+                   "(systemd-nspawn -b: test_container), a design decision (review2)")
 def test_a_pid_namespace_with_its_own_proc_fails_every_scan(scratch):
-    """In a PID namespace with its own /proc, /proc/1 is not init: the
-    hidden-directory check compared our mounts with our own namespace's
-    (here /home under a tmpfs init does not have) and the runtime scan saw
-    only the namespace's processes, yet scans came back complete (the
-    review of the launcher step; this failed: complete=True).  Every scan
-    fails now, saying why."""
+    """In a PID namespace with its own /proc, /proc/1 is not the host's
+    init: the hidden-directory check compares our mounts with those of
+    whatever runs as PID 1 there (here a sh that put a tmpfs over /home,
+    sharing our mounts) and the runtime scan sees only the namespace's
+    processes, yet scans come back complete (complete=True)."""
     sock, log = scratch / "h.sock", scratch / "h.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
@@ -105,7 +107,7 @@ def test_a_pid_namespace_with_its_own_proc_fails_every_scan(scratch):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         end = read_root_stream(sock)[1]
-        assert not end.complete and "not in the initial PID namespace" in end.reason, end
+        assert not end.complete, end
     finally:
         stop_process(proc)
 
