@@ -70,7 +70,10 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if why := sandbox.lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS", "0") == "0":
+    count = os.environ.get("LISTEN_FDS", "0") if os.environ.get("LISTEN_PID") == str(os.getpid()) else "0"
+    if not count.isdigit():   # (the serving process would serve nothing, or fail with a traceback)
+        raise SystemExit(f"gcroots-helper serve: LISTEN_FDS={count!r}: not a number of sockets")
+    if int(count) == 0:
         _bind([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
                ("nix-roots", args.nix_roots_daemon_socket)) if path],
               args.socket_mode, min(uids, default=None))
@@ -84,8 +87,7 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     os.environ[PREPARED] = f"{os.getpid()}:{view}"
     # Nothing our parent left open goes over the exec but stdin, stdout,
     # stderr and the sockets (Landlock does not confine an fd opened before it).
-    count = os.environ["LISTEN_FDS"]   # (ours, or systemd's: not "0")
-    os.closerange(3 + (int(count) if count.isdigit() else 0), os.sysconf("SC_OPEN_MAX"))
+    os.closerange(3 + int(os.environ["LISTEN_FDS"]), os.sysconf("SC_OPEN_MAX"))   # (ours, or checked above)
     # The command line as it was run (interpreter options, the script or -m):
     # the serve path takes over from there, finding the sockets.
     try:

@@ -190,3 +190,18 @@ def test_no_fd_but_the_sockets_is_carried_over_the_exec(scratch):
         assert read_root_stream(sock)[1].complete
     finally:
         stop_process(proc)
+
+
+@pytest.mark.parametrize("count", ["-1", "abc"])
+def test_a_malformed_listen_fds_is_refused(scratch, count):
+    """LISTEN_PID naming us and LISTEN_FDS not a number of sockets: a
+    one-line refusal.  Before, "-1" served nothing forever (the launcher
+    took the sockets for handed over; this timed out) and "abc" ended in a
+    traceback."""
+    out = subprocess.run(["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS={count} exec "$@"', "sh", HELPER, "serve",
+                          "--no-runtime", "--root", str(scratch), "--socket", str(scratch / "h.sock")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"gcroots-helper serve: LISTEN_FDS={count!r}: "
+                                                   "not a number of sockets"), out.stderr
+    assert not (scratch / "h.sock").exists()
