@@ -24,9 +24,9 @@ from gcroots.layout import StoreLayout
 from gcroots.process import run_main, stop_on_signals, stopped_by
 from gcroots.storepath import canon_path
 
-# Set by the launcher for the process it execs: its pid, the fd of the
-# seccomp programs it compiled (seccomp_filters.hand_over), then why every
-# scan must fail (prepare.view_problems).
+# Set by the launcher for the process it execs: its pid, then the fd of
+# what it hands over (launch._hand_over: the seccomp programs it compiled,
+# and why every scan must fail, prepare.view_problems).
 PREPARED = "GCROOTS_HELPER_PREPARED"
 
 if TYPE_CHECKING:
@@ -137,15 +137,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # sockets unless systemd handed them over, apply what survives exec,
     # exec this again (helper/launch.py).  Not a layer is taken on trust:
     # apply_sandbox(prepared=...) verifies each.
-    pid, fd, view = (os.environ.pop(PREPARED, "").split(":", 2) + ["", ""])[:3]
+    pid, _, fd = os.environ.pop(PREPARED, "").partition(":")
     if pid != str(os.getpid()):
         from .launch import launch
         launch(args, uids)
     from gcroots.activation import listen_fds
 
     from . import serve
-    from .sandbox import handed_programs, lacking_caps
-    programs = handed_programs(fd)   # first: its fd closed before anything could inherit it
+    from .sandbox import handed_over, lacking_caps
+    programs, view = handed_over(fd)   # first: its fd closed before anything could inherit it
     # Sockets from systemd, or from our launcher: one named "nix-roots"
     # speaks the Nix compat format, any other ("gcroots") ours.  Path
     # options would bind over them, so they are ignored (they only name them
@@ -154,8 +154,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         stop_on_signals()   # a launcher blocked these: one sent since is delivered here
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-        listeners = [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
-                     ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in listen_fds())]
+        if not (listeners := [(s, kind, os.fsencode(paths[kind] or s.getsockname())) for s, kind in
+                              ((s, serve.NIX if name == serve.NIX else serve.ROOTS) for s, name in listen_fds())]):
+            # (marked prepared, yet nothing handed over: it would serve nothing, forever)
+            raise SystemExit("gcroots-helper serve: no socket (give --socket PATH or use socket activation)")
         box = apply_sandbox(args, layout, prepared=programs)   # sockets open, nothing read yet
         server = serve.HelperServer(layout, uids, listeners, runtime=not args.no_runtime,
                                     cmdline=args.cmdline, proc_reader=box.proc_reader,

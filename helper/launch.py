@@ -49,10 +49,12 @@ behind: a dead socket is replaced by the next start.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import os
 import select
 import signal
+import struct
 import sys
 from typing import NoReturn
 
@@ -73,7 +75,10 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if why := sandbox.lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
-    if os.environ.get("LISTEN_PID") != str(os.getpid()) or os.environ.get("LISTEN_FDS", "0") == "0":
+    count = os.environ.get("LISTEN_FDS", "0") if os.environ.get("LISTEN_PID") == str(os.getpid()) else "0"
+    if not count.isdigit():   # (the serving process would serve nothing, or fail with a traceback)
+        raise SystemExit(f"gcroots-helper serve: LISTEN_FDS={count!r}: not a number of sockets")
+    if int(count) == 0:
         _bind([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
                ("nix-roots", args.nix_roots_daemon_socket)) if path],
               args.socket_mode, min(uids, default=None))
@@ -84,15 +89,52 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
         raise SystemExit(f"gcroots-helper serve: {e}") from None
     if not sys.executable:
         raise SystemExit("gcroots-helper serve: cannot tell which interpreter to exec")
-    fd = "" if "seccomp" in args.sandbox_skip else seccomp_filters.hand_over(
-        os.getpid(), log.get("gcroots.helper.sandbox"))   # (the same pid after the exec)
-    os.environ[PREPARED] = f"{os.getpid()}:{fd}:{view}"
+    # Nothing our parent left open goes over the exec but stdin, stdout,
+    # stderr and the sockets (Landlock does not confine an fd opened before
+    # it) -- and what we hand over, opened after this.
+    os.closerange(3 + int(os.environ["LISTEN_FDS"]), os.sysconf("SC_OPEN_MAX"))   # (ours, or checked above)
+    fd = _hand_over(None if "seccomp" in args.sandbox_skip else seccomp_filters.compiled(os.getpid()),
+                    view)   # (the same pid after the exec)
+    os.environ[PREPARED] = f"{os.getpid()}:{fd}"
     # The command line as it was run (interpreter options, the script or -m):
     # the serve path takes over from there, finding the sockets.
     try:
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     except OSError as e:   # the remover removes the sockets as we exit
         raise SystemExit(f"gcroots-helper serve: cannot exec {sys.executable}: {e}") from None
+
+
+# Every seal: no write, shrink, grow or new seal (sandbox.handed_over checks).
+F_ADD_SEALS, SEALS = 1033, 0x1 | 0x2 | 0x4 | 0x8
+
+
+def _hand_over(programs: sandbox.Programs | str | None, view: str) -> str:
+    """What the serving process takes over from us, in an inheritable
+    memfd sealed so that no one holding it can change it: the lengths
+    ("=III": the main and the /proc reader's seccomp program in
+    instructions, 0 and 0 if none; the view checks' verdict in bytes), then
+    each.  Its fd number, or "" (logged): the serving process then finds
+    the seccomp layer missing and fails every scan."""
+    log_ = log.get("gcroots.helper.sandbox")
+    if isinstance(programs, str):
+        log_.error("seccomp_not_compiled", reason=programs, consequence="the seccomp layer is missing")
+    progs = programs if isinstance(programs, tuple) else (b"", b"")
+    verdict = view.encode()[:sandbox.MAX_VIEW]
+    data = struct.pack("=III", len(progs[0]) // 8, len(progs[1]) // 8, len(verdict)) + b"".join(progs) + verdict
+    fd = -1
+    try:
+        fd = os.memfd_create("gcroots-handover", os.MFD_ALLOW_SEALING)
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.EIO, "short write to the memfd")
+        fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
+        os.set_inheritable(fd, True)
+        return str(fd)
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        log_.error("hand_over_failed", reason=str(e),
+                   consequence="the seccomp layer is missing, and every scan fails")
+        return ""
 
 
 def _bind(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> None:

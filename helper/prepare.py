@@ -19,12 +19,9 @@ layer is described in helper/sandbox.py's docstring.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import resource
-import socket
-import struct
 from typing import Callable, Iterable, Sequence
 
 from gcroots.log import Logger
@@ -34,23 +31,12 @@ from .sandbox import (CAP_DAC_READ_SEARCH, CAP_SETPCAP, CAP_SYS_PTRACE, KEEP_CAP
                       PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, PR_CAP_AMBIENT_RAISE, PR_CAPBSET_DROP,
                       PR_GET_NO_NEW_PRIVS, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, Sandbox, _apply,
                       _errname, _Missing, _ns_inode, _read, cap_sets, capset, lacking_caps,
-                      prctl, refuse_unless_complete, syscall)
+                      network_links, prctl, refuse_unless_complete, syscall)
 
 
-# -- layer: network namespace (the serving process verifies only its inode: sandbox._verified) --
+# -- layer: network namespace (the serving process verifies it: sandbox._verified) --
 
-CLONE_NEWNET, _IFF_UP, _SIOCGIFFLAGS = 0x40000000, 0x1, 0x8913
-
-
-def network_links() -> list[tuple[str, bool]]:
-    """(name, is_up) of every link in our network namespace:
-    /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
-    whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
-    refuses it, and a netlink library would be more code run as root)."""
-    names = [line.split(b":", 1)[0].strip() for line in _read(b"/proc/self/net/dev").splitlines()[2:]]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        return [(n.decode(), bool(struct.unpack_from("=H", fcntl.ioctl(
-            s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
+CLONE_NEWNET = 0x40000000
 
 
 def _layer_netns() -> dict[str, object]:

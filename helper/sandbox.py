@@ -11,7 +11,7 @@ verified here instead (prepared=...): the capability sets, no_new_privs,
 and a network namespace that is not init's (or, where /proc/1 is out of
 reach, our parent's); and the launcher compiled the seccomp filters
 (helper/seccomp_filters.py, never loaded here either), handed over in a
-sealed memfd (handed_programs): this process only installs them.  Layers,
+sealed memfd (handed_over): this process only installs them.  Layers,
 in order; each
 logs one `sandbox_layer` event saying whether it is active and, if not, why:
 
@@ -215,6 +215,20 @@ class Sandbox:
 
 # -- layer: network namespace (applied before exec: helper/prepare.py) ----------------
 
+_IFF_UP, _SIOCGIFFLAGS = 0x1, 0x8913
+
+
+def network_links() -> list[tuple[str, bool]]:
+    """(name, is_up) of every link in our network namespace:
+    /proc/self/net/dev lists them, SIOCGIFFLAGS on a Unix socket tells
+    whether one is up (no netlink: systemd's RestrictAddressFamilies=AF_UNIX
+    refuses it, and a netlink library would be more code run as root)."""
+    names = [line.split(b":", 1)[0].strip() for line in _read(b"/proc/self/net/dev").splitlines()[2:]]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return [(n.decode(), bool(struct.unpack_from("=H", fcntl.ioctl(
+            s, _SIOCGIFFLAGS, struct.pack("16sH14x", n, 0)), 16)[0] & _IFF_UP)) for n in names]
+
+
 def _ns_inode(pid: object, kind: str = "net") -> int | None:
     """The inode of a process's namespace of that kind (None: unknown)."""
     try:
@@ -331,21 +345,34 @@ Programs = tuple[bytes, bytes]
 _F_GET_SEALS, _SEALED, BPF_MAXINSNS = 1034, 0xF, 4096   # every seal: no write, shrink, grow, new seal
 
 
-def handed_programs(fd_text: str) -> Programs | str:
-    """The programs the launcher compiled (seccomp_filters.hand_over), from the
-    memfd at `fd_text`, which is closed; or why not.  An fd that is not
-    sealed is left alone (it is not the launcher's)."""
+MAX_VIEW = 1 << 16   # the view checks' verdict, bytes
+
+
+def handed_over(fd_text: str) -> tuple[Programs | str, str]:
+    """What the launcher handed over (launch._hand_over) in the sealed
+    memfd at `fd_text`, which is closed: the seccomp programs (or why there
+    are none), and the view checks' verdict -- why every scan must fail, or
+    "".  Without a sealed memfd of the right shape that verdict is unknown,
+    which fails every scan (fail closed: nothing in the environment alone
+    can say the view is fine).  An fd that is not sealed is left alone (it
+    is not the launcher's)."""
     try:
         if (fd := int(fd_text or -1)) < 3 or fcntl.fcntl(fd, _F_GET_SEALS) & _SEALED != _SEALED:
             raise OSError(errno.EBADF, "not a sealed memfd")
-        data = os.pread(fd, 8 * (2 + 2 * BPF_MAXINSNS) + 1, 0)
+        data = os.pread(fd, 12 + 16 * BPF_MAXINSNS + MAX_VIEW + 1, 0)
         os.close(fd)
     except (OSError, ValueError) as e:
-        return f"no seccomp programs handed over by the launcher (fd {fd_text or 'none'}: {e})"
-    main, reader = struct.unpack_from("=II", data) if len(data) >= 8 else (0, 0)
-    if not (0 < main <= BPF_MAXINSNS and 0 < reader <= BPF_MAXINSNS and len(data) == 8 * (1 + main + reader)):
-        return f"the seccomp programs handed over are malformed ({len(data)} bytes)"
-    return data[8:8 + 8 * main], data[8 + 8 * main:]
+        why = f"nothing sealed handed over by the launcher (fd {fd_text or 'none'}: {e})"
+        return why, f"the view checks' verdict is unknown: {why}"
+    main, reader, view = struct.unpack_from("=III", data) if len(data) >= 12 else (0, 0, MAX_VIEW + 1)
+    if not (main <= BPF_MAXINSNS and reader <= BPF_MAXINSNS and view <= MAX_VIEW
+            and len(data) == 12 + 8 * (main + reader) + view and (main > 0) == (reader > 0)):
+        why = f"what the launcher handed over is malformed ({len(data)} bytes)"
+        return why, f"the view checks' verdict is unknown: {why}"
+    verdict = data[len(data) - view:].decode(errors="replace") if view else ""
+    if not main:
+        return "not compiled by the launcher (skipped, or its log says why)", verdict
+    return (data[12:12 + 8 * main], data[12 + 8 * main:len(data) - view]), verdict
 
 
 def install_filter(prog: bytes) -> None:
@@ -541,9 +568,9 @@ def _verified(name: str) -> dict[str, object]:
             raise _Missing("not in place after exec: " + " ".join(f"{k}={v:#x}" for k, v in have.items()))
     elif name == "no_new_privs" and prctl(PR_GET_NO_NEW_PRIVS) != 1:
         raise _Missing("not in place after exec: no_new_privs is not set")
-    elif name == "netns" and (not (host := _ns_inode(1) or _ns_inode(os.getppid()))
-                              or _ns_inode("self") in (None, host)):
-        raise _Missing("not in place after exec: the network namespace is the host's (or unknown)")
+    elif name == "netns" and (None in (host := _ns_inode(1) or _ns_inode(os.getppid()), me := _ns_inode("self"))
+                              or host == me or network_links() not in ([("lo", False)], [("lo", True)])):
+        raise _Missing("not in place after exec: the network namespace is the host's, unknown or has links")
     return {"how": "before exec, verified"}
 
 
@@ -576,7 +603,7 @@ def apply_for_serving(layout: StoreLayout, *, require: bool, log: Logger, skip: 
     Landlock) before Landlock.  `read_db`: also allow reading the Nix DB
     (the `scan` CLI).  `prepared`: netns, caps and no_new_privs were
     applied before exec (helper/prepare.py), so verify them instead, and
-    these are the seccomp programs compiled there (handed_programs: or why
+    these are the seccomp programs compiled there (handed_over: or why
     there are none); None: apply and compile everything here.  Raises
     SandboxError if `require` and a layer is missing, or if the sandbox
     would break the scan (that is never a mere degradation)."""

@@ -4,8 +4,8 @@ its /proc reader's), compiled into classic BPF by libseccomp.
 The long-lived serving process never loads this module (nor libseccomp's
 rule compiler runs in it): `serve`'s launcher step (helper/launch.py)
 compiles both programs before its exec -- the same pid after it, which
-main_rules names -- and hands them over in a sealed memfd (hand_over(),
-below; read by sandbox.handed_programs); the serving process installs its own
+main_rules names -- and hands them over in a sealed memfd (launch._hand_over;
+read by sandbox.handed_over); the serving process installs its own
 after Landlock and the reader's in the reader child, as each did when it
 compiled them itself.  `scan --sandbox` and sandbox-check, which no
 launcher prepares, compile them in-process from here (compiled()).  What
@@ -15,12 +15,10 @@ each filter stops is in helper/sandbox.py's docstring.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import struct
 from typing import Iterable
 
-from gcroots.log import Logger
 
 from ._ffi import ffi
 from .sandbox import (PR_CAPBSET_READ, PR_GET_DUMPABLE, PR_GET_NAME, PR_GET_NO_NEW_PRIVS,
@@ -149,31 +147,3 @@ def compiled(pid: int) -> Programs | str:
         return build_filter(main_rules(pid)), build_filter(reader_rules())
     except OSError as e:
         return str(e)
-
-
-# What sandbox.handed_programs requires of the memfd: every seal.
-F_ADD_SEALS, SEALS = 1033, 0x1 | 0x2 | 0x4 | 0x8   # F_SEAL_SEAL, _SHRINK, _GROW, _WRITE
-
-
-def hand_over(pid: int, log: Logger) -> str:
-    """For the launcher: both programs of the process `pid` will be after
-    its exec, in an inheritable memfd -- the main program's and the
-    reader's lengths in instructions ("=II"), then each -- sealed, so that
-    no one holding it can change it.  Its fd number; or "", logged (the
-    serving process then finds the seccomp layer missing)."""
-    fd = -1
-    try:
-        if isinstance(programs := compiled(pid), str):
-            raise OSError(errno.EINVAL, programs)
-        fd = os.memfd_create("gcroots-seccomp", os.MFD_ALLOW_SEALING)
-        data = struct.pack("=II", *(len(p) // 8 for p in programs)) + b"".join(programs)
-        if os.write(fd, data) != len(data):
-            raise OSError(errno.EIO, "short write to the memfd")
-        fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
-        os.set_inheritable(fd, True)
-        return str(fd)
-    except OSError as e:
-        if fd >= 0:
-            os.close(fd)
-        log.error("seccomp_not_compiled", reason=str(e), consequence="the seccomp layer is missing")
-        return ""

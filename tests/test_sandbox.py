@@ -568,7 +568,7 @@ def test_landlock_rights_are_all_the_kernel_knows():
 
 def test_network_links_agree_with_ip_link():
     """The netns check's view of the links (no netlink) is `ip link`'s."""
-    code = "from gcroots.helper import prepare as s; print(sorted(s.network_links()))"
+    code = "from gcroots.helper import sandbox as s; print(sorted(s.network_links()))"
     ip = "ip -o link | awk '{sub(/:$/, \"\", $2); sub(/@.*/, \"\", $2); print $2, ($3 ~ /[<,]UP[,>]/)}'"
     for setup in ("", "ip link set lo up && "):
         out = subprocess.run(["unshare", "-n", "sh", "-c", setup + f'exec "{sys.executable}" -c '
