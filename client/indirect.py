@@ -24,7 +24,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from gcroots import nofollow
+from gcroots import nofollow, opendir
 from gcroots.layout import StoreLayout
 from gcroots.storepath import abs_path, dir_of, to_store_path
 
@@ -98,7 +98,7 @@ def _lstat_link(link: bytes) -> tuple[os.stat_result, bytes | None, bytes | None
     directory path has a symlink is still read (through it, to be listed),
     but only ever kept."""
     try:
-        dfd = nofollow.open_dir(dir_of(link))
+        dfd = opendir.open_dir(dir_of(link))
     except nofollow.SymlinkInPath:
         st = os.lstat(link)
         return st, os.readlink(link) if stat.S_ISLNK(st.st_mode) else None, None, True
@@ -183,7 +183,7 @@ def remove(v: Verdict) -> Removal:
     if r.via_symlink:
         return Removal(r, False, False, f"{VIA_SYMLINK}; left alone", True)
     try:
-        dfd = nofollow.open_dir(dir_of(r.link))
+        dfd = opendir.open_dir(dir_of(r.link))
     except nofollow.SymlinkInPath:
         return Removal(r, False, False, f"{VIA_SYMLINK} now; left alone", True)
     except FileNotFoundError:

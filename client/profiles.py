@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from gcroots import cliargs, nofollow
+from gcroots import cliargs, nofollow, opendir
 from gcroots.flock import lock_exclusive
 from gcroots.storepath import abs_path, dir_of, to_store_path
 from gcroots.users import user_name
@@ -646,7 +646,7 @@ def walk_profiles(top: bytes, found: Found, *, trusted: bytes | None = None) -> 
     from it down to `top` no symlink is followed either (a home: its
     owner may make `.local` a link to anywhere)."""
     try:
-        top_fd = nofollow.open_dir(top, nofollow.READ_FLAGS, trusted=trusted or top)
+        top_fd = opendir.open_dir(top, nofollow.READ_FLAGS, trusted=trusted or top)
     except (FileNotFoundError, nofollow.SymlinkInPath):
         return
     except OSError as e:
@@ -676,7 +676,7 @@ def _walk_one(path: bytes, fd: int, found: Found) -> list[bytes]:
     except OSError as e:
         found.warnings.append(f"cannot read {os.fsdecode(path)}: {e.strerror}")
         return []
-    ident = nofollow.identity(fd)
+    ident = opendir.identity(fd)
     names, links, subdirs = [], {}, []
     for e in entries:
         name = os.fsencode(e.name)

@@ -44,13 +44,13 @@ import sys
 import threading
 from typing import Callable, Iterator
 
-from gcroots import nofollow
+from gcroots import nofollow, opendir
 
 _U32 = struct.Struct(">I")
 _CHECK = 0xFFFFFFFF
 _REPLY = struct.Struct(">QQI")
 _DIR = nofollow.READ_FLAGS
-_DIR_PATH = nofollow.PATH_FLAGS
+_DIR_PATH = opendir.PATH_FLAGS
 _RETRIES = 8   # for an entry that keeps changing type under us
 _MOUNT_POINT = "a mount point: another file system's files are not deleted"
 
@@ -80,7 +80,7 @@ def open_dir(path: bytes) -> int:
     the way: a directory above the store that its owner swaps for a link
     fails the deletion, never moves it elsewhere (Nix refuses a symlink in
     the store dir's path too)."""
-    return nofollow.open_dir(path, _DIR)
+    return opendir.open_dir(path, _DIR)
 
 
 def delete_trees(paths: list[bytes], freed: Freed) -> None:

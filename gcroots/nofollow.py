@@ -1,5 +1,5 @@
-"""Opening a directory by path, and walking a tree, without following a
-symbolic link anywhere on the way.
+"""Walking a tree, and opening a directory one level down, without
+following a symbolic link anywhere on the way.
 
 The client deletes links named by paths that other users control (an
 indirect root's `~/x/result`, a profile under `per-user/<user>/`): a
@@ -7,7 +7,9 @@ directory component they swap for a symlink must not move the deletion
 somewhere else.  Walking from "/" one component at a time with O_NOFOLLOW
 and doing every later step relative to the resulting fd closes that.
 walk() is the one tree walk of that kind (the helper's scan of gcroots/ and
-profiles/, the client's search for profiles).
+profiles/, the client's search for profiles).  Opening a directory by its
+full path that way is gcroots/opendir.py's (built on open_at here): the
+privileged helper never does it, so it never loads it.
 
 Standard library only; every path is bytes.
 """
@@ -21,10 +23,6 @@ from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
-# O_PATH: search permission on each directory is all the walk needs, so an
-# execute-only home (0711) still works; such an fd is good as dir_fd for
-# fstatat, readlinkat and unlinkat.
-PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # For a directory that is to be listed as well (fdopendir needs a real fd).
 READ_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -55,34 +53,6 @@ def open_at(dir_fd: int, name: bytes, flags: int, where: bytes) -> int:
             if stat.S_ISLNK(st.st_mode):
                 raise SymlinkInPath(where) from None
         raise
-
-
-def open_dir(path: bytes, flags: int = PATH_FLAGS, trusted: bytes = b"/") -> int:
-    """An fd of the directory `path` (lexically canonical below `trusted`:
-    no `.` or `..`), reached from `trusted` (opened as its path says; "/" by
-    default, when `path` must be absolute) without following any symlink
-    below it.  Raises SymlinkInPath if one of those components is a symlink,
-    else the OSError of the component that failed."""
-    if path != trusted and not path.startswith(trusted.rstrip(b"/") + b"/"):
-        raise ValueError(f"not an absolute path: {path!r}" if trusted == b"/" else
-                         f"{path!r} is not below {trusted!r}")
-    parts = [p for p in path[len(trusted):].split(b"/") if p]
-    if any(p in (b".", b"..") for p in parts):
-        # `..` after a symlink would be resolved physically by the kernel
-        # but lexically by our callers: never mix the two.
-        raise ValueError(f"not a canonical path: {path!r}")
-    fd = os.open(trusted, (flags if not parts else PATH_FLAGS) & ~os.O_NOFOLLOW)
-    walked = trusted.rstrip(b"/")
-    try:
-        for i, part in enumerate(parts, 1):
-            walked += b"/" + part
-            nxt = open_at(fd, part, flags if i == len(parts) else PATH_FLAGS, walked)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def walk(fd: int, path: bytes, list_dir: Callable[[int, bytes, list[bytes]], Iterator[T]],
@@ -120,8 +90,3 @@ def walk(fd: int, path: bytes, list_dir: Callable[[int, bytes, list[bytes]], Ite
     finally:
         for parent, _, _ in stack:
             os.close(parent)
-
-
-def identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino

@@ -12,7 +12,7 @@ import socket
 import stat
 from dataclasses import dataclass
 
-from . import nofollow
+from . import nofollow, opendir
 
 # bind() then chmod()/chown() by path follows whatever the path holds by
 # then: whoever can write the directory swaps the socket for a link to any
@@ -42,9 +42,9 @@ class SocketFile:
         parent, name = os.path.split(self.path)
         aside = b".%s.gone.%s" % (name, os.urandom(6).hex().encode())
         with contextlib.suppress(OSError, ValueError):
-            dfd = nofollow.open_dir(parent)
+            dfd = opendir.open_dir(parent)
             try:
-                if nofollow.identity(dfd) == self.dir_id:
+                if opendir.identity(dfd) == self.dir_id:
                     os.rename(name, aside, src_dir_fd=dfd, dst_dir_fd=dfd)
                     # Not ours: back, unless a newer one is there by now (never
                     # replaced); then the one taken aside serves nobody.
@@ -129,7 +129,7 @@ def listen_unix(path: bytes, mode: int, owner_uid: int | None = None,
                 raise OSError(f"{where} is served by a running process; refusing to take it over "
                               "(stop that one first)")
         sock = _bind_privately(fd, name, mode, owner_uid)
-        return sock, SocketFile(path, os.lstat(name, dir_fd=fd), nofollow.identity(fd))
+        return sock, SocketFile(path, os.lstat(name, dir_fd=fd), opendir.identity(fd))
     except nofollow.SymlinkInPath as e:
         raise OSError(f"refusing to create socket {where}: {e.strerror} ({e.filename}); give its real path") from None
     except OSError as e:

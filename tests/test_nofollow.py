@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from gcroots import nofollow
+from gcroots import nofollow, opendir
 
 
 def _fds() -> int:
@@ -60,18 +60,18 @@ def test_open_dir_below_a_trusted_directory(tmp_path):
     (tmp_path / "real-home/.local/state").mkdir(parents=True)
     home.symlink_to(tmp_path / "real-home")
     top = os.fsencode(home / ".local/state")
-    os.close(nofollow.open_dir(top, trusted=os.fsencode(home)))
+    os.close(opendir.open_dir(top, trusted=os.fsencode(home)))
     (tmp_path / "real-home/.local").rename(tmp_path / "real-home/elsewhere")
     (tmp_path / "real-home/.local").symlink_to(tmp_path / "real-home/elsewhere")
     try:
-        nofollow.open_dir(top, trusted=os.fsencode(home))
+        opendir.open_dir(top, trusted=os.fsencode(home))
     except nofollow.SymlinkInPath as e:
         assert e.path == os.fsencode(home / ".local")
     else:
         raise AssertionError("followed .local")
     for bad, trusted in ((top, os.fsencode(tmp_path / "hom")), (b"rel/x", b"/")):
         try:
-            nofollow.open_dir(bad, trusted=trusted)
+            opendir.open_dir(bad, trusted=trusted)
         except ValueError:
             continue
         raise AssertionError((bad, trusted))
