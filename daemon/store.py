@@ -1,9 +1,10 @@
 """The store's reference graph, from the Nix DB, and liveness over it.
 
-Liveness is computed inside SQLite with one recursive query that walks only
-the live part of the graph (on a 100k-path store about 20k paths), instead
-of Nix 2.8's referrer search with one query per store entry.  The edges are
-exactly those of Nix's computeFSClosure as the GC uses it:
+Liveness is computed from SQLite a level at a time (Snapshot.live_closure),
+walking only the live part of the graph (on a 100k-path store about 20k
+paths), instead of Nix 2.8's referrer search with one query per store
+entry.  The edges are exactly those of Nix's computeFSClosure as the GC
+uses it:
 
 - every reference (Refs);
 - keep-derivations (default on): a path keeps its deriver, if that .drv is
@@ -45,18 +46,24 @@ _TOP = "\U0010ffff"  # sorts after every byte a store path can hold
 MMAP_MAX = 128 << 20  # see StoreDB.one_shot
 
 
-def _edges(settings: GCSettings) -> str:
-    terms = ["SELECT r.reference FROM Refs r JOIN live ON r.referrer = live.id"]
-    if settings.keep_derivations:
-        # Nix keeps a .drv for an output that names it as deriver *and* that
-        # the .drv lists among its outputs (the reverse edge below).
-        terms.append("SELECT d.id FROM live JOIN ValidPaths v ON v.id = live.id "
-                     "JOIN ValidPaths d ON d.path = v.deriver "
-                     "JOIN DerivationOutputs x ON x.drv = d.id AND x.path = v.path")
-    if settings.keep_outputs:
-        terms.append("SELECT o.id FROM live JOIN DerivationOutputs x ON x.drv = live.id "
-                     "JOIN ValidPaths o ON o.path = x.path")
-    return "\nUNION\n".join(terms)
+# One level of the live closure (Snapshot.live_closure), each query over the
+# level's ids (a JSON array): their paths, and with keep-derivations their
+# derivers -- Nix keeps a .drv for an output that names it as deriver *and*
+# that the .drv lists among its outputs (the reverse edge below) -- read
+# from the same row;
+_LEVEL_PATHS = ("SELECT group_concat(v.path, char(0)), NULL FROM json_each(?) j "
+                "JOIN ValidPaths v ON v.id = j.value")
+_LEVEL_PATHS_DERIVERS = (
+    "SELECT group_concat(v.path, char(0)), group_concat(d.id) FROM json_each(?) j "
+    "JOIN ValidPaths v ON v.id = j.value "
+    "LEFT JOIN ValidPaths d ON d.path = v.deriver AND EXISTS "
+    "(SELECT 1 FROM DerivationOutputs x WHERE x.drv = d.id AND x.path = v.path)")
+# their references;
+_LEVEL_REFS = ("SELECT group_concat(r.reference) FROM json_each(?) j "
+               "JOIN Refs r ON r.referrer = j.value")
+# with keep-outputs, a .drv's valid outputs.
+_LEVEL_OUTPUTS = ("SELECT group_concat(o.id) FROM json_each(?) j "
+                  "JOIN DerivationOutputs x ON x.drv = j.value JOIN ValidPaths o ON o.path = x.path")
 
 
 def _reverse_edges(settings: GCSettings) -> str:
@@ -363,8 +370,31 @@ class Snapshot:
 
     def live_closure(self, root_ids: Iterable[int], settings: GCSettings) -> set[bytes]:
         """Closure of the roots (ValidPaths ids, from valid_ids in this
-        snapshot) over the GC's edges, as paths."""
-        return self._closure(root_ids, "live", _edges(settings))
+        snapshot) over the GC's edges, as paths.  Breadth-first, a level
+        at a time: a few queries per level (~11 levels on a generated
+        store), each a join over the level's ids, and the ids seen kept
+        here.  A third faster than one recursive query (its queue and
+        its UNION's index of every row, and the paths looked up again at
+        the end): 62 ms instead of 95 ms of CPU at 100k paths."""
+        seen = set(root_ids)
+        level = list(seen)
+        paths = []
+        ends = _LEVEL_PATHS_DERIVERS if settings.keep_derivations else _LEVEL_PATHS
+        terms = [_LEVEL_REFS, _LEVEL_OUTPUTS] if settings.keep_outputs else [_LEVEL_REFS]
+        while level:
+            ids = json.dumps(level)
+            found, derivers = self.c.execute(ends, (ids,)).fetchone()
+            if found is not None:
+                paths.append(found)
+            reached = [derivers] + [self.c.execute(q, (ids,)).fetchone()[0] for q in terms]
+            new = set()
+            for text in reached:
+                if text is not None:
+                    new.update(map(int, text.split(b",")))
+            new -= seen
+            seen |= new
+            level = list(new)
+        return set(b"\0".join(paths).split(b"\0")) if paths else set()
 
     def referrer_closure(self, start_ids: Iterable[int], settings: GCSettings) -> set[bytes]:
         """What Nix's referrer search visits from `start_ids`, as paths."""
