@@ -412,9 +412,13 @@ class Snapshot:
         text = self.c.execute(query, (json.dumps(list(start_ids)),)).fetchone()[0]
         return set(text.split(b"\0")) if text else set()
 
-    def sorted_valid_pages(self, size: int = 65536) -> Iterator[bytes]:
+    def sorted_valid_pages(self, size: int = 4096) -> Iterator[bytes]:
         """Every valid path in the store dir, sorted, each NUL-terminated, in
-        pages of `size` (one value each: no object per path)."""
+        pages of `size` (one value each: no object per path).  Small pages
+        (~250 kB) reuse the same memory: 65,536 paths a page (~4 MB, made
+        twice, by SQLite and as bytes) cost ~7,500 page faults more at 100k
+        paths, 28 ms of CPU instead of 43 to compare them with the store's
+        entries."""
         last = self.db.layout.store_dir + b"/"
         top = last + _TOP.encode()
         while True:
