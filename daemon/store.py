@@ -51,10 +51,10 @@ MMAP_MAX = 128 << 20  # see StoreDB.one_shot
 # derivers -- Nix keeps a .drv for an output that names it as deriver *and*
 # that the .drv lists among its outputs (the reverse edge below) -- read
 # from the same row;
-_LEVEL_PATHS = ("SELECT group_concat(v.path, char(0)), NULL FROM json_each(?) j "
+_LEVEL_PATHS = ("SELECT group_concat({path}, char(0)), NULL FROM json_each(?) j "
                 "JOIN ValidPaths v ON v.id = j.value")
 _LEVEL_PATHS_DERIVERS = (
-    "SELECT group_concat(v.path, char(0)), group_concat(d.id) FROM json_each(?) j "
+    "SELECT group_concat({path}, char(0)), group_concat(d.id) FROM json_each(?) j "
     "JOIN ValidPaths v ON v.id = j.value "
     "LEFT JOIN ValidPaths d ON d.path = v.deriver AND EXISTS "
     "(SELECT 1 FROM DerivationOutputs x WHERE x.drv = d.id AND x.path = v.path)")
@@ -78,6 +78,14 @@ def _reverse_edges(settings: GCSettings) -> str:
         terms.append("SELECT x.drv FROM dead JOIN ValidPaths v ON v.id = dead.id "
                      "JOIN DerivationOutputs x ON x.path = v.path")
     return "\nUNION\n".join(terms)
+
+
+def _name_after(prefix: bytes) -> str:
+    """SQL for what follows `prefix` in v.path, as bytes; NULL if it does
+    not start with it."""
+    n = len(prefix)
+    return (f"CASE WHEN substr(CAST(v.path AS BLOB), 1, {n}) = X'{prefix.hex()}' "
+            f"THEN substr(CAST(v.path AS BLOB), {n + 1}) END")
 
 
 def _text(paths: Iterable[bytes]) -> str:
@@ -368,9 +376,13 @@ class Snapshot:
                                       (prefix, prefix + _TOP)))
         return out
 
-    def live_closure(self, root_ids: Iterable[int], settings: GCSettings) -> set[bytes]:
+    def live_closure(self, root_ids: Iterable[int], settings: GCSettings, *,
+                     names_after: bytes | None = None) -> set[bytes]:
         """Closure of the roots (ValidPaths ids, from valid_ids in this
-        snapshot) over the GC's edges, as paths.  Breadth-first, a level
+        snapshot) over the GC's edges, as paths; with `names_after` (the
+        store dir and "/"), as the names that follow it (compared as
+        bytes; a valid path elsewhere, which only a hand-made DB holds,
+        names no entry: left out).  Breadth-first, a level
         at a time: a few queries per level (~11 levels on a generated
         store), each a join over the level's ids, and the ids seen kept
         here.  A third faster than one recursive query (its queue and
@@ -379,7 +391,8 @@ class Snapshot:
         seen = set(root_ids)
         level = list(seen)
         paths = []
-        ends = _LEVEL_PATHS_DERIVERS if settings.keep_derivations else _LEVEL_PATHS
+        ends = (_LEVEL_PATHS_DERIVERS if settings.keep_derivations else _LEVEL_PATHS).format(
+            path="v.path" if names_after is None else _name_after(names_after))
         terms = [_LEVEL_REFS, _LEVEL_OUTPUTS] if settings.keep_outputs else [_LEVEL_REFS]
         while level:
             ids = json.dumps(level)
