@@ -661,7 +661,7 @@ def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable[[], list[bytes]
         a._live_unregistered = set()
     a.valid_paths, missing = found
     a.store_entries = len(names)
-    if missing - a.live:
+    if missing and missing - a.live:  # (the live paths made only then)
         dead_valid = snap.valid_ids(prefix + n for n in dead)
         reached = snap.referrer_closure(dead_valid.values(), a.settings) & (missing - a.live)
         dead = sorted(set(dead) | {p[skip:] for p in reached})
