@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
@@ -43,6 +42,7 @@ def request(socket_path: str, command: str, options: dict | None = None,
     """Rows are buffered and the answer returned only once it is known to be
     complete.  `on_progress` gets the daemon's progress (client/term.py
     draws it)."""
+    import socket  # here: a --standalone query never loads it (~1.3 ms)
     conn = admin.ClientConnection()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     # A blocking connect: on a Unix socket whose listen backlog is full a

@@ -1,9 +1,10 @@
 """The store's reference graph, from the Nix DB, and liveness over it.
 
-Liveness is computed inside SQLite with one recursive query that walks only
-the live part of the graph (on a 100k-path store about 20k paths), instead
-of Nix 2.8's referrer search with one query per store entry.  The edges are
-exactly those of Nix's computeFSClosure as the GC uses it:
+Liveness is computed from SQLite a level at a time (Snapshot.live_closure),
+walking only the live part of the graph (on a 100k-path store about 20k
+paths), instead of Nix 2.8's referrer search with one query per store
+entry.  The edges are exactly those of Nix's computeFSClosure as the GC
+uses it:
 
 - every reference (Refs);
 - keep-derivations (default on): a path keeps its deriver, if that .drv is
@@ -45,18 +46,24 @@ _TOP = "\U0010ffff"  # sorts after every byte a store path can hold
 MMAP_MAX = 128 << 20  # see StoreDB.one_shot
 
 
-def _edges(settings: GCSettings) -> str:
-    terms = ["SELECT r.reference FROM Refs r JOIN live ON r.referrer = live.id"]
-    if settings.keep_derivations:
-        # Nix keeps a .drv for an output that names it as deriver *and* that
-        # the .drv lists among its outputs (the reverse edge below).
-        terms.append("SELECT d.id FROM live JOIN ValidPaths v ON v.id = live.id "
-                     "JOIN ValidPaths d ON d.path = v.deriver "
-                     "JOIN DerivationOutputs x ON x.drv = d.id AND x.path = v.path")
-    if settings.keep_outputs:
-        terms.append("SELECT o.id FROM live JOIN DerivationOutputs x ON x.drv = live.id "
-                     "JOIN ValidPaths o ON o.path = x.path")
-    return "\nUNION\n".join(terms)
+# One level of the live closure (Snapshot.live_closure), each query over the
+# level's ids (a JSON array): their paths, and with keep-derivations their
+# derivers -- Nix keeps a .drv for an output that names it as deriver *and*
+# that the .drv lists among its outputs (the reverse edge below) -- read
+# from the same row;
+_LEVEL_PATHS = ("SELECT group_concat({path}, char(0)), NULL FROM json_each(?) j "
+                "JOIN ValidPaths v ON v.id = j.value")
+_LEVEL_PATHS_DERIVERS = (
+    "SELECT group_concat({path}, char(0)), group_concat(d.id) FROM json_each(?) j "
+    "JOIN ValidPaths v ON v.id = j.value "
+    "LEFT JOIN ValidPaths d ON d.path = v.deriver AND EXISTS "
+    "(SELECT 1 FROM DerivationOutputs x WHERE x.drv = d.id AND x.path = v.path)")
+# their references;
+_LEVEL_REFS = ("SELECT group_concat(r.reference) FROM json_each(?) j "
+               "JOIN Refs r ON r.referrer = j.value")
+# with keep-outputs, a .drv's valid outputs.
+_LEVEL_OUTPUTS = ("SELECT group_concat(o.id) FROM json_each(?) j "
+                  "JOIN DerivationOutputs x ON x.drv = j.value JOIN ValidPaths o ON o.path = x.path")
 
 
 def _reverse_edges(settings: GCSettings) -> str:
@@ -71,6 +78,14 @@ def _reverse_edges(settings: GCSettings) -> str:
         terms.append("SELECT x.drv FROM dead JOIN ValidPaths v ON v.id = dead.id "
                      "JOIN DerivationOutputs x ON x.path = v.path")
     return "\nUNION\n".join(terms)
+
+
+def _name_after(prefix: bytes) -> str:
+    """SQL for what follows `prefix` in v.path, as bytes; NULL if it does
+    not start with it."""
+    n = len(prefix)
+    return (f"CASE WHEN substr(CAST(v.path AS BLOB), 1, {n}) = X'{prefix.hex()}' "
+            f"THEN substr(CAST(v.path AS BLOB), {n + 1}) END")
 
 
 def _text(paths: Iterable[bytes]) -> str:
@@ -361,10 +376,38 @@ class Snapshot:
                                       (prefix, prefix + _TOP)))
         return out
 
-    def live_closure(self, root_ids: Iterable[int], settings: GCSettings) -> set[bytes]:
+    def live_closure(self, root_ids: Iterable[int], settings: GCSettings, *,
+                     names_after: bytes | None = None) -> set[bytes]:
         """Closure of the roots (ValidPaths ids, from valid_ids in this
-        snapshot) over the GC's edges, as paths."""
-        return self._closure(root_ids, "live", _edges(settings))
+        snapshot) over the GC's edges, as paths; with `names_after` (the
+        store dir and "/"), as the names that follow it (compared as
+        bytes; a valid path elsewhere, which only a hand-made DB holds,
+        names no entry: left out).  Breadth-first, a level
+        at a time: a few queries per level (~11 levels on a generated
+        store), each a join over the level's ids, and the ids seen kept
+        here.  A third faster than one recursive query (its queue and
+        its UNION's index of every row, and the paths looked up again at
+        the end): 62 ms instead of 95 ms of CPU at 100k paths."""
+        seen = set(root_ids)
+        level = list(seen)
+        paths = []
+        ends = (_LEVEL_PATHS_DERIVERS if settings.keep_derivations else _LEVEL_PATHS).format(
+            path="v.path" if names_after is None else _name_after(names_after))
+        terms = [_LEVEL_REFS, _LEVEL_OUTPUTS] if settings.keep_outputs else [_LEVEL_REFS]
+        while level:
+            ids = json.dumps(level)
+            found, derivers = self.c.execute(ends, (ids,)).fetchone()
+            if found is not None:
+                paths.append(found)
+            reached = [derivers] + [self.c.execute(q, (ids,)).fetchone()[0] for q in terms]
+            new = set()
+            for text in reached:
+                if text is not None:
+                    new.update(map(int, text.split(b",")))
+            new -= seen
+            seen |= new
+            level = list(new)
+        return set(b"\0".join(paths).split(b"\0")) if paths else set()
 
     def referrer_closure(self, start_ids: Iterable[int], settings: GCSettings) -> set[bytes]:
         """What Nix's referrer search visits from `start_ids`, as paths."""
@@ -382,9 +425,13 @@ class Snapshot:
         text = self.c.execute(query, (json.dumps(list(start_ids)),)).fetchone()[0]
         return set(text.split(b"\0")) if text else set()
 
-    def sorted_valid_pages(self, size: int = 65536) -> Iterator[bytes]:
+    def sorted_valid_pages(self, size: int = 4096) -> Iterator[bytes]:
         """Every valid path in the store dir, sorted, each NUL-terminated, in
-        pages of `size` (one value each: no object per path)."""
+        pages of `size` (one value each: no object per path).  Small pages
+        (~250 kB) reuse the same memory: 65,536 paths a page (~4 MB, made
+        twice, by SQLite and as bytes) cost ~7,500 page faults more at 100k
+        paths, 28 ms of CPU instead of 43 to compare them with the store's
+        entries."""
         last = self.db.layout.store_dir + b"/"
         top = last + _TOP.encode()
         while True:
