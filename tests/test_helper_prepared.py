@@ -213,11 +213,13 @@ def test_a_serving_process_without_sound_seccomp_programs_refuses(scratch, kind)
         stop_process(proc)
 
 
-def test_a_forged_marker_with_no_socket_handed_is_refused(scratch):
+@pytest.mark.parametrize("fd", ["", "99999999999999999999"])
+def test_a_forged_marker_with_no_socket_handed_is_refused(scratch, fd):
     """Marked prepared (this pid), yet no socket handed over: a one-line
     refusal, as when the launcher has no socket to bind.  Before, it served
-    nothing and waited forever (this timed out)."""
-    out = subprocess.run(["sh", "-c", 'GCROOTS_HELPER_PREPARED=$$: exec "$@"', "sh", HELPER, "serve",
+    nothing and waited forever (this timed out); and (review3) an fd number
+    past a C int ended in a traceback (OverflowError) on 9e1e93d."""
+    out = subprocess.run(["sh", "-c", f'GCROOTS_HELPER_PREPARED=$$:{fd} exec "$@"', "sh", HELPER, "serve",
                           "--no-runtime", "--root", str(scratch)], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 1, out.stderr
@@ -304,3 +306,59 @@ def test_a_malformed_listen_fds_is_refused(scratch, count):
     assert out.stderr.strip().splitlines()[-1] == (f"gcroots-helper serve: LISTEN_FDS={count!r}: "
                                                    "not a number of sockets"), out.stderr
     assert not (scratch / "h.sock").exists()
+
+
+@pytest.mark.parametrize("count", ["²", "99999999999999999999", "2"])
+def test_listen_fds_beyond_the_sockets_handed_is_refused(scratch, count):
+    """LISTEN_PID naming us and LISTEN_FDS a number, but not the number of
+    sockets handed over (no fd is open at 3 or 4 here): a one-line refusal
+    too.  Found by review3: on 9e1e93d "²" (a digit to str.isdigit, not to
+    int) and a number past a C int ended in the launcher's traceback, and
+    "2" in the serving process's (EBADF: the launcher's memfd took fd 3,
+    the first free one, and the serving process read and closed it)."""
+    out = subprocess.run(["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS={count} exec "$@"', "sh", HELPER, "serve",
+                          "--no-runtime", "--root", str(scratch), "--socket", str(scratch / "h.sock")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"gcroots-helper serve: LISTEN_FDS={count!r}: "
+                                                   "not a number of sockets"), out.stderr
+    assert not (scratch / "h.sock").exists()
+
+
+@pytest.mark.parametrize("closed", ["0", "1"])
+def test_a_helper_started_with_stdin_or_stdout_closed_serves_confined(scratch, closed):
+    """stdin (or stdout) closed by whatever started the helper: the
+    launcher's memfd is not taken for it.  Found by review3: on 9e1e93d the
+    memfd landed at fd 0 (1), the first free one, which the serving process
+    does not take for the launcher's, so it refused to serve with
+    --require-sandbox (seccomp missing, the view unknown)."""
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["sh", "-c", f'exec "$@" {closed}>&-', "sh", HELPER, "serve", "--no-runtime",
+                                 "--root", str(scratch), "--socket", str(sock), "--require-sandbox"],
+                                stderr=f)
+    try:
+        events = wait_listening(proc, log)
+        assert any(e.get("event") == "sandbox_applied" for e in events), events
+        assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
+
+
+def test_a_hidden_directory_whose_name_is_not_utf8_fails_every_scan(scratch):
+    """A tmpfs init does not have, at a path that is not UTF-8: the
+    launcher hands the verdict over and every scan fails, naming it.  Found
+    by review3: on 9e1e93d encoding the verdict for the memfd ended the
+    launcher in a traceback (surrogates not allowed), and nothing served."""
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", 'mkdir "$0" && mount -t tmpfs gcroots-test '
+                                 '"$0" && exec "$@"', os.fsdecode(bytes(scratch) + b"/\xff"), HELPER, "serve",
+                                 "--no-runtime", "--root", str(scratch), "--socket", str(sock),
+                                 "--require-sandbox"], stderr=f)
+    try:
+        wait_listening(proc, log)
+        end = read_root_stream(sock)[1]
+        assert not end.complete and "/\ufffd" in str(end), end
+    finally:
+        stop_process(proc)
