@@ -362,3 +362,48 @@ def test_a_hidden_directory_whose_name_is_not_utf8_fails_every_scan(scratch):
         assert not end.complete and "/\ufffd" in str(end), end
     finally:
         stop_process(proc)
+
+
+def installed_filters(pid: int) -> list[bytes]:
+    """The classic BPF programs of `pid`'s seccomp filters, newest first, as
+    the kernel holds them (PTRACE_SECCOMP_GET_FILTER: root, the process
+    seized and interrupted for the moment it takes)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    seize, interrupt, detach, get_filter = 0x4206, 0x4207, 17, 0x420C
+    assert libc.ptrace(seize, pid, None, None) == 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.ptrace(interrupt, pid, None, None) == 0, os.strerror(ctypes.get_errno())
+        os.waitpid(pid, getattr(os, "__WALL", 0x40000000))
+        programs = []
+        while (count := libc.ptrace(get_filter, pid, len(programs), None)) > 0:
+            buf = ctypes.create_string_buffer(8 * count)
+            assert libc.ptrace(get_filter, pid, len(programs), buf) == count
+            programs.append(buf.raw)
+        return programs
+    finally:
+        libc.ptrace(detach, pid, None, None)
+
+
+@pytest.mark.parametrize("route", ["socket", "activation"])
+def test_the_filters_installed_are_exactly_seccomp_filters_programs(scratch, route):
+    """What the kernel holds after the hand-over, read back from it: the
+    serving process one filter, byte for byte build_filter(main_rules(its
+    pid)), and its /proc reader one, build_filter(reader_rules()) -- neither
+    weaker, nor swapped, nor stacked.  A regression guard for the sealed
+    memfd's route (review3), by either route into the launcher."""
+    from gcroots.helper.seccomp_filters import build_filter, main_rules, reader_rules
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        start = ([] if route == "socket" else [sys.executable, "-c", ACTIVATE, str(sock), "none"])
+        proc = subprocess.Popen([*start, HELPER, "serve", "--root", str(scratch), "--require-sandbox",
+                                 *(["--socket", str(sock)] if route == "socket" else [])], stderr=f)
+    try:
+        events = wait_listening(proc, log)
+        reader = next(e["pid"] for e in events if e.get("event") == "proc_reader_started")
+        assert installed_filters(proc.pid) == [build_filter(main_rules(proc.pid))]
+        assert installed_filters(reader) == [build_filter(reader_rules())]
+        assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
