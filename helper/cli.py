@@ -140,7 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pid, _, fd = os.environ.pop(PREPARED, "").partition(":")
     if pid != str(os.getpid()):
         from .launch import launch
-        launch(args, uids)
+        launch(args, uids, (layout.gcroots_dir, layout.profiles_dir))
     from gcroots.activation import listen_fds
 
     from . import serve

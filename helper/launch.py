@@ -70,7 +70,7 @@ REMOVER_NAME = b"gcroots-remover"   # its /proc/PID/comm (15 bytes at most)
 LL_REMOVE_FILE, LL_MAKE_SOCK = 1 << 5, 1 << 9   # Landlock rights (a socket renamed or linked: MAKE_SOCK)
 
 
-def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
+def launch(args: argparse.Namespace, uids: frozenset[int], scanned: tuple[bytes, ...]) -> NoReturn:
     """Bind the sockets unless systemd handed them over (and fork the
     remover), prepare (helper/prepare.py), exec serve."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
@@ -88,7 +88,8 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
               args.socket_mode, min(uids, default=None))
     try:
         view = prepare.before_exec(require=args.require_sandbox, skip=args.sandbox_skip,
-                                   runtime=not args.no_runtime, log=log.get("gcroots.helper.sandbox"))
+                                   runtime=not args.no_runtime, log=log.get("gcroots.helper.sandbox"),
+                                   scanned=scanned)
     except SandboxError as e:   # (the remover removes the sockets as we exit)
         raise SystemExit(f"gcroots-helper serve: {e}") from None
     if not sys.executable:

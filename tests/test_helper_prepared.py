@@ -407,3 +407,43 @@ def test_the_filters_installed_are_exactly_seccomp_filters_programs(scratch, rou
         assert read_root_stream(sock)[1].complete
     finally:
         stop_process(proc)
+
+
+@pytest.mark.parametrize("over", ["nix/var/nix/gcroots", "nix/var/nix/profiles", "nix"])
+def test_an_empty_directory_bound_over_the_scanned_state_dir_fails_every_scan(over):
+    """The state dir outside /home, /tmp & co. (as /nix/var/nix is), and an
+    empty directory bound over its gcroots/, its profiles/ or /nix above
+    them in the helper's mount namespace only (systemd BindReadOnlyPaths=,
+    InaccessiblePaths=): no fresh tmpfs, yet every root there is out of
+    sight.  Found by review3: on 9e1e93d scans came back complete without
+    the root (gcrootsd would have collected what it keeps alive); serve and
+    scan now fail every scan, naming the directory."""
+    import shutil
+    base = Path(f"/srv/gcroots-test-{os.getpid()}")
+    try:
+        root, empty = base / "root", base / "empty"
+        for d in ("nix/store/" + "a" * 32 + "-x", "nix/var/nix/gcroots", "nix/var/nix/profiles"):
+            (root / d).mkdir(parents=True)
+        for d in ("gcroots", "profiles"):
+            (root / "nix/var/nix" / d / "r").symlink_to("/nix/store/" + "a" * 32 + "-x")
+        empty.mkdir()
+        seen = subprocess.run([HELPER, "scan", "--root", str(root), "--no-runtime", "--all-candidates"],
+                              capture_output=True, text=True, check=True).stdout
+        assert seen.count(" -> /nix/store/") == 2, seen   # the control: both roots, in init's view
+        hide = f'mount --bind "$0" "$0/../root/{over}" && exec "$@"'
+        scan = subprocess.run(["unshare", "--mount", "sh", "-c", hide, str(empty), HELPER, "scan", "--root",
+                               str(root), "--no-runtime", "--all-candidates"], capture_output=True, text=True)
+        assert scan.returncode == 1 and "hidden" in scan.stderr, (scan.stdout, scan.stderr)
+        sock, log = base / "h.sock", base / "h.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", hide, str(empty), HELPER, "serve",
+                                     "--no-runtime", "--root", str(root), "--socket", str(sock),
+                                     "--require-sandbox"], stderr=f)
+        try:
+            wait_listening(proc, log)
+            end = read_root_stream(sock)[1]
+            assert not end.complete and "hidden" in str(end), end
+        finally:
+            stop_process(proc)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
