@@ -404,6 +404,14 @@ def test_the_filters_installed_are_exactly_seccomp_filters_programs(scratch, rou
         reader = next(e["pid"] for e in events if e.get("event") == "proc_reader_started")
         assert installed_filters(proc.pid) == [build_filter(main_rules(proc.pid))]
         assert installed_filters(reader) == [build_filter(reader_rules())]
+        # Nothing else carried over: the serving process holds stdio, its
+        # listening socket, the reader's, an epoll; the reader stderr and its socket.
+        held = {pid: {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+                for pid in (proc.pid, reader)}
+        assert sorted(t.split(":")[0] for n, t in held[proc.pid].items() if n > 2) == [
+            "anon_inode", "socket", "socket"], held
+        assert len(held[reader]) == 2 and 2 in held[reader] and \
+            all(t.startswith("socket:") for n, t in held[reader].items() if n != 2), held
         assert read_root_stream(sock)[1].complete
     finally:
         stop_process(proc)
