@@ -124,7 +124,8 @@ def scan_in_process(layout: StoreLayout, *, runtime: bool = True) -> RootSet:
     full = os.geteuid() == 0
     try:
         records = list(Scanner(layout, runtime=runtime,
-                               preflight=preflight(hidden_dirs(), caps=full, runtime=runtime),
+                               preflight=preflight(hidden_dirs(scanned=(layout.gcroots_dir, layout.profiles_dir)),
+                                                   caps=full, runtime=runtime),
                                accept_unreadable=() if full else (b"/",)).scan())
     except ScanError as e:
         raise IncompleteRoots(f"the root scan failed: {scan_error(str(e))[0]}") from None

@@ -136,11 +136,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Not prepared yet (by this very process, before an exec): bind the
     # sockets unless systemd handed them over, apply what survives exec,
     # exec this again (helper/launch.py).  Not a layer is taken on trust:
-    # apply_sandbox(prepared=...) verifies each.
+    # apply_sandbox(prepared=...) verifies each -- but for the seccomp
+    # programs' content, which nothing here can check without compiling:
+    # they are whatever the process that exec'd us in place (the same pid:
+    # it ran as us, with our privileges, before any layer) sealed in the
+    # memfd.  Review3 handed over an allow-all program that way, and it was
+    # installed and logged as sandbox_applied; the environment alone, with
+    # no such fd, cannot do it (tests/test_helper_prepared.py).
     pid, _, fd = os.environ.pop(PREPARED, "").partition(":")
     if pid != str(os.getpid()):
         from .launch import launch
-        launch(args, uids)
+        launch(args, uids, (layout.gcroots_dir, layout.profiles_dir))
     from gcroots.activation import listen_fds
 
     from . import serve

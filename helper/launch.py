@@ -54,6 +54,7 @@ import fcntl
 import os
 import select
 import signal
+import stat
 import struct
 import sys
 from typing import NoReturn
@@ -69,14 +70,17 @@ REMOVER_NAME = b"gcroots-remover"   # its /proc/PID/comm (15 bytes at most)
 LL_REMOVE_FILE, LL_MAKE_SOCK = 1 << 5, 1 << 9   # Landlock rights (a socket renamed or linked: MAKE_SOCK)
 
 
-def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
+def launch(args: argparse.Namespace, uids: frozenset[int], scanned: tuple[bytes, ...]) -> NoReturn:
     """Bind the sockets unless systemd handed them over (and fork the
     remover), prepare (helper/prepare.py), exec serve."""
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if why := sandbox.lacking_caps():   # every scan would fail: say so now, in one line
         raise SystemExit(f"gcroots-helper serve: refusing to start: {why}")
     count = os.environ.get("LISTEN_FDS", "0") if os.environ.get("LISTEN_PID") == str(os.getpid()) else "0"
-    if not count.isdigit():   # (the serving process would serve nothing, or fail with a traceback)
+    # ASCII digits ("²" is a digit to str.isdigit, not to int), each fd a
+    # socket (else the memfd could take a free one among them): the serving
+    # process would serve nothing, or fail with a traceback.
+    if not (count.isascii() and count.isdigit() and len(count) < 6 and all(map(_is_socket, range(3, 3 + int(count))))):
         raise SystemExit(f"gcroots-helper serve: LISTEN_FDS={count!r}: not a number of sockets")
     if int(count) == 0:
         _bind([(name, os.fsencode(path)) for name, path in (("gcroots", args.socket),
@@ -84,7 +88,8 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
               args.socket_mode, min(uids, default=None))
     try:
         view = prepare.before_exec(require=args.require_sandbox, skip=args.sandbox_skip,
-                                   runtime=not args.no_runtime, log=log.get("gcroots.helper.sandbox"))
+                                   runtime=not args.no_runtime, log=log.get("gcroots.helper.sandbox"),
+                                   scanned=scanned)
     except SandboxError as e:   # (the remover removes the sockets as we exit)
         raise SystemExit(f"gcroots-helper serve: {e}") from None
     if not sys.executable:
@@ -94,7 +99,7 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
     # it) -- and what we hand over, opened after this.
     os.closerange(3 + int(os.environ["LISTEN_FDS"]), os.sysconf("SC_OPEN_MAX"))   # (ours, or checked above)
     fd = _hand_over(None if "seccomp" in args.sandbox_skip else seccomp_filters.compiled(os.getpid()),
-                    view)   # (the same pid after the exec)
+                    view, 3 + int(os.environ["LISTEN_FDS"]))   # (the same pid after the exec)
     os.environ[PREPARED] = f"{os.getpid()}:{fd}"
     # The command line as it was run (interpreter options, the script or -m):
     # the serve path takes over from there, finding the sockets.
@@ -108,33 +113,42 @@ def launch(args: argparse.Namespace, uids: frozenset[int]) -> NoReturn:
 F_ADD_SEALS, SEALS = 1033, 0x1 | 0x2 | 0x4 | 0x8
 
 
-def _hand_over(programs: sandbox.Programs | str | None, view: str) -> str:
+def _hand_over(programs: sandbox.Programs | str | None, view: str, above: int) -> str:
     """What the serving process takes over from us, in an inheritable
     memfd sealed so that no one holding it can change it: the lengths
     ("=III": the main and the /proc reader's seccomp program in
     instructions, 0 and 0 if none; the view checks' verdict in bytes), then
-    each.  Its fd number, or "" (logged): the serving process then finds
-    the seccomp layer missing and fails every scan."""
+    each.  Its fd number, at least `above` (past the sockets; never 0-2,
+    which a parent may have left closed and the serving process does not
+    take for ours), or "" (logged): the serving process then finds the
+    seccomp layer missing and fails every scan."""
     log_ = log.get("gcroots.helper.sandbox")
     if isinstance(programs, str):
         log_.error("seccomp_not_compiled", reason=programs, consequence="the seccomp layer is missing")
     progs = programs if isinstance(programs, tuple) else (b"", b"")
-    verdict = view.encode()[:sandbox.MAX_VIEW]
+    verdict = view.encode(errors="surrogateescape")[:sandbox.MAX_VIEW]   # (paths from os.fsdecode)
     data = struct.pack("=III", len(progs[0]) // 8, len(progs[1]) // 8, len(verdict)) + b"".join(progs) + verdict
     fd = -1
     try:
-        fd = os.memfd_create("gcroots-handover", os.MFD_ALLOW_SEALING)
+        fd = os.memfd_create("gcroots-handover", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
         if os.write(fd, data) != len(data):
             raise OSError(errno.EIO, "short write to the memfd")
         fcntl.fcntl(fd, F_ADD_SEALS, SEALS)
-        os.set_inheritable(fd, True)
-        return str(fd)
+        return str(fcntl.fcntl(fd, fcntl.F_DUPFD, above))   # (F_DUPFD: inheritable)
     except OSError as e:
-        if fd >= 0:
-            os.close(fd)
         log_.error("hand_over_failed", reason=str(e),
                    consequence="the seccomp layer is missing, and every scan fails")
         return ""
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _is_socket(fd: int) -> bool:
+    try:
+        return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def _bind(paths: list[tuple[str, bytes]], mode: int, owner_uid: int | None) -> None:
@@ -190,8 +204,11 @@ def _start_remover(files: list[sockets.SocketFile]) -> None:
         if why:
             return
         os.chdir(b"/")
-        os.closerange(0, pidfd)   # nothing of the server's stays open here
+        # Nothing of the server's stays open here.  (Not closerange(0, 0),
+        # with stdin closed: CPython makes that close_range(0, ~0), the pidfd too.)
         os.closerange(pidfd + 1, os.sysconf("SC_OPEN_MAX"))
+        if pidfd:
+            os.closerange(0, pidfd)
         poll = select.poll()
         poll.register(pidfd, select.POLLIN)
         while not poll.poll():   # readable once the serving process has exited

@@ -88,7 +88,7 @@ def _backing(mounts: list[tuple[bytes, bytes, bytes, bytes]], path: bytes) -> tu
     return None
 
 
-def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
+def hidden_dirs(proc: bytes = b"/proc", scanned: Iterable[bytes] = ()) -> list[bytes]:
     """Directories that this process sees differently from init (PID 1):
     the WATCHED_DIRS in any way (a private /tmp is as bad as an empty one),
     and wherever we have a fresh tmpfs/ramfs that init does not -- except
@@ -97,19 +97,24 @@ def hidden_dirs(proc: bytes = b"/proc") -> list[bytes]:
     helper that cannot see them must not scan.  A read-only view of the same
     directory is fine.  When it cannot tell (PID 1's mounts unreadable),
     it assumes the worst: all WATCHED_DIRS.  Checked once at start: under Landlock /proc/1 is closed to us.
+    `scanned`: the directories the scan lists (the state dir's gcroots/ and
+    profiles/), watched the same way: an empty directory bound over them
+    (or over /nix; systemd BindReadOnlyPaths=, InaccessiblePaths=) is no
+    fresh tmpfs, and every root in them would vanish from complete scans.
     Lives here, not in scan.py, because like the netns check it judges the
     confinement we were started in."""
+    watched = {*WATCHED_DIRS, *map(os.path.realpath, scanned)}
     try:
         ours, init = _mounts(_read(proc + b"/self/mountinfo")), _mounts(_read(proc + b"/1/mountinfo"))
     except OSError:
-        return sorted(WATCHED_DIRS)  # fail closed: scans refuse, saying which dirs
+        return sorted(watched)  # fail closed: scans refuse, saying which dirs
     fresh = {p for p, _, root, fs in ours if root == b"/" and fs in (b"tmpfs", b"ramfs")
              and p != b"/dev" and not (p + b"/").startswith(b"/run/credentials/")}
     # ... and the mounts below them, init's (a home on its own file system,
     # a user's /run/user/UID: a private view may lack them) and ours (another
     # directory bound over a home: a view init lacks).
-    below = {p for p, *_ in init + ours if any(is_in_dir(p, w) for w in WATCHED_DIRS)}
-    return sorted(p for p in {*WATCHED_DIRS, *fresh, *below}
+    below = {p for p, *_ in init + ours if any(is_in_dir(p, w) for w in watched)}
+    return sorted(p for p in {*watched, *fresh, *below}
                   if _backing(ours, p) != _backing(init, p))
 
 # -- layer: capabilities --------------------------------------------------------------
@@ -204,12 +209,13 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def before_exec(*, require: bool, skip: Iterable[str], runtime: bool, log: Logger) -> str:
+def before_exec(*, require: bool, skip: Iterable[str], runtime: bool, log: Logger,
+                scanned: Iterable[bytes] = ()) -> str:
     """The launcher's part: the fd limit, the view's problems (returned:
     the serving process fails every scan with them), and the layers that
     survive execve; SandboxError if `require` and one is missing."""
     raise_fd_limit()
-    if view := view_problems(hidden_dirs(), runtime=runtime):   # before the sandbox closes /proc/1
+    if view := view_problems(hidden_dirs(scanned=scanned), runtime=runtime):   # before the sandbox closes /proc/1
         log.error("scans_will_fail", reason=view)
     box = Sandbox({}, {})
     for name, apply in LAYERS.items():

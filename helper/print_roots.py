@@ -20,7 +20,8 @@ from .scan import ScanError, Scanner
 def main(args: argparse.Namespace) -> int:
     layout = layout_of(args)
     raise_fd_limit()
-    check = preflight(hidden_dirs(), runtime=not args.no_runtime)  # before the sandbox closes /proc/1
+    # Before the sandbox closes /proc/1.
+    check = preflight(hidden_dirs(scanned=(layout.gcroots_dir, layout.profiles_dir)), runtime=not args.no_runtime)
     box = None
     if args.sandbox or args.require_sandbox:
         log.configure("gcroots-helper", "info", plain=True)

@@ -361,7 +361,7 @@ def handed_over(fd_text: str) -> tuple[Programs | str, str]:
             raise OSError(errno.EBADF, "not a sealed memfd")
         data = os.pread(fd, 12 + 16 * BPF_MAXINSNS + MAX_VIEW + 1, 0)
         os.close(fd)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, OverflowError) as e:   # (a number past a C int)
         why = f"nothing sealed handed over by the launcher (fd {fd_text or 'none'}: {e})"
         return why, f"the view checks' verdict is unknown: {why}"
     main, reader, view = struct.unpack_from("=III", data) if len(data) >= 12 else (0, 0, MAX_VIEW + 1)

@@ -213,11 +213,13 @@ def test_a_serving_process_without_sound_seccomp_programs_refuses(scratch, kind)
         stop_process(proc)
 
 
-def test_a_forged_marker_with_no_socket_handed_is_refused(scratch):
+@pytest.mark.parametrize("fd", ["", "99999999999999999999"])
+def test_a_forged_marker_with_no_socket_handed_is_refused(scratch, fd):
     """Marked prepared (this pid), yet no socket handed over: a one-line
     refusal, as when the launcher has no socket to bind.  Before, it served
-    nothing and waited forever (this timed out)."""
-    out = subprocess.run(["sh", "-c", 'GCROOTS_HELPER_PREPARED=$$: exec "$@"', "sh", HELPER, "serve",
+    nothing and waited forever (this timed out); and (review3) an fd number
+    past a C int ended in a traceback (OverflowError) on 9e1e93d."""
+    out = subprocess.run(["sh", "-c", f'GCROOTS_HELPER_PREPARED=$$:{fd} exec "$@"', "sh", HELPER, "serve",
                           "--no-runtime", "--root", str(scratch)], capture_output=True, text=True,
                          timeout=30)
     assert out.returncode == 1, out.stderr
@@ -304,3 +306,152 @@ def test_a_malformed_listen_fds_is_refused(scratch, count):
     assert out.stderr.strip().splitlines()[-1] == (f"gcroots-helper serve: LISTEN_FDS={count!r}: "
                                                    "not a number of sockets"), out.stderr
     assert not (scratch / "h.sock").exists()
+
+
+@pytest.mark.parametrize("count", ["²", "99999999999999999999", "2"])
+def test_listen_fds_beyond_the_sockets_handed_is_refused(scratch, count):
+    """LISTEN_PID naming us and LISTEN_FDS a number, but not the number of
+    sockets handed over (no fd is open at 3 or 4 here): a one-line refusal
+    too.  Found by review3: on 9e1e93d "²" (a digit to str.isdigit, not to
+    int) and a number past a C int ended in the launcher's traceback, and
+    "2" in the serving process's (EBADF: the launcher's memfd took fd 3,
+    the first free one, and the serving process read and closed it)."""
+    out = subprocess.run(["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS={count} exec "$@"', "sh", HELPER, "serve",
+                          "--no-runtime", "--root", str(scratch), "--socket", str(scratch / "h.sock")],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"gcroots-helper serve: LISTEN_FDS={count!r}: "
+                                                   "not a number of sockets"), out.stderr
+    assert not (scratch / "h.sock").exists()
+
+
+@pytest.mark.parametrize("closed", ["0", "1"])
+def test_a_helper_started_with_stdin_or_stdout_closed_serves_confined(scratch, closed):
+    """stdin (or stdout) closed by whatever started the helper: the
+    launcher's memfd is not taken for it.  Found by review3: on 9e1e93d the
+    memfd landed at fd 0 (1), the first free one, which the serving process
+    does not take for the launcher's, so it refused to serve with
+    --require-sandbox (seccomp missing, the view unknown)."""
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["sh", "-c", f'exec "$@" {closed}>&-', "sh", HELPER, "serve", "--no-runtime",
+                                 "--root", str(scratch), "--socket", str(sock), "--require-sandbox"],
+                                stderr=f)
+    try:
+        events = wait_listening(proc, log)
+        assert any(e.get("event") == "sandbox_applied" for e in events), events
+        assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
+
+
+def test_a_hidden_directory_whose_name_is_not_utf8_fails_every_scan(scratch):
+    """A tmpfs init does not have, at a path that is not UTF-8: the
+    launcher hands the verdict over and every scan fails, naming it.  Found
+    by review3: on 9e1e93d encoding the verdict for the memfd ended the
+    launcher in a traceback (surrogates not allowed), and nothing served."""
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", 'mkdir "$0" && mount -t tmpfs gcroots-test '
+                                 '"$0" && exec "$@"', os.fsdecode(bytes(scratch) + b"/\xff"), HELPER, "serve",
+                                 "--no-runtime", "--root", str(scratch), "--socket", str(sock),
+                                 "--require-sandbox"], stderr=f)
+    try:
+        wait_listening(proc, log)
+        end = read_root_stream(sock)[1]
+        assert not end.complete and "/\ufffd" in str(end), end
+    finally:
+        stop_process(proc)
+
+
+def installed_filters(pid: int) -> list[bytes]:
+    """The classic BPF programs of `pid`'s seccomp filters, newest first, as
+    the kernel holds them (PTRACE_SECCOMP_GET_FILTER: root, the process
+    seized and interrupted for the moment it takes)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    seize, interrupt, detach, get_filter = 0x4206, 0x4207, 17, 0x420C
+    assert libc.ptrace(seize, pid, None, None) == 0, os.strerror(ctypes.get_errno())
+    try:
+        assert libc.ptrace(interrupt, pid, None, None) == 0, os.strerror(ctypes.get_errno())
+        os.waitpid(pid, getattr(os, "__WALL", 0x40000000))
+        programs = []
+        while (count := libc.ptrace(get_filter, pid, len(programs), None)) > 0:
+            buf = ctypes.create_string_buffer(8 * count)
+            assert libc.ptrace(get_filter, pid, len(programs), buf) == count
+            programs.append(buf.raw)
+        return programs
+    finally:
+        libc.ptrace(detach, pid, None, None)
+
+
+@pytest.mark.parametrize("route", ["socket", "activation"])
+def test_the_filters_installed_are_exactly_seccomp_filters_programs(scratch, route):
+    """What the kernel holds after the hand-over, read back from it: the
+    serving process one filter, byte for byte build_filter(main_rules(its
+    pid)), and its /proc reader one, build_filter(reader_rules()) -- neither
+    weaker, nor swapped, nor stacked.  A regression guard for the sealed
+    memfd's route (review3), by either route into the launcher."""
+    from gcroots.helper.seccomp_filters import build_filter, main_rules, reader_rules
+    sock, log = scratch / "h.sock", scratch / "h.log"
+    with open(log, "wb") as f:
+        start = ([] if route == "socket" else [sys.executable, "-c", ACTIVATE, str(sock), "none"])
+        proc = subprocess.Popen([*start, HELPER, "serve", "--root", str(scratch), "--require-sandbox",
+                                 *(["--socket", str(sock)] if route == "socket" else [])], stderr=f)
+    try:
+        events = wait_listening(proc, log)
+        reader = next(e["pid"] for e in events if e.get("event") == "proc_reader_started")
+        assert installed_filters(proc.pid) == [build_filter(main_rules(proc.pid))]
+        assert installed_filters(reader) == [build_filter(reader_rules())]
+        # Nothing else carried over: the serving process holds stdio, its
+        # listening socket, the reader's, an epoll; the reader stderr and its socket.
+        held = {pid: {int(n): os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")}
+                for pid in (proc.pid, reader)}
+        assert sorted(t.split(":")[0] for n, t in held[proc.pid].items() if n > 2) == [
+            "anon_inode", "socket", "socket"], held
+        assert len(held[reader]) == 2 and 2 in held[reader] and \
+            all(t.startswith("socket:") for n, t in held[reader].items() if n != 2), held
+        assert read_root_stream(sock)[1].complete
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.parametrize("over", ["nix/var/nix/gcroots", "nix/var/nix/profiles", "nix"])
+def test_an_empty_directory_bound_over_the_scanned_state_dir_fails_every_scan(over):
+    """The state dir outside /home, /tmp & co. (as /nix/var/nix is), and an
+    empty directory bound over its gcroots/, its profiles/ or /nix above
+    them in the helper's mount namespace only (systemd BindReadOnlyPaths=,
+    InaccessiblePaths=): no fresh tmpfs, yet every root there is out of
+    sight.  Found by review3: on 9e1e93d scans came back complete without
+    the root (gcrootsd would have collected what it keeps alive); serve and
+    scan now fail every scan, naming the directory."""
+    import shutil
+    base = Path(f"/srv/gcroots-test-{os.getpid()}")
+    try:
+        root, empty = base / "root", base / "empty"
+        for d in ("nix/store/" + "a" * 32 + "-x", "nix/var/nix/gcroots", "nix/var/nix/profiles"):
+            (root / d).mkdir(parents=True)
+        for d in ("gcroots", "profiles"):
+            (root / "nix/var/nix" / d / "r").symlink_to("/nix/store/" + "a" * 32 + "-x")
+        empty.mkdir()
+        seen = subprocess.run([HELPER, "scan", "--root", str(root), "--no-runtime", "--all-candidates"],
+                              capture_output=True, text=True, check=True).stdout
+        assert seen.count(" -> /nix/store/") == 2, seen   # the control: both roots, in init's view
+        hide = f'mount --bind "$0" "$0/../root/{over}" && exec "$@"'
+        scan = subprocess.run(["unshare", "--mount", "sh", "-c", hide, str(empty), HELPER, "scan", "--root",
+                               str(root), "--no-runtime", "--all-candidates"], capture_output=True, text=True)
+        assert scan.returncode == 1 and "hidden" in scan.stderr, (scan.stdout, scan.stderr)
+        sock, log = base / "h.sock", base / "h.log"
+        with open(log, "wb") as f:
+            proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", hide, str(empty), HELPER, "serve",
+                                     "--no-runtime", "--root", str(root), "--socket", str(sock),
+                                     "--require-sandbox"], stderr=f)
+        try:
+            wait_listening(proc, log)
+            end = read_root_stream(sock)[1]
+            assert not end.complete and "hidden" in str(end), end
+        finally:
+            stop_process(proc)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
