@@ -316,6 +316,10 @@ class Daemon:
                         _log.warning("store_not_listed", error=str(e))
             if old is not None:
                 old.close()
+            del old
+            # The old graph (if no answer holds it still) and the load's
+            # temporaries: given back now, not at the next answer's trim.
+            return_free_memory()
             took = trio.current_time() - t0
             _log.info("graph_loaded", paths=len(fresh._graph), seconds=round(took, 3))
         except Exception as e:  # the SQLite fallback keeps answering

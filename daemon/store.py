@@ -111,7 +111,7 @@ class StoreDB:
     _graph_lock: threading.Lock = field(default_factory=threading.Lock)
     unconfirmed: "StoreGraph | None" = None   # see cached_graph
     twin: "StoreDB | None" = None             # see Snapshot.on_twin
-    _counter: sqlite3.Connection | None = None  # see counts_ahead
+    _counters: "list[sqlite3.Connection]" = field(default_factory=list)  # see counts_ahead
     stamp: "tuple[int, ...] | None" = None    # the file before opened immutable: see changed()
 
     @classmethod
@@ -158,8 +158,8 @@ class StoreDB:
         if self.twin is not None:
             self.twin.close()
         self.conn.close()
-        if self._counter is not None:
-            self._counter.close()
+        for c in self._counters:
+            c.close()
 
     def one_shot(self) -> None:
         """For a process that answers once and exits (--standalone).
@@ -216,9 +216,9 @@ class StoreDB:
         g = self._graph
         if g is None or g.ca != ca or self.data_version() == g.version:
             return None
-        if self._counter is None:
-            self._counter = connect_ro(self.layout.db_path)
-        return CountsAhead(self._counter)
+        while len(self._counters) < 2:
+            self._counters.append(connect_ro(self.layout.db_path))
+        return CountsAhead(self._counters)
 
     def confirm(self, g: "StoreGraph",
                 counted: "Callable[[], tuple[int, int, int] | None] | None" = None) -> bool:
@@ -268,56 +268,69 @@ class StoreDB:
 
 class CountsAhead:
     """The row counts that confirm a followed graph (StoreGraph.check_counts,
-    the slowest part of following: every page of three b-trees), made on a
-    second connection from the moment the analysis's snapshot begins, in a
-    thread, while the first one validates roots and follows the graph.
+    the slowest part of following: every page of three b-trees), made on
+    two connections of their own from the moment the analysis's snapshot
+    begins, in two threads (ValidPaths on one, Refs and DerivationOutputs
+    on the other: SQLite reads pages without the GIL), while the
+    analysis's connection validates roots and follows the graph.
 
     They must be counts of that very snapshot, which SQLite cannot share
-    between connections; so this one notes its PRAGMA data_version before
-    the snapshot begins (`__init__`) and again once its own read transaction
-    began after it (`start`): equal, no commit happened in between and both
-    see the same DB; else (a commit in those microseconds) there are no
-    counts, and confirm() counts on the snapshot's own connection."""
+    between connections; so each one notes its PRAGMA data_version before
+    the snapshot begins (`__init__`) and again once its own read
+    transaction began after it (`start`): equal, no commit happened in
+    between and it sees the same DB; else (a commit in those microseconds)
+    there are no counts, and confirm() counts on the snapshot's own
+    connection."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.before = conn.execute("PRAGMA data_version").fetchone()[0]
-        self._thread: threading.Thread | None = None
-        self._counts: tuple[int, int, int] | None = None
+    def __init__(self, conns: "list[sqlite3.Connection]") -> None:
+        self.conns = conns
+        self.before = [c.execute("PRAGMA data_version").fetchone()[0] for c in conns]
+        self._threads: list[threading.Thread] = []
+        self._parts: dict[int, tuple] = {}
 
     def start(self) -> None:
         """Call inside the analysis's snapshot."""
-        from .graph import _counts
-        c = self.conn
+        from .graph import COUNT_EDGES, COUNT_PATHS
+        begun, same = [], False
         try:
-            if c.in_transaction:  # left so by a failure: not this snapshot's
-                c.execute("ROLLBACK")
-            c.execute("BEGIN")
-            same = c.execute("PRAGMA data_version").fetchone()[0] == self.before
-            if not same:
-                c.execute("COMMIT")
-                return
+            for c, before in zip(self.conns, self.before):
+                if c.in_transaction:  # left so by a failure: not this snapshot's
+                    c.execute("ROLLBACK")
+                c.execute("BEGIN")
+                begun.append(c)
+                if c.execute("PRAGMA data_version").fetchone()[0] != before:
+                    break
+            else:
+                same = len(begun) == 2
         except sqlite3.Error as e:  # then confirm() counts on the snapshot's connection
             _log.warning("db_count_failed", error=str(e))
+        if not same:  # not both of them see this snapshot
+            for c in begun:
+                with contextlib.suppress(sqlite3.Error):
+                    c.execute("COMMIT")
             return
 
-        def run() -> None:
+        def run(i: int, c: sqlite3.Connection, query: str) -> None:
             try:
-                self._counts = tuple(_counts(c))  # type: ignore[assignment]
+                self._parts[i] = tuple(c.execute(f"SELECT {query}").fetchone())
             except sqlite3.Error as e:
                 _log.warning("db_count_failed", error=str(e))
             finally:
                 c.execute("COMMIT")
-        self._thread = threading.Thread(target=run, name="gcroots-count", daemon=True)
-        self._thread.start()
+        for i, (c, query) in enumerate(zip(self.conns, (COUNT_PATHS, COUNT_EDGES))):
+            t = threading.Thread(target=run, args=(i, c, query), name="gcroots-count", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def result(self) -> tuple[int, int, int] | None:
-        """The counts, or None; waits for them (call before the connection
-        is used again, whatever happened)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        return self._counts
+        """The counts, or None; waits for them (call before the connections
+        are used again, whatever happened)."""
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        if len(self._parts) != 2:
+            return None
+        return self._parts[0] + self._parts[1]  # type: ignore[return-value]
 
 
 class Snapshot:
