@@ -19,18 +19,34 @@ from pathlib import Path
 from .support import HELPER, json_lines, read_root_stream, stop_process
 
 # Like systemd's socket activation: a listening socket at fd 3, LISTEN_PID
-# (this pid: exec keeps it), LISTEN_FDS; optionally a forged "prepared"
-# marker naming this pid.  Then exec the helper.
+# (this pid: exec keeps it), LISTEN_FDS; then exec the helper.  MARKER:
+# "none", or a "prepared" marker naming this pid -- "forged" (in the
+# environment alone, no memfd) or with a memfd of seccomp programs as the
+# launcher hands them over: "sealed" as it makes it, "unsealed" (the same
+# programs, not sealed), "short" (sealed, 8 zero bytes), "garbage" (sealed,
+# well-sized, not BPF the kernel accepts).
 ACTIVATE = r"""
-import os, socket, sys
+import fcntl, os, socket, struct, sys
 sock = socket.socket(socket.AF_UNIX)
 sock.bind(sys.argv[1])
 sock.listen()
 os.dup2(sock.fileno(), 3)
 os.set_inheritable(3, True)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="gcroots")
-if sys.argv[2] == "forged":
-    os.environ["GCROOTS_HELPER_PREPARED"] = f"{os.getpid()}:"
+kind, fd = sys.argv[2], ""
+if kind not in ("none", "forged"):
+    from gcroots.helper import launch, seccomp_filters as f
+    main, reader = f.compiled(os.getpid())
+    data = {"short": b"\0" * 8, "garbage": struct.pack("=III", 2, 1, 0) + b"\xff" * 24}.get(
+        kind, struct.pack("=III", len(main) // 8, len(reader) // 8, 0) + main + reader)
+    memfd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.write(memfd, data)
+    if kind != "unsealed":
+        fcntl.fcntl(memfd, launch.F_ADD_SEALS, launch.SEALS)
+    os.set_inheritable(memfd, True)
+    fd = str(memfd)
+if kind != "none":
+    os.environ["GCROOTS_HELPER_PREPARED"] = f"{os.getpid()}:{fd}"
 os.execv(sys.argv[3], sys.argv[3:])
 """
 
@@ -40,6 +56,27 @@ def activated(sock: Path, marker: str, *args: str, **kw) -> subprocess.Popen:
                              "--no-runtime", *args], **kw)
 
 
+def wait_listening(proc: subprocess.Popen, log: Path) -> list[dict]:
+    deadline = time.monotonic() + 30
+    while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return json_lines(log)
+
+
+def refusal(proc: subprocess.Popen) -> str:
+    """The one line a helper that must refuse exits 1 with."""
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 1, err
+    return err.strip().splitlines()[-1]
+
+
+REFUSING = "gcroots-helper serve: refusing to run without the full sandbox (--require-sandbox); missing: "
+
+
 def test_a_forged_prepared_marker_without_the_layers_is_refused(scratch):
     """A serving process told it was prepared, which was not (all of root's
     capabilities, the host's network namespace, no no_new_privs), refuses
@@ -47,16 +84,9 @@ def test_a_forged_prepared_marker_without_the_layers_is_refused(scratch):
     existed the marker meant nothing and it served (this timed out)."""
     proc = activated(scratch / "h.sock", "forged", "--require-sandbox", "--root", str(scratch),
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        stop_process(proc)
-    assert proc.returncode == 1, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("gcroots-helper serve: refusing to run without the full sandbox "
-                           "(--require-sandbox); missing: netns: not in place after exec"), err
-    assert "caps: not in place after exec" in last and \
-        "no_new_privs: not in place after exec" in last, err
+    last = refusal(proc)
+    assert last.startswith(REFUSING + "netns: not in place after exec"), last
+    assert "caps: not in place after exec" in last and "no_new_privs: not in place after exec" in last, last
 
 
 def test_socket_activation_takes_the_prepare_then_exec_route(scratch):
@@ -68,10 +98,7 @@ def test_socket_activation_takes_the_prepare_then_exec_route(scratch):
     with open(log, "wb") as f:
         proc = activated(sock, "none", "--require-sandbox", "--root", str(scratch), stderr=f)
     try:
-        deadline = time.monotonic() + 30
-        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_listening(proc, log)
         layers = [(e["layer"], e.get("how")) for e in json_lines(log) if e.get("event") == "sandbox_layer"]
         assert layers == [("netns", "unshared"), ("caps", None), ("no_new_privs", None),
                           *[(n, "before exec, verified") for n in ("netns", "caps", "no_new_privs")],
@@ -102,10 +129,7 @@ def test_a_pid_namespace_with_its_own_proc_fails_every_scan(scratch):
                                  HELPER, "serve", "--root", str(scratch), "--socket", str(sock),
                                  "--require-sandbox"], stderr=f)
     try:
-        deadline = time.monotonic() + 30
-        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_listening(proc, log)
         end = read_root_stream(sock)[1]
         assert not end.complete, end
     finally:
@@ -114,36 +138,9 @@ def test_a_pid_namespace_with_its_own_proc_fails_every_scan(scratch):
 
 # A prepared start done by hand, every layer but seccomp in place (unshare
 # --net, the two capabilities as the bounding set, no_new_privs: verified
-# by the serving process), and the seccomp programs' memfd as asked:
-# "sealed" as the launcher makes it, "missing" (no fd in the marker),
-# "unsealed" (the same programs, not sealed), "short" (sealed, 8 zero
-# bytes), "garbage" (sealed, well-sized, not BPF the kernel accepts).
-HANDED = r"""
-import fcntl, os, socket, struct, sys
-sock = socket.socket(socket.AF_UNIX)
-sock.bind(sys.argv[1])
-sock.listen()
-os.dup2(sock.fileno(), 3)
-os.set_inheritable(3, True)
-kind, fd = sys.argv[2], ""
-if kind != "missing":
-    from gcroots.helper import seccomp_filters as f
-    main, reader = f.compiled(os.getpid())
-    data = {"short": b"\0" * 8, "garbage": struct.pack("=III", 2, 1, 0) + b"\xff" * 24}.get(
-        kind, struct.pack("=III", len(main) // 8, len(reader) // 8, 0) + main + reader)
-    memfd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
-    os.write(memfd, data)
-    if kind != "unsealed":
-        from gcroots.helper import launch
-        fcntl.fcntl(memfd, launch.F_ADD_SEALS, launch.SEALS)
-    os.set_inheritable(memfd, True)
-    fd = str(memfd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="gcroots",
-                  GCROOTS_HELPER_PREPARED=f"{os.getpid()}:{fd}")
-os.execv(sys.argv[3], sys.argv[3:])
-"""
-
-BAD_PROGRAMS = {"missing": "nothing sealed handed over by the launcher (fd none",
+# by the serving process), and the seccomp programs' memfd as ACTIVATE
+# makes it ("forged": none).
+BAD_PROGRAMS = {"forged": "nothing sealed handed over by the launcher (fd none",
                 "unsealed": "not a sealed memfd", "short": "is malformed (8 bytes)",
                 "garbage": "(EINVAL)"}
 
@@ -151,16 +148,8 @@ BAD_PROGRAMS = {"missing": "nothing sealed handed over by the launcher (fd none"
 def handed(scratch: Path, kind: str, *args: str, sock: str = "h.sock", **kw) -> subprocess.Popen:
     return subprocess.Popen(["unshare", "--net", "setpriv", "--no-new-privs",
                              "--bounding-set=-all,+dac_read_search,+sys_ptrace", sys.executable,
-                             "-c", HANDED, str(scratch / sock), kind, HELPER, "serve",
+                             "-c", ACTIVATE, str(scratch / sock), kind, HELPER, "serve",
                              "--root", str(scratch), *args], **kw)
-
-
-def wait_listening(proc: subprocess.Popen, log: Path) -> list[dict]:
-    deadline = time.monotonic() + 30
-    while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    return json_lines(log)
 
 
 def test_handed_seccomp_programs_are_installed_and_their_fd_closed(scratch):
@@ -188,14 +177,8 @@ def test_a_serving_process_without_sound_seccomp_programs_refuses(scratch, kind)
     and ignored the fd (it served with --require-sandbox)."""
     proc = handed(scratch, kind, "--require-sandbox", stdout=subprocess.PIPE,
                   stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        stop_process(proc)
-    assert proc.returncode == 1, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("gcroots-helper serve: refusing to run without the full sandbox "
-                           "(--require-sandbox); missing: seccomp: "), err
+    last = refusal(proc)
+    assert last.startswith(REFUSING + "seccomp: "), last
     assert BAD_PROGRAMS[kind] in last and "; " not in last.split("missing: ")[1], last
     with open(scratch / "weak.log", "wb") as f:
         proc = handed(scratch, kind, sock="weak.sock", stderr=f)
@@ -242,10 +225,7 @@ def test_a_forged_marker_cannot_claim_that_nothing_is_hidden(scratch):
                                  "--no-new-privs", sys.executable, "-c", ACTIVATE, str(sock), "forged",
                                  HELPER, "serve", "--no-runtime", "--root", str(scratch)], stderr=f)
     try:
-        deadline = time.monotonic() + 30
-        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_listening(proc, log)
         assert not read_root_stream(sock)[1].complete
     finally:
         stop_process(proc)
@@ -282,10 +262,7 @@ def test_no_fd_but_the_sockets_is_carried_over_the_exec(scratch):
         for fd in fds:
             os.close(fd)
     try:
-        deadline = time.monotonic() + 30
-        while not any(e.get("event") == "helper_listening" for e in json_lines(log)):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        wait_listening(proc, log)
         held = {n: os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{proc.pid}/fd")}
         assert str(leak) not in held.values(), held
         assert read_root_stream(sock)[1].complete
@@ -293,29 +270,17 @@ def test_no_fd_but_the_sockets_is_carried_over_the_exec(scratch):
         stop_process(proc)
 
 
-@pytest.mark.parametrize("count", ["-1", "abc"])
-def test_a_malformed_listen_fds_is_refused(scratch, count):
-    """LISTEN_PID naming us and LISTEN_FDS not a number of sockets: a
-    one-line refusal.  Before, "-1" served nothing forever (the launcher
-    took the sockets for handed over; this timed out) and "abc" ended in a
-    traceback."""
-    out = subprocess.run(["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS={count} exec "$@"', "sh", HELPER, "serve",
-                          "--no-runtime", "--root", str(scratch), "--socket", str(scratch / "h.sock")],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 1, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == (f"gcroots-helper serve: LISTEN_FDS={count!r}: "
-                                                   "not a number of sockets"), out.stderr
-    assert not (scratch / "h.sock").exists()
-
-
-@pytest.mark.parametrize("count", ["²", "99999999999999999999", "2"])
-def test_listen_fds_beyond_the_sockets_handed_is_refused(scratch, count):
-    """LISTEN_PID naming us and LISTEN_FDS a number, but not the number of
-    sockets handed over (no fd is open at 3 or 4 here): a one-line refusal
-    too.  Found by review3: on 9e1e93d "²" (a digit to str.isdigit, not to
-    int) and a number past a C int ended in the launcher's traceback, and
-    "2" in the serving process's (EBADF: the launcher's memfd took fd 3,
-    the first free one, and the serving process read and closed it)."""
+@pytest.mark.parametrize("count", ["-1", "abc", "²", "99999999999999999999", "2"])
+def test_a_listen_fds_that_is_not_the_sockets_handed_is_refused(scratch, count):
+    """LISTEN_PID naming us and LISTEN_FDS not a number of sockets, or not
+    the number handed over (no fd is open at 3 or 4 here): a one-line
+    refusal.  Before, "-1" served nothing forever (the launcher took the
+    sockets for handed over; this timed out) and "abc" ended in a traceback
+    (review2).  Found by review3: on 9e1e93d "²" (a digit to str.isdigit,
+    not to int) and a number past a C int ended in the launcher's
+    traceback, and "2" in the serving process's (EBADF: the launcher's
+    memfd took fd 3, the first free one, and the serving process read and
+    closed it)."""
     out = subprocess.run(["sh", "-c", f'LISTEN_PID=$$ LISTEN_FDS={count} exec "$@"', "sh", HELPER, "serve",
                           "--no-runtime", "--root", str(scratch), "--socket", str(scratch / "h.sock")],
                          capture_output=True, text=True, timeout=30)
@@ -350,16 +315,23 @@ def test_a_hidden_directory_whose_name_is_not_utf8_fails_every_scan(scratch):
     launcher hands the verdict over and every scan fails, naming it.  Found
     by review3: on 9e1e93d encoding the verdict for the memfd ended the
     launcher in a traceback (surrogates not allowed), and nothing served."""
-    sock, log = scratch / "h.sock", scratch / "h.log"
+    end = first_scan_under('mkdir "$0" && mount -t tmpfs gcroots-test "$0" && exec "$@"',
+                           os.fsdecode(bytes(scratch) + b"/\xff"), scratch, scratch)
+    assert not end.complete and "/\ufffd" in str(end), end
+
+
+def first_scan_under(script: str, arg0: str, root: Path, where: Path):
+    """The end of the first scan of a helper (`--socket`, the full
+    sandbox) started by `unshare --mount sh -c SCRIPT ARG0 HELPER serve ...`
+    (SCRIPT ends in `exec "$@"`), its socket and log in `where`."""
+    sock, log = where / "h.sock", where / "h.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", 'mkdir "$0" && mount -t tmpfs gcroots-test '
-                                 '"$0" && exec "$@"', os.fsdecode(bytes(scratch) + b"/\xff"), HELPER, "serve",
-                                 "--no-runtime", "--root", str(scratch), "--socket", str(sock),
+        proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", script, arg0, HELPER, "serve",
+                                 "--no-runtime", "--root", str(root), "--socket", str(sock),
                                  "--require-sandbox"], stderr=f)
     try:
         wait_listening(proc, log)
-        end = read_root_stream(sock)[1]
-        assert not end.complete and "/\ufffd" in str(end), end
+        return read_root_stream(sock)[1]
     finally:
         stop_process(proc)
 
@@ -442,16 +414,7 @@ def test_an_empty_directory_bound_over_the_scanned_state_dir_fails_every_scan(ov
         scan = subprocess.run(["unshare", "--mount", "sh", "-c", hide, str(empty), HELPER, "scan", "--root",
                                str(root), "--no-runtime", "--all-candidates"], capture_output=True, text=True)
         assert scan.returncode == 1 and "hidden" in scan.stderr, (scan.stdout, scan.stderr)
-        sock, log = base / "h.sock", base / "h.log"
-        with open(log, "wb") as f:
-            proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", hide, str(empty), HELPER, "serve",
-                                     "--no-runtime", "--root", str(root), "--socket", str(sock),
-                                     "--require-sandbox"], stderr=f)
-        try:
-            wait_listening(proc, log)
-            end = read_root_stream(sock)[1]
-            assert not end.complete and "hidden" in str(end), end
-        finally:
-            stop_process(proc)
+        end = first_scan_under(hide, str(empty), root, base)
+        assert not end.complete and "hidden" in str(end), end
     finally:
         shutil.rmtree(base, ignore_errors=True)
