@@ -138,7 +138,8 @@ def main() -> int:
         cold = []
         for _ in range(1 if big else args.runs):
             loads = graph_loads(daemon_log)   # (before the last deletion: its reload may come first)
-            delete_one_dead(root, out_changed)
+            # (from the last answer: a path deleted before is no change)
+            delete_one_dead(root, out_cold if cold else out_changed)
             t, _, out_cold = run_timed(query)
             cold.append(t)
             time.sleep(15 if big else 2)  # the reload, done before the next change
