@@ -135,11 +135,11 @@ def main() -> int:
         rss_changed = memory_kib(daemon.pid)
         nix_changed = nix_dead(root)[1] if ratios else b""
         # Another process deletes a path: SQLite answers while the graph reloads.
-        cold = []
+        cold, out_cold = [], out_changed
         for _ in range(1 if big else args.runs):
             loads = graph_loads(daemon_log)   # (before the last deletion: its reload may come first)
             # (from the last answer: a path deleted before is no change)
-            delete_one_dead(root, out_cold if cold else out_changed)
+            delete_one_dead(root, out_cold)
             t, _, out_cold = run_timed(query)
             cold.append(t)
             time.sleep(15 if big else 2)  # the reload, done before the next change
