@@ -19,15 +19,17 @@ naming its pid) runs launch(), which
     (below),
  4. applies what survives execve (prepare.before_exec: the fd limit, the
     view checks, the network namespace, the capability drop,
-    no_new_privs), refusing with --require-sandbox if one is missing, and
-    compiles the seccomp filters (helper/seccomp_filters.py) into a sealed
-    memfd that the exec keeps open,
+    no_new_privs), refusing with --require-sandbox if one is missing,
+    closes every fd but stdio and the sockets, and writes the seccomp
+    filters it compiles (helper/seccomp_filters.py) and the view checks'
+    verdict into a sealed memfd that the exec keeps open,
  5. execs the very same command line in place -- the same pid, so a
     supervisor still sees the process it started -- with the sockets at
     fds 3, 4 and LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES ("gcroots",
-    "nix-roots") saying so, and cli.PREPARED set to this pid, the memfd's
-    number and the view checks' verdict.  The serving process verifies every
-    layer itself, and installs the filters (it never compiles one).
+    "nix-roots") saying so, and cli.PREPARED set to this pid and the
+    memfd's number (the memfd holds the filters and the view checks'
+    verdict: _hand_over).  The serving process verifies every layer itself,
+    and installs the filters (it never compiles one).
 
 The socket remover exists because the sandboxed server cannot unlink
 anything.  Before it waits, it drops every capability (effective,

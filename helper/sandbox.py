@@ -9,7 +9,7 @@ three layers, which survive execve, were applied by the launcher step before
 its exec (helper/prepare.py, never loaded by the serving process), and are
 verified here instead (prepared=...): the capability sets, no_new_privs,
 and a network namespace that is not init's (or, where /proc/1 is out of
-reach, our parent's); and the launcher compiled the seccomp filters
+reach, our parent's) and holds only `lo`; and the launcher compiled the seccomp filters
 (helper/seccomp_filters.py, never loaded here either), handed over in a
 sealed memfd (handed_over): this process only installs them.  Layers,
 in order; each
