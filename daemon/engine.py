@@ -653,7 +653,8 @@ def _dead_from_sql(a: Analysis, snap: Snapshot, listed: Callable[[], list[bytes]
     names = listed()
     prefix = a.layout.store_dir + b"/"
     skip = len(prefix)
-    live_names = a._live_names if a._live_names is not None else {p[skip:] for p in a.live}
+    live_names = a._live_names   # (set by the SQL analysis, the only caller's)
+    assert live_names is not None
     dead = list(itertools.filterfalse(live_names.__contains__, names))  # no bytecode per name
     if a.temp.hashes:
         kept = set(_split_temp(a, [prefix + n for n in dead if n[:HASH_LEN] in a.temp.hashes]))

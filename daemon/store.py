@@ -59,8 +59,10 @@ _LEVEL_PATHS_DERIVERS = (
     "LEFT JOIN ValidPaths d ON d.path = v.deriver AND EXISTS "
     "(SELECT 1 FROM DerivationOutputs x WHERE x.drv = d.id AND x.path = v.path)")
 # their references;
+# (Only integers: a reference of another type, in a damaged DB, is no
+# ValidPaths id -- as the recursive query found -- and no int() either.)
 _LEVEL_REFS = ("SELECT group_concat(r.reference) FROM json_each(?) j "
-               "JOIN Refs r ON r.referrer = j.value")
+               "JOIN Refs r ON r.referrer = j.value WHERE typeof(r.reference) = 'integer'")
 # with keep-outputs, a .drv's valid outputs.
 _LEVEL_OUTPUTS = ("SELECT group_concat(o.id) FROM json_each(?) j "
                   "JOIN DerivationOutputs x ON x.drv = j.value JOIN ValidPaths o ON o.path = x.path")

@@ -7,6 +7,7 @@ instead -- never an answer made from two states."""
 from __future__ import annotations
 
 import os
+import sqlite3
 
 from gcroots.daemon import engine
 from gcroots.daemon.nixconf import GCSettings
@@ -174,3 +175,23 @@ def test_standalone_dry_run_refuses_a_plan_from_an_immutable_db_that_changed(scr
     got = standalone.collect(args, {"dry_run": True})
     assert got.status == standalone.Status.ERROR and "changed while it was read" in got.message
     assert "\n" not in got.message
+
+
+def test_a_reference_that_is_no_integer_is_no_edge(scratch):
+    """A damaged DB's Refs row whose reference is not an integer ('1.5'
+    is stored as a real) names no ValidPaths id: the live closure is the
+    same as without it, as the recursive query found.  Before, the
+    level-at-a-time closure ended in int()'s ValueError (a traceback)."""
+    root, layout = _store(scratch)
+    db = StoreDB.open(layout)
+    try:
+        with db.snapshot() as snap:
+            ids = [i for (i,) in snap.c.execute("SELECT id FROM ValidPaths ORDER BY id LIMIT 5")]
+            before = snap.live_closure(ids, GCSettings())
+        with sqlite3.connect(layout.db_path) as w:   # (the test's own write; Nix is not running)
+            w.execute("INSERT INTO Refs (referrer, reference) VALUES (?, '1.5')", (ids[0],))
+        w.close()
+        with db.snapshot() as snap:
+            assert snap.live_closure(ids, GCSettings()) == before
+    finally:
+        db.close()
