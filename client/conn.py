@@ -14,6 +14,7 @@ from gcroots.protocol.rootstream import NEED_DATA
 
 IDLE_TIMEOUT = 600.0  # a collection can be long; the daemon sends progress meanwhile
 CONNECT_TIMEOUT = 30   # seconds a full listen backlog may keep us waiting
+RECV_BUFFER = 4 << 20  # bytes one recv may take (gcrootsd sends big answers with a 4 MiB buffer)
 
 
 class DaemonError(Exception):
@@ -72,13 +73,18 @@ def request(socket_path: str, command: str, options: dict | None = None,
                 # The daemon closed early.  It may still have said why (e.g.
                 # END(BUSY) for too many connections): read what it sent.
                 send_error = e
+            # Received into one buffer, reused: a fresh MiB per recv() would
+            # be a fresh mapping to fault in (~70 of them for a 1M-path answer).
+            buf = bytearray(RECV_BUFFER)
+            view = memoryview(buf)
             while True:
                 event = conn.next_event()
                 if event is NEED_DATA:
                     try:
-                        conn.receive_data(s.recv(1 << 20))
+                        n = s.recv_into(buf)
                     except ConnectionResetError:
-                        conn.receive_data(b"")
+                        n = 0
+                    conn.receive_data(view[:n])  # (copied: the next recv overwrites it)
                 elif isinstance(event, admin.Rows):
                     rows.extend(zip(event.values))
                 elif isinstance(event, admin.Row):

@@ -16,7 +16,9 @@ copy of the answer.  Every await on a peer has a deadline.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import json
 import os
 import socket
@@ -71,6 +73,7 @@ FOLLOW_QUIET = 0.02
 FOLLOW_SPACING = 10
 SEND_TIMEOUT = 60.0
 IOV_MAX = 1024        # buffers one sendmsg takes (Linux's UIO_MAXIOV)
+SEND_BUFFER = 4 << 20  # SO_SNDBUF asked for a big answer (see _bigger_send_buffer)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 READ_ONLY = {"roots", "live", "dead", "why", "cost", "stats", "ping"}
 MUTATING = {"gc", "delete"}
@@ -828,10 +831,17 @@ class Daemon:
     async def _send_buffers(self, stream: trio.SocketStream, buffers: list) -> None:
         """The buffers, in order, as they are: sendmsg gathers up to
         IOV_MAX of them a call (the views of the path table a 1M-path
-        answer is made of would otherwise be copied three times)."""
+        answer is made of would otherwise be copied three times) -- no more
+        than the socket can take at once: each buffer given costs a
+        buffer-protocol call, for nothing when it is not sent."""
         sock, i, skip = stream.socket, 0, 0
+        ends = list(itertools.accumulate(map(len, buffers)))
+        room = _bigger_send_buffer(sock, ends[-1] if ends else 0)
         while i < len(buffers):
-            batch = buffers[i:i + IOV_MAX]
+            # Buffers up to `room` bytes past those sent (at least one).
+            j = min(bisect.bisect_right(ends, ends[i] - len(buffers[i]) + skip + room, i + 1),
+                    i + IOV_MAX)
+            batch = buffers[i:max(j, i + 1)]
             if skip:
                 batch[0] = memoryview(batch[0])[skip:]
             with trio.fail_after(SEND_TIMEOUT):
@@ -842,6 +852,20 @@ class Daemon:
                     break
                 sent -= len(b)
                 i, skip = i + 1, 0
+
+
+def _bigger_send_buffer(sock, total: int) -> int:
+    """A send buffer of up to SEND_BUFFER for an answer that big (fewer
+    wake-ups: 64 MB go out in ~16 calls instead of ~300); the kernel caps
+    it at net.core.wmem_max for an unprivileged process.  Returns how many
+    bytes one call may send."""
+    if total > SEND_BUFFER // 4:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    try:
+        return max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), 1 << 16)
+    except OSError:
+        return 1 << 16
 
 
 def _nar_bytes(a: Analysis) -> tuple[int | None, int | None]:

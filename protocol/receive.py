@@ -101,7 +101,8 @@ class FrameDecoder:
         n = self._length()
         if not n or len(self.buffer) < 4 + n:
             return None
-        ftype, payload = self.buffer[4], bytes(self.buffer[5:4 + n])
+        with memoryview(self.buffer) as view:  # one copy, not a bytearray's and then bytes'
+            ftype, payload = view[4], bytes(view[5:4 + n])
         del self.buffer[:4 + n]
         return ftype, payload
 

@@ -746,6 +746,39 @@ async def test_internal_error_reaches_the_client(tmp_path):
     assert "internal error" in end.message and "a bug" in end.message
 
 
+async def test_send_buffers_sends_every_byte_in_order_through_partial_sends(tmp_path):
+    """Views and bytes of all sizes, a big answer (its send buffer grown)
+    and a small one, read slowly in odd sizes: every partial sendmsg
+    resumes where it stopped."""
+    import trio
+    d = _daemon(tmp_path)
+    rng = random.Random(7)
+    blob = rng.randbytes(8 << 20)
+    for total_max in (3000, 40 << 20):
+        buffers: list = []
+        size = 0
+        while size < total_max:
+            n = rng.choice([1, 7, 100, 4000, 70000, 300000, 6 << 20])
+            a = rng.randrange(len(blob) - n)
+            piece = memoryview(blob)[a:a + n] if rng.random() < 0.5 else rng.randbytes(n)
+            buffers.append(piece)
+            size += len(piece)
+        ours, theirs = trio.socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        got = bytearray()
+
+        async def read() -> None:
+            with theirs:
+                while chunk := await theirs.recv(rng.choice([1, 4096, 100000, 1 << 20])):
+                    got.extend(chunk)
+                    await trio.sleep(0)
+        async with trio.open_nursery() as n:
+            n.start_soon(read)
+            with ours:
+                await d._send_buffers(trio.SocketStream(ours), buffers)
+        assert bytes(got) == b"".join(buffers)
+
+
 async def test_answer_too_big_for_a_frame_is_an_error_answer(tmp_path):
     from gcroots.daemon.server import RequestError
     from gcroots.protocol import admin
