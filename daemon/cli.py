@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     from .server import Daemon, activated_listeners, unix_listener
+    from .store import one_malloc_arena
 
     args = parse_args(argv)
     log.configure("gcrootsd", args.log_level)
@@ -127,6 +128,7 @@ def _main(argv: list[str] | None) -> int:
             admin_gid = grp.getgrnam(args.admin_group).gr_gid
         except KeyError:
             raise SystemExit(f"gcrootsd: --admin-group {args.admin_group}: no such group") from None
+    one_malloc_arena()  # before a thread starts: see there
     daemon = Daemon(layout, os.fsencode(args.helper_socket), settings_from(args), admin_gid,
                     auto_gc=auto_gc_from(args))
     if args.metrics_file or args.metrics_address:

@@ -1360,3 +1360,37 @@ def test_helper_without_its_capabilities_means_no_collection(scratch, users, pip
     finally:
         helper.terminate()
         helper.wait()
+
+
+_ARENAS = r"""
+import ctypes, os, sys, threading
+from gcroots.daemon.store import one_malloc_arena
+if sys.argv[1] == "one":
+    one_malloc_arena()
+kept, together = [], threading.Barrier(4)
+def work():
+    together.wait()  # all four alive at once: none takes an arena another left
+    kept.append([bytearray(n) for n in range(1000, 100000, 997)])  # malloc's, below its mmap threshold
+    together.wait()
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL(None)
+libc.fdopen.restype = ctypes.c_void_p
+out = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+f = libc.fdopen(out, b"w")
+libc.malloc_info(0, ctypes.c_void_p(f))
+libc.fclose(ctypes.c_void_p(f))
+"""
+
+
+@pytest.mark.parametrize("mode, arenas", [("one", 1), ("default", 5)])
+def test_one_malloc_arena_keeps_every_thread_in_one(tmp_path, mode, arenas):
+    """gcrootsd calls one_malloc_arena before its threads start: what the
+    graph's load frees in one thread, the next analysis reuses (the default,
+    an arena per thread, is shown too: it is what that call changes)."""
+    out = tmp_path / "malloc_info.xml"
+    subprocess.run([sys.executable, "-c", _ARENAS, mode, str(out)], check=True)
+    assert out.read_text().count("<heap nr=") == arenas
