@@ -348,3 +348,36 @@ def test_both_protocols_say_hello_alike():
         receiver.receive_data(framing.hello_frame(magic, (2, 1)))
         with pytest.raises(RemoteProtocolError, match=r"empty version range 2\.\.1"):
             receiver.next_event()
+
+
+def _frames_until_error(chunks: list[bytes], max_frame: int, drain_each: bool = True
+                        ) -> tuple[list, bool]:
+    """Every frame a FrameDecoder gives for these chunks, fed in turn (and
+    drained after each, or only after the last), and whether it refused
+    the stream."""
+    from gcroots.protocol.receive import FrameDecoder
+    d, out = FrameDecoder(max_frame), []
+    try:
+        for i, c in enumerate(chunks):
+            d.feed(c)
+            while (drain_each or i == len(chunks) - 1) and (f := d.next_frame()) is not None:
+                out.append(f)
+    except RemoteProtocolError:
+        return out, True
+    return out, False
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=12),
+       st.sampled_from([b"", struct.pack(">I", 0), struct.pack(">I", 41), b"\0\0"]),
+       st.binary(max_size=30), st.lists(st.integers(0, 10**4), max_size=8))
+@settings(max_examples=400)
+def test_frame_decoder_same_frames_and_refusal_for_any_split(payloads, bad, tail, cuts):
+    """Whole frames cut straight from a chunk, or gathered across chunks,
+    come out the same, and a bad header (empty frame, over the limit) is
+    refused only once every frame before it was taken, as byte by byte."""
+    data = b"".join(struct.pack(">I", len(p)) + p for p in payloads) + bad + tail
+    expected = _frames_until_error([data[i:i + 1] for i in range(len(data))], 40)
+    assert _frames_until_error(split(data, cuts), 40) == expected
+    assert _frames_until_error(split(data, cuts), 40, drain_each=False) == expected
+    assert _frames_until_error([data], 40) == expected
+    assert expected[0] == [(p[0], p[1:]) for p in payloads]
