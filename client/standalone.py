@@ -119,6 +119,7 @@ def collect(args, opts: dict, paths: tuple[bytes, ...] | None = None,
         raise DaemonError(str(e)) from None
     try:
         c.begin()
+        c.start_deleters()
         progress(Progress("scanning roots", "scan"))
         rootset = engine.scan_in_process(layout, runtime=not args.no_runtime)
         c.plan(rootset, db)

@@ -521,6 +521,8 @@ class DeleterPool:
         self._chunks = 0                # chunks submitted (their sequence numbers)
         for _ in range(max(1, _cores() - 1)):
             self._add()
+        if len(self.workers) < _cores():  # for the check (see there), started now too
+            self._add(reserve=True)
 
     def check(self, store: bytes, names: list[bytes]) -> str | None:
         """why_undeletable, a share of `names` to each worker (the collector
@@ -826,6 +828,7 @@ class Collection:
         self.timings: dict[str, float] = {}      # phase -> seconds (the gc_finished log line)
         self._total = 0                          # paths the deletion goes through
         self._t0 = time.monotonic()
+        self._pool: DeleterPool | None = None    # started by begin(), for execute()
 
     # phase 1
     def begin(self) -> None:
@@ -847,6 +850,14 @@ class Collection:
         self.server = RootsServer(self.layout, self._announced)
         self.server.start()
         self.result.temproots_removed = remove_stale(self.layout)
+
+    def start_deleters(self) -> None:
+        """The deletion workers, started now (a Python each, ~40 ms), to be
+        ready once the roots are scanned and the plan made: gcrootsd and
+        --standalone call it right after begin().  execute() takes them;
+        end() stops them if it never did."""
+        if not self.options.dry_run and self._pool is None:
+            self._pool = DeleterPool(self)
 
     def _check_writable(self, *, remount: bool = True) -> None:
         store = self.layout.real_store_dir
@@ -986,7 +997,7 @@ class Collection:
             self.result.stale_links_removed = len(self._analysis.rootset.stale)
             self.result.seconds = time.monotonic() - self._t0
             return self.result
-        pool = DeleterPool(self)
+        pool, self._pool = self._pool or DeleterPool(self), None
         try:
             self._check_deletable(order, pool)
             t = self._took("check", t)
@@ -1242,6 +1253,9 @@ class Collection:
 
     # phase 4
     def end(self) -> None:
+        if self._pool is not None:  # begin()'s workers, never used
+            self._pool, pool = None, self._pool
+            pool.close()
         if self.server is not None:
             self.server.stop()
         self.lock.release()

@@ -175,6 +175,7 @@ class Daemon:
     gc_running: dict = field(default_factory=dict)
     _nursery: trio.Nursery | None = None
     _graph_reloading: bool = False
+    _following: bool = False   # a follow is under way or queued (_follow_now)
     _graph_next_reload: float = 0.0
     listing: "StoreListing | None" = None
     _shared: tuple = ()               # (root set, DB version, analysis): see analysis()
@@ -249,6 +250,13 @@ class Daemon:
         share with the queries that arrived with us, if the DB is still at
         the same version; else made now (with `answer`'s frames: see
         engine.analyze)."""
+        if self._nursery is not None and not self._following:
+            # While the helper scans, the graph follows what Nix committed
+            # since (the follow loop may not have begun: it waits for Nix to
+            # pause): at a million paths, ~40 ms of the answer after a build.
+            # (When nothing changed, that is a look at data_version.)
+            self._following = True
+            self._nursery.start_soon(self._follow_now)
         rootset = await self.root_set(logged=logged)
         async with self.work_lock:
             db = self.open_db()
@@ -363,13 +371,19 @@ class Daemon:
                 await trio.sleep(max(0.0, free_at - trio.current_time()))
                 watch.written()  # covered by the follow below
                 t0 = trio.current_time()
-                await self._follow_now()
+                await self._follow()
                 free_at = trio.current_time() + FOLLOW_SPACING * (trio.current_time() - t0)
         finally:
             trio.lowlevel.notify_closing(watch.fd)
             watch.close()
 
     async def _follow_now(self) -> None:
+        try:
+            await self._follow()
+        finally:
+            self._following = False
+
+    async def _follow(self) -> None:
         if self.gc_running or self._graph_reloading or self.db is None or self.db._graph is None:
             return
         ca = self.settings.follows_realisations
@@ -416,6 +430,7 @@ class Daemon:
         t0 = time.monotonic()
         try:
             await trio.to_thread.run_sync(c.begin)
+            await trio.to_thread.run_sync(c.start_deleters)
             # gc.lock is ours: only a scan that starts from now on counts
             # (one from before could miss a root a Nix build made meanwhile).
             progress(admin.Progress("scanning roots", "scan"))

@@ -414,6 +414,7 @@ def collect_in_process(root: Path, settings=None, options=None, before_execute=N
     db = StoreDB.open(layout)
     c.begin()
     try:
+        c.start_deleters()   # as gcrootsd and --standalone
         c.plan(engine.scan_in_process(layout, runtime=False), db)
         if before_execute:
             before_execute(c)

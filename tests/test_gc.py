@@ -468,6 +468,29 @@ def test_a_live_referrer_stops_the_collection(scratch):
     assert full[2].encode() in valid_set(root) and (root / full[2].lstrip("/")).exists()
 
 
+def test_deleters_started_before_the_plan_stop_when_the_collection_ends_without_them(scratch):
+    """gcrootsd starts the deletion workers right after begin() (they start
+    while the roots are scanned); a collection that ends before execute()
+    (a refusal, nothing dead) leaves no worker behind.  A dry run starts none."""
+    root = scratch / "store"
+    support.tiny_store(root, ["a", "b"], refs=[], derivers={}, roots=[0])
+    layout = StoreLayout.make(root=os.fsencode(root))
+    c = Collection(layout, GCSettings(), GCOptions())
+    c.begin()
+    try:
+        c.start_deleters()
+        workers = [w.proc for w in c._pool.workers]
+        assert workers and all(p.poll() is None for p in workers)
+    finally:
+        c.end()
+    assert c._pool is None and [p.returncode for p in workers] == [0] * len(workers)
+    dry = Collection(layout, GCSettings(), GCOptions(dry_run=True))
+    dry.begin()
+    dry.start_deleters()
+    assert dry._pool is None
+    dry.end()
+
+
 def test_python_level_referrer_check():
     from gcroots.daemon.graph import StoreGraph
     g = StoreGraph(0, [b"/nix/store/a", b"/nix/store/b"], [1, 1], [[1], []], [-1, -1], {},
