@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
+import io
 import json
 import os
 import select
+import stat
 import sys
+from typing import Iterator
 
 from gcroots import cliargs, log
 from gcroots.layout import StoreLayout
@@ -248,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return error(args, answer.message or answer.status.name.lower(), EXIT.get(answer.status, 1))
     out = sys.stdout.buffer
     if answer.paths is not None and not args.json:  # one path a line, as nix-store
-        for chunk in answer.paths:  # (--standalone's is one: written a MiB at a time)
-            for at in range(0, len(chunk), 1 << 20):
+        _bigger_pipe(out, sum(map(len, answer.paths)))
+        # A MiB or so a write: gcrootsd's answer comes in frames of 64 KiB.
+        for chunk in _joined(answer.paths, 1 << 20):
+            for at in range(0, len(chunk), 1 << 20):  # (--standalone's comes in one)
                 out.write(chunk[at:at + (1 << 20)].replace(b"\0", b"\n"))
     elif args.json:
         out.write(json.dumps(FORMATTERS[args.command].json(answer.all_rows(), args), indent=1,
@@ -258,6 +264,35 @@ def main(argv: list[str] | None = None) -> int:
         FORMATTERS[args.command].text(answer.rows, args, out)
     out.flush()
     return 0
+
+
+def _joined(chunks: list[bytes], size: int) -> Iterator[bytes]:
+    """`chunks`, consecutive ones joined up to about `size` bytes."""
+    group: list[bytes] = []
+    used = 0
+    for c in chunks:
+        if group and used + len(c) > size:
+            yield b"".join(group)
+            group, used = [], 0
+        group.append(c)
+        used += len(c)
+    if group:
+        yield b"".join(group)
+
+
+def _bigger_pipe(out, total: int) -> None:
+    """A pipe on stdout takes up to a MiB at once (F_SETPIPE_SZ; 64 KiB by
+    default) when the answer is bigger: a 1M-path answer (~65 MB) then goes
+    through in ~65 wake-ups of its reader instead of ~1,000.  Where the
+    kernel refuses (over the user's pipe quota), it stays as it was."""
+    if total <= 1 << 16:
+        return
+    try:
+        fd = out.fileno()
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(total, 1 << 20))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 def stdout_reader_gone() -> bool:

@@ -132,6 +132,34 @@ def test_an_answer_that_cannot_be_written_is_one_line(scratch):
     assert not support.standalone(root, "dead").stdout  # gc --yes did collect
 
 
+def test_a_big_path_answer_grows_the_stdout_pipe_and_is_written_whole(scratch):
+    """A list of paths of more than 64 KiB to a pipe: the client grows the
+    pipe to take up to a MiB at once (fewer wake-ups of its reader), and
+    what arrives is the whole answer, one path a line, as nix-store's."""
+    import fcntl
+    root = scratch / "store"
+    support.make_store(root, paths=3000, seed=136, quirks=0, roots=3, indirect=0, stale=0)
+    r, w = os.pipe()
+    try:
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == 1 << 16
+        p = subprocess.Popen([support.QUERY, "--standalone", "--root", str(root), "--no-runtime",
+                              "dead"], stdout=w, stderr=subprocess.PIPE)
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb", closefd=False) as f:
+            out = f.read()
+        assert p.wait(120) == 0, p.stderr.read()
+        p.stderr.close()
+        size = fcntl.fcntl(r, fcntl.F_GETPIPE_SZ)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert len(out) > 1 << 16 and size >= min(len(out), 1 << 20)  # (the kernel rounds up)
+    nix = support.oracle(root, "nix-store", "--gc", "--print-dead").stdout
+    assert sorted(out.splitlines()) == sorted(nix.splitlines())
+
+
 def test_a_standalone_dead_answer_loads_neither_numpy_nor_trio(scratch):
     """A one-shot `--standalone dead` pays for no import it does not use:
     numpy is the daemon's graph (43 ms of start-up), trio the daemon's
