@@ -460,10 +460,16 @@ class Daemon:
                 self.metrics.failure("gc")
             raise
         finally:
-            await trio.to_thread.run_sync(c.end)
-            if not options.dry_run:
-                self.gc_running = {}
-                self.notifier.status("serving")
+            # Also when cancelled (a client that hangs up mid-collection):
+            # else gc.lock stays held, the gc-socket served and the
+            # deletion workers running, and gc_running keeps follows off.
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(c.end)
+            finally:
+                if not options.dry_run:
+                    self.gc_running = {}
+                    self.notifier.status("serving")
         _log.info("gc_finished", by=by, **result.summary(),
                   **{f"seconds_{k}": round(v, 4) for k, v in c.timings.items()})
         if self.metrics:

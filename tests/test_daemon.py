@@ -1394,3 +1394,45 @@ def test_one_malloc_arena_keeps_every_thread_in_one(tmp_path, mode, arenas):
     out = tmp_path / "malloc_info.xml"
     subprocess.run([sys.executable, "-c", _ARENAS, mode, str(out)], check=True)
     assert out.read_text().count("<heap nr=") == arenas
+
+
+async def test_a_collection_cancelled_while_the_roots_are_scanned_ends_its_collection(tmp_path):
+    """A client that hangs up during a gc's scan cancels the collection
+    (forward_progress's send fails): its end() still runs -- the deletion
+    workers started after begin() stop, gc.lock is free for the next one,
+    and the daemon no longer counts a collection as running (else the graph
+    would never follow the DB again)."""
+    import trio
+    from gcroots.daemon.gc import Collection, GCOptions
+    from gcroots.daemon.server import Peer
+    from gcroots.protocol import admin
+    support.tiny_store(tmp_path, ["a", "b"], refs=[], derivers={}, roots=[0])
+    d = _daemon(tmp_path)
+    started: list = []
+
+    async def scan_forever(**kw):
+        started.append([w.proc for w in made[0]._pool.workers])
+        await trio.sleep_forever()
+    d.root_set = scan_forever
+    made: list = []
+    real_start = Collection.start_deleters
+
+    def start_deleters(self):
+        real_start(self)
+        made.append(self)
+
+    class HungUp:
+        async def send_all(self, data):
+            raise trio.BrokenResourceError("the client hung up")
+    try:
+        Collection.start_deleters = start_deleters
+        with pytest.raises(BaseException):
+            await d._gc_command(HungUp(), admin.ServerConnection(), admin.Request("gc", {}, ()),
+                                Peer(1, 0, 0, frozenset(), True))
+    finally:
+        Collection.start_deleters = real_start
+    assert started and started[0] and [p.poll() for p in started[0]] == [0] * len(started[0])
+    assert d.gc_running == {}
+    again = Collection(d.layout, d.settings, GCOptions())
+    again.lock.acquire(wait=0)   # free: not left held by the cancelled one
+    again.lock.release()
