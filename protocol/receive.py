@@ -87,14 +87,25 @@ class FrameDecoder:
         self._whole: collections.deque[tuple[int, bytes]] = collections.deque()
 
     def feed(self, data: bytes) -> None:
-        if self.buffer:
-            self.buffer += data
-            if not self._whole:
-                self._length()
-            return
         view, pos = memoryview(data), 0
+        if self.buffer:  # the frame begun before: completed from `data` if it can be
+            if len(self.buffer) < 4:
+                pos = min(4 - len(self.buffer), len(view))
+                self.buffer += view[:pos]
+            n: int = LENGTH.unpack_from(self.buffer)[0] if len(self.buffer) >= 4 else 0
+            rest = 4 + n - len(self.buffer)
+            if not 0 < n <= self._max or len(view) - pos < rest:
+                self.buffer += view[pos:]
+                if not self._whole:
+                    self._length()
+                return
+            self.buffer += view[pos:pos + rest]
+            pos += rest
+            with memoryview(self.buffer) as head:
+                self._whole.append((head[4], bytes(head[5:])))
+            del self.buffer[:]
         while len(view) - pos >= 4:
-            n: int = LENGTH.unpack_from(view, pos)[0]
+            n = LENGTH.unpack_from(view, pos)[0]
             if not 0 < n <= self._max or len(view) - pos < 4 + n:
                 break  # a bad header stays for when it is at the head (_length says)
             self._whole.append((view[pos + 4], bytes(view[pos + 5:pos + 4 + n])))
