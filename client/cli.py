@@ -289,8 +289,9 @@ def _bigger_pipe(out, total: int) -> None:
         return
     try:
         fd = out.fileno()
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(total, 1 << 20))
+        want = min(total, 1 << 20)
+        if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < want:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, want)  # (never made smaller)
     except (OSError, ValueError, io.UnsupportedOperation):
         pass
 

@@ -156,6 +156,21 @@ def test_a_big_path_answer_grows_the_stdout_pipe_and_is_written_whole(scratch):
         if w >= 0:
             os.close(w)
     assert len(out) > 1 << 16 and size >= min(len(out), 1 << 20)  # (the kernel rounds up)
+    # A pipe made bigger by whoever reads it is never made smaller.
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+        p = subprocess.Popen([support.QUERY, "--standalone", "--root", str(root), "--no-runtime",
+                              "dead"], stdout=w, stderr=subprocess.DEVNULL)
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb", closefd=False) as f:
+            assert f.read() == out
+        assert p.wait(120) == 0 and fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == 1 << 20
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
     nix = support.oracle(root, "nix-store", "--gc", "--print-dead").stdout
     assert sorted(out.splitlines()) == sorted(nix.splitlines())
 
