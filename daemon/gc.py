@@ -519,10 +519,14 @@ class DeleterPool:
         self.workers: list[DeleterProcess] = []
         self._all = threading.Event()   # the collector's core is free: reserves may work
         self._chunks = 0                # chunks submitted (their sequence numbers)
-        for _ in range(max(1, _cores() - 1)):
-            self._add()
-        if len(self.workers) < _cores():  # for the check (see there), started now too
-            self._add(reserve=True)
+        try:
+            for _ in range(max(1, _cores() - 1)):
+                self._add()
+            if len(self.workers) < _cores():  # for the check (see there), started now too
+                self._add(reserve=True)
+        except BaseException:  # (e.g. no process could be started): none left running
+            self.close()
+            raise
 
     def check(self, store: bytes, names: list[bytes]) -> str | None:
         """why_undeletable, a share of `names` to each worker (the collector

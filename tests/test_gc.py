@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 import pwd
 import random
@@ -489,6 +490,26 @@ def test_deleters_started_before_the_plan_stop_when_the_collection_ends_without_
     dry.start_deleters()
     assert dry._pool is None
     dry.end()
+
+
+def test_a_deleter_pool_that_cannot_start_every_worker_leaves_none_running(scratch, monkeypatch):
+    """The second worker cannot start (its interpreter is gone): the pool
+    raises, and the first one is stopped, not left waiting for work."""
+    from gcroots.daemon import deleter, gc as gcmod
+    started = []
+    real_init = deleter.DeleterProcess.__init__
+
+    def init(self):
+        if started:
+            monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+        real_init(self)
+        started.append(self.proc)
+    monkeypatch.setattr(deleter.DeleterProcess, "__init__", init)
+    monkeypatch.setattr(gcmod, "_cores", lambda: 2)
+    c = Collection(StoreLayout.make(root=os.fsencode(scratch)), GCSettings(), GCOptions())
+    with pytest.raises(FileNotFoundError):
+        gcmod.DeleterPool(c)
+    assert len(started) == 1 and started[0].wait(10) == 0
 
 
 def test_python_level_referrer_check():
