@@ -530,12 +530,10 @@ class DeleterPool:
 
     def check(self, store: bytes, names: list[bytes]) -> str | None:
         """why_undeletable, a share of `names` to each worker (the collector
-        waits meanwhile, so one more worker takes its core); the first
+        waits meanwhile, so the reserve worker takes its core); the first
         share's first reason, so the same path as in one process."""
         if not names:
             return None
-        if len(self.workers) < _cores():
-            self._add(reserve=True)
         helpers = self.workers
         step = -(-len(names) // len(helpers))
         shares = [names[i:i + step] for i in range(0, len(names), step)] or [[]]
@@ -832,7 +830,7 @@ class Collection:
         self.timings: dict[str, float] = {}      # phase -> seconds (the gc_finished log line)
         self._total = 0                          # paths the deletion goes through
         self._t0 = time.monotonic()
-        self._pool: DeleterPool | None = None    # started by begin(), for execute()
+        self._pool: DeleterPool | None = None    # start_deleters()'s, for execute()
 
     # phase 1
     def begin(self) -> None:
@@ -1257,7 +1255,7 @@ class Collection:
 
     # phase 4
     def end(self) -> None:
-        if self._pool is not None:  # begin()'s workers, never used
+        if self._pool is not None:  # start_deleters()'s workers, never used
             self._pool, pool = None, self._pool
             pool.close()
         if self.server is not None:

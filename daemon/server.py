@@ -811,7 +811,7 @@ class Daemon:
         db = self.open_db()
         await self._send(stream, conn.progress(admin.Progress("answering", "answer")))
         if cmd in ("live", "dead"):
-            await self._send_paths(stream, conn, a, cmd)
+            await self._send_paths(stream, conn, a, cmd, grow=peer.privileged)
             return
 
         def answer() -> bytes:
@@ -829,10 +829,10 @@ class Daemon:
         await self._send(stream, conn.end(admin.Status.OK))
 
     async def _send_paths(self, stream, conn: admin.ServerConnection, a: Analysis,
-                          cmd: str) -> None:
+                          cmd: str, *, grow: bool) -> None:
         """`live`/`dead`, from the frames the analysis keeps for every
         client (built once, in the worker); a version 1 client gets ROWS
-        made from them, frame by frame."""
+        made from them, frame by frame.  `grow`: see _send_buffers."""
         # An analysis of a graph since reloaded keeps no answer: it would hold
         # the old path table until the next one.
         kept = self._answers if a._db is self.db else None
@@ -847,17 +847,22 @@ class Daemon:
             buffers.append(conn.paths_header(sum(map(len, pieces)), count))
             buffers += pieces
         buffers.append(conn.end(admin.Status.OK))
-        await self._send_buffers(stream, buffers)
+        await self._send_buffers(stream, buffers, grow=grow)
 
-    async def _send_buffers(self, stream: trio.SocketStream, buffers: list) -> None:
+    async def _send_buffers(self, stream: trio.SocketStream, buffers: list, *,
+                            grow: bool = False) -> None:
         """The buffers, in order, as they are: sendmsg gathers up to
         IOV_MAX of them a call (the views of the path table a 1M-path
         answer is made of would otherwise be copied three times) -- no more
         than the socket can take at once: each buffer given costs a
-        buffer-protocol call, for nothing when it is not sent."""
+        buffer-protocol call, for nothing when it is not sent.  `grow`: a
+        privileged peer's big answer gets a bigger send buffer; anyone else's
+        stays at the default -- a peer that does not read pins what it holds
+        in the kernel until SEND_TIMEOUT, and any user may open
+        MAX_CONNECTIONS_PER_USER connections."""
         sock, i, skip = stream.socket, 0, 0
         ends = list(itertools.accumulate(map(len, buffers)))
-        room = _bigger_send_buffer(sock, ends[-1] if ends else 0)
+        room = _bigger_send_buffer(sock, ends[-1] if ends and grow else 0)
         while i < len(buffers):
             # Buffers up to `room` bytes past those sent (at least one).
             j = min(bisect.bisect_right(ends, ends[i] - len(buffers[i]) + skip + room, i + 1),

@@ -79,7 +79,7 @@ class FrameDecoder:
     soon as that header is at the head of what is not yet taken."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self.buffer = bytearray()   # received, not yet a whole frame
+        self.buffer = bytearray()   # received, not yet a whole frame (or a bad header)
         self._max = max_frame
         # Whole frames cut straight from what was fed, not yet taken: a
         # payload copied once, not into `buffer` first (a 1M-path answer is
@@ -130,13 +130,10 @@ class FrameDecoder:
     def next_frame(self) -> tuple[int, bytes] | None:
         if self._whole:
             return self._whole.popleft()
-        n = self._length()
-        if not n or len(self.buffer) < 4 + n:
-            return None
-        with memoryview(self.buffer) as view:  # one copy, not a bytearray's and then bytes'
-            ftype, payload = view[4], bytes(view[5:4 + n])
-        del self.buffer[:4 + n]
-        return ftype, payload
+        # feed() leaves in the buffer only a frame not yet whole, or a bad
+        # header: refused now that it is at the head.
+        self._length()
+        return None
 
 
 @dataclass(frozen=True)

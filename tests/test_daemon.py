@@ -775,8 +775,30 @@ async def test_send_buffers_sends_every_byte_in_order_through_partial_sends(tmp_
         async with trio.open_nursery() as n:
             n.start_soon(read)
             with ours:
-                await d._send_buffers(trio.SocketStream(ours), buffers)
+                await d._send_buffers(trio.SocketStream(ours), buffers, grow=True)
         assert bytes(got) == b"".join(buffers)
+
+
+async def test_only_a_privileged_peers_big_answer_grows_the_send_buffer(tmp_path):
+    """A peer that does not read pins what the socket holds in the kernel
+    (until SEND_TIMEOUT): an unprivileged one's stays at the default."""
+    import trio
+    d = _daemon(tmp_path)
+    for grow in (False, True):
+        ours, theirs = trio.socket.socketpair()
+        before = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        data = [bytes(8 << 20)]
+
+        async def read() -> None:
+            with theirs:
+                while await theirs.recv(1 << 20):
+                    pass
+        async with trio.open_nursery() as n:
+            n.start_soon(read)
+            with ours:
+                await d._send_buffers(trio.SocketStream(ours), data, grow=grow)
+                after = ours.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert (after > before) == grow, (grow, before, after)
 
 
 async def test_answer_too_big_for_a_frame_is_an_error_answer(tmp_path):
