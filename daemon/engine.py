@@ -276,6 +276,16 @@ def _merged_frames(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
     return _frames_and_keys(g, mask, extra, limit)[0]
 
 
+def _filled(limit: int, largest: int) -> int:
+    """How full a frame of the graph's answers is made: three quarters of
+    `limit`, so that the paths a build adds later (_merge_into) mostly fit
+    in the frame they sort into.  Cut full, nearly every frame a path went
+    to had to be cut in two, and round after round the answer became ever
+    more, ever smaller frames (~5,000 of them after a dozen builds at a
+    million paths, ~60 ms to merge)."""
+    return max(limit - limit // 4, min(limit, 2 * largest))
+
+
 # What _merge_into needs to find a path's place among a frame's pieces,
 # per frame: (keys, first, last), a list each, one item per piece.  A run
 # of the table's sorted positions first..last has the key 2 * first + 1;
@@ -306,7 +316,7 @@ def _frames_and_keys(g: StoreGraph, mask: "np.ndarray", extra: list[bytes],
     sizes[~is_other] = t.offsets[picked + 1] - t.offsets[picked]
     sizes[at] = [len(p) + 1 for p in others]
     new_frame = np.zeros(n, dtype=bool)
-    new_frame[_frame_starts(sizes, limit)] = True
+    new_frame[_frame_starts(sizes, _filled(limit, int(sizes.max())))] = True
     breaks = new_frame | is_other | (np.diff(pos, prepend=-3) != 1)
     breaks[1:] |= is_other[:-1]
     starts = np.flatnonzero(breaks)
@@ -356,8 +366,10 @@ def _merge_into(g: StoreGraph, frames: list[tuple[list, int]], frame_keys: Frame
         out_keys += frame_keys[done:j]
         done = j + 1
         pieces = list(frames[j][0])
+        count = frames[j][1]
         keys, first, last = (list(x) for x in frame_keys[j])
         for _, p, r in group:
+            count += 1
             key = 2 * r
             i = bisect.bisect_left(keys, key)
             while i < len(keys) and keys[i] == key and pieces[i][:-1] < p:
@@ -374,20 +386,22 @@ def _merge_into(g: StoreGraph, frames: list[tuple[list, int]], frame_keys: Frame
                 keys.insert(i, key)
                 first.insert(i, -1)
                 last.insert(i, -1)
-        _cut(pieces, keys, first, last, view, offsets, limit, out_frames, out_keys)
+        if sum(map(len, pieces)) <= limit:
+            out_frames.append((pieces, count))
+            out_keys.append((keys, first, last))
+        else:
+            _cut(pieces, keys, first, last, view, offsets, limit, out_frames, out_keys)
     return out_frames + frames[done:], out_keys + frame_keys[done:]
 
 
 def _cut(pieces: list, keys: list, first: list, last: list, view: memoryview, offsets,
          limit: int, out_frames: list, out_keys: list) -> None:
-    """The pieces (with their keys) as frames of at most `limit` bytes, a
-    run split between two where it does not fit, appended to the outs."""
+    """The pieces (with their keys), which hold more than `limit` bytes,
+    as frames filled as _filled says, a run split between two where it
+    does not fit, appended to the outs."""
     def count(lo: int, hi: int) -> int:
         return sum(1 if first[k] < 0 else last[k] - first[k] + 1 for k in range(lo, hi))
-    if sum(map(len, pieces)) <= limit:
-        out_frames.append((pieces, count(0, len(pieces))))
-        out_keys.append((keys, first, last))
-        return
+    limit -= limit // 4   # (as _filled: no path is near a quarter of a frame)
     lo = used = 0
     i = 0
     while i < len(pieces):
@@ -399,6 +413,8 @@ def _cut(pieces: list, keys: list, first: list, last: list, view: memoryview, of
         a, b = first[i], last[i]
         # The run's paths that still fit: the last start within the room left.
         fit = a if a < 0 else bisect.bisect_right(offsets, offsets[a] + limit - used, a, b + 2) - 1
+        if i == lo and fit == a < b:  # not even its first path fits: that one alone
+            fit += 1
         if a >= 0 and fit > a:   # a..fit-1 here, fit..b in the next frame
             pieces[i:i + 1] = [view[offsets[a]:offsets[fit]], view[offsets[fit]:offsets[b + 1]]]
             keys[i:i + 1] = [2 * a + 1, 2 * fit + 1]
