@@ -454,7 +454,12 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         if ahead is not None:
             ahead.start()
         candidates = {r.store_path for r in rootset.roots}
-        valid_roots = snap.valid_ids(candidates)
+        ca = settings.follows_realisations
+        graph = db.cached_graph(ca, check_later=True)
+        # With a graph (of this snapshot: a followed one is confirmed below,
+        # or nothing made from it is kept), the roots are looked up in it: in
+        # SQLite, after a commit by Nix, ~10 ms at a thousand roots.
+        valid_roots = _valid_in(graph, candidates) if graph is not None else snap.valid_ids(candidates)
         try:
             temp = read_temp_roots(layout, temp_files_at_lock)
         except UnreadableTempRoots as e:
@@ -474,8 +479,6 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                                                      b"{temp}"), p) for p in temp_valid]
         root_ids = {**valid_roots, **temp_valid}
         t1 = time.perf_counter()
-        ca = settings.follows_realisations
-        graph = db.cached_graph(ca, check_later=True)
         counted = ahead.result if ahead is not None else None
         confirmed = _in_thread(lambda: db.confirm(graph, counted)) \
             if graph is not None and graph is db.unconfirmed else lambda: True
@@ -533,6 +536,13 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
                        names=names, answer=answer, kept=kept, incremental=incremental)
     timings["total"] = time.perf_counter() - t0 + rootset.scan_seconds
     return a
+
+
+def _valid_in(graph: StoreGraph, paths: Iterable[bytes]) -> dict[bytes, int]:
+    """Snapshot.valid_ids, from the graph."""
+    paths = list(paths)
+    ids = graph.ids
+    return {p: int(ids[n]) for p, n in zip(paths, graph.index.get_many(paths)) if n is not None}
 
 
 @contextlib.contextmanager
