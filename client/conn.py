@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from dataclasses import dataclass, field
 from typing import Callable
 
 from gcroots.protocol import admin
@@ -21,14 +20,15 @@ class DaemonError(Exception):
     pass
 
 
-@dataclass
-class Answer:
-    status: admin.Status
-    message: str
-    rows: list[tuple[bytes, ...]] = field(default_factory=list)
-    # `live`/`dead`: the paths as NUL-terminated chunks instead of rows (a
-    # million paths need no object each on their way to stdout)
-    paths: list[bytes] | None = None
+class Answer:   # (not a dataclass: see protocol/admin.py's events)
+    def __init__(self, status: admin.Status, message: str,
+                 rows: list[tuple[bytes, ...]] | None = None,
+                 paths: list[bytes] | None = None) -> None:
+        self.status, self.message = status, message
+        self.rows: list[tuple[bytes, ...]] = rows if rows is not None else []
+        # `live`/`dead`: the paths as NUL-terminated chunks instead of rows
+        # (a million paths need no object each on their way to stdout)
+        self.paths = paths
 
     def all_rows(self) -> list[tuple[bytes, ...]]:
         if self.paths is None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 
 def s(b: bytes) -> str:
@@ -67,8 +66,7 @@ def human(n: int) -> str:
     raise AssertionError
 
 
-@dataclass(frozen=True)
-class Formatter:
+class Formatter(NamedTuple):   # (not a dataclass: see protocol/admin.py's events)
     text: Callable
     json: Callable
 

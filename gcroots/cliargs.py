@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
-from dataclasses import dataclass
+import sys
+from typing import NamedTuple
 
 from .argtypes import checked, integer
 
@@ -41,8 +43,7 @@ DURATION_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400,
                   "mo": 30 * 86400, "y": 365 * 86400}
 
 
-@dataclass(frozen=True)
-class Percent:
+class Percent(NamedTuple):   # (not a dataclass: see protocol/admin.py's events)
     """`N%` of something the flag names (e.g. the store's file system)."""
     value: float  # 0 < value <= 100
 
@@ -150,6 +151,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     says its default, unless there is none to say (None, False) or the help
     already names it."""
 
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        # The width as argparse finds it (shutil.get_terminal_size), without
+        # importing shutil (and bz2, lzma, ...): a formatter is made for
+        # every flag added, so every start paid ~3 ms for it.
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
@@ -157,6 +167,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or default == [] or "default" in text or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else the terminal's,
+    else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
 
 
 def describe(text: str) -> str:

@@ -30,8 +30,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .framing import (HELLO, MAX_FRAME, Hello, LocalProtocolError, RemoteProtocolError,
                       encode_frame, hello_frame, parse_hello)
@@ -61,33 +60,31 @@ class Status(enum.IntEnum):
     BAD_REQUEST = 5    # unknown command, bad options
 
 
-@dataclass(frozen=True)
-class Request:
+# The events: NamedTuples, not dataclasses -- gcroots-query imports this
+# module at every start, and dataclasses costs it ~9 ms (inspect, ast, ...).
+
+class Request(NamedTuple):
     command: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any]
     args: tuple[bytes, ...] = ()
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     fields: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
-class Rows:
+class Rows(NamedTuple):
     """Several one-field rows."""
     values: tuple[bytes, ...]
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(NamedTuple):
     """Several one-field rows, each NUL-terminated in `payload`."""
     payload: bytes
-    count: int
+    rows: int       # how many (not `count`: a tuple has a count())
 
 
-@dataclass(frozen=True)
-class Progress:
+class Progress(NamedTuple):
     """Where long work is: its phase (scan, load, plan, check, measure,
     delete, links), `done` of `total` items (0: not known), bytes freed so
     far.  A version-1 peer sends (and gets) only the message."""
@@ -98,15 +95,13 @@ class Progress:
     bytes: int = 0
 
 
-@dataclass(frozen=True)
-class End:
+class End(NamedTuple):
     status: Status
     rows: int
     message: str
 
 
-@dataclass(frozen=True)
-class AnswerEnd:
+class AnswerEnd(NamedTuple):
     """The connection ended; `complete` only if END arrived and counts match."""
     complete: bool
     status: Status | None

@@ -17,9 +17,7 @@ raises RemoteProtocolError; the receiver then stays broken.
 from __future__ import annotations
 
 import collections
-
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 from .framing import (BAD_PATH, HELLO, INTEGERS, LENGTH, MAX_FRAME, Hello, LocalProtocolError,
                       RemoteProtocolError, hello_frame, parse_hello)
@@ -136,15 +134,13 @@ class FrameDecoder:
         return None
 
 
-@dataclass(frozen=True)
-class Trailer:
+class Trailer(NamedTuple):   # (not a dataclass: see admin's events)
     ok: bool
     records: int
     message: str
 
 
-@dataclass(frozen=True)
-class StreamEnd:
+class StreamEnd(NamedTuple):
     complete: bool
     reason: str         # why it is incomplete; "" when complete
 
