@@ -426,8 +426,9 @@ def _cut(pieces: list, keys: list, first: list, last: list, view: memoryview, of
         out_frames.append((pieces[lo:i], count(lo, i)))
         out_keys.append((keys[lo:i], first[lo:i], last[lo:i]))
         lo, used = i, 0
-    out_frames.append((pieces[lo:], count(lo, len(pieces))))
-    out_keys.append((keys[lo:], first[lo:], last[lo:]))
+    if lo < len(pieces):   # (the last piece may have gone alone: nothing left)
+        out_frames.append((pieces[lo:], count(lo, len(pieces))))
+        out_keys.append((keys[lo:], first[lo:], last[lo:]))
 
 
 def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSettings,
@@ -453,6 +454,13 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
     with _joined(ahead), db.snapshot() as snap:
         if ahead is not None:
             ahead.start()
+        try:
+            temp = read_temp_roots(layout, temp_files_at_lock)
+        except UnreadableTempRoots as e:
+            raise IncompleteRoots(str(e)) from None
+        temp_valid = snap.valid_with_hash(layout.store_dir, temp.hashes)
+        # (Only then: what could fail is done before a followed graph waits
+        # in db.unconfirmed for the confirm() below.)
         candidates = {r.store_path for r in rootset.roots}
         ca = settings.follows_realisations
         graph = db.cached_graph(ca, check_later=True)
@@ -460,11 +468,6 @@ def analyze(layout: StoreLayout, db: StoreDB, rootset: RootSet, settings: GCSett
         # or nothing made from it is kept), the roots are looked up in it: in
         # SQLite, after a commit by Nix, ~10 ms at a thousand roots.
         valid_roots = _valid_in(graph, candidates) if graph is not None else snap.valid_ids(candidates)
-        try:
-            temp = read_temp_roots(layout, temp_files_at_lock)
-        except UnreadableTempRoots as e:
-            raise IncompleteRoots(str(e)) from None
-        temp_valid = snap.valid_with_hash(layout.store_dir, temp.hashes)
         roots = [(r.kind, r.label, r.store_path) for r in rootset.roots
                  if r.store_path in valid_roots]
         # Temp roots are listed even when not valid (Nix does), and so are
