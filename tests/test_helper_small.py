@@ -149,3 +149,19 @@ def test_code_lines_of_code_the_serving_helper_loaded(tmp_path):
     raw = sum(len(f.read_bytes().splitlines()) for f in ours.values())
     assert total <= MAX_PRIVILEGED_LINES, (f"the serving helper loads {total} lines of code "
                                            f"({raw} lines in all): {sorted(counts.items())}")
+
+
+def test_the_helpers_log_lines_need_no_module_loaded_later():
+    """gcroots-query no longer loads datetime at start (a ms of every
+    start); the helper may write its first log line only inside its
+    sandbox (Landlock, seccomp), where no module file can be read: its
+    lines need none (review).  A fresh interpreter writes one, then lists
+    what it loaded for it."""
+    code = ("import sys\nfrom gcroots import log\nlog.configure('gcroots-helper', plain=True)\n"
+            "before = set(sys.modules)\nlog.get('x').warning('a_line', n=1)\n"
+            "print(sorted(set(sys.modules) - before))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out
+    import re
+    assert re.search(r'"event": "a_line".*"timestamp": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z"',
+                     out.stderr), out.stderr
