@@ -481,11 +481,7 @@ def return_free_memory() -> None:
     (SQLite's text values, numpy's intermediate arrays); glibc keeps much
     of that in its heap, resident, until trimmed (at a million paths,
     ~150 MB of gcrootsd's ~420 MB after answering)."""
-    import ctypes
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _glibc_malloc("malloc_trim", 0)
 
 
 def one_malloc_arena() -> None:
@@ -498,14 +494,19 @@ def one_malloc_arena() -> None:
     and an answer; one arena: ~260).  Python objects are pymalloc's, not
     malloc's: the threads share malloc's lock only for numpy's arrays and
     SQLite's pages."""
-    import ctypes
-    try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    _glibc_malloc("mallopt", M_ARENA_MAX, 1)
 
 
 M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _glibc_malloc(name: str, *args: int) -> None:
+    """glibc's malloc function `name`, called; nothing where there is none."""
+    import ctypes
+    try:
+        getattr(ctypes.CDLL(None), name)(*args)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def list_store(real_store_dir: bytes) -> list[bytes]:
