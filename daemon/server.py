@@ -72,6 +72,7 @@ GRAPH_RELOAD_MIN_INTERVAL = 10.0
 FOLLOW_QUIET = 0.02
 FOLLOW_SPACING = 10
 SEND_TIMEOUT = 60.0
+MIN_SEND_RATE = 1 << 20   # bytes/s a peer must take a big answer at, at least (_send_buffers)
 IOV_MAX = 1024        # buffers one sendmsg takes (Linux's UIO_MAXIOV)
 SEND_BUFFER = 4 << 20  # SO_SNDBUF asked for a big answer (see _bigger_send_buffer)
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
@@ -858,20 +859,29 @@ class Daemon:
         buffer-protocol call, for nothing when it is not sent.  `grow`: a
         privileged peer's big answer gets a bigger send buffer; anyone else's
         stays at the default -- a peer that does not read pins what it holds
-        in the kernel until SEND_TIMEOUT, and any user may open
-        MAX_CONNECTIONS_PER_USER connections."""
+        in the kernel until it is dropped, and any user may open
+        MAX_CONNECTIONS_PER_USER connections.  It is dropped after
+        SEND_TIMEOUT without progress, and once the whole answer took longer
+        than SEND_TIMEOUT plus its size at MIN_SEND_RATE (a peer that reads
+        a little now and then would else hold its connection, and the graph
+        the answer is views of, for hours; gcroots-query reads all of it at
+        once).  A peer gone is a stream error, not a bug of ours."""
         sock = stream.socket
         ends = list(itertools.accumulate(map(len, buffers)))
         room = _bigger_send_buffer(sock, ends[-1] if ends and grow else 0)
         i = done = 0   # the first buffer not sent whole; the bytes sent
+        whole = trio.current_time() + SEND_TIMEOUT + (ends[-1] if ends else 0) / MIN_SEND_RATE
         while i < len(buffers):
             # Buffers up to `room` bytes past those sent (at least one).
             j = min(bisect.bisect_right(ends, done + room, i + 1), i + IOV_MAX)
             batch = buffers[i:max(j, i + 1)]
             if skip := done - (ends[i - 1] if i else 0):   # its part that went out
                 batch[0] = memoryview(batch[0])[skip:]
-            with trio.fail_after(SEND_TIMEOUT):
-                done += await sock.sendmsg(batch)
+            with trio.fail_at(min(whole, trio.current_time() + SEND_TIMEOUT)):
+                try:
+                    done += await sock.sendmsg(batch)
+                except OSError as e:  # (as trio's SocketStream.send_all says it)
+                    raise trio.BrokenResourceError(f"socket connection broken: {e}") from e
             # (found by bisection: a 1M-path answer is ~60,000 views, and a
             # loop over each of them cost ~10 ms of this thread per answer)
             i = bisect.bisect_right(ends, done, i)

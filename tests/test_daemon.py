@@ -746,6 +746,53 @@ async def test_internal_error_reaches_the_client(tmp_path):
     assert "internal error" in end.message and "a bug" in end.message
 
 
+async def test_a_peer_gone_mid_answer_is_a_stream_error(tmp_path):
+    """A peer that hangs up while its answer goes out ends the request as a
+    stream error (dropped, one line), not as a bug of gcrootsd's: sendmsg's
+    bare BrokenPipeError was logged as request_internal_error with its
+    traceback, twice per request, and any user could make thousands a
+    second (adversarial review)."""
+    import trio
+    d = _daemon(tmp_path)
+    ours, theirs = trio.socket.socketpair()
+
+    async def read_then_go() -> None:
+        await theirs.recv(70000)
+        theirs.close()
+    async with trio.open_nursery() as n:
+        n.start_soon(read_then_go)
+        with ours, pytest.raises(trio.BrokenResourceError):
+            await d._send_buffers(trio.SocketStream(ours), [bytes(1 << 20)] * 4)
+
+
+async def test_a_peer_that_reads_a_little_now_and_then_is_dropped(tmp_path, monkeypatch):
+    """SEND_TIMEOUT bounds each wait for room; the whole answer must also go
+    out within SEND_TIMEOUT plus its size at MIN_SEND_RATE, or the peer is
+    dropped: one that read a little every so often kept its connection (and
+    the graph its answer is views of) for as long as it liked (adversarial
+    review: still served after 7 times SEND_TIMEOUT)."""
+    import trio
+
+    from gcroots.daemon import server
+    monkeypatch.setattr(server, "SEND_TIMEOUT", 0.5)
+    monkeypatch.setattr(server, "MIN_SEND_RATE", 1 << 30)
+    d = _daemon(tmp_path)
+    ours, theirs = trio.socket.socketpair()
+
+    async def trickle() -> None:
+        with trio.move_on_after(10):
+            while await theirs.recv(1 << 16):
+                await trio.sleep(0.02)   # progress well within SEND_TIMEOUT each time
+    t0 = trio.current_time()
+    async with trio.open_nursery() as n:
+        n.start_soon(trickle)
+        with ours, pytest.raises(trio.TooSlowError):
+            await d._send_buffers(trio.SocketStream(ours), [bytes(8 << 20)])
+        n.cancel_scope.cancel()
+    assert trio.current_time() - t0 < 2.0
+    theirs.close()
+
+
 async def test_send_buffers_sends_every_byte_in_order_through_partial_sends(tmp_path):
     """Views and bytes of all sizes, a big answer (its send buffer grown)
     and a small one, read slowly in odd sizes: every partial sendmsg
