@@ -97,7 +97,7 @@ class Logger:
 def _plain_line(level: str, event: str, fields: dict[str, Any]) -> str:
     # (time, built in, not datetime: gcroots-query starts without it, and the
     # helper may write its first line only inside its sandbox)
-    now = time.strftime("%FT%T", time.gmtime((t := time.time_ns()) // 10**9)) + f".{t // 1000 % 10**6:06d}Z"
+    now = "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (*time.gmtime((t := time.time_ns()) // 10**9)[:6], t // 1000 % 10**6)
     fields = {k: text(v) for k, v in fields.items()}
     if not _plain["json"]:
         return f"{now} [{level:<9}] {event:<30} " + " ".join(
